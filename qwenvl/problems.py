@@ -1,0 +1,70 @@
+"""Structured user-facing problems, shared by qwenvl and vlsft (torch-free).
+
+Every check in the project reports :class:`Problem` records instead of raising on the
+first error. A problem renders as one line::
+
+    Dataset-Dictionary.json:5:9: error: [sampleing_rate] unknown key (hint: did you mean 'sampling_rate'?)
+
+Layers raise :class:`ProblemsError` (carrying all problems) when they cannot go on;
+the CLI prints one line per problem and exits non-zero, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass
+from typing import Iterable, Literal
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the user's input: what, where, and how to fix it."""
+
+    severity: Severity
+    message: str
+    file: str | None = None
+    line: int | None = None
+    column: int | None = None
+    key: str | None = None
+    hint: str | None = None
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
+    def location(self) -> str:
+        parts = [self.file or "<input>"]
+        if self.line is not None:
+            parts.append(str(self.line))
+            if self.column is not None:
+                parts.append(str(self.column))
+        return ":".join(parts)
+
+    def render(self) -> str:
+        """One line: ``file:line:col: severity: [key] message (hint: ...)``."""
+        key = f"[{self.key}] " if self.key else ""
+        hint = f" (hint: {self.hint})" if self.hint else ""
+        return f"{self.location()}: {self.severity}: {key}{self.message}{hint}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ProblemsError(Exception):
+    """Raised when user input cannot be used; carries every problem found."""
+
+    def __init__(self, problems: Iterable[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(p.render() for p in self.problems))
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.is_error]
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """A hint naming the closest known choice, or None if nothing is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean '{match[0]}'?" if match else None

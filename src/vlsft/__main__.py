@@ -1,0 +1,3 @@
+from vlsft.cli import main
+
+main()

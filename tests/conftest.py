@@ -1,0 +1,53 @@
+"""Shared fixtures. Helpers: keep fixtures here small and append-only; heavy ones in their own modules."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+GOLDEN = SHARED / "golden" / "official-qwen25"
+CACHE = REPO / ".cache"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not GOLDEN.exists():
+        pytest.fail(f"golden data missing at {GOLDEN}: the project expects ../shared beside the checkout")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """A tiny random Qwen2.5-VL with the real Qwen tokenizer, built once per machine (no hub)."""
+    from qwenvl.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(CACHE / "tiny-qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    """The rebuilt Qwen2.5-VL tokenizer + image-processor config (golden README recipe)."""
+    from qwenvl.tiny import build_tokenizer_dir
+
+    out = CACHE / "qwen25vl-tokenizer"
+    if not (out / "tokenizer.json").exists():
+        build_tokenizer_dir(out)
+    return out
+
+
+@pytest.fixture()
+def cli_env(tmp_path) -> dict:
+    """Environment for running the real `vlsft` command in a subprocess."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(CACHE / "torch_extensions"))
+    env["WANDB_MODE"] = "disabled"
+    return env
