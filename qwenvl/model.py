@@ -1,0 +1,178 @@
+"""Model loading, freezing and optimizer parameter groups for Qwen2-VL / Qwen2.5-VL / Qwen3-VL.
+
+* The model class comes from ``config.json``'s ``model_type`` (never from the folder name).
+* Every parameter belongs to exactly one *part*:
+
+  - ``vision``: the vision tower except its merger(s) (patch embedding, position embedding, blocks);
+  - ``merger``: the vision-language projector (``visual.merger`` and Qwen3-VL's ``deepstack_merger_list``);
+  - ``llm``: the language model (embeddings, decoder layers, final norm) and ``lm_head``.
+
+* Freezing sets ``requires_grad`` on the parameters themselves (an untied ``lm_head`` follows
+  ``tune_mm_llm`` like the rest of the language model; a tied one is the embedding matrix).
+* Learning rates: ``mm_projector_lr`` applies to merger parameters and ``vision_tower_lr`` to other
+  vision parameters, each independently of the other (``None`` -> ``learning_rate``). Weight decay skips
+  biases and normalisation weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# model_type in config.json -> transformers class name (dense models only).
+MODEL_CLASSES: dict[str, str] = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+
+PARTS = ("vision", "merger", "llm")
+
+
+class ModelTypeError(ValueError):
+    """The model directory is not a supported Qwen VL model."""
+
+
+def read_model_type(name_or_path: str | os.PathLike) -> str:
+    """``model_type`` from ``<path>/config.json`` (local folder), checked against :data:`MODEL_CLASSES`."""
+    cfg = Path(name_or_path) / "config.json"
+    if not cfg.is_file():
+        raise ModelTypeError(
+            f"{name_or_path}: no config.json; model_name_or_path must be a local model folder "
+            "(download it first, e.g. `hf download Qwen/Qwen2.5-VL-3B-Instruct --local-dir ...`)"
+        )
+    model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    if model_type not in MODEL_CLASSES:
+        raise ModelTypeError(
+            f"{cfg}: model_type {model_type!r} is not supported; supported: {', '.join(MODEL_CLASSES)}"
+            + (" (Qwen3-VL MoE is not supported)" if model_type == "qwen3_vl_moe" else "")
+        )
+    return model_type
+
+
+def model_class(model_type: str):
+    import transformers
+
+    if model_type not in MODEL_CLASSES:
+        raise ModelTypeError(f"model_type {model_type!r} is not supported; supported: {', '.join(MODEL_CLASSES)}")
+    try:
+        return getattr(transformers, MODEL_CLASSES[model_type])
+    except AttributeError as e:  # older transformers without Qwen3-VL
+        raise ModelTypeError(
+            f"model_type {model_type!r} needs a newer transformers (installed {transformers.__version__})"
+        ) from e
+
+
+def load_model(name_or_path: str, *, dtype=None, attn_implementation: str | None = None):
+    """Load the model with the class named by its config.json ``model_type``."""
+    model_type = read_model_type(name_or_path)
+    cls = model_class(model_type)
+    kwargs: dict = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    logger.info("loading %s from %s (%s)", cls.__name__, name_or_path, kwargs)
+    return cls.from_pretrained(name_or_path, **kwargs)
+
+
+def _visual(model):
+    inner = getattr(model, "model", model)
+    visual = getattr(inner, "visual", None)
+    if visual is None:
+        raise ModelTypeError(f"{type(model).__name__} has no vision tower (model.model.visual)")
+    return visual
+
+
+def part_of_parameters(model) -> dict[str, str]:
+    """Map every parameter name (tied duplicates included) to ``vision`` / ``merger`` / ``llm``."""
+    visual = _visual(model)
+    merger_ids: set[int] = set()
+    for name, module in visual.named_children():
+        if name == "merger" or name.startswith("deepstack_merger"):
+            merger_ids.update(id(p) for p in module.parameters())
+    vision_ids = {id(p) for p in visual.parameters()}
+    parts: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in merger_ids:
+            parts[name] = "merger"
+        elif id(p) in vision_ids:
+            parts[name] = "vision"
+        else:
+            parts[name] = "llm"
+    return parts
+
+
+def apply_freezing(model, *, tune_mm_vision: bool, tune_mm_mlp: bool, tune_mm_llm: bool) -> dict[str, int]:
+    """Set ``requires_grad`` on every parameter per the three flags; returns trainable counts per part."""
+    want = {"vision": tune_mm_vision, "merger": tune_mm_mlp, "llm": tune_mm_llm}
+    parts = part_of_parameters(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, part in parts.items():
+        params[name].requires_grad_(want[part])
+    counts = {k: 0 for k in PARTS}
+    for name, p in model.named_parameters():  # deduplicated
+        if p.requires_grad:
+            counts[parts[name]] += numel(p)
+    return counts
+
+
+def numel(p) -> int:
+    """Element count, also for parameters partitioned by DeepSpeed ZeRO-3."""
+    return int(getattr(p, "ds_numel", 0) or p.numel())
+
+
+def trainable_parameter_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _no_decay_names(model) -> set[str]:
+    names: set[str] = set()
+    for mod_name, module in model.named_modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for p_name, _ in module.named_parameters(recurse=False):
+            if is_norm or p_name == "bias":
+                names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return names
+
+
+def parameter_groups(model, *, learning_rate: float, weight_decay: float, mm_projector_lr: float | None = None,
+                     vision_tower_lr: float | None = None) -> list[dict]:
+    """Optimizer groups over trainable parameters: one per (part learning rate, decay / no decay).
+
+    Each group dict carries ``name`` (e.g. ``merger``, ``merger.no_decay``) so logs can label its lr.
+    """
+    parts = part_of_parameters(model)
+    no_decay = _no_decay_names(model)
+    lrs = {
+        "llm": learning_rate,
+        "vision": vision_tower_lr if vision_tower_lr else learning_rate,
+        "merger": mm_projector_lr if mm_projector_lr else learning_rate,
+    }
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = parts[name]
+        decay = name not in no_decay
+        g = groups.setdefault((part, decay), {
+            "name": part if decay else f"{part}.no_decay",
+            "params": [], "lr": lrs[part],
+            "weight_decay": weight_decay if decay else 0.0,
+        })
+        g["params"].append(p)
+    order = [(p, d) for p in ("llm", "vision", "merger") for d in (True, False)]
+    return [groups[k] for k in order if k in groups]
+
+
+def count_parameters(model) -> dict[str, int]:
+    """Total element count per part (ZeRO-3 aware)."""
+    parts = part_of_parameters(model)
+    out = {k: 0 for k in PARTS}
+    for name, p in model.named_parameters():
+        out[parts[name]] += numel(p)
+    return out
