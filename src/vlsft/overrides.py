@@ -1,0 +1,78 @@
+"""Dotted ``KEY=VALUE`` overrides on top of a run YAML: ``training.learning_rate=2e-5 distributed.node_rank=1``.
+
+Values are typed as YAML would type them (``2e-5`` float, ``true`` bool, ``[a%50, b]`` list, empty -> null),
+merged into the parsed file, then validated together with it, so an override error reads like a file error::
+
+    override 'training.learnig_rate=2e-5': error: [training.learnig_rate] unknown key (hint: did you mean
+    'training.learning_rate'?)
+
+Keys are ``section.key``; only ``training.extra`` takes deeper keys (``training.extra.optim=adamw_torch``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from qwenvl.problems import Problem, did_you_mean
+from vlsft.config import SECTIONS, _Loader, _Mark, _Marks
+
+
+def parse_override_value(text: str) -> Any:
+    """Type an override value the way the YAML file would (``2e-5`` -> float, ``true`` -> bool, ``[a, b]``)."""
+    if text.strip() == "":
+        return None
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+
+def _known_dotted_keys() -> list[str]:
+    return [f"{sec}.{name}" for sec, model in SECTIONS.items() for name in model.model_fields]
+
+
+def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Problem]:
+    problems: list[Problem] = []
+    for raw in overrides:
+        where = f"override '{raw}'"
+        if "=" not in raw:
+            problems.append(Problem("error", "expected KEY=VALUE", file=where,
+                                    hint="e.g. training.learning_rate=2e-5"))
+            continue
+        key, _, text = raw.partition("=")
+        key = key.strip()
+        parts = tuple(key.split("."))
+        section = parts[0]
+        if section not in SECTIONS or len(parts) < 2 or any(not p for p in parts):
+            hint = did_you_mean(key, _known_dotted_keys()) or did_you_mean(section, SECTIONS)
+            problems.append(Problem("error", "unknown key" if section not in SECTIONS else "expected section.key",
+                                    file=where, key=key, hint=hint or "keys look like training.learning_rate"))
+            continue
+        fields = SECTIONS[section].model_fields
+        if parts[1] not in fields:
+            problems.append(Problem("error", "unknown key", file=where, key=key,
+                                    hint=did_you_mean(key, _known_dotted_keys()) or did_you_mean(parts[1], fields)))
+            continue
+        if len(parts) > 2 and parts[:2] != ("training", "extra"):
+            problems.append(Problem("error", f"'{section}.{parts[1]}' has no sub-keys", file=where, key=key))
+            continue
+        try:
+            value = parse_override_value(text)
+        except yaml.YAMLError as exc:
+            problems.append(Problem("error", f"value is not valid YAML: {getattr(exc, 'problem', exc)}",
+                                    file=where, key=key, hint="quote it: KEY='value'"))
+            continue
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            marks.key.setdefault(parts[: i + 1], _Mark(None, None, raw))
+            node = child
+        node[parts[-1]] = value
+        for table in (marks.key, marks.value):
+            for path in [p for p in table if p[: len(parts)] == parts]:
+                del table[path]
+        marks.key[parts] = marks.value[parts] = _Mark(None, None, raw)
+    return problems
