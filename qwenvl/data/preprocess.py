@@ -1,0 +1,165 @@
+"""Chat tokens and labels, token for token as the official Qwen2.5-era ``preprocess_qwen_2_visual``.
+
+What the official code does (facts checked against ``golden/official-qwen25``):
+
+* a system turn ``You are a helpful assistant.`` opens every sample; a first turn ``from: gpt`` is
+  dropped; roles ``human``/``gpt`` become ``user``/``assistant`` (``role``/``content`` keys are also read);
+* each turn is ``<|im_start|>{role}\\n{content}<|im_end|>\\n``, tokenized on its own;
+* ``user``/``system`` turns are fully masked (-100); every other turn is trained except its first
+  three tokens (``<|im_start|>``, role, ``\\n``);
+* ``<image>``/``<video>`` in user turns become ``<|vision_start|>`` + N pads + ``<|vision_end|>``,
+  consumed in order across turns (N = t*h*w / merge**2); tags elsewhere stay plain text.
+
+Deliberate differences (each is a sample the official code crashes on, silently swaps for its
+neighbour, or silently mis-trains): text-only samples work (the official #1337 crash);
+tag/media count mismatches, the misspelt ``images`` key, an empty conversation and a conversation
+with nothing to train on are *bad samples* with a reason (see ``BadSample``); images and videos in
+one sample, and several videos, are all attached.
+
+Speed: the tokenizer is never copied; each sample's text segments (the text between special
+tokens, which the tokenizer encodes independently anyway) are encoded in one Rust batch call.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE_INDEX = -100
+SYSTEM_MESSAGE = "You are a helpful assistant."
+ROLE_MAP = {"human": "user", "gpt": "assistant"}
+IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"
+_TAG_RE = re.compile(r"(<image>|<video>)")
+
+
+class BadSample(ValueError):
+    """A sample that cannot be trained on; the message says why and how to fix it."""
+
+
+@dataclass
+class Turn:
+    role: str
+    content: str
+
+
+def normalize_conversation(conversations) -> list[Turn]:
+    """Official turn handling: key lookup, role mapping, a leading gpt turn dropped."""
+    if not isinstance(conversations, list) or not conversations:
+        raise BadSample("'conversations' is missing or empty (expected a list of {from, value} turns)")
+    turns = list(conversations)
+    first = turns[0]
+    if isinstance(first, dict) and first.get("from") == "gpt":
+        turns = turns[1:]
+    out: list[Turn] = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise BadSample(f"turn {i} is not an object")
+        if "role" in t and "content" in t:
+            role, content = t["role"], t["content"]
+        elif "from" in t and "value" in t:
+            role, content = t["from"], t["value"]
+        else:
+            raise BadSample(f"turn {i} has neither from/value nor role/content keys")
+        if not isinstance(content, str):
+            raise BadSample(f"turn {i}: content must be a string, got {type(content).__name__}")
+        out.append(Turn(ROLE_MAP.get(role, role), content))
+    return out
+
+
+def count_tags(turns: list[Turn]) -> tuple[int, int]:
+    """Number of ``<image>`` and ``<video>`` tags that will be expanded (user turns only)."""
+    ni = nv = 0
+    for t in turns:
+        if t.role == "user":
+            ni += t.content.count(IMAGE_TAG)
+            nv += t.content.count(VIDEO_TAG)
+    return ni, nv
+
+
+class ChatEncoder:
+    """Builds ``input_ids`` and ``labels`` for one sample; holds the tokenizer (never copies it)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        conv = tokenizer.convert_tokens_to_ids
+        self.im_start = conv("<|im_start|>")
+        self.im_end = conv("<|im_end|>")
+        self.vision_start = conv("<|vision_start|>")
+        self.vision_end = conv("<|vision_end|>")
+        self.image_pad = conv("<|image_pad|>")
+        self.video_pad = conv("<|video_pad|>")
+        self._rust = getattr(tokenizer, "_tokenizer", None)
+        self._nl = self.encode_segments(["\n"])[0]
+
+    def encode_segments(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        if self._rust is not None and hasattr(self._rust, "encode_batch"):
+            return [e.ids for e in self._rust.encode_batch(texts, add_special_tokens=False)]
+        return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+    def encode(self, turns: list[Turn], image_tokens: list[int], video_tokens: list[int]
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and labels (int64 arrays). ``*_tokens``: pad count of each image / video, in order."""
+        # Plan every turn as a list of items: str (text segment) or ("pad", id, n)
+        plans: list[tuple[bool, list]] = []
+        texts: list[str] = []
+        img_i = vid_i = 0
+        for turn in [Turn("system", SYSTEM_MESSAGE), *turns]:
+            items: list = []
+            head = f"{turn.role}\n"
+            if turn.role == "user" and (IMAGE_TAG in turn.content or VIDEO_TAG in turn.content):
+                pieces = _TAG_RE.split(turn.content)
+                buf = head + pieces[0]
+                for j in range(1, len(pieces), 2):
+                    tag, after = pieces[j], pieces[j + 1]
+                    if tag == IMAGE_TAG:
+                        if img_i >= len(image_tokens):
+                            raise BadSample(f"more <image> tags than images ({len(image_tokens)})")
+                        pad = (self.image_pad, image_tokens[img_i])
+                        img_i += 1
+                    else:
+                        if vid_i >= len(video_tokens):
+                            raise BadSample(f"more <video> tags than videos ({len(video_tokens)})")
+                        pad = (self.video_pad, video_tokens[vid_i])
+                        vid_i += 1
+                    items.append(buf)
+                    items.append(pad)
+                    buf = after
+                items.append(buf)
+            else:
+                items.append(head + turn.content)
+            for it in items:
+                if isinstance(it, str):
+                    texts.append(it)
+            plans.append((turn.role in ("user", "system"), items))
+        if img_i != len(image_tokens) or vid_i != len(video_tokens):
+            raise BadSample(f"{len(image_tokens)} image(s) / {len(video_tokens)} video(s) but "
+                            f"{img_i} <image> / {vid_i} <video> tag(s) in human turns: every media item "
+                            "needs exactly one tag")
+        encoded = iter(self.encode_segments(texts))
+        ids: list[int] = []
+        labels: list[int] = []
+        nl = self._nl
+        for masked, items in plans:
+            turn_ids: list[int] = [self.im_start]
+            for it in items:
+                if isinstance(it, str):
+                    turn_ids.extend(next(encoded))
+                else:
+                    pad_id, n = it
+                    turn_ids.append(self.vision_start)
+                    turn_ids.extend([pad_id] * n)
+                    turn_ids.append(self.vision_end)
+            turn_ids.append(self.im_end)
+            turn_ids.extend(nl)
+            ids.extend(turn_ids)
+            if masked:
+                labels.extend([IGNORE_INDEX] * len(turn_ids))
+            else:
+                labels.extend([IGNORE_INDEX] * 3)
+                labels.extend(turn_ids[3:])
+        return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)

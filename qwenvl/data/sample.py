@@ -1,0 +1,126 @@
+"""One annotation record -> one model-ready sample (tokens, labels, 3-D positions, pixels).
+
+``SampleBuilder.build(record, data_path)`` is the exact code path of the trainer's dataset and of
+``vlsft datasets preview``. It raises :class:`~qwenvl.data.preprocess.BadSample` (or
+:class:`~qwenvl.data.vision.MediaError`) with a one-line reason for a sample that cannot be used.
+
+Returned dict (torch tensors, unbatched)::
+
+    input_ids (L,) int64, labels (L,) int64 (-100 = not trained), position_ids (3, L) int64,
+    pixel_values (P, 1176) float32 + image_grid_thw (n_img, 3) int64          [only with images]
+    pixel_values_videos (Q, 1176) float32 + video_grid_thw (n_vid, 3) int64
+    + second_per_grid_ts (n_vid,) float32                                         [only with videos]
+
+plus ``frame_idx`` (list of lists, per video; diagnostics only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qwenvl import storage
+from qwenvl.data import vision
+from qwenvl.data.preprocess import BadSample, ChatEncoder, count_tags, normalize_conversation
+from qwenvl.data.rope import RopeIndex
+
+
+@dataclass
+class VisionBudget:
+    """The official DataArguments that shape pixels (names as in the official trainer)."""
+
+    max_pixels: int = 576 * 28 * 28
+    min_pixels: int = 16 * 28 * 28
+    video_max_frames: int = 8
+    video_min_frames: int = 4
+    base_interval: float = 2
+    video_max_frame_pixels: int = 32 * 28 * 28
+    video_min_frame_pixels: int = 4 * 28 * 28
+
+    @classmethod
+    def from_args(cls, args) -> VisionBudget:
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if getattr(args, k, None) is not None})
+
+
+def _as_list(value, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if not value:
+            raise BadSample(f"'{key}' is an empty list (drop the key for a sample without {key}s)")
+        return list(value)
+    raise BadSample(f"'{key}' must be a path or a list of paths, got {type(value).__name__}")
+
+
+@dataclass
+class SampleBuilder:
+    tokenizer: object
+    budget: VisionBudget = field(default_factory=VisionBudget)
+    spec: vision.VisionSpec = field(default_factory=vision.VisionSpec)
+    model_type: str = "qwen2.5vl"
+    model_max_length: int | None = None
+    rope: RopeIndex | None = None
+
+    def __post_init__(self):
+        self.encoder = ChatEncoder(self.tokenizer)
+        if self.rope is None:
+            self.rope = RopeIndex.for_model_type(self.model_type)
+            self.rope.image_token_id = self.encoder.image_pad
+            self.rope.video_token_id = self.encoder.video_pad
+            self.rope.merge = self.spec.merge_size
+
+    def build(self, record: dict, data_path: str | None) -> dict:
+        import torch
+
+        if not isinstance(record, dict):
+            raise BadSample(f"record is a {type(record).__name__}, expected an object")
+        if "images" in record and "image" not in record:
+            raise BadSample("uses the key 'images'; the annotation format reads 'image' (a path or a list): "
+                            "rename the key")
+        if "videos" in record and "video" not in record:
+            raise BadSample("uses the key 'videos'; the annotation format reads 'video': rename the key")
+        images = _as_list(record.get("image"), "image")
+        videos = _as_list(record.get("video"), "video")
+        turns = normalize_conversation(record.get("conversations"))
+        n_img_tags, n_vid_tags = count_tags(turns)
+        if n_img_tags != len(images) or n_vid_tags != len(videos):
+            raise BadSample(f"{len(images)} image(s) / {len(videos)} video(s) but {n_img_tags} <image> / "
+                            f"{n_vid_tags} <video> tag(s) in human turns: every media item needs exactly one tag")
+        if not any(t.role not in ("user", "system") for t in turns):
+            raise BadSample("no assistant turn to train on")
+        b, m2 = self.budget, self.spec.merge_size ** 2
+        out: dict = {}
+        image_tokens: list[int] = []
+        if images:
+            pil = [vision.open_image(storage.join(data_path, p)) for p in images]
+            pv, grid = vision.process_images(pil, self.spec, b.min_pixels, b.max_pixels)
+            out["pixel_values"] = torch.from_numpy(pv)
+            out["image_grid_thw"] = torch.from_numpy(grid)
+            image_tokens = [int(g.prod()) // m2 for g in grid]
+        video_tokens: list[int] = []
+        if videos:
+            pvs, grids, spgs, fidx = [], [], [], []
+            for p in videos:
+                dv = vision.decode_video(storage.join(data_path, p), b)
+                pv, grid, spg = vision.process_video(dv, self.spec, b.video_min_frame_pixels, b.video_max_frame_pixels)
+                pvs.append(pv)
+                grids.append(grid)
+                spgs.append(spg)
+                fidx.append(dv.frame_idx)
+            out["pixel_values_videos"] = torch.from_numpy(np.concatenate(pvs))
+            out["video_grid_thw"] = torch.from_numpy(np.stack(grids))
+            out["second_per_grid_ts"] = torch.tensor(spgs, dtype=torch.float64)
+            out["frame_idx"] = fidx
+            video_tokens = [int(g.prod()) // m2 for g in grids]
+        ids, labels = self.encoder.encode(turns, image_tokens, video_tokens)
+        if self.model_max_length is not None and len(ids) > self.model_max_length:
+            raise BadSample(f"{len(ids)} tokens > model_max_length {self.model_max_length} (skipped whole: "
+                            "vision tokens are never cut; raise model_max_length or lower max_pixels)")
+        out["input_ids"] = torch.from_numpy(ids)
+        out["labels"] = torch.from_numpy(labels)
+        out["position_ids"] = self.rope(out["input_ids"], out.get("image_grid_thw"), out.get("video_grid_thw"),
+                                        out.get("second_per_grid_ts"))
+        return out
