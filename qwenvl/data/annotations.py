@@ -1,0 +1,503 @@
+"""Annotation files: reading records fast, with line numbers, and checking every sample (torch-free).
+
+Formats (as the official trainer reads them):
+
+* ``.jsonl``: one JSON object per line (blank lines ignored);
+* ``.json``: a JSON list of samples, or a list of lists of samples (the official pre-packed format).
+
+A sample: ``{"image": str | [str], "video": str | [str], "conversations": [{"from": "human"|"gpt",
+"value": str}, ...]}`` (turns may also be ``{"role": "user"|"assistant"|"system", "content": str}``).
+Each ``<image>`` / ``<video>`` tag in a human turn consumes the next media item.
+
+:func:`scan` is the engine of ``vlsft datasets check --deep``: it parses every record (orjson when
+installed, else :mod:`json`), checks it, counts image / video / text-only samples and checks that every
+media file exists with one directory listing per folder (:func:`qwenvl.storage.existing`), never one
+``stat`` per file. Problems of one kind are capped per file (the rest are counted) so that a million
+broken samples do not produce a million lines.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import posixpath
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenvl import storage
+from qwenvl.problems import Problem
+
+try:  # orjson parses a JSONL line ~5x faster than json; the scan falls back to json when it is absent
+    import orjson as _orjson
+
+    _loads: Callable[[bytes], Any] = _orjson.loads
+    _JSONError: tuple[type[Exception], ...] = (_orjson.JSONDecodeError, ValueError)
+except ImportError:  # pragma: no cover - orjson is in requirements.txt
+    _loads = json.loads
+    _JSONError = (ValueError,)
+
+log = logging.getLogger(__name__)
+
+PROBE_LIMIT = 20_000  # records looked at by probe() for media references
+MAX_PER_KIND = 20  # problems of one kind reported per annotation file (the rest are counted)
+_SIDES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1, "system": 2}
+_MISSPELT = {"images": "image", "videos": "video"}
+
+
+def annotation_format(path: str) -> str | None:
+    """``"jsonl"``, ``"json"`` or None (by extension, case-insensitive)."""
+    ext = os.path.splitext(posixpath.basename(str(path)))[1].lower()
+    return {".jsonl": "jsonl", ".json": "json"}.get(ext)
+
+
+def _as_list(value: Any) -> list | None:
+    if value is None:
+        return []
+    if type(value) is str:
+        return [value]
+    if type(value) is list:
+        return value
+    return None
+
+
+def sample_media(record: dict) -> tuple[list[str], list[str]]:
+    """``(images, videos)`` of a sample; each key may hold a string or a list of strings."""
+    images = _as_list(record.get("image")) or []
+    videos = _as_list(record.get("video")) or []
+    return [str(x) for x in images], [str(x) for x in videos]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _nonblank_jsonl(data: bytes) -> Iterator[tuple[int, bytes]]:
+    for i, raw in enumerate(data.split(b"\n"), 1):
+        if raw and not raw.isspace():
+            yield i, raw
+
+
+def _json_error(exc: Exception, data: bytes | str) -> tuple[int | None, int | None, str]:
+    if isinstance(exc, json.JSONDecodeError):
+        return exc.lineno, exc.colno, exc.msg
+    msg = str(exc)
+    pos = getattr(exc, "pos", None)
+    if isinstance(pos, int) and pos >= 0:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        line = text.count("\n", 0, pos) + 1
+        col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        return line, col, msg.split(":")[0]
+    return None, None, msg
+
+
+def _load_json_document(data: bytes) -> Any:
+    """Parse a whole ``.json`` file; on error re-raise json's error (which carries line/column)."""
+    try:
+        return _loads(data)
+    except _JSONError:
+        return json.loads(data)  # raises json.JSONDecodeError with lineno/colno
+
+
+def iter_records(path: str) -> Iterator[tuple[int | None, Any]]:
+    """Yield ``(line, record)`` for every sample of an annotation file (packed lists are flattened).
+
+    A line that does not parse yields ``(line, ValueError)``. ``.json`` files yield the line where
+    each record starts.
+    """
+    data = storage.read_bytes(path)
+    if annotation_format(path) == "jsonl":
+        for line, raw in _nonblank_jsonl(data):
+            try:
+                yield line, _loads(raw)
+            except _JSONError as exc:
+                yield line, ValueError(str(exc))
+        return
+    doc = _load_json_document(data)
+    if not isinstance(doc, list):
+        raise ValueError(f"{path}: the top level must be a list of samples")
+    lines = _json_item_lines(data.decode("utf-8", "replace"))
+    for i, item in enumerate(doc):
+        if type(item) is list:
+            for j, sub in enumerate(item):
+                yield lines.get((i, j)), sub
+        else:
+            yield lines.get((i, None)), item
+
+
+def _json_item_lines(text: str, wanted: set | None = None) -> dict[tuple[int, int | None], int]:
+    """Line of each top-level item (and of each item of a nested list) of a JSON list document."""
+    dec = json.JSONDecoder()
+    out: dict[tuple[int, int | None], int] = {}
+    n = len(text)
+    ws = " \t\r\n"
+    line = 1
+    last = 0
+
+    def line_at(pos: int) -> int:
+        nonlocal line, last
+        line += text.count("\n", last, pos)
+        last = pos
+        return line
+
+    pos = 0
+    while pos < n and text[pos] in ws:
+        pos += 1
+    if pos >= n or text[pos] != "[":
+        return out
+    pos += 1
+    i = 0
+    while True:
+        while pos < n and text[pos] in ws + ",":
+            pos += 1
+        if pos >= n or text[pos] == "]":
+            return out
+        if text[pos] == "[":  # packed: a list of samples
+            out[(i, None)] = line_at(pos)
+            pos += 1
+            j = 0
+            while True:
+                while pos < n and text[pos] in ws + ",":
+                    pos += 1
+                if pos >= n:
+                    return out
+                if text[pos] == "]":
+                    pos += 1
+                    break
+                if wanted is None or (i, j) in wanted:
+                    out[(i, j)] = line_at(pos)
+                try:
+                    _, pos = dec.raw_decode(text, pos)
+                except ValueError:
+                    return out
+                j += 1
+        else:
+            out[(i, None)] = line_at(pos)
+            try:
+                _, pos = dec.raw_decode(text, pos)
+            except ValueError:
+                return out
+        i += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe: what load_dictionary needs (count, format, media references)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeInfo:
+    records: int | None = None  # top-level records (None when the file is unusable)
+    packed: bool = False
+    media_line: int | None = None  # line of the first sample that references media (within PROBE_LIMIT)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _references_media(rec: Any) -> bool:
+    return type(rec) is dict and (rec.get("image") or rec.get("video") or rec.get("images") or rec.get("videos"))
+
+
+def probe(path: str, limit: int = PROBE_LIMIT) -> ProbeInfo:
+    """Count records and look for media references. Raises OSError if the file cannot be read."""
+    info = ProbeInfo()
+    fmt = annotation_format(path)
+    data = storage.read_bytes(path)
+    if fmt == "jsonl":
+        count = 0
+        for line, raw in _nonblank_jsonl(data):
+            count += 1
+            if info.media_line is None and count <= limit:
+                try:
+                    if _references_media(_loads(raw)):
+                        info.media_line = line
+                except _JSONError:
+                    pass
+        info.records = count
+        return info
+    try:
+        doc = _load_json_document(data)
+    except (ValueError, RecursionError) as exc:
+        line, col, msg = _json_error(exc, data)
+        info.problems.append(Problem("error", f"annotation file is not valid JSON: {msg}", path, line, col,
+                                     hint="a .json annotation file is one JSON list; use .jsonl for one sample per line"))
+        return info
+    if not isinstance(doc, list):
+        kind = type(doc).__name__.replace("dict", "an object").replace("str", "a string")
+        info.problems.append(Problem("error", f"the top level of a .json annotation file must be a list of samples, found {kind}",
+                                     path, 1, 1, hint="wrap the samples in [ ... ] (or use .jsonl, one sample per line)"))
+        return info
+    info.records = len(doc)
+    info.packed = bool(doc) and all(type(x) is list for x in doc)
+    seen = 0
+    for i, item in enumerate(doc):
+        for rec in item if type(item) is list else (item,):
+            seen += 1
+            if _references_media(rec):
+                info.media_line = _json_item_lines(data.decode("utf-8", "replace"), {(i, None)}).get((i, None))
+                return info
+            if seen >= limit:
+                return info
+    return info
+
+
+def count_records(path: str) -> int:
+    """Record count: non-blank lines of a ``.jsonl``, top-level list length of a ``.json``."""
+    info = probe(path, limit=0)
+    if info.records is None:
+        raise ValueError(info.problems[0].render() if info.problems else f"{path}: unreadable annotation file")
+    return info.records
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan: per-sample checks + counts + media existence
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScanResult:
+    path: str
+    records: int = 0  # top-level records (packs count once)
+    samples: int = 0  # samples (packs flattened)
+    images: int = 0  # samples with at least one image
+    videos: int = 0  # samples with at least one video
+    text_only: int = 0  # samples with neither
+    media_files: int = 0  # distinct media paths referenced
+    missing_media: int = 0  # distinct media paths that do not exist
+    problems: list[Problem] = field(default_factory=list)
+    suppressed: dict[str, int] = field(default_factory=dict)  # kind -> problems not listed
+
+
+class _Sink:
+    """Collects problems for one file, capped per kind; locators are resolved to lines at the end."""
+
+    def __init__(self, path: str, max_per_kind: int):
+        self.path = path
+        self.max = max_per_kind
+        self.counts: dict[str, int] = {}
+        self.items: list[tuple[Any, str, str, str | None, str | None]] = []
+
+    def add(self, loc: Any, kind: str, severity: str, message: str, key: str | None = None,
+            hint: str | None = None) -> None:
+        c = self.counts.get(kind, 0) + 1
+        self.counts[kind] = c
+        if c <= self.max:
+            self.items.append((loc, severity, message, key, hint))
+
+
+def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, Any] | None,
+                  res: ScanResult) -> None:
+    """Count one sample and (``deep``) check it. Kept flat: this runs a million times."""
+    if type(rec) is not dict:
+        sink.add(loc, "not_object", "error", f"sample is {type(rec).__name__}, not a JSON object",
+                 hint='each sample is {"image": ..., "conversations": [...]}')
+        return
+    img = rec.get("image")
+    vid = rec.get("video")
+    imgs = (img,) if type(img) is str else (img if type(img) is list else ())
+    vids = (vid,) if type(vid) is str else (vid if type(vid) is list else ())
+    if imgs:
+        res.images += 1
+    if vids:
+        res.videos += 1
+    if not imgs and not vids:
+        res.text_only += 1
+    if not deep:
+        return
+    if media is not None:
+        for p in imgs:
+            if type(p) is str:
+                if p not in media:
+                    media[p] = loc
+            else:
+                sink.add(loc, "media_type", "error", f"image entry {p!r} is not a path string", key="image")
+        for p in vids:
+            if type(p) is str:
+                if p not in media:
+                    media[p] = loc
+            else:
+                sink.add(loc, "media_type", "error", f"video entry {p!r} is not a path string", key="video")
+    if img is not None and type(img) is not str and type(img) is not list:
+        sink.add(loc, "media_type", "error", f"'image' must be a path or a list of paths, found {type(img).__name__}",
+                 key="image")
+    if vid is not None and type(vid) is not str and type(vid) is not list:
+        sink.add(loc, "media_type", "error", f"'video' must be a path or a list of paths, found {type(vid).__name__}",
+                 key="video")
+    if "images" in rec or "videos" in rec:
+        bad = "images" if "images" in rec else "videos"
+        sink.add(loc, "misspelt_media_key", "error",
+                 f"key '{bad}' is not read by the trainer: the sample would silently train as text-only", key=bad,
+                 hint=f"rename '{bad}' to '{_MISSPELT[bad]}'")
+    conv = rec.get("conversations")
+    if type(conv) is not list or not conv:
+        if conv is None:
+            sink.add(loc, "no_conversations", "error", "sample has no 'conversations'", key="conversations",
+                     hint='add "conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]')
+        else:
+            sink.add(loc, "bad_conversations", "error", "'conversations' must be a non-empty list of turns",
+                     key="conversations")
+        return
+    n_img = 0
+    n_vid = 0
+    prev = -1
+    first = True
+    has_answer = False
+    for turn in conv:
+        if type(turn) is not dict:
+            sink.add(loc, "bad_turn", "error", f"a turn is {type(turn).__name__}, not an object", key="conversations",
+                     hint='write {"from": "human", "value": "..."}')
+            continue
+        spk = turn.get("from")
+        if spk is None:
+            spk = turn.get("role")
+            val = turn.get("content")
+            vkey = "content"
+        else:
+            val = turn.get("value")
+            vkey = "value"
+        side = _SIDES.get(spk) if type(spk) is str else None
+        if side is None:
+            if spk is None:
+                sink.add(loc, "no_speaker", "error", "a turn has neither 'from' nor 'role'", key="conversations",
+                         hint='write {"from": "human"|"gpt", "value": "..."}')
+            else:
+                sink.add(loc, "bad_speaker", "error", f"unknown speaker {spk!r}", key="from",
+                         hint="use 'human' or 'gpt' (or role 'user' / 'assistant')")
+            continue
+        if first:
+            first = False
+            if side == 1:
+                sink.add(loc, "gpt_first", "warning", "the first turn is from gpt; the official trainer drops it",
+                         key="conversations", hint="start with a human turn")
+        elif side == prev and side != 2:
+            sink.add(loc, "no_alternation", "warning", "two turns in a row from the same speaker", key="conversations",
+                     hint="alternate human and gpt turns")
+        prev = side
+        if type(val) is not str:
+            if val is None:
+                sink.add(loc, "empty_value", "error", f"a turn has no '{vkey}'", key=vkey)
+            else:
+                sink.add(loc, "value_type", "error", f"'{vkey}' must be a string, found {type(val).__name__}", key=vkey)
+            continue
+        if not val or val.isspace():
+            sink.add(loc, "empty_value", "error", "a turn has an empty value", key=vkey, hint="write the text or remove the turn")
+            continue
+        if side == 1:
+            has_answer = True
+        if "<" in val:
+            ci = val.count("<image>")
+            cv = val.count("<video>")
+            if side == 1:
+                if ci or cv:
+                    sink.add(loc, "tag_in_gpt", "error", "a gpt turn contains an <image>/<video> tag; it is not replaced",
+                             key=vkey, hint="media tags belong in human turns")
+            else:
+                n_img += ci
+                n_vid += cv
+    if n_img != len(imgs):
+        sink.add(loc, "image_tags", "error", f"{n_img} <image> tag(s) for {len(imgs)} image(s)", key="image",
+                 hint="put one <image> tag in a human turn per image, in order")
+    if n_vid != len(vids):
+        sink.add(loc, "video_tags", "error", f"{n_vid} <video> tag(s) for {len(vids)} video(s)", key="video",
+                 hint="put one <video> tag in a human turn per video, in order")
+    if not has_answer and not first:
+        sink.add(loc, "no_answer", "error", "no gpt turn with text: nothing to train on", key="conversations")
+
+
+def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bool = True,
+         progress: Callable[[int], None] | None = None, max_per_kind: int = MAX_PER_KIND) -> ScanResult:
+    """Read every record of one annotation file; count and (``deep``) check each sample.
+
+    Raises OSError when the file cannot be read. Media paths resolve against ``data_path``
+    (absolute paths and URLs are kept).
+    """
+    res = ScanResult(path=path)
+    sink = _Sink(path, max_per_kind)
+    media: dict[str, Any] | None = {} if (deep and check_media) else None
+    data = storage.read_bytes(path)
+    fmt = annotation_format(path)
+    step = 65_536
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # millions of short-lived dicts: the cyclic GC would cost more than the parsing
+    try:
+        if fmt == "jsonl":
+            loads = _loads
+            check = _check_record
+            n = 0
+            for line, raw in enumerate(data.split(b"\n"), 1):
+                if not raw or raw.isspace():
+                    continue
+                n += 1
+                try:
+                    rec = loads(raw)
+                except _JSONError as exc:
+                    msg = str(exc).split(":")[0] if str(exc) else "invalid JSON"
+                    sink.add(line, "json", "error", f"line is not valid JSON: {msg}",
+                             hint="each line of a .jsonl file is one complete JSON object")
+                    continue
+                check(rec, line, sink, deep, media, res)
+                if progress is not None and not n % step:
+                    progress(step)
+            res.records = n
+            res.samples = n
+            if progress is not None:
+                progress(n % step)
+        else:
+            try:
+                doc = _load_json_document(data)
+            except (ValueError, RecursionError) as exc:
+                line, col, msg = _json_error(exc, data)
+                res.problems.append(Problem("error", f"annotation file is not valid JSON: {msg}", path, line, col))
+                return res
+            if not isinstance(doc, list):
+                res.problems.append(Problem("error", "the top level of a .json annotation file must be a list", path, 1, 1))
+                return res
+            res.records = len(doc)
+            for i, item in enumerate(doc):
+                if type(item) is list:
+                    for j, rec in enumerate(item):
+                        res.samples += 1
+                        _check_record(rec, (i, j), sink, deep, media, res)
+                else:
+                    res.samples += 1
+                    _check_record(item, (i, None), sink, deep, media, res)
+                if progress is not None and not (i + 1) % step:
+                    progress(step)
+            if progress is not None:
+                progress(len(doc) % step)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    if media:
+        _check_media_exist(media, data_path, sink, res)
+    # resolve locators to lines
+    locs = {loc for loc, *_ in sink.items if isinstance(loc, tuple)}
+    lines = _json_item_lines(data.decode("utf-8", "replace"), locs) if locs else {}
+    for loc, severity, message, key, hint in sink.items:
+        line = lines.get(loc) if isinstance(loc, tuple) else loc
+        res.problems.append(Problem(severity, message, path, line, None, key, hint))  # type: ignore[arg-type]
+    for kind, count in sink.counts.items():
+        if count > sink.max:
+            res.suppressed[kind] = count - sink.max
+    return res
+
+
+def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink, res: ScanResult) -> None:
+    resolved: dict[str, str] = {}
+    unresolvable = 0
+    for rel in media:
+        if data_path is None and not (storage.is_url(rel) or os.path.isabs(rel)):
+            unresolvable += 1  # load_dictionary reports the missing data_path
+            continue
+        resolved[storage.join(data_path, rel)] = rel
+    res.media_files = len(media)
+    if not resolved:
+        return
+    found = storage.existing(resolved)
+    for full, rel in resolved.items():
+        if full not in found:
+            res.missing_media += 1
+            sink.add(media[rel], "missing_media", "error", f"media file not found: {full}", key="image/video",
+                     hint="paths are relative to the dataset's data_path" if full != rel else None)

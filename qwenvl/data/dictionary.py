@@ -1,0 +1,442 @@
+"""The dataset dictionary: ``Dataset-Dictionary.json`` → checked :class:`DatasetSpec` entries (torch-free).
+
+The file maps dataset names to where their data lives and how much of it to use::
+
+    {
+        "dataset1": {"data_path": "images/", "annotation_path": "ann1.json", "length": 1000, "sampling_rate": 0.05},
+        "dataset2": {"data_path": "s3://bucket/media", "annotation_path": "ann2.jsonl", "repeat_time": 2.5}
+    }
+
+* ``data_path``: folder (or ``s3://`` URL) that media paths in the annotations are relative to.
+* ``annotation_path``: ``.json`` (a list of samples, or a list of lists = the official pre-packed format)
+  or ``.jsonl`` (one sample per line).
+* ``length``: the record count you expect (checked against the file).
+* ``sampling_rate`` (0 < r ≤ 1, the fraction kept) **or** ``repeat_time`` (> 0; 2.5 = two copies plus a
+  random half). Neither means 100 %.
+
+Relative paths resolve against the dictionary file's folder. :func:`load_dictionary` never raises for
+user errors: it returns a :class:`DatasetDictionary` whose ``problems`` lists everything found, each
+with file, line, column, key, message and hint (syntax errors are recovered from where possible so
+that later problems are still reported).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import posixpath
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qwenvl import storage
+from qwenvl.data import annotations as ann
+from qwenvl.data.jsonloc import INVALID, JKey, JNode, parse
+from qwenvl.problems import Problem, did_you_mean
+
+log = logging.getLogger(__name__)
+
+KNOWN_KEYS = ("data_path", "annotation_path", "length", "sampling_rate", "repeat_time")
+REQUIRED_KEYS = ("annotation_path",)
+ANNOTATION_EXTENSIONS = (".json", ".jsonl")
+EXAMPLE_ENTRY = '{"data_path": "images/", "annotation_path": "train.jsonl", "sampling_rate": 0.5}'
+
+
+class DatasetSpec(BaseModel):
+    """One entry of the dataset dictionary, with paths resolved."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_path: str | None = Field(
+        None, description="Folder (or s3:// URL) that media paths in the annotations are relative to."
+    )
+    annotation_path: str = Field(
+        description=".json file (a list of samples, or a list of lists = official pre-packed) or .jsonl file."
+    )
+    length: int | None = Field(None, ge=0, description="Declared record count; checked against the real count.")
+    sampling_rate: float | None = Field(
+        None, gt=0, le=1, description="Fraction of the records kept per epoch (0 < r <= 1)."
+    )
+    repeat_time: float | None = Field(
+        None, gt=0, description="Copies per epoch (> 0); 2.5 = two full copies plus a random half."
+    )
+
+    @property
+    def percent(self) -> float:
+        """The ``--dataset_use`` percent: sampling_rate·100, repeat_time·100, or 100 (exact decimals)."""
+        rate = self.sampling_rate if self.sampling_rate is not None else self.repeat_time
+        if rate is None:
+            return 100.0
+        return float(Decimal(repr(float(rate))) * 100)
+
+    @property
+    def rate(self) -> float:
+        return self.percent / 100.0
+
+
+@dataclass
+class DatasetDictionary:
+    """Result of :func:`load_dictionary`. ``datasets`` holds the entries that passed their checks."""
+
+    path: str
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    key_positions: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)  # every dataset name in file order (also broken entries)
+    record_counts: dict[str, int] = field(default_factory=dict)  # real record counts (when files were checked)
+    media_referenced: dict[str, bool] = field(default_factory=dict)
+    unusable: bool = False  # the file could not be read / holds no dictionary at all
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.is_error for p in self.problems)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.is_error]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if not p.is_error]
+
+
+def count_records(annotation_path: str) -> int:
+    """Record count of an annotation file: non-blank lines of a ``.jsonl``, list length of a ``.json``.
+
+    Raises ``OSError`` / ``ValueError`` when the file cannot be read or is not a JSON list.
+    """
+    return ann.count_records(annotation_path)
+
+
+def _resolve(base_dir: str, path: str) -> str:
+    if storage.is_url(path):
+        return path
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    if storage.is_url(base_dir):
+        return posixpath.join(base_dir, path)
+    return os.path.normpath(os.path.join(base_dir, path))
+
+
+def _type_name(node: JNode) -> str:
+    if node.kind == "number":
+        return "an integer" if isinstance(node.value, int) else "a number"
+    return {"string": "a string", "bool": "a boolean", "null": "null", "object": "an object",
+            "array": "a list", "invalid": "an invalid value"}.get(node.kind, node.kind)
+
+
+class _Loader:
+    def __init__(self, path: str, check_files: bool):
+        self.path = str(path)
+        self.check_files = check_files
+        self.result = DatasetDictionary(path=self.path)
+
+    def add(self, severity: str, message: str, line: int | None = None, column: int | None = None,
+            key: str | None = None, hint: str | None = None, file: str | None = None) -> None:
+        self.result.problems.append(Problem(severity, message, file or self.path, line, column, key, hint))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------------------------------
+    def load(self) -> DatasetDictionary:
+        res = self.result
+        try:
+            raw = storage.read_bytes(self.path)
+        except FileNotFoundError:
+            self.add("error", "dataset dictionary not found", hint="check the path (relative paths start at the current folder)")
+            res.unusable = True
+            return res
+        except IsADirectoryError:
+            self.add("error", "is a folder, not a dataset dictionary file", hint="point at the .json file inside it")
+            res.unusable = True
+            return res
+        except (OSError, ValueError) as exc:
+            self.add("error", f"cannot read the dataset dictionary: {exc}")
+            res.unusable = True
+            return res
+        if raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.add("error", f"not UTF-8 text (byte {exc.start})", hint="save the file as UTF-8")
+            text = raw.decode("utf-8", errors="replace")
+        if not text.strip():
+            self.add("error", "the file is empty", 1, 1, hint=f'write a JSON object: {{"my_dataset": {EXAMPLE_ENTRY}}}')
+            res.unusable = True
+            return res
+        root, issues = parse(text)
+        for issue in issues:
+            self.add("error", f"JSON syntax: {issue.message}", issue.line, issue.column, hint=issue.hint)
+        if root is None:
+            self.add("error", "no JSON value found", 1, 1, hint=f'write a JSON object: {{"my_dataset": {EXAMPLE_ENTRY}}}')
+            res.unusable = True
+            return res
+        if root.kind != "object":
+            self.add("error", f"the top level must be an object mapping dataset names to entries, found {_type_name(root)}",
+                     root.line, root.column, hint=f'{{"my_dataset": {EXAMPLE_ENTRY}}}')
+            res.unusable = True
+            return res
+        if not root.value:
+            self.add("error", "the dictionary holds no datasets", root.line, root.column,
+                     hint=f'add an entry: {{"my_dataset": {EXAMPLE_ENTRY}}}')
+        self.base_dir = self._base_dir()
+        seen: dict[str, JKey] = {}
+        for key, node in root.value:
+            self.entry(key, node, seen)
+        return res
+
+    def _base_dir(self) -> str:
+        if storage.is_url(self.path):
+            return posixpath.dirname(self.path)
+        return os.path.dirname(os.path.abspath(self.path))
+
+    # ------------------------------------------------------------------------------------------
+    def entry(self, key: JKey, node: JNode | None, seen: dict[str, JKey]) -> None:
+        res = self.result
+        name = key.name
+        where = (key.line, key.column)
+        valid_name = True
+        if name in seen:
+            first = seen[name]
+            self.add("error", f"dataset '{name}' is defined twice (first at line {first.line}); plain json would "
+                     "silently keep only the last one", *where, key=name, hint="rename one of them or delete the duplicate")
+            valid_name = False
+        else:
+            seen[name] = key
+            res.positions[name] = where
+            res.names.append(name)
+        if not name.strip():
+            self.add("error", "empty dataset name", *where, key=name, hint="give the dataset a name such as \"my_data\"")
+            valid_name = False
+        elif "," in name or "%" in name:
+            bad = "," if "," in name else "%"
+            self.add("error", f"dataset name contains '{bad}', which cannot appear in --dataset_use", *where, key=name,
+                     hint=f"rename it, e.g. '{name.replace(',', '_').replace('%', 'pct')}'")
+            valid_name = False
+        elif name != name.strip():
+            self.add("error", "dataset name has leading or trailing whitespace", *where, key=name,
+                     hint=f"rename it to '{name.strip()}'")
+            valid_name = False
+        elif any(not c.isprintable() for c in name):
+            self.add("error", "dataset name contains control characters", *where, key=name, hint="use letters, digits, '_', '-', '.'")
+            valid_name = False
+        if node is None:
+            return
+        if node.kind != "object":
+            self.add("error", f"the entry must be an object, found {_type_name(node)}", node.line, node.column, key=name,
+                     hint=f"write {EXAMPLE_ENTRY}")
+            return
+        values: dict[str, JNode] = {}
+        ok = True
+        seen_keys: dict[str, JKey] = {}
+        for k, v in node.value:
+            if k.name in seen_keys:
+                self.add("error", f"key '{k.name}' appears twice in dataset '{name}' (first at line {seen_keys[k.name].line})",
+                         k.line, k.column, key=k.name, hint="keep only one")
+                ok = False
+                continue
+            seen_keys[k.name] = k
+            res.key_positions[(name, k.name)] = (k.line, k.column)
+            if k.name not in KNOWN_KEYS:
+                self.add("error", f"unknown key '{k.name}' in dataset '{name}'", k.line, k.column, key=k.name,
+                         hint=did_you_mean(k.name, KNOWN_KEYS) or f"allowed keys: {', '.join(KNOWN_KEYS)}")
+                ok = False
+                continue
+            if v is None:  # syntax error already reported
+                ok = False
+                continue
+            values[k.name] = v
+        for req in REQUIRED_KEYS:
+            if req not in values and req not in seen_keys:
+                self.add("error", f"dataset '{name}' has no '{req}'", node.line, node.column, key=req,
+                         hint=f'add "{req}": "path/to/annotations.jsonl"')
+                ok = False
+        parsed: dict[str, object] = {}
+        for k, v in values.items():
+            checker = getattr(self, f"check_{k}")
+            result = checker(name, k, v)
+            if result is INVALID:
+                ok = False
+            else:
+                parsed[k] = result
+        if parsed.get("sampling_rate") is not None and parsed.get("repeat_time") is not None:
+            v = values["repeat_time"]
+            self.add("error", f"dataset '{name}' sets both sampling_rate and repeat_time", v.line, v.column,
+                     key="repeat_time", hint="keep one: sampling_rate for a fraction (<= 1), repeat_time for copies")
+            ok = False
+        if ok and valid_name:
+            try:
+                spec = DatasetSpec(**parsed)  # type: ignore[arg-type]
+                res.datasets[name] = spec
+            except Exception as exc:  # a check above should have caught it; never crash on user input
+                self.add("error", f"invalid entry: {exc}".splitlines()[0], node.line, node.column, key=name)
+                ok = False
+        if self.check_files and parsed.get("annotation_path"):
+            # check the files even of a broken entry: report everything in one go
+            partial = DatasetSpec.model_construct(**{k: parsed.get(k) for k in KNOWN_KEYS})
+            self.files(name, partial, values)
+
+    # ---- per-key checks: return the parsed value or INVALID ----------------------------------
+    def _wrong_type(self, name: str, k: str, v: JNode, want: str, hint: str | None = None) -> object:
+        self.add("error", f"'{k}' of dataset '{name}' must be {want}, found {_type_name(v)} {v.raw}".rstrip(),
+                 v.line, v.column, key=k, hint=hint)
+        return INVALID
+
+    def _path(self, name: str, k: str, v: JNode, allow_null: bool) -> object:
+        if v.kind == "invalid":
+            return INVALID
+        if v.kind == "null" and allow_null:
+            return None
+        if v.kind != "string":
+            return self._wrong_type(name, k, v, "a path string", hint=f'write "{k}": "path/to/..."')
+        if not v.value.strip():
+            if allow_null:
+                self.add("error", f"'{k}' of dataset '{name}' is empty", v.line, v.column, key=k,
+                         hint="give the media folder, or null when the samples have no media")
+            else:
+                self.add("error", f"'{k}' of dataset '{name}' is empty", v.line, v.column, key=k,
+                         hint="give the path of a .json or .jsonl annotation file")
+            return INVALID
+        return _resolve(self.base_dir, v.value)
+
+    def check_data_path(self, name: str, k: str, v: JNode) -> object:
+        return self._path(name, k, v, allow_null=True)
+
+    def check_annotation_path(self, name: str, k: str, v: JNode) -> object:
+        path = self._path(name, k, v, allow_null=False)
+        if path is INVALID:
+            return path
+        ext = os.path.splitext(posixpath.basename(str(path)))[1].lower()
+        if ext not in ANNOTATION_EXTENSIONS:
+            self.add("error", f"annotation file of dataset '{name}' must end in .json or .jsonl, got '{ext or '(none)'}'",
+                     v.line, v.column, key=k, hint="use a .json list of samples or a .jsonl file with one sample per line")
+            return INVALID
+        return path
+
+    def check_length(self, name: str, k: str, v: JNode) -> object:
+        if v.kind == "invalid":
+            return INVALID
+        if v.kind == "null":
+            return None
+        if v.kind == "string":
+            return self._wrong_type(name, k, v, "an integer", hint=f"write {v.value.strip()} without quotes")
+        if v.kind != "number":
+            return self._wrong_type(name, k, v, "an integer")
+        if v.is_nonfinite:
+            self.add("error", f"'{k}' of dataset '{name}' is {v.raw}, not a count", v.line, v.column, key=k,
+                     hint="write the number of records, e.g. 1000")
+            return INVALID
+        value = v.value
+        if isinstance(value, float):
+            if not value.is_integer():
+                return self._wrong_type(name, k, v, "a whole number", hint="write the number of records, e.g. 1000")
+            value = int(value)
+        if value < 0:
+            self.add("error", f"'{k}' of dataset '{name}' is negative ({v.raw})", v.line, v.column, key=k,
+                     hint="write the number of records")
+            return INVALID
+        return value
+
+    def _rate(self, name: str, k: str, v: JNode) -> object:
+        if v.kind == "invalid":
+            return INVALID
+        if v.kind == "null":
+            return None
+        example = "0.5" if k == "sampling_rate" else "2"
+        if v.kind == "string":
+            hint = f"write {v.value.strip()} without quotes" if _looks_numeric(v.value) else f"write a number, e.g. {example}"
+            return self._wrong_type(name, k, v, "a number", hint=hint)
+        if v.kind != "number":
+            return self._wrong_type(name, k, v, "a number", hint=f"write a number, e.g. {example}")
+        value = float(v.value)
+        if not math.isfinite(value):
+            self.add("error", f"'{k}' of dataset '{name}' is {v.raw}, which is not a usable rate", v.line, v.column, key=k,
+                     hint=f"write a finite number, e.g. {example}")
+            return INVALID
+        if value <= 0:
+            self.add("error", f"'{k}' of dataset '{name}' must be > 0, got {v.raw}", v.line, v.column, key=k,
+                     hint="remove the dataset from the dictionary (or from data.use) to leave it out")
+            return INVALID
+        return value
+
+    def check_sampling_rate(self, name: str, k: str, v: JNode) -> object:
+        value = self._rate(name, k, v)
+        if isinstance(value, float) and value > 1:
+            self.add("error", f"sampling_rate of dataset '{name}' is {v.raw}, above 1", v.line, v.column, key=k,
+                     hint=f"sampling_rate is a fraction (<= 1); to up-sample write \"repeat_time\": {v.raw}")
+            return INVALID
+        return value
+
+    def check_repeat_time(self, name: str, k: str, v: JNode) -> object:
+        return self._rate(name, k, v)
+
+    # ---- annotation files --------------------------------------------------------------------
+    def files(self, name: str, spec: DatasetSpec, values: dict[str, JNode]) -> None:
+        res = self.result
+        apath = spec.annotation_path
+        anode = values["annotation_path"]
+        where = (anode.line, anode.column)
+        try:
+            info = ann.probe(apath)
+        except FileNotFoundError:
+            self.add("error", f"annotation file of dataset '{name}' not found: {apath}", *where, key="annotation_path",
+                     hint="relative paths start at the dictionary's folder" if not os.path.isabs(anode.value) else None)
+            return
+        except IsADirectoryError:
+            self.add("error", f"annotation_path of dataset '{name}' is a folder: {apath}", *where, key="annotation_path",
+                     hint="point at the .json/.jsonl file")
+            return
+        except PermissionError:
+            self.add("error", f"annotation file of dataset '{name}' is not readable: {apath}", *where,
+                     key="annotation_path", hint="check the file permissions")
+            return
+        except (OSError, ValueError) as exc:
+            self.add("error", f"cannot read annotation file of dataset '{name}': {exc}", *where, key="annotation_path")
+            return
+        for p in info.problems:
+            self.result.problems.append(p)
+        if info.records is None:
+            return
+        res.record_counts[name] = info.records
+        res.media_referenced[name] = info.media_line is not None
+        if info.records == 0:
+            self.add("warning", f"dataset '{name}' has no records ({apath})", *where, key="annotation_path")
+        if spec.length is not None and spec.length != info.records:
+            lnode = values["length"]
+            self.add("warning", f"dataset '{name}' declares length {spec.length} but {posixpath.basename(apath)} holds "
+                     f"{info.records} records; the real count is used", lnode.line, lnode.column, key="length",
+                     hint=f"set \"length\": {info.records}")
+        if spec.data_path is None and info.media_line is not None:
+            self.add("error", f"dataset '{name}' has no data_path but its samples reference media "
+                     f"(first at {posixpath.basename(apath)}:{info.media_line})", res.positions.get(name, where)[0],
+                     res.positions.get(name, where)[1], key="data_path",
+                     hint='add "data_path": the folder the image/video paths are relative to')
+        elif spec.data_path is not None and info.media_line is not None and not storage.is_url(spec.data_path):
+            if not os.path.isdir(spec.data_path):
+                dnode = values["data_path"]
+                self.add("error", f"data_path of dataset '{name}' is not a folder: {spec.data_path}", dnode.line,
+                         dnode.column, key="data_path", hint="relative paths start at the dictionary's folder")
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_dictionary(path: str | os.PathLike, *, check_files: bool = True) -> DatasetDictionary:
+    """Load and check a dataset dictionary. Never raises for user errors; see ``.problems`` / ``.ok``.
+
+    With ``check_files`` each annotation file is opened: existence, format, record count against
+    ``length``, and whether samples reference media without a ``data_path``. Per-sample checks are
+    :func:`qwenvl.data.annotations.scan` (``vlsft datasets check --deep``).
+    """
+    loader = _Loader(str(path), check_files)
+    res = loader.load()
+    res.problems.sort(key=lambda p: (p.file != res.path, p.file or "", p.line or 0, p.column or 0))
+    return res
