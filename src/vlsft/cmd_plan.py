@@ -1,1 +1,113 @@
-"""(placeholder: filled in by its issue)"""
+"""``vlsft print-args``: show the exact launch a run YAML makes, and start nothing.
+
+    vlsft print-args --config configs/qwen2.5-vl-7b.yaml
+    vlsft print-args --config run.yaml training.learning_rate=1e-5 distributed.nnodes=2
+    vlsft print-args --config run.yaml --json | jq -r '.torchrun | @sh'
+
+Prints the torchrun command (one option per line, ``\\``-continued, ready to paste), the environment
+``vlsft train`` sets (secrets as ``***``), the dataset mix, the batch formula, samples and optimizer steps,
+and warnings for known traps. Exit 0 when the plan is valid (warnings allowed), 2 on config or dataset
+dictionary errors (one line each: ``file:line:col: error: [key] what (hint: how to fix)``).
+Never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+from vlsft.app import app
+
+OVERRIDES_HELP = "Dotted overrides applied on top of the YAML, typed like YAML: training.learning_rate=2e-5"
+
+
+def group_argv(argv: list[str]) -> list[list[str]]:
+    """Split argv into lines: the program, then each option with its value(s)."""
+    lines: list[list[str]] = [[argv[0]]] if argv else []
+    for token in argv[1:]:
+        if token.startswith("-") and not _is_number(token):
+            lines.append([token])
+        else:
+            lines[-1].append(token)
+    return lines
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def format_command(argv: list[str]) -> str:
+    """A copy-pasteable shell command: one option per line with ``\\`` continuations."""
+    lines = [" ".join(shlex.quote(t) for t in group) for group in group_argv(argv)]
+    return " \\\n  ".join(lines)
+
+
+def _env_lines(env: dict[str, str], secret_keys: frozenset[str]) -> list[str]:
+    out = []
+    for key, value in env.items():
+        if key in secret_keys:
+            out.append(f"# {key}=***  (secret, masked; vlsft train passes the real value)")
+        else:
+            out.append(f"export {key}={shlex.quote(value)}")
+    return out
+
+
+def render_text(plan, config_path: str) -> str:  # plan: vlsft.plan.LaunchPlan
+    from vlsft.plan import SECRET_ENV
+
+    cfg = plan.config
+    tr = cfg.training
+    parts = [f"# Launch plan for {config_path} (nothing started; `vlsft train --config {config_path}` runs it)", ""]
+    parts.append("# Environment set for every rank:")
+    parts += _env_lines(plan.display_env(), SECRET_ENV) or ["# (none)"]
+    parts += ["", "# Command:", format_command(plan.torchrun), ""]
+    parts.append(f"# Datasets (--dataset_use {plan.dataset_use}):")
+    width = max((len(s.name) for s in plan.datasets), default=4)
+    for s in plan.datasets:
+        parts.append(f"#   {s.name:<{width}}  {s.records:>10,} records x {s.percent:g} % = {s.samples:,} samples")
+    parts.append(f"samples per epoch = {plan.samples_per_epoch:,}")
+    parts.append(f"{plan.batch_formula}  (per-device x accumulation x nproc_per_node x nnodes)")
+    estimate = " (estimate: packing puts several samples in a row)" if plan.steps_are_estimate else ""
+    parts.append(f"steps per epoch = ceil({plan.samples_per_epoch} / {plan.effective_batch_size}) = "
+                 f"{plan.steps_per_epoch}{estimate}")
+    if tr.max_steps > 0:
+        parts.append(f"total steps = {plan.total_steps} (training.max_steps)")
+    else:
+        epochs = tr.num_train_epochs
+        parts.append(f"total steps = ceil({epochs:g} x {plan.steps_per_epoch}) = {plan.total_steps}"
+                     + ("" if math.isclose(epochs, round(epochs)) else " (fractional epochs)"))
+    return "\n".join(parts)
+
+
+@app.command("print-args")
+def print_args(
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help=OVERRIDES_HELP, show_default=False),
+    config: Path = typer.Option(..., "--config", "-c", help="Run YAML (see configs/qwen2.5-vl-7b.yaml).",
+                                dir_okay=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object (secrets masked)."),
+) -> None:
+    """Print the torchrun command, environment, batch and step arithmetic of a run YAML; start nothing."""
+    from qwenvl.problems import ProblemsError
+    from vlsft.plan import plan_from_file
+
+    try:
+        plan = plan_from_file(config, list(overrides or []))
+    except ProblemsError as exc:
+        for problem in exc.problems:
+            typer.secho(problem.render(), err=True, fg="red" if problem.is_error else "yellow")
+        raise typer.Exit(2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
+        return
+    typer.echo(render_text(plan, str(config)))
+    for warning in plan.warnings:
+        typer.secho(f"warning: {warning}", fg="yellow")

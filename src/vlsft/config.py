@@ -134,8 +134,9 @@ class TrainingSection(_Section):
                                    + ", ".join(LR_SCHEDULER_TYPES) + ".")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
     seed: int = Field(42, description="Seed of model initialisation and training randomness (--seed).")
-    report_to: list[str] | None = Field(None, description="Loggers (--report_to). Default: wandb when the "
-                                        "wandb section is enabled, else none.")
+    report_to: str | None = Field(None, description="Logger for --report_to (wandb, tensorboard, none, ...; "
+                                  "transformers takes one name on the command line). Default: wandb when the "
+                                  "wandb section is enabled, else none.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Any other transformers.TrainingArguments "
                                   "name -> value, passed as --name value (e.g. {optim: adamw_torch_fused}).")
 
@@ -145,13 +146,6 @@ class TrainingSection(_Section):
         if value not in LR_SCHEDULER_TYPES:
             hint = did_you_mean(value, LR_SCHEDULER_TYPES)
             raise ValueError(f"unknown scheduler {value!r}; " + (hint or "choose one of " + ", ".join(LR_SCHEDULER_TYPES)))
-        return value
-
-    @field_validator("report_to", mode="before")
-    @classmethod
-    def _report_to_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
 

@@ -1,0 +1,478 @@
+"""The launch plan: one builder that turns a validated run YAML into exactly what will run.
+
+``vlsft print-args`` renders a :class:`LaunchPlan`; ``vlsft train`` executes the same object. Nothing here
+imports torch or transformers, writes a file or starts a process (it reads the dataset dictionary, counts
+annotation records and looks at ``output.dir``).
+
+Where each run YAML key ends up:
+
+* ``model.*``, ``data.*`` -> the trainer's ``ModelArguments`` / ``DataArguments`` flags (official names;
+  ``data.flatten`` -> ``--data_flatten``, ``data.packing`` -> ``--data_packing``, ``data.seed`` ->
+  ``--data_seed``, ``data.num_workers`` -> ``--dataloader_num_workers``, ``data.use`` -> ``--dataset_use``).
+* ``training.*`` -> ``transformers.TrainingArguments`` flags (``warmup_ratio`` -> ``--warmup_steps`` because
+  transformers 5 reads a value below 1 as a ratio and has no ``--warmup_ratio``); ``training.extra`` is
+  passed through as ``--name value``.
+* ``distributed.*`` -> the torchrun options and ``--deepspeed``; ``output.*`` -> ``--output_dir``,
+  ``--run_name``, ``--resume``, ``--overwrite_output_dir``.
+* ``wandb.*`` and ``storage.*`` -> environment variables only (never argv).
+
+torchrun: ``argv[0]`` is the ``torchrun`` script next to ``sys.executable`` (the venv vlsft runs in),
+as an absolute path, so the launch uses the same torch/transformers install as vlsft even when another
+environment is first on ``PATH``, and the printed command still works when pasted into a shell where the
+venv is not activated. Only when that script is missing does the plan fall back to plain ``torchrun``.
+
+Step arithmetic (transformers 5.24, ``dataloader_drop_last`` false): every rank receives
+``ceil(N / world)`` samples (the sampler pads by repeating samples), makes ``ceil(. / per_device)``
+micro-batches, and the Trainer counts ``ceil(batches / accumulation)`` optimizer steps per epoch, the last
+one possibly partial. Nested ceilings of exact divisions collapse, so
+``steps_per_epoch = ceil(N / (per_device x accumulation x nproc_per_node x nnodes))`` and
+``total_steps = max_steps if max_steps > 0 else ceil(num_train_epochs x steps_per_epoch)``.
+With ``data.packing`` a micro-batch holds packed rows of several samples, so these counts are upper
+bounds (estimates).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import vlsft
+from qwenvl.problems import Problem, ProblemsError, did_you_mean
+from vlsft.config import ENV_REF, RunConfig, load_run_config
+
+REPO_CONFIGS = Path(vlsft.__file__).resolve().parents[2] / "configs"
+SECRET_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY"})
+MASK = "***"
+IMAGE_TOKEN_PIXELS = 28 * 28  # one merged vision token per 28x28 pixels (14x14 patches, 2x2 merge)
+TEXT_TOKEN_ALLOWANCE = 30  # chat-template and prompt tokens around one image, roughly
+LOW_LR = 1e-6
+
+STORAGE_ENV = {
+    "endpoint_url": "AWS_ENDPOINT_URL",
+    "region": "AWS_DEFAULT_REGION",
+    "profile": "AWS_PROFILE",
+    "access_key_id": "AWS_ACCESS_KEY_ID",
+    "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "session_token": "AWS_SESSION_TOKEN",
+    "addressing_style": "VLSFT_S3_ADDRESSING_STYLE",
+}
+
+
+@dataclass
+class DatasetShare:
+    """One dataset of the mix: records in its annotation file, the percent used, samples per epoch."""
+
+    name: str
+    records: int
+    percent: float
+    samples: int
+
+
+@dataclass
+class LaunchPlan:
+    """Everything ``vlsft train`` will do, computed without side effects."""
+
+    torchrun: list[str]
+    trainer_args: list[str]
+    dataset_use: str
+    env: dict[str, str]
+    world_size: int
+    effective_batch_size: int
+    samples_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warnings: list[str]
+    config: RunConfig
+    datasets: list[DatasetShare] = field(default_factory=list)
+    steps_are_estimate: bool = False
+
+    def display_env(self) -> dict[str, str]:
+        """``env`` with secret values replaced by ``***``."""
+        return {k: (MASK if k in SECRET_ENV and v else v) for k, v in self.env.items()}
+
+    @property
+    def batch_formula(self) -> str:
+        tr, dist = self.config.training, self.config.distributed
+        return (f"effective batch = {tr.per_device_train_batch_size} × {tr.gradient_accumulation_steps} × "
+                f"{dist.nproc_per_node} × {dist.nnodes} = {self.effective_batch_size}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``print-args --json`` document (secrets masked)."""
+        return {
+            "torchrun": list(self.torchrun),
+            "trainer_args": list(self.trainer_args),
+            "dataset_use": self.dataset_use,
+            "env": self.display_env(),
+            "world_size": self.world_size,
+            "effective_batch_size": self.effective_batch_size,
+            "samples_per_epoch": self.samples_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "warnings": list(self.warnings),
+        }
+
+
+# --------------------------------------------------------------------------- helpers
+
+def render_value(value: Any) -> str:
+    """A config value as one trainer argv token: ``True``/``False``, ``2e-05``, ``1000`` (not ``1000.0``)."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return repr(value)
+    if isinstance(value, dict | list):
+        import json
+
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _resolve_path(base: Path, path: str) -> str:
+    from qwenvl import storage
+
+    if storage.is_url(path):
+        return path
+    p = Path(os.path.expanduser(path))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or (os.sep in path and os.path.exists(path))
+
+
+def torchrun_executable() -> str:
+    """``<venv>/bin/torchrun`` next to the running interpreter, else ``torchrun`` from PATH."""
+    candidate = Path(sys.executable).parent / "torchrun"
+    return str(candidate) if candidate.exists() else "torchrun"
+
+
+def deepspeed_path(name: str, base: Path) -> str | None:
+    """Preset name -> ``configs/<name>.json`` of this checkout; a path -> absolute; ``none`` -> None."""
+    if name.strip().lower() in ("none", "", "off", "false"):
+        return None
+    from vlsft.config import DEEPSPEED_PRESETS
+
+    if name in DEEPSPEED_PRESETS:
+        return str(REPO_CONFIGS / f"{name}.json")
+    return _resolve_path(base, name)
+
+
+def _run_markers(directory: Path) -> list[str]:
+    """What in ``directory`` shows an earlier run (checkpoints, trainer state, a saved model)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    found = sorted((n for n in names if n.startswith("checkpoint-")), key=lambda n: (len(n), n))
+    found += [n for n in ("trainer_state.json", "config.json") if n in names]
+    return found
+
+
+_MEDIA_KEY = re.compile(rb'"(image|video)"\s*:')
+
+
+def _media_kinds(path: str, limit: int = 256 << 20) -> set[str]:
+    """Cheap scan of a local annotation file for ``"image":`` / ``"video":`` keys (first ``limit`` bytes)."""
+    kinds: set[str] = set()
+    try:
+        with open(path, "rb") as f:
+            tail = b""
+            read = 0
+            while read < limit and len(kinds) < 2:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                read += len(chunk)
+                kinds.update(m.group(1).decode() for m in _MEDIA_KEY.finditer(tail + chunk))
+                tail = chunk[-16:]
+    except OSError:
+        pass
+    return kinds
+
+
+# --------------------------------------------------------------------------- the builder
+
+def _select_datasets(cfg: RunConfig, problems: list[Problem]) -> tuple[list[tuple[str, float]], Any]:
+    from qwenvl.data.dataset_use import parse_dataset_use
+    from qwenvl.data.dictionary import load_dictionary
+
+    dict_path = _resolve_path(cfg.base_dir, cfg.data.dictionary)
+    dictionary = load_dictionary(dict_path)
+    if not dictionary.ok:
+        problems.extend(dictionary.errors)
+        return [], dictionary
+    if cfg.data.use is None:
+        return [(name, spec.percent) for name, spec in dictionary.datasets.items()], dictionary
+    chosen: list[tuple[str, float]] = []
+    for index, item in enumerate(cfg.data.use):
+        entry = parse_dataset_use(item)[0]  # validated in config
+        if entry.name not in dictionary.datasets:
+            hint = did_you_mean(entry.name, dictionary.datasets) or ("known: " + ", ".join(dictionary.datasets))
+            problems.append(Problem("error", f"dataset {entry.name!r} is not in {dict_path}", key=f"data.use[{index}]",
+                                    hint=hint, **cfg.where("data", "use", index)))
+            continue
+        has_pct = "%" in item
+        chosen.append((entry.name, entry.percent if has_pct else dictionary.datasets[entry.name].percent))
+    return chosen, dictionary
+
+
+def _record_count(name: str, spec: Any, dictionary: Any, problems: list[Problem]) -> int | None:
+    count = getattr(dictionary, "record_counts", {}).get(name)
+    if count is not None:
+        return int(count)
+    try:
+        from qwenvl.data.dictionary import count_records
+
+        return int(count_records(spec.annotation_path))
+    except (OSError, ValueError) as exc:
+        if spec.length is not None:
+            return int(spec.length)
+        problems.append(Problem("error", f"cannot count the records of {spec.annotation_path}: {exc}", key=name,
+                                file=getattr(dictionary, "path", None)))
+        return None
+
+
+def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> LaunchPlan:
+    """Resolve ``cfg`` into a :class:`LaunchPlan`. Raises ProblemsError listing every error found."""
+    from qwenvl.data.dataset_use import DatasetUseEntry, format_dataset_use, sample_count
+
+    environ = os.environ if environ is None else environ
+    original, cfg = cfg, cfg.model_copy(deep=True)
+    cfg._source, cfg._marks = original._source, original._marks
+    base = cfg.base_dir
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    m, d, tr, dist, out = cfg.model, cfg.data, cfg.training, cfg.distributed, cfg.output
+
+    # ---- data
+    chosen, dictionary = _select_datasets(cfg, problems)
+    shares: list[DatasetShare] = []
+    for name, percent in chosen:
+        spec = dictionary.datasets[name]
+        records = _record_count(name, spec, dictionary, problems)
+        if records is None:
+            continue
+        shares.append(DatasetShare(name, records, percent, sample_count(records, percent)))
+        if shares[-1].samples == 0:
+            warnings.append(f"dataset {name!r} yields 0 samples per epoch ({records} records at {percent:g} %)")
+    for p in getattr(dictionary, "warnings", []):
+        warnings.append(p.render())
+    dataset_use = format_dataset_use([DatasetUseEntry(s.name, s.percent) for s in shares])
+    samples = sum(s.samples for s in shares)
+    if shares and samples == 0:
+        problems.append(Problem("error", "the selected datasets yield no samples per epoch", key="data.use",
+                                **cfg.where("data", "use")))
+
+    # ---- paths
+    d.dictionary = _resolve_path(base, d.dictionary)
+    out.dir = _resolve_path(base, out.dir)
+    if _looks_local(m.name_or_path) or (base / m.name_or_path).is_dir():
+        m.name_or_path = _resolve_path(base, m.name_or_path)
+    if not os.path.isdir(m.name_or_path):
+        warnings.append(f"model.name_or_path {m.name_or_path!r} is not a local directory: the trainer will try "
+                        "the Hugging Face hub (no download on offline machines); point it at a downloaded model")
+    if out.resume not in ("auto", "never"):
+        out.resume = _resolve_path(base, out.resume)
+        if "://" not in out.resume and not os.path.isdir(out.resume):
+            problems.append(Problem("error", f"checkpoint {out.resume} not found", key="output.resume",
+                                    hint="auto resumes from the newest checkpoint in output.dir",
+                                    **cfg.where("output", "resume")))
+    ds_path = deepspeed_path(dist.deepspeed, base)
+    ds_blocks: set[str] = set()
+    if ds_path is not None:
+        dist.deepspeed = ds_path
+        if "://" not in ds_path and not os.path.isfile(ds_path):
+            problems.append(Problem("error", f"DeepSpeed config {ds_path} not found", key="distributed.deepspeed",
+                                    hint="zero2, zero3, zero3_offload, none, or a path to a JSON file",
+                                    **cfg.where("distributed", "deepspeed")))
+        else:
+            ds_blocks = _deepspeed_blocks(ds_path)
+    else:
+        dist.deepspeed = "none"
+
+    # ---- batch arithmetic
+    world = dist.nnodes * dist.nproc_per_node
+    accum = tr.gradient_accumulation_steps or 1
+    effective = tr.per_device_train_batch_size * accum * world
+    steps_per_epoch = max(math.ceil(samples / effective), 1) if samples else 0
+    total = tr.max_steps if tr.max_steps > 0 else math.ceil(tr.num_train_epochs * steps_per_epoch)
+
+    # ---- environment
+    env: dict[str, str] = {}
+    mode = cfg.wandb.effective_mode
+    env["WANDB_MODE"] = mode
+    if cfg.wandb.project:
+        env["WANDB_PROJECT"] = cfg.wandb.project
+    if cfg.wandb.entity:
+        env["WANDB_ENTITY"] = cfg.wandb.entity
+    if mode != "disabled" and environ.get("WANDB_API_KEY"):
+        env["WANDB_API_KEY"] = environ["WANDB_API_KEY"]
+    for key, var in STORAGE_ENV.items():
+        value = getattr(cfg.storage, key)
+        if value is None:
+            continue
+        ref = ENV_REF.match(value)
+        if ref:
+            resolved = environ.get(ref.group(1))
+            if resolved is None:
+                warnings.append(f"storage.{key} refers to ${{{ref.group(1)}}}, which is not set in this "
+                                f"environment: {var} will not be passed")
+                continue
+            value = resolved
+        env[var] = value
+    report_to = tr.report_to if tr.report_to is not None else ("wandb" if mode != "disabled" else "none")
+
+    # ---- trainer arguments
+    args: list[tuple[str, Any]] = [
+        ("model_name_or_path", m.name_or_path),
+        ("tune_mm_vision", m.tune_mm_vision),
+        ("tune_mm_mlp", m.tune_mm_mlp),
+        ("tune_mm_llm", m.tune_mm_llm),
+        ("attn_implementation", m.attn_implementation),
+        ("dataset_dict", d.dictionary),
+        ("dataset_use", dataset_use),
+        ("max_pixels", d.max_pixels),
+        ("min_pixels", d.min_pixels),
+        ("video_max_frames", d.video_max_frames),
+        ("video_min_frames", d.video_min_frames),
+        ("base_interval", d.base_interval),
+        ("video_max_frame_pixels", d.video_max_frame_pixels),
+        ("video_min_frame_pixels", d.video_min_frame_pixels),
+        ("model_max_length", d.model_max_length),
+        ("data_flatten", d.flatten),
+        ("data_packing", d.packing),
+        ("max_bad_sample_ratio", d.max_bad_sample_ratio),
+        ("output_dir", out.dir),
+        ("run_name", out.run_name),
+        ("resume", out.resume),
+        ("overwrite_output_dir", out.overwrite),
+        ("deepspeed", ds_path),
+        ("per_device_train_batch_size", tr.per_device_train_batch_size),
+        ("gradient_accumulation_steps", accum),
+        ("num_train_epochs", tr.num_train_epochs),
+        ("max_steps", tr.max_steps),
+        ("learning_rate", tr.learning_rate),
+        ("mm_projector_lr", tr.mm_projector_lr),
+        ("vision_tower_lr", tr.vision_tower_lr),
+        ("weight_decay", tr.weight_decay),
+        ("warmup_steps", tr.warmup_ratio),
+        ("lr_scheduler_type", tr.lr_scheduler_type),
+        ("max_grad_norm", tr.max_grad_norm),
+        ("bf16", tr.bf16),
+        ("gradient_checkpointing", tr.gradient_checkpointing),
+        ("save_strategy", "steps"),
+        ("save_steps", tr.save_steps),
+        ("save_total_limit", tr.save_total_limit),
+        ("logging_steps", tr.logging_steps),
+        ("dataloader_num_workers", d.num_workers),
+        ("seed", tr.seed),
+        ("data_seed", d.seed),
+        ("report_to", report_to),
+    ]
+    args += list(tr.extra.items())
+    trainer_args: list[str] = []
+    for name, value in args:
+        if value is None:
+            continue
+        trainer_args += [f"--{name}", render_value(value)]
+
+    launcher = [torchrun_executable(), "--nnodes", str(dist.nnodes), "--nproc_per_node", str(dist.nproc_per_node)]
+    if dist.rdzv_endpoint:
+        launcher += ["--rdzv_backend", "c10d", "--rdzv_endpoint", dist.rdzv_endpoint,
+                     "--rdzv_id", out.run_name or "vlsft"]
+    else:
+        launcher += ["--node_rank", str(dist.node_rank), "--master_addr", dist.master_addr,
+                     "--master_port", str(dist.master_port)]
+    launcher += ["-m", "qwenvl.train"]
+
+    # ---- known traps
+    if tr.learning_rate <= LOW_LR:
+        warnings.append(f"training.learning_rate {tr.learning_rate:g} is tiny: the official scripts' 2e-7 barely "
+                        "moves the loss on a new task (official issues #1298, #1646); start from 1e-5 to 2e-5")
+    if tr.vision_tower_lr is not None and not m.tune_mm_vision:
+        warnings.append("training.vision_tower_lr is set but model.tune_mm_vision is false: the vision tower is "
+                        "frozen, so this learning rate is unused")
+    if tr.mm_projector_lr is not None and not m.tune_mm_mlp:
+        warnings.append("training.mm_projector_lr is set but model.tune_mm_mlp is false: the merger is frozen, "
+                        "so this learning rate is unused")
+    if not (m.tune_mm_vision or m.tune_mm_mlp or m.tune_mm_llm):
+        warnings.append("nothing is trainable: model.tune_mm_vision, tune_mm_mlp and tune_mm_llm are all false "
+                        "(the recipes use tune_mm_mlp: true, tune_mm_llm: true)")
+    if m.tune_mm_vision and shares:
+        kinds: set[str] = set()
+        for s in shares:
+            path = dictionary.datasets[s.name].annotation_path
+            if "://" not in path:
+                kinds |= _media_kinds(path)
+        if kinds >= {"image", "video"}:
+            warnings.append("model.tune_mm_vision is true while the data mixes images and videos: the official "
+                            "README advises tune_mm_vision: false for image+video training")
+    image_tokens = d.max_pixels // IMAGE_TOKEN_PIXELS
+    if d.model_max_length < image_tokens + TEXT_TOKEN_ALLOWANCE:
+        warnings.append(f"data.model_max_length {d.model_max_length} is below the {image_tokens} tokens one image "
+                        f"may take at max_pixels {d.max_pixels} (+~{TEXT_TOKEN_ALLOWANCE} text tokens): samples "
+                        "with a large image will be skipped; raise model_max_length or lower max_pixels")
+    if "://" not in out.dir:
+        markers = _run_markers(Path(out.dir))
+        if markers and out.resume == "never" and not out.overwrite:
+            warnings.append(f"output.dir {out.dir} already holds a run ({', '.join(markers[:3])}) while "
+                            "output.resume is never and output.overwrite is false: the trainer will refuse to "
+                            "start; use a new output.dir for a fresh run (or resume: auto, or overwrite: true)")
+        elif markers and out.resume == "auto" and any(x.startswith("checkpoint-") for x in markers):
+            newest = [x for x in markers if x.startswith("checkpoint-")][-1]
+            warnings.append(f"output.dir {out.dir} already holds {newest}: resume auto continues that run; use a "
+                            "new output.dir for a fresh run")
+    if ds_blocks & {"optimizer"} and (tr.mm_projector_lr is not None or tr.vision_tower_lr is not None):
+        warnings.append(f"{ds_path} defines its own optimizer: DeepSpeed builds it, so mm_projector_lr / "
+                        "vision_tower_lr groups are ignored")
+    if "scheduler" in ds_blocks:
+        warnings.append(f"{ds_path} defines its own scheduler: it replaces training.lr_scheduler_type "
+                        f"({tr.lr_scheduler_type})")
+    if mode != "disabled" and report_to not in ("wandb", "all"):
+        warnings.append(f"the wandb section is enabled ({mode}) but training.report_to is {report_to!r}")
+    if d.packing:
+        warnings.append("data.packing is on: several samples share one row, so steps per epoch are an upper-bound "
+                        "estimate")
+
+    if problems:
+        raise ProblemsError(problems)
+    return LaunchPlan(
+        torchrun=launcher + trainer_args,
+        trainer_args=trainer_args,
+        dataset_use=dataset_use,
+        env=env,
+        world_size=world,
+        effective_batch_size=effective,
+        samples_per_epoch=samples,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warnings=warnings,
+        config=cfg,
+        datasets=shares,
+        steps_are_estimate=d.packing,
+    )
+
+
+def _deepspeed_blocks(path: str) -> set[str]:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
+def plan_from_file(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                   environ: Mapping[str, str] | None = None) -> LaunchPlan:
+    """Load a run YAML (+ overrides) and build its plan; raises ProblemsError."""
+    return build_plan(load_run_config(path, overrides), environ)
