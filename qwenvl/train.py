@@ -1,0 +1,330 @@
+"""Fine-tune Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense) with ``transformers.Trainer`` (+ DeepSpeed).
+
+Run on every rank by torchrun (``vlsft train`` builds this command from a run YAML)::
+
+    torchrun --nnodes 1 --nproc_per_node 8 --node_rank 0 --master_addr 127.0.0.1 --master_port 29500 \\
+        -m qwenvl.train \\
+        --model_name_or_path /models/Qwen2.5-VL-7B-Instruct \\
+        --dataset_dict data/Dataset-Dictionary.json --dataset_use "docs%50,charts" \\
+        --tune_mm_vision False --tune_mm_mlp True --tune_mm_llm True \\
+        --deepspeed configs/zero3.json --bf16 True \\
+        --output_dir runs/my-run --learning_rate 2e-5 --mm_projector_lr 1e-5 \\
+        --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --num_train_epochs 1 \\
+        --save_steps 500 --logging_steps 10 --report_to wandb --run_name my-run
+
+(``python qwenvl/train.py ...`` works as well.) Arguments: the model arguments of
+:mod:`qwenvl.arguments`, the data arguments of :mod:`qwenvl.data.arguments` and every
+``transformers.TrainingArguments`` plus ``--mm_projector_lr``, ``--vision_tower_lr``,
+``--resume auto|never|PATH`` and ``--overwrite_output_dir`` (:mod:`qwenvl.train_args`).
+
+* The model class comes from ``config.json`` (``model_type``); freezing follows the three
+  ``--tune_mm_*`` flags exactly (:mod:`qwenvl.model`).
+* ``--resume auto`` (default) continues from the newest *complete* checkpoint in ``output_dir``
+  (one with ``trainer_state.json`` and weights; a half-written one is skipped). ``never`` starts fresh,
+  PATH continues from that checkpoint. A fresh start into an ``output_dir`` that already holds
+  checkpoints or a model is refused unless ``--overwrite_output_dir True`` (nothing is deleted).
+* The final ``output_dir`` holds the model (standard Hugging Face key names), tokenizer, processor
+  and chat template: ``AutoProcessor`` / ``AutoModelForImageTextToText`` load it.
+* Without CUDA (CPU runs, tests, the demo): DeepSpeed runs over gloo (accelerate is handed a
+  ready ``PartialState(backend="gloo")``), bf16 is switched on in the DeepSpeed config rather than
+  in the arguments, and each rank ends with ``barrier()`` + ``destroy_process_group()``.
+* Test hook: ``VLSFT_TEST_CRASH_RANK=R`` makes rank R exit with status 3 after model loading
+  (to check that one dead rank ends the whole job).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python qwenvl/train.py` / `torchrun qwenvl/train.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+logger = logging.getLogger("qwenvl.train")
+
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class UserError(Exception):
+    """A problem with the run's inputs: reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# output_dir / resume decisions (no torch needed; vlsft imports these to check before launching)
+# ---------------------------------------------------------------------------------------------------
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "trainer_state.json").is_file() and any((p / f).is_file() for f in MODEL_FILES)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path, bool]]:
+    """``(step, path, complete)`` for every ``checkpoint-N`` folder, oldest first."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    out = []
+    for child in d.iterdir():
+        m = CHECKPOINT_RE.match(child.name)
+        if m and child.is_dir():
+            out.append((int(m.group(1)), child, is_complete_checkpoint(child)))
+    return sorted(out)
+
+
+def previous_run_markers(output_dir: str | os.PathLike) -> list[str]:
+    """What in ``output_dir`` shows an earlier run: checkpoints, model weights, trainer state."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    found = [p.name for _, p, _ in list_checkpoints(d)]
+    found += [f for f in (*MODEL_FILES, "trainer_state.json") if (d / f).is_file()]
+    return found
+
+
+def decide_resume(output_dir: str, resume: str, overwrite: bool) -> str | None:
+    """The checkpoint to resume from (None = fresh start), or :class:`UserError` when refused."""
+    resume = (resume or "auto").strip()
+    if resume not in ("auto", "never"):
+        if not Path(resume).is_dir():
+            raise UserError(f"resume checkpoint {resume} does not exist: give an existing checkpoint-N folder, "
+                            "or resume=auto / never")
+        if not is_complete_checkpoint(resume):
+            raise UserError(f"resume checkpoint {resume} is incomplete (no trainer_state.json or weights): "
+                            "pick an earlier checkpoint")
+        return str(resume)
+    if resume == "auto":
+        cps = list_checkpoints(output_dir)
+        for step, path, complete in reversed(cps):
+            if complete:
+                return str(path)
+            logger.warning("skipping incomplete checkpoint %s (step %d): no trainer_state.json or weights", path, step)
+    markers = previous_run_markers(output_dir)
+    if markers and not overwrite:
+        shown = ", ".join(markers[:4]) + (" …" if len(markers) > 4 else "")
+        raise UserError(f"output_dir {output_dir} already holds a run ({shown}); resume it with resume=auto, "
+                        "train over it with overwrite=true, or choose a new output dir")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument parsing with the CPU workarounds
+# ---------------------------------------------------------------------------------------------------
+def _argv_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _prepare_cpu(argv: list[str]) -> None:
+    """Before TrainingArguments exist: choose how a CUDA-less run distributes (see module docstring)."""
+    import torch
+
+    from qwenvl.train_args import TrainingArguments
+
+    if torch.cuda.is_available():
+        TrainingArguments._cpu_mode = None
+        return
+    ds = _argv_value(argv, "--deepspeed")
+    if ds and ds.lower() not in ("none", "", "false"):
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
+        TrainingArguments._cpu_mode = "deepspeed"
+    else:
+        TrainingArguments._cpu_mode = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+        if TrainingArguments._cpu_mode == "single":
+            TrainingArguments._cpu_mode = None
+
+
+def parse_args(argv: list[str]):
+    from transformers import HfArgumentParser
+
+    from qwenvl.arguments import ModelArguments
+    from qwenvl.data.arguments import DataArguments
+    from qwenvl.train_args import TrainingArguments
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        raise UserError("pass arguments as --name value (use `vlsft train --config run.yaml` for run YAMLs)")
+    model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True)
+    if rest:
+        raise UserError(f"unknown trainer arguments: {' '.join(rest)} (see `python -m qwenvl.train --help`)")
+    if training_args.deepspeed and str(training_args.deepspeed).lower() == "none":
+        training_args.deepspeed = None
+    return model_args, data_args, training_args
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------
+def _setup_logging(training_args) -> None:
+    import transformers
+
+    level = logging.INFO if training_args.process_index == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stderr)
+    logging.getLogger("qwenvl").setLevel(level)
+    transformers.utils.logging.set_verbosity(logging.WARNING if training_args.process_index == 0 else logging.ERROR)
+
+
+def _data_module(processor, data_args, training_args, model_type: str) -> dict:
+    try:
+        from qwenvl.data.dataset import make_data_module
+    except ImportError:  # TEMPORARY until the data pipeline lands
+        from qwenvl._fallback_data import make_data_module
+
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    return make_data_module(processor.tokenizer, processor.image_processor, data_args, seed=seed,
+                            model_type=model_type)
+
+
+def _load_run_config(output_dir: str) -> dict | None:
+    p = Path(output_dir) / "vlsft" / "run.yaml"
+    if not p.is_file():
+        return None
+    try:
+        import yaml
+
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - extra W&B context only
+        return None
+
+
+def run(argv: list[str]) -> int:
+    _prepare_cpu(argv)
+    model_args, data_args, training_args = parse_args(argv)
+    _setup_logging(training_args)
+
+    import torch
+    from transformers import AutoProcessor, set_seed
+
+    from qwenvl.model import apply_freezing, load_model, read_model_type
+    from qwenvl.trainer import ExtraRunConfigCallback, QwenVLTrainer
+
+    rank = training_args.process_index
+    logger.info("world size %d, process %d, device %s, distributed %s", training_args.world_size, rank,
+                training_args.device, training_args.distributed_state.distributed_type)
+
+    resume_from = decide_resume(training_args.output_dir, training_args.resume, training_args.overwrite_output_dir)
+    if resume_from:
+        logger.info("resuming from %s", resume_from)
+    model_type = read_model_type(model_args.model_name_or_path)
+    set_seed(training_args.seed)
+
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+    # the processor's pixel limits follow the data arguments (they are saved with the model)
+    if hasattr(processor.image_processor, "min_pixels"):
+        processor.image_processor.min_pixels = data_args.min_pixels
+        processor.image_processor.max_pixels = data_args.max_pixels
+    if getattr(processor.image_processor, "size", None) is not None and isinstance(processor.image_processor.size, dict):
+        processor.image_processor.size = {"shortest_edge": data_args.min_pixels, "longest_edge": data_args.max_pixels}
+
+    dtype = torch.bfloat16 if training_args.wants_bf16 else (torch.float16 if training_args.fp16 else torch.float32)
+    model = load_model(model_args.model_name_or_path, dtype=dtype,
+                       attn_implementation=model_args.attn_implementation or "sdpa")
+    model.config.use_cache = False
+    if getattr(model.config, "text_config", None) is not None:
+        model.config.text_config.use_cache = False
+    counts = apply_freezing(model, tune_mm_vision=model_args.tune_mm_vision, tune_mm_mlp=model_args.tune_mm_mlp,
+                            tune_mm_llm=model_args.tune_mm_llm)
+    logger.info("trainable parameters: %s (model_type %s, %s)",
+                ", ".join(f"{k} {v:,}" for k, v in counts.items()), model_type, type(model).__name__)
+    if not any(counts.values()):
+        raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
+    if training_args.gradient_checkpointing:
+        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
+            "use_reentrant": False}
+        model.enable_input_require_grads()
+
+    crash = os.environ.get("VLSFT_TEST_CRASH_RANK")
+    if crash is not None and int(crash) == rank:
+        logger.error("VLSFT_TEST_CRASH_RANK=%s: rank %d exits with status 3 (test hook)", crash, rank)
+        os._exit(3)
+
+    data = _data_module(processor, data_args, training_args, model_type)
+    report = data.get("report")
+    if report is not None and rank == 0:
+        logger.info("data: %s", report if isinstance(report, str) else json.dumps(report, default=str)[:2000])
+
+    cfg = model.config
+    trainer = QwenVLTrainer(
+        model=model, args=training_args, train_dataset=data["train_dataset"],
+        data_collator=data["data_collator"], processing_class=processor,
+        image_token_id=getattr(cfg, "image_token_id", None), video_token_id=getattr(cfg, "video_token_id", None),
+        data_report=report if isinstance(report, dict) else None,
+    )
+    report_to = training_args.report_to or []
+    if "wandb" in report_to:
+        trainer.add_callback(ExtraRunConfigCallback(_load_run_config(training_args.output_dir),
+                                                    report if isinstance(report, dict) else None))
+
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_state()
+    trainer.save_model(training_args.output_dir)  # gathers ZeRO-3 shards; writes processor + chat template too
+    if training_args.should_save:
+        processor.save_pretrained(training_args.output_dir)
+        logger.info("final model, tokenizer, processor and chat template saved in %s", training_args.output_dir)
+    return 0
+
+
+def _teardown() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001
+        logger.warning("process-group teardown: %s", e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rc = run(argv)
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from qwenvl.model import ModelTypeError
+
+        if isinstance(e, ModelTypeError):
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
+        pe = _problems_error(e)
+        if pe is not None:
+            if int(os.environ.get("RANK", "0")) == 0:
+                for line in pe:
+                    print(line, file=sys.stderr)
+            return 2
+        raise
+    _teardown()
+    return rc
+
+
+def _problems_error(e: Exception) -> list[str] | None:
+    """One line per problem for the project's structured user errors (ProblemsError, DatasetUseError)."""
+    try:
+        from qwenvl.problems import ProblemsError
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(e, ProblemsError):
+        return [p.render() for p in e.problems]
+    if type(e).__name__ in ("DatasetUseError", "DataError", "BadSampleRatioError"):
+        return [f"error: {e}"]
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""``transformers.TrainingArguments`` plus the vlsft / official extras (imports transformers).
+
+Extras: ``--mm_projector_lr``, ``--vision_tower_lr`` (independent of each other), ``--resume``
+(``auto`` | ``never`` | PATH) and ``--overwrite_output_dir``. Kept out of ``qwenvl.arguments`` so that
+module stays importable without torch.
+
+CPU handling (no CUDA), decided by :func:`qwenvl.train.main` before parsing and applied here in
+``__post_init__``: with DeepSpeed, accelerate must use the already-created gloo state
+(``accelerator_config.use_configured_state``) and bf16 must be off in the arguments (it goes into the
+DeepSpeed config instead); without DeepSpeed, ``use_cpu`` and the gloo DDP backend are set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import transformers
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision-language "
+                                          "merger (projector); default: learning_rate."})
+    vision_tower_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision tower "
+                                          "(without the merger); default: learning_rate. Independent of mm_projector_lr."})
+    resume: str = field(default="auto", metadata={"help": "auto: continue from the newest complete checkpoint in "
+                        "output_dir (fresh start if none); never: start fresh; PATH: continue from that checkpoint."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a fresh run into an output_dir that "
+                                       "already holds checkpoints or a model (nothing is deleted; files are overwritten)."})
+
+    # set by qwenvl.train before parsing; class-level so HfArgumentParser does not expose them
+    _cpu_mode = None  # None (CUDA present), "deepspeed" or "ddp"
+
+    def __post_init__(self):
+        self.cpu_bf16 = False
+        mode = type(self)._cpu_mode
+        if mode == "deepspeed":
+            if self.accelerator_config is None:
+                self.accelerator_config = {"use_configured_state": True}
+            if self.bf16:
+                self.bf16 = False
+                self.cpu_bf16 = True
+        elif mode == "ddp":
+            self.use_cpu = True
+            if self.ddp_backend is None:
+                self.ddp_backend = "gloo"
+        super().__post_init__()
+        if mode == "deepspeed" and self.cpu_bf16 and getattr(self, "hf_deepspeed_config", None) is not None:
+            cfg = self.hf_deepspeed_config.config
+            cfg.setdefault("bf16", {})["enabled"] = True
+            cfg.setdefault("fp16", {})["enabled"] = False
+
+    @property
+    def wants_bf16(self) -> bool:
+        return bool(self.bf16 or self.cpu_bf16)

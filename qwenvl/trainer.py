@@ -1,0 +1,322 @@
+"""``QwenVLTrainer``: ``transformers.Trainer`` with vlsft's optimizer groups, throughput logging and exports.
+
+* Optimizer: :func:`qwenvl.model.parameter_groups` (merger / vision / llm learning rates, no weight
+  decay on biases and norms), the optimizer class from ``--optim`` as usual.
+* Per logging step, on top of HF's loss / grad_norm / learning_rate: ``lr/<group>`` for every group,
+  ``samples_per_second``, ``tokens_per_second`` (real tokens, all ranks), ``tokens_per_second_per_device``,
+  ``padding_fraction``, ``skipped_samples`` (cumulative, from the collator's ``num_skipped``) and, on
+  CUDA with a known device, ``mfu``. Counters are summed over ranks with one all-reduce per log.
+* ``VLSFT_SAMPLE_LOG=1`` writes ``<output_dir>/logs/samples-rank<R>.jsonl``: per micro-batch the rank,
+  world size, fingerprints of the samples and its image/video token counts (used by the tests to prove
+  that ranks see different data).
+* Saved weights always carry the standard Hugging Face key names (see :func:`standardise_checkpoint_keys`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from qwenvl import mfu
+from qwenvl.model import count_parameters, parameter_groups
+
+logger = logging.getLogger(__name__)
+
+# batch keys that are statistics for the trainer, never model inputs
+STAT_KEYS = ("num_skipped", "num_samples", "sample_ids", "sample_index")
+
+
+def _segment_lengths(inputs: dict) -> list[int]:
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return [int(x) for x in mask.sum(dim=1).tolist()]
+    pos = inputs.get("position_ids")
+    if pos is not None and pos.dim() == 3 and pos.shape[0] == 4:
+        lengths: list[int] = []
+        for row in pos[0]:
+            starts = (row == 0).nonzero().view(-1).tolist() + [row.numel()]
+            lengths += [e - s for s, e in zip(starts[:-1], starts[1:], strict=False)]
+        return lengths
+    cu = inputs.get("cu_seqlens")
+    if cu is not None:
+        c = cu.view(-1).tolist()
+        return [e - s for s, e in zip(c[:-1], c[1:], strict=False)]
+    return [ids.shape[1]] * ids.shape[0]
+
+
+def _segments(inputs: dict) -> list[torch.Tensor]:
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return [row[m.bool()] for row, m in zip(ids, mask, strict=False)]
+    out: list[torch.Tensor] = []
+    lengths = _segment_lengths(inputs)
+    flat = ids.reshape(-1)
+    start = 0
+    for n in lengths:
+        out.append(flat[start:start + n])
+        start += n
+    return out
+
+
+class QwenVLTrainer(Trainer):
+    def __init__(self, *args, image_token_id: int | None = None, video_token_id: int | None = None,
+                 data_report: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._image_token_id = image_token_id
+        self._video_token_id = video_token_id
+        self._data_report = data_report
+        self._reset_window()
+        self._skipped_total = 0
+        self._micro_step = 0
+        self._sample_log = None
+        if os.environ.get("VLSFT_SAMPLE_LOG") == "1":
+            d = Path(self.args.output_dir) / "logs"
+            d.mkdir(parents=True, exist_ok=True)
+            self._sample_log = open(d / f"samples-rank{self.args.process_index}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        counts = count_parameters(self.model)
+        self._n_llm = counts["llm"]
+        self._n_vision = counts["vision"] + counts["merger"]
+        text_cfg = getattr(self.model.config, "text_config", self.model.config)
+        self._n_layers = int(getattr(text_cfg, "num_hidden_layers", 0))
+        self._hidden = int(getattr(text_cfg, "hidden_size", 0))
+        embed = self.model.get_input_embeddings().weight
+        n_embed = int(getattr(embed, "ds_numel", 0) or embed.numel())
+        self._n_llm -= n_embed  # embeddings cost no matmul FLOPs (a tied lm_head is counted via its matmul below)
+        self._n_llm += n_embed if getattr(self.model.config, "tie_word_embeddings", False) else 0
+        self._peak = mfu.peak_flops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+    # ---- optimizer --------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = parameter_groups(opt_model, learning_rate=self.args.learning_rate,
+                                      weight_decay=self.args.weight_decay,
+                                      mm_projector_lr=getattr(self.args, "mm_projector_lr", None),
+                                      vision_tower_lr=getattr(self.args, "vision_tower_lr", None))
+            if not groups:
+                raise ValueError("no trainable parameters: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm")
+            for g in groups:
+                logger.info("optimizer group %-16s lr %.3g weight_decay %.3g params %d", g["name"], g["lr"],
+                            g["weight_decay"], sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in g["params"]))
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            if _offloads_optimizer(self.args):
+                # ZeRO-Offload steps the optimizer on the CPU and insists on DeepSpeed's CPU Adam (a C++ op
+                # JIT-built on first use, ~40 s, cached in TORCH_EXTENSIONS_DIR); our groups keep their lrs.
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                optimizer_cls = DeepSpeedCPUAdam
+                optimizer_kwargs = {"lr": self.args.learning_rate, "betas": (self.args.adam_beta1, self.args.adam_beta2),
+                                    "eps": self.args.adam_epsilon, "weight_decay": self.args.weight_decay,
+                                    "adamw_mode": True}
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- statistics -------------------------------------------------------------------------------
+    def _reset_window(self) -> None:
+        self._win = {"samples": 0.0, "real": 0.0, "total": 0.0, "skipped": 0.0, "flops": 0.0}
+        self._win_start = time.perf_counter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        stats = {k: inputs.pop(k) for k in STAT_KEYS if k in inputs}
+        if model.training:
+            self._account(inputs, stats)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _account(self, inputs: dict, stats: dict) -> None:
+        ids = inputs["input_ids"]
+        lengths = _segment_lengths(inputs)
+        real = sum(lengths)
+        skipped = stats.get("num_skipped", 0)
+        skipped = int(skipped.sum()) if isinstance(skipped, torch.Tensor) else int(skipped or 0)
+        n_samples = stats.get("num_samples")
+        n_samples = int(n_samples) if n_samples is not None else len(lengths)
+        patches = 0
+        for key in ("pixel_values", "pixel_values_videos"):
+            if inputs.get(key) is not None:
+                patches += int(inputs[key].shape[0])
+        self._win["samples"] += n_samples
+        self._win["real"] += real
+        self._win["total"] += ids.numel()
+        self._win["skipped"] += skipped
+        self._win["flops"] += mfu.step_flops(n_llm=self._n_llm, n_vision=self._n_vision, n_layers=self._n_layers,
+                                             hidden=self._hidden, text_tokens=real, vision_patches=patches,
+                                             sum_len_sq=sum(n * n for n in lengths))
+        if self._sample_log is not None:
+            segs = _segments(inputs)
+            rec = {
+                "micro_step": self._micro_step, "global_step": self.state.global_step,
+                "rank": self.args.process_index, "world_size": self.args.world_size,
+                "samples": [hashlib.sha1(s.cpu().numpy().tobytes()).hexdigest()[:12] for s in segs],
+                "image_tokens": int((ids == self._image_token_id).sum()) if self._image_token_id is not None else None,
+                "video_tokens": int((ids == self._video_token_id).sum()) if self._video_token_id is not None else None,
+            }
+            if "sample_ids" in stats:
+                v = stats["sample_ids"]
+                rec["sample_ids"] = v.tolist() if isinstance(v, torch.Tensor) else list(v)
+            self._sample_log.write(json.dumps(rec) + "\n")
+            self._sample_log.flush()
+        self._micro_step += 1
+        if self.optimizer is not None:  # the lrs this step uses (the scheduler moves them after the step)
+            self._lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            self._add_window_metrics(logs)
+        super().log(logs, start_time)
+
+    def _add_window_metrics(self, logs: dict) -> None:
+        keys = ("samples", "real", "total", "skipped", "flops")
+        t = torch.tensor([self._win[k] for k in keys], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            backend = torch.distributed.get_backend()
+            dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            t = t.to(dev)
+            torch.distributed.all_reduce(t)
+            t = t.cpu()
+        w = dict(zip(keys, t.tolist(), strict=False))
+        dt = max(time.perf_counter() - self._win_start, 1e-9)
+        world = max(self.args.world_size, 1)
+        self._skipped_total += int(w["skipped"])
+        logs["samples_per_second"] = round(w["samples"] / dt, 3)
+        logs["tokens_per_second"] = round(w["real"] / dt, 1)
+        logs["tokens_per_second_per_device"] = round(w["real"] / dt / world, 1)
+        logs["padding_fraction"] = round(1.0 - w["real"] / w["total"], 4) if w["total"] else 0.0
+        logs["skipped_samples"] = self._skipped_total
+        if self._peak:
+            logs["mfu"] = round(w["flops"] / dt / (self._peak * world), 4)
+        logs.update(getattr(self, "_lrs", {}))
+        self._reset_window()
+
+    # ---- saving -----------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        out = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            standardise_checkpoint_keys(out, self.model)
+
+
+def standardise_checkpoint_keys(folder: str | os.PathLike, model) -> list[str]:
+    """Rewrite saved safetensors so every key is what a plain ``save_pretrained`` writes.
+
+    DeepSpeed ZeRO-3's gathered state dict comes back through a second key conversion, which writes the
+    text decoder as ``model.model.layers.*``; other loaders (vLLM, older transformers) expect
+    ``model.layers.*``. Returns the renamed keys (empty when nothing needed fixing).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        return []
+    expected = set(_standard_keys(model))
+    renamed: list[str] = []
+    index_path = folder / "model.safetensors.index.json"
+    weight_map: dict[str, str] = {}
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            keys = list(fh.keys())
+            meta = fh.metadata() or {"format": "pt"}
+            mapping = {k: _fix_key(k, expected) for k in keys}
+            if all(k == v for k, v in mapping.items()):
+                weight_map.update({k: f.name for k in keys})
+                continue
+            tensors = {mapping[k]: fh.get_tensor(k) for k in keys}
+        renamed += [k for k, v in mapping.items() if k != v]
+        tmp = f.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, f)
+        weight_map.update({v: f.name for v in mapping.values()})
+    if renamed and index_path.exists():
+        idx = json.loads(index_path.read_text())
+        idx["weight_map"] = dict(sorted(weight_map.items()))
+        index_path.write_text(json.dumps(idx, indent=2))
+    if renamed:
+        logger.info("standardised %d checkpoint keys in %s (e.g. %s)", len(renamed), folder, renamed[0])
+    return renamed
+
+
+_STD_CACHE: dict[int, list[str]] = {}
+
+
+def _standard_keys(model) -> list[str]:
+    """Key names a plain ``save_pretrained`` of a freshly built model of this class writes."""
+    key = id(type(model))
+    if key not in _STD_CACHE:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        with torch.device("meta"):
+            shadow = type(model)._from_config(model.config)
+        sd = {k: torch.empty(0) for k in shadow.state_dict()}
+        try:
+            names = list(revert_weight_conversion(shadow, sd).keys())
+        except Exception:  # noqa: BLE001 - fall back to the known layout of these families
+            names = [_legacy_name(k) for k in sd]
+        _STD_CACHE[key] = names
+    return _STD_CACHE[key]
+
+
+def _legacy_name(k: str) -> str:
+    if k.startswith("model.visual."):
+        return k[len("model."):]
+    if k.startswith("model.language_model."):
+        return "model." + k[len("model.language_model."):]
+    return k
+
+
+def _fix_key(k: str, expected: set[str]) -> str:
+    if k in expected:
+        return k
+    candidates = []
+    if k.startswith("model.model."):
+        candidates.append(k[len("model."):])
+    if k.startswith("model.language_model."):
+        candidates.append("model." + k[len("model.language_model."):])
+    if k.startswith("model.visual."):
+        candidates.append(k[len("model."):])
+    for c in candidates:
+        if c in expected:
+            return c
+    return k
+
+
+class ExtraRunConfigCallback(TrainerCallback):
+    """Adds the resolved run config and per-dataset sample counts to the W&B run (rank 0 only)."""
+
+    def __init__(self, run_config: dict | None, data_report: dict | None):
+        self.run_config = run_config
+        self.data_report = data_report
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        try:
+            import wandb
+        except ImportError:
+            return
+        if getattr(wandb, "run", None) is None:
+            return
+        extra = {}
+        if self.run_config:
+            extra["vlsft"] = self.run_config
+        if self.data_report:
+            extra["datasets"] = self.data_report
+        if extra:
+            wandb.config.update(extra, allow_val_change=True)
+
+
+def _offloads_optimizer(args) -> bool:
+    cfg = getattr(args, "hf_deepspeed_config", None)
+    if cfg is None:
+        return False
+    zo = cfg.config.get("zero_optimization", {})
+    return str(zo.get("offload_optimizer", {}).get("device", "none")).lower() == "cpu"
