@@ -277,14 +277,14 @@ class _Sink:
         self.path = path
         self.max = max_per_kind
         self.counts: dict[str, int] = {}
-        self.items: list[tuple[Any, str, str, str | None, str | None]] = []
+        self.items: list[tuple[Any, str, str, str, str | None, str | None]] = []
 
     def add(self, loc: Any, kind: str, severity: str, message: str, key: str | None = None,
             hint: str | None = None) -> None:
         c = self.counts.get(kind, 0) + 1
         self.counts[kind] = c
         if c <= self.max:
-            self.items.append((loc, severity, message, key, hint))
+            self.items.append((loc, kind, severity, message, key, hint))
 
 
 def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, Any] | None,
@@ -475,12 +475,19 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
     # resolve locators to lines
     locs = {loc for loc, *_ in sink.items if isinstance(loc, tuple)}
     lines = _json_item_lines(data.decode("utf-8", "replace"), locs) if locs else {}
-    for loc, severity, message, key, hint in sink.items:
+    first: dict[str, Problem] = {}
+    for loc, kind, severity, message, key, hint in sink.items:
         line = lines.get(loc) if isinstance(loc, tuple) else loc
-        res.problems.append(Problem(severity, message, path, line, None, key, hint))  # type: ignore[arg-type]
+        problem = Problem(severity, message, path, line, None, key, hint)  # type: ignore[arg-type]
+        first.setdefault(kind, problem)
+        res.problems.append(problem)
     for kind, count in sink.counts.items():
         if count > sink.max:
-            res.suppressed[kind] = count - sink.max
+            more = count - sink.max
+            res.suppressed[kind] = more
+            ex = first[kind]
+            res.problems.append(Problem(ex.severity, f"... and {more:,} more like: {ex.message}", path, None, None,
+                                        ex.key, ex.hint))
     return res
 
 

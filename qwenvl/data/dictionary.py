@@ -89,6 +89,7 @@ class DatasetDictionary:
     record_counts: dict[str, int] = field(default_factory=dict)  # real record counts (when files were checked)
     media_referenced: dict[str, bool] = field(default_factory=dict)
     unusable: bool = False  # the file could not be read / holds no dictionary at all
+    dataset_of: dict[Problem, str] = field(default_factory=dict)  # problem -> dataset it belongs to
 
     @property
     def ok(self) -> bool:
@@ -134,10 +135,14 @@ class _Loader:
         self.path = str(path)
         self.check_files = check_files
         self.result = DatasetDictionary(path=self.path)
+        self.current: str | None = None
 
     def add(self, severity: str, message: str, line: int | None = None, column: int | None = None,
             key: str | None = None, hint: str | None = None, file: str | None = None) -> None:
-        self.result.problems.append(Problem(severity, message, file or self.path, line, column, key, hint))  # type: ignore[arg-type]
+        problem = Problem(severity, message, file or self.path, line, column, key, hint)  # type: ignore[arg-type]
+        self.result.problems.append(problem)
+        if self.current is not None:
+            self.result.dataset_of[problem] = self.current
 
     # ------------------------------------------------------------------------------------------
     def load(self) -> DatasetDictionary:
@@ -185,7 +190,9 @@ class _Loader:
         self.base_dir = self._base_dir()
         seen: dict[str, JKey] = {}
         for key, node in root.value:
+            self.current = key.name
             self.entry(key, node, seen)
+        self.current = None
         return res
 
     def _base_dir(self) -> str:
@@ -398,6 +405,7 @@ class _Loader:
             return
         for p in info.problems:
             self.result.problems.append(p)
+            self.result.dataset_of[p] = name
         if info.records is None:
             return
         res.record_counts[name] = info.records

@@ -1,1 +1,274 @@
-"""(placeholder: filled in by its issue)"""
+"""``vlsft datasets check`` and ``vlsft datasets use``: the dataset dictionary, checked before any GPU starts.
+
+    vlsft datasets check Dataset-Dictionary.json            # dictionary + files + counts
+    vlsft datasets check Dataset-Dictionary.json --deep     # + every sample, every media file
+    vlsft datasets check Dataset-Dictionary.json --json     # machine-readable report
+    vlsft datasets use Dataset-Dictionary.json              # -> dataset1%5.437,dataset2%56.7
+    vlsft datasets use Dataset-Dictionary.json --integer-percent   # official trainer's integer form
+
+``check`` exits 0 when there are no errors (warnings allowed), 1 when there are, 2 when the file is
+unusable (missing, empty, not a JSON object). Every problem is one line:
+``file:line:col: error: [key] what is wrong (hint: how to fix it)``. Never imports torch/transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+
+import typer
+
+from qwenvl.data.annotations import ScanResult, scan
+from qwenvl.data.dataset_use import DatasetUseEntry, format_dataset_use, format_percent, sample_count
+from qwenvl.data.dictionary import DatasetDictionary, DatasetSpec, load_dictionary
+from qwenvl.problems import Problem
+from vlsft import render
+from vlsft.app import datasets_app
+
+CHEAP_COUNT_LIMIT = 100_000  # without --deep, image/video/text-only counts are computed up to this many records
+PROGRESS_MIN_RECORDS = 100_000  # show a progress bar for annotation files at least this long
+
+
+@dataclass
+class DatasetRow:
+    name: str
+    spec: DatasetSpec | None
+    declared_length: int | None = None
+    actual_length: int | None = None
+    rate: float | None = None  # percent / 100
+    samples_per_epoch: int | None = None
+    share: float | None = None
+    images: int | None = None
+    videos: int | None = None
+    text_only: int | None = None
+    errors: int = 0
+    warnings: int = 0
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "declared_length": self.declared_length, "actual_length": self.actual_length,
+                "rate": self.rate, "samples_per_epoch": self.samples_per_epoch, "images": self.images,
+                "videos": self.videos, "text_only": self.text_only}
+
+
+@dataclass
+class CheckReport:
+    dictionary: DatasetDictionary
+    rows: list[DatasetRow] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    deep: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.is_error for p in self.problems)
+
+    def to_json(self) -> dict:
+        return {
+            "ok": self.ok,
+            "problems": [{"severity": p.severity, "file": p.file, "line": p.line, "column": p.column, "key": p.key,
+                          "message": p.message, "hint": p.hint} for p in self.problems],
+            "datasets": [r.to_json() for r in self.rows],
+        }
+
+
+def build_report(path: str, *, deep: bool = False, progress: bool | None = None) -> CheckReport:
+    """Load the dictionary, scan the annotation files, and assemble table rows and problems."""
+    d = load_dictionary(path)
+    report = CheckReport(dictionary=d, deep=deep)
+    report.problems.extend(d.problems)
+    if d.unusable:
+        return report
+    scans: dict[tuple[str, str | None], ScanResult] = {}
+    scan_owner: dict[tuple[str, str | None], str] = {}
+    err_console = render.stderr()
+    show_progress = progress if progress is not None else err_console.is_terminal
+    for name in d.names:
+        spec = d.datasets.get(name)
+        row = DatasetRow(name=name, spec=spec)
+        report.rows.append(row)
+        if spec is None:
+            continue
+        row.declared_length = spec.length
+        row.rate = spec.percent / 100.0
+        row.actual_length = d.record_counts.get(name)
+        if row.actual_length is None:
+            continue
+        key = (spec.annotation_path, spec.data_path)
+        if key not in scans and (deep or row.actual_length <= CHEAP_COUNT_LIMIT):
+            scans[key] = _scan_one(name, spec, row.actual_length, deep, show_progress, err_console, report)
+            scan_owner[key] = name
+        result = scans.get(key)
+        if result is not None:
+            # (for a packed .json these count the samples inside the packs)
+            row.images, row.videos, row.text_only = result.images, result.videos, result.text_only
+        row.samples_per_epoch = sample_count(row.actual_length, spec.percent)
+    total = sum(r.samples_per_epoch or 0 for r in report.rows)
+    for r in report.rows:
+        if r.samples_per_epoch is not None and total:
+            r.share = r.samples_per_epoch / total
+    for key, result in scans.items():
+        extra = result.problems
+        for p in extra:
+            d.dataset_of[p] = scan_owner[key]
+        report.problems.extend(extra)
+    by_name = {r.name: r for r in report.rows}
+    for p in report.problems:
+        owner = d.dataset_of.get(p)
+        if owner in by_name:
+            if p.is_error:
+                by_name[owner].errors += 1
+            else:
+                by_name[owner].warnings += 1
+    return report
+
+
+def _scan_one(name: str, spec: DatasetSpec, records: int, deep: bool, show_progress: bool, err_console,
+              report: CheckReport) -> ScanResult | None:
+    from qwenvl.storage import StorageError
+
+    try:
+        if show_progress and records >= PROGRESS_MIN_RECORDS:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          console=err_console, transient=True) as bar:
+                task = bar.add_task(f"checking {name}", total=records)
+                return scan(spec.annotation_path, spec.data_path, deep=deep,
+                            progress=lambda n: bar.advance(task, n))
+        if records >= PROGRESS_MIN_RECORDS and deep:
+            print(f"checking {name}: {records:,} records ...", file=sys.stderr, flush=True)
+        return scan(spec.annotation_path, spec.data_path, deep=deep)
+    except StorageError as exc:
+        report.problems.append(Problem("error", f"dataset '{name}': {exc.message}", spec.annotation_path))
+    except (OSError, ValueError) as exc:
+        report.problems.append(Problem("error", f"dataset '{name}': cannot read annotations: {exc}", spec.annotation_path))
+    return None
+
+
+def _num(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def print_report(report: CheckReport) -> None:
+    from rich.table import Table
+
+    out = render.stdout()
+    d = report.dictionary
+    if report.rows:
+        table = Table(title=f"datasets in {d.path}", title_justify="left", show_edge=False, pad_edge=False)
+        for col, justify in [("dataset", "left"), ("declared", "right"), ("samples", "right"), ("rate", "right"),
+                             ("per epoch", "right"), ("share", "right"), ("images", "right"), ("videos", "right"),
+                             ("text-only", "right"), ("problems", "left")]:
+            table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        for r in report.rows:
+            probs = []
+            if r.errors:
+                probs.append(f"[red]{render.plural(r.errors, 'error')}[/red]")
+            if r.warnings:
+                probs.append(f"[yellow]{render.plural(r.warnings, 'warning')}[/yellow]")
+            if not probs and r.spec is not None:
+                probs.append("[green]ok[/green]")
+            table.add_row(
+                render.markup(r.name),
+                _num(r.declared_length),
+                _num(r.actual_length),
+                "-" if r.rate is None else f"{format_percent(r.rate * 100)}%",
+                _num(r.samples_per_epoch),
+                "-" if r.share is None else f"{r.share:.1%}",
+                _num(r.images),
+                _num(r.videos),
+                _num(r.text_only),
+                ", ".join(probs),
+            )
+        out.print(table)
+        if not report.deep and any(r.images is None and r.actual_length is not None for r in report.rows):
+            out.print("(image/video/text-only counts of large files: run with --deep)")
+    if report.problems:
+        out.print()
+        render.print_problems(out, report.problems)
+    total = sum(r.samples_per_epoch or 0 for r in report.rows)
+    n_ok = sum(1 for r in report.rows if r.spec is not None)
+    verdict = "[bold green]OK[/bold green]" if report.ok else "[bold red]FAILED[/bold red]"
+    depth = "deep check" if report.deep else "check"
+    out.print(f"{verdict} {depth}: {render.plural(len(report.rows), 'dataset')} ({n_ok:,} valid), "
+              f"{total:,} samples per epoch; {render.summary_text(report.problems)}")
+
+
+@datasets_app.command("check")
+def check(
+    path: str = typer.Argument(..., help="The dataset dictionary (Dataset-Dictionary.json), a local path or URL."),
+    deep: bool = typer.Option(False, "--deep", help="Check every sample and that every media file exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON report instead of the table."),
+) -> None:
+    """Check a dataset dictionary: syntax, keys, files, record counts; with --deep every sample and media file.
+
+    Exit 0 when there are no errors (warnings allowed), 1 when there are, 2 when the file is unusable.
+    """
+    report = build_report(path, deep=deep, progress=None if not as_json else render.stderr().is_terminal)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+    else:
+        print_report(report)
+    if report.dictionary.unusable:
+        raise typer.Exit(2)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def integer_percent(spec: DatasetSpec) -> int:
+    """The tutorial's ``floor(rate*100 + 0.5)`` (for the official trainer, which takes integer percents)."""
+    rate = spec.sampling_rate if spec.sampling_rate is not None else spec.repeat_time
+    return int(math.floor((1.0 if rate is None else rate) * 100 + 0.5))
+
+
+def dataset_use_string(d: DatasetDictionary, integer: bool = False) -> tuple[str, list[str]]:
+    """The ``--dataset_use`` value for every dataset (file order) and warnings (integer mode)."""
+    warnings: list[str] = []
+    if not integer:
+        entries = [DatasetUseEntry(name, spec.percent) for name, spec in d.datasets.items()]
+        return format_dataset_use(entries), warnings
+    parts = []
+    for name, spec in d.datasets.items():
+        exact = spec.percent
+        if spec.sampling_rate is None and spec.repeat_time is None:
+            parts.append(name)
+            continue
+        pct = integer_percent(spec)
+        parts.append(f"{name}%{pct}")
+        if pct == 0:
+            warnings.append(f"{name}: {format_percent(exact)}% rounds to %0: the official trainer would use no "
+                            "samples of it")
+        elif pct != exact:
+            warnings.append(f"{name}: {format_percent(exact)}% rounded to %{pct} (precision lost)")
+        if pct > 100:
+            warnings.append(f"{name}: %{pct} asks for up-sampling, which the official trainer ignores (it uses "
+                            "the dataset once, like %100); vlsft's trainer honours it")
+    return ",".join(parts), warnings
+
+
+@datasets_app.command("use")
+def use(
+    path: str = typer.Argument(..., help="The dataset dictionary (Dataset-Dictionary.json)."),
+    integer_percent_: bool = typer.Option(
+        False, "--integer-percent",
+        help="Round to integer percents, floor(rate*100+0.5), as the official trainer needs; warns what is lost.",
+    ),
+) -> None:
+    """Print the --dataset_use string for every dataset in the dictionary (exact decimal percents).
+
+    Replaces the tutorial's jq one-liner. Refuses (exit 1) when the dictionary has errors.
+    """
+    d = load_dictionary(path)
+    if not d.ok:
+        err = render.stderr()
+        render.print_problems(err, d.problems)
+        err.print(f"refusing to build --dataset_use: {render.summary_text(d.problems)} "
+                  f"(details: vlsft datasets check {path})")
+        raise typer.Exit(1)
+    text, warnings = dataset_use_string(d, integer=integer_percent_)
+    err = render.stderr()
+    for w in d.warnings:
+        err.print(render.problem_text(w))
+    for w in warnings:
+        err.print(f"[yellow]warning[/yellow]: {render.markup(w)}")
+    sys.stdout.write(text + "\n")
