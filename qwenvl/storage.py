@@ -40,7 +40,7 @@ import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,31 @@ def filesystem(path: str):
     return fs
 
 
+@contextlib.contextmanager
+def environment(overrides: Mapping[str, str | None]) -> Iterator[None]:
+    """Temporarily set (value) or unset (None) environment variables for storage access in this process.
+
+    For front-door commands that read ``s3://`` dictionaries/annotations before launching: apply the
+    variables the run YAML's ``storage:`` block renders (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION,
+    AWS_PROFILE, credentials, VLSFT_S3_ADDRESSING_STYLE) around the reads. Restores the previous
+    environment afterwards. Filesystems are keyed by the configuration, so no stale client is reused.
+    """
+    saved = {name: os.environ.get(name) for name in overrides}
+    try:
+        for name, value in overrides.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = str(value)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def reset() -> None:
     """Forget every cached filesystem and bucket check (e.g. after changing the environment)."""
     _FS_CACHE.clear()
@@ -471,12 +496,10 @@ def translate_error(exc: BaseException, url: str, action: str = "reading") -> St
     if code == "InvalidBucketName":
         return StorageError(f"invalid S3 bucket name {bucket!r} in {url}", url=url, kind="no_bucket")
     if _is_unreachable(exc):
-        endpoint, source = endpoint_from_env()
-        what = f"{endpoint} ({source})" if endpoint else where
         reason = name if name not in ("OSError", "Exception") else text
         return StorageError(
-            f"cannot reach the S3 endpoint {what} {action} {url} ({reason}); check AWS_ENDPOINT_URL "
-            "(storage.endpoint_url) and that the server is up",
+            f"cannot reach S3 at {where} {action} {url} ({reason}); check AWS_ENDPOINT_URL "
+            "(storage.endpoint_url in the run YAML) and that the server is up",
             url=url,
             kind="unreachable",
         )

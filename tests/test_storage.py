@@ -342,3 +342,16 @@ def test_local_paths_need_no_s3(tmp_path):
     assert storage.exists(str(tmp_path / "a.txt")) and not storage.exists(str(tmp_path / "b.txt"))
     assert storage.existing([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]) == {str(tmp_path / "a.txt")}
     assert storage.list_names(str(tmp_path / "missing")) == set()
+
+
+def test_environment_context_applies_and_restores(s3_env, media_bucket, monkeypatch):  # noqa: F811
+    """What a front-door command does with the run YAML's storage block before reading s3:// files."""
+    dead = closed_port_url()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    url = f"s3://{media_bucket}/media/images/tiny_28x28.png"
+    with storage.environment({"AWS_ENDPOINT_URL": s3_env.url, "VLSFT_S3_ADDRESSING_STYLE": "path"}):
+        assert storage.exists(url)
+    assert os.environ["AWS_ENDPOINT_URL"] == dead and "VLSFT_S3_ADDRESSING_STYLE" not in os.environ
+    with pytest.raises(storage.StorageError, match="cannot reach S3"):
+        storage.exists(url)
