@@ -247,9 +247,9 @@ class RunConfig(_Section):
     def world_size(self) -> int:
         return self.distributed.nnodes * self.distributed.nproc_per_node
 
-    def where(self, *path: str | int) -> dict:
-        """``file``/``line``/``column`` kwargs for a :class:`Problem` about the value at ``path``."""
-        return _location(self._marks, self._source_name(), tuple(path), key_mark=False)
+    def where(self, *path: str | int, key: bool = False) -> dict:
+        """``file``/``line``/``column`` kwargs for a :class:`Problem` about the value (or key) at ``path``."""
+        return _location(self._marks, self._source_name(), tuple(path), key_mark=key)
 
     def _source_name(self) -> str:
         return str(self._source) if self._source is not None else "<config>"
@@ -470,7 +470,7 @@ def _semantic_problems(cfg: RunConfig, source: str) -> list[Problem]:
 
     for name, message, hint in check_extra(tr.extra):
         problems.append(Problem("error", message, key=f"training.extra.{name}", hint=hint,
-                                **cfg.where("training", "extra", name)))
+                                **cfg.where("training", "extra", name, key=True)))
     return problems
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from qwenvl.problems import Problem, did_you_mean
-from vlsft.config import SECTIONS, _Loader, _Mark, _Marks
+from vlsft.config import SECRET_FIELDS, SECTIONS, _Loader, _Mark, _Marks
 
 
 def parse_override_value(text: str) -> Any:
@@ -41,6 +41,9 @@ def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Pro
             continue
         key, _, text = raw.partition("=")
         key = key.strip()
+        if key.rsplit(".", 1)[-1] in SECRET_FIELDS:  # never echo a secret pasted on the command line
+            raw = f"{key}=***"
+            where = f"override '{raw}'"
         parts = tuple(key.split("."))
         section = parts[0]
         if section not in SECTIONS or len(parts) < 2 or any(not p for p in parts):

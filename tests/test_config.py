@@ -1,0 +1,216 @@
+"""Run YAML validation: line-numbered errors, did-you-mean, batch solving, overrides, secrets."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+import pytest
+
+from qwenvl.problems import ProblemsError
+from vlsft.config import LR_SCHEDULER_TYPES, SECTIONS, RunConfig, load_run_config
+
+BASE = """\
+model:
+  name_or_path: /models/qwen
+  tune_mm_mlp: true
+  tune_mm_llm: true
+data:
+  dictionary: dict.json
+training:
+  learning_rate: 2e-5
+  per_device_train_batch_size: 4
+  gradient_accumulation_steps: 4
+distributed:
+  nproc_per_node: 8
+  nnodes: 2
+output:
+  dir: out
+"""
+
+
+def write(tmp_path, text: str, name: str = "run.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems_of(path, overrides=()) -> list[str]:
+    with pytest.raises(ProblemsError) as info:
+        load_run_config(path, overrides)
+    return [p.render() for p in info.value.problems]
+
+
+def test_valid_file_loads_with_typed_values(tmp_path):
+    cfg = load_run_config(write(tmp_path, BASE))
+    assert cfg.training.learning_rate == 2e-5  # YAML 1.1 would read "2e-5" as a string
+    assert isinstance(cfg.training.learning_rate, float)
+    assert cfg.training.gradient_accumulation_steps == 4
+    assert cfg.world_size == 16
+    assert cfg.base_dir == tmp_path.resolve()
+    assert cfg.distributed.deepspeed == "zero3"
+
+
+def test_typo_reports_line_column_and_suggestion(tmp_path):
+    path = write(tmp_path, BASE.replace("  learning_rate: 2e-5", "  learnig_rate: 2e-5"))
+    lines = problems_of(path)
+    assert lines == [f"{path}:8:3: error: [training.learnig_rate] unknown key (hint: did you mean 'learning_rate'?)"]
+
+
+def test_all_problems_reported_sorted_by_line(tmp_path):
+    text = BASE.replace("  tune_mm_mlp: true", "  tune_mm_mlp: maybe").replace("  nnodes: 2", "  nnode: 2")
+    text += "wandb:\n  mode: loud\nbogus: 1\n"
+    path = write(tmp_path, text)
+    lines = problems_of(path)
+    assert len(lines) == 4, lines
+    assert lines[0].startswith(f"{path}:3:16: error: [model.tune_mm_mlp]")
+    assert lines[1] == f"{path}:13:3: error: [distributed.nnode] unknown key (hint: did you mean 'nnodes'?)"
+    assert lines[2].startswith(f"{path}:17:9: error: [wandb.mode] Input should be 'online', 'offline' or 'disabled'")
+    assert lines[3].startswith(f"{path}:18:1: error: [bogus] unknown key")
+
+
+def test_missing_required_keys_and_sections(tmp_path):
+    path = write(tmp_path, "model:\n  tune_mm_llm: true\ndata:\n  dictionary: d.json\n")
+    lines = problems_of(path)
+    assert any(line.startswith(f"{path}:1:1: error: [model.name_or_path] missing required key") for line in lines)
+    assert any("[output] missing required key" in line for line in lines)
+
+
+def test_yaml_syntax_error_and_duplicates(tmp_path):
+    lines = problems_of(write(tmp_path, "model:\n  name_or_path: [unclosed\ndata: {}\n", "bad.yaml"))
+    assert len(lines) == 1 and "YAML syntax error" in lines[0] and ":3:" in lines[0]
+    dup = BASE + "output:\n  dir: other\n"
+    lines = problems_of(write(tmp_path, dup, "dup.yaml"))
+    assert any("[output] duplicate key (first defined on line 14)" in line and ":16:1:" in line for line in lines)
+    assert problems_of(write(tmp_path, "", "empty.yaml"))[0].endswith("error: the file is empty "
+                                                                      "(hint: start from configs/qwen2.5-vl-7b.yaml)")
+    assert "top level must be a mapping" in problems_of(write(tmp_path, "- a\n", "list.yaml"))[0]
+
+
+def test_global_batch_solved_into_accumulation(tmp_path):
+    text = BASE.replace("  gradient_accumulation_steps: 4\n", "  global_batch_size: 256\n")
+    cfg = load_run_config(write(tmp_path, text))
+    assert cfg.training.gradient_accumulation_steps == 4  # 256 / (4 x 8 x 2)
+
+
+def test_global_batch_not_divisible(tmp_path):
+    text = BASE.replace("  gradient_accumulation_steps: 4\n", "  global_batch_size: 200\n")
+    path = write(tmp_path, text)
+    (line,) = problems_of(path)
+    assert line.startswith(f"{path}:10:22: error: [training.global_batch_size] global_batch_size 200 is not a "
+                           "multiple of 4 per device x 8 per node x 2 node(s) = 64")
+    assert "use 192 or 256" in line
+
+
+def test_global_batch_contradicts_accumulation(tmp_path):
+    path = write(tmp_path, BASE + "")
+    lines = problems_of(path, ["training.global_batch_size=128"])
+    assert len(lines) == 1 and "gradient_accumulation_steps 4 contradicts global_batch_size 128" in lines[0]
+    assert lines[0].startswith(f"{path}:10:32:")
+    # consistent values are fine
+    assert load_run_config(path, ["training.global_batch_size=256"]).training.gradient_accumulation_steps == 4
+
+
+def test_accumulation_defaults_to_one(tmp_path):
+    cfg = load_run_config(write(tmp_path, BASE.replace("  gradient_accumulation_steps: 4\n", "")))
+    assert cfg.training.gradient_accumulation_steps == 1
+
+
+def test_overrides_are_yaml_typed(tmp_path):
+    path = write(tmp_path, BASE)
+    cfg = load_run_config(path, [
+        "training.learning_rate=1e-5", "model.tune_mm_vision=true", "data.use=[a%50, b]",
+        "output.run_name=123", "training.extra.adam_beta2=0.95", "distributed.node_rank=1",
+        "data.dictionary=other.json", "wandb.project=", "data.use=c%12.5,d",
+    ])
+    assert cfg.training.learning_rate == 1e-5
+    assert cfg.model.tune_mm_vision is True
+    assert cfg.output.run_name == "123"
+    assert cfg.training.extra == {"adam_beta2": 0.95}
+    assert cfg.distributed.node_rank == 1
+    assert cfg.data.dictionary == "other.json"
+    assert cfg.wandb.project is None
+    assert cfg.data.use == ["c%12.5", "d"]  # the later override wins; a comma string is split
+
+
+def test_override_errors(tmp_path):
+    path = write(tmp_path, BASE)
+    lines = problems_of(path, ["training.learnig_rate=1e-5", "nonsense", "training.per_device_train_batch_size=x",
+                               "model.name_or_path.sub=1", "traning.seed=3"])
+    assert ("override 'training.learnig_rate=1e-5': error: [training.learnig_rate] unknown key "
+            "(hint: did you mean 'training.learning_rate'?)") in lines
+    assert "override 'nonsense': error: expected KEY=VALUE (hint: e.g. training.learning_rate=2e-5)" in lines
+    assert any(line.startswith("override 'training.per_device_train_batch_size=x': error: "
+                               "[training.per_device_train_batch_size] Input should be a valid integer") for line in lines)
+    assert any("'model.name_or_path' has no sub-keys" in line for line in lines)
+    assert any("[traning.seed] unknown key (hint: did you mean 'training.seed'?)" in line for line in lines)
+
+
+def test_literal_secret_rejected_without_echo(tmp_path):
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    path = write(tmp_path, BASE + f"storage:\n  secret_access_key: {secret}\n  access_key_id: '${{MY_KEY}}'\n")
+    (line,) = problems_of(path)
+    assert line.startswith(f"{path}:17:22: error: [storage.secret_access_key] a literal secret is not allowed")
+    assert "${ENV_VAR}" in line and secret not in line
+    lines = problems_of(path, [f"storage.session_token={secret}x"])
+    assert all(secret not in line for line in lines)
+    ok = load_run_config(write(tmp_path, BASE + "storage:\n  secret_access_key: ${S}\n", "ok.yaml"))
+    assert ok.storage.secret_access_key == "${S}"
+
+
+def test_extra_names_checked_against_training_arguments(tmp_path):
+    text = BASE.replace("distributed:\n", "  extra:\n    optim: adamw_torch_fused\n    adam_beta3: 0.9\n"
+                                         "    output_dir: x\ndistributed:\n")
+    path = write(tmp_path, text)
+    lines = problems_of(path)
+    assert any(":13:5: error: [training.extra.adam_beta3] not a transformers.TrainingArguments name "
+               "(hint: did you mean 'adam_beta" in line for line in lines), lines
+    assert any("[training.extra.output_dir] set by its own run YAML key (hint: use output.dir)" in line for line in lines)
+    assert len(lines) == 2
+
+
+def test_data_use_entries_validated(tmp_path):
+    path = write(tmp_path, BASE.replace("  dictionary: dict.json\n", "  dictionary: dict.json\n  use: [a%50, 'b%x']\n"))
+    (line,) = problems_of(path)
+    assert line.startswith(f"{path}:7:15: error: [data.use[1]] cannot parse 'b%x'")
+
+
+def test_scheduler_names_and_every_field_described():
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(LR_SCHEDULER_TYPES) == {s.value for s in SchedulerType}
+    for section, model in [("", RunConfig), *SECTIONS.items()]:
+        for name, info in model.model_fields.items():
+            assert info.description, f"{section}.{name} has no description"
+
+
+def test_training_argument_names_match_transformers():
+    """The static table (so print-args never imports transformers) equals transformers' own fields."""
+    import transformers
+
+    from vlsft.training_args import TRAINING_ARGUMENT_NAMES
+
+    real = {f.name for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
+    assert TRAINING_ARGUMENT_NAMES == real, (
+        f"regenerate src/vlsft/training_args.py for transformers {transformers.__version__}: "
+        f"missing {sorted(real - TRAINING_ARGUMENT_NAMES)}, stale {sorted(TRAINING_ARGUMENT_NAMES - real)}")
+
+
+def test_schema_covers_trainer_argument_contract():
+    """Every ModelArguments / DataArguments field of the trainer has a run YAML key (or is plan-computed)."""
+    from qwenvl.arguments import ModelArguments
+    from qwenvl.data.arguments import DataArguments
+
+    yaml_to_trainer = {"flatten": "data_flatten", "packing": "data_packing", "dictionary": "dataset_dict",
+                       "use": "dataset_use", "name_or_path": "model_name_or_path"}
+    names = {yaml_to_trainer.get(n, n) for model in (SECTIONS["model"], SECTIONS["data"]) for n in model.model_fields}
+    for dc in (ModelArguments, DataArguments):
+        for f in dataclasses.fields(dc):
+            assert f.name in names, f"trainer argument {f.name} has no run YAML key"
+
+
+def test_saveable_yaml_round_trips(tmp_path):
+    cfg = load_run_config(write(tmp_path, BASE + "storage:\n  secret_access_key: ${S}\n"))
+    again = tmp_path / "again.yaml"
+    again.write_text(cfg.to_saveable_yaml())
+    assert load_run_config(again).model_dump() == cfg.model_dump()
