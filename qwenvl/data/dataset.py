@@ -1,0 +1,106 @@
+"""The trainer's dataset: registry -> compact stores -> samples; and ``make_data_module``.
+
+``make_data_module(tokenizer, image_processor, data_args, seed=..., model_type=...)`` returns::
+
+    {"train_dataset": SupervisedDataset, "data_collator": DataCollator, "report": SamplingReport,
+     "bad_sample_monitor": BadSampleMonitor}
+
+``train_dataset[i]`` is a sample dict (see :mod:`qwenvl.data.sample`) or, for a sample that cannot
+be used, a marker ``{"bad_sample": reason, "dataset": name, "where": "file:line"}`` - logged once
+with its reason, dropped and counted by the collator (``num_skipped``), never replaced by another
+sample. The trainer feeds ``pop_batch_stats(batch)`` to ``bad_sample_monitor.update`` which raises
+when the skipped fraction exceeds ``--max_bad_sample_ratio``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from qwenvl.data.collate import BadSampleMonitor, DataCollator
+from qwenvl.data.registry import DatasetSource, SamplingReport, build_index, resolve_sources
+from qwenvl.data.sample import SampleBuilder, VisionBudget
+from qwenvl.data.vision import VisionSpec
+
+log = logging.getLogger(__name__)
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Map-style dataset over the sampled index; all state is numpy arrays + stores (fork-shared)."""
+
+    def __init__(self, sources: list[DatasetSource], ds_ids: np.ndarray, rec_ids: np.ndarray,
+                 builder: SampleBuilder | None):
+        self.sources = sources
+        self.ds_ids = ds_ids
+        self.rec_ids = rec_ids
+        self.builder = builder
+
+    def __len__(self) -> int:
+        return len(self.rec_ids)
+
+    def record(self, i: int) -> tuple[DatasetSource, int, dict]:
+        src = self.sources[int(self.ds_ids[i])]
+        r = int(self.rec_ids[i])
+        return src, r, src.store[r]
+
+    def __getitem__(self, i: int) -> dict:
+        src = self.sources[int(self.ds_ids[i])]
+        r = int(self.rec_ids[i])
+        where = src.store.where(r)
+        try:
+            return self.builder.build(src.store[r], src.data_path)
+        except Exception as e:  # every failure is a counted, logged bad sample
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.warning("skipped sample %s (%s): %s", src.name, where, reason)
+            return {"bad_sample": reason, "dataset": src.name, "where": where}
+
+
+def collate_mode(data_args) -> str:
+    if getattr(data_args, "data_packing", False):
+        return "packing"
+    if getattr(data_args, "data_flatten", False):
+        return "flatten"
+    return "padded"
+
+
+def make_builder(tokenizer, image_processor, data_args, model_type: str = "qwen2.5vl") -> SampleBuilder:
+    return SampleBuilder(tokenizer=tokenizer, budget=VisionBudget.from_args(data_args),
+                         spec=VisionSpec.from_processor(image_processor), model_type=model_type,
+                         model_max_length=getattr(data_args, "model_max_length", None))
+
+
+def make_collator(tokenizer, builder: SampleBuilder, data_args, *, ensure_vision: bool = True) -> DataCollator:
+    spec = builder.spec
+    enc = builder.encoder
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(
+        "<|endoftext|>")
+    return DataCollator(pad_token_id=pad, mode=collate_mode(data_args),
+                        model_max_length=getattr(data_args, "model_max_length", None),
+                        ensure_vision=ensure_vision, patch_dim=spec.patch_dim, merge_size=spec.merge_size,
+                        temporal_patch_size=spec.temporal_patch_size,
+                        token_ids={"vision_start": enc.vision_start, "vision_end": enc.vision_end,
+                                   "image_pad": enc.image_pad, "video_pad": enc.video_pad},
+                        rope=builder.rope)
+
+
+def make_data_module(tokenizer, image_processor, data_args, *, seed: int, model_type: str = "qwen2.5vl",
+                     ensure_vision: bool = True) -> dict:
+    """Build dataset + collator + sampling report (+ bad-sample monitor) from official DataArguments.
+
+    ``data_args.data_seed`` (when present and not None) overrides ``seed`` for the sampling.
+    """
+    data_seed = getattr(data_args, "data_seed", None)
+    data_seed = seed if data_seed is None else int(data_seed)
+    sources = resolve_sources(data_args.dataset_use, data_args.dataset_dict)
+    ds_ids, rec_ids, report = build_index(sources, data_seed)
+    report.log(log)
+    builder = make_builder(tokenizer, image_processor, data_args, model_type)
+    dataset = SupervisedDataset(sources, ds_ids, rec_ids, builder)
+    collator = make_collator(tokenizer, builder, data_args, ensure_vision=ensure_vision)
+    monitor = BadSampleMonitor(max_ratio=float(getattr(data_args, "max_bad_sample_ratio", 0.01)))
+    return {"train_dataset": dataset, "data_collator": collator, "report": report, "bad_sample_monitor": monitor}
+
+
+__all__ = ["SupervisedDataset", "make_data_module", "make_builder", "make_collator", "SamplingReport"]

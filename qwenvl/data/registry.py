@@ -1,0 +1,134 @@
+"""Dataset registry: dictionary + ``--dataset_use`` -> a seeded, rank-independent sample index.
+
+* The dictionary is helper-agnostic JSON (``name -> data_path, annotation_path, sampling_rate |
+  repeat_time``) loaded with :func:`qwenvl.data.dictionary.load_dictionary`; an entry of
+  ``--dataset_use`` with a ``%percent`` overrides the dictionary's rate.
+* ``name%250`` = 2 whole copies + a seeded random 50 % (without replacement); ``name%5.437`` = a
+  seeded sample of ``round(n * 0.05437)`` records. The draw is a pure function of
+  ``(seed, dataset name)`` (numpy PCG64 seeded with the seed and a CRC32 of the name), so every
+  rank and every DataLoader worker computes the same subset; nothing is shuffled here (the
+  trainer's sampler shuffles per epoch).
+* :class:`SamplingReport` lists per-dataset counts; it is logged before training and its
+  ``to_dict()`` goes to W&B.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qwenvl.data.dataset_use import DatasetUseEntry, format_percent, parse_dataset_use, sample_count
+from qwenvl.data.store import AnnotationStore
+
+log = logging.getLogger(__name__)
+
+
+class RegistryError(ValueError):
+    """A dataset name or dictionary problem (one line per problem in the message)."""
+
+
+@dataclass
+class DatasetSource:
+    name: str
+    data_path: str | None
+    annotation_path: str
+    percent: float
+    store: AnnotationStore | None = None
+
+
+@dataclass
+class SamplingReport:
+    seed: int
+    datasets: list[dict] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(d["samples"] for d in self.datasets)
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "total_samples": self.total,
+                "datasets": {d["name"]: dict(d) for d in self.datasets}}
+
+    def lines(self) -> list[str]:
+        out = [f"data: {len(self.datasets)} dataset(s), {self.total} samples per epoch (data_seed {self.seed})"]
+        for d in self.datasets:
+            out.append(f"  {d['name']}: {d['records']} records x {format_percent(d['percent'])}% -> "
+                       f"{d['samples']} samples ({d['copies']} whole copies + {d['sampled']} sampled)")
+        return out
+
+    def log(self, logger: logging.Logger | None = None) -> None:
+        for line in self.lines():
+            (logger or log).info(line)
+
+
+def sample_indices(n: int, percent: float, seed: int, name: str) -> tuple[np.ndarray, int, int]:
+    """Record indices for one dataset: (indices, whole copies, sampled count). Pure function."""
+    whole, frac = divmod(percent / 100.0, 1.0)
+    whole = int(whole)
+    k = sample_count(n, percent) - whole * n
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode("utf-8"))])
+    parts = [np.arange(n, dtype=np.int64)] * whole
+    if k > 0:
+        parts.append(np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64))
+    idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return idx, whole, k
+
+
+def resolve_sources(dataset_use: str, dataset_dict: str | None) -> list[DatasetSource]:
+    """Parse ``dataset_use`` against the dictionary file. Raises :class:`RegistryError`."""
+    from qwenvl.data.dataset_use import DatasetUseError
+
+    if not dataset_dict:
+        raise RegistryError("--dataset_dict is not set: pass the dataset dictionary JSON (name -> "
+                            "data_path, annotation_path, ...)")
+    from qwenvl.data.dictionary import load_dictionary
+
+    d = load_dictionary(dataset_dict, check_files=False)
+    errors = [p for p in d.problems if getattr(p, "severity", "error") == "error"]
+    if errors:
+        raise RegistryError("\n".join(p.render() for p in errors))
+    try:
+        entries: list[DatasetUseEntry] = parse_dataset_use(dataset_use) if dataset_use and dataset_use.strip() \
+            else [DatasetUseEntry(n, d.datasets[n].percent) for n in d.datasets]
+    except DatasetUseError as e:
+        raise RegistryError(str(e)) from None
+    out = []
+    explicit = {e.name for e in entries}
+    for e in entries:
+        if e.name not in d.datasets:
+            from qwenvl.problems import did_you_mean
+
+            hint = did_you_mean(e.name, list(d.datasets))
+            raise RegistryError(f"{dataset_dict}: no dataset named {e.name!r} in the dictionary"
+                                + (f" ({hint})" if hint else f"; known: {', '.join(sorted(d.datasets))}"))
+        spec = d.datasets[e.name]
+        has_pct = dataset_use and any(
+            raw.strip().startswith(e.name + "%") for raw in dataset_use.split(",")) and e.name in explicit
+        percent = e.percent if has_pct else spec.percent
+        out.append(DatasetSource(e.name, spec.data_path, spec.annotation_path, percent))
+    return out
+
+
+def build_index(sources: list[DatasetSource], seed: int) -> tuple[np.ndarray, np.ndarray, SamplingReport]:
+    """Load each source's store (if not loaded) and draw its samples. Returns (dataset ids, record ids, report)."""
+    ds_ids, rec_ids = [], []
+    report = SamplingReport(seed=int(seed))
+    for k, src in enumerate(sources):
+        if src.store is None:
+            src.store = AnnotationStore.from_file(src.annotation_path)
+        n = len(src.store)
+        idx, whole, sampled = sample_indices(n, src.percent, seed, src.name)
+        ds_ids.append(np.full(len(idx), k, dtype=np.int32))
+        rec_ids.append(idx)
+        report.datasets.append({"name": src.name, "records": n, "percent": src.percent, "samples": int(len(idx)),
+                                "copies": whole, "sampled": sampled,
+                                "annotation_path": src.annotation_path})
+        if math.isclose(src.percent, 0.0):
+            log.warning("dataset %s has percent 0: no samples", src.name)
+    if not ds_ids:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64), report
+    return np.concatenate(ds_ids), np.concatenate(rec_ids), report
