@@ -1,0 +1,230 @@
+"""The launch plan: argv, environment, batch and step arithmetic, trap warnings, secrets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from plan_fixtures import RUN_YAML, make_project
+
+from qwenvl.problems import ProblemsError
+from vlsft.config import load_run_config
+from vlsft.plan import REPO_CONFIGS, build_plan, deepspeed_path, plan_from_file, render_value
+
+
+def pairs(argv: list[str]) -> dict[str, str]:
+    """``--name value`` pairs of a trainer argv (every option takes exactly one value)."""
+    assert len(argv) % 2 == 0
+    out = {}
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
+        assert flag.startswith("--") and flag not in out, flag
+        out[flag[2:]] = value
+    return out
+
+
+def plan_for(tmp_path: Path, overrides=(), environ=None, **project):
+    return plan_from_file(make_project(tmp_path, **project), overrides, environ or {})
+
+
+def test_plan_argv_and_paths(tmp_path):
+    plan = plan_for(tmp_path)
+    exe = Path(sys.executable).parent / "torchrun"
+    assert plan.torchrun[0] == (str(exe) if exe.exists() else "torchrun")
+    assert plan.torchrun[1:13] == ["--nnodes", "2", "--nproc_per_node", "8", "--node_rank", "0", "--master_addr",
+                                   "127.0.0.1", "--master_port", "29500", "-m", "qwenvl.train"]
+    assert plan.torchrun[13:] == plan.trainer_args
+    args = pairs(plan.trainer_args)
+    assert args["model_name_or_path"] == str(tmp_path / "model")
+    assert args["dataset_dict"] == str(tmp_path / "data" / "dict.json")
+    assert args["dataset_use"] == plan.dataset_use == "docs%50,charts%250"
+    assert args["output_dir"] == str(tmp_path / "runs" / "first")
+    assert args["learning_rate"] == "2e-05" and float(args["learning_rate"]) == 2e-5
+    assert args["tune_mm_vision"] == "False" and args["tune_mm_mlp"] == "True" and args["tune_mm_llm"] == "True"
+    assert args["max_pixels"] == "100352" and args["gradient_accumulation_steps"] == "4"
+    assert args["resume"] == "auto" and args["overwrite_output_dir"] == "False"
+    assert args["report_to"] == "none" and args["warmup_steps"] == "0" and args["save_steps"] == "500"
+    assert args["seed"] == "42" and args["data_seed"] == "42" and args["data_flatten"] == "False"
+    assert "deepspeed" not in args  # deepspeed: none
+    assert plan.warnings == []
+    assert plan.config.output.dir == args["output_dir"]  # the resolved config
+
+
+def test_every_trainer_data_and_model_argument_is_passed(tmp_path):
+    from qwenvl.arguments import ModelArguments
+    from qwenvl.data.arguments import DataArguments
+
+    args = pairs(plan_for(tmp_path, ["model.attn_implementation=sdpa"]).trainer_args)
+    for dc in (ModelArguments, DataArguments):
+        for f in dataclasses.fields(dc):
+            assert f.name in args, f"--{f.name} missing from the trainer argv"
+
+
+def test_deepspeed_resolution(tmp_path):
+    assert deepspeed_path("zero3", tmp_path) == str(REPO_CONFIGS / "zero3.json")
+    assert REPO_CONFIGS == Path(__file__).resolve().parents[1] / "configs"
+    assert deepspeed_path("none", tmp_path) is None
+    assert deepspeed_path("ds/my.json", tmp_path) == str(tmp_path / "ds" / "my.json")
+    (tmp_path / "my.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    plan = plan_for(tmp_path, ["distributed.deepspeed=my.json"])
+    assert pairs(plan.trainer_args)["deepspeed"] == str(tmp_path / "my.json")
+    with pytest.raises(ProblemsError) as info:
+        plan_for(tmp_path, ["distributed.deepspeed=missing.json"])
+    (line,) = [p.render() for p in info.value.problems]
+    assert "[distributed.deepspeed] DeepSpeed config" in line and "missing.json not found" in line
+
+
+def test_batch_formula_and_steps(tmp_path):
+    plan = plan_for(tmp_path)
+    assert plan.world_size == 16
+    assert plan.effective_batch_size == 256
+    assert plan.batch_formula == "effective batch = 4 × 4 × 8 × 2 = 256"
+    assert [(s.name, s.records, s.samples) for s in plan.datasets] == [("docs", 1000, 500), ("charts", 300, 750)]
+    assert plan.samples_per_epoch == 1250
+    assert plan.steps_per_epoch == 5  # ceil(1250 / 256)
+    assert plan.total_steps == 15  # 3 epochs (the transformers default)
+    half = plan_for(tmp_path, ["training.num_train_epochs=0.5"])
+    assert half.total_steps == 3  # ceil(0.5 x 5)
+    fixed = plan_for(tmp_path, ["training.max_steps=7"])
+    assert fixed.total_steps == 7
+    solved = plan_for(tmp_path, ["training.gradient_accumulation_steps=null", "training.global_batch_size=128"])
+    assert pairs(solved.trainer_args)["gradient_accumulation_steps"] == "2" and solved.steps_per_epoch == 10
+
+
+@given(n=st.integers(1, 10**6), world=st.integers(1, 64), per_device=st.integers(1, 16), accum=st.integers(1, 32))
+def test_hf_nested_ceil_equals_plan_formula(n, world, per_device, accum):
+    """transformers: per-rank samples ceil(N/W) -> batches ceil(./B) -> steps ceil(./G); the plan uses ceil(N/WBG)."""
+    per_rank = -(-n // world)
+    batches = -(-per_rank // per_device)
+    hf_steps = max(batches // accum + int(batches % accum > 0), 1)
+    assert hf_steps == math.ceil(n / (world * per_device * accum))
+
+
+def test_dataset_use_from_yaml_overrides_rates(tmp_path):
+    plan = plan_for(tmp_path, ["data.use=[charts, docs%12.5]"])
+    assert plan.dataset_use == "charts%250,docs%12.5"  # no percent -> the dictionary's rate
+    assert plan.samples_per_epoch == 750 + 125
+
+
+def test_unknown_dataset_name_points_at_yaml_line(tmp_path):
+    path = make_project(tmp_path, run_yaml=RUN_YAML.replace("  max_pixels: 100352\n", "  use: [docs, chart]\n"))
+    with pytest.raises(ProblemsError) as info:
+        plan_from_file(path, (), {})
+    (line,) = [p.render() for p in info.value.problems]
+    assert line.startswith(f"{path}:8:15: error: [data.use[1]] dataset 'chart' is not in ")
+    assert line.endswith("(hint: did you mean 'charts'?)")
+
+
+def test_dictionary_errors_stop_the_plan(tmp_path):
+    path = make_project(tmp_path)
+    (tmp_path / "data" / "dict.json").write_text('{\n  "docs": {"annotation_path": "docs.jsonl", "sampleing_rate": 0.5},\n}\n')
+    with pytest.raises(ProblemsError) as info:
+        plan_from_file(path, (), {})
+    lines = [p.render() for p in info.value.problems]
+    assert any("dict.json:2:" in line and "sampleing_rate" in line and "sampling_rate" in line for line in lines)
+    assert any("dict.json:3:" in line or "trailing comma" in line.lower() for line in lines), lines
+
+
+def test_env_wandb_and_storage(tmp_path):
+    environ = {"WANDB_API_KEY": "k-123", "MY_SECRET": "s-456", "MY_ID": "id-789"}
+    run_yaml = RUN_YAML + ("wandb:\n  project: vl\n  entity: lab\n  mode: offline\n"
+                           "storage:\n  endpoint_url: http://rgw:7480\n  addressing_style: path\n"
+                           "  access_key_id: ${MY_ID}\n  secret_access_key: ${MY_SECRET}\n"
+                           "  session_token: ${UNSET_TOKEN_VAR}\n")
+    plan = plan_from_file(make_project(tmp_path, run_yaml=run_yaml), ["output.run_name=try1"], environ)
+    assert plan.env == {"WANDB_MODE": "offline", "WANDB_PROJECT": "vl", "WANDB_ENTITY": "lab", "WANDB_API_KEY": "k-123",
+                        "AWS_ENDPOINT_URL": "http://rgw:7480", "AWS_ACCESS_KEY_ID": "id-789",
+                        "AWS_SECRET_ACCESS_KEY": "s-456", "VLSFT_S3_ADDRESSING_STYLE": "path"}
+    shown = plan.display_env()
+    assert shown["WANDB_API_KEY"] == shown["AWS_SECRET_ACCESS_KEY"] == shown["AWS_ACCESS_KEY_ID"] == "***"
+    assert shown["AWS_ENDPOINT_URL"] == "http://rgw:7480"
+    args = pairs(plan.trainer_args)
+    assert args["report_to"] == "wandb" and args["run_name"] == "try1"
+    assert any("${UNSET_TOKEN_VAR}" in w for w in plan.warnings)
+    dumped = json.dumps(plan.to_json()) + plan.config.to_saveable_yaml()
+    for secret in ("k-123", "s-456", "id-789"):
+        assert secret not in dumped
+    assert not any(secret in " ".join(plan.torchrun) for secret in ("k-123", "s-456", "id-789"))
+
+
+def test_wandb_defaults(tmp_path):
+    plan = plan_for(tmp_path, environ={"WANDB_API_KEY": "k"})
+    assert plan.env == {"WANDB_MODE": "disabled"} and pairs(plan.trainer_args)["report_to"] == "none"
+    online = plan_for(tmp_path, ["wandb.project=p"], {"WANDB_API_KEY": "k"})
+    assert online.env["WANDB_MODE"] == "online" and pairs(online.trainer_args)["report_to"] == "wandb"
+
+
+WARNING_CASES = {
+    "low_lr": (["training.learning_rate=2e-7"], "2e-07 is tiny"),
+    "vision_lr_frozen": (["training.vision_tower_lr=1e-6"], "vision_tower_lr is set but model.tune_mm_vision is false"),
+    "projector_lr_frozen": (["training.mm_projector_lr=1e-5", "model.tune_mm_mlp=false"],
+                            "mm_projector_lr is set but model.tune_mm_mlp is false"),
+    "nothing_trainable": (["model.tune_mm_mlp=false", "model.tune_mm_llm=false"], "nothing is trainable"),
+    "short_context": (["data.model_max_length=150"], "model_max_length 150 is below the 128 tokens"),
+    "model_not_local": (["model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct"], "is not a local directory"),
+    "packing": (["data.packing=true"], "steps per epoch are an upper-bound estimate"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WARNING_CASES))
+def test_each_warning(tmp_path, case):
+    overrides, needle = WARNING_CASES[case]
+    plan = plan_for(tmp_path, overrides)
+    assert len(plan.warnings) == 1 and needle in plan.warnings[0], plan.warnings
+
+
+def test_image_and_video_warning_needs_both(tmp_path):
+    sizes = {"pics": (10, "image"), "clips": (10, "video")}
+    mixed = plan_for(tmp_path / "a", ["model.tune_mm_vision=true"], sizes=sizes, rates={})
+    assert any("mixes images and videos" in w for w in mixed.warnings)
+    images_only = plan_for(tmp_path / "b", ["model.tune_mm_vision=true"], sizes={"pics": (10, "image")}, rates={})
+    assert not any("mixes images and videos" in w for w in images_only.warnings)
+    frozen = plan_for(tmp_path / "c", sizes=sizes, rates={})
+    assert not any("mixes images and videos" in w for w in frozen.warnings)
+
+
+def test_existing_run_warnings(tmp_path):
+    run = tmp_path / "runs" / "first"
+    (run / "checkpoint-1000").mkdir(parents=True)
+    never = plan_for(tmp_path, ["output.resume=never"])
+    assert any("already holds a run (checkpoint-1000)" in w and "new output.dir" in w for w in never.warnings)
+    assert not plan_for(tmp_path, ["output.resume=never", "output.overwrite=true"]).warnings
+    auto = plan_for(tmp_path)
+    assert any("resume auto continues" in w for w in auto.warnings)
+    explicit = plan_for(tmp_path, ["output.resume=runs/first/checkpoint-1000"])
+    assert pairs(explicit.trainer_args)["resume"] == str(run / "checkpoint-1000")
+    with pytest.raises(ProblemsError, match="checkpoint .*nope not found"):
+        plan_for(tmp_path, ["output.resume=nope"])
+
+
+def test_deepspeed_optimizer_block_warning(tmp_path):
+    (tmp_path / "off.json").write_text(json.dumps({"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}}))
+    plan = plan_for(tmp_path, ["distributed.deepspeed=off.json", "training.mm_projector_lr=1e-5"])
+    assert any("defines its own optimizer" in w for w in plan.warnings)
+    assert any("defines its own scheduler" in w for w in plan.warnings)
+
+
+def test_extra_passed_through_and_rendering(tmp_path):
+    plan = plan_for(tmp_path, ["training.extra.optim=adamw_torch_fused", "training.extra.adam_beta2=0.95",
+                               "training.extra.tf32=true"])
+    assert plan.trainer_args[-6:] == ["--optim", "adamw_torch_fused", "--adam_beta2", "0.95", "--tf32", "True"]
+    assert [render_value(v) for v in (True, 1000.0, 2e-7, 0.03, 5, "x")] == ["True", "1000", "2e-07", "0.03", "5", "x"]
+
+
+def test_rdzv_endpoint_replaces_master(tmp_path):
+    plan = plan_for(tmp_path, ["distributed.rdzv_endpoint=head:29400", "output.run_name=r1"])
+    launcher = plan.torchrun[: plan.torchrun.index("-m")]
+    assert "--master_addr" not in launcher and launcher[-6:] == ["--rdzv_backend", "c10d", "--rdzv_endpoint",
+                                                                 "head:29400", "--rdzv_id", "r1"]
+
+
+def test_build_plan_leaves_input_config_untouched(tmp_path):
+    cfg = load_run_config(make_project(tmp_path))
+    before = cfg.model_dump()
+    build_plan(cfg, {})
+    assert cfg.model_dump() == before
