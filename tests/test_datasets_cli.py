@@ -1,0 +1,265 @@
+"""`vlsft datasets check` / `vlsft datasets use`, through Typer's CliRunner and as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vlsft.cli import app
+
+TUTORIAL = """{
+    "dataset1": {
+        "data_path": "/path/to/images",
+        "annotation_path": "/path/to/ann1.json",
+        "length": 1000,
+        "sampleing_rate": 0.05437
+    },
+    "dataset2": {
+        "data_path": "/path/to/images",
+        "annotation_path": "/path/to/ann2.jsonl",
+        "length": 500,
+        "sampling_rate": 0.567
+    },
+}
+"""
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def vlsft(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlsft", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+@pytest.fixture()
+def golden_dict(golden_dir: Path, tmp_path: Path) -> Path:
+    """The golden annotations registered in a dictionary (relative media, absolute annotation paths)."""
+    p = tmp_path / "golden.json"
+    p.write_text(json.dumps({
+        "public_a": {"data_path": str(golden_dir / "media"), "annotation_path": str(golden_dir / "annotations/public_a.json"),
+                     "length": 15, "sampling_rate": 0.05437},
+        "public_b": {"data_path": str(golden_dir / "media"), "annotation_path": str(golden_dir / "annotations/public_b.jsonl"),
+                     "length": 14, "repeat_time": 2.5},
+    }, indent=2))
+    return p
+
+
+@pytest.fixture()
+def tutorial(tmp_path: Path) -> Path:
+    p = tmp_path / "Dataset-Dictionary.json"
+    p.write_text(TUTORIAL)
+    return p
+
+
+def test_check_tutorial_as_published(tutorial):
+    r = invoke("datasets", "check", str(tutorial))
+    assert r.exit_code == 1
+    assert f"{tutorial}:6:9: error: [sampleing_rate] unknown key 'sampleing_rate'" in r.stdout
+    assert "did you mean 'sampling_rate'?" in r.stdout
+    assert f"{tutorial}:13:6: error: JSON syntax: trailing comma" in r.stdout
+    assert "FAILED" in r.stdout and "Traceback" not in r.stdout + r.stderr
+
+
+def test_check_tutorial_comma_fixed(tutorial):
+    tutorial.write_text(TUTORIAL.replace("    },\n}", "    }\n}"))
+    r = invoke("datasets", "check", str(tutorial), "--json")
+    assert r.exit_code == 1
+    report = json.loads(r.stdout)
+    typo = [p for p in report["problems"] if p["key"] == "sampleing_rate"]
+    assert typo == [{"severity": "error", "file": str(tutorial), "line": 6, "column": 9, "key": "sampleing_rate",
+                     "message": "unknown key 'sampleing_rate' in dataset 'dataset1'",
+                     "hint": "did you mean 'sampling_rate'?"}]
+    assert not any("trailing comma" in p["message"] for p in report["problems"])
+
+
+def test_check_golden_ok_table(golden_dict):
+    r = invoke("datasets", "check", str(golden_dict))
+    assert r.exit_code == 0, r.stdout
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.startswith("public_")}
+    cells_a = [c.strip() for c in lines["public_a"].split("│")]
+    cells_b = [c.strip() for c in lines["public_b"].split("│")]
+    # name, declared, samples, rate, per epoch, share, images, videos, text-only, problems
+    assert cells_a == ["public_a", "15", "15", "5.437%", "1", "2.8%", "11", "4", "2", "ok"]
+    assert cells_b == ["public_b", "14", "14", "250%", "35", "97.2%", "8", "5", "1", "ok"]
+    assert "OK check: 2 datasets (2 valid), 36 samples per epoch; 0 errors, 0 warnings" in r.stdout
+
+
+def test_check_golden_deep_flags_quirks(golden_dict, golden_dir):
+    r = invoke("datasets", "check", str(golden_dict), "--deep", "--json")
+    assert r.exit_code == 1
+    report = json.loads(r.stdout)
+    assert set(report) == {"ok", "problems", "datasets"} and report["ok"] is False
+    for p in report["problems"]:
+        assert set(p) == {"severity", "file", "line", "column", "key", "message", "hint"}
+    a = str(golden_dir / "annotations/public_a.json")
+    b = str(golden_dir / "annotations/public_b.jsonl")
+    got = {(Path(p["file"]).name, p["line"], p["key"], p["severity"]) for p in report["problems"]}
+    # q_05 (public_a.json, record at line 218) uses "images"; q_07 (public_b.jsonl:14) has 2 images, 1 tag
+    assert ("public_a.json", 218, "images", "error") in got
+    assert ("public_b.jsonl", 14, "image", "error") in got
+    # gpt-first samples gf_01 / gf_03 are warnings (the official code drops the turn)
+    assert ("public_a.json", 171, "conversations", "warning") in got
+    assert ("public_b.jsonl", 11, "conversations", "warning") in got
+    assert all(p["file"] in (a, b) for p in report["problems"])
+    assert report["datasets"] == [
+        {"name": "public_a", "declared_length": 15, "actual_length": 15, "rate": 0.05437, "samples_per_epoch": 1,
+         "images": 11, "videos": 4, "text_only": 2},
+        {"name": "public_b", "declared_length": 14, "actual_length": 14, "rate": 2.5, "samples_per_epoch": 35,
+         "images": 8, "videos": 5, "text_only": 1},
+    ]
+    text = invoke("datasets", "check", str(golden_dict), "--deep")
+    assert text.exit_code == 1
+    assert f"{a}:218: error: [images] key 'images' is not read by the trainer" in text.stdout
+    assert f"{b}:14: error: [image] 1 <image> tag(s) for 2 image(s)" in text.stdout
+
+
+def _write_jsonl(path: Path, records: list) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+
+
+def _turns(q: str, a: str = "ok") -> list:
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+def test_deep_checks_each_rule(tmp_path):
+    media = tmp_path / "media"
+    (media / "sub").mkdir(parents=True)
+    (media / "a.jpg").write_bytes(b"x")
+    (media / "sub" / "v.mp4").write_bytes(b"x")
+    good = {"image": "a.jpg", "conversations": _turns("<image>\nWhat?")}
+    records = [
+        good,                                                                            # 1
+        "{not json",                                                                     # 2
+        {"image": "missing.jpg", "conversations": _turns("<image> q")},                  # 3
+        {"video": ["sub/v.mp4"], "conversations": _turns("q")},                          # 4 tag count
+        {"conversations": _turns("q", "<image> here")},                                  # 5 tag in gpt
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q2"},
+                           {"from": "gpt", "value": "a"}]},                             # 6 alternation (warning)
+        {"conversations": _turns("q", "   ")},                                           # 7 empty value
+        {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},  # 8 ok
+        {"conversations": [{"from": "robot", "value": "x"}, {"from": "gpt", "value": "y"}]},  # 9 speaker
+        {"image": str(media / "a.jpg"), "conversations": _turns("<image>")},             # 10 absolute ok
+        {"videos": ["sub/v.mp4"], "conversations": _turns("<video>")},                   # 11 misspelt
+        [1, 2],                                                                          # 12 not object
+        {"image": "a.jpg"},                                                              # 13 no conversations
+    ]
+    _write_jsonl(tmp_path / "t.jsonl", records)
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"t": {"data_path": "media", "annotation_path": "t.jsonl"}}))
+    r = invoke("datasets", "check", str(d), "--deep", "--json")
+    assert r.exit_code == 1
+    probs = json.loads(r.stdout)["problems"]
+    by_line = {}
+    for p in probs:
+        by_line.setdefault(p["line"], []).append((p["severity"], p["message"]))
+    assert 1 not in by_line and 8 not in by_line and 10 not in by_line
+    assert "not valid JSON" in by_line[2][0][1]
+    assert by_line[3] == [("error", f"media file not found: {media / 'missing.jpg'}")]
+    assert ("error", "0 <video> tag(s) for 1 video(s)") in by_line[4]
+    assert by_line[5][0][1].startswith("a gpt turn contains an <image>/<video> tag")
+    assert by_line[6] == [("warning", "two turns in a row from the same speaker")]
+    assert by_line[7][0] == ("error", "a turn has an empty value")
+    assert by_line[9][0] == ("error", "unknown speaker 'robot'")
+    assert by_line[11][0][0] == "error" and "'videos' is not read" in by_line[11][0][1]
+    assert "not a JSON object" in by_line[12][0][1]
+    assert by_line[13][0][1] == "sample has no 'conversations'"
+    # without --deep: counts from one cheap pass, which still names lines that do not parse
+    r2 = invoke("datasets", "check", str(d), "--json")
+    assert r2.exit_code == 1, r2.stdout
+    report = json.loads(r2.stdout)
+    assert [p["line"] for p in report["problems"]] == [2, 12]
+    ds = report["datasets"][0]
+    assert (ds["actual_length"], ds["images"], ds["videos"], ds["text_only"]) == (13, 4, 1, 6)
+
+
+def test_deep_problems_are_capped(tmp_path):
+    (tmp_path / "media").mkdir()
+    _write_jsonl(tmp_path / "t.jsonl", [{"image": f"m{i}.jpg", "conversations": _turns("<image>")} for i in range(500)])
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"t": {"data_path": "media", "annotation_path": "t.jsonl"}}))
+    r = invoke("datasets", "check", str(d), "--deep", "--json")
+    probs = json.loads(r.stdout)["problems"]
+    assert len(probs) == 21
+    assert probs[-1]["message"].startswith("... and 480 more like: media file not found")
+
+
+def test_packed_json_and_sharing_files(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x.png").write_bytes(b"x")
+    s = {"image": "x.png", "conversations": _turns("<image>")}
+    t = {"conversations": _turns("hi")}
+    (tmp_path / "packed.json").write_text(json.dumps([[s, t], [t], [s, s, {"image": "gone.png", "conversations": _turns("<image>")}]], indent=1))
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"p": {"data_path": "m", "annotation_path": "packed.json", "length": 3},
+                             "p2": {"data_path": "m", "annotation_path": "packed.json", "sampling_rate": 0.5}}))
+    r = invoke("datasets", "check", str(d), "--deep", "--json")
+    report = json.loads(r.stdout)
+    assert r.exit_code == 1
+    [missing] = report["problems"]
+    text_lines = (tmp_path / "packed.json").read_text().splitlines()
+    record_line = next(i for i, line in enumerate(text_lines) if "gone.png" in line)  # the '{' line above it
+    assert text_lines[record_line - 1].strip() == "{"
+    assert missing["message"].endswith("gone.png") and missing["line"] == record_line
+    p, p2 = report["datasets"]
+    assert (p["actual_length"], p["images"], p["text_only"], p["samples_per_epoch"]) == (3, 4, 2, 3)
+    assert p2["samples_per_epoch"] == 2  # round(3 * 0.5) = 2 (banker's rounding of 1.5 -> 2)
+
+
+def test_check_unusable_file_exits_2(tmp_path):
+    for target in (tmp_path / "nope.json", tmp_path):
+        r = invoke("datasets", "check", str(target))
+        assert r.exit_code == 2 and "error:" in r.stdout
+        rj = invoke("datasets", "check", str(target), "--json")
+        assert rj.exit_code == 2 and json.loads(rj.stdout)["ok"] is False
+    (tmp_path / "empty.json").write_text("")
+    r = invoke("datasets", "check", str(tmp_path / "empty.json"))
+    assert r.exit_code == 2 and "the file is empty" in r.stdout
+
+
+def test_use_exact_and_integer(golden_dict, tmp_path):
+    r = invoke("datasets", "use", str(golden_dict))
+    assert r.exit_code == 0 and r.stdout == "public_a%5.437,public_b%250\n" and r.stderr == ""
+    r = invoke("datasets", "use", str(golden_dict), "--integer-percent")
+    assert r.exit_code == 0 and r.stdout == "public_a%5,public_b%250\n"
+    assert "public_a: 5.437% rounded to %5 (precision lost)" in r.stderr
+    assert "up-sampling, which the official trainer ignores" in r.stderr
+    # neither key -> 100 (bare name); 0.567 -> 56.7 exactly; tiny rate -> %0 warning in integer mode
+    ann = golden_dict.parent / "a.jsonl"
+    ann.write_text(json.dumps({"conversations": _turns("q")}) + "\n")
+    d = tmp_path / "mix.json"
+    d.write_text(json.dumps({"all": {"annotation_path": "a.jsonl"}, "part": {"annotation_path": "a.jsonl", "sampling_rate": 0.567},
+                             "tiny": {"annotation_path": "a.jsonl", "sampling_rate": 0.001}}))
+    assert invoke("datasets", "use", str(d)).stdout == "all,part%56.7,tiny%0.1\n"
+    r = invoke("datasets", "use", str(d), "--integer-percent")
+    assert r.stdout == "all,part%57,tiny%0\n"
+    assert "would use no samples" in r.stderr
+
+
+def test_use_refuses_errors(tutorial):
+    r = invoke("datasets", "use", str(tutorial))
+    assert r.exit_code == 1 and r.stdout == ""
+    assert ":6:9: error: [sampleing_rate]" in r.stderr and "refusing" in r.stderr
+
+
+def test_subprocess_check_and_use(golden_dict, tutorial, cli_env):
+    r = vlsft("datasets", "check", str(golden_dict), "--deep", env=cli_env)
+    assert r.returncode == 1 and ":218: error: [images]" in r.stdout and "Traceback" not in r.stderr
+    r = vlsft("datasets", "check", str(golden_dict), env=cli_env)
+    assert r.returncode == 0 and "OK check" in r.stdout
+    r = vlsft("datasets", "check", str(tutorial), "--json", env=cli_env)
+    assert r.returncode == 1
+    lines = {(p["line"], p["key"]) for p in json.loads(r.stdout)["problems"]}
+    assert (6, "sampleing_rate") in lines and (13, None) in lines
+    r = vlsft("datasets", "use", str(golden_dict), env=cli_env)
+    assert r.returncode == 0 and r.stdout == "public_a%5.437,public_b%250\n"
+    r = vlsft("datasets", "check", os.path.join(str(tutorial) + ".missing"), env=cli_env)
+    assert r.returncode == 2 and "not found" in r.stdout and "Traceback" not in r.stderr
