@@ -518,13 +518,13 @@ def _translated(url: str, action: str = "reading") -> Iterator[None]:
         raise translate_error(exc, url, action) from exc
 
 
-def _check_bucket(fs: Any, url: str) -> None:
+def _check_bucket(fs: Any, url: str, action: str = "checking") -> None:
     """One ListObjectsV2 (MaxKeys=1) per bucket and process: real error codes for HEAD-only calls."""
     bucket = bucket_of(url)
     key = (os.getpid(), bucket, _fingerprint())
     if _BUCKETS_OK.get(key):
         return
-    with _translated(url, "checking"):
+    with _translated(url, action):
         fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
     _BUCKETS_OK[key] = True
 
@@ -557,7 +557,7 @@ def read_bytes(path: str) -> bytes:
             return fs.cat_file(path, start=0)
         except FileNotFoundError:
             if _split_url(path)[0].lower() in ("s3", "s3a", "s3n"):
-                _check_bucket(fs, path)  # a missing bucket or refused key says so precisely
+                _check_bucket(fs, path, "reading")  # a missing bucket or refused key says so precisely
             raise
 
 

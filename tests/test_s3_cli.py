@@ -1,0 +1,104 @@
+"""The front door on S3: `vlsft datasets check --deep` (and preview) against a real moto server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from s3server import closed_port_url, s3_server, upload_dataset  # noqa: F401  (fixture)
+
+VLSFT = str(Path(sys.executable).parent / "vlsft")
+
+
+def run_vlsft(args: list[str], env: dict[str, str], timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    proc = subprocess.run([VLSFT, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - t0
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(s3_server, tmp_path_factory):  # noqa: F811
+    return upload_dataset(s3_server, tmp_path_factory.mktemp("s3ds"))
+
+
+@pytest.fixture()
+def env(s3_server, cli_env):  # noqa: F811
+    return s3_server.subprocess_env(cli_env)
+
+
+@pytest.mark.parametrize("which", ["s3_local_dict", "s3_dict"])
+def test_check_deep_all_s3_passes(s3_dataset, env, which):
+    """A local dictionary with s3:// data_path/annotation_path, and a dictionary stored on S3 itself."""
+    proc, _ = run_vlsft(["datasets", "check", "--deep", "--json", s3_dataset[which]], env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True and report["problems"] == []
+    (row,) = report["datasets"]
+    assert (row["actual_length"], row["images"], row["videos"], row["text_only"]) == (6, 4, 1, 1)
+    proc, _ = run_vlsft(["datasets", "check", "--deep", s3_dataset[which]], env)
+    assert proc.returncode == 0 and "OK deep check" in proc.stdout
+
+
+def test_check_deep_reports_missing_object_precisely(s3_server, env, tmp_path):  # noqa: F811
+    ds = upload_dataset(s3_server, tmp_path)
+    s3_server.client().delete_object(Bucket=ds["bucket"], Key="ds/media/images/text_56x56.png")
+    proc, _ = run_vlsft(["datasets", "check", "--deep", ds["s3_local_dict"]], env)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    url = f"s3://{ds['bucket']}/ds/media/images/text_56x56.png"
+    assert line.startswith(f"{ds['annotation_path']}:2: error:")  # sample img2 is line 2 of train.jsonl
+    assert f"media file not found: {url}" in line
+    proc, _ = run_vlsft(["datasets", "check", "--deep", "--json", ds["s3_local_dict"]], env)
+    (problem,) = json.loads(proc.stdout)["problems"]
+    assert problem["file"] == ds["annotation_path"] and problem["line"] == 2 and url in problem["message"]
+
+
+@pytest.mark.parametrize(
+    ("which", "override", "expected"),
+    [
+        ("s3_local_dict", {"AWS_SECRET_ACCESS_KEY": "wrong-secret-0123456789abcdef"}, "SignatureDoesNotMatch"),
+        ("s3_dict", {"AWS_SECRET_ACCESS_KEY": "wrong-secret-0123456789abcdef"}, "SignatureDoesNotMatch"),
+        ("s3_local_dict", {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN0000000000"}, "InvalidAccessKeyId"),
+        ("s3_dict", {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN0000000000"}, "InvalidAccessKeyId"),
+    ],
+)
+def test_refused_credentials_one_line(s3_dataset, env, which, override, expected):
+    env.update(override)
+    proc, elapsed = run_vlsft(["datasets", "check", "--deep", s3_dataset[which]], env)
+    assert proc.returncode != 0
+    (line,) = error_lines(proc)
+    assert expected in line and next(iter(override)) in line
+    assert next(iter(override.values())) not in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 15
+
+
+def test_unknown_bucket_one_line(env, tmp_path):
+    d = {"x": {"data_path": "s3://vlsft-no-such-bucket/media", "annotation_path": "s3://vlsft-no-such-bucket/a.jsonl"}}
+    (tmp_path / "d.json").write_text(json.dumps(d))
+    for target in (str(tmp_path / "d.json"), "s3://vlsft-no-such-bucket/dict.json"):
+        proc, elapsed = run_vlsft(["datasets", "check", "--deep", target], env)
+        assert proc.returncode != 0
+        (line,) = error_lines(proc)
+        assert "bucket 'vlsft-no-such-bucket' does not exist" in line
+        assert "Traceback" not in proc.stderr and elapsed < 15
+
+
+def test_unreachable_endpoint_one_line_within_seconds(s3_dataset, env):
+    dead = closed_port_url()
+    env["AWS_ENDPOINT_URL"] = dead
+    for target in (s3_dataset["s3_local_dict"], s3_dataset["s3_dict"]):
+        proc, elapsed = run_vlsft(["datasets", "check", "--deep", target], env)
+        assert proc.returncode != 0
+        (line,) = error_lines(proc)
+        assert f"cannot reach S3 at {dead} (AWS_ENDPOINT_URL)" in line
+        assert "Traceback" not in proc.stderr
+        assert elapsed < 10, elapsed
