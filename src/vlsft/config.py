@@ -232,6 +232,7 @@ class RunConfig(_Section):
 
     _source: Path | None = PrivateAttr(default=None)
     _marks: dict = PrivateAttr(default_factory=dict)
+    _label: str | None = PrivateAttr(default=None)  # the path as the user typed it (for messages)
 
     @property
     def source(self) -> Path | None:
@@ -252,6 +253,8 @@ class RunConfig(_Section):
         return _location(self._marks, self._source_name(), tuple(path), key_mark=key)
 
     def _source_name(self) -> str:
+        if self._label is not None:
+            return self._label
         return str(self._source) if self._source is not None else "<config>"
 
     def to_saveable_yaml(self) -> str:
@@ -486,6 +489,7 @@ def validate_data(data: dict, marks: _Marks | None = None, source: str = "<confi
         raise ProblemsError(found) from None
     cfg._source = path
     cfg._marks = marks
+    cfg._label = source
     problems = _semantic_problems(cfg, source)
     if any(p.is_error for p in problems):
         raise ProblemsError(problems)

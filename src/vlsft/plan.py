@@ -207,6 +207,10 @@ def _select_datasets(cfg: RunConfig, problems: list[Problem]) -> tuple[list[tupl
     dict_path = _resolve_path(cfg.base_dir, cfg.data.dictionary)
     dictionary = load_dictionary(dict_path)
     if not dictionary.ok:
+        if getattr(dictionary, "unusable", False):
+            problems.append(Problem("error", f"cannot use the dataset dictionary {dict_path}", key="data.dictionary",
+                                    hint="see the next line; relative paths start at the run YAML's folder",
+                                    **cfg.where("data", "dictionary")))
         problems.extend(dictionary.errors)
         return [], dictionary
     if cfg.data.use is None:
@@ -246,7 +250,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
 
     environ = os.environ if environ is None else environ
     original, cfg = cfg, cfg.model_copy(deep=True)
-    cfg._source, cfg._marks = original._source, original._marks
+    cfg._source, cfg._marks, cfg._label = original._source, original._marks, original._label
     base = cfg.base_dir
     problems: list[Problem] = []
     warnings: list[str] = []
