@@ -102,3 +102,35 @@ def test_unreachable_endpoint_one_line_within_seconds(s3_dataset, env):
         assert f"cannot reach S3 at {dead} (AWS_ENDPOINT_URL)" in line
         assert "Traceback" not in proc.stderr
         assert elapsed < 10, elapsed
+
+
+def test_print_args_uses_the_run_yaml_storage_block(s3_server, s3_dataset, cli_env, tiny_model_dir, tmp_path):  # noqa: F811
+    """Endpoint only in the YAML, keys under other variable names: the plan still reads the S3 dictionary."""
+    env = dict(cli_env)
+    for name in list(env):
+        if name.startswith("AWS_"):
+            del env[name]
+    env["NO_PROXY"] = "127.0.0.1,localhost"
+    env["CEPH_KEY_ID"] = s3_server.access_key_id
+    env["CEPH_SECRET"] = s3_server.secret_access_key
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"""model: {{name_or_path: {tiny_model_dir}, tune_mm_llm: true}}
+data: {{dictionary: {s3_dataset["s3_dict"]}}}
+training: {{per_device_train_batch_size: 1, max_steps: 2}}
+distributed: {{nproc_per_node: 2, deepspeed: none}}
+output: {{dir: {tmp_path / "out"}}}
+storage:
+  endpoint_url: {s3_server.url}
+  region: us-east-1
+  access_key_id: "${{CEPH_KEY_ID}}"
+  secret_access_key: "${{CEPH_SECRET}}"
+"""
+    )
+    proc, _ = run_vlsft(["print-args", "--config", str(cfg), "--json"], env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["samples_per_epoch"] == 6
+    assert plan["env"]["AWS_ENDPOINT_URL"] == s3_server.url
+    assert plan["env"]["AWS_SECRET_ACCESS_KEY"] == "***"
+    assert s3_server.secret_access_key not in proc.stdout + proc.stderr

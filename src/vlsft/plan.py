@@ -244,6 +244,20 @@ def _record_count(name: str, spec: Any, dictionary: Any, problems: list[Problem]
         return None
 
 
+def storage_environment(cfg: RunConfig, environ: Mapping[str, str]):
+    """Context manager: this process's environment with the run's ``storage.*`` applied (for reading s3://)."""
+    from qwenvl import storage
+
+    overrides: dict[str, str] = {}
+    for key, var in STORAGE_ENV.items():
+        value = getattr(cfg.storage, key)
+        ref = ENV_REF.match(value) if value is not None else None
+        value = environ.get(ref.group(1)) if ref else value
+        if value is not None:
+            overrides[var] = value
+    return storage.environment(overrides)
+
+
 def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> LaunchPlan:
     """Resolve ``cfg`` into a :class:`LaunchPlan`. Raises ProblemsError listing every error found."""
     from qwenvl.data.dataset_use import DatasetUseEntry, format_dataset_use, sample_count
@@ -256,12 +270,13 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     warnings: list[str] = []
     m, d, tr, dist, out = cfg.model, cfg.data, cfg.training, cfg.distributed, cfg.output
 
-    # ---- data
-    chosen, dictionary = _select_datasets(cfg, problems)
+    # ---- data (read with the run's storage.* settings applied: the dictionary may live on S3)
+    with storage_environment(cfg, environ):
+        chosen, dictionary = _select_datasets(cfg, problems)
+        counts = {name: _record_count(name, dictionary.datasets[name], dictionary, problems) for name, _ in chosen}
     shares: list[DatasetShare] = []
     for name, percent in chosen:
-        spec = dictionary.datasets[name]
-        records = _record_count(name, spec, dictionary, problems)
+        records = counts[name]
         if records is None:
             continue
         shares.append(DatasetShare(name, records, percent, sample_count(records, percent)))
