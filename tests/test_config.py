@@ -214,3 +214,35 @@ def test_saveable_yaml_round_trips(tmp_path):
     again = tmp_path / "again.yaml"
     again.write_text(cfg.to_saveable_yaml())
     assert load_run_config(again).model_dump() == cfg.model_dump()
+
+
+def test_readme_config_table_is_current(repo_root):
+    """README's run YAML table is generated from the models: rerun scripts/gen_config_docs.py when this fails."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_config_docs", repo_root / "scripts" / "gen_config_docs.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    text = (repo_root / "README.md").read_text(encoding="utf-8")
+    assert gen.updated_readme(text) == text, "run: python scripts/gen_config_docs.py"
+    for section, model in SECTIONS.items():
+        for name in model.model_fields:
+            assert f"| `{section}.{name}` |" in text
+
+
+def test_readme_quick_start_and_override_examples(repo_root, tmp_path):
+    import re
+    import shlex
+
+    text = (repo_root / "README.md").read_text(encoding="utf-8")
+    quick = text.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    assert [line.split("#")[0].strip() for line in quick.strip().splitlines()] == ["make demo", "make test"]
+    # every KEY=VALUE override shown with print-args/train in the README is a valid override
+    path = write(tmp_path, BASE)
+    checked = 0
+    for line in re.findall(r"^vlsft (?:print-args|train) --config \S+ (.+)$", text, flags=re.M):
+        overrides = [t for t in shlex.split(line.split(" #")[0]) if "=" in t and not t.startswith("-")]
+        if overrides:
+            load_run_config(path, overrides)
+            checked += 1
+    assert checked >= 2
