@@ -1,0 +1,78 @@
+"""`vlsft train` reading everything from S3 (tiny model, CPU, 2 ranks), and no secret in what it writes.
+
+The dictionary names only s3:// URLs (annotations, images, a video); no copy of the data exists on
+local disk. The endpoint comes only from the run YAML's storage block, the keys from ${VAR}
+references; the secret key is a real, moto-generated one (auth is enforced), so the ranks (and
+their forked DataLoader workers) really use it — and it must appear in no file of output_dir (saved
+run config, logs, trainer state) and not in the command's output.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from s3server import s3_server, upload_dataset  # noqa: F401  (fixture)
+
+VLSFT = str(Path(sys.executable).parent / "vlsft")
+TEXT_SUFFIXES = {".json", ".jsonl", ".yaml", ".yml", ".txt", ".log", ".md", ".jinja", ""}
+
+
+def _text_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES or "log" in p.name)]
+
+
+@pytest.mark.slow
+def test_train_reads_everything_from_s3_and_leaks_no_secret(s3_server, cli_env, tiny_model_dir, tmp_path):  # noqa: F811
+    ds = upload_dataset(s3_server, tmp_path / "data")
+    import shutil
+
+    shutil.rmtree(tmp_path / "data" / "local")  # the only data left is on S3
+    out = tmp_path / "out"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"""# tiny S3 training run (test)
+model: {{name_or_path: {tiny_model_dir}, tune_mm_mlp: true, tune_mm_llm: true}}
+data:
+  dictionary: {ds["s3_local_dict"]}
+  max_pixels: 12544
+  min_pixels: 784
+  video_max_frames: 4
+  video_min_frames: 2
+  video_max_frame_pixels: 3136
+  video_min_frame_pixels: 784
+  model_max_length: 1024
+  num_workers: 1
+training: {{per_device_train_batch_size: 1, gradient_accumulation_steps: 1, max_steps: 2, logging_steps: 1,
+           save_steps: 1000, learning_rate: 1.0e-4}}
+distributed: {{nproc_per_node: 2, deepspeed: none}}
+output: {{dir: {out}}}
+wandb: {{mode: disabled}}
+storage:
+  endpoint_url: "${{S3_TEST_ENDPOINT}}"
+  region: us-east-1
+  addressing_style: path
+  access_key_id: "${{AWS_ACCESS_KEY_ID}}"
+  secret_access_key: "${{AWS_SECRET_ACCESS_KEY}}"
+"""
+    )
+    env = s3_server.subprocess_env(cli_env)
+    env.pop("AWS_ENDPOINT_URL")  # the endpoint reaches the ranks only through the YAML's storage block
+    env["S3_TEST_ENDPOINT"] = s3_server.url
+    secret, key_id = s3_server.secret_access_key, s3_server.access_key_id
+    proc = subprocess.run([VLSFT, "train", "--config", str(cfg)], env=env, capture_output=True, text=True,
+                          timeout=420, cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert any((out / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")), sorted(
+        p.name for p in out.iterdir())
+    assert "world size 2" in log or "world_size 2" in log or "world size: 2" in log, log[-3000:]
+
+    files = _text_files(out) + _text_files(tmp_path / "data")
+    saved_configs = [p for p in files if p.suffix in (".yaml", ".yml") or p.name.endswith("args.json")]
+    assert saved_configs, "the run config was not saved in output_dir"
+    for text, where in [(log, "command output")] + [(p.read_text(errors="replace"), str(p)) for p in files]:
+        assert secret not in text, f"secret access key found in {where}"
+        assert key_id not in text, f"access key id found in {where}"
