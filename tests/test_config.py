@@ -167,6 +167,8 @@ def test_extra_names_checked_against_training_arguments(tmp_path):
                "(hint: did you mean 'adam_beta" in line for line in lines), lines
     assert any("[training.extra.output_dir] set by its own run YAML key (hint: use output.dir)" in line for line in lines)
     assert len(lines) == 2
+    token = problems_of(write(tmp_path, BASE, "t.yaml"), ["training.extra.hub_token=hf_abc123"])
+    assert len(token) == 1 and "(hint: export HF_TOKEN instead)" in token[0] and "hf_abc123" not in token[0]
 
 
 def test_data_use_entries_validated(tmp_path):

@@ -17,6 +17,7 @@ import yaml
 
 from qwenvl.problems import Problem, did_you_mean
 from vlsft.config import SECRET_FIELDS, SECTIONS, _Loader, _Mark, _Marks
+from vlsft.training_args import SECRET_NAMES
 
 
 def parse_override_value(text: str) -> Any:
@@ -41,7 +42,7 @@ def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Pro
             continue
         key, _, text = raw.partition("=")
         key = key.strip()
-        if key.rsplit(".", 1)[-1] in SECRET_FIELDS:  # never echo a secret pasted on the command line
+        if key.rsplit(".", 1)[-1] in (*SECRET_FIELDS, *SECRET_NAMES):  # never echo a secret from the command line
             raw = f"{key}=***"
             where = f"override '{raw}'"
         parts = tuple(key.split("."))

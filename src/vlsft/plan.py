@@ -145,7 +145,8 @@ def _resolve_path(base: Path, path: str) -> str:
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or (os.sep in path and os.path.exists(path))
+    """An explicit filesystem path (as opposed to a hub id such as ``Qwen/Qwen2.5-VL-7B-Instruct``)."""
+    return path.startswith(("/", "./", "../", "~")) or path in (".", "..")
 
 
 def torchrun_executable() -> str:

@@ -71,12 +71,18 @@ OWNED_BY_YAML: dict[str, str] = {
     "model_max_length": "data.model_max_length",
 }
 
+# TrainingArguments fields that hold credentials: they would end up in argv (visible in `ps`) and in logs.
+SECRET_NAMES: dict[str, str] = {"hub_token": "HF_TOKEN"}
+
 
 def check_extra(extra: dict[str, Any]) -> list[tuple[str, str, str | None]]:
     """(name, message, hint) for every ``training.extra`` entry the trainer would reject or that the YAML owns."""
     out: list[tuple[str, str, str | None]] = []
     for name in extra:
-        if name in OWNED_BY_YAML:
+        if name in SECRET_NAMES:
+            out.append((name, "a secret cannot go in a run YAML or on the command line",
+                        f"export {SECRET_NAMES[name]} instead"))
+        elif name in OWNED_BY_YAML:
             out.append((name, "set by its own run YAML key", f"use {OWNED_BY_YAML[name]}"))
         elif name not in TRAINING_ARGUMENT_NAMES:
             hint = did_you_mean(name, TRAINING_ARGUMENT_NAMES | set(OWNED_BY_YAML))
