@@ -47,6 +47,13 @@ _SIDES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1, "system": 2}
 _MISSPELT = {"images": "image", "videos": "video"}
 
 
+def oneline(text: str | None) -> str | None:
+    """``text`` with control characters escaped (``\\n``), so that a problem stays one line."""
+    if text is None or text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def annotation_format(path: str) -> str | None:
     """``"jsonl"``, ``"json"`` or None (by extension, case-insensitive)."""
     ext = os.path.splitext(posixpath.basename(str(path)))[1].lower()
@@ -478,7 +485,7 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
     first: dict[str, Problem] = {}
     for loc, kind, severity, message, key, hint in sink.items:
         line = lines.get(loc) if isinstance(loc, tuple) else loc
-        problem = Problem(severity, message, path, line, None, key, hint)  # type: ignore[arg-type]
+        problem = Problem(severity, oneline(message), path, line, None, oneline(key), oneline(hint))  # type: ignore[arg-type]
         first.setdefault(kind, problem)
         res.problems.append(problem)
     for kind, count in sink.counts.items():

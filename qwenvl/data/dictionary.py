@@ -139,7 +139,8 @@ class _Loader:
 
     def add(self, severity: str, message: str, line: int | None = None, column: int | None = None,
             key: str | None = None, hint: str | None = None, file: str | None = None) -> None:
-        problem = Problem(severity, message, file or self.path, line, column, key, hint)  # type: ignore[arg-type]
+        problem = Problem(severity, ann.oneline(message), file or self.path, line, column,  # type: ignore[arg-type]
+                          ann.oneline(key), ann.oneline(hint))
         self.result.problems.append(problem)
         if self.current is not None:
             self.result.dataset_of[problem] = self.current

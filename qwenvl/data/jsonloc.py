@@ -86,7 +86,7 @@ class SyntaxIssue:
 
 _TOKEN = re.compile(
     r"""
-    (?P<ws>[ \t\r\n\ufeff]+)
+    (?P<ws>[ \t\r\n]+)
   | (?P<lcomment>//[^\n]*)
   | (?P<bcomment>/\*.*?(?:\*/|\Z))
   | (?P<string>"(?:[^"\\\n]|\\.)*")
