@@ -134,3 +134,33 @@ storage:
     assert plan["env"]["AWS_ENDPOINT_URL"] == s3_server.url
     assert plan["env"]["AWS_SECRET_ACCESS_KEY"] == "***"
     assert s3_server.secret_access_key not in proc.stdout + proc.stderr
+
+
+def test_samples_built_from_s3_equal_local(s3_server, s3_dataset, qwen_tokenizer_dir, monkeypatch):  # noqa: F811
+    """The trainer's/preview's code path (AnnotationStore + SampleBuilder) gives identical tensors from S3."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from qwenvl import storage
+    from qwenvl.data.sample import SampleBuilder, VisionBudget
+    from qwenvl.data.store import AnnotationStore
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    storage.reset()
+    local_root = Path(s3_dataset["local_dict"]).parent
+    remote = AnnotationStore.from_file(s3_dataset["annotation_path"])
+    local = AnnotationStore.from_file(str(local_root / "ann" / "train.jsonl"))
+    assert len(remote) == len(local) == 6
+    tok = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir))
+    builder = SampleBuilder(tok, VisionBudget(max_pixels=12544, video_max_frames=4, video_max_frame_pixels=3136))
+    for i in range(len(local)):
+        assert remote[i] == local[i]
+        a = builder.build(remote[i], s3_dataset["data_path"])
+        b = builder.build(local[i], str(local_root / "media"))
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), (i, key)
+            else:
+                assert a[key] == b[key], (i, key)
