@@ -25,8 +25,8 @@ Modes
   mask; ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32, leading 0) + ``max_length_q``/``max_length_k``
   for the flash varlen path; ``use_cache=False`` (a cache disables packed-mask detection).
   Rows 1-3 / ``cu_seq_lens_q`` equal the official flattened batch's 3-row position ids / cu_seqlens.
-* ``packing`` (``data_packing``): the per-device batch is packed online, first-fit-decreasing, into
-  rows of at most ``model_max_length`` tokens; rows are right-padded to the longest row, each row's
+* ``packing`` (``data_packing``): the per-device batch is packed online (greedy, longest first into
+  the least-loaded of the fewest possible rows) into rows of at most ``model_max_length`` tokens; rows are right-padded to the longest row, each row's
   padding tail written as one more (masked) segment. ``position_ids`` ``(4, R, L)``; cu_seqlens over
   the flattened ``R*L`` tokens for flash. Choice: packing inside the collator over the per-device
   batch (no length pre-pass over the dataset, works for remote media, exact step count per epoch);
@@ -221,24 +221,29 @@ class DataCollator:
 
     # ------------------------------------------------------------------ packing
     def _pack(self, samples: list[dict], dummy: dict | None) -> list[list[dict]]:
-        """First-fit decreasing into bins of capacity model_max_length (the dummy is one more item)."""
+        """Greedy balanced packing into the fewest rows of at most ``model_max_length`` tokens.
+
+        With R = ceil(total / capacity) rows, items go longest-first to the least-loaded row (LPT);
+        if a row would exceed the capacity, R grows by one. Balanced rows keep the padding to the
+        longest row small (the rows of one batch share a width).
+        """
         cap = int(self.model_max_length)
         items = samples + ([dummy] if dummy is not None else [])
-        order = sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"]))
-        bins: list[list[int]] = []
-        room: list[int] = []
-        for i in order:
-            n = len(items[i]["input_ids"])
-            for j, r in enumerate(room):
-                if n <= r:
-                    bins[j].append(i)
-                    room[j] -= n
-                    break
-            else:
-                bins.append([i])
-                room.append(cap - n)
+        lens = [len(s["input_ids"]) for s in items]
+        order = sorted(range(len(items)), key=lambda i: -lens[i])
+        rows = max(1, -(-sum(lens) // cap))
+        while True:
+            load = [0] * rows
+            bins: list[list[int]] = [[] for _ in range(rows)]
+            for i in order:
+                j = min(range(rows), key=load.__getitem__)
+                bins[j].append(i)
+                load[j] += lens[i]
+            if max(load) <= cap or rows >= len(items):
+                break
+            rows += 1
         # keep each row in the samples' original order (vision tensors follow row-major token order)
-        return [[items[i] for i in sorted(b)] for b in bins]
+        return [[items[i] for i in sorted(b)] for b in bins if b]
 
     def _packed_rows(self, rows: list[list[dict]]) -> dict:
         lens = [sum(len(s["input_ids"]) for s in row) for row in rows]
@@ -273,12 +278,3 @@ class DataCollator:
                "use_cache": False}
         self._cat_vision(ordered, out)
         return out
-
-
-def padding_stats(batch: dict) -> tuple[int, int]:
-    """(real tokens, slots) of a batch: padding fraction = 1 - real/slots (dummy tokens count as padding)."""
-    labels_or_mask = batch.get("attention_mask")
-    slots = batch["input_ids"].numel()
-    if labels_or_mask is not None:
-        return int(labels_or_mask.sum()), slots
-    return int((batch["input_ids"] != -1).sum()), slots
