@@ -164,3 +164,29 @@ def test_samples_built_from_s3_equal_local(s3_server, s3_dataset, qwen_tokenizer
                 assert torch.equal(a[key], b[key]), (i, key)
             else:
                 assert a[key] == b[key], (i, key)
+
+
+def test_dataloader_workers_read_s3(s3_server, s3_dataset, tiny_model_dir, monkeypatch):  # noqa: F811
+    """The trainer's data module over an S3 dictionary, 2 forked DataLoader workers: every sample arrives."""
+    import torch
+    from transformers import AutoProcessor
+
+    from qwenvl import storage
+    from qwenvl.data.arguments import DataArguments
+    from qwenvl.data.dataset import make_data_module
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    storage.reset()
+    proc = AutoProcessor.from_pretrained(str(tiny_model_dir))
+    args = DataArguments(dataset_use="demo", dataset_dict=s3_dataset["s3_dict"], max_pixels=12544,
+                         video_max_frames=4, video_max_frame_pixels=3136)
+    module = make_data_module(proc.tokenizer, proc.image_processor, args, seed=1)
+    ds = module["train_dataset"]
+    assert storage.read_bytes(s3_dataset["annotation_path"])  # the parent holds a live S3 client before forking
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork",
+                                         collate_fn=lambda x: x)
+    items = list(loader)
+    assert len(items) == 6
+    assert [it.get("bad_sample") for it in items] == [None] * 6
+    assert sum("pixel_values_videos" in it for it in items) == 1
