@@ -6,6 +6,8 @@ import dataclasses
 import textwrap
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qwenvl.problems import ProblemsError
 from vlsft.config import LR_SCHEDULER_TYPES, SECTIONS, RunConfig, load_run_config
@@ -248,3 +250,26 @@ def test_readme_quick_start_and_override_examples(repo_root, tmp_path):
             load_run_config(path, overrides)
             checked += 1
     assert checked >= 2
+
+
+_KEYS = st.sampled_from([*SECTIONS, *(n for m in SECTIONS.values() for n in m.model_fields), "extra", "x", "1", ""])
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
+                     st.text(max_size=12), st.sampled_from(["${A}", "zero3", "auto", "2e-5", "a%50"]))
+_TREES = st.recursive(_SCALARS, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(_KEYS, kids, max_size=6),
+                      max_leaves=25)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=st.dictionaries(_KEYS, _TREES, max_size=8), junk=st.text(max_size=40), use_junk=st.booleans())
+def test_malformed_yaml_never_crashes(tmp_path, tree, junk, use_junk):
+    """Any document gives a RunConfig or a ProblemsError whose problems all render to one line."""
+    import yaml
+
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(junk if use_junk else yaml.safe_dump(tree))
+    try:
+        load_run_config(path, ["training.extra.x=1"] if not use_junk else [])
+    except ProblemsError as exc:
+        assert exc.problems
+        for problem in exc.problems:
+            assert "\n" not in problem.render()

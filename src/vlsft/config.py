@@ -340,8 +340,9 @@ def parse_yaml_text(text: str, source: str) -> tuple[dict, _Marks, list[Problem]
     """Parse a run YAML into (data, marks, problems); problems include syntax errors and duplicate keys."""
     problems: list[Problem] = []
     marks = _Marks()
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)
         node = loader.get_single_node()
         if node is None:
             problems.append(Problem("error", "the file is empty", file=source, hint="start from configs/qwen2.5-vl-7b.yaml"))
@@ -350,16 +351,18 @@ def parse_yaml_text(text: str, source: str) -> tuple[dict, _Marks, list[Problem]
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        what = " ".join(x for x in (exc.context, exc.problem) if x) or "invalid YAML"
+        what = " ".join(" ".join(str(x).split()) for x in (exc.context, exc.problem) if x) or "invalid YAML"
         problems.append(Problem("error", f"YAML syntax error: {what}", file=source,
                                 line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
                                 hint="check indentation, colons and quotes around this spot"))
         return {}, marks, problems
     except yaml.YAMLError as exc:
-        problems.append(Problem("error", f"YAML error: {exc}", file=source))
+        problems.append(Problem("error", "YAML error: " + " ".join(str(exc).split()), file=source,
+                                hint="save the file as plain UTF-8 text"))
         return {}, marks, problems
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         problems.append(Problem("error", f"the top level must be a mapping of sections, got {type(data).__name__}",
                                 file=source, line=1, column=1, hint="sections: " + ", ".join(SECTIONS)))
