@@ -355,3 +355,43 @@ def test_environment_context_applies_and_restores(s3_env, media_bucket, monkeypa
     assert os.environ["AWS_ENDPOINT_URL"] == dead and "VLSFT_S3_ADDRESSING_STYLE" not in os.environ
     with pytest.raises(storage.StorageError, match="cannot reach S3"):
         storage.exists(url)
+
+
+def test_transient_errors_are_retried_with_backoff(s3_env, monkeypatch):  # noqa: F811
+    """An endpoint that answers 503 SlowDown once, then the object: one retry, then success."""
+    import http.server
+
+    hits: list[str] = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            if len(hits) == 1:
+                body = b'<?xml version="1.0"?><Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>'
+                self.send_response(503)
+            else:
+                body = b"payload"
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        assert storage.read_bytes("s3://flaky-bucket/k.bin") == b"payload"
+        assert hits == ["/flaky-bucket/k.bin"] * 2  # path-style addressing, one retry
+        hits.clear()
+        monkeypatch.setenv("VLSFT_S3_MAX_ATTEMPTS", "1")
+        with pytest.raises(storage.StorageError, match="SlowDown"):
+            storage.read_bytes("s3://flaky-bucket/k.bin")
+        assert len(hits) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        t.join()
