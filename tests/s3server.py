@@ -233,26 +233,56 @@ def s3_env(s3_server, monkeypatch):
 GOLDEN_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "golden" / "official-qwen25" / "media"
 
 SAMPLES = [
-    {"id": "img1", "image": "images/grad_224x224.png",
-     "conversations": [{"from": "human", "value": "<image>\nDescribe this image."},
-                       {"from": "gpt", "value": "A colour gradient with two shapes."}]},
-    {"id": "img2", "image": ["images/tiny_28x28.png", "images/text_56x56.png"],
-     "conversations": [{"from": "human", "value": "<image>\n<image>\nCompare them."},
-                       {"from": "gpt", "value": "A checkerboard and a small text tile."}]},
-    {"id": "vid1", "video": "videos/clip_4s_24fps_160x120.mp4",
-     "conversations": [{"from": "human", "value": "<video>\nWhat moves?"},
-                       {"from": "gpt", "value": "A small block moves across the frame."}]},
-    {"id": "txt1",
-     "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]},
-    {"id": "img3", "image": "images/small_150x100.jpg",
-     "conversations": [{"from": "human", "value": "What is written? <image>"},
-                       {"from": "gpt", "value": "A short caption."}]},
-    {"id": "img4", "image": "images/gray_120x90.jpg",
-     "conversations": [{"from": "human", "value": "<image>\nIs this colour?"},
-                       {"from": "gpt", "value": "No, it is grey."}]},
+    {
+        "id": "img1",
+        "image": "images/grad_224x224.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nDescribe this image."},
+            {"from": "gpt", "value": "A colour gradient with two shapes."},
+        ],
+    },
+    {
+        "id": "img2",
+        "image": ["images/tiny_28x28.png", "images/text_56x56.png"],
+        "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nCompare them."},
+            {"from": "gpt", "value": "A checkerboard and a small text tile."},
+        ],
+    },
+    {
+        "id": "vid1",
+        "video": "videos/clip_4s_24fps_160x120.mp4",
+        "conversations": [
+            {"from": "human", "value": "<video>\nWhat moves?"},
+            {"from": "gpt", "value": "A small block moves across the frame."},
+        ],
+    },
+    {"id": "txt1", "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]},
+    {
+        "id": "img3",
+        "image": "images/small_150x100.jpg",
+        "conversations": [
+            {"from": "human", "value": "What is written? <image>"},
+            {"from": "gpt", "value": "A short caption."},
+        ],
+    },
+    {
+        "id": "img4",
+        "image": "images/gray_120x90.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nIs this colour?"},
+            {"from": "gpt", "value": "No, it is grey."},
+        ],
+    },
 ]
-MEDIA_FILES = ["images/grad_224x224.png", "images/tiny_28x28.png", "images/text_56x56.png",
-               "images/small_150x100.jpg", "images/gray_120x90.jpg", "videos/clip_4s_24fps_160x120.mp4"]
+MEDIA_FILES = [
+    "images/grad_224x224.png",
+    "images/tiny_28x28.png",
+    "images/text_56x56.png",
+    "images/small_150x100.jpg",
+    "images/gray_120x90.jpg",
+    "videos/clip_4s_24fps_160x120.mp4",
+]
 
 
 def write_local_dataset(root: Path) -> Path:
@@ -281,9 +311,13 @@ def upload_dataset(server: MotoS3Server, root: Path, bucket: str | None = None) 
     local_dict = write_local_dataset(root / "local")
     server.upload_dir(root / "local", bucket, "ds")
     base = f"s3://{bucket}/ds"
-    d = {"demo": {"data_path": f"{base}/media", "annotation_path": f"{base}/ann/train.jsonl",
-                  "length": len(SAMPLES)}}
+    d = {"demo": {"data_path": f"{base}/media", "annotation_path": f"{base}/ann/train.jsonl", "length": len(SAMPLES)}}
     (root / "s3dict.json").write_text(json.dumps(d, indent=2) + "\n")
-    return {"bucket": bucket, "local_dict": str(local_dict), "s3_local_dict": str(root / "s3dict.json"),
-            "s3_dict": f"{base}/dict.json", "data_path": f"{base}/media",
-            "annotation_path": f"{base}/ann/train.jsonl"}
+    return {
+        "bucket": bucket,
+        "local_dict": str(local_dict),
+        "s3_local_dict": str(root / "s3dict.json"),
+        "s3_dict": f"{base}/dict.json",
+        "data_path": f"{base}/media",
+        "annotation_path": f"{base}/ann/train.jsonl",
+    }

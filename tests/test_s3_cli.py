@@ -179,13 +179,19 @@ def test_dataloader_workers_read_s3(s3_server, s3_dataset, tiny_model_dir, monke
         monkeypatch.setenv(name, value)
     storage.reset()
     proc = AutoProcessor.from_pretrained(str(tiny_model_dir))
-    args = DataArguments(dataset_use="demo", dataset_dict=s3_dataset["s3_dict"], max_pixels=12544,
-                         video_max_frames=4, video_max_frame_pixels=3136)
+    args = DataArguments(
+        dataset_use="demo",
+        dataset_dict=s3_dataset["s3_dict"],
+        max_pixels=12544,
+        video_max_frames=4,
+        video_max_frame_pixels=3136,
+    )
     module = make_data_module(proc.tokenizer, proc.image_processor, args, seed=1)
     ds = module["train_dataset"]
     assert storage.read_bytes(s3_dataset["annotation_path"])  # the parent holds a live S3 client before forking
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork",
-                                         collate_fn=lambda x: x)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=2, multiprocessing_context="fork", collate_fn=lambda x: x
+    )
     items = list(loader)
     assert len(items) == 6
     assert [it.get("bad_sample") for it in items] == [None] * 6

@@ -63,7 +63,10 @@ def test_print_args_never_shows_secrets(s3_dataset, secret_env, tiny_model_dir, 
     cfg = write_run_yaml(tmp_path / "run.yaml", tiny_model_dir, s3_dataset["s3_local_dict"], tmp_path / "out")
     proc = subprocess.run(
         [VLSFT, "print-args", "--config", str(cfg), *(["--json"] if as_json else [])],
-        env=secret_env, capture_output=True, text=True, timeout=60,
+        env=secret_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
@@ -83,8 +86,13 @@ def test_print_args_errors_never_show_secrets(s3_dataset, secret_env, tiny_model
     cfg = write_run_yaml(tmp_path / "run.yaml", tiny_model_dir, s3_dataset["s3_local_dict"], tmp_path / "out")
     secret_env["AWS_SECRET_ACCESS_KEY"] = "wrong-" + secrets.token_hex(16)  # S3 refuses it: an error path
     for extra in (["training.nope=1"], []):  # a config error; S3 refusing the key while counting records
-        proc = subprocess.run([VLSFT, "print-args", "--config", str(cfg), *extra],
-                              env=secret_env, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [VLSFT, "print-args", "--config", str(cfg), *extra],
+            env=secret_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode != 0
         for value in _secrets(secret_env):
             assert value not in proc.stdout + proc.stderr
@@ -93,10 +101,16 @@ def test_print_args_errors_never_show_secrets(s3_dataset, secret_env, tiny_model
 
 def test_literal_secret_in_yaml_is_rejected_without_echo(s3_dataset, secret_env, tiny_model_dir, tmp_path):
     literal = "LITERAL" + secrets.token_hex(12)
-    cfg = write_run_yaml(tmp_path / "run.yaml", tiny_model_dir, s3_dataset["s3_local_dict"], tmp_path / "out",
-                         extra=f"  session_token: {literal}\n")
-    proc = subprocess.run([VLSFT, "print-args", "--config", str(cfg)],
-                          env=secret_env, capture_output=True, text=True, timeout=60)
+    cfg = write_run_yaml(
+        tmp_path / "run.yaml",
+        tiny_model_dir,
+        s3_dataset["s3_local_dict"],
+        tmp_path / "out",
+        extra=f"  session_token: {literal}\n",
+    )
+    proc = subprocess.run(
+        [VLSFT, "print-args", "--config", str(cfg)], env=secret_env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     assert literal not in proc.stdout + proc.stderr
     assert "session_token" in proc.stderr

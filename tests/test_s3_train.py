@@ -62,12 +62,14 @@ storage:
     env.pop("AWS_ENDPOINT_URL")  # the endpoint reaches the ranks only through the YAML's storage block
     env["S3_TEST_ENDPOINT"] = s3_server.url
     secret, key_id = s3_server.secret_access_key, s3_server.access_key_id
-    proc = subprocess.run([VLSFT, "train", "--config", str(cfg)], env=env, capture_output=True, text=True,
-                          timeout=420, cwd=tmp_path)
+    proc = subprocess.run(
+        [VLSFT, "train", "--config", str(cfg)], env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert any((out / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")), sorted(
-        p.name for p in out.iterdir())
+        p.name for p in out.iterdir()
+    )
     assert "world size 2" in log or "world_size 2" in log or "world size: 2" in log, log[-3000:]
 
     files = _text_files(out) + _text_files(tmp_path / "data")
