@@ -1,0 +1,118 @@
+"""Registry: seeded, rank-independent sampling; dictionary + --dataset_use; make_data_module end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qwenvl.data.registry import RegistryError, resolve_sources, sample_indices
+from qwenvl.data.store import AnnotationStore
+
+
+def test_percent_semantics():
+    idx, whole, k = sample_indices(10, 250.0, seed=1, name="a")
+    assert whole == 2 and k == 5 and len(idx) == 25
+    assert sorted(idx[:20].tolist()) == sorted(list(range(10)) * 2)
+    assert len(set(idx[20:].tolist())) == 5  # the fraction is drawn without replacement
+    idx, whole, k = sample_indices(1000, 5.437, seed=1, name="a")
+    assert (whole, k, len(idx)) == (0, 54, 54)  # round(1000 * 0.05437)
+    assert sample_indices(7, 100.0, 3, "x")[0].tolist() == list(range(7))
+
+
+def test_seeded_and_name_dependent():
+    a = sample_indices(10_000, 12.5, seed=42, name="a")[0]
+    assert np.array_equal(a, sample_indices(10_000, 12.5, seed=42, name="a")[0])
+    assert not np.array_equal(a, sample_indices(10_000, 12.5, seed=43, name="a")[0])
+    assert not np.array_equal(a, sample_indices(10_000, 12.5, seed=42, name="b")[0])
+
+
+def test_same_subset_in_every_process():
+    """Two fresh interpreters with different hash seeds (= two ranks) draw the same subset."""
+    code = ("from qwenvl.data.registry import sample_indices;"
+            "print(sample_indices(5000, 33.3, seed=7, name='ds')[0].sum())")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": str(h), "PATH": ""}).stdout for h in (1, 2)}
+    assert len(outs) == 1 and int(outs.pop()) == int(sample_indices(5000, 33.3, seed=7, name="ds")[0].sum())
+
+
+def test_store_formats(tmp_path):
+    recs = [{"id": i, "conversations": [{"from": "human", "value": f"q{i} ü"}]} for i in range(5)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in recs[:3]) + "\n\n" + json.dumps(recs[3]) + "\n")
+    (tmp_path / "b.json").write_text(json.dumps([recs[0], [recs[1], recs[2]], recs[3]]))  # official pre-packed
+    s = AnnotationStore.from_file(str(tmp_path / "a.jsonl"))
+    assert len(s) == 4 and s[3] == recs[3] and s.where(3).endswith("a.jsonl:5")
+    p = AnnotationStore.from_file(str(tmp_path / "b.json"))
+    assert [p[i]["id"] for i in range(len(p))] == [0, 1, 2, 3]
+    (tmp_path / "c.jsonl").write_text('{"ok": 1}\n{broken\n')
+    c = AnnotationStore.from_file(str(tmp_path / "c.jsonl"))
+    with pytest.raises(ValueError, match="c.jsonl:2"):
+        c[1]
+
+
+@pytest.fixture()
+def dictionary(tmp_path, golden_dir):
+    d = {"pub_a": {"data_path": str(golden_dir / "media"), "annotation_path": str(golden_dir / "annotations/public_a.json")},
+         "pub_b": {"data_path": str(golden_dir / "media"),
+                   "annotation_path": str(golden_dir / "annotations/public_b.jsonl"), "sampling_rate": 0.5}}
+    p = tmp_path / "dict.json"
+    p.write_text(json.dumps(d))
+    return str(p)
+
+
+def test_resolve_sources(dictionary):
+    src = resolve_sources("pub_a%250,pub_b", dictionary)
+    assert [(s.name, s.percent) for s in src] == [("pub_a", 250.0), ("pub_b", 50.0)]  # dictionary rate kept
+    assert [s.percent for s in resolve_sources("", dictionary)] == [100.0, 50.0]  # default: all
+    with pytest.raises(RegistryError, match="pub_c"):
+        resolve_sources("pub_c", dictionary)
+
+
+def test_make_data_module_end_to_end(dictionary, qwen_tokenizer_dir, caplog):
+    from transformers import AutoTokenizer
+
+    from qwenvl.data.arguments import DataArguments
+    from qwenvl.data.collate import pop_batch_stats
+    from qwenvl.data.dataset import make_data_module
+
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    args = DataArguments(dataset_use="pub_a%150,pub_b%100", dataset_dict=dictionary, max_pixels=50176,
+                         min_pixels=784, data_flatten=True)
+    with caplog.at_level("INFO"):
+        mod = make_data_module(tok, None, args, seed=3, model_type="qwen2.5vl")
+    ds, coll, report = mod["train_dataset"], mod["data_collator"], mod["report"]
+    n_a = len(json.loads(open(json.loads(open(dictionary).read())["pub_a"]["annotation_path"]).read()))
+    assert report.to_dict()["datasets"]["pub_a"]["samples"] == n_a + round(n_a * 0.5)
+    assert len(ds) == report.total and "samples per epoch" in caplog.text
+    items = [ds[i] for i in range(len(ds))]
+    bad = [s for s in items if "bad_sample" in s]
+    reasons = " | ".join(s["bad_sample"] for s in bad)
+    assert "'images'" in reasons and "tag" in reasons  # q_05 and q_07, reported, not replaced
+    assert all(s["where"] for s in bad)
+    batch = coll(items[:6])
+    stats = pop_batch_stats(batch)
+    assert stats["num_samples"] + stats["num_skipped"] == 6
+    assert batch["position_ids"].shape[0] == 4
+    # same seed -> same dataset, different seed -> a different 50 % draw of pub_a
+    again = make_data_module(tok, None, args, seed=3, model_type="qwen2.5vl")["train_dataset"]
+    assert np.array_equal(again.rec_ids, ds.rec_ids)
+    args.data_seed = 4
+    other = make_data_module(tok, None, args, seed=3, model_type="qwen2.5vl")["train_dataset"]
+    assert not np.array_equal(other.rec_ids, ds.rec_ids)
+
+
+def test_missing_dictionary_is_clear():
+    with pytest.raises(RegistryError, match="dataset_dict"):
+        resolve_sources("a", None)
+
+
+def test_sampling_report_lines():
+    from qwenvl.data.registry import SamplingReport
+
+    r = SamplingReport(seed=1, datasets=[{"name": "a", "records": 10, "percent": 250.0, "samples": 25, "copies": 2,
+                                          "sampled": 5, "annotation_path": "x"}])
+    assert r.total == 25 and "a: 10 records x 250% -> 25 samples (2 whole copies + 5 sampled)" in "\n".join(r.lines())
+    assert json.loads(json.dumps(r.to_dict()))["total_samples"] == 25
