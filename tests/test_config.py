@@ -273,3 +273,20 @@ def test_malformed_yaml_never_crashes(tmp_path, tree, junk, use_junk):
         assert exc.problems
         for problem in exc.problems:
             assert "\n" not in problem.render()
+
+
+_OVERRIDE_KEYS = st.sampled_from([f"{s}.{n}" for s, m in SECTIONS.items() for n in m.model_fields]
+                                 + ["training.extra.optim", "training.extra.a.b", "model", "x.y", "=", ""])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pairs=st.lists(st.tuples(_OVERRIDE_KEYS, st.text(max_size=15) | st.sampled_from(["[a, b]", "{x: 1}", "null",
+                                                                                           "1e9", "-1", "'"])),
+                      max_size=4))
+def test_random_overrides_never_crash(tmp_path, pairs):
+    path = tmp_path / "run.yaml"
+    path.write_text(BASE)
+    try:
+        load_run_config(path, [f"{k}={v}" for k, v in pairs])
+    except ProblemsError as exc:
+        assert exc.problems and all("\n" not in p.render() for p in exc.problems)

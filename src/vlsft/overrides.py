@@ -32,10 +32,16 @@ def _known_dotted_keys() -> list[str]:
     return [f"{sec}.{name}" for sec, model in SECTIONS.items() for name in model.model_fields]
 
 
+def _printable(text: str) -> str:
+    """The override as typed, with control characters escaped so every problem stays on one line."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Problem]:
     problems: list[Problem] = []
     for raw in overrides:
-        where = f"override '{raw}'"
+        shown = _printable(raw)
+        where = f"override '{shown}'"
         if "=" not in raw:
             problems.append(Problem("error", "expected KEY=VALUE", file=where,
                                     hint="e.g. training.learning_rate=2e-5"))
@@ -43,14 +49,14 @@ def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Pro
         key, _, text = raw.partition("=")
         key = key.strip()
         if key.rsplit(".", 1)[-1] in (*SECRET_FIELDS, *SECRET_NAMES):  # never echo a secret from the command line
-            raw = f"{key}=***"
-            where = f"override '{raw}'"
+            shown = f"{key}=***"
+            where = f"override '{shown}'"
         parts = tuple(key.split("."))
         section = parts[0]
         if section not in SECTIONS or len(parts) < 2 or any(not p for p in parts):
             hint = did_you_mean(key, _known_dotted_keys()) or did_you_mean(section, SECTIONS)
             problems.append(Problem("error", "unknown key" if section not in SECTIONS else "expected section.key",
-                                    file=where, key=key, hint=hint or "keys look like training.learning_rate"))
+                                    file=where, key=_printable(key), hint=hint or "keys look like training.learning_rate"))
             continue
         fields = SECTIONS[section].model_fields
         if parts[1] not in fields:
@@ -58,13 +64,14 @@ def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Pro
                                     hint=did_you_mean(key, _known_dotted_keys()) or did_you_mean(parts[1], fields)))
             continue
         if len(parts) > 2 and parts[:2] != ("training", "extra"):
-            problems.append(Problem("error", f"'{section}.{parts[1]}' has no sub-keys", file=where, key=key))
+            problems.append(Problem("error", f"'{section}.{parts[1]}' has no sub-keys", file=where, key=_printable(key)))
             continue
         try:
             value = parse_override_value(text)
         except yaml.YAMLError as exc:
-            problems.append(Problem("error", f"value is not valid YAML: {getattr(exc, 'problem', exc)}",
-                                    file=where, key=key, hint="quote it: KEY='value'"))
+            what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            problems.append(Problem("error", f"value is not valid YAML: {what}",
+                                    file=where, key=_printable(key), hint="quote it: KEY='value'"))
             continue
         node: Any = data
         for i, part in enumerate(parts[:-1]):
@@ -72,11 +79,11 @@ def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Pro
             if not isinstance(child, dict):
                 child = {}
                 node[part] = child
-            marks.key.setdefault(parts[: i + 1], _Mark(None, None, raw))
+            marks.key.setdefault(parts[: i + 1], _Mark(None, None, shown))
             node = child
         node[parts[-1]] = value
         for table in (marks.key, marks.value):
             for path in [p for p in table if p[: len(parts)] == parts]:
                 del table[path]
-        marks.key[parts] = marks.value[parts] = _Mark(None, None, raw)
+        marks.key[parts] = marks.value[parts] = _Mark(None, None, shown)
     return problems
