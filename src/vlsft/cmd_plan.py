@@ -61,12 +61,13 @@ def _env_lines(env: dict[str, str], secret_keys: frozenset[str]) -> list[str]:
     return out
 
 
-def render_text(plan, config_path: str) -> str:  # plan: vlsft.plan.LaunchPlan
+def render_text(plan, config_path: str, overrides: list[str] | None = None) -> str:  # plan: vlsft.plan.LaunchPlan
     from vlsft.plan import SECRET_ENV
 
     cfg = plan.config
     tr = cfg.training
-    parts = [f"# Launch plan for {config_path} (nothing started; `vlsft train --config {config_path}` runs it)", ""]
+    train = " ".join(shlex.quote(t) for t in ["vlsft", "train", "--config", config_path, *(overrides or [])])
+    parts = [f"# Launch plan for {config_path} (nothing started; `{train}` runs it)", ""]
     parts.append("# Environment set for every rank:")
     parts += _env_lines(plan.display_env(), SECRET_ENV) or ["# (none)"]
     parts += ["", "# Command:", format_command(plan.torchrun), ""]
@@ -108,6 +109,6 @@ def print_args(
     if as_json:
         sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
         return
-    typer.echo(render_text(plan, str(config)))
+    typer.echo(render_text(plan, str(config), list(overrides or [])))
     for warning in plan.warnings:
         typer.secho(f"warning: {warning}", fg="yellow")
