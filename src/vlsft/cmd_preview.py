@@ -1,1 +1,180 @@
-"""(placeholder: filled in by its issue)"""
+"""``vlsft datasets preview``: exactly what the model sees for one sample.
+
+    vlsft datasets preview --config run.yaml --dataset NAME --index 0
+    vlsft datasets preview --config run.yaml --dataset NAME --index 0 --json
+    vlsft datasets preview --model ./tiny --dictionary Dataset-Dictionary.json --dataset NAME --index 3
+
+The sample goes through the trainer's own code (``qwenvl.data.dataset.make_builder``: the run's
+tokenizer and image processor from ``model.name_or_path``, the run's ``data.*`` pixel/frame
+settings and ``model_max_length``). The text is printed with runs of vision pads collapsed
+(``<|image_pad|>×64``) and trained tokens highlighted, followed by grids and token counts.
+``--json`` prints ``input_ids``, ``labels``, ``position_ids`` (3 x L), grids, ``second_per_grid_ts``
+and statistics of ``pixel_values`` / ``pixel_values_videos`` (``shape``, ``sum``, ``sum_sq``,
+``abs_sum``; null when absent). Exit 1 for a bad sample (with its reason), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from qwenvl.problems import Problem, ProblemsError, did_you_mean
+from vlsft import render
+from vlsft.app import datasets_app
+
+_DATA_KEYS = ("max_pixels", "min_pixels", "video_max_frames", "video_min_frames", "base_interval",
+              "video_max_frame_pixels", "video_min_frame_pixels", "model_max_length")
+_MODEL_TYPES = {"qwen2_5_vl": "qwen2.5vl", "qwen2_vl": "qwen2vl", "qwen3_vl": "qwen3vl"}
+
+
+def _fail(message: str, *, file: str | None = None, hint: str | None = None, code: int = 2) -> None:
+    render.print_problems(render.stderr(), [Problem("error", message, file=file, hint=hint)])
+    raise typer.Exit(code)
+
+
+def _resolve(base: Path | None, p: str) -> str:
+    if "://" in p or os.path.isabs(p) or base is None:
+        return p
+    return str((base / p).resolve())
+
+
+def _stats(t) -> dict | None:
+    if t is None:
+        return None
+    import torch
+
+    a = t.to(torch.float64)
+    return {"shape": list(t.shape), "sum": float(a.sum()), "sum_sq": float((a * a).sum()),
+            "abs_sum": float(a.abs().sum())}
+
+
+def _render_text(console, tokenizer, ids: list[int], labels: list[int], pads: dict[int, str]) -> None:
+    from rich.text import Text
+
+    text = Text()
+    i, n = 0, len(ids)
+    while i < n:
+        if ids[i] in pads:
+            j = i
+            while j < n and ids[j] == ids[i]:
+                j += 1
+            text.append(f"{pads[ids[i]]}×{j - i}", style="magenta")
+            i = j
+            continue
+        trained = labels[i] != -100
+        j = i
+        while j < n and ids[j] not in pads and (labels[j] != -100) == trained:
+            j += 1
+        text.append(tokenizer.decode(ids[i:j]), style="bold green" if trained else "dim")
+        i = j
+    console.print(text)
+
+
+@datasets_app.command("preview")
+def preview(
+    dataset: str = typer.Option(..., "--dataset", help="Dataset name in the dictionary."),
+    index: int = typer.Option(0, "--index", help="Record index in the dataset's annotation file (0-based)."),
+    config: Path | None = typer.Option(None, "--config", help="Run YAML (model, data.dictionary, data.* settings)."),
+    override: list[str] = typer.Option([], "--set", help="Override a run YAML key, e.g. --set data.max_pixels=50176."),
+    model: str | None = typer.Option(None, "--model", help="Model/tokenizer directory (instead of --config)."),
+    dictionary: str | None = typer.Option(None, "--dictionary", help="Dataset dictionary JSON (instead of --config)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show exactly what the model sees for one sample (tokens, trained spans, grids, pixel statistics)."""
+    from qwenvl.data.arguments import DataArguments
+
+    data_args = DataArguments()
+    if config is not None:
+        from vlsft.config import load_run_config
+
+        try:
+            cfg = load_run_config(config, override)
+        except ProblemsError as exc:
+            render.print_problems(render.stderr(), exc.problems)
+            raise typer.Exit(2) from None
+        base = cfg.base_dir
+        model = model or _resolve(base, cfg.model.name_or_path)
+        dictionary = dictionary or _resolve(base, cfg.data.dictionary)
+        for k in _DATA_KEYS:
+            setattr(data_args, k, getattr(cfg.data, k))
+    if not model or not dictionary:
+        _fail("no model or dictionary given", hint="pass --config run.yaml, or both --model DIR and --dictionary FILE")
+
+    from qwenvl.data.dictionary import load_dictionary
+
+    d = load_dictionary(dictionary, check_files=False)
+    if not d.ok:
+        render.print_problems(render.stderr(), d.errors)
+        raise typer.Exit(2)
+    if dataset not in d.datasets:
+        hint = did_you_mean(dataset, list(d.datasets)) or f"known: {', '.join(sorted(d.datasets))}"
+        _fail(f"no dataset named {dataset!r}", file=str(dictionary), hint=hint)
+    spec = d.datasets[dataset]
+    from qwenvl.data.store import AnnotationStore
+
+    try:
+        store = AnnotationStore.from_file(spec.annotation_path)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot read annotations: {exc}", file=spec.annotation_path)
+    if not 0 <= index < len(store):
+        _fail(f"index {index} out of range: {dataset} has {len(store)} records", hint=f"use 0..{len(store) - 1}")
+    if not Path(model).is_dir() or not (Path(model) / "tokenizer_config.json").exists():
+        _fail(f"model directory {model} has no tokenizer", hint="model.name_or_path must be a local model directory")
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from qwenvl.data.dataset import make_builder
+    from qwenvl.data.preprocess import BadSample
+    from qwenvl.data.vision import MediaError
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(model)
+    except (OSError, ValueError):
+        image_processor = None
+    model_type = "qwen2.5vl"
+    cfg_json = Path(model) / "config.json"
+    if cfg_json.exists():
+        model_type = _MODEL_TYPES.get(json.loads(cfg_json.read_text()).get("model_type", ""), model_type)
+    builder = make_builder(tokenizer, image_processor, data_args, model_type)
+    where = store.where(index)
+    try:
+        sample = builder.build(store[index], spec.data_path)
+    except (BadSample, MediaError, ValueError) as exc:
+        if as_json:
+            print(json.dumps({"bad_sample": str(exc), "where": where}))
+            raise typer.Exit(1) from None
+        _fail(f"bad sample (skipped in training): {exc}", file=where, code=1)
+
+    ids = sample["input_ids"].tolist()
+    labels = sample["labels"].tolist()
+    grid = lambda k: sample[k].tolist() if k in sample else None  # noqa: E731
+    if as_json:
+        spg = sample.get("second_per_grid_ts")
+        print(json.dumps({
+            "dataset": dataset, "index": index, "where": where,
+            "input_ids": ids, "labels": labels, "position_ids": sample["position_ids"].tolist(),
+            "image_grid_thw": grid("image_grid_thw"), "video_grid_thw": grid("video_grid_thw"),
+            "second_per_grid_ts": spg.tolist() if spg is not None else None,
+            "pixel_values": _stats(sample.get("pixel_values")),
+            "pixel_values_videos": _stats(sample.get("pixel_values_videos")),
+        }))
+        return
+    out = render.stdout()
+    enc = builder.encoder
+    out.print(f"[bold]{dataset}[/bold] #{index} ({render.markup(where)})")
+    _render_text(out, tokenizer, ids, labels, {enc.image_pad: "<|image_pad|>", enc.video_pad: "<|video_pad|>"})
+    trained = sum(1 for x in labels if x != -100)
+    out.print(f"tokens: {len(ids)} (trained {trained}, masked {len(ids) - trained}); "
+              f"model_max_length {data_args.model_max_length}")
+    m2 = builder.spec.merge_size ** 2
+    for k, g in enumerate(grid("image_grid_thw") or []):
+        out.print(f"image {k}: grid t,h,w = {g} -> {g[0] * g[1] * g[2] // m2} tokens "
+                  f"({g[1] * builder.spec.patch_size}x{g[2] * builder.spec.patch_size} px)")
+    for k, g in enumerate(grid("video_grid_thw") or []):
+        out.print(f"video {k}: grid t,h,w = {g} -> {g[0] * g[1] * g[2] // m2} tokens; frames "
+                  f"{sample['frame_idx'][k]}; second_per_grid_ts {float(sample['second_per_grid_ts'][k]):.4g}")
+    out.print("[dim]legend: dim = masked (context), [/dim][bold green]green = trained[/bold green]")

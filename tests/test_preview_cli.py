@@ -1,0 +1,72 @@
+"""`vlsft datasets preview` (the real command in a subprocess) against the golden records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture()
+def run_yaml(tmp_path, golden_dir, qwen_tokenizer_dir):
+    d = {"pub_a": {"data_path": str(golden_dir / "media"), "annotation_path": str(golden_dir / "annotations/public_a.json")},
+         "pub_b": {"data_path": str(golden_dir / "media"), "annotation_path": str(golden_dir / "annotations/public_b.jsonl")}}
+    (tmp_path / "dict.json").write_text(json.dumps(d))
+    (tmp_path / "run.yaml").write_text(
+        f"model:\n  name_or_path: {qwen_tokenizer_dir}\n"
+        "data:\n  dictionary: dict.json\n  max_pixels: 50176\n  min_pixels: 784\n"
+        "output:\n  dir: out\n")
+    return tmp_path / "run.yaml"
+
+
+def _vlsft(*args, env):
+    return subprocess.run([sys.executable, "-m", "vlsft", "datasets", "preview", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def _index_of(golden_dir, sid: str) -> tuple[str, int]:
+    a = [r["id"] for r in json.loads((golden_dir / "annotations/public_a.json").read_text())]
+    if sid in a:
+        return "pub_a", a.index(sid)
+    b = [json.loads(x)["id"] for x in (golden_dir / "annotations/public_b.jsonl").read_text().splitlines() if x.strip()]
+    return "pub_b", b.index(sid)
+
+
+def test_preview_json_matches_golden(run_yaml, golden_dir, cli_env):
+    exp = json.loads((golden_dir / "expected/script.json").read_text())["samples"]
+    for sid in ("mi_02", "vid_01"):
+        name, idx = _index_of(golden_dir, sid)
+        r = _vlsft("--config", str(run_yaml), "--dataset", name, "--index", str(idx), "--json", env=cli_env)
+        assert r.returncode == 0, r.stderr
+        got, e = json.loads(r.stdout), exp[sid]
+        assert got["input_ids"] == e["input_ids"] and got["labels"] == e["labels"]
+        assert got["position_ids"] == e["position_ids"]
+        assert got["image_grid_thw"] == e["image_grid_thw"] and got["video_grid_thw"] == e["video_grid_thw"]
+        for key in ("pixel_values", "pixel_values_videos"):
+            if e[key] is None:
+                assert got[key] is None
+            else:
+                assert got[key]["shape"] == e[key]["shape"]
+                assert got[key]["sum_sq"] == pytest.approx(e[key]["sum_sq"], rel=1e-4)
+                assert got[key]["abs_sum"] == pytest.approx(e[key]["abs_sum"], rel=1e-4)
+
+
+def test_preview_text_and_errors(run_yaml, golden_dir, cli_env, qwen_tokenizer_dir):
+    name, idx = _index_of(golden_dir, "si_01")
+    r = _vlsft("--config", str(run_yaml), "--dataset", name, "--index", str(idx), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "<|image_pad|>×64" in r.stdout and "grid t,h,w = [1, 16, 16] -> 64 tokens" in r.stdout
+    assert "tokens: 104" in r.stdout
+    # a bad sample: reason, non-zero exit, no traceback
+    name, idx = _index_of(golden_dir, "q_05")
+    r = _vlsft("--config", str(run_yaml), "--dataset", name, "--index", str(idx), env=cli_env)
+    assert r.returncode == 1 and "'images'" in r.stderr and "Traceback" not in r.stderr
+    r = _vlsft("--config", str(run_yaml), "--dataset", "pub_c", env=cli_env)
+    assert r.returncode == 2 and "pub_c" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # direct use without a run YAML
+    r = _vlsft("--model", str(qwen_tokenizer_dir), "--dictionary", str(run_yaml.parent / "dict.json"),
+               "--dataset", "pub_a", "--index", "99", env=cli_env)
+    assert r.returncode == 2 and "out of range" in r.stderr
