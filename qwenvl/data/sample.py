@@ -84,6 +84,9 @@ class SampleBuilder:
             raise BadSample("uses the key 'videos'; the annotation format reads 'video': rename the key")
         images = _as_list(record.get("image"), "image")
         videos = _as_list(record.get("video"), "video")
+        if videos and self.model_type.replace(".", "").replace("_", "").lower().startswith("qwen3"):
+            raise BadSample("videos are not supported for Qwen3-VL by this pipeline yet (its video format uses "
+                            "per-frame timestamps); use images, or a Qwen2.5-VL model for video data")
         turns = normalize_conversation(record.get("conversations"))
         n_img_tags, n_vid_tags = count_tags(turns)
         if n_img_tags != len(images) or n_vid_tags != len(videos):
