@@ -263,3 +263,35 @@ def test_subprocess_check_and_use(golden_dict, tutorial, cli_env):
     assert r.returncode == 0 and r.stdout == "public_a%5.437,public_b%250\n"
     r = vlsft("datasets", "check", os.path.join(str(tutorial) + ".missing"), env=cli_env)
     assert r.returncode == 2 and "not found" in r.stdout and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_parallel_scan_matches_serial(tmp_path, fmt):
+    """Forked workers over small chunks give exactly the serial result (counts, lines, capping, media)."""
+    from qwenvl.data.annotations import scan
+
+    (tmp_path / "m").mkdir()
+    for i in range(0, 30, 2):
+        (tmp_path / "m" / f"{i}.jpg").write_bytes(b"x")
+    records = []
+    for k in range(400):
+        if k % 7 == 0:
+            records.append({"conversations": _turns("q", "a")})
+        elif k % 11 == 0:
+            records.append({"images": [f"{k % 30}.jpg"], "conversations": _turns("<image>")})
+        else:
+            records.append({"image": f"{k % 30}.jpg", "conversations": _turns("<image>" * (1 + (k % 13 == 0)))})
+    ann = tmp_path / f"t.{fmt}"
+    if fmt == "jsonl":
+        lines = [json.dumps(r) for r in records]
+        lines[5] = "{broken"
+        lines.insert(9, "   ")
+        ann.write_text("\n".join(lines) + "\n")
+    else:
+        ann.write_text(json.dumps(records, indent=1))
+    serial = scan(str(ann), str(tmp_path / "m"), workers=1, chunk=1000)
+    for workers, chunk in [(2, 7), (3, 64), (1, 5)]:
+        par = scan(str(ann), str(tmp_path / "m"), workers=workers, chunk=chunk)
+        assert par == serial, (workers, chunk)
+    assert serial.records == 400 and serial.missing_media == 15
+    assert any(p.message.startswith("... and") for p in serial.problems)

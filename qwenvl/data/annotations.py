@@ -23,7 +23,10 @@ import json
 import logging
 import os
 import posixpath
+import re
+import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,10 +160,11 @@ def _json_item_lines(text: str, wanted: set | None = None) -> dict[tuple[int, in
         return out
     pos += 1
     i = 0
+    last_wanted = max((k[0] for k in wanted), default=-1) if wanted is not None else None
     while True:
         while pos < n and text[pos] in ws + ",":
             pos += 1
-        if pos >= n or text[pos] == "]":
+        if pos >= n or text[pos] == "]" or (last_wanted is not None and i > last_wanted):
             return out
         if text[pos] == "[":  # packed: a list of samples
             out[(i, None)] = line_at(pos)
@@ -207,22 +211,40 @@ def _references_media(rec: Any) -> bool:
     return type(rec) is dict and (rec.get("image") or rec.get("video") or rec.get("images") or rec.get("videos"))
 
 
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic GC while millions of short-lived containers are made (it would cost more than parsing)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def probe(path: str, limit: int = PROBE_LIMIT) -> ProbeInfo:
     """Count records and look for media references. Raises OSError if the file cannot be read."""
+    with _no_gc():
+        return _probe(path, limit)
+
+
+def _probe(path: str, limit: int) -> ProbeInfo:
     info = ProbeInfo()
     fmt = annotation_format(path)
     data = storage.read_bytes(path)
     if fmt == "jsonl":
-        count = 0
-        for line, raw in _nonblank_jsonl(data):
-            count += 1
-            if info.media_line is None and count <= limit:
-                try:
-                    if _references_media(_loads(raw)):
-                        info.media_line = line
-                except _JSONError:
-                    pass
-        info.records = count
+        info.records = _count_jsonl(data)
+        head = data[: data.find(b"\n", min(len(data), limit * 400)) % (len(data) + 1)] if limit else b""
+        for count, (line, raw) in enumerate(_nonblank_jsonl(head), 1):
+            if count > limit:
+                break
+            try:
+                if _references_media(_loads(raw)):
+                    info.media_line = line
+                    break
+            except _JSONError:
+                pass
         return info
     try:
         doc = _load_json_document(data)
@@ -283,19 +305,25 @@ class _Sink:
     def __init__(self, path: str, max_per_kind: int):
         self.path = path
         self.max = max_per_kind
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # every problem, by kind
+        self.kept: dict[str, int] = {}  # listed problems, by kind
         self.items: list[tuple[Any, str, str, str, str | None, str | None]] = []
 
     def add(self, loc: Any, kind: str, severity: str, message: str, key: str | None = None,
             hint: str | None = None) -> None:
-        c = self.counts.get(kind, 0) + 1
-        self.counts[kind] = c
-        if c <= self.max:
-            self.items.append((loc, kind, severity, message, key, hint))
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.keep((loc, kind, severity, message, key, hint))
+
+    def keep(self, item: tuple) -> None:
+        kind = item[1]
+        k = self.kept.get(kind, 0)
+        if k < self.max:
+            self.kept[kind] = k + 1
+            self.items.append(item)
 
 
 def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, Any] | None,
-                  res: ScanResult) -> None:
+                  res: Any) -> None:
     """Count one sample and (``deep``) check it. Kept flat: this runs a million times."""
     if type(rec) is not dict:
         sink.add(loc, "not_object", "error", f"sample is {type(rec).__name__}, not a JSON object",
@@ -349,134 +377,238 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
     n_img = 0
     n_vid = 0
     prev = -1
-    first = True
+    first_side = -1
     has_answer = False
+    sides = _SIDES
     for turn in conv:
-        if type(turn) is not dict:
+        try:
+            spk = turn.get("from")
+            if spk is None:
+                spk = turn.get("role")
+                val = turn.get("content")
+            else:
+                val = turn.get("value")
+            side = sides.get(spk)
+        except AttributeError:  # not a dict
             sink.add(loc, "bad_turn", "error", f"a turn is {type(turn).__name__}, not an object", key="conversations",
                      hint='write {"from": "human", "value": "..."}')
             continue
-        spk = turn.get("from")
-        if spk is None:
-            spk = turn.get("role")
-            val = turn.get("content")
-            vkey = "content"
-        else:
-            val = turn.get("value")
-            vkey = "value"
-        side = _SIDES.get(spk) if type(spk) is str else None
+        except TypeError:  # unhashable speaker
+            side = None
         if side is None:
-            if spk is None:
-                sink.add(loc, "no_speaker", "error", "a turn has neither 'from' nor 'role'", key="conversations",
-                         hint='write {"from": "human"|"gpt", "value": "..."}')
-            else:
-                sink.add(loc, "bad_speaker", "error", f"unknown speaker {spk!r}", key="from",
-                         hint="use 'human' or 'gpt' (or role 'user' / 'assistant')")
+            _bad_speaker(turn, loc, sink)
             continue
-        if first:
-            first = False
-            if side == 1:
-                sink.add(loc, "gpt_first", "warning", "the first turn is from gpt; the official trainer drops it",
-                         key="conversations", hint="start with a human turn")
-        elif side == prev and side != 2:
-            sink.add(loc, "no_alternation", "warning", "two turns in a row from the same speaker", key="conversations",
-                     hint="alternate human and gpt turns")
+        if side == prev:
+            if side != 2:
+                sink.add(loc, "no_alternation", "warning", "two turns in a row from the same speaker",
+                         key="conversations", hint="alternate human and gpt turns")
+        elif first_side < 0:
+            first_side = side
         prev = side
-        if type(val) is not str:
-            if val is None:
-                sink.add(loc, "empty_value", "error", f"a turn has no '{vkey}'", key=vkey)
-            else:
-                sink.add(loc, "value_type", "error", f"'{vkey}' must be a string, found {type(val).__name__}", key=vkey)
-            continue
-        if not val or val.isspace():
-            sink.add(loc, "empty_value", "error", "a turn has an empty value", key=vkey, hint="write the text or remove the turn")
+        if type(val) is not str or not val or val.isspace():
+            _bad_value(turn, val, loc, sink)
             continue
         if side == 1:
             has_answer = True
-        if "<" in val:
-            ci = val.count("<image>")
-            cv = val.count("<video>")
-            if side == 1:
-                if ci or cv:
-                    sink.add(loc, "tag_in_gpt", "error", "a gpt turn contains an <image>/<video> tag; it is not replaced",
-                             key=vkey, hint="media tags belong in human turns")
-            else:
-                n_img += ci
-                n_vid += cv
+            if "<" in val and ("<image>" in val or "<video>" in val):
+                sink.add(loc, "tag_in_gpt", "error", "a gpt turn contains an <image>/<video> tag; it is not replaced",
+                         key="value" if "value" in turn else "content", hint="media tags belong in human turns")
+        elif "<" in val:
+            n_img += val.count("<image>")
+            n_vid += val.count("<video>")
+    if first_side == 1:
+        sink.add(loc, "gpt_first", "warning", "the first turn is from gpt; the official trainer drops it",
+                 key="conversations", hint="start with a human turn")
     if n_img != len(imgs):
         sink.add(loc, "image_tags", "error", f"{n_img} <image> tag(s) for {len(imgs)} image(s)", key="image",
                  hint="put one <image> tag in a human turn per image, in order")
     if n_vid != len(vids):
         sink.add(loc, "video_tags", "error", f"{n_vid} <video> tag(s) for {len(vids)} video(s)", key="video",
                  hint="put one <video> tag in a human turn per video, in order")
-    if not has_answer and not first:
+    if not has_answer and first_side >= 0:
         sink.add(loc, "no_answer", "error", "no gpt turn with text: nothing to train on", key="conversations")
 
 
+def _bad_speaker(turn: dict, loc: Any, sink: _Sink) -> None:
+    spk = turn.get("from", turn.get("role"))
+    if spk is None:
+        sink.add(loc, "no_speaker", "error", "a turn has neither 'from' nor 'role'", key="conversations",
+                 hint='write {"from": "human"|"gpt", "value": "..."}')
+    else:
+        sink.add(loc, "bad_speaker", "error", f"unknown speaker {spk!r}", key="from" if "from" in turn else "role",
+                 hint="use 'human' or 'gpt' (or role 'user' / 'assistant')")
+
+
+def _bad_value(turn: dict, val: Any, loc: Any, sink: _Sink) -> None:
+    vkey = "value" if "from" in turn else "content"
+    if val is None:
+        sink.add(loc, "empty_value", "error", f"a turn has no '{vkey}'", key=vkey)
+    elif type(val) is not str:
+        sink.add(loc, "value_type", "error", f"'{vkey}' must be a string, found {type(val).__name__}", key=vkey)
+    else:
+        sink.add(loc, "empty_value", "error", "a turn has an empty value", key=vkey, hint="write the text or remove the turn")
+
+
+PARALLEL_MIN_RECORDS = 200_000  # files at least this long are checked by several processes (fork, Linux)
+CHUNK = 65_536  # records per unit of work (and per progress update)
+
+# The job of the current scan, read by _scan_chunk in this process or in forked workers (inherited, not pickled).
+_JOB: dict[str, Any] = {}
+
+
+@dataclass
+class _Part:
+    records: int = 0
+    samples: int = 0
+    images: int = 0
+    videos: int = 0
+    text_only: int = 0
+    items: list = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+    media: dict | None = None
+
+
+def _scan_chunk(bounds: tuple) -> _Part:
+    lo, hi = bounds[0], bounds[1]
+    job = _JOB
+    deep = job["deep"]
+    sink = _Sink(job["path"], job["max_per_kind"])
+    part = _Part(media={} if job["media"] else None)
+    media = part.media
+    check = _check_record
+    items = job["items"]
+    if job["fmt"] == "jsonl":
+        # bounds are (first byte, end byte, line number of the first byte): each worker splits its own bytes
+        first_line = bounds[2]  # type: ignore[misc]
+        loads = _loads
+        n = 0
+        for line, raw in enumerate(items[lo:hi].split(b"\n"), first_line):
+            if not raw or raw.isspace():
+                continue
+            n += 1
+            try:
+                rec = loads(raw)
+            except _JSONError as exc:
+                msg = str(exc).split(":")[0] if str(exc) else "invalid JSON"
+                sink.add(line, "json", "error", f"line is not valid JSON: {msg}",
+                         hint="each line of a .jsonl file is one complete JSON object")
+                continue
+            check(rec, line, sink, deep, media, part)
+        part.records = part.samples = n
+    else:
+        for i in range(lo, hi):
+            item = items[i]
+            part.records += 1
+            if type(item) is list:
+                for j, rec in enumerate(item):
+                    part.samples += 1
+                    check(rec, (i, j), sink, deep, media, part)
+            else:
+                part.samples += 1
+                check(item, (i, None), sink, deep, media, part)
+    part.items = sink.items
+    part.counts = sink.counts
+    return part
+
+
+_MAYBE_BLANK = re.compile(rb"\n[ \t\r\x0b\x0c\n]")  # a line that may be blank starts like this
+
+
+def _count_jsonl(data: bytes) -> int:
+    """Non-blank lines, at C speed when no line can be blank (the usual case)."""
+    if not data:
+        return 0
+    if not data[:1].isspace() and _MAYBE_BLANK.search(data) is None:
+        return data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    return sum(1 for raw in data.split(b"\n") if raw and not raw.isspace())
+
+
+def _byte_chunks(data: bytes, size: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first line)`` byte ranges of about ``size`` bytes, cut after a newline."""
+    out = []
+    start = 0
+    line = 1
+    n = len(data)
+    while start < n:
+        end = data.find(b"\n", min(n, start + max(1, size)))
+        end = n if end < 0 else end + 1
+        out.append((start, end, line))
+        line += data.count(b"\n", start, end)
+        start = end
+    return out
+
+
+def _workers(total: int, requested: int | None) -> int:
+    if requested is None:
+        env = os.environ.get("VLSFT_CHECK_WORKERS")
+        if env and env.isdigit():
+            requested = int(env)
+        elif total < PARALLEL_MIN_RECORDS:
+            return 1
+        else:
+            requested = min(os.cpu_count() or 1, 8)
+    if requested <= 1 or sys.platform != "linux":
+        return 1
+    return requested
+
+
 def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bool = True,
-         progress: Callable[[int], None] | None = None, max_per_kind: int = MAX_PER_KIND) -> ScanResult:
+         progress: Callable[[int], None] | None = None, max_per_kind: int = MAX_PER_KIND,
+         workers: int | None = None, chunk: int = CHUNK) -> ScanResult:
     """Read every record of one annotation file; count and (``deep``) check each sample.
 
     Raises OSError when the file cannot be read. Media paths resolve against ``data_path``
-    (absolute paths and URLs are kept).
+    (absolute paths and URLs are kept). Long files are split into chunks checked by
+    ``workers`` forked processes (default: one per CPU from PARALLEL_MIN_RECORDS records on;
+    ``VLSFT_CHECK_WORKERS`` overrides); the result is the same as a single-process scan.
     """
     res = ScanResult(path=path)
     sink = _Sink(path, max_per_kind)
     media: dict[str, Any] | None = {} if (deep and check_media) else None
     data = storage.read_bytes(path)
     fmt = annotation_format(path)
-    step = 65_536
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived dicts: the cyclic GC would cost more than the parsing
     try:
         if fmt == "jsonl":
-            loads = _loads
-            check = _check_record
-            n = 0
-            for line, raw in enumerate(data.split(b"\n"), 1):
-                if not raw or raw.isspace():
-                    continue
-                n += 1
-                try:
-                    rec = loads(raw)
-                except _JSONError as exc:
-                    msg = str(exc).split(":")[0] if str(exc) else "invalid JSON"
-                    sink.add(line, "json", "error", f"line is not valid JSON: {msg}",
-                             hint="each line of a .jsonl file is one complete JSON object")
-                    continue
-                check(rec, line, sink, deep, media, res)
-                if progress is not None and not n % step:
-                    progress(step)
-            res.records = n
-            res.samples = n
-            if progress is not None:
-                progress(n % step)
+            items: Any = data
+            total = len(data) // 150  # an estimate is enough to choose the number of workers
+            bounds = _byte_chunks(data, chunk * 200)  # ~200 bytes per record
         else:
             try:
-                doc = _load_json_document(data)
+                items = _load_json_document(data)
             except (ValueError, RecursionError) as exc:
                 line, col, msg = _json_error(exc, data)
                 res.problems.append(Problem("error", f"annotation file is not valid JSON: {msg}", path, line, col))
                 return res
-            if not isinstance(doc, list):
+            if not isinstance(items, list):
                 res.problems.append(Problem("error", "the top level of a .json annotation file must be a list", path, 1, 1))
                 return res
-            res.records = len(doc)
-            for i, item in enumerate(doc):
-                if type(item) is list:
-                    for j, rec in enumerate(item):
-                        res.samples += 1
-                        _check_record(rec, (i, j), sink, deep, media, res)
-                else:
-                    res.samples += 1
-                    _check_record(item, (i, None), sink, deep, media, res)
-                if progress is not None and not (i + 1) % step:
-                    progress(step)
-            if progress is not None:
-                progress(len(doc) % step)
+            total = len(items)
+            bounds = [(lo, min(lo + chunk, total)) for lo in range(0, total, max(1, chunk))]
+        _JOB.update(path=path, fmt=fmt, items=items, deep=deep, media=media is not None, max_per_kind=max_per_kind)
+        n_workers = min(_workers(total, workers), len(bounds))
+        try:
+            if n_workers > 1:
+                import multiprocessing
+
+                with multiprocessing.get_context("fork").Pool(n_workers) as pool:
+                    for part in pool.imap(_scan_chunk, bounds):
+                        _merge(res, sink, media, part)
+                        if progress is not None:
+                            progress(part.records)
+            else:
+                for b in bounds:
+                    part = _scan_chunk(b)
+                    _merge(res, sink, media, part)
+                    if progress is not None:
+                        progress(part.records)
+        finally:
+            _JOB.clear()
     finally:
         if gc_was_enabled:
             gc.enable()
+    del items
     if media:
         _check_media_exist(media, data_path, sink, res)
     # resolve locators to lines
@@ -496,6 +628,25 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
             res.problems.append(Problem(ex.severity, f"... and {more:,} more like: {ex.message}", path, None, None,
                                         ex.key, ex.hint))
     return res
+
+
+def _merge(res: ScanResult, sink: _Sink, media: dict | None, part: _Part) -> None:
+    res.records += part.records
+    res.samples += part.samples
+    res.images += part.images
+    res.videos += part.videos
+    res.text_only += part.text_only
+    for item in part.items:
+        sink.keep(item)
+    for kind, count in part.counts.items():
+        sink.counts[kind] = sink.counts.get(kind, 0) + count
+    if media is not None and part.media:
+        if not media:
+            media.update(part.media)
+        else:
+            for k, v in part.media.items():
+                if k not in media:
+                    media[k] = v
 
 
 def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink, res: ScanResult) -> None:
