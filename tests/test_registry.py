@@ -116,3 +116,26 @@ def test_sampling_report_lines():
                                           "sampled": 5, "annotation_path": "x"}])
     assert r.total == 25 and "a: 10 records x 250% -> 25 samples (2 whole copies + 5 sampled)" in "\n".join(r.lines())
     assert json.loads(json.dumps(r.to_dict()))["total_samples"] == 25
+
+
+def test_dataloader_workers_end_to_end(dictionary, qwen_tokenizer_dir):
+    """The real DataLoader path: 2 workers, packing collator, bad samples counted across the epoch."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from qwenvl.data.arguments import DataArguments
+    from qwenvl.data.collate import BadSampleMonitor, pop_batch_stats
+    from qwenvl.data.dataset import make_data_module
+
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    args = DataArguments(dataset_use="pub_a,pub_b", dataset_dict=dictionary, max_pixels=50176, min_pixels=784,
+                         data_packing=True, model_max_length=400)
+    mod = make_data_module(tok, None, args, seed=0, model_type="qwen2.5vl")
+    loader = torch.utils.data.DataLoader(mod["train_dataset"], batch_size=8, num_workers=2,
+                                         collate_fn=mod["data_collator"])
+    monitor = BadSampleMonitor(max_ratio=0.5)
+    for batch in loader:
+        monitor.update(pop_batch_stats(batch))
+        assert batch["input_ids"].shape[1] <= 400 and batch["position_ids"].shape[0] == 4
+        assert "pixel_values" in batch and "pixel_values_videos" in batch
+    assert monitor.seen == len(mod["train_dataset"]) and monitor.skipped == 2  # q_05, q_07

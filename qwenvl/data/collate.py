@@ -105,7 +105,8 @@ class DataCollator:
 
     def __init__(self, *, pad_token_id: int, mode: str = "padded", model_max_length: int | None = None,
                  ensure_vision: bool = True, patch_dim: int = 1176, merge_size: int = 2,
-                 temporal_patch_size: int = 2, token_ids: dict | None = None, rope: RopeIndex | None = None):
+                 temporal_patch_size: int = 2, token_ids: dict | None = None, rope: RopeIndex | None = None,
+                 keep_second_per_grid_ts: bool = True):
         if mode not in ("padded", "flatten", "packing"):
             raise ValueError(f"unknown collate mode {mode!r}: padded, flatten or packing")
         if mode == "packing" and not model_max_length:
@@ -114,6 +115,7 @@ class DataCollator:
         self.mode = mode
         self.model_max_length = model_max_length
         self.ensure_vision = ensure_vision
+        self.keep_second_per_grid_ts = keep_second_per_grid_ts  # only Qwen2.5-VL's forward takes it
         self.patch_dim = patch_dim
         self.merge_size = merge_size
         self.temporal_patch_size = temporal_patch_size
@@ -186,6 +188,8 @@ class DataCollator:
             batch = self._packed_rows([samples + ([dummy] if dummy else [])])
         else:
             batch = self._packed_rows(self._pack(samples, dummy))
+        if not self.keep_second_per_grid_ts:
+            batch.pop("second_per_grid_ts", None)
         batch["num_samples"] = n_real
         batch["num_skipped"] = skipped
         return batch

@@ -82,7 +82,9 @@ def make_collator(tokenizer, builder: SampleBuilder, data_args, *, ensure_vision
                         temporal_patch_size=spec.temporal_patch_size,
                         token_ids={"vision_start": enc.vision_start, "vision_end": enc.vision_end,
                                    "image_pad": enc.image_pad, "video_pad": enc.video_pad},
-                        rope=builder.rope)
+                        rope=builder.rope,
+                        keep_second_per_grid_ts=builder.model_type.replace(".", "").replace("_", "").lower()
+                        in ("qwen25vl",))
 
 
 def make_data_module(tokenizer, image_processor, data_args, *, seed: int, model_type: str = "qwen2.5vl",

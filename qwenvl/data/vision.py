@@ -50,6 +50,7 @@ class VisionSpec:
         """Read the geometry from any Qwen image processor (PIL or torchvision backend, or None)."""
         if image_processor is None:
             return cls()
+        image_processor = getattr(image_processor, "image_processor", image_processor)  # a full Processor
         get = lambda k, d: getattr(image_processor, k, None) or d  # noqa: E731
         return cls(
             patch_size=int(get("patch_size", 14)),
