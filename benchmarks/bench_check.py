@@ -78,12 +78,15 @@ def generate(root: Path, samples: int, files: int, json_share: float = 0.1) -> P
     return dictionary
 
 
-def run_check(dictionary: Path) -> tuple[float, float, dict]:
+def run_check(dictionary: Path, workers: int | None = None) -> tuple[float, float, dict]:
     """Wall seconds, CPU seconds (user+sys of the command and its workers) and the --json report."""
     cmd = [sys.executable, "-m", "vlsft", "datasets", "check", str(dictionary), "--deep", "--json"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if workers:
+        env["VLSFT_CHECK_WORKERS"] = str(workers)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -97,6 +100,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1_000_000)
     ap.add_argument("--files", type=int, default=4_000, help="distinct media files (images + 10 %% videos)")
     ap.add_argument("--runs", type=int, default=3, help="timed runs; the best is reported")
+    ap.add_argument("--workers", type=int, default=None, help="processes for the scan (default: one per CPU)")
     ap.add_argument("--keep", type=Path, default=None, help="generate into this folder and keep it")
     args = ap.parse_args()
 
@@ -104,7 +108,15 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        dictionary = generate(root, args.samples, args.files)
+        stamp = root / f".generated-{args.samples}-{args.files}"
+        if args.keep is not None and stamp.exists():
+            dictionary = root / "Dataset-Dictionary.json"  # reuse what an earlier --keep run generated
+        else:
+            if args.keep is not None:
+                shutil.rmtree(root, ignore_errors=True)
+                root.mkdir(parents=True)
+            dictionary = generate(root, args.samples, args.files)
+            stamp.touch()
         gen_s = time.perf_counter() - t0
         size_mb = sum(p.stat().st_size for p in root.glob("*.json*")) / 1e6
         print(f"generated {args.samples:,} samples ({size_mb:.0f} MB of annotations), {args.files:,} media files "
@@ -114,7 +126,7 @@ def main() -> None:
         report: dict = {}
         for i in range(args.runs):
             load = os.getloadavg()[0]
-            wall, cpu, report = run_check(dictionary)
+            wall, cpu, report = run_check(dictionary, args.workers)
             walls.append(wall)
             cpus.append(cpu)
             print(f"run {i + 1}: {wall:.2f} s = {args.samples / wall:,.0f} samples/s (CPU {cpu:.2f} s; "
@@ -133,6 +145,7 @@ def main() -> None:
             "problems": len(report["problems"]),
             "counted_media_refs": checked,
             "cpus": os.cpu_count(),
+            "workers": args.workers or "auto",
         }
         print(json.dumps(result))
     finally:
