@@ -295,3 +295,37 @@ def test_parallel_scan_matches_serial(tmp_path, fmt):
         assert par == serial, (workers, chunk)
     assert serial.records == 400 and serial.missing_media == 15
     assert any(p.message.startswith("... and") for p in serial.problems)
+
+
+@pytest.mark.slow
+def test_check_dictionary_on_s3(golden_dir, tmp_path):
+    """The dictionary, annotations and media all on a real S3 server (moto), relative paths resolved as URLs."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from s3server import get_server
+
+    server = get_server()
+    bucket = server.make_bucket()
+    server.upload_dir(golden_dir / "annotations", bucket, "data/annotations")
+    server.upload_dir(golden_dir / "media", bucket, "data/media")
+    server.put(bucket, "data/Dataset-Dictionary.json", json.dumps({
+        "public_a": {"data_path": "media", "annotation_path": "annotations/public_a.json", "length": 15},
+        "public_b": {"data_path": "media", "annotation_path": "annotations/public_b.jsonl", "sampling_rate": 0.5},
+        "wrong_media": {"data_path": "no-media-here", "annotation_path": "annotations/public_b.jsonl"},
+        "gone": {"data_path": "media", "annotation_path": "annotations/gone.jsonl"},
+    }).encode())
+    env = server.subprocess_env()
+    r = vlsft("datasets", "check", f"s3://{bucket}/data/Dataset-Dictionary.json", "--deep", "--json", env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    rows = {d["name"]: d for d in report["datasets"]}
+    assert (rows["public_a"]["actual_length"], rows["public_a"]["images"], rows["public_a"]["videos"]) == (15, 11, 4)
+    assert rows["public_b"]["samples_per_epoch"] == 7
+    probs = report["problems"]
+    a = f"s3://{bucket}/data/annotations/public_a.json"
+    assert any(p["file"] == a and p["line"] == 218 and p["key"] == "images" for p in probs)
+    missing = [p for p in probs if p["message"].startswith("media file not found")]
+    assert missing and all(f"s3://{bucket}/data/no-media-here/" in p["message"] for p in missing)
+    assert not any(f"s3://{bucket}/data/media/" in p["message"] for p in missing)
+    assert any("dataset 'gone' not found" in p["message"] for p in probs)
+    r = vlsft("datasets", "use", f"s3://{bucket}/data/Dataset-Dictionary.json", env=env)
+    assert r.returncode == 1 and "gone" in r.stderr
