@@ -205,7 +205,7 @@ def check(
 
     Exit 0 when there are no errors (warnings allowed), 1 when there are, 2 when the file is unusable.
     """
-    report = build_report(path, deep=deep, progress=None if not as_json else render.stderr().is_terminal)
+    report = build_report(path, deep=deep)  # progress bar on stderr only when it is a terminal
     if as_json:
         sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
     else:
