@@ -181,6 +181,11 @@ def print_report(report: CheckReport) -> None:
                 _num(r.text_only),
                 ", ".join(probs),
             )
+        from rich.measure import Measurement
+
+        need = Measurement.get(out, out.options.update_width(1000), table).maximum
+        if need > out.width:  # a narrow terminal: let lines run long rather than cut numbers to "…"
+            out.width = need
         out.print(table)
         if not report.deep and any(r.images is None and r.actual_length is not None for r in report.rows):
             out.print("(image/video/text-only counts of large files: run with --deep)")
