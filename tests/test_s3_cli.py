@@ -196,3 +196,42 @@ def test_dataloader_workers_read_s3(s3_server, s3_dataset, tiny_model_dir, monke
     assert len(items) == 6
     assert [it.get("bad_sample") for it in items] == [None] * 6
     assert sum("pixel_values_videos" in it for it in items) == 1
+
+
+def _preview_yaml(path: Path, model_dir: Path, dictionary: str) -> Path:
+    path.write_text(
+        f"""model: {{name_or_path: {model_dir}, tune_mm_llm: true}}
+data: {{dictionary: {dictionary}, max_pixels: 12544, video_max_frames: 4, video_max_frame_pixels: 3136}}
+output: {{dir: {path.parent / "out"}}}
+"""
+    )
+    return path
+
+
+def test_preview_of_s3_sample_equals_local(s3_dataset, env, tiny_model_dir, tmp_path):
+    """`vlsft datasets preview --json` of the S3 video sample equals the same sample on local disk.
+
+    (Every sample, images included, is compared at the library level in test_samples_built_from_s3_equal_local.)
+    """
+    s3_cfg = _preview_yaml(tmp_path / "s3.yaml", tiny_model_dir, s3_dataset["s3_dict"])
+    local_cfg = _preview_yaml(tmp_path / "local.yaml", tiny_model_dir, s3_dataset["local_dict"])
+    procs = [
+        subprocess.Popen(
+            [VLSFT, "datasets", "preview", "--config", str(cfg), "--dataset", "demo", "--index", "2", "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cfg in (s3_cfg, local_cfg)
+    ]
+    docs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out + err
+        docs.append(json.loads(out))
+    remote, local = docs
+    assert remote.pop("where").startswith(s3_dataset["annotation_path"])
+    local.pop("where")
+    assert remote == local
+    assert remote["video_grid_thw"] and remote["pixel_values_videos"]["sum"] != 0
