@@ -156,3 +156,37 @@ def test_negative_control_three_rows_leak(model, samples):
     batch["position_ids"] = batch["position_ids"][1:]  # 3 rows: transformers cannot see sample boundaries
     _, grads = _run(model, batch)
     assert _max_rel_grad(ref_grads, grads) > 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["flatten", "packing"])
+def test_cuda_packed_equivalence(tiny_model_dir, tmp_path, mode):
+    """On a GPU (sdpa, fp32): packed rows equal one by one, synthetic images + the dummy video."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    rng = torch.Generator().manual_seed(0)
+    for k, (w, h) in enumerate([(224, 224), (320, 200), (90, 700)]):
+        arr = (torch.rand(h, w, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(tmp_path / f"im{k}.png")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    b = SampleBuilder(tok, VisionBudget(max_pixels=50176, min_pixels=784))
+    conv = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]  # noqa: E731
+    items = [b.build({"image": "im0.png", "conversations": conv("<image>\nDescribe.", "Noise, mostly grey.")},
+                     str(tmp_path)),
+             b.build({"conversations": conv("Say hi.", "Hi there, friend!")}, None),
+             b.build({"image": ["im1.png", "im2.png"], "conversations": conv("<image> and <image>?", "Two noisy pics.")},
+                     str(tmp_path))]
+    m = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                    attn_implementation="sdpa").cuda()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3.0)
+    m.train()
+    cuda = lambda d: {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in d.items()}  # noqa: E731
+    ref_loss, ref_grads = _reference(m, [cuda(s) for s in items])
+    batch = DataCollator(pad_token_id=151643, mode=mode, model_max_length=200)(items)
+    pop_batch_stats(batch)
+    loss, grads = _run(m, cuda(batch))
+    assert loss == pytest.approx(ref_loss, rel=1e-4)
+    assert _max_rel_grad(ref_grads, grads) < 1e-3

@@ -1,9 +1,10 @@
 """3-D M-RoPE position ids per sample, built on transformers' own Qwen2.5-VL rope code.
 
 The (t, h, w) ids of every image/video block come from transformers'
-``Qwen2_5_VLModel.get_vision_position_ids`` (called unbound: it reads no weights and no config),
-with the video time interval ``tokens_per_second * second_per_grid_t`` as in
-``Qwen2_5_VLModel.get_rope_index``. No model is built; the cost is ~0.2 ms per sample.
+``Qwen2_5_VLModel.get_vision_position_ids`` (called unbound: it reads no weights and no config);
+a video's temporal index k is then scaled to ``int(k * tokens_per_second * second_per_grid_t)``
+as in ``Qwen2_5_VLModel.get_rope_index`` (done here, in float32, because transformers < 5.24
+returns a float index when given the interval). No model is built; the cost is ~0.2 ms per sample.
 
 One deliberate difference from transformers 5.24's ``get_rope_index``: after a vision block, the
 following text resumes at ``max(block ids) + 1`` — what the official Qwen2.5-VL fine-tuning code
@@ -85,11 +86,14 @@ class RopeIndex:
                 except StopIteration:
                     raise ValueError(f"more {'image' if k == 1 else 'video'} tokens than grids") from None
                 ntok = int(grid.prod()) // (self.merge ** 2)
-                interval = 1.0
+                block = self._vision_ids(None, cur, grid, 1, self.merge, 1).to(torch.long)
                 if k == 2 and self.scale_video_time:
+                    # temporal index k -> int(k * second_per_grid_t * tokens_per_second), in float32 as
+                    # transformers and the official code compute it (applied here so that transformers
+                    # versions that do not cast the scaled index back to int behave the same)
                     t = next(spg, None)
                     interval = self.tokens_per_second * (t if t is not None else torch.tensor(1.0))
-                block = self._vision_ids(None, cur, grid, 1, self.merge, interval).to(torch.long)
+                    block[0] = cur + ((block[0] - cur) * interval).long()
                 parts.append(block)
                 cur = int(block.max()) + 1
                 pos += ntok
