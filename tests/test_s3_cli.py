@@ -198,12 +198,12 @@ def test_dataloader_workers_read_s3(s3_server, s3_dataset, tiny_model_dir, monke
     assert sum("pixel_values_videos" in it for it in items) == 1
 
 
-def _preview_yaml(path: Path, model_dir: Path, dictionary: str) -> Path:
+def _preview_yaml(path: Path, model_dir: Path, dictionary: str, storage: str = "") -> Path:
     path.write_text(
         f"""model: {{name_or_path: {model_dir}, tune_mm_llm: true}}
 data: {{dictionary: {dictionary}, max_pixels: 12544, video_max_frames: 4, video_max_frame_pixels: 3136}}
 output: {{dir: {path.parent / "out"}}}
-"""
+{storage}"""
     )
     return path
 
@@ -212,8 +212,12 @@ def test_preview_of_s3_sample_equals_local(s3_dataset, env, tiny_model_dir, tmp_
     """`vlsft datasets preview --json` of the S3 video sample equals the same sample on local disk.
 
     (Every sample, images included, is compared at the library level in test_samples_built_from_s3_equal_local.)
+    The endpoint is given only by the run YAML's storage block.
     """
-    s3_cfg = _preview_yaml(tmp_path / "s3.yaml", tiny_model_dir, s3_dataset["s3_dict"])
+    endpoint = env.pop("AWS_ENDPOINT_URL")
+    s3_cfg = _preview_yaml(
+        tmp_path / "s3.yaml", tiny_model_dir, s3_dataset["s3_dict"], f"storage: {{endpoint_url: {endpoint}}}\n"
+    )
     local_cfg = _preview_yaml(tmp_path / "local.yaml", tiny_model_dir, s3_dataset["local_dict"])
     procs = [
         subprocess.Popen(

@@ -95,6 +95,9 @@ def preview(
         except ProblemsError as exc:
             render.print_problems(render.stderr(), exc.problems)
             raise typer.Exit(2) from None
+        from vlsft.plan import storage_overrides
+
+        os.environ.update(storage_overrides(cfg, os.environ))  # the run's storage.* for s3:// reads (this process)
         base = cfg.base_dir
         model = model or _resolve(base, cfg.model.name_or_path)
         dictionary = dictionary or _resolve(base, cfg.data.dictionary)

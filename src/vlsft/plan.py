@@ -245,10 +245,8 @@ def _record_count(name: str, spec: Any, dictionary: Any, problems: list[Problem]
         return None
 
 
-def storage_environment(cfg: RunConfig, environ: Mapping[str, str]):
-    """Context manager: this process's environment with the run's ``storage.*`` applied (for reading s3://)."""
-    from qwenvl import storage
-
+def storage_overrides(cfg: RunConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables the run's ``storage.*`` sets (``${VAR}`` references resolved; unset ones skipped)."""
     overrides: dict[str, str] = {}
     for key, var in STORAGE_ENV.items():
         value = getattr(cfg.storage, key)
@@ -256,7 +254,14 @@ def storage_environment(cfg: RunConfig, environ: Mapping[str, str]):
         value = environ.get(ref.group(1)) if ref else value
         if value is not None:
             overrides[var] = value
-    return storage.environment(overrides)
+    return overrides
+
+
+def storage_environment(cfg: RunConfig, environ: Mapping[str, str]):
+    """Context manager: this process's environment with the run's ``storage.*`` applied (for reading s3://)."""
+    from qwenvl import storage
+
+    return storage.environment(storage_overrides(cfg, environ))
 
 
 def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> LaunchPlan:
