@@ -33,12 +33,13 @@ TARGET_SAMPLES_PER_S = 280_000
 def generate(root: Path, samples: int, files: int, json_share: float = 0.1) -> Path:
     media = root / "media"
     folders = 40
-    seed = root / "seed.jpg"
-    seed.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 60)
     images = []
     for i in range(files):
         sub = media / f"d{i % folders:02d}"
-        sub.mkdir(parents=True, exist_ok=True)
+        seed = root / f"seed{i % folders:02d}.jpg"  # one seed per folder: file systems cap links per inode
+        if i < folders:
+            sub.mkdir(parents=True, exist_ok=True)
+            seed.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 60)
         name = f"img_{i:06d}.jpg" if i % 10 else f"clip_{i:06d}.mp4"
         os.link(seed, sub / name)
         images.append(f"d{i % folders:02d}/{name}")

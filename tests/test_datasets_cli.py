@@ -151,6 +151,7 @@ def test_deep_checks_each_rule(tmp_path):
         {"videos": ["sub/v.mp4"], "conversations": _turns("<video>")},                   # 11 misspelt
         [1, 2],                                                                          # 12 not object
         {"image": "a.jpg"},                                                              # 13 no conversations
+        {"image": ["", 3], "conversations": _turns("<image><image>")},                   # 14 bad paths
     ]
     _write_jsonl(tmp_path / "t.jsonl", records)
     d = tmp_path / "d.json"
@@ -172,13 +173,14 @@ def test_deep_checks_each_rule(tmp_path):
     assert by_line[11][0][0] == "error" and "'videos' is not read" in by_line[11][0][1]
     assert "not a JSON object" in by_line[12][0][1]
     assert by_line[13][0][1] == "sample has no 'conversations'"
+    assert by_line[14] == [("error", "image entry '' is not a path"), ("error", "image entry 3 is not a path")]
     # without --deep: counts from one cheap pass, which still names lines that do not parse
     r2 = invoke("datasets", "check", str(d), "--json")
     assert r2.exit_code == 1, r2.stdout
     report = json.loads(r2.stdout)
     assert [p["line"] for p in report["problems"]] == [2, 12]
     ds = report["datasets"][0]
-    assert (ds["actual_length"], ds["images"], ds["videos"], ds["text_only"]) == (13, 4, 1, 6)
+    assert (ds["actual_length"], ds["images"], ds["videos"], ds["text_only"]) == (14, 5, 1, 6)
 
 
 def test_deep_problems_are_capped(tmp_path):

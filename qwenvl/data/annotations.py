@@ -343,17 +343,17 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
         return
     if media is not None:
         for p in imgs:
-            if type(p) is str:
+            if p.__class__ is str and p:
                 if p not in media:
                     media[p] = loc
             else:
-                sink.add(loc, "media_type", "error", f"image entry {p!r} is not a path string", key="image")
+                sink.add(loc, "media_type", "error", f"image entry {p!r} is not a path", key="image")
         for p in vids:
-            if type(p) is str:
+            if p.__class__ is str and p:
                 if p not in media:
                     media[p] = loc
             else:
-                sink.add(loc, "media_type", "error", f"video entry {p!r} is not a path string", key="video")
+                sink.add(loc, "media_type", "error", f"video entry {p!r} is not a path", key="video")
     if img is not None and type(img) is not str and type(img) is not list:
         sink.add(loc, "media_type", "error", f"'image' must be a path or a list of paths, found {type(img).__name__}",
                  key="image")
@@ -650,19 +650,43 @@ def _merge(res: ScanResult, sink: _Sink, media: dict | None, part: _Part) -> Non
 
 
 def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink, res: ScanResult) -> None:
-    resolved: dict[str, str] = {}
-    unresolvable = 0
-    for rel in media:
-        if data_path is None and not (storage.is_url(rel) or os.path.isabs(rel)):
-            unresolvable += 1  # load_dictionary reports the missing data_path
-            continue
-        resolved[storage.join(data_path, rel)] = rel
+    """Existence of every distinct media path: one directory listing per folder, never a stat per file."""
     res.media_files = len(media)
-    if not resolved:
-        return
-    found = storage.existing(resolved)
-    for full, rel in resolved.items():
-        if full not in found:
-            res.missing_media += 1
-            sink.add(media[rel], "missing_media", "error", f"media file not found: {full}", key="image/video",
-                     hint="paths are relative to the dataset's data_path" if full != rel else None)
+    missing: list[tuple[str, str]] = []  # (full path, annotation path)
+    if os.sep == "/" and (data_path is None or not storage.is_url(data_path)) and not any(
+            "://" in rel for rel in media):
+        # local fast path (the common case): plain string work instead of os.path calls per file
+        prefix = None if data_path is None else (data_path if data_path.endswith("/") else data_path + "/")
+        by_parent: dict[str, list[tuple[str, str, str]]] = {}
+        for rel in media:
+            if rel[0] == "/":
+                full = rel
+            elif prefix is None:
+                continue  # relative path without data_path: load_dictionary reports it
+            else:
+                full = prefix + rel
+            parent, _, name = full.rpartition("/")
+            members = by_parent.get(parent)
+            if members is None:
+                by_parent[parent] = members = []
+            members.append((name, full, rel))
+        for parent, members in by_parent.items():
+            names = storage.list_names(parent or "/")
+            missing.extend((full, rel) for name, full, rel in members if name not in names)
+    else:
+        resolved: dict[str, str] = {}
+        for rel in media:
+            if data_path is None and not (storage.is_url(rel) or os.path.isabs(rel)):
+                continue
+            resolved[storage.join(data_path, rel)] = rel
+        found = storage.existing(resolved) if resolved else set()
+        missing = [(full, rel) for full, rel in resolved.items() if full not in found]
+    def order(item: tuple[str, str]) -> tuple[int, int]:  # report in file order
+        loc = media[item[1]]
+        return (loc, 0) if isinstance(loc, int) else (loc[0], -1 if loc[1] is None else loc[1])
+
+    missing.sort(key=order)
+    for full, rel in missing:
+        res.missing_media += 1
+        sink.add(media[rel], "missing_media", "error", f"media file not found: {full}", key="image/video",
+                 hint="paths are relative to the dataset's data_path" if full != rel else None)
