@@ -79,7 +79,7 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
     report.problems.extend(d.problems)
     if d.unusable:
         return report
-    scans: dict[tuple[str, str | None], ScanResult] = {}
+    scans: dict[tuple[str, str | None], ScanResult | None] = {}
     scan_owner: dict[tuple[str, str | None], str] = {}
     err_console = render.stderr()
     show_progress = progress if progress is not None else err_console.is_terminal
@@ -108,10 +108,11 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
         if r.samples_per_epoch is not None and total:
             r.share = r.samples_per_epoch / total
     for key, result in scans.items():
-        extra = result.problems
-        for p in extra:
+        if result is None:  # could not be read: _scan_one reported it
+            continue
+        for p in result.problems:
             d.dataset_of[p] = scan_owner[key]
-        report.problems.extend(extra)
+        report.problems.extend(result.problems)
     by_name = {r.name: r for r in report.rows}
     for p in report.problems:
         owner = d.dataset_of.get(p)
@@ -140,9 +141,11 @@ def _scan_one(name: str, spec: DatasetSpec, records: int, deep: bool, show_progr
             print(f"checking {name}: {records:,} records ...", file=sys.stderr, flush=True)
         return scan(spec.annotation_path, spec.data_path, deep=deep)
     except StorageError as exc:
-        report.problems.append(Problem("error", f"dataset '{name}': {exc.message}", spec.annotation_path))
+        problem = Problem("error", f"dataset '{name}': {exc.message}", spec.annotation_path)
     except (OSError, ValueError) as exc:
-        report.problems.append(Problem("error", f"dataset '{name}': cannot read annotations: {exc}", spec.annotation_path))
+        problem = Problem("error", f"dataset '{name}': cannot read annotations: {exc}", spec.annotation_path)
+    report.problems.append(problem)
+    report.dictionary.dataset_of[problem] = name
     return None
 
 
