@@ -95,6 +95,8 @@ def test_make_data_module_end_to_end(dictionary, qwen_tokenizer_dir, caplog):
     batch = coll(items[:6])
     stats = pop_batch_stats(batch)
     assert stats["num_samples"] + stats["num_skipped"] == 6
+    assert stats["sample_ids"] == [i for i in range(6) if "bad_sample" not in items[i]]
+    assert "sample_ids" not in batch
     assert batch["position_ids"].shape[0] == 4
     # same seed -> same dataset, different seed -> a different 50 % draw of pub_a
     again = make_data_module(tok, None, args, seed=3, model_type="qwen2.5vl")["train_dataset"]

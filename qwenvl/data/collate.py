@@ -3,8 +3,9 @@
 All three take the dataset's samples (see :mod:`qwenvl.data.sample`) and bad-sample markers
 (``{"bad_sample": reason, ...}``), drop the markers and count them.
 
-Every batch carries two bookkeeping ints the trainer must ``pop`` before ``model(**batch)``
-(:func:`pop_batch_stats`): ``num_samples`` (real samples) and ``num_skipped`` (bad samples dropped).
+Every batch carries bookkeeping keys the trainer must ``pop`` before ``model(**batch)``
+(:func:`pop_batch_stats`, ``NON_MODEL_KEYS``): ``num_samples`` (real samples), ``num_skipped`` (bad
+samples dropped) and, from the trainer's dataset, ``sample_ids`` (dataset indices of the real samples).
 When ``num_samples == 0`` the batch is a dummy (one trained token so the loss is finite): the
 trainer must multiply that loss by 0 (it still runs forward/backward so ZeRO-3 ranks stay in step).
 
@@ -50,6 +51,8 @@ from qwenvl.data.rope import RopeIndex
 log = logging.getLogger(__name__)
 
 STAT_KEYS = ("num_samples", "num_skipped")
+# bookkeeping keys that are not model inputs: pop them before model(**batch)
+NON_MODEL_KEYS = ("num_samples", "num_skipped", "sample_ids")
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
@@ -58,8 +61,11 @@ def is_bad(sample) -> bool:
 
 
 def pop_batch_stats(batch: dict) -> dict:
-    """Remove and return the bookkeeping keys (``num_samples``, ``num_skipped``) as ints."""
-    return {k: int(batch.pop(k, 0)) for k in STAT_KEYS}
+    """Remove the bookkeeping keys; return ``num_samples`` / ``num_skipped`` as ints (+ ``sample_ids`` if any)."""
+    out = {k: int(batch.pop(k, 0)) for k in STAT_KEYS}
+    if "sample_ids" in batch:
+        out["sample_ids"] = list(batch.pop("sample_ids"))
+    return out
 
 
 class BadSampleLimitExceeded(RuntimeError):
@@ -190,6 +196,9 @@ class DataCollator:
             batch = self._packed_rows(self._pack(samples, dummy))
         if not self.keep_second_per_grid_ts:
             batch.pop("second_per_grid_ts", None)
+        ids = [s["sample_index"] for s in samples if "sample_index" in s]
+        if ids:
+            batch["sample_ids"] = ids  # dataset indices of the real samples (for per-rank sample logs)
         batch["num_samples"] = n_real
         batch["num_skipped"] = skipped
         return batch

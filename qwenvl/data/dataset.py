@@ -50,11 +50,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
         r = int(self.rec_ids[i])
         where = src.store.where(r)
         try:
-            return self.builder.build(src.store[r], src.data_path)
+            sample = self.builder.build(src.store[r], src.data_path)
         except Exception as e:  # every failure is a counted, logged bad sample
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             log.warning("skipped sample %s (%s): %s", src.name, where, reason)
-            return {"bad_sample": reason, "dataset": src.name, "where": where}
+            return {"bad_sample": reason, "dataset": src.name, "where": where, "sample_index": int(i)}
+        if isinstance(sample, dict):
+            sample["sample_index"] = int(i)
+        return sample
 
 
 def collate_mode(data_args) -> str:
