@@ -546,7 +546,8 @@ def _workers(total: int, requested: int | None) -> int:
         elif total < PARALLEL_MIN_RECORDS:
             return 1
         else:
-            requested = min(os.cpu_count() or 1, 8)
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            requested = min(cpus, 8)
     if requested <= 1 or sys.platform != "linux":
         return 1
     return requested
