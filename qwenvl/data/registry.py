@@ -14,10 +14,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,18 +41,36 @@ class DatasetSource:
     store: AnnotationStore | None = None
 
 
-@dataclass
-class SamplingReport:
-    seed: int
-    datasets: list[dict] = field(default_factory=list)
+class SamplingReport(dict):
+    """Per-dataset sample counts of one epoch; a plain JSON-able dict (W&B config, logs).
+
+    Keys: ``seed``, ``total_samples``, ``datasets`` (name -> records, percent, samples, copies,
+    sampled, annotation_path). ``lines()`` / ``log()`` render it for humans.
+    """
+
+    def __init__(self, seed: int, datasets: list[dict] | None = None):
+        super().__init__(seed=int(seed), total_samples=0, datasets={})
+        for d in datasets or []:
+            self.add(d)
+
+    def add(self, entry: dict) -> None:
+        self["datasets"][entry["name"]] = dict(entry)
+        self["total_samples"] = sum(d["samples"] for d in self["datasets"].values())
+
+    @property
+    def seed(self) -> int:
+        return self["seed"]
+
+    @property
+    def datasets(self) -> list[dict]:
+        return list(self["datasets"].values())
 
     @property
     def total(self) -> int:
-        return sum(d["samples"] for d in self.datasets)
+        return self["total_samples"]
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "total_samples": self.total,
-                "datasets": {d["name"]: dict(d) for d in self.datasets}}
+        return json.loads(json.dumps(self))
 
     def lines(self) -> list[str]:
         out = [f"data: {len(self.datasets)} dataset(s), {self.total} samples per epoch (data_seed {self.seed})"]
@@ -59,6 +78,9 @@ class SamplingReport:
             out.append(f"  {d['name']}: {d['records']} records x {format_percent(d['percent'])}% -> "
                        f"{d['samples']} samples ({d['copies']} whole copies + {d['sampled']} sampled)")
         return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
 
     def log(self, logger: logging.Logger | None = None) -> None:
         for line in self.lines():
@@ -124,7 +146,7 @@ def build_index(sources: list[DatasetSource], seed: int) -> tuple[np.ndarray, np
         idx, whole, sampled = sample_indices(n, src.percent, seed, src.name)
         ds_ids.append(np.full(len(idx), k, dtype=np.int32))
         rec_ids.append(idx)
-        report.datasets.append({"name": src.name, "records": n, "percent": src.percent, "samples": int(len(idx)),
+        report.add({"name": src.name, "records": n, "percent": src.percent, "samples": int(len(idx)),
                                 "copies": whole, "sampled": sampled,
                                 "annotation_path": src.annotation_path})
         if math.isclose(src.percent, 0.0):
