@@ -331,3 +331,19 @@ def test_check_dictionary_on_s3(golden_dir, tmp_path):
     assert any("dataset 'gone' not found" in p["message"] for p in probs)
     r = vlsft("datasets", "use", f"s3://{bucket}/data/Dataset-Dictionary.json", env=env)
     assert r.returncode == 1 and "gone" in r.stderr
+
+
+def test_media_without_data_path_found_late(tmp_path, monkeypatch):
+    """Media first referenced after the records load_dictionary looks at: --deep still names the missing data_path."""
+    from qwenvl.data import annotations
+
+    monkeypatch.setattr(annotations, "PROBE_LIMIT", 3)
+    records = [{"conversations": _turns("q")}] * 5 + [{"image": "x.jpg", "conversations": _turns("<image>")}]
+    _write_jsonl(tmp_path / "t.jsonl", records)
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"t": {"annotation_path": "t.jsonl"}}))
+    assert invoke("datasets", "check", str(d)).exit_code == 0  # the probe saw only text-only samples
+    r = invoke("datasets", "check", str(d), "--deep", "--json")
+    assert r.exit_code == 1
+    [p] = json.loads(r.stdout)["problems"]
+    assert p["key"] == "data_path" and p["line"] == 1 and "1 relative media paths" in p["message"]

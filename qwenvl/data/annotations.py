@@ -223,10 +223,13 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def probe(path: str, limit: int = PROBE_LIMIT) -> ProbeInfo:
-    """Count records and look for media references. Raises OSError if the file cannot be read."""
+def probe(path: str, limit: int | None = None) -> ProbeInfo:
+    """Count records and look for media references in the first ``limit`` records (default PROBE_LIMIT).
+
+    Raises OSError if the file cannot be read.
+    """
     with _no_gc():
-        return _probe(path, limit)
+        return _probe(path, PROBE_LIMIT if limit is None else limit)
 
 
 def _probe(path: str, limit: int) -> ProbeInfo:
@@ -295,6 +298,7 @@ class ScanResult:
     text_only: int = 0  # samples with neither
     media_files: int = 0  # distinct media paths referenced
     missing_media: int = 0  # distinct media paths that do not exist
+    unresolved_media: int = 0  # distinct relative media paths that cannot be resolved (no data_path)
     problems: list[Problem] = field(default_factory=list)
     suppressed: dict[str, int] = field(default_factory=dict)  # kind -> problems not listed
 
@@ -663,7 +667,8 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
             if rel[0] == "/":
                 full = rel
             elif prefix is None:
-                continue  # relative path without data_path: load_dictionary reports it
+                res.unresolved_media += 1  # relative path without data_path
+                continue
             else:
                 full = prefix + rel
             parent, _, name = full.rpartition("/")
@@ -678,6 +683,7 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
         resolved: dict[str, str] = {}
         for rel in media:
             if data_path is None and not (storage.is_url(rel) or os.path.isabs(rel)):
+                res.unresolved_media += 1
                 continue
             resolved[storage.join(data_path, rel)] = rel
         found = storage.existing(resolved) if resolved else set()

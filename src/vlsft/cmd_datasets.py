@@ -99,6 +99,14 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
             scans[key] = _scan_one(name, spec, row.actual_length, deep, show_progress, err_console, report)
             scan_owner[key] = name
         result = scans.get(key)
+        if result is not None and result.unresolved_media and not d.media_referenced.get(name):
+            # media first referenced beyond what load_dictionary looked at
+            line, col = d.positions.get(name, (None, None))
+            problem = Problem("error", f"dataset '{name}' has no data_path but its samples reference "
+                              f"{result.unresolved_media:,} relative media paths", d.path, line, col, "data_path",
+                              'add "data_path": the folder the image/video paths are relative to')
+            report.problems.append(problem)
+            d.dataset_of[problem] = name
         if result is not None:
             # (for a packed .json these count the samples inside the packs)
             row.images, row.videos, row.text_only = result.images, result.videos, result.text_only
