@@ -59,6 +59,11 @@ def test_preview_text_and_errors(run_yaml, golden_dir, cli_env, qwen_tokenizer_d
     assert r.returncode == 0, r.stderr
     assert "<|image_pad|>×64" in r.stdout and "grid t,h,w = [1, 16, 16] -> 64 tokens" in r.stdout
     assert "tokens: 104" in r.stdout
+    # overrides take effect: si_02 is 98 tokens under `script` (the YAML), 584 under `defaults`
+    name2, idx2 = _index_of(golden_dir, "si_02")
+    r = _vlsft("--config", str(run_yaml), "--dataset", name2, "--index", str(idx2), "data.max_pixels=451584",
+               "data.min_pixels=12544", env=cli_env)
+    assert r.returncode == 0 and "tokens: 584" in r.stdout, r.stderr
     # a bad sample: reason, non-zero exit, no traceback
     name, idx = _index_of(golden_dir, "q_05")
     r = _vlsft("--config", str(run_yaml), "--dataset", name, "--index", str(idx), env=cli_env)

@@ -2,6 +2,7 @@
 
     vlsft datasets preview --config run.yaml --dataset NAME --index 0
     vlsft datasets preview --config run.yaml --dataset NAME --index 0 --json
+    vlsft datasets preview --config run.yaml --dataset NAME --index 0 data.max_pixels=50176
     vlsft datasets preview --model ./tiny --dictionary Dataset-Dictionary.json --dataset NAME --index 3
 
 The sample goes through the trainer's own code (``qwenvl.data.dataset.make_builder``: the run's
@@ -78,7 +79,8 @@ def preview(
     dataset: str = typer.Option(..., "--dataset", help="Dataset name in the dictionary."),
     index: int = typer.Option(0, "--index", help="Record index in the dataset's annotation file (0-based)."),
     config: Path | None = typer.Option(None, "--config", help="Run YAML (model, data.dictionary, data.* settings)."),
-    override: list[str] = typer.Option([], "--set", help="Override a run YAML key, e.g. --set data.max_pixels=50176."),
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", show_default=False,
+                                          help="Run YAML overrides, as for print-args: data.max_pixels=50176."),
     model: str | None = typer.Option(None, "--model", help="Model/tokenizer directory (instead of --config)."),
     dictionary: str | None = typer.Option(None, "--dictionary", help="Dataset dictionary JSON (instead of --config)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -91,7 +93,7 @@ def preview(
         from vlsft.config import load_run_config
 
         try:
-            cfg = load_run_config(config, override)
+            cfg = load_run_config(config, overrides or [])
         except ProblemsError as exc:
             render.print_problems(render.stderr(), exc.problems)
             raise typer.Exit(2) from None
