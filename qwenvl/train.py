@@ -221,11 +221,8 @@ def run(argv: list[str]) -> int:
     set_seed(training_args.seed)
 
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
-    # the processor's pixel limits follow the data arguments (they are saved with the model)
-    if hasattr(processor.image_processor, "min_pixels"):
-        processor.image_processor.min_pixels = data_args.min_pixels
-        processor.image_processor.max_pixels = data_args.max_pixels
-    if getattr(processor.image_processor, "size", None) is not None and isinstance(processor.image_processor.size, dict):
+    # the processor's pixel limits follow the data arguments (saved with the model, used at inference)
+    if getattr(processor.image_processor, "size", None) is not None:
         processor.image_processor.size = {"shortest_edge": data_args.min_pixels, "longest_edge": data_args.max_pixels}
 
     dtype = torch.bfloat16 if training_args.wants_bf16 else (torch.float16 if training_args.fp16 else torch.float32)
@@ -276,6 +273,15 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+def _dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 <pid>`` prints every thread's stack (diagnosing a stuck rank)."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def _teardown() -> None:
     try:
         import torch.distributed as dist
@@ -289,6 +295,7 @@ def _teardown() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _dump_stacks_on_sigusr1()
     try:
         rc = run(argv)
     except UserError as e:

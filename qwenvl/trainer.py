@@ -129,7 +129,16 @@ class QwenVLTrainer(Trainer):
         stats = {k: inputs.pop(k) for k in STAT_KEYS if k in inputs}
         if model.training:
             self._account(inputs, stats)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        n = stats.get("num_samples")
+        if n is not None and int(n) == 0:
+            # an all-dummy batch (every sample of this micro-batch was skipped): it still runs forward and
+            # backward so ZeRO-3 ranks stay in step, but contributes nothing
+            if return_outputs:
+                return result[0] * 0.0, result[1]
+            return result * 0.0
+        return result
 
     def _account(self, inputs: dict, stats: dict) -> None:
         ids = inputs["input_ids"]
@@ -159,6 +168,9 @@ class QwenVLTrainer(Trainer):
                 "image_tokens": int((ids == self._image_token_id).sum()) if self._image_token_id is not None else None,
                 "video_tokens": int((ids == self._video_token_id).sum()) if self._video_token_id is not None else None,
             }
+            for key, name in (("image_grid_thw", "images"), ("video_grid_thw", "videos")):
+                g = inputs.get(key)  # masked dummies are 2x2-patch grids: count only larger ones
+                rec[name] = int((g.prod(dim=-1) > 4).sum()) if g is not None else 0
             if "sample_ids" in stats:
                 v = stats["sample_ids"]
                 rec["sample_ids"] = v.tolist() if isinstance(v, torch.Tensor) else list(v)
@@ -249,18 +261,26 @@ _STD_CACHE: dict[int, list[str]] = {}
 
 
 def _standard_keys(model) -> list[str]:
-    """Key names a plain ``save_pretrained`` of a freshly built model of this class writes."""
+    """Key names a plain ``save_pretrained`` of a freshly built model of this class writes.
+
+    Computed from this model's parameter names with transformers' own reverse key conversion, as for a
+    model built from its config (no load-time conversions attached; no new model is built, which under
+    ZeRO-3 would start collectives on one rank only).
+    """
     key = id(type(model))
     if key not in _STD_CACHE:
         from transformers.core_model_loading import revert_weight_conversion
 
-        with torch.device("meta"):
-            shadow = type(model)._from_config(model.config)
-        sd = {k: torch.empty(0) for k in shadow.state_dict()}
+        sd = {k: torch.empty(0) for k in model.state_dict()}
+        had = "_weight_conversions" in model.__dict__
+        saved = model.__dict__.pop("_weight_conversions", None)
         try:
-            names = list(revert_weight_conversion(shadow, sd).keys())
+            names = list(revert_weight_conversion(model, sd).keys())
         except Exception:  # noqa: BLE001 - fall back to the known layout of these families
             names = [_legacy_name(k) for k in sd]
+        finally:
+            if had:
+                model.__dict__["_weight_conversions"] = saved
         _STD_CACHE[key] = names
     return _STD_CACHE[key]
 
