@@ -177,10 +177,7 @@ def _setup_logging(training_args) -> None:
 
 
 def _data_module(processor, data_args, training_args, model_type: str) -> dict:
-    try:
-        from qwenvl.data.dataset import make_data_module
-    except ImportError:  # TEMPORARY until the data pipeline lands
-        from qwenvl._fallback_data import make_data_module
+    from qwenvl.data.dataset import make_data_module
 
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     return make_data_module(processor.tokenizer, processor.image_processor, data_args, seed=seed,
