@@ -59,6 +59,8 @@ class ModelSection(_Section):
     tune_mm_llm: bool = Field(False, description="Train the language model and lm_head.")
     attn_implementation: str | None = Field(None, description="Attention kernel: sdpa, eager, "
                                             "flash_attention_2, ... (default: the best available).")
+    build_tiny: bool = Field(False, description="Demo/tests only: when name_or_path does not exist yet, `vlsft train` "
+                             "first builds a tiny random Qwen2.5-VL there (real Qwen tokenizer, no download).")
 
 
 class DataSection(_Section):
