@@ -148,3 +148,40 @@ def test_parser_agrees_with_json(text):
     assert errors == [], (text, errors)
     got = node.to_python()
     assert json.dumps(got, sort_keys=True, allow_nan=True) == json.dumps(expected, sort_keys=True, allow_nan=True)
+
+
+turn_values = st.one_of(
+    st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", "robot"]) | json_values,
+                           "value": st.sampled_from(["<image>", "<video> x", "", " ", "hi"]) | json_values}),
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]) | json_values,
+                           "content": st.text(max_size=10) | json_values}),
+    json_values,
+)
+media_values = st.none() | st.sampled_from(["a.jpg", "gone.jpg", "", "/abs/x.png"]) | st.lists(
+    st.sampled_from(["a.jpg", "b/c.mp4", ""]) | json_values, max_size=3) | json_values
+records = st.one_of(
+    st.fixed_dictionaries({}, optional={"image": media_values, "video": media_values, "images": media_values,
+                                        "conversations": st.lists(turn_values, max_size=4) | json_values}),
+    json_values,
+)
+
+
+@settings(max_examples=max(1, EXAMPLES // 3), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(records, max_size=12), st.sampled_from(["jsonl", "json"]))
+def test_deep_scan_of_random_records(workdir, recs, fmt):
+    """Per-sample checks on arbitrary records: problems with lines, never an exception; counts add up."""
+    from qwenvl.data.annotations import scan
+
+    path = workdir / f"random.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in recs))
+    else:
+        path.write_text(json.dumps(recs, allow_nan=True, indent=1))
+    res = scan(str(path), str(workdir / "media"), deep=True)
+    dicts = [r for r in recs if isinstance(r, dict)] if fmt == "jsonl" else None
+    if dicts is not None:
+        assert res.records == len(recs)
+        assert res.images + res.text_only <= len(dicts) + res.videos
+    for p in res.problems:
+        assert p.severity in ("error", "warning") and "\n" not in p.message
+        assert p.line is None or p.line >= 1
