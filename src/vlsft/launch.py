@@ -1,0 +1,105 @@
+"""Run the launch command as a child process; forward signals; return its exit status (torch-free).
+
+* The child gets its own process group (``start_new_session``), so a Ctrl-C in the terminal reaches
+  only ``vlsft``, which forwards SIGINT / SIGTERM to the child's whole group (torchrun and its ranks).
+  A second signal, or a child still alive ``grace_s`` seconds after the first, gets SIGKILL.
+* The command is an argv list, never a shell string.
+* A rank that dies makes torchrun stop the other ranks and exit non-zero (its default failure
+  handling with no restarts); that status is returned, so ``vlsft train`` ends promptly.
+* Under SLURM, :func:`slurm_topology` supplies ``nnodes`` / ``node_rank`` / ``master_addr`` from
+  ``SLURM_NNODES`` / ``SLURM_NODEID`` / the first host of ``SLURM_JOB_NODELIST``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+from collections.abc import Mapping, Sequence
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM)
+
+
+def run_child(argv: Sequence[str], env: Mapping[str, str] | None = None, *, grace_s: float = 60.0,
+              cwd: str | None = None) -> int:
+    """Run ``argv``; return its exit status (128 + N when it died of signal N)."""
+    if isinstance(argv, str):  # never a shell string
+        raise TypeError("argv must be a list of arguments, not a string")
+    proc = subprocess.Popen(list(argv), env=dict(env) if env is not None else None, cwd=cwd,
+                            start_new_session=True)
+    received: list[int] = []
+    killer: list[threading.Timer] = []
+
+    def _kill_group() -> None:
+        _signal_group(proc, signal.SIGKILL)
+
+    def _forward(signum, _frame) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            _signal_group(proc, signum)
+            t = threading.Timer(grace_s, _kill_group)
+            t.daemon = True
+            t.start()
+            killer.append(t)
+        else:
+            _kill_group()
+
+    previous = {}
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        for s in FORWARDED:
+            previous[s] = signal.signal(s, _forward)
+    try:
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:  # pragma: no cover - handler replaced SIGINT
+                _forward(signal.SIGINT, None)
+    finally:
+        for t in killer:
+            t.cancel()
+        if in_main:
+            for s, h in previous.items():
+                signal.signal(s, h)
+    return 128 - rc if rc < 0 else rc
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: ``gpu[03-05,09],cpu1`` -> ``gpu03``."""
+    nodelist = nodelist.strip()
+    m = re.match(r"^([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(3)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def slurm_topology(environ: Mapping[str, str]) -> dict[str, object]:
+    """``nnodes`` / ``node_rank`` / ``master_addr`` derived from SLURM variables (empty outside SLURM)."""
+    out: dict[str, object] = {}
+    if not environ.get("SLURM_JOB_ID") and not environ.get("SLURM_NODEID"):
+        return out
+    if environ.get("SLURM_NNODES", "").isdigit():
+        out["nnodes"] = int(environ["SLURM_NNODES"])
+    if environ.get("SLURM_NODEID", "").isdigit():
+        out["node_rank"] = int(environ["SLURM_NODEID"])
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if nodelist:
+        out["master_addr"] = first_slurm_host(nodelist)
+    return out
