@@ -346,4 +346,4 @@ def test_media_without_data_path_found_late(tmp_path, monkeypatch):
     r = invoke("datasets", "check", str(d), "--deep", "--json")
     assert r.exit_code == 1
     [p] = json.loads(r.stdout)["problems"]
-    assert p["key"] == "data_path" and p["line"] == 1 and "1 relative media paths" in p["message"]
+    assert p["key"] == "data_path" and p["line"] == 1 and "reference media (first at t.jsonl:6)" in p["message"]

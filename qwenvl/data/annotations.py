@@ -199,6 +199,15 @@ def _json_item_lines(text: str, wanted: set | None = None) -> dict[tuple[int, in
 # ---------------------------------------------------------------------------------------------
 
 
+_JSON_HINT = "a .json annotation file is one JSON list; use .jsonl for one sample per line"
+_LIST_HINT = "wrap the samples in [ ... ] (or use .jsonl, one sample per line)"
+
+
+def _kind_of(value: Any) -> str:
+    return {dict: "an object", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
 @dataclass
 class ProbeInfo:
     records: int | None = None  # top-level records (None when the file is unusable)
@@ -254,12 +263,11 @@ def _probe(path: str, limit: int) -> ProbeInfo:
     except (ValueError, RecursionError) as exc:
         line, col, msg = _json_error(exc, data)
         info.problems.append(Problem("error", f"annotation file is not valid JSON: {msg}", path, line, col,
-                                     hint="a .json annotation file is one JSON list; use .jsonl for one sample per line"))
+                                     hint=_JSON_HINT))
         return info
     if not isinstance(doc, list):
-        kind = type(doc).__name__.replace("dict", "an object").replace("str", "a string")
-        info.problems.append(Problem("error", f"the top level of a .json annotation file must be a list of samples, found {kind}",
-                                     path, 1, 1, hint="wrap the samples in [ ... ] (or use .jsonl, one sample per line)"))
+        info.problems.append(Problem("error", "the top level of a .json annotation file must be a list of "
+                                     f"samples, found {_kind_of(doc)}", path, 1, 1, hint=_LIST_HINT))
         return info
     info.records = len(doc)
     info.packed = bool(doc) and all(type(x) is list for x in doc)
@@ -301,6 +309,15 @@ class ScanResult:
     unresolved_media: int = 0  # distinct relative media paths that cannot be resolved (no data_path)
     problems: list[Problem] = field(default_factory=list)
     suppressed: dict[str, int] = field(default_factory=dict)  # kind -> problems not listed
+    media_line: int | None = None  # line of the first sample with an image or video
+    first_media: Any = field(default=None, repr=False, compare=False)  # its locator (internal)
+    unusable: bool = False  # the file is not a JSON list / does not parse at all (see problems)
+
+    def as_probe(self) -> ProbeInfo:
+        """What :func:`probe` would have said, so a full scan need not read the file twice."""
+        if self.unusable:
+            return ProbeInfo(records=None, problems=list(self.problems))
+        return ProbeInfo(records=self.records, media_line=self.media_line)
 
 
 class _Sink:
@@ -337,11 +354,14 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
     vid = rec.get("video")
     imgs = (img,) if type(img) is str else (img if type(img) is list else ())
     vids = (vid,) if type(vid) is str else (vid if type(vid) is list else ())
-    if imgs:
-        res.images += 1
-    if vids:
-        res.videos += 1
-    if not imgs and not vids:
+    if imgs or vids:
+        if imgs:
+            res.images += 1
+        if vids:
+            res.videos += 1
+        if res.first_media is None:
+            res.first_media = loc
+    else:
         res.text_only += 1
     if not deep:
         return
@@ -470,6 +490,7 @@ class _Part:
     items: list = field(default_factory=list)
     counts: dict = field(default_factory=dict)
     media: dict | None = None
+    first_media: Any = None
 
 
 def _scan_chunk(bounds: tuple) -> _Part:
@@ -584,10 +605,14 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
                 items = _load_json_document(data)
             except (ValueError, RecursionError) as exc:
                 line, col, msg = _json_error(exc, data)
-                res.problems.append(Problem("error", f"annotation file is not valid JSON: {msg}", path, line, col))
+                res.problems.append(Problem("error", f"annotation file is not valid JSON: {msg}", path, line, col,
+                                            hint=_JSON_HINT))
+                res.unusable = True
                 return res
             if not isinstance(items, list):
-                res.problems.append(Problem("error", "the top level of a .json annotation file must be a list", path, 1, 1))
+                res.problems.append(Problem("error", "the top level of a .json annotation file must be a list of "
+                                            f"samples, found {_kind_of(items)}", path, 1, 1, hint=_LIST_HINT))
+                res.unusable = True
                 return res
             total = len(items)
             bounds = [(lo, min(lo + chunk, total)) for lo in range(0, total, max(1, chunk))]
@@ -618,7 +643,11 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
         _check_media_exist(media, data_path, sink, res)
     # resolve locators to lines
     locs = {loc for loc, *_ in sink.items if isinstance(loc, tuple)}
+    first_media = res.first_media
+    if isinstance(first_media, tuple):
+        locs.add((first_media[0], None))
     lines = _json_item_lines(data.decode("utf-8", "replace"), locs) if locs else {}
+    res.media_line = lines.get((first_media[0], None)) if isinstance(first_media, tuple) else first_media
     first: dict[str, Problem] = {}
     for loc, kind, severity, message, key, hint in sink.items:
         line = lines.get(loc) if isinstance(loc, tuple) else loc
@@ -641,6 +670,8 @@ def _merge(res: ScanResult, sink: _Sink, media: dict | None, part: _Part) -> Non
     res.images += part.images
     res.videos += part.videos
     res.text_only += part.text_only
+    if res.first_media is None:
+        res.first_media = part.first_media
     for item in part.items:
         sink.keep(item)
     for kind, count in part.counts.items():

@@ -90,6 +90,9 @@ class DatasetDictionary:
     media_referenced: dict[str, bool] = field(default_factory=dict)
     unusable: bool = False  # the file could not be read / holds no dictionary at all
     dataset_of: dict[Problem, str] = field(default_factory=dict)  # problem -> dataset it belongs to
+    # every entry whose annotation_path could be read, valid or not (unvalidated; for file checks)
+    entries: dict[str, DatasetSpec] = field(default_factory=dict)
+    raw_annotation_paths: dict[str, str] = field(default_factory=dict)  # as written in the file
 
     @property
     def ok(self) -> bool:
@@ -282,10 +285,11 @@ class _Loader:
             except Exception as exc:  # a check above should have caught it; never crash on user input
                 self.add("error", f"invalid entry: {exc}".splitlines()[0], node.line, node.column, key=name)
                 ok = False
-        if self.check_files and parsed.get("annotation_path"):
-            # check the files even of a broken entry: report everything in one go
-            partial = DatasetSpec.model_construct(**{k: parsed.get(k) for k in KNOWN_KEYS})
-            self.files(name, partial, values)
+        if parsed.get("annotation_path") and name not in res.entries:
+            res.entries[name] = DatasetSpec.model_construct(**{k: parsed.get(k) for k in KNOWN_KEYS})
+            res.raw_annotation_paths[name] = values["annotation_path"].value
+            if self.check_files:  # check the files even of a broken entry: report everything in one go
+                self.files(name, res.entries[name], values)
 
     # ---- per-key checks: return the parsed value or INVALID ----------------------------------
     def _wrong_type(self, name: str, k: str, v: JNode, want: str, hint: str | None = None) -> object:
@@ -383,51 +387,69 @@ class _Loader:
 
     # ---- annotation files --------------------------------------------------------------------
     def files(self, name: str, spec: DatasetSpec, values: dict[str, JNode]) -> None:
-        res = self.result
-        apath = spec.annotation_path
-        anode = values["annotation_path"]
-        where = (anode.line, anode.column)
         try:
-            info = ann.probe(apath)
-        except FileNotFoundError:
-            self.add("error", f"annotation file of dataset '{name}' not found: {apath}", *where, key="annotation_path",
-                     hint="relative paths start at the dictionary's folder" if not os.path.isabs(anode.value) else None)
-            return
-        except IsADirectoryError:
-            self.add("error", f"annotation_path of dataset '{name}' is a folder: {apath}", *where, key="annotation_path",
-                     hint="point at the .json/.jsonl file")
-            return
-        except PermissionError:
-            self.add("error", f"annotation file of dataset '{name}' is not readable: {apath}", *where,
-                     key="annotation_path", hint="check the file permissions")
-            return
+            info: ann.ProbeInfo | BaseException = ann.probe(spec.annotation_path)
         except (OSError, ValueError) as exc:
-            self.add("error", f"cannot read annotation file of dataset '{name}': {exc}", *where, key="annotation_path")
-            return
-        for p in info.problems:
-            self.result.problems.append(p)
-            self.result.dataset_of[p] = name
-        if info.records is None:
-            return
-        res.record_counts[name] = info.records
-        res.media_referenced[name] = info.media_line is not None
-        if info.records == 0:
-            self.add("warning", f"dataset '{name}' has no records ({apath})", *where, key="annotation_path")
-        if spec.length is not None and spec.length != info.records:
-            lnode = values["length"]
-            self.add("warning", f"dataset '{name}' declares length {spec.length} but {posixpath.basename(apath)} holds "
-                     f"{info.records} records; the real count is used", lnode.line, lnode.column, key="length",
-                     hint=f"set \"length\": {info.records}")
-        if spec.data_path is None and info.media_line is not None:
-            self.add("error", f"dataset '{name}' has no data_path but its samples reference media "
-                     f"(first at {posixpath.basename(apath)}:{info.media_line})", res.positions.get(name, where)[0],
-                     res.positions.get(name, where)[1], key="data_path",
-                     hint='add "data_path": the folder the image/video paths are relative to')
-        elif spec.data_path is not None and info.media_line is not None and not storage.is_url(spec.data_path):
-            if not os.path.isdir(spec.data_path):
-                dnode = values["data_path"]
-                self.add("error", f"data_path of dataset '{name}' is not a folder: {spec.data_path}", dnode.line,
-                         dnode.column, key="data_path", hint="relative paths start at the dictionary's folder")
+            info = exc
+        apply_file_info(self.result, name, info)
+
+
+def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseException) -> None:
+    """Add the file-level problems of dataset ``name`` to ``d`` from what reading its annotation file gave.
+
+    ``info`` is a :class:`~qwenvl.data.annotations.ProbeInfo` (from :func:`~qwenvl.data.annotations.probe`
+    or :meth:`~qwenvl.data.annotations.ScanResult.as_probe`) or the exception reading the file raised.
+    Used by :func:`load_dictionary` (``check_files=True``) and by ``vlsft datasets check --deep``, which
+    reads each file once for both purposes.
+    """
+    spec = d.entries[name]
+    apath = spec.annotation_path
+
+    def add(severity: str, message: str, key: str, hint: str | None = None) -> None:
+        line, col = d.key_positions.get((name, key), d.positions.get(name, (None, None)))
+        problem = Problem(severity, ann.oneline(message) or "", d.path, line, col, key, hint)  # type: ignore[arg-type]
+        d.problems.append(problem)
+        d.dataset_of[problem] = name
+
+    if isinstance(info, BaseException):
+        exc = info
+        if isinstance(exc, FileNotFoundError):
+            relative = not (storage.is_url(d.raw_annotation_paths.get(name, "")) or
+                            os.path.isabs(d.raw_annotation_paths.get(name, "")))
+            add("error", f"annotation file of dataset '{name}' not found: {apath}", "annotation_path",
+                "relative paths start at the dictionary's folder" if relative else None)
+        elif isinstance(exc, IsADirectoryError):
+            add("error", f"annotation_path of dataset '{name}' is a folder: {apath}", "annotation_path",
+                "point at the .json/.jsonl file")
+        elif isinstance(exc, PermissionError):
+            add("error", f"annotation file of dataset '{name}' is not readable: {apath}", "annotation_path",
+                "check the file permissions")
+        else:
+            add("error", f"cannot read annotation file of dataset '{name}': {exc}", "annotation_path")
+        return
+    for p in info.problems:
+        d.problems.append(p)
+        d.dataset_of[p] = name
+    if info.records is None:
+        return
+    d.record_counts[name] = info.records
+    d.media_referenced[name] = info.media_line is not None
+    if info.records == 0:
+        add("warning", f"dataset '{name}' has no records ({apath})", "annotation_path")
+    if spec.length is not None and spec.length != info.records:
+        add("warning", f"dataset '{name}' declares length {spec.length} but {posixpath.basename(apath)} holds "
+            f"{info.records} records; the real count is used", "length", f'set "length": {info.records}')
+    if spec.data_path is None and info.media_line is not None:
+        line, col = d.positions.get(name, (None, None))
+        problem = Problem("error", f"dataset '{ann.oneline(name)}' has no data_path but its samples reference media "
+                          f"(first at {posixpath.basename(apath)}:{info.media_line})", d.path, line, col, "data_path",
+                          'add "data_path": the folder the image/video paths are relative to')
+        d.problems.append(problem)
+        d.dataset_of[problem] = name
+    elif spec.data_path is not None and info.media_line is not None and not storage.is_url(spec.data_path):
+        if not os.path.isdir(spec.data_path):
+            add("error", f"data_path of dataset '{name}' is not a folder: {spec.data_path}", "data_path",
+                "relative paths start at the dictionary's folder")
 
 
 def _looks_numeric(text: str) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -22,13 +23,14 @@ import typer
 
 from qwenvl.data.annotations import ScanResult, scan
 from qwenvl.data.dataset_use import DatasetUseEntry, format_dataset_use, format_percent, sample_count
-from qwenvl.data.dictionary import DatasetDictionary, DatasetSpec, load_dictionary
+from qwenvl.data.dictionary import DatasetDictionary, DatasetSpec, apply_file_info, load_dictionary
 from qwenvl.problems import Problem
 from vlsft import render
 from vlsft.app import datasets_app
 
 CHEAP_COUNT_LIMIT = 100_000  # without --deep, image/video/text-only counts are computed up to this many records
 PROGRESS_MIN_RECORDS = 100_000  # show a progress bar for annotation files at least this long
+PROGRESS_MIN_BYTES = 20_000_000  # (or at least this big, when the count is not known yet)
 
 
 @dataclass
@@ -73,16 +75,36 @@ class CheckReport:
 
 
 def build_report(path: str, *, deep: bool = False, progress: bool | None = None) -> CheckReport:
-    """Load the dictionary, scan the annotation files, and assemble table rows and problems."""
-    d = load_dictionary(path)
+    """Load the dictionary, scan the annotation files, and assemble table rows and problems.
+
+    Without ``deep``: :func:`load_dictionary` checks the files (counts, format) and files of up to
+    CHEAP_COUNT_LIMIT records get one counting pass. With ``deep``: every file is read once, by the
+    scan, whose result also feeds the dictionary-level file checks.
+    """
+    d = load_dictionary(path, check_files=not deep)
     report = CheckReport(dictionary=d, deep=deep)
-    report.problems.extend(d.problems)
     if d.unusable:
+        report.problems.extend(d.problems)
         return report
-    scans: dict[tuple[str, str | None], ScanResult | None] = {}
-    scan_owner: dict[tuple[str, str | None], str] = {}
     err_console = render.stderr()
     show_progress = progress if progress is not None else err_console.is_terminal
+    scans: dict[tuple[str, str | None], ScanResult | BaseException] = {}
+    scan_owner: dict[tuple[str, str | None], str] = {}
+
+    def scan_for(name: str, spec: DatasetSpec, records: int | None) -> ScanResult | BaseException:
+        key = (spec.annotation_path, spec.data_path)
+        if key not in scans:
+            scans[key] = _scan_one(name, spec, records, deep, show_progress, err_console)
+            scan_owner[key] = name
+        return scans[key]
+
+    if deep:
+        for name, spec in d.entries.items():
+            result = scan_for(name, spec, None)
+            apply_file_info(d, name, result.as_probe() if isinstance(result, ScanResult) else result)
+        d.problems.sort(key=lambda p: (p.file != d.path, p.file or "", p.line or 0, p.column or 0))
+    report.problems.extend(d.problems)
+
     for name in d.names:
         spec = d.datasets.get(name)
         row = DatasetRow(name=name, spec=spec)
@@ -94,19 +116,10 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
         row.actual_length = d.record_counts.get(name)
         if row.actual_length is None:
             continue
-        key = (spec.annotation_path, spec.data_path)
-        if key not in scans and (deep or row.actual_length <= CHEAP_COUNT_LIMIT):
-            scans[key] = _scan_one(name, spec, row.actual_length, deep, show_progress, err_console, report)
-            scan_owner[key] = name
-        result = scans.get(key)
-        if result is not None and result.unresolved_media and not d.media_referenced.get(name):
-            # media first referenced beyond what load_dictionary looked at
-            line, col = d.positions.get(name, (None, None))
-            problem = Problem("error", f"dataset '{name}' has no data_path but its samples reference "
-                              f"{result.unresolved_media:,} relative media paths", d.path, line, col, "data_path",
-                              'add "data_path": the folder the image/video paths are relative to')
-            report.problems.append(problem)
-            d.dataset_of[problem] = name
+        result = None
+        if deep or row.actual_length <= CHEAP_COUNT_LIMIT:
+            got = scan_for(name, spec, row.actual_length)
+            result = got if isinstance(got, ScanResult) else None
         if result is not None:
             # (for a packed .json these count the samples inside the packs)
             row.images, row.videos, row.text_only = result.images, result.videos, result.text_only
@@ -116,11 +129,14 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
         if r.samples_per_epoch is not None and total:
             r.share = r.samples_per_epoch / total
     for key, result in scans.items():
-        if result is None:  # could not be read: _scan_one reported it
-            continue
-        for p in result.problems:
-            d.dataset_of[p] = scan_owner[key]
-        report.problems.extend(result.problems)
+        if isinstance(result, ScanResult) and not result.unusable:  # unusable: reported via apply_file_info
+            for p in result.problems:
+                d.dataset_of[p] = scan_owner[key]
+            report.problems.extend(result.problems)
+        elif not deep and isinstance(result, BaseException):  # vanished between the load and the scan
+            problem = Problem("error", f"dataset '{scan_owner[key]}': cannot read annotations: {result}", key[0])
+            report.problems.append(problem)
+            d.dataset_of[problem] = scan_owner[key]
     by_name = {r.name: r for r in report.rows}
     for p in report.problems:
         owner = d.dataset_of.get(p)
@@ -132,12 +148,13 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
     return report
 
 
-def _scan_one(name: str, spec: DatasetSpec, records: int, deep: bool, show_progress: bool, err_console,
-              report: CheckReport) -> ScanResult | None:
-    from qwenvl.storage import StorageError
-
+def _scan_one(name: str, spec: DatasetSpec, records: int | None, deep: bool, show_progress: bool,
+              err_console) -> ScanResult | BaseException:
+    """Scan one annotation file (progress bar on a terminal for long files); an OSError is returned, not raised."""
     try:
-        if show_progress and records >= PROGRESS_MIN_RECORDS:
+        size = _size_hint(spec.annotation_path)
+        long = (records or 0) >= PROGRESS_MIN_RECORDS or size >= PROGRESS_MIN_BYTES
+        if show_progress and long:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -145,16 +162,18 @@ def _scan_one(name: str, spec: DatasetSpec, records: int, deep: bool, show_progr
                 task = bar.add_task(f"checking {name}", total=records)
                 return scan(spec.annotation_path, spec.data_path, deep=deep,
                             progress=lambda n: bar.advance(task, n))
-        if records >= PROGRESS_MIN_RECORDS and deep:
-            print(f"checking {name}: {records:,} records ...", file=sys.stderr, flush=True)
+        if long and deep:
+            print(f"checking {name} ...", file=sys.stderr, flush=True)
         return scan(spec.annotation_path, spec.data_path, deep=deep)
-    except StorageError as exc:
-        problem = Problem("error", f"dataset '{name}': {exc.message}", spec.annotation_path)
-    except (OSError, ValueError) as exc:
-        problem = Problem("error", f"dataset '{name}': cannot read annotations: {exc}", spec.annotation_path)
-    report.problems.append(problem)
-    report.dictionary.dataset_of[problem] = name
-    return None
+    except (OSError, ValueError) as exc:  # StorageError is an OSError
+        return exc
+
+
+def _size_hint(path: str) -> int:
+    try:
+        return 0 if "://" in path else os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _num(n: int | None) -> str:
