@@ -137,6 +137,8 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
             problem = Problem("error", f"dataset '{scan_owner[key]}': cannot read annotations: {result}", key[0])
             report.problems.append(problem)
             d.dataset_of[problem] = scan_owner[key]
+    # two entries may share an annotation file: list each problem once
+    report.problems = list(dict.fromkeys(report.problems))
     by_name = {r.name: r for r in report.rows}
     for p in report.problems:
         owner = d.dataset_of.get(p)
