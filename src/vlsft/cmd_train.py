@@ -59,8 +59,11 @@ def save_run_files(plan, out_dir: Path, config_path: str, overrides: list[str]) 
     d.mkdir(parents=True, exist_ok=True)
     (d / "run.yaml").write_text(plan.config.to_saveable_yaml(), encoding="utf-8")
     dictionary = plan.config.data.dictionary
+    from vlsft.plan import storage_environment
+
     try:
-        (d / "Dataset-Dictionary.json").write_bytes(storage.read_bytes(dictionary))
+        with storage_environment(plan.config, os.environ):  # the run's storage.* (endpoint may be only in the YAML)
+            (d / "Dataset-Dictionary.json").write_bytes(storage.read_bytes(dictionary))
     except Exception as exc:  # noqa: BLE001 - a copy for the record; the plan already read it once
         typer.secho(f"warning: could not copy the dataset dictionary {dictionary}: {exc}", err=True, fg="yellow")
     (d / "dataset_use.txt").write_text(plan.dataset_use + "\n", encoding="utf-8")
