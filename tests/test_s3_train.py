@@ -81,3 +81,39 @@ storage:
     for blob, where in [(log.encode(), "command output")] + [(p.read_bytes(), str(p)) for p in files]:
         assert secret.encode() not in blob, f"secret access key found in {where}"
         assert key_id.encode() not in blob, f"access key id found in {where}"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"AWS_SECRET_ACCESS_KEY": "wrong-secret-0123456789abcdef"}, "SignatureDoesNotMatch"),
+        ({"S3_TEST_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach S3 at http://127.0.0.1:9"),
+    ],
+)
+def test_train_fails_fast_with_one_line(s3_server, cli_env, tmp_path, override, expected):  # noqa: F811
+    """Refused credentials / unreachable endpoint: `vlsft train` stops before launching, one line, exit 2."""
+    import time
+
+    ds = upload_dataset(s3_server, tmp_path / "data")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"""model: {{name_or_path: {tmp_path / "no-model"}, tune_mm_llm: true}}
+data: {{dictionary: {ds["s3_dict"]}}}
+distributed: {{nproc_per_node: 2, deepspeed: none}}
+output: {{dir: {tmp_path / "out"}}}
+storage: {{endpoint_url: "${{S3_TEST_ENDPOINT}}"}}
+"""
+    )
+    env = s3_server.subprocess_env(cli_env)
+    env.pop("AWS_ENDPOINT_URL")
+    env["S3_TEST_ENDPOINT"] = s3_server.url
+    env.update(override)
+    t0 = time.monotonic()
+    proc = subprocess.run([VLSFT, "train", "--config", str(cfg)], env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert any(expected in line for line in errors), proc.stderr
+    assert "Traceback" not in proc.stderr and "torchrun" not in proc.stdout
+    assert not (tmp_path / "out").exists()
+    assert elapsed < 15
