@@ -1,5 +1,7 @@
 """``QwenVLTrainer``: ``transformers.Trainer`` with vlsft's optimizer groups, throughput logging and exports.
 
+* Loss: token mean over the whole optimizer step (:func:`token_mean_loss`), independent of how the
+  step is split into per-device batches, accumulation steps and ranks.
 * Optimizer: :func:`qwenvl.model.parameter_groups` (merger / vision / llm learning rates, no weight
   decay on biases and norms), the optimizer class from ``--optim`` as usual.
 * Per logging step, on top of HF's loss / grad_norm / learning_rate: ``lr/<group>`` for every group,
@@ -67,9 +69,20 @@ def _segments(inputs: dict) -> list[torch.Tensor]:
     return out
 
 
+def token_mean_loss(outputs, labels, num_items_in_batch=None):
+    """Causal-LM loss summed over tokens / trained tokens of the whole optimizer step (all micro-batches, all
+    ranks: HF's ``num_items_in_batch``), so per-device batch x accumulation x ranks splits give the same
+    update. (Qwen2-VL/2.5-VL set ``accepts_loss_kwargs = False``, which would average per micro-batch means.)"""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
+
+
 class QwenVLTrainer(Trainer):
     def __init__(self, *args, image_token_id: int | None = None, video_token_id: int | None = None,
                  data_report: dict | None = None, **kwargs):
+        kwargs.setdefault("compute_loss_func", token_mean_loss)
         super().__init__(*args, **kwargs)
         self._image_token_id = image_token_id
         self._video_token_id = video_token_id

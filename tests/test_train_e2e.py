@@ -1,0 +1,238 @@
+"""End to end through the real CLI: `vlsft train` -> torchrun -> qwenvl.train, 2 ranks, DeepSpeed ZeRO-3, CPU.
+
+One shared 8-step run (module fixture) over the bundled demo data (images, a video, text-only samples) feeds
+most assertions; a resumed continuation, a refused fresh start, a crashing rank and the batch x accumulation
+invariance (single process, no DeepSpeed) are separate, small runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+VLSFT = str(Path(sys.executable).with_name("vlsft"))
+DICT = REPO / "configs" / "demo" / "Dataset-Dictionary.json"
+
+
+def write_yaml(path: Path, model: Path, out: Path, *, steps: int, port: int) -> Path:
+    path.write_text(f"""
+model:
+  name_or_path: {model}
+  tune_mm_vision: false
+  tune_mm_mlp: true
+  tune_mm_llm: true
+  attn_implementation: sdpa
+data:
+  dictionary: {DICT}
+  max_pixels: 12544
+  min_pixels: 3136
+  video_max_frames: 4
+  video_min_frames: 2
+  video_max_frame_pixels: 3136
+  video_min_frame_pixels: 3136
+  model_max_length: 512
+training:
+  learning_rate: 5.0e-3
+  per_device_train_batch_size: 1
+  gradient_accumulation_steps: 1
+  max_steps: {steps}
+  bf16: true
+  save_steps: 4
+  logging_steps: 1
+  lr_scheduler_type: constant
+  report_to: none
+distributed:
+  nproc_per_node: 2
+  master_port: {port}
+  deepspeed: zero3
+output:
+  dir: {out}
+  run_name: e2e
+  resume: auto
+wandb:
+  mode: disabled
+""")
+    return path
+
+
+def run_cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([VLSFT, "train", *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = dict(os.environ)
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    e["WANDB_MODE"] = "disabled"
+    e["VLSFT_SAMPLE_LOG"] = "1"
+    e.pop("VLSFT_TEST_CRASH_RANK", None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir, env):
+    d = tmp_path_factory.mktemp("e2e")
+    out = d / "out"
+    cfg = write_yaml(d / "run.yaml", tiny_model_dir, out, steps=8, port=29641)
+    t0 = time.time()
+    p = run_cli(["--config", str(cfg)], env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return {"dir": d, "out": out, "cfg": cfg, "proc": p, "seconds": time.time() - t0}
+
+
+def sample_log(out: Path, rank: int) -> list[dict]:
+    return [json.loads(x) for x in (out / "logs" / f"samples-rank{rank}.jsonl").read_text().splitlines()]
+
+
+def test_world_two_ranks_disjoint_samples_and_mixed_batches(run):
+    r0, r1 = sample_log(run["out"], 0), sample_log(run["out"], 1)
+    assert {x["world_size"] for x in r0 + r1} == {2}
+    assert {x["rank"] for x in r0} == {0} and {x["rank"] for x in r1} == {1}
+    s0 = [s for x in r0 for s in x["samples"]]
+    s1 = [s for x in r1 for s in x["samples"]]
+    assert len(s0) == len(s1) == 8
+    assert s0 != s1 and set(s0) != set(s1)
+    # at some step one rank's batch was text-only while the other's had an image or a video (ZeRO-3 trap)
+    def text_only(x):
+        return x["images"] == 0 and x["videos"] == 0
+    mixed = [a["micro_step"] for a, b in zip(r0, r1, strict=True) if text_only(a) != text_only(b)]
+    assert mixed, "the demo data and seed no longer produce a text-only vs image step"
+    assert any(x["videos"] for x in r0 + r1), "no video sample was trained"
+
+
+def test_loss_falls_and_logs_throughput(run):
+    state = json.loads((run["out"] / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    logs = [h for h in state["log_history"] if "loss" in h]
+    assert len(logs) == 8
+    assert logs[-1]["loss"] < logs[0]["loss"] - 1.0, [h["loss"] for h in logs]
+    for key in ("grad_norm", "samples_per_second", "tokens_per_second", "padding_fraction", "skipped_samples",
+                "lr/llm", "lr/merger"):
+        assert key in logs[0], key
+    assert logs[0]["skipped_samples"] == 0
+
+
+def _generate(folder: Path) -> int:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is two plus two?"}]}]
+    x = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                 return_tensors="pt")
+    out = model.generate(**x, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    return out.shape[1] - x["input_ids"].shape[1]
+
+
+def test_final_and_intermediate_dirs_reload_and_generate(run):
+    out = run["out"]
+    for folder in (out, out / "checkpoint-4"):
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "processor_config.json"):
+            assert (folder / f).is_file(), folder / f
+        assert _generate(folder) == 3
+    # the saved processor carries the run's pixel limits
+    pc = json.loads((out / "processor_config.json").read_text())
+    assert pc["image_processor"]["size"] == {"longest_edge": 12544, "shortest_edge": 3136}
+
+
+def test_standard_key_names(run):
+    from safetensors import safe_open
+
+    for folder in (run["out"], run["out"] / "checkpoint-4"):
+        keys = list(safe_open(str(folder / "model.safetensors"), "pt").keys())
+        assert not [k for k in keys if k.startswith("model.model.")]
+        assert any(k.startswith("model.layers.") for k in keys) and any(k.startswith("visual.") for k in keys)
+
+
+def test_frozen_unchanged_trainable_changed(run, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(run["out"] / "model.safetensors"))
+    assert set(before) == set(after)
+    frozen = [k for k in before if k.startswith("visual.") and ".merger." not in k]
+    trainable = [k for k in before if k not in frozen]
+    assert frozen and trainable
+    for k in frozen:  # trained in bf16: the frozen weights are the bf16 cast of the originals, bit for bit
+        assert torch.equal(after[k], before[k].to(after[k].dtype)), k
+    changed = [k for k in trainable if not torch.equal(after[k], before[k].to(after[k].dtype))]
+    assert len(changed) == len(trainable), sorted(set(trainable) - set(changed))
+
+
+def test_run_files_saved(run):
+    d = run["out"] / "vlsft"
+    assert "output:" in (d / "run.yaml").read_text()
+    assert json.loads((d / "Dataset-Dictionary.json").read_text()) == json.loads(DICT.read_text())
+    assert (d / "dataset_use.txt").read_text().strip() == "shapes,clips,facts"
+    assert "-m qwenvl.train" in (d / "launch.sh").read_text()
+    assert "torchrun" in run["proc"].stdout and "effective batch" in run["proc"].stdout
+
+
+def test_fresh_run_into_used_dir_is_refused(run, env):
+    before = sorted(p.name for p in run["out"].iterdir())
+    p = run_cli(["--config", str(run["cfg"]), "output.resume=never"], env, timeout=60)
+    assert p.returncode == 2
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "already holds a run" in errors[0] and "Traceback" not in p.stderr
+    assert sorted(p.name for p in run["out"].iterdir()) == before
+
+
+def test_resume_auto_skips_incomplete_and_continues(run, env):
+    out = run["out"]
+    broken = out / "checkpoint-10"  # a half-written checkpoint: newest by number, no trainer_state.json
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    p = run_cli(["--config", str(run["cfg"]), "training.max_steps=10", "distributed.master_port=29643"], env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "continuing from" in p.stdout and "checkpoint-8" in p.stdout
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 10
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert steps == list(range(1, 11))  # 1-8 from the first run, 9-10 after resuming; nothing repeated
+    r0 = sample_log(out, 0)
+    assert [x["global_step"] for x in r0[8:]] == [8, 9]
+
+
+def test_crashing_rank_ends_the_job(run, env):
+    e = dict(env, VLSFT_TEST_CRASH_RANK="1", VLSFT_SAMPLE_LOG="0")
+    t0 = time.time()
+    p = run_cli(["--config", str(run["cfg"]), f"output.dir={run['dir'] / 'crash'}",
+                 "distributed.master_port=29645"], e, timeout=240)
+    assert p.returncode != 0
+    assert time.time() - t0 < 180
+    assert "training exited with status" in p.stderr
+
+
+def test_batch_times_accumulation_invariance(tmp_path, tiny_model_dir, env):
+    """Per-device 2 x accumulation 1 and 1 x 2 (single process, no DeepSpeed): same first-step loss and grad norm."""
+    results = []
+    for bs, ga in ((2, 1), (1, 2)):
+        out = tmp_path / f"bs{bs}ga{ga}"
+        cmd = [sys.executable, "-m", "qwenvl.train", "--model_name_or_path", str(tiny_model_dir),
+               "--dataset_dict", str(DICT), "--dataset_use", "shapes,facts,clips", "--tune_mm_mlp", "True",
+               "--tune_mm_llm", "True", "--output_dir", str(out), "--max_steps", "1",
+               "--per_device_train_batch_size", str(bs), "--gradient_accumulation_steps", str(ga),
+               "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+               "--max_pixels", "12544", "--min_pixels", "3136", "--video_max_frame_pixels", "3136",
+               "--video_min_frame_pixels", "3136", "--video_max_frames", "4", "--video_min_frames", "2"]
+        e = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=240, cwd=REPO)
+        assert p.returncode == 0, p.stderr[-3000:]
+        state = json.loads((out / "trainer_state.json").read_text())
+        log = [h for h in state["log_history"] if "loss" in h][0]
+        results.append((log["loss"], log["grad_norm"]))
+    (l1, g1), (l2, g2) = results
+    assert l1 == pytest.approx(l2, rel=1e-4)
+    assert g1 == pytest.approx(g2, rel=1e-3)
