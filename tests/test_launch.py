@@ -1,0 +1,118 @@
+"""vlsft.launch: the child process runner (real processes and signals) and the SLURM topology."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vlsft.launch import first_slurm_host, run_child, slurm_topology
+
+CHILD = r"""
+import os, signal, subprocess, sys, time
+marker = sys.argv[1]
+grand = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(marker + ".grandchild", "w").write(str(grand.pid))
+def on_term(signum, frame):
+    open(marker, "w").write(f"got {signum}")
+    sys.exit(7)
+if sys.argv[2] == "obey":
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+else:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+open(marker + ".ready", "w").write("1")
+time.sleep(120)
+"""
+
+WRAPPER = r"""
+import sys
+from vlsft.launch import run_child
+sys.exit(run_child([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]], grace_s=float(sys.argv[4])))
+"""
+
+
+def _wait_for(path: Path, timeout: float = 30) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its dead parent) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_is_forwarded_and_exit_code_returned(tmp_path, sig):
+    marker = tmp_path / "child"
+    wrapper = subprocess.Popen([sys.executable, "-c", WRAPPER, CHILD, str(marker), "obey", "30"])
+    _wait_for(Path(str(marker) + ".ready"))
+    grand = int(Path(str(marker) + ".grandchild").read_text())
+    wrapper.send_signal(sig)
+    assert wrapper.wait(timeout=30) == 7  # the child's own exit status comes back
+    assert marker.read_text() == f"got {int(sig)}"
+    t0 = time.time()  # the whole process group got the signal: the grandchild is gone too
+    while _alive(grand) and time.time() - t0 < 10:
+        time.sleep(0.05)
+    assert not _alive(grand)
+
+
+def test_stubborn_child_is_killed_after_grace(tmp_path):
+    marker = tmp_path / "child"
+    wrapper = subprocess.Popen([sys.executable, "-c", WRAPPER, CHILD, str(marker), "ignore", "1"])
+    _wait_for(Path(str(marker) + ".ready"))
+    t0 = time.time()
+    wrapper.send_signal(signal.SIGTERM)
+    assert wrapper.wait(timeout=30) == 128 + signal.SIGKILL
+    assert time.time() - t0 < 15
+
+
+def test_exit_status_and_argv_list_only():
+    assert run_child([sys.executable, "-c", "import sys; sys.exit(5)"]) == 5
+    assert run_child([sys.executable, "-c", "print('a b; echo c')"]) == 0
+    with pytest.raises(TypeError):
+        run_child("echo hi")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("nodelist,first", [
+    ("gpu[03-05,09],cpu1", "gpu03"), ("node01", "node01"), ("a1,b2", "a1"), ("dgx-[7,9]", "dgx-7"),
+    ("n[0001-0004]", "n0001"),
+])
+def test_first_slurm_host(nodelist, first):
+    assert first_slurm_host(nodelist) == first
+
+
+def test_slurm_topology_and_yaml_precedence(tmp_path):
+    assert slurm_topology({}) == {}
+    env = {"SLURM_JOB_ID": "42", "SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[10-13]"}
+    assert slurm_topology(env) == {"nnodes": 4, "node_rank": 2, "master_addr": "gpu10"}
+
+    from vlsft.cmd_train import apply_slurm
+    from vlsft.config import load_run_config
+
+    y = tmp_path / "run.yaml"
+    y.write_text("model: {name_or_path: m}\ndata: {dictionary: d.json}\noutput: {dir: out}\n"
+                 "distributed: {nproc_per_node: 8, master_addr: head.example}\n")
+    cfg = load_run_config(y)
+    taken = apply_slurm(cfg, env)
+    # nnodes and node_rank come from SLURM; master_addr set in the YAML wins
+    assert (cfg.distributed.nnodes, cfg.distributed.node_rank) == (4, 2)
+    assert cfg.distributed.master_addr == "head.example"
+    assert taken == ["distributed.nnodes=4", "distributed.node_rank=2"]
+    cfg = load_run_config(y, ["distributed.nnodes=4", "distributed.node_rank=3"])
+    assert apply_slurm(cfg, env) == []  # explicit overrides win
+    assert cfg.distributed.node_rank == 3
