@@ -4,11 +4,12 @@ The dictionary is itself on S3 and names only s3:// URLs (annotations, images, a
 the data exists on local disk. The endpoint comes only from the run YAML's storage block, the keys from ${VAR}
 references; the secret key is a real, moto-generated one (auth is enforced), so the ranks (and
 their forked DataLoader workers) really use it — and it must appear in no file of output_dir (saved
-run config, logs, trainer state) and not in the command's output.
+run config, logs, trainer state), not in the offline W&B run files and not in the command's output.
 """
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ training: {{per_device_train_batch_size: 1, gradient_accumulation_steps: 1, max_
            save_steps: 1000, learning_rate: 1.0e-4}}
 distributed: {{nproc_per_node: 2, deepspeed: none}}
 output: {{dir: {out}}}
-wandb: {{mode: disabled}}
+wandb: {{mode: offline, project: vlsft-s3-test}}
 storage:
   endpoint_url: "${{S3_TEST_ENDPOINT}}"
   region: us-east-1
@@ -60,6 +61,9 @@ storage:
     env = s3_server.subprocess_env(cli_env)
     env.pop("AWS_ENDPOINT_URL")  # the endpoint reaches the ranks only through the YAML's storage block
     env["S3_TEST_ENDPOINT"] = s3_server.url
+    env["WANDB_DIR"] = str(tmp_path / "wandb")  # offline W&B run files: scanned for secrets too
+    (tmp_path / "wandb").mkdir()
+    env["WANDB_API_KEY"] = "wandb-" + secrets.token_hex(20)
     secret, key_id = s3_server.secret_access_key, s3_server.access_key_id
     proc = subprocess.run(
         [VLSFT, "train", "--config", str(cfg)], env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path
@@ -74,13 +78,16 @@ storage:
     assert f'"annotation_path": "{ds["annotation_path"]}"' in log  # the ranks read the S3 annotations
     assert "skipped sample" not in log and "warning: could not copy" not in log, log[-4000:]
 
-    files = _all_files(out) + _all_files(tmp_path / "data")
+    wandb_files = _all_files(tmp_path / "wandb")
+    assert any(p.name.endswith(".wandb") for p in wandb_files), "no offline W&B run was written"
+    files = _all_files(out) + _all_files(tmp_path / "data") + wandb_files
     saved = {p.relative_to(out).as_posix() for p in files if p.is_relative_to(out)}
     assert {"vlsft/run.yaml", "vlsft/launch.sh", "vlsft/Dataset-Dictionary.json", "trainer_state.json"} <= saved
     assert "${AWS_SECRET_ACCESS_KEY}" in (out / "vlsft" / "run.yaml").read_text()  # a reference, not the value
     for blob, where in [(log.encode(), "command output")] + [(p.read_bytes(), str(p)) for p in files]:
         assert secret.encode() not in blob, f"secret access key found in {where}"
         assert key_id.encode() not in blob, f"access key id found in {where}"
+        assert env["WANDB_API_KEY"].encode() not in blob, f"W&B API key found in {where}"
 
 
 @pytest.mark.parametrize(
