@@ -325,7 +325,8 @@ def _problems_error(e: Exception) -> list[str] | None:
         return None
     if isinstance(e, ProblemsError):
         return [p.render() for p in e.problems]
-    if type(e).__name__ in ("DatasetUseError", "DataError", "BadSampleRatioError"):
+    if type(e).__name__ in ("DatasetUseError", "DataError", "BadSampleRatioError", "RegistryError", "StorageError",
+                              "StorageNotFound"):
         return [f"error: {e}"]
     return None
 

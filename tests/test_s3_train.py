@@ -124,3 +124,17 @@ storage: {{endpoint_url: "${{S3_TEST_ENDPOINT}}"}}
     assert "Traceback" not in proc.stderr and "torchrun" not in proc.stdout
     assert not (tmp_path / "out").exists()
     assert elapsed < 15
+
+
+def test_trainer_alone_reports_storage_errors_in_one_line(s3_server, cli_env, tiny_model_dir, tmp_path):  # noqa: F811
+    """`python -m qwenvl.train` (no vlsft front door) with a wrong secret: one error line, exit 2, no traceback."""
+    ds = upload_dataset(s3_server, tmp_path / "data")
+    env = s3_server.subprocess_env(cli_env, AWS_SECRET_ACCESS_KEY="wrong-secret-0123456789abcdef")
+    argv = [sys.executable, "-m", "qwenvl.train", "--model_name_or_path", str(tiny_model_dir),
+            "--dataset_dict", ds["s3_dict"], "--dataset_use", "demo", "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "1", "--report_to", "none", "--tune_mm_llm", "True"]  # fmt: skip
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "SignatureDoesNotMatch" in proc.stderr and ds["s3_dict"] in proc.stderr
+    assert env["AWS_SECRET_ACCESS_KEY"] not in proc.stderr
