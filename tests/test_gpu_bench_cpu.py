@@ -1,0 +1,29 @@
+"""scripts/gpu_bench.sh in its tiny CPU mode: runs the real bench code (padded vs flattened) end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+
+@pytest.mark.slow
+def test_gpu_bench_tiny_cpu(repo_root, tmp_path, qwen_tokenizer_dir):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, GPU_BENCH_TINY="1")
+    p = subprocess.run(["bash", str(repo_root / "scripts" / "gpu_bench.sh"), "--json", str(out)], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=repo_root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "tokens/s/GPU" in p.stdout and "MFU" in p.stdout
+    data = json.loads(out.read_text())
+    assert data["header"]["device"] == "cpu"
+    by = {r["mode"]: r for r in data["results"]}
+    assert set(by) == {"padded", "flatten"}
+    for r in by.values():
+        assert r["tokens_per_s_per_gpu"] > 0 and r["steps"] == 3
+        assert 5 < r["first_loss"] < 20
+    # flattening removes (almost all) padding: only the masked dummy video segment is left
+    assert by["flatten"]["padding_fraction"] < by["padded"]["padding_fraction"]
+    assert by["flatten"]["padding_fraction"] < 0.05
