@@ -395,3 +395,53 @@ def test_transient_errors_are_retried_with_backoff(s3_env, monkeypatch):  # noqa
         server.shutdown()
         server.server_close()
         t.join()
+
+
+def test_existing_lists_prefixes_concurrently(s3_env, monkeypatch):  # noqa: F811
+    """Listings are latency-bound: 8 prefixes behind a 0.5 s-per-request endpoint take far less than 8 x 0.5 s."""
+    import http.server
+    import urllib.parse
+
+    class SlowLister(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            time.sleep(0.5)
+            prefix = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("prefix", [""])[0]
+            body = (
+                '<?xml version="1.0" encoding="UTF-8"?>'
+                '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                f"<Name>slow</Name><Prefix>{prefix}</Prefix><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys>"
+                f"<Delimiter>/</Delimiter><IsTruncated>false</IsTruncated>"
+                f"<Contents><Key>{prefix}a.jpg</Key><Size>1</Size></Contents></ListBucketResult>"
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowLister)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        paths = [f"s3://slow/p{i}/{name}" for i in range(8) for name in ("a.jpg", "b.jpg")]
+        seen: list[tuple[int, int]] = []
+        t0 = time.monotonic()
+        found = storage.existing(paths, progress=lambda done, total: seen.append((done, total)))
+        elapsed = time.monotonic() - t0
+        assert found == {f"s3://slow/p{i}/a.jpg" for i in range(8)}
+        assert seen == [(i, 8) for i in range(1, 9)]
+        assert elapsed < 3.0, elapsed  # sequential would be >= 4 s
+    finally:
+        server.shutdown()
+        server.server_close()
+        t.join()
+
+
+def test_existing_on_missing_bucket_raises_once(s3_env):  # noqa: F811
+    paths = [f"s3://vlsft-no-such-bucket/p{i}/x.jpg" for i in range(5)]
+    with pytest.raises(storage.StorageError) as ei:
+        storage.existing(paths)
+    assert ei.value.kind == "no_bucket"
