@@ -17,7 +17,11 @@ Configuration (S3 / Ceph RGW) comes only from the environment, the way the AWS t
 - bounds: ``VLSFT_S3_CONNECT_TIMEOUT`` (s, default 3), ``VLSFT_S3_READ_TIMEOUT`` (s, default 10),
   ``VLSFT_S3_MAX_ATTEMPTS`` (attempts per request incl. the first, default 3, botocore "standard"
   retry mode with exponential backoff; ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` are honoured when
-  set). s3fs's own outer retry loop is switched off, so a dead endpoint fails within seconds.
+  set). s3fs's own outer retry loop is switched off, so a refused connection fails in 1-3 s and a
+  silent server in about attempts x read timeout (~30 s), never the ~7 minutes of the defaults;
+- checksums: ``request_checksum_calculation`` / ``response_checksum_validation`` default to
+  ``when_required`` (Ceph RGW and other S3-compatible stores reject botocore's newer defaults);
+  ``AWS_REQUEST_CHECKSUM_CALCULATION`` / ``AWS_RESPONSE_CHECKSUM_VALIDATION`` override.
 
 The run YAML ``storage:`` block is rendered into exactly these variables by the launch plan.
 
@@ -28,7 +32,12 @@ credentials, unreachable endpoint): callers should stop rather than skip samples
 
 Filesystems are created lazily per process (keyed by ``os.getpid()``): DataLoader workers forked
 from a parent never reuse the parent's instance. Listings are not cached between calls (a bucket
-may change while training runs); :func:`existing` lists each folder once per call.
+may change while training runs); :func:`existing` lists each folder once per call (object-store
+prefixes concurrently), never one request per object.
+
+Videos: :func:`open_binary` (in-memory ``BytesIO`` for URLs: decord and PyAV read it) or
+:func:`open_local_copy` (a temporary local file, deleted afterwards, for libraries that need a path).
+Displays: :func:`redact` / :func:`redact_env` mask secret values (AWS keys, session token, W&B key).
 """
 
 from __future__ import annotations
