@@ -236,3 +236,19 @@ def test_batch_times_accumulation_invariance(tmp_path, tiny_model_dir, env):
     (l1, g1), (l2, g2) = results
     assert l1 == pytest.approx(l2, rel=1e-4)
     assert g1 == pytest.approx(g2, rel=1e-3)
+
+
+def test_wandb_offline_single_process_without_deepspeed(tmp_path, tiny_model_dir, env):
+    """W&B from the run YAML (offline): rank 0 logs into <output>/wandb with the run name, the resolved run
+    config and the per-dataset sample counts; also covers distributed.deepspeed=none with one process."""
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "run.yaml", tiny_model_dir, out, steps=2, port=29647)
+    e = {k: v for k, v in env.items() if not k.startswith("WANDB_")}
+    p = run_cli(["--config", str(cfg), "wandb.mode=offline", "wandb.project=vlsft-test",
+                 "training.report_to=wandb", "distributed.nproc_per_node=1", "distributed.deepspeed=none",
+                 "training.bf16=false"], e)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    blob = runs[0].read_bytes()
+    assert b"total_samples" in blob and b'"name_or_path"' in blob and b"e2e" in blob

@@ -143,6 +143,10 @@ def train(
     env.update(plan.env)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if plan.env.get("WANDB_MODE", "disabled") != "disabled":
+        env.setdefault("WANDB_DIR", out.dir)  # wandb/ next to the checkpoints, not in the current folder
+        if out.run_name:
+            env.setdefault("WANDB_NAME", out.run_name)
     sys.stdout.flush()
     rc = run_child(plan.torchrun, env)
     if rc != 0:
