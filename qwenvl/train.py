@@ -152,7 +152,11 @@ def parse_args(argv: list[str]):
     from qwenvl.data.arguments import DataArguments
     from qwenvl.train_args import TrainingArguments
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments),
+                              description="Fine-tune Qwen2-VL / Qwen2.5-VL / Qwen3-VL (see the module docstring).")
+    for action in parser._actions:  # help texts such as 'name%50' must not be read as %-formats by --help
+        if action.help:
+            action.help = re.sub(r"%(?!\()", "%%", action.help)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         raise UserError("pass arguments as --name value (use `vlsft train --config run.yaml` for run YAMLs)")
     model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
@@ -211,7 +215,10 @@ def run(argv: list[str]) -> int:
     logger.info("world size %d, process %d, device %s, distributed %s", training_args.world_size, rank,
                 training_args.device, training_args.distributed_state.distributed_type)
 
-    resume_from = decide_resume(training_args.output_dir, training_args.resume, training_args.overwrite_output_dir)
+    resume = training_args.resume
+    if training_args.resume_from_checkpoint and resume == "auto":  # the official/HF flag, honoured as PATH
+        resume = training_args.resume_from_checkpoint
+    resume_from = decide_resume(training_args.output_dir, resume, training_args.overwrite_output_dir)
     if resume_from:
         logger.info("resuming from %s", resume_from)
     model_type = read_model_type(model_args.model_name_or_path)
