@@ -22,7 +22,8 @@ Run on every rank by torchrun (``vlsft train`` builds this command from a run YA
 * ``--resume auto`` (default) continues from the newest *complete* checkpoint in ``output_dir``
   (one with ``trainer_state.json`` and weights; a half-written one is skipped). ``never`` starts fresh,
   PATH continues from that checkpoint. A fresh start into an ``output_dir`` that already holds
-  checkpoints or a model is refused unless ``--overwrite_output_dir True`` (nothing is deleted).
+  checkpoints or a model is refused unless ``--overwrite_output_dir True`` (nothing is deleted; with
+  overwrite, the earlier ``checkpoint-*`` folders are moved into ``superseded-<time>/`` first).
 * The final ``output_dir`` holds the model (standard Hugging Face key names), tokenizer, processor
   and chat template: ``AutoProcessor`` / ``AutoModelForImageTextToText`` load it.
 * Without CUDA (CPU runs, tests, the demo): DeepSpeed runs over gloo (accelerate is handed a
@@ -109,6 +110,22 @@ def decide_resume(output_dir: str, resume: str, overwrite: bool) -> str | None:
         raise UserError(f"output_dir {output_dir} already holds a run ({shown}); resume it with resume=auto, "
                         "train over it with overwrite=true, or choose a new output dir")
     return None
+
+
+def set_aside_old_checkpoints(output_dir: str) -> Path | None:
+    """Fresh start with overwrite: move earlier ``checkpoint-*`` folders into ``superseded-<time>/`` so that a
+    later ``resume auto`` cannot pick up the old run's checkpoints (nothing is deleted)."""
+    import time
+
+    cps = list_checkpoints(output_dir)
+    if not cps:
+        return None
+    dest = Path(output_dir) / time.strftime("superseded-%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for _, path, _ in cps:
+        path.rename(dest / path.name)
+    logger.warning("overwrite: moved %d earlier checkpoint(s) to %s", len(cps), dest)
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,6 +238,8 @@ def run(argv: list[str]) -> int:
     resume_from = decide_resume(training_args.output_dir, resume, training_args.overwrite_output_dir)
     if resume_from:
         logger.info("resuming from %s", resume_from)
+    elif training_args.overwrite_output_dir and training_args.process_index == 0:
+        set_aside_old_checkpoints(training_args.output_dir)
     model_type = read_model_type(model_args.model_name_or_path)
     set_seed(training_args.seed)
 
