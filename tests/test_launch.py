@@ -116,3 +116,43 @@ def test_slurm_topology_and_yaml_precedence(tmp_path):
     cfg = load_run_config(y, ["distributed.nnodes=4", "distributed.node_rank=3"])
     assert apply_slurm(cfg, env) == []  # explicit overrides win
     assert cfg.distributed.node_rank == 3
+
+
+def _ckpt(root: Path, step: int, complete: bool = True) -> Path:
+    d = root / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"x")
+    if complete:
+        (d / "trainer_state.json").write_text("{}")
+    return d
+
+
+def test_resume_decisions(tmp_path):
+    from qwenvl.train import UserError, decide_resume, set_aside_old_checkpoints
+
+    out = tmp_path / "out"
+    assert decide_resume(str(out), "auto", False) is None  # nothing there: fresh
+    out.mkdir()
+    (out / "vlsft").mkdir()  # vlsft's own run files do not count as an earlier run
+    assert decide_resume(str(out), "never", False) is None
+    _ckpt(out, 5)
+    _ckpt(out, 10)
+    _ckpt(out, 15, complete=False)  # half-written: skipped
+    assert decide_resume(str(out), "auto", False) == str(out / "checkpoint-10")
+    assert decide_resume(str(out), str(out / "checkpoint-5"), False) == str(out / "checkpoint-5")
+    with pytest.raises(UserError, match="incomplete"):
+        decide_resume(str(out), str(out / "checkpoint-15"), False)
+    with pytest.raises(UserError, match="does not exist"):
+        decide_resume(str(out), str(out / "checkpoint-99"), False)
+    with pytest.raises(UserError, match="already holds a run"):
+        decide_resume(str(out), "never", False)
+    assert decide_resume(str(out), "never", True) is None
+    moved = set_aside_old_checkpoints(str(out))
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-10", "checkpoint-15", "checkpoint-5"]
+    assert decide_resume(str(out), "auto", False) is None
+    # a finished run without checkpoints (final model only) is not overwritten by accident
+    fin = tmp_path / "fin"
+    fin.mkdir()
+    (fin / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(UserError, match="already holds a run"):
+        decide_resume(str(fin), "auto", False)
