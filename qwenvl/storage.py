@@ -137,17 +137,24 @@ def _split_url(url: str) -> tuple[str, str]:
 
 
 def _norm_url(url: str) -> str:
-    """``s3://b/a/./x/../y.jpg`` -> ``s3://b/a/y.jpg`` (keeps a trailing slash)."""
+    """``s3://b/a/./x/../y.jpg`` -> ``s3://b/a/y.jpg``: resolves ``.``/``..`` segments (never above the
+    bucket); keeps everything else, including empty segments (``a//b`` is a different S3 key)."""
     scheme, rest = _split_url(url)
-    if not rest:
-        return url
-    trailing = rest.endswith("/")
-    normed = posixpath.normpath(rest)
-    if normed in (".", "/"):
-        normed = ""
-    if trailing and normed:
-        normed += "/"
-    return f"{scheme}{_URL_MARK}{normed}"
+    out: list[str] = []
+    for seg in rest.split("/"):
+        if seg == ".":
+            continue
+        if seg == "..":
+            if len(out) > 1:
+                out.pop()
+            continue
+        out.append(seg)
+    return f"{scheme}{_URL_MARK}{'/'.join(out)}"
+
+
+def _clean(path: str) -> str:
+    """A URL with ``.``/``..`` segments resolved (object keys are literal: ``a/../b`` would not be found)."""
+    return _norm_url(path) if "/." in path and is_url(path) else path
 
 
 def join(base: str | None, rel: str) -> str:
@@ -554,6 +561,7 @@ def read_bytes(path: str) -> bytes:
     if not is_url(path):
         with open(path, "rb") as f:
             return f.read()
+    path = _clean(path)
     fs = filesystem(path)
     with _translated(path):
         try:
@@ -614,6 +622,7 @@ def exists(path: str) -> bool:
     """
     if not is_url(path):
         return os.path.exists(path)
+    path = _clean(path)
     fs = filesystem(path)
     is_s3 = _split_url(path)[0].lower() in ("s3", "s3a", "s3n")
     with _translated(path, "checking"):
@@ -641,6 +650,7 @@ def list_names(directory: str) -> set[str]:
             return set(os.listdir(directory))
         except (FileNotFoundError, NotADirectoryError):
             return set()
+    directory = _clean(directory)
     fs = filesystem(directory)
     with _translated(directory, "listing"):
         if _split_url(directory)[0].lower() in ("s3", "s3a", "s3n"):
@@ -692,7 +702,7 @@ def existing(paths: Iterable[str], progress: ProgressCallback | None = None) -> 
     by_dir: dict[str, tuple[list[str], list[str]]] = {}
     get = by_dir.get
     for p in paths:
-        parent, sep, name = p.rpartition("/")
+        parent, sep, name = (_clean(p) if "/." in p else p).rpartition("/")
         if sep and not parent:
             parent = "/"
         group = get(parent)

@@ -304,7 +304,8 @@ def upload_dataset(server: MotoS3Server, root: Path, bucket: str | None = None) 
     """Write the dataset under ``root/local`` and upload it to ``s3://bucket/ds/``.
 
     Also writes ``root/s3dict.json``, a *local* dictionary whose data_path and annotation_path are
-    absolute ``s3://`` URLs, and uploads ``ds/dict.json`` (relative paths, resolved against its URL).
+    absolute ``s3://`` URLs, and uploads ``ds/dict.json`` (relative paths, resolved against its URL)
+    and ``ds/sub/dict.json`` (``../`` relative paths).
     Returns {"bucket", "local_dict", "s3_local_dict", "s3_dict", "data_path", "annotation_path"}.
     """
     bucket = bucket or server.make_bucket()
@@ -313,11 +314,14 @@ def upload_dataset(server: MotoS3Server, root: Path, bucket: str | None = None) 
     base = f"s3://{bucket}/ds"
     d = {"demo": {"data_path": f"{base}/media", "annotation_path": f"{base}/ann/train.jsonl", "length": len(SAMPLES)}}
     (root / "s3dict.json").write_text(json.dumps(d, indent=2) + "\n")
+    sub = {"demo": {"data_path": "../media", "annotation_path": "../ann/train.jsonl", "length": len(SAMPLES)}}
+    server.put(bucket, "ds/sub/dict.json", json.dumps(sub).encode())
     return {
         "bucket": bucket,
         "local_dict": str(local_dict),
         "s3_local_dict": str(root / "s3dict.json"),
         "s3_dict": f"{base}/dict.json",
+        "s3_sub_dict": f"{base}/sub/dict.json",  # on S3, with ../ relative paths
         "data_path": f"{base}/media",
         "annotation_path": f"{base}/ann/train.jsonl",
     }

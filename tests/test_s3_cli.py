@@ -34,9 +34,9 @@ def env(s3_server, cli_env):  # noqa: F811
     return s3_server.subprocess_env(cli_env)
 
 
-@pytest.mark.parametrize("which", ["s3_local_dict", "s3_dict"])
+@pytest.mark.parametrize("which", ["s3_local_dict", "s3_dict", "s3_sub_dict"])
 def test_check_deep_all_s3_passes(s3_dataset, env, which):
-    """A local dictionary with s3:// data_path/annotation_path, and a dictionary stored on S3 itself."""
+    """A local dictionary with s3:// data_path/annotation_path, and dictionaries stored on S3 (one with ../)."""
     proc, _ = run_vlsft(["datasets", "check", "--deep", "--json", s3_dataset[which]], env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)

@@ -95,6 +95,17 @@ def test_join_normalises_urls():
     assert storage.join("s3://b/data", "s3://other/y.jpg") == "s3://other/y.jpg"
     assert storage.join("/local/data", "x.jpg") == "/local/data/x.jpg"
     assert storage.join("s3://b/data", "/abs/x.jpg") == "/abs/x.jpg"
+    assert storage.join("s3://b/data/sub", "../../../x.jpg") == "s3://b/x.jpg"  # never above the bucket
+    assert storage.join("s3://b/a//b", "c.jpg") == "s3://b/a//b/c.jpg"  # empty segments are real S3 keys
+
+
+def test_dot_segments_resolve_before_reaching_s3(s3_env, media_bucket):  # noqa: F811
+    """Callers that join URLs themselves (``s3://b/ds/sub/../x``) still find the object."""
+    url = f"s3://{media_bucket}/media/videos/../images/./tiny_28x28.png"
+    assert storage.read_bytes(url) == (GOLDEN_MEDIA / "images/tiny_28x28.png").read_bytes()
+    assert storage.exists(url)
+    assert "tiny_28x28.png" in storage.list_names(f"s3://{media_bucket}/media/videos/../images")
+    assert storage.existing([url, url.replace("tiny", "gone")]) == {url}
 
 
 # --------------------------------------------------------------------------------------------- videos
