@@ -506,20 +506,24 @@ def _scan_chunk(bounds: tuple) -> _Part:
         # bounds are (first byte, end byte, line number of the first byte): each worker splits its own bytes
         first_line = bounds[2]  # type: ignore[misc]
         loads = _loads
-        n = 0
+        blank = 0
+        line = first_line - 1
         for line, raw in enumerate(items[lo:hi].split(b"\n"), first_line):
-            if not raw or raw.isspace():
+            if not raw:
+                blank += 1
                 continue
-            n += 1
             try:
                 rec = loads(raw)
             except _JSONError as exc:
+                if raw.isspace():  # a blank line (checked only here: rare)
+                    blank += 1
+                    continue
                 msg = str(exc).split(":")[0] if str(exc) else "invalid JSON"
                 sink.add(line, "json", "error", f"line is not valid JSON: {msg}",
                          hint="each line of a .jsonl file is one complete JSON object")
                 continue
             check(rec, line, sink, deep, media, part)
-        part.records = part.samples = n
+        part.records = part.samples = line - first_line + 1 - blank
     else:
         for i in range(lo, hi):
             item = items[i]
