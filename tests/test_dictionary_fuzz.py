@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from qwenvl.data.dictionary import KNOWN_KEYS, DatasetSpec, load_dictionary
 from qwenvl.data.jsonloc import parse
 
-EXAMPLES = int(os.environ.get("VLSFT_FUZZ_EXAMPLES", "700"))  # raise it for a deeper local run
+EXAMPLES = int(os.environ.get("VLSFT_FUZZ_EXAMPLES", "500"))  # raise it for a deeper local run
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 VALID = """{
