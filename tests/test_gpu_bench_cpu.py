@@ -27,3 +27,17 @@ def test_gpu_bench_tiny_cpu(repo_root, tmp_path, qwen_tokenizer_dir):
     # flattening removes (almost all) padding: only the masked dummy video segment is left
     assert by["flatten"]["padding_fraction"] < by["padded"]["padding_fraction"]
     assert by["flatten"]["padding_fraction"] < 0.05
+
+
+def test_peak_flops_table_and_step_flops():
+    from qwenvl import mfu
+
+    assert mfu.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert mfu.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert mfu.peak_flops("NVIDIA H200") == 989e12
+    assert mfu.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert mfu.peak_flops("NVIDIA L40S") == 362e12
+    assert mfu.peak_flops("cpu") is None and mfu.peak_flops(None) is None
+    # 6 N T for the dense part, plus the causal attention term
+    f = mfu.step_flops(n_llm=10, n_vision=0, n_layers=2, hidden=4, text_tokens=3, vision_patches=0, sum_len_sq=9)
+    assert f == 6 * 10 * 3 + 6 * 2 * 4 * 9
