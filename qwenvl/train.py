@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"error: {e}", file=sys.stderr)
             return 2
+        if type(e).__name__ == "BadSampleLimitExceeded":  # raised mid-training by whichever rank crossed it
+            print(f"error: [rank {os.environ.get('RANK', '0')}] {e}", file=sys.stderr)
+            return 2
         pe = _problems_error(e)
         if pe is not None:
             if int(os.environ.get("RANK", "0")) == 0:
