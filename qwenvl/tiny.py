@@ -66,8 +66,19 @@ def tokenizer_source_dir() -> Path:
     return d
 
 
-def build_tokenizer_dir(out_dir: str | os.PathLike) -> Path:
-    """Write the Qwen2.5-VL tokenizer + image processor config into ``out_dir``."""
+def preprocessor_config(family: str = "qwen2_5_vl") -> dict:
+    """The published image-processor settings of a model family (Qwen3-VL: 16-px patches, mean/std 0.5)."""
+    cfg = dict(PREPROCESSOR_CONFIG)
+    if family == "qwen2_vl":
+        cfg["processor_class"] = "Qwen2VLProcessor"
+    elif family == "qwen3_vl":
+        cfg.update(processor_class="Qwen3VLProcessor", patch_size=16, image_mean=[0.5, 0.5, 0.5],
+                   image_std=[0.5, 0.5, 0.5], min_pixels=4096, max_pixels=16777216)
+    return cfg
+
+
+def build_tokenizer_dir(out_dir: str | os.PathLike, family: str = "qwen2_5_vl") -> Path:
+    """Write the Qwen2.5-VL tokenizer + the family's image processor config into ``out_dir``."""
     src = tokenizer_source_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +95,8 @@ def build_tokenizer_dir(out_dir: str | os.PathLike) -> Path:
     cfg["chat_template"] = QWEN25_VL_CHAT_TEMPLATE
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
     (out / "chat_template.jinja").write_text(QWEN25_VL_CHAT_TEMPLATE, encoding="utf-8")
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2), encoding="utf-8")
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(family), indent=2),
+                                                  encoding="utf-8")
     return out
 
 
@@ -133,7 +145,7 @@ def build_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_5_vl", see
     import torch
     from transformers import AutoModelForImageTextToText
 
-    out = build_tokenizer_dir(out_dir)
+    out = build_tokenizer_dir(out_dir, family=family)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(tiny_config(family))
     model.save_pretrained(out)

@@ -23,6 +23,7 @@ from qwenvl.data.collate import BadSampleMonitor, DataCollator
 from qwenvl.data.registry import DatasetSource, SamplingReport, build_index, resolve_sources
 from qwenvl.data.sample import SampleBuilder, VisionBudget
 from qwenvl.data.vision import VisionSpec
+from qwenvl.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
         where = src.store.where(r)
         try:
             sample = self.builder.build(src.store[r], src.data_path)
-        except Exception as e:  # every failure is a counted, logged bad sample
+        except StorageError as e:
+            if e.fatal:  # endpoint down / credentials refused: no sample can be read, stop now
+                raise
+            reason = str(e).splitlines()[0]
+            log.warning("skipped sample %s (%s): %s", src.name, where, reason)
+            return {"bad_sample": reason, "dataset": src.name, "where": where, "sample_index": int(i)}
+        except Exception as e:  # every other failure is a counted, logged bad sample
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             log.warning("skipped sample %s (%s): %s", src.name, where, reason)
             return {"bad_sample": reason, "dataset": src.name, "where": where, "sample_index": int(i)}
