@@ -32,11 +32,16 @@ class _TrivialBuilder:
         return len(record["conversations"][1]["value"])
 
 
-def _tree_pss() -> tuple[int, list[int]]:
-    """(summed PSS of this process and its children, each child's USS = its private memory)."""
+def _tree_pss(exclude: frozenset[int] = frozenset()) -> tuple[int, list[int]]:
+    """(summed PSS of this process and its children, each child's USS = its private memory).
+
+    ``exclude``: pids of children that existed before the test (e.g. a session-wide S3 server) - not ours.
+    """
     me = psutil.Process()
     total, uss = me.memory_full_info().pss, []
     for p in me.children(recursive=True):
+        if p.pid in exclude:
+            continue
         try:
             info = p.memory_full_info()
         except psutil.NoSuchProcess:
@@ -61,7 +66,8 @@ def test_workers_share_the_store(tmp_path):
     path = tmp_path / "big.jsonl"
     _write_annotations(path)
     gc.collect()
-    before, _ = _tree_pss()
+    others = frozenset(p.pid for p in psutil.Process().children(recursive=True))
+    before, _ = _tree_pss(others)
     src = DatasetSource("big", str(tmp_path), str(path), 100.0)
     ds_ids, rec_ids, report = build_index([src], seed=0)
     assert report.total == N
@@ -76,7 +82,7 @@ def test_workers_share_the_store(tmp_path):
         seen = sum(loader)
         elapsed = time.time() - t0
         assert seen == N
-        total, worker_uss = _tree_pss()
+        total, worker_uss = _tree_pss(others)
         assert len(worker_uss) >= WORKERS
     finally:
         del loader
