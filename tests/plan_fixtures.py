@@ -22,6 +22,7 @@ training:
 distributed:
   nproc_per_node: 8
   nnodes: 2
+  master_addr: 10.1.2.3
   deepspeed: none
 output:
   dir: runs/first

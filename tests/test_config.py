@@ -84,8 +84,8 @@ def test_yaml_syntax_error_and_duplicates(tmp_path):
     dup = BASE + "output:\n  dir: other\n"
     lines = problems_of(write(tmp_path, dup, "dup.yaml"))
     assert any("[output] duplicate key (first defined on line 14)" in line and ":16:1:" in line for line in lines)
-    assert problems_of(write(tmp_path, "", "empty.yaml"))[0].endswith("error: the file is empty "
-                                                                      "(hint: start from configs/qwen2.5-vl-7b.yaml)")
+    assert problems_of(write(tmp_path, "", "empty.yaml"))[0].endswith(
+        "empty.yaml:1:1: error: the file is empty (no sections) (hint: start from a copy of configs/qwen2.5-vl-7b.yaml)")
     assert "top level must be a mapping" in problems_of(write(tmp_path, "- a\n", "list.yaml"))[0]
 
 

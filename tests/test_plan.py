@@ -37,7 +37,7 @@ def test_plan_argv_and_paths(tmp_path):
     exe = Path(sys.executable).parent / "torchrun"
     assert plan.torchrun[0] == (str(exe) if exe.exists() else "torchrun")
     assert plan.torchrun[1:13] == ["--nnodes", "2", "--nproc_per_node", "8", "--node_rank", "0", "--master_addr",
-                                   "127.0.0.1", "--master_port", "29500", "-m", "qwenvl.train"]
+                                   "10.1.2.3", "--master_port", "29500", "-m", "qwenvl.train"]
     assert plan.torchrun[13:] == plan.trainer_args
     args = pairs(plan.trainer_args)
     assert args["model_name_or_path"] == str(tmp_path / "model")

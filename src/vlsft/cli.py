@@ -1,13 +1,46 @@
-"""Entry point of the `vlsft` command: imports the command modules so they register."""
+"""Entry point of the `vlsft` command.
+
+Command modules register themselves on :data:`vlsft.app.app` when imported. To keep the front door fast,
+:func:`main` imports only the module(s) of the command being run (``vlsft print-args`` never loads rich
+or the dataset scanner); ``vlsft``, ``vlsft --help`` and anything unrecognised import them all, so the
+help always lists every command. ``from vlsft.cli import app`` (tests, embedding) also registers them all.
+"""
 
 from __future__ import annotations
 
-from vlsft import cmd_datasets, cmd_plan, cmd_preview, cmd_train  # noqa: F401  (registration)
-from vlsft.app import app
+import importlib
+import sys
+from typing import Any
+
+# First command-line word -> the modules that define its commands. Keep in sync with the @app.command /
+# @datasets_app.command decorators (tests/test_print_args_cli.py checks that --help lists all of them).
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "print-args": ("vlsft.cmd_plan",),
+    "train": ("vlsft.cmd_train",),
+    "datasets": ("vlsft.cmd_datasets", "vlsft.cmd_preview"),
+}
+ALL_MODULES: tuple[str, ...] = ("vlsft.cmd_datasets", "vlsft.cmd_plan", "vlsft.cmd_preview", "vlsft.cmd_train")
 
 
-def main() -> None:
-    app()
+def _register(modules: tuple[str, ...]) -> Any:
+    for name in modules:
+        importlib.import_module(name)
+    from vlsft.app import app
+
+    return app
+
+
+def __getattr__(name: str) -> Any:  # `from vlsft.cli import app`: every command registered
+    if name == "app":
+        return _register(ALL_MODULES)
+    raise AttributeError(name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    # `vlsft`, `vlsft --help`, or an unknown word: load every command so help and errors list them all.
+    app = _register(COMMAND_MODULES.get(args[0], ALL_MODULES) if args else ALL_MODULES)
+    app(args=args)
 
 
 if __name__ == "__main__":

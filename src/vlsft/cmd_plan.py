@@ -70,6 +70,8 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
     parts = [f"# Launch plan for {config_path} (nothing started; `{train}` runs it)", ""]
     parts.append("# Environment set for every rank:")
     parts += _env_lines(plan.display_env(), SECRET_ENV) or ["# (none)"]
+    if plan.slurm:
+        parts += ["", f"# From SLURM: {' '.join(plan.slurm)}"]
     parts += ["", "# Command:", format_command(plan.torchrun), ""]
     parts.append(f"# Datasets (--dataset_use {plan.dataset_use}):")
     width = max((len(s.name) for s in plan.datasets), default=4)

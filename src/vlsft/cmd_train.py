@@ -38,17 +38,10 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def apply_slurm(cfg, environ) -> list[str]:
-    """Fill distributed.* from SLURM_* where the YAML/overrides did not set them; returns what was taken."""
-    from vlsft.launch import slurm_topology
+    """Fill distributed.* from SLURM_* where the YAML/overrides did not set them (see vlsft.plan.apply_slurm)."""
+    from vlsft.plan import apply_slurm as _apply
 
-    dist = cfg.distributed
-    explicit = dist.model_fields_set
-    taken = []
-    for key, value in slurm_topology(environ).items():
-        if key not in explicit and getattr(dist, key) != value:
-            setattr(dist, key, value)
-            taken.append(f"distributed.{key}={value}")
-    return taken
+    return _apply(cfg, environ)
 
 
 def save_run_files(plan, out_dir: Path, config_path: str, overrides: list[str]) -> Path:
@@ -110,7 +103,6 @@ def train(
     environ = dict(os.environ)
     try:
         cfg = load_run_config(config, overrides)
-        slurm = apply_slurm(cfg, environ)
         build_tiny_if_asked(cfg)
         plan = build_plan(cfg, environ)
     except ProblemsError as exc:
@@ -119,8 +111,6 @@ def train(
         raise typer.Exit(2) from None
 
     typer.echo(render_text(plan, str(config), overrides))
-    if slurm:
-        typer.echo(f"# from SLURM: {' '.join(slurm)}")
     for warning in plan.warnings:
         typer.secho(f"warning: {warning}", fg="yellow")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
 from qwenvl.problems import Problem, ProblemsError, did_you_mean
 
@@ -43,8 +43,27 @@ LR_SCHEDULER_TYPES = (
 )
 
 
+def _numeric_only(annotation: Any) -> bool:
+    """True when a field takes numbers but not booleans (``int``, ``float``, ``int | None``, ...)."""
+    import typing
+
+    args = set(typing.get_args(annotation)) or {annotation}
+    return bool(args & {int, float}) and bool not in args
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `learning_rate: true` as 1.0 and `batch: false` as 0: refuse it.
+        if isinstance(value, bool) and info.field_name is not None:
+            field_info = cls.model_fields.get(info.field_name)
+            if field_info is not None and _numeric_only(field_info.annotation):
+                raise ValueError(f"expected a number, got {str(value).lower()} (YAML reads true/false/yes/no/"
+                                 "on/off as booleans)")
+        return value
 
 
 class ModelSection(_Section):
@@ -158,12 +177,43 @@ class DistributedSection(_Section):
     nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per machine.")
     node_rank: int = Field(0, ge=0, description="This machine's index, 0 .. nnodes-1 (usually an override: "
                            "distributed.node_rank=1).")
-    master_addr: str = Field("127.0.0.1", description="Address of the rank-0 machine.")
+    master_addr: str | None = Field(None, description="Address (host name or IP) of the rank-0 machine. Default "
+                                    "127.0.0.1 on one machine; required when nnodes > 1 unless SLURM supplies it "
+                                    "(first host of SLURM_JOB_NODELIST) or rdzv_endpoint is set.")
     master_port: int = Field(29500, ge=1, le=65535, description="Free TCP port on the rank-0 machine.")
     rdzv_endpoint: str | None = Field(None, description="host:port of a c10d rendezvous; when set it replaces "
                                       "node_rank/master_addr/master_port (elastic launch, e.g. on SLURM).")
     deepspeed: str = Field("zero3", description="zero2 | zero3 | zero3_offload (the JSON files shipped in "
                            "configs/), a path to your own DeepSpeed JSON, or none (plain DDP).")
+
+    @field_validator("deepspeed", mode="before")
+    @classmethod
+    def _deepspeed_off(cls, value: Any) -> Any:
+        if value is None or value is False:  # `deepspeed:` (empty) / `deepspeed: false` / `off` / `no`
+            return "none"
+        if value is True:
+            raise ValueError("true is not a DeepSpeed configuration; write zero2, zero3, zero3_offload, none or "
+                             "a path to a JSON file")
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("master_addr", "rdzv_endpoint", mode="before")
+    @classmethod
+    def _no_blank_address(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            return value or None
+        return value
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"rdzv_endpoint {value!r} must be host:port with a port from 1 to 65535, "
+                             "e.g. node01:29400")
+        return value
 
 
 class OutputSection(_Section):
@@ -174,6 +224,17 @@ class OutputSection(_Section):
     run_name: str | None = Field(None, description="Run name shown in logs and W&B (--run_name).")
     resume: str = Field("auto", description="auto: continue from the newest checkpoint in dir if any; never: "
                         "start fresh; or a checkpoint directory to resume from.")
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_word(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value is None:
+            raise ValueError("resume must be auto, never or a checkpoint path, got "
+                             + ("null" if value is None else str(value).lower())
+                             + " (YAML reads false/no/off as a boolean: write never)")
+        if isinstance(value, str) and value.strip().lower() in ("auto", "never"):
+            return value.strip().lower()
+        return value
     overwrite: bool = Field(False, description="Allow a fresh start (resume never) in a dir that already holds "
                             "a run (--overwrite_output_dir).")
 
@@ -214,7 +275,15 @@ class StorageSection(_Section):
     @classmethod
     def _reference_only(cls, value: str | None) -> str | None:
         if value is not None and not ENV_REF.match(value.strip()):
-            # Never echo the value: it may be a real secret.
+            # Never echo the value: it may be a real secret (a variable *name* is safe to repeat).
+            bare = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", value.strip())
+            default = re.fullmatch(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?[-=].*\}", value.strip(), re.S)
+            if bare:
+                raise ValueError(f"write the reference as \"${{{bare.group(1)}}}\" (with braces, quoted); "
+                                 "a bare $NAME is not expanded")
+            if default:
+                raise ValueError(f"a default value in a secret reference would be a literal secret in the file; "
+                                 f"write \"${{{default.group(1)}}}\" and export the variable")
             raise ValueError("a literal secret is not allowed in a run YAML; use ${ENV_VAR} (e.g. "
                              "\"${AWS_SECRET_ACCESS_KEY}\") and export the variable")
         return value.strip() if value is not None else None
@@ -347,7 +416,8 @@ def parse_yaml_text(text: str, source: str) -> tuple[dict, _Marks, list[Problem]
         loader = _Loader(text)
         node = loader.get_single_node()
         if node is None:
-            problems.append(Problem("error", "the file is empty", file=source, hint="start from configs/qwen2.5-vl-7b.yaml"))
+            problems.append(Problem("error", "the file is empty (no sections)", file=source, line=1, column=1,
+                                    hint="start from a copy of configs/qwen2.5-vl-7b.yaml"))
             return {}, marks, problems
         _walk(node, (), marks, problems, source)
         data = loader.construct_document(node)
@@ -356,7 +426,8 @@ def parse_yaml_text(text: str, source: str) -> tuple[dict, _Marks, list[Problem]
         what = " ".join(" ".join(str(x).split()) for x in (exc.context, exc.problem) if x) or "invalid YAML"
         problems.append(Problem("error", f"YAML syntax error: {what}", file=source,
                                 line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
-                                hint="check indentation, colons and quotes around this spot"))
+                                hint="YAML indents with spaces, never tabs" if "\\t" in what or "\t" in what
+                                else "check indentation, colons and quotes around this spot"))
         return {}, marks, problems
     except yaml.YAMLError as exc:
         problems.append(Problem("error", "YAML error: " + " ".join(str(exc).split()), file=source,
@@ -385,6 +456,17 @@ def _model_at(path: tuple) -> type[BaseModel] | None:
     return model
 
 
+_MISSING_EXAMPLES = {
+    ("model",): "a model section, e.g. model: {name_or_path: /models/Qwen2.5-VL-7B-Instruct, tune_mm_mlp: true, "
+                "tune_mm_llm: true}",
+    ("model", "name_or_path"): "name_or_path: /models/Qwen2.5-VL-7B-Instruct (a local model folder)",
+    ("data",): "a data section, e.g. data: {dictionary: Dataset-Dictionary.json}",
+    ("data", "dictionary"): "dictionary: Dataset-Dictionary.json (path relative to this YAML's folder)",
+    ("output",): "an output section, e.g. output: {dir: runs/my-first-run} (a new folder for every fresh run)",
+    ("output", "dir"): "dir: runs/my-first-run (a new folder for every fresh run)",
+}
+
+
 def _clean_message(msg: str) -> str:
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
@@ -392,9 +474,47 @@ def _clean_message(msg: str) -> str:
     return msg
 
 
+def _shown(value: Any) -> str:
+    if value is None:
+        return "an empty value (null)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_hint(err: dict, loc: tuple) -> str | None:
+    """How to fix a pydantic type/range error, in the run YAML's terms."""
+    kind, value = err["type"], err.get("input")
+    owner = _model_at(loc[:-1])
+    info = owner.model_fields.get(loc[-1]) if owner is not None and isinstance(loc[-1], str) else None
+    if kind == "literal_error":
+        expected = [x.strip(" '") for x in re.split(r",| or ", err.get("ctx", {}).get("expected", "")) if x.strip(" '")]
+        return (did_you_mean(str(value).lower(), expected) if isinstance(value, str) else None) or \
+            ("write one of: " + ", ".join(expected))
+    if kind.startswith("bool"):
+        return "write true or false"
+    if kind.startswith("int"):
+        return "write a whole number, e.g. 4"
+    if kind.startswith("float"):
+        return "write a number, e.g. 2.0e-5 (quotes are not needed)"
+    if kind == "dict_type":
+        return "write a mapping, e.g. extra: {optim: adamw_torch_fused}" if loc[-1] == "extra" else \
+            "write a mapping of keys (key: value on indented lines below it)"
+    if kind in ("list_type",):
+        return "write a list, e.g. [docs, charts%50]"
+    if value is None and kind == "string_type":
+        return "give a value (an empty value is null), or delete the key to use the default"
+    if info is not None and info.description:
+        return f"{loc[-1]}: {info.description[0].lower()}{info.description[1:]}"
+    return None
+
+
 def _pydantic_problems(exc: ValidationError, marks: _Marks, source: str) -> list[Problem]:
     problems = []
-    for err in exc.errors(include_input=False, include_url=False):
+    for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         dotted = ".".join(str(p) for p in loc)
         kind = err["type"]
@@ -408,11 +528,17 @@ def _pydantic_problems(exc: ValidationError, marks: _Marks, source: str) -> list
         elif kind == "missing":
             owner = _model_at(loc[:-1])
             desc = owner.model_fields[loc[-1]].description if owner and loc[-1] in owner.model_fields else None
-            problems.append(Problem("error", "missing required key", key=dotted,
-                                    hint=f"add '{loc[-1]}:' ({desc})" if desc else None,
+            example = _MISSING_EXAMPLES.get(loc)
+            hint = f"add {example}" if example else (f"add '{loc[-1]}:' ({desc})" if desc else None)
+            problems.append(Problem("error", "missing required key", key=dotted, hint=hint,
                                     **_location(marks, source, loc[:-1], key_mark=True)))
         else:
-            problems.append(Problem("error", _clean_message(err["msg"]), key=dotted,
+            message = _clean_message(err["msg"])
+            secret = loc[:1] == ("storage",) and loc[-1] in SECRET_FIELDS
+            if kind != "value_error" and "input" in err and not secret:
+                message += f", got {_shown(err['input'])}"
+            hint = None if secret or kind == "value_error" else _type_hint(err, loc)
+            problems.append(Problem("error", message, key=dotted, hint=hint,
                                     **_location(marks, source, loc, key_mark=False)))
     return problems
 
@@ -444,7 +570,9 @@ def _semantic_problems(cfg: RunConfig, source: str) -> list[Problem]:
         tr.gradient_accumulation_steps = 1
     if dist.node_rank >= dist.nnodes:
         problems.append(Problem("error", f"node_rank {dist.node_rank} must be below nnodes {dist.nnodes}",
-                                key="distributed.node_rank", **cfg.where("distributed", "node_rank")))
+                                key="distributed.node_rank", hint=f"machines count 0 .. {dist.nnodes - 1}; "
+                                "raise distributed.nnodes or lower node_rank",
+                                **cfg.where("distributed", "node_rank")))
     if cfg.data.min_pixels > cfg.data.max_pixels:
         problems.append(Problem("error", f"min_pixels {cfg.data.min_pixels} exceeds max_pixels "
                                 f"{cfg.data.max_pixels}", key="data.min_pixels", **cfg.where("data", "min_pixels")))
@@ -461,11 +589,18 @@ def _semantic_problems(cfg: RunConfig, source: str) -> list[Problem]:
         if not cfg.data.use:
             problems.append(Problem("error", "empty list: name at least one dataset, or delete the key to use all",
                                     key="data.use", **cfg.where("data", "use")))
+        first_index: dict[str, int] = {}
         for index, entry in enumerate(cfg.data.use):
             try:
-                parse_dataset_use(entry)
                 if "," in entry:
                     raise DatasetUseError(f"{entry!r} holds a comma; give one dataset per list item")
+                name = parse_dataset_use(entry)[0].name
+                if name in first_index:
+                    problems.append(Problem("error", f"dataset {name!r} is listed twice (also item "
+                                            f"{first_index[name]})", key=f"data.use[{index}]",
+                                            hint=f"list it once; for more copies write a percent above 100, "
+                                            f"e.g. {name}%200", **cfg.where("data", "use", index)))
+                first_index.setdefault(name, index)
             except DatasetUseError as exc:
                 problems.append(Problem("error", str(exc), key=f"data.use[{index}]",
                                         hint="write 'name' or 'name%percent', e.g. docs%12.5",

@@ -78,16 +78,23 @@ def _signal_group(proc: subprocess.Popen, signum: int) -> None:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: ``gpu[03-05,09],cpu1`` -> ``gpu03``."""
+    """First host of a SLURM hostlist: ``gpu[03-05,09],cpu1`` -> ``gpu03``, ``rack[1-2]-n[07-08]`` -> ``rack1-n07``.
+
+    Commas inside brackets do not separate hosts; every bracket group contributes its first value (zero
+    padding kept: ``n[0001-0004]`` -> ``n0001``). A malformed list (unclosed bracket) returns its first item as is.
+    """
     nodelist = nodelist.strip()
-    m = re.match(r"^([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if not m:
-        return nodelist
-    prefix, ranges = m.group(1), m.group(3)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    host, depth = [], 0
+    for ch in nodelist:
+        if ch == "," and depth == 0:
+            break
+        depth += ch == "["
+        depth -= ch == "]"
+        host.append(ch)
+    first = "".join(host).strip()
+    if depth != 0:
+        return first
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0].strip(), first)
 
 
 def slurm_topology(environ: Mapping[str, str]) -> dict[str, object]:
@@ -95,11 +102,12 @@ def slurm_topology(environ: Mapping[str, str]) -> dict[str, object]:
     out: dict[str, object] = {}
     if not environ.get("SLURM_JOB_ID") and not environ.get("SLURM_NODEID"):
         return out
-    if environ.get("SLURM_NNODES", "").isdigit():
-        out["nnodes"] = int(environ["SLURM_NNODES"])
-    if environ.get("SLURM_NODEID", "").isdigit():
+    nnodes = environ.get("SLURM_NNODES") or environ.get("SLURM_JOB_NUM_NODES") or ""
+    if nnodes.strip().isdigit() and int(nnodes) > 0:
+        out["nnodes"] = int(nnodes)
+    if environ.get("SLURM_NODEID", "").strip().isdigit():
         out["node_rank"] = int(environ["SLURM_NODEID"])
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-    if nodelist:
+    if nodelist and nodelist.strip() and first_slurm_host(nodelist):
         out["master_addr"] = first_slurm_host(nodelist)
     return out

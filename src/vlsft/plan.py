@@ -44,7 +44,7 @@ from typing import Any
 
 import vlsft
 from qwenvl.problems import Problem, ProblemsError, did_you_mean
-from vlsft.config import ENV_REF, RunConfig, load_run_config
+from vlsft.config import RunConfig, load_run_config
 
 REPO_CONFIGS = Path(vlsft.__file__).resolve().parents[2] / "configs"
 SECRET_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY"})
@@ -91,6 +91,7 @@ class LaunchPlan:
     config: RunConfig
     datasets: list[DatasetShare] = field(default_factory=list)
     steps_are_estimate: bool = False
+    slurm: list[str] = field(default_factory=list)  # distributed.* values taken from SLURM_* ("key=value")
 
     def display_env(self) -> dict[str, str]:
         """``env`` with secret values replaced by ``***``."""
@@ -199,6 +200,59 @@ def _media_kinds(path: str, limit: int = 256 << 20) -> set[str]:
     return kinds
 
 
+# --------------------------------------------------------------------------- topology
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+def apply_slurm(cfg: RunConfig, environ: Mapping[str, str]) -> list[str]:
+    """Fill ``distributed.*`` from ``SLURM_*`` where the YAML/overrides did not set them (in place).
+
+    Returns what was taken, as ``distributed.key=value`` strings. Keys set in the YAML or by an override
+    win; with ``rdzv_endpoint`` set only ``nnodes`` is taken (the rendezvous assigns ranks).
+    """
+    from vlsft.launch import slurm_topology
+
+    dist = cfg.distributed
+    explicit = dist.model_fields_set
+    taken = []
+    for key, value in slurm_topology(environ).items():
+        if dist.rdzv_endpoint and key != "nnodes":
+            continue
+        if key not in explicit and getattr(dist, key) != value:
+            setattr(dist, key, value)
+            taken.append(f"distributed.{key}={value}")
+    return taken
+
+
+def _check_topology(cfg: RunConfig, slurm: list[str], problems: list[Problem], warnings: list[str]) -> None:
+    """Multi-node consistency, checked after SLURM filled in what the YAML left open."""
+    dist = cfg.distributed
+    from_slurm = " (from SLURM)" if slurm else ""
+    if dist.node_rank >= dist.nnodes:
+        problems.append(Problem("error", f"node_rank {dist.node_rank} must be below nnodes {dist.nnodes}{from_slurm}",
+                                key="distributed.node_rank", hint=f"machines count 0 .. {dist.nnodes - 1}",
+                                **cfg.where("distributed", "node_rank")))
+    if dist.rdzv_endpoint:
+        ignored = sorted({"master_addr", "master_port", "node_rank"} & dist.model_fields_set)
+        if ignored:
+            warnings.append(f"distributed.rdzv_endpoint {dist.rdzv_endpoint} is set, so "
+                            f"{', '.join('distributed.' + k for k in ignored)} "
+                            f"{'is' if len(ignored) == 1 else 'are'} ignored (the c10d rendezvous assigns ranks); "
+                            "delete one side")
+        return
+    if dist.nnodes > 1 and dist.master_addr is None:
+        problems.append(Problem("error", f"nnodes is {dist.nnodes} but distributed.master_addr is not set: the other "
+                                "machines cannot find rank 0", key="distributed.master_addr",
+                                hint="set distributed.master_addr=<host name or IP of the node_rank 0 machine> "
+                                "(the same on every node), run under SLURM, or set distributed.rdzv_endpoint",
+                                **cfg.where("distributed", "nnodes")))
+    elif dist.nnodes > 1 and dist.master_addr in LOOPBACK:
+        warnings.append(f"distributed.master_addr is {dist.master_addr} with nnodes {dist.nnodes}: other machines "
+                        "cannot reach a loopback address (fine only when every node rank runs on this machine); "
+                        "use the rank-0 machine's host name or IP")
+
+
 # --------------------------------------------------------------------------- the builder
 
 def _select_datasets(cfg: RunConfig, problems: list[Problem]) -> tuple[list[tuple[str, float]], Any]:
@@ -245,13 +299,31 @@ def _record_count(name: str, spec: Any, dictionary: Any, problems: list[Problem]
         return None
 
 
+_ANY_REF = re.compile(r"^\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}|"
+                      r"(?P<bare>[A-Za-z_][A-Za-z0-9_]*))$")
+
+
+def resolve_reference(value: str, environ: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """``(value, None)`` for a literal; a ``${VAR}`` / ``$VAR`` / ``${VAR:-default}`` reference resolved from
+    ``environ`` -> ``(resolved, VAR)``, ``(None, VAR)`` when unset without a default. (Secret fields only ever
+    hold ``${VAR}``: the config rejects the other forms there.)"""
+    m = _ANY_REF.match(value.strip())
+    if m is None:
+        return value, None
+    name = m.group("braced") or m.group("bare")
+    resolved = environ.get(name)
+    if (resolved is None or resolved == "") and m.group("default") is not None:
+        resolved = m.group("default")
+    return resolved, name
+
+
 def storage_overrides(cfg: RunConfig, environ: Mapping[str, str]) -> dict[str, str]:
     """The environment variables the run's ``storage.*`` sets (``${VAR}`` references resolved; unset ones skipped)."""
     overrides: dict[str, str] = {}
     for key, var in STORAGE_ENV.items():
         value = getattr(cfg.storage, key)
-        ref = ENV_REF.match(value) if value is not None else None
-        value = environ.get(ref.group(1)) if ref else value
+        if value is not None:
+            value, _ = resolve_reference(value, environ)
         if value is not None:
             overrides[var] = value
     return overrides
@@ -275,6 +347,8 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     problems: list[Problem] = []
     warnings: list[str] = []
     m, d, tr, dist, out = cfg.model, cfg.data, cfg.training, cfg.distributed, cfg.output
+    slurm = apply_slurm(cfg, environ)
+    _check_topology(cfg, slurm, problems, warnings)
 
     # ---- data (read with the run's storage.* settings applied: the dictionary may live on S3)
     with storage_environment(cfg, environ):
@@ -310,14 +384,22 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
             problems.append(Problem("error", f"checkpoint {out.resume} not found", key="output.resume",
                                     hint="auto resumes from the newest checkpoint in output.dir",
                                     **cfg.where("output", "resume")))
-    ds_path = deepspeed_path(dist.deepspeed, base)
+    typed = dist.deepspeed
+    ds_path = deepspeed_path(typed, base)
     ds_blocks: set[str] = set()
     if ds_path is not None:
         dist.deepspeed = ds_path
         if "://" not in ds_path and not os.path.isfile(ds_path):
+            from vlsft.config import DEEPSPEED_PRESETS
+
+            guess = did_you_mean(typed.lower().replace("-", "_"), DEEPSPEED_PRESETS) if "/" not in typed else None
             problems.append(Problem("error", f"DeepSpeed config {ds_path} not found", key="distributed.deepspeed",
-                                    hint="zero2, zero3, zero3_offload, none, or a path to a JSON file",
+                                    hint=guess or "zero2, zero3, zero3_offload, none, or a path to a JSON file "
+                                    "(relative paths start at the run YAML's folder)",
                                     **cfg.where("distributed", "deepspeed")))
+        elif "://" in ds_path:
+            problems.append(Problem("error", f"DeepSpeed config {ds_path} must be a local file", key="distributed.deepspeed",
+                                    hint="copy the JSON next to the run YAML", **cfg.where("distributed", "deepspeed")))
         else:
             ds_blocks = _deepspeed_blocks(ds_path)
     else:
@@ -344,15 +426,12 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         value = getattr(cfg.storage, key)
         if value is None:
             continue
-        ref = ENV_REF.match(value)
-        if ref:
-            resolved = environ.get(ref.group(1))
-            if resolved is None:
-                warnings.append(f"storage.{key} refers to ${{{ref.group(1)}}}, which is not set in this "
-                                f"environment: {var} will not be passed")
-                continue
-            value = resolved
-        env[var] = value
+        resolved, ref = resolve_reference(value, environ)
+        if resolved is None:
+            warnings.append(f"storage.{key} refers to ${{{ref}}}, which is not set in this "
+                            f"environment: {var} will not be passed")
+            continue
+        env[var] = resolved
     report_to = tr.report_to if tr.report_to is not None else ("wandb" if mode != "disabled" else "none")
 
     # ---- trainer arguments
@@ -414,7 +493,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         launcher += ["--rdzv_backend", "c10d", "--rdzv_endpoint", dist.rdzv_endpoint,
                      "--rdzv_id", out.run_name or "vlsft"]
     else:
-        launcher += ["--node_rank", str(dist.node_rank), "--master_addr", dist.master_addr,
+        launcher += ["--node_rank", str(dist.node_rank), "--master_addr", dist.master_addr or "127.0.0.1",
                      "--master_port", str(dist.master_port)]
     launcher += ["-m", "qwenvl.train"]
 
@@ -461,6 +540,9 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     if "scheduler" in ds_blocks:
         warnings.append(f"{ds_path} defines its own scheduler: it replaces training.lr_scheduler_type "
                         f"({tr.lr_scheduler_type})")
+    if mode == "disabled" and report_to in ("wandb", "all"):
+        warnings.append(f"training.report_to is {report_to!r} but W&B is disabled (WANDB_MODE=disabled): nothing "
+                        "reaches W&B; set wandb.project (online) or wandb.mode: offline")
     if mode != "disabled" and report_to not in ("wandb", "all"):
         warnings.append(f"the wandb section is enabled ({mode}) but training.report_to is {report_to!r}")
     if d.packing:
@@ -483,6 +565,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         config=cfg,
         datasets=shares,
         steps_are_estimate=d.packing,
+        slurm=slurm,
     )
 
 
