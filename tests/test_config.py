@@ -290,3 +290,63 @@ def test_random_overrides_never_crash(tmp_path, pairs):
         load_run_config(path, [f"{k}={v}" for k, v in pairs])
     except ProblemsError as exc:
         assert exc.problems and all("\n" not in p.render() for p in exc.problems)
+
+
+# ------------------------------------------------------------------ round 2: inputs users actually write
+
+HEAD = "model: {name_or_path: /m}\ndata: {dictionary: d.json}\noutput: {dir: out}\n"
+
+
+@pytest.mark.parametrize("section, want", [
+    ("training: {learning_rate: true}", ":4:27: error: [training.learning_rate] expected a number, got true"),
+    ("training: {num_train_epochs: yes}", ":4:30: error: [training.num_train_epochs] expected a number, got true"),
+    ("training: {per_device_train_batch_size: off}", "expected a number, got false"),
+    ("distributed: {nproc_per_node: on}", "[distributed.nproc_per_node] expected a number, got true"),
+    ("training: {per_device_train_batch_size: 0}",
+     "[training.per_device_train_batch_size] Input should be greater than or equal to 1, got 0 (hint: "
+     "per_device_train_batch_size: samples per GPU"),
+    ("training: {learning_rate: abc}", "got 'abc' (hint: write a number, e.g. 2.0e-5"),
+    ("training: {bf16: maybe}", "got 'maybe' (hint: write true or false)"),
+    ("training: {extra: [optim]}", "got a list (hint: write a mapping, e.g. extra: {optim: adamw_torch_fused})"),
+    ("wandb: {mode: onlin}", "[wandb.mode] Input should be 'online', 'offline' or 'disabled', got 'onlin' "
+     "(hint: did you mean 'online'?)"),
+    ("distributed: {master_port: 70000}", "less than or equal to 65535, got 70000"),
+    ("distributed: {rdzv_endpoint: node01}", "[distributed.rdzv_endpoint] rdzv_endpoint 'node01' must be host:port"),
+    ("distributed: {rdzv_endpoint: 'node01:99999'}", "must be host:port with a port from 1 to 65535"),
+    ("output: {dir: out, resume: false}", "resume must be auto, never or a checkpoint path, got false"),
+    ("data: {dictionary: d.json, use: [a, b%50, a%20]}",
+     "[data.use[2]] dataset 'a' is listed twice (also item 0) (hint: list it once; for more copies write a "
+     "percent above 100, e.g. a%200)"),
+    ("storage: {secret_access_key: $MY_SECRET}", 'write the reference as "${MY_SECRET}" (with braces, quoted)'),
+    ("storage: {session_token: '${TOK:-s3cr3t}'}", 'a default value in a secret reference would be a literal'),
+    ("distributed: {deepspeed: true}", "true is not a DeepSpeed configuration"),
+])
+def test_round2_bad_values_one_line_with_location_and_hint(tmp_path, section, want):
+    kept = [line for line in HEAD.splitlines() if line.split(":")[0] != section.split(":")[0]]
+    path = write(tmp_path, "\n".join(kept + [section] + ["wandb: {}"] * (4 - len(kept) - 1)) + "\n")
+    lines = problems_of(path)
+    assert len(lines) == 1 and lines[0].startswith(f"{path}:{len(kept) + 1}:") and want in lines[0], lines
+    assert "s3cr3t" not in lines[0]
+
+
+def test_round2_friendly_spellings_accepted(tmp_path):
+    path = write(tmp_path, "model: {name_or_path: /m}\ndata: {dictionary: d.json}\n"
+                 "output: {dir: out, resume: Never}\ndistributed: {deepspeed: }\n"
+                 "training: {learning_rate: '2e-5', bf16: yes, num_train_epochs: .5}\n")
+    cfg = load_run_config(path)
+    assert cfg.output.resume == "never" and cfg.distributed.deepspeed == "none"
+    assert cfg.training.learning_rate == 2e-5 and cfg.training.bf16 is True and cfg.training.num_train_epochs == 0.5
+    assert load_run_config(path, ["distributed.deepspeed=false"]).distributed.deepspeed == "none"
+    assert load_run_config(path, ["distributed.master_addr= "]).distributed.master_addr is None
+
+
+def test_round2_file_level_problems_have_a_location(tmp_path):
+    assert problems_of(write(tmp_path, "", "e.yaml"))[0].startswith(f"{tmp_path}/e.yaml:1:1: error:")
+    assert problems_of(write(tmp_path, "- a\n- b\n", "l.yaml"))[0].startswith(f"{tmp_path}/l.yaml:1:1: error:")
+    tabs = problems_of(write(tmp_path, "model:\n\tname_or_path: x\n", "t.yaml"))
+    assert tabs[0].startswith(f"{tmp_path}/t.yaml:2:1: error: YAML syntax error") and "never tabs" in tabs[0]
+    lines = problems_of(write(tmp_path, HEAD + "traning: {learning_rate: 1e-5}\n", "s.yaml"))
+    assert lines == [f"{tmp_path}/s.yaml:4:1: error: [traning] unknown key (hint: did you mean 'training'?)"]
+    missing = problems_of(write(tmp_path, "model: {name_or_path: /m}\ndata: {dictionary: d.json}\n", "m.yaml"))
+    assert missing == [f"{tmp_path}/m.yaml:1:1: error: [output] missing required key (hint: add an output section, "
+                       "e.g. output: {dir: runs/my-first-run} (a new folder for every fresh run))"]

@@ -90,7 +90,9 @@ def test_exit_status_and_argv_list_only():
 
 @pytest.mark.parametrize("nodelist,first", [
     ("gpu[03-05,09],cpu1", "gpu03"), ("node01", "node01"), ("a1,b2", "a1"), ("dgx-[7,9]", "dgx-7"),
-    ("n[0001-0004]", "n0001"),
+    ("n[0001-0004]", "n0001"), ("gpu[01-04]", "gpu01"), ("node-a,node-b", "node-a"), ("gpu[01,03-05]", "gpu01"),
+    ("rack[1-2]-n[07-08]", "rack1-n07"), ("node[1-2]-ib,login", "node1-ib"), (" host1 ", "host1"),
+    ("10.0.0.[5-8]", "10.0.0.5"), ("a[7]", "a7"), ("gpu[01", "gpu[01"),
 ])
 def test_first_slurm_host(nodelist, first):
     assert first_slurm_host(nodelist) == first
@@ -156,3 +158,12 @@ def test_resume_decisions(tmp_path):
     (fin / "model.safetensors").write_bytes(b"x")
     with pytest.raises(UserError, match="already holds a run"):
         decide_resume(str(fin), "auto", False)
+
+
+def test_slurm_topology_variants():
+    base = {"SLURM_JOB_ID": "7"}
+    assert slurm_topology({**base, "SLURM_JOB_NUM_NODES": "2", "SLURM_NODELIST": "x[3-4]"}) == {
+        "nnodes": 2, "master_addr": "x3"}
+    assert slurm_topology({**base, "SLURM_NNODES": "0", "SLURM_NODEID": " 1 ", "SLURM_JOB_NODELIST": " "}) == {
+        "node_rank": 1}
+    assert slurm_topology({"SLURM_NNODES": "4"}) == {}  # not inside a job

@@ -228,3 +228,64 @@ def test_build_plan_leaves_input_config_untouched(tmp_path):
     before = cfg.model_dump()
     build_plan(cfg, {})
     assert cfg.model_dump() == before
+
+
+SLURM = {"SLURM_JOB_ID": "9", "SLURM_NNODES": "4", "SLURM_NODEID": "3", "SLURM_JOB_NODELIST": "gpu[01,03-05]"}
+
+
+def test_round2_multinode_needs_master_addr_unless_slurm(tmp_path):
+    single = RUN_YAML.replace("  nnodes: 2\n  master_addr: 10.1.2.3\n", "")
+    path = make_project(tmp_path, run_yaml=single)
+    with pytest.raises(ProblemsError) as info:
+        plan_from_file(path, ["distributed.nnodes=2"], {})
+    (line,) = [p.render() for p in info.value.problems]
+    assert "[distributed.master_addr] nnodes is 2 but distributed.master_addr is not set" in line
+    assert "hint: set distributed.master_addr=" in line
+    assert plan_from_file(path, [], {}).torchrun[7:9] == ["--master_addr", "127.0.0.1"]  # one machine: loopback
+    plan = plan_from_file(path, [], SLURM)  # print-args shows what `vlsft train` runs under SLURM
+    assert plan.torchrun[1:11] == ["--nnodes", "4", "--nproc_per_node", "8", "--node_rank", "3",
+                                   "--master_addr", "gpu01", "--master_port", "29500"]
+    assert plan.slurm == ["distributed.nnodes=4", "distributed.node_rank=3", "distributed.master_addr=gpu01"]
+    assert plan.world_size == 32 and plan.effective_batch_size == 4 * 4 * 8 * 4
+    # explicit YAML/override values win over SLURM; an inconsistent result is an error, not a hang
+    with pytest.raises(ProblemsError, match=r"node_rank 3 must be below nnodes 2 \(from SLURM\)"):
+        plan_from_file(path, ["distributed.nnodes=2", "distributed.master_addr=h"], SLURM)
+    loop = plan_from_file(path, ["distributed.nnodes=2", "distributed.master_addr=localhost"], {})
+    assert any("loopback" in w for w in loop.warnings)
+
+
+def test_round2_rdzv_conflict_wandb_and_deepspeed_hints(tmp_path):
+    plan = plan_for(tmp_path, ["distributed.rdzv_endpoint=head:29400"])
+    assert any("distributed.master_addr is ignored" in w for w in plan.warnings)
+    plan = plan_for(tmp_path, ["training.report_to=wandb"])
+    assert any("W&B is disabled" in w for w in plan.warnings)
+    for typed, hint in (("ZeRO3", "did you mean 'zero3'?"), ("zero-2", "did you mean 'zero2'?")):
+        with pytest.raises(ProblemsError) as info:
+            plan_for(tmp_path, [f"distributed.deepspeed={typed}"])
+        assert hint in info.value.problems[0].render()
+
+
+def test_round2_storage_references(tmp_path):
+    from vlsft.plan import resolve_reference
+
+    env = {"EP": "http://rgw:7480", "EMPTY": ""}
+    assert resolve_reference("${EP}", env) == ("http://rgw:7480", "EP")
+    assert resolve_reference("$EP", env) == ("http://rgw:7480", "EP")
+    assert resolve_reference("${NOPE:-http://d}", env) == ("http://d", "NOPE")
+    assert resolve_reference("${EMPTY:-x}", env) == ("x", "EMPTY")
+    assert resolve_reference("${NOPE}", env) == (None, "NOPE")
+    assert resolve_reference("http://plain", env) == ("http://plain", None)
+    plan = plan_for(tmp_path, ["storage.endpoint_url=${EP:-http://fallback}", "storage.region=$REGION"],
+                    {"REGION": "eu-1"})
+    assert plan.env["AWS_ENDPOINT_URL"] == "http://fallback" and plan.env["AWS_DEFAULT_REGION"] == "eu-1"
+
+
+@pytest.mark.parametrize("overrides, samples, per_epoch, total", [
+    (["training.num_train_epochs=0.5"], 1250, 5, 3),  # 500 + 750 samples / (4 x 4 x 8 x 2 = 256)
+    (["training.num_train_epochs=0.01"], 1250, 5, 1),
+    (["training.num_train_epochs=2.5", "training.max_steps=7"], 1250, 5, 7),  # max_steps wins
+    (["training.global_batch_size=256", "training.gradient_accumulation_steps=null"], 1250, 5, 15),
+])
+def test_round2_step_arithmetic(tmp_path, overrides, samples, per_epoch, total):
+    plan = plan_for(tmp_path, overrides)
+    assert (plan.samples_per_epoch, plan.steps_per_epoch, plan.total_steps) == (samples, per_epoch, total)
