@@ -212,8 +212,9 @@ def test_packed_json_and_sharing_files(tmp_path):
     assert text_lines[record_line - 1].strip() == "{"
     assert missing["message"].endswith("gone.png") and missing["line"] == record_line
     p, p2 = report["datasets"]
-    assert (p["actual_length"], p["images"], p["text_only"], p["samples_per_epoch"]) == (3, 4, 2, 3)
-    assert p2["samples_per_epoch"] == 2  # round(3 * 0.5) = 2 (banker's rounding of 1.5 -> 2)
+    # the trainer flattens packs: 6 samples (declared length 3 = the packs, accepted too)
+    assert (p["actual_length"], p["images"], p["text_only"], p["samples_per_epoch"]) == (6, 4, 2, 6)
+    assert p2["samples_per_epoch"] == 3  # round(6 * 0.5)
 
 
 def test_check_unusable_file_exits_2(tmp_path):
@@ -347,3 +348,183 @@ def test_media_without_data_path_found_late(tmp_path, monkeypatch):
     assert r.exit_code == 1
     [p] = json.loads(r.stdout)["problems"]
     assert p["key"] == "data_path" and p["line"] == 1 and "reference media (first at t.jsonl:6)" in p["message"]
+
+
+# ---- round 2: inputs real users have ------------------------------------------------------------------------
+
+
+def _human_gpt(q: str = "<image>q") -> dict:
+    return {"image": "a.jpg", "conversations": _turns(q)}
+
+
+def test_jsonl_bom_crlf_blank_lines_and_no_final_newline(tmp_path):
+    """A BOM (the trainer's json reads past it), CRLF ends, blank/whitespace lines, no final newline:
+    counts and line numbers follow the file, problems come in line order."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "a.jpg").write_bytes(b"x")
+    good = json.dumps(_human_gpt())
+    lines = [good, "", json.dumps({"image": "zz.jpg", "conversations": _turns("<image>")}), "{bad json", "   \t",
+             json.dumps({"conversations": []})]
+    (tmp_path / "t.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode())
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"t": {"data_path": "m", "annotation_path": "t.jsonl", "length": 4}}))
+    r = invoke("datasets", "check", str(d), "--deep", "--json")
+    report = json.loads(r.stdout)
+    got = [(p["line"], p["column"], p["message"].split(":")[0]) for p in report["problems"]]
+    assert got == [(3, None, "media file not found"), (4, 2, "line is not valid JSON"),
+                   (6, None, "'conversations' must be a non-empty list of turns")], got
+    assert report["datasets"][0]["actual_length"] == 4 and r.exit_code == 1
+
+
+def test_jsonl_line_errors_are_explained(tmp_path):
+    rows = [
+        "{'conversations': []}",                                              # 1 single quotes
+        '{"conversations": [{"from": "human", "value": "q"},]}',              # 2 trailing comma
+        json.dumps({"conversations": _turns("q")}) + json.dumps({"a": 1}),    # 3 two objects
+        json.dumps([{"conversations": _turns("q")}]),                         # 4 a list on the line
+        '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "score": NaN}',  # 5 ok
+        '{"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": True}]}',  # 6 Python literal
+    ]
+    data = "\n".join(rows).encode() + b'\n{"conversations": [{"from": "human", "value": "caf\xe9"}]}\n'  # 7 latin-1
+    (tmp_path / "t.jsonl").write_bytes(data)
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"t": {"annotation_path": "t.jsonl"}}))
+    probs = json.loads(invoke("datasets", "check", str(d), "--deep", "--json").stdout)["problems"]
+    by_line = {p["line"]: p for p in probs}
+    assert 5 not in by_line  # NaN: not strict JSON, but Python's json (the trainer's reader) takes it
+    assert (by_line[1]["column"], by_line[1]["message"]) == (2, "line is not valid JSON: strings and keys need double "
+                                                                  "quotes, not single quotes")
+    assert by_line[2]["column"] == 51 and "trailing comma before ']'" in by_line[2]["message"]
+    assert "more than one JSON value on the line" in by_line[3]["message"]
+    assert "JSON list" in by_line[4]["message"] and ".json" in by_line[4]["hint"]
+    assert "True is not JSON" in by_line[6]["message"] and by_line[6]["hint"] == "write true"
+    assert by_line[7]["message"] == "line is not UTF-8 text (byte 0xe9)" and by_line[7]["column"] == 51
+    assert by_line[7]["hint"] == "save the file as UTF-8"
+
+
+def test_json_annotation_errors_point_at_the_cause(tmp_path):
+    ok = {"conversations": _turns("q")}
+    cases = {
+        "pretty.json": (json.dumps([ok, ok], indent=2)[:-2] + ",\n]", "trailing comma before ']'"),
+        "oneline.json": ('[{"conversations": []},]', "trailing comma before ']'"),
+        "lines.json": (json.dumps(ok) + "\n" + json.dumps(ok) + "\n", "one JSON object after another"),
+        "latin.json": (b'[\n{"conversations": [{"from": "human", "value": "caf\xe9"}]}]', "not UTF-8 text (byte 0xe9)"),
+        "empty.json": ("", "the file is empty"),
+    }
+    entries = {}
+    for name, (text, _) in cases.items():
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+        entries[name.split(".")[0]] = {"annotation_path": name}
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps(entries))
+    probs = json.loads(invoke("datasets", "check", str(d), "--json").stdout)["problems"]
+    by_file = {Path(p["file"]).name: p for p in probs}
+    for name, (_, fragment) in cases.items():
+        assert fragment in by_file[name]["message"], (name, by_file[name])
+    pretty = (tmp_path / "pretty.json").read_text().splitlines()
+    p = by_file["pretty.json"]
+    assert pretty[p["line"] - 1][p["column"] - 1] == ","  # the comma itself, not the ']' after it
+    assert (by_file["oneline.json"]["line"], by_file["oneline.json"]["column"]) == (1, 23)
+    assert "rename the file to .jsonl" in by_file["lines.json"]["hint"]
+    assert (by_file["latin.json"]["line"], by_file["latin.json"]["column"]) == (2, 51)
+    # a BOM before a .json list keeps its line numbers
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([ok, {"conversations": []}], indent=1).encode())
+    d.write_text(json.dumps({"bom": {"annotation_path": "bom.json"}}))
+    [p] = json.loads(invoke("datasets", "check", str(d), "--deep", "--json").stdout)["problems"]
+    assert p["line"] == 14 and "non-empty list" in p["message"]
+
+
+def test_turn_checks_do_not_cascade(tmp_path):
+    rows = [
+        {"conversations": [{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "a"}]},   # 1 bad speaker only
+        {"conversations": [{"from": "Human", "value": "q"}, {"from": "gpt", "value": "a"}]},     # 2 case
+        {"conversations": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"},
+                           {"role": "assistant", "content": "a"}]},                              # 3 role first
+        {"conversations": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                           {"role": "assistant", "content": "a"}]},                              # 4 content list
+    ]
+    _write_jsonl(tmp_path / "t.jsonl", rows)
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"t": {"annotation_path": "t.jsonl"}}))
+    probs = json.loads(invoke("datasets", "check", str(d), "--deep", "--json").stdout)["problems"]
+    got = [(p["line"], p["message"]) for p in probs]
+    assert got == [(1, "unknown speaker ['human']"), (2, "unknown speaker 'Human'"),
+                   (3, "the conversation starts with an assistant turn"), (4, "'content' must be a string, found a list")]
+    assert probs[1]["hint"] == "write 'human' (lowercase, no spaces)"
+    assert "<image>" in probs[3]["hint"]
+
+
+def test_packed_length_mismatch_names_samples_and_packs(tmp_path):
+    t = {"conversations": _turns("q")}
+    (tmp_path / "p.json").write_text(json.dumps([[t, t], [t], t]))
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"p": {"annotation_path": "p.json", "length": 10}, "ok": {"annotation_path": "p.json",
+                                                                                      "length": 3}}))
+    report = json.loads(invoke("datasets", "check", str(d), "--json").stdout)
+    [p] = report["problems"]
+    assert "declares length 10 but p.json holds 4 samples in 3 packed lists" in p["message"]
+    assert [r["actual_length"] for r in report["datasets"]] == [4, 4]
+    from qwenvl.data.dictionary import count_records
+
+    assert count_records(str(tmp_path / "p.json")) == 4  # what print-args and the trainer count
+
+
+def test_rate_that_yields_no_samples_warns(tmp_path):
+    _write_jsonl(tmp_path / "t.jsonl", [{"conversations": _turns("q")}] * 3)
+    d = tmp_path / "d.json"
+    d.write_text('{\n "few": {"annotation_path": "t.jsonl", "sampling_rate": 0.1},\n'
+                 ' "one": {"annotation_path": "t.jsonl", "length": 3}\n}')
+    r = invoke("datasets", "check", str(d))
+    assert r.exit_code == 0
+    assert (f"{d}:2:40: warning: [sampling_rate] dataset 'few' contributes no samples: 10% of 3 records rounds to 0 "
+            "(hint: raise sampling_rate to at least 0.33 or remove the dataset)") in r.stdout
+    assert "3 samples per epoch; 0 errors, 1 warning" in r.stdout
+    d.write_text(json.dumps({"one": {"annotation_path": "t.jsonl", "sampling_rate": 0.5}}))
+    assert "2 samples per epoch" in invoke("datasets", "check", str(d)).stdout
+    (tmp_path / "u.jsonl").write_text(json.dumps({"conversations": _turns("q")}) + "\n")
+    d.write_text(json.dumps({"one": {"annotation_path": "u.jsonl"}}))
+    assert "1 sample per epoch" in invoke("datasets", "check", str(d)).stdout
+
+
+def test_use_integer_percent_rounding_edges(tmp_path):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"conversations": _turns("q")}) + "\n")
+    rates = {"half": 0.005, "zero": 0.004, "noise": 0.145, "near": 0.999999, "tiny": 1e-05, "one": 1.0, "rep1": 1}
+    entries = {k: {"annotation_path": "t.jsonl", ("repeat_time" if k == "rep1" else "sampling_rate"): v}
+               for k, v in rates.items()}
+    entries["big"] = {"annotation_path": "t.jsonl", "repeat_time": 123456.789}
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps(entries))
+    r = invoke("datasets", "use", str(d))
+    assert r.stdout == "half%0.5,zero%0.4,noise%14.5,near%99.9999,tiny%0.001,one,rep1,big%12345678.9\n"
+    r = invoke("datasets", "use", str(d), "--integer-percent")
+    assert r.stdout == "half%1,zero%0,noise%14,near%100,tiny%0,one%100,rep1%100,big%12345679\n"
+    assert "noise: 14.5% rounded to %14 (precision lost; not %15" in r.stderr
+    assert "zero: 0.4% rounds to %0" in r.stderr and "tiny: 0.001% rounds to %0" in r.stderr
+    assert "half: 0.5% rounded to %1 (precision lost)\n" in r.stderr
+
+
+def test_unusable_dictionaries_exit_2_in_check_and_use(tmp_path):
+    cases = {"empty_obj.json": b"{}\n", "utf16.json": '{"a": {"annotation_path": "t.jsonl"}}'.encode("utf-16"),
+             "blank.json": b"  \n"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        r = invoke("datasets", "check", str(tmp_path / name))
+        assert r.exit_code == 2, (name, r.stdout)
+        r = invoke("datasets", "use", str(tmp_path / name))
+        assert r.exit_code == 2 and r.stdout == "", name
+    r = invoke("datasets", "check", str(tmp_path / "utf16.json"))
+    assert r.stdout.count("error:") == 1 and "UTF-16" in r.stdout
+
+
+def test_listing_progress_reaches_the_object_store_check(tmp_path):
+    """scan() hands a progress callback to storage.existing (URL data_path: one listing per folder)."""
+    from qwenvl.data.annotations import scan
+
+    for sub in ("a", "b", "c"):
+        (tmp_path / "m" / sub).mkdir(parents=True)
+        (tmp_path / "m" / sub / "x.jpg").write_bytes(b"x")
+    _write_jsonl(tmp_path / "t.jsonl", [{"image": f"{s}/x.jpg", "conversations": _turns("<image>")} for s in "abcd"])
+    calls: list = []
+    res = scan(str(tmp_path / "t.jsonl"), f"file://{tmp_path}/m", list_progress=lambda done, total: calls.append(
+        (done, total)))
+    assert res.missing_media == 1 and calls[-1] == (4, 4) and len(calls) == 4

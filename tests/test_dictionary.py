@@ -193,7 +193,8 @@ def test_annotation_file_checks(data_dir):
     assert "declares length 1000 but train.jsonl holds 3 records" in text
     assert "must be a list of samples, found an object" in text
     broken = [p for p in d.problems if p.file.endswith("broken.json")]
-    assert broken and broken[0].line == 3 and broken[0].column is not None
+    assert broken and (broken[0].line, broken[0].column) == (2, 10)  # the trailing comma itself
+    assert "trailing comma before ']'" in broken[0].message
     assert "annotation file of dataset 'gone' not found" in text
     assert "annotation_path of dataset 'dir' is a folder" in text
     assert "dataset 'nodata' has no data_path but its samples reference media (first at train.jsonl:1)" in text
@@ -233,3 +234,25 @@ def test_golden_dictionary(golden_dir, tmp_path):
     d = load_dictionary(path)
     assert d.ok and d.problems == [], [p.render() for p in d.problems]
     assert d.record_counts == {"public_a": 15, "public_b": 14}
+
+
+def test_wrong_type_messages_and_tilde_hint(tmp_path):
+    text = ('{\n "n": {"annotation_path": null},\n "o": {"annotation_path": {"p": "x.jsonl"}, "data_path": ["m"]},\n'
+            ' "t": {"annotation_path": "~/surely-not-here-vlsft/x.jsonl"}\n}')
+    d = load_dictionary(_write(tmp_path, text))
+    msgs = {(p.line, p.key): (p.message, p.hint) for p in d.problems}
+    assert msgs[(2, "annotation_path")][0] == "'annotation_path' of dataset 'n' must be a path string, found null"
+    assert msgs[(3, "annotation_path")][0].endswith("must be a path string, found an object")
+    assert msgs[(3, "data_path")][0].endswith("must be a path string, found a list")
+    message, hint = msgs[(4, "annotation_path")]
+    home = os.path.expanduser("~")
+    assert message.endswith(f"not found: {home}/surely-not-here-vlsft/x.jsonl") and hint == f"'~' was expanded to {home}"
+
+
+def test_non_utf8_dictionary_names_line_and_column(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_bytes(b'{\n "ok": {"annotation_path": "a.jsonl"},\n "caf\xe9": {"annotation_path": "a.jsonl"}\n}')
+    d = load_dictionary(str(p), check_files=False)
+    [err] = [e for e in d.errors if "UTF-8" in e.message]
+    assert (err.line, err.column, err.message) == (3, 6, "not UTF-8 text (byte 0xe9)")
+    assert "ok" in d.datasets and not d.unusable

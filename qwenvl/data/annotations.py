@@ -91,17 +91,89 @@ def _nonblank_jsonl(data: bytes) -> Iterator[tuple[int, bytes]]:
             yield i, raw
 
 
-def _json_error(exc: Exception, data: bytes | str) -> tuple[int | None, int | None, str]:
-    if isinstance(exc, json.JSONDecodeError):
-        return exc.lineno, exc.colno, exc.msg
-    msg = str(exc)
+_BOM = b"\xef\xbb\xbf"
+
+
+def _read(path: str) -> bytes:
+    """The bytes of an annotation file, without a UTF-8 byte order mark (the trainer's json reads past it)."""
+    data = storage.read_bytes(path)
+    return data[3:] if data.startswith(_BOM) else data
+
+
+def _position(data: bytes | str, pos: int) -> tuple[int, int]:
+    """1-based ``(line, column)`` of offset ``pos`` in ``data``."""
+    nl = b"\n" if isinstance(data, bytes) else "\n"
+    return data.count(nl, 0, pos) + 1, pos - (data.rfind(nl, 0, pos) + 1) + 1  # type: ignore[arg-type]
+
+
+def _explain(text: str, pos: int, msg: str, jsonl: bool) -> tuple[int, str, str | None]:
+    """Turn a JSON parser's complaint at ``pos`` of ``text`` into ``(pos, message, hint)`` a person can act on."""
+    n = len(text)
+    at = text[pos] if 0 <= pos < n else ""
+    back = pos - 1
+    while back >= 0 and text[back] in " \t\r\n":
+        back -= 1
+    if at in "]}" and at and back >= 0 and text[back] == "," and (msg.startswith("Expecting") or "trailing" in msg):
+        return back, f"trailing comma before '{at}'", "remove the comma after the last item"
+    if "trailing comma" in msg:
+        return pos, "trailing comma", "remove the comma after the last item"
+    if at == "'":
+        return pos, "strings and keys need double quotes, not single quotes", 'write "..." (JSON is not Python)'
+    word = re.match(r"[A-Za-z]+", text[pos:pos + 9]) if at.isalpha() else None
+    if word and word.group() in ("True", "False", "None", "nan", "NaN", "Infinity"):
+        fix = {"True": "true", "False": "false", "None": "null"}.get(word.group(), "null or a number")
+        return pos, f"{word.group()} is not JSON", f"write {fix}"
+    if msg.startswith("Extra data") or msg.startswith("unexpected content after document"):
+        if jsonl:
+            return pos, "more than one JSON value on the line", "put each sample on its own line"
+        if text.lstrip().startswith("{"):
+            return pos, "the file holds one JSON object after another, not a list", \
+                "one object per line is JSON Lines: rename the file to .jsonl (or wrap the samples in [ ... ])"
+        return pos, "extra data after the end of the list", "a .json annotation file holds exactly one JSON list"
+    if not text[:pos].strip() and pos >= n:
+        return pos, "the file is empty" if not jsonl else "empty line", None
+    if pos >= n or msg.startswith("Unterminated") or "end of data" in msg:
+        where = "the line" if jsonl else "the text"
+        return pos, f"{msg}: {where} ends early (a missing closing bracket or quote?)", None
+    if msg.startswith("Expecting property name"):
+        return pos, "expected a key in double quotes", None
+    if "control character" in msg:
+        return pos, msg, "write line breaks and tabs inside strings as \\n and \\t"
+    return pos, msg, None
+
+
+def _json_error(exc: BaseException, data: bytes | str) -> tuple[int | None, int | None, str, str | None]:
+    """``(line, column, message, hint)`` of a failed parse of a whole ``.json`` document."""
+    if isinstance(exc, UnicodeDecodeError) and isinstance(data, bytes):
+        line, col = _position(data, exc.start)
+        return line, col, f"not UTF-8 text (byte 0x{data[exc.start]:02x})", "save the file as UTF-8"
+    if isinstance(exc, RecursionError):
+        return None, None, "nested too deeply", None
     pos = getattr(exc, "pos", None)
-    if isinstance(pos, int) and pos >= 0:
-        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-        line = text.count("\n", 0, pos) + 1
-        col = pos - (text.rfind("\n", 0, pos) + 1) + 1
-        return line, col, msg.split(":")[0]
-    return None, None, msg
+    msg = getattr(exc, "msg", None) or str(exc).split(":")[0]
+    if not isinstance(pos, int) or pos < 0:
+        return None, None, msg, _JSON_HINT
+    text = exc.doc if isinstance(getattr(exc, "doc", None), str) else (
+        data.decode("utf-8", "replace") if isinstance(data, bytes) else data)
+    pos, msg, hint = _explain(text, pos, msg, jsonl=False)
+    line, col = _position(text, pos)
+    return line, col, msg, hint or _JSON_HINT
+
+
+def _line_error(raw: bytes) -> tuple[Any, int | None, str, str | None]:
+    """A ``.jsonl`` line orjson refused: ``(record, None, "", None)`` when Python's json (which the trainer
+    uses) reads it after all (``NaN``), else ``(None, column, message, hint)``."""
+    try:
+        return json.loads(raw), None, "", None
+    except UnicodeDecodeError as exc:
+        col = len(raw[:exc.start].decode("utf-8", "replace")) + 1
+        return None, col, f"line is not UTF-8 text (byte 0x{raw[exc.start]:02x})", "save the file as UTF-8"
+    except json.JSONDecodeError as exc:
+        pos, msg, hint = _explain(exc.doc, exc.pos, exc.msg, jsonl=True)
+        return None, pos + 1, f"line is not valid JSON: {msg}", \
+            hint or "each line of a .jsonl file is one complete JSON object"
+    except (ValueError, RecursionError) as exc:
+        return None, None, f"line is not valid JSON: {str(exc).split(':')[0] or 'nested too deeply'}", None
 
 
 def _load_json_document(data: bytes) -> Any:
@@ -118,13 +190,14 @@ def iter_records(path: str) -> Iterator[tuple[int | None, Any]]:
     A line that does not parse yields ``(line, ValueError)``. ``.json`` files yield the line where
     each record starts.
     """
-    data = storage.read_bytes(path)
+    data = _read(path)
     if annotation_format(path) == "jsonl":
         for line, raw in _nonblank_jsonl(data):
             try:
                 yield line, _loads(raw)
-            except _JSONError as exc:
-                yield line, ValueError(str(exc))
+            except _JSONError:
+                rec, _, msg, _ = _line_error(raw)
+                yield line, (ValueError(msg) if msg else rec)
         return
     doc = _load_json_document(data)
     if not isinstance(doc, list):
@@ -204,14 +277,17 @@ _LIST_HINT = "wrap the samples in [ ... ] (or use .jsonl, one sample per line)"
 
 
 def _kind_of(value: Any) -> str:
-    return {dict: "an object", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 @dataclass
 class ProbeInfo:
-    records: int | None = None  # top-level records (None when the file is unusable)
+    # samples the trainer reads: non-blank lines of a .jsonl, list items of a .json with the official
+    # pre-packed lists flattened (None when the file is unusable)
+    records: int | None = None
     packed: bool = False
+    top_level: int | None = None  # items of the top-level .json list (packs count once)
     media_line: int | None = None  # line of the first sample that references media (within PROBE_LIMIT)
     problems: list[Problem] = field(default_factory=list)
 
@@ -244,7 +320,7 @@ def probe(path: str, limit: int | None = None) -> ProbeInfo:
 def _probe(path: str, limit: int) -> ProbeInfo:
     info = ProbeInfo()
     fmt = annotation_format(path)
-    data = storage.read_bytes(path)
+    data = _read(path)
     if fmt == "jsonl":
         info.records = _count_jsonl(data)
         head = data[: data.find(b"\n", min(len(data), limit * 400)) % (len(data) + 1)] if limit else b""
@@ -261,16 +337,17 @@ def _probe(path: str, limit: int) -> ProbeInfo:
     try:
         doc = _load_json_document(data)
     except (ValueError, RecursionError) as exc:
-        line, col, msg = _json_error(exc, data)
+        line, col, msg, hint = _json_error(exc, data)
         info.problems.append(Problem("error", f"annotation file is not valid JSON: {msg}", path, line, col,
-                                     hint=_JSON_HINT))
+                                     hint=hint))
         return info
     if not isinstance(doc, list):
         info.problems.append(Problem("error", "the top level of a .json annotation file must be a list of "
                                      f"samples, found {_kind_of(doc)}", path, 1, 1, hint=_LIST_HINT))
         return info
-    info.records = len(doc)
-    info.packed = bool(doc) and all(type(x) is list for x in doc)
+    info.top_level = len(doc)
+    info.records = sum(len(x) if type(x) is list else 1 for x in doc)
+    info.packed = any(type(x) is list for x in doc)
     seen = 0
     for i, item in enumerate(doc):
         for rec in item if type(item) is list else (item,):
@@ -284,7 +361,8 @@ def _probe(path: str, limit: int) -> ProbeInfo:
 
 
 def count_records(path: str) -> int:
-    """Record count: non-blank lines of a ``.jsonl``, top-level list length of a ``.json``."""
+    """Samples the trainer reads: non-blank lines of a ``.jsonl``; items of a ``.json`` list, the samples
+    inside official pre-packed lists counted one by one (the trainer flattens them)."""
     info = probe(path, limit=0)
     if info.records is None:
         raise ValueError(info.problems[0].render() if info.problems else f"{path}: unreadable annotation file")
@@ -312,12 +390,14 @@ class ScanResult:
     media_line: int | None = None  # line of the first sample with an image or video
     first_media: Any = field(default=None, repr=False, compare=False)  # its locator (internal)
     unusable: bool = False  # the file is not a JSON list / does not parse at all (see problems)
+    packed: bool = False  # a .json with at least one official pre-packed list of samples
 
     def as_probe(self) -> ProbeInfo:
         """What :func:`probe` would have said, so a full scan need not read the file twice."""
         if self.unusable:
             return ProbeInfo(records=None, problems=list(self.problems))
-        return ProbeInfo(records=self.records, media_line=self.media_line)
+        return ProbeInfo(records=self.samples, media_line=self.media_line, packed=self.packed,
+                         top_level=self.records if annotation_format(self.path) == "json" else None)
 
 
 class _Sink:
@@ -328,12 +408,13 @@ class _Sink:
         self.max = max_per_kind
         self.counts: dict[str, int] = {}  # every problem, by kind
         self.kept: dict[str, int] = {}  # listed problems, by kind
-        self.items: list[tuple[Any, str, str, str, str | None, str | None]] = []
+        # (locator, kind, severity, message, key, hint, column)
+        self.items: list[tuple[Any, str, str, str, str | None, str | None, int | None]] = []
 
     def add(self, loc: Any, kind: str, severity: str, message: str, key: str | None = None,
-            hint: str | None = None) -> None:
+            hint: str | None = None, column: int | None = None) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        self.keep((loc, kind, severity, message, key, hint))
+        self.keep((loc, kind, severity, message, key, hint, column))
 
     def keep(self, item: tuple) -> None:
         kind = item[1]
@@ -347,8 +428,12 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
                   res: Any) -> None:
     """Count one sample and (``deep``) check it. Kept flat: this runs a million times."""
     if type(rec) is not dict:
-        sink.add(loc, "not_object", "error", f"sample is {type(rec).__name__}, not a JSON object",
-                 hint='each sample is {"image": ..., "conversations": [...]}')
+        if type(rec) is list and type(loc) is int:  # a .jsonl line holding a list
+            sink.add(loc, "not_object", "error", "the line is a JSON list, not a JSON object (one sample)",
+                     hint="a .jsonl line is one sample {...}; a file that is one JSON list must be named .json")
+        else:
+            sink.add(loc, "not_object", "error", f"sample is {_kind_of(rec)}, not a JSON object",
+                     hint='each sample is {"image": ..., "conversations": [...]}')
         return
     img = rec.get("image")
     vid = rec.get("video")
@@ -379,10 +464,10 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
             else:
                 sink.add(loc, "media_type", "error", f"video entry {p!r} is not a path", key="video")
     if img is not None and type(img) is not str and type(img) is not list:
-        sink.add(loc, "media_type", "error", f"'image' must be a path or a list of paths, found {type(img).__name__}",
+        sink.add(loc, "media_type", "error", f"'image' must be a path or a list of paths, found {_kind_of(img)}",
                  key="image")
     if vid is not None and type(vid) is not str and type(vid) is not list:
-        sink.add(loc, "media_type", "error", f"'video' must be a path or a list of paths, found {type(vid).__name__}",
+        sink.add(loc, "media_type", "error", f"'video' must be a path or a list of paths, found {_kind_of(vid)}",
                  key="video")
     if "images" in rec or "videos" in rec:
         bad = "images" if "images" in rec else "videos"
@@ -414,13 +499,17 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
                 val = turn.get("value")
             side = sides.get(spk)
         except AttributeError:  # not a dict
-            sink.add(loc, "bad_turn", "error", f"a turn is {type(turn).__name__}, not an object", key="conversations",
+            sink.add(loc, "bad_turn", "error", f"a turn is {_kind_of(turn)}, not an object", key="conversations",
                      hint='write {"from": "human", "value": "..."}')
+            if first_side < 0:
+                first_side = 3  # unknown: no "first turn" warning after a broken one
             continue
         except TypeError:  # unhashable speaker
             side = None
         if side is None:
             _bad_speaker(turn, loc, sink)
+            if first_side < 0:
+                first_side = 3
             continue
         if side == prev:
             if side != 2:
@@ -441,8 +530,12 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
             n_img += val.count("<image>")
             n_vid += val.count("<video>")
     if first_side == 1:
-        sink.add(loc, "gpt_first", "warning", "the first turn is from gpt; the official trainer drops it",
-                 key="conversations", hint="start with a human turn")
+        if type(conv[0]) is dict and conv[0].get("from") == "gpt":
+            sink.add(loc, "gpt_first", "warning", "the first turn is from gpt; the trainer drops it",
+                     key="conversations", hint="start with a human turn")
+        else:
+            sink.add(loc, "gpt_first", "warning", "the conversation starts with an assistant turn",
+                     key="conversations", hint="start with a user turn")
     if n_img != len(imgs):
         sink.add(loc, "image_tags", "error", f"{n_img} <image> tag(s) for {len(imgs)} image(s)", key="image",
                  hint="put one <image> tag in a human turn per image, in order")
@@ -459,8 +552,11 @@ def _bad_speaker(turn: dict, loc: Any, sink: _Sink) -> None:
         sink.add(loc, "no_speaker", "error", "a turn has neither 'from' nor 'role'", key="conversations",
                  hint='write {"from": "human"|"gpt", "value": "..."}')
     else:
+        low = spk.strip().lower() if type(spk) is str else None
+        hint = (f"write '{low}' (lowercase, no spaces)" if low in _SIDES else
+                "use 'human' or 'gpt' (or role 'user' / 'assistant')")
         sink.add(loc, "bad_speaker", "error", f"unknown speaker {spk!r}", key="from" if "from" in turn else "role",
-                 hint="use 'human' or 'gpt' (or role 'user' / 'assistant')")
+                 hint=hint)
 
 
 def _bad_value(turn: dict, val: Any, loc: Any, sink: _Sink) -> None:
@@ -468,7 +564,9 @@ def _bad_value(turn: dict, val: Any, loc: Any, sink: _Sink) -> None:
     if val is None:
         sink.add(loc, "empty_value", "error", f"a turn has no '{vkey}'", key=vkey)
     elif type(val) is not str:
-        sink.add(loc, "value_type", "error", f"'{vkey}' must be a string, found {type(val).__name__}", key=vkey)
+        hint = ("write the turn's text as one string, with an <image>/<video> tag where each media item goes"
+                if type(val) is list else None)
+        sink.add(loc, "value_type", "error", f"'{vkey}' must be a string, found {_kind_of(val)}", key=vkey, hint=hint)
     else:
         sink.add(loc, "empty_value", "error", "a turn has an empty value", key=vkey, hint="write the text or remove the turn")
 
@@ -514,14 +612,14 @@ def _scan_chunk(bounds: tuple) -> _Part:
                 continue
             try:
                 rec = loads(raw)
-            except _JSONError as exc:
+            except _JSONError:
                 if raw.isspace():  # a blank line (checked only here: rare)
                     blank += 1
                     continue
-                msg = str(exc).split(":")[0] if str(exc) else "invalid JSON"
-                sink.add(line, "json", "error", f"line is not valid JSON: {msg}",
-                         hint="each line of a .jsonl file is one complete JSON object")
-                continue
+                rec, col, msg, hint = _line_error(raw)  # Python's json (the trainer's) may still read it
+                if msg:
+                    sink.add(line, "json", "error", msg, hint=hint, column=col)
+                    continue
             check(rec, line, sink, deep, media, part)
         part.records = part.samples = line - first_line + 1 - blank
     else:
@@ -584,18 +682,21 @@ def _workers(total: int, requested: int | None) -> int:
 
 def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bool = True,
          progress: Callable[[int], None] | None = None, max_per_kind: int = MAX_PER_KIND,
-         workers: int | None = None, chunk: int = CHUNK) -> ScanResult:
+         workers: int | None = None, chunk: int = CHUNK,
+         list_progress: Callable[[int, int], None] | None = None) -> ScanResult:
     """Read every record of one annotation file; count and (``deep``) check each sample.
 
     Raises OSError when the file cannot be read. Media paths resolve against ``data_path``
     (absolute paths and URLs are kept). Long files are split into chunks checked by
     ``workers`` forked processes (default: one per CPU from PARALLEL_MIN_RECORDS records on;
     ``VLSFT_CHECK_WORKERS`` overrides); the result is the same as a single-process scan.
+    ``progress(records)`` follows the records; ``list_progress(done, total)`` the folder listings of
+    the media existence check on object storage (:func:`qwenvl.storage.existing`).
     """
     res = ScanResult(path=path)
     sink = _Sink(path, max_per_kind)
     media: dict[str, Any] | None = {} if (deep and check_media) else None
-    data = storage.read_bytes(path)
+    data = _read(path)
     fmt = annotation_format(path)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived dicts: the cyclic GC would cost more than the parsing
@@ -608,9 +709,9 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
             try:
                 items = _load_json_document(data)
             except (ValueError, RecursionError) as exc:
-                line, col, msg = _json_error(exc, data)
+                line, col, msg, hint = _json_error(exc, data)
                 res.problems.append(Problem("error", f"annotation file is not valid JSON: {msg}", path, line, col,
-                                            hint=_JSON_HINT))
+                                            hint=hint))
                 res.unusable = True
                 return res
             if not isinstance(items, list):
@@ -619,6 +720,7 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
                 res.unusable = True
                 return res
             total = len(items)
+            res.packed = any(type(x) is list for x in items)
             bounds = [(lo, min(lo + chunk, total)) for lo in range(0, total, max(1, chunk))]
         _JOB.update(path=path, fmt=fmt, items=items, deep=deep, media=media is not None, max_per_kind=max_per_kind)
         n_workers = min(_workers(total, workers), len(bounds))
@@ -644,7 +746,7 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
             gc.enable()
     del items
     if media:
-        _check_media_exist(media, data_path, sink, res)
+        _check_media_exist(media, data_path, sink, res, list_progress)
     # resolve locators to lines
     locs = {loc for loc, *_ in sink.items if isinstance(loc, tuple)}
     first_media = res.first_media
@@ -653,11 +755,12 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
     lines = _json_item_lines(data.decode("utf-8", "replace"), locs) if locs else {}
     res.media_line = lines.get((first_media[0], None)) if isinstance(first_media, tuple) else first_media
     first: dict[str, Problem] = {}
-    for loc, kind, severity, message, key, hint in sink.items:
+    for loc, kind, severity, message, key, hint, column in sink.items:
         line = lines.get(loc) if isinstance(loc, tuple) else loc
-        problem = Problem(severity, oneline(message), path, line, None, oneline(key), oneline(hint))  # type: ignore[arg-type]
+        problem = Problem(severity, oneline(message), path, line, column, oneline(key), oneline(hint))  # type: ignore[arg-type]
         first.setdefault(kind, problem)
         res.problems.append(problem)
+    res.problems.sort(key=lambda p: p.line or 0)  # file order (stable: same line keeps check order)
     for kind, count in sink.counts.items():
         if count > sink.max:
             more = count - sink.max
@@ -689,7 +792,8 @@ def _merge(res: ScanResult, sink: _Sink, media: dict | None, part: _Part) -> Non
                     media[k] = v
 
 
-def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink, res: ScanResult) -> None:
+def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink, res: ScanResult,
+                       progress: Callable[[int, int], None] | None = None) -> None:
     """Existence of every distinct media path: one directory listing per folder, never a stat per file."""
     res.media_files = len(media)
     missing: list[tuple[str, str]] = []  # (full path, annotation path)
@@ -721,7 +825,7 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
                 res.unresolved_media += 1
                 continue
             resolved[storage.join(data_path, rel)] = rel
-        found = storage.existing(resolved) if resolved else set()
+        found = storage.existing(resolved, progress=progress) if resolved else set()
         missing = [(full, rel) for full, rel in resolved.items() if full not in found]
     def order(item: tuple[str, str]) -> tuple[int, int]:  # report in file order
         loc = media[item[1]]

@@ -167,10 +167,18 @@ class _Loader:
             return res
         if raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(raw) > 1 and b"\x00" in raw[:4]):
+            self.add("error", "the file is UTF-16 (or UTF-32) text, not UTF-8", 1, 1,
+                     hint="save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8 old.json > new.json")
+            res.unusable = True
+            return res
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            self.add("error", f"not UTF-8 text (byte {exc.start})", hint="save the file as UTF-8")
+            line = raw.count(b"\n", 0, exc.start) + 1
+            col = len(raw[raw.rfind(b"\n", 0, exc.start) + 1:exc.start].decode("utf-8", "replace")) + 1
+            self.add("error", f"not UTF-8 text (byte 0x{raw[exc.start]:02x})", line, col,
+                     hint="save the file as UTF-8")
             text = raw.decode("utf-8", errors="replace")
         if not text.strip():
             self.add("error", "the file is empty", 1, 1, hint=f'write a JSON object: {{"my_dataset": {EXAMPLE_ENTRY}}}')
@@ -191,6 +199,8 @@ class _Loader:
         if not root.value:
             self.add("error", "the dictionary holds no datasets", root.line, root.column,
                      hint=f'add an entry: {{"my_dataset": {EXAMPLE_ENTRY}}}')
+            res.unusable = True
+            return res
         self.base_dir = self._base_dir()
         seen: dict[str, JKey] = {}
         for key, node in root.value:
@@ -293,7 +303,8 @@ class _Loader:
 
     # ---- per-key checks: return the parsed value or INVALID ----------------------------------
     def _wrong_type(self, name: str, k: str, v: JNode, want: str, hint: str | None = None) -> object:
-        self.add("error", f"'{k}' of dataset '{name}' must be {want}, found {_type_name(v)} {v.raw}".rstrip(),
+        shown = f" {v.raw}" if v.kind in ("string", "number", "bool") else ""  # not "null null" or "an object {"
+        self.add("error", f"'{k}' of dataset '{name}' must be {want}, found {_type_name(v)}{shown}",
                  v.line, v.column, key=k, hint=hint)
         return INVALID
 
@@ -414,10 +425,12 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
     if isinstance(info, BaseException):
         exc = info
         if isinstance(exc, FileNotFoundError):
-            relative = not (storage.is_url(d.raw_annotation_paths.get(name, "")) or
-                            os.path.isabs(d.raw_annotation_paths.get(name, "")))
-            add("error", f"annotation file of dataset '{name}' not found: {apath}", "annotation_path",
-                "relative paths start at the dictionary's folder" if relative else None)
+            raw = d.raw_annotation_paths.get(name, "")
+            relative = not (storage.is_url(raw) or os.path.isabs(raw))
+            hint = "relative paths start at the dictionary's folder" if relative else None
+            if raw.startswith("~"):
+                hint = f"'~' was expanded to {os.path.expanduser('~')}"
+            add("error", f"annotation file of dataset '{name}' not found: {apath}", "annotation_path", hint)
         elif isinstance(exc, IsADirectoryError):
             add("error", f"annotation_path of dataset '{name}' is a folder: {apath}", "annotation_path",
                 "point at the .json/.jsonl file")
@@ -436,9 +449,13 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
     d.media_referenced[name] = info.media_line is not None
     if info.records == 0:
         add("warning", f"dataset '{name}' has no records ({apath})", "annotation_path")
-    if spec.length is not None and spec.length != info.records:
+    # a pre-packed .json may declare either its samples (what the trainer counts) or its packs
+    if spec.length is not None and spec.length not in (info.records, info.top_level if info.packed else None):
+        held = f"{info.records} {'record' if info.records == 1 else 'records'}"
+        if info.packed:
+            held = f"{info.records} samples in {info.top_level} packed lists"
         add("warning", f"dataset '{name}' declares length {spec.length} but {posixpath.basename(apath)} holds "
-            f"{info.records} records; the real count is used", "length", f'set "length": {info.records}')
+            f"{held}; the real count is used", "length", f'set "length": {info.records}')
     if spec.data_path is None and info.media_line is not None:
         line, col = d.positions.get(name, (None, None))
         problem = Problem("error", f"dataset '{ann.oneline(name)}' has no data_path but its samples reference media "

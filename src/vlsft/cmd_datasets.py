@@ -18,6 +18,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 
 import typer
 
@@ -105,6 +106,7 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
         d.problems.sort(key=lambda p: (p.file != d.path, p.file or "", p.line or 0, p.column or 0))
     report.problems.extend(d.problems)
 
+    late: list[Problem] = []  # dictionary-level warnings found while counting
     for name in d.names:
         spec = d.datasets.get(name)
         row = DatasetRow(name=name, spec=spec)
@@ -124,6 +126,17 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
             # (for a packed .json these count the samples inside the packs)
             row.images, row.videos, row.text_only = result.images, result.videos, result.text_only
         row.samples_per_epoch = sample_count(row.actual_length, spec.percent)
+        if row.samples_per_epoch == 0 and row.actual_length > 0:
+            key = "sampling_rate" if spec.sampling_rate is not None else "repeat_time"
+            line, col = d.key_positions.get((name, key), d.positions.get(name, (None, None)))
+            problem = Problem("warning", f"dataset '{name}' contributes no samples: {format_percent(spec.percent)}% "
+                              f"of {render.plural(row.actual_length, 'record')} rounds to 0", d.path, line, col, key,
+                              f"raise {key} to at least {_min_rate(row.actual_length)} or remove the dataset")
+            late.append(problem)
+            d.dataset_of[problem] = name
+    if late:
+        report.problems = sorted(report.problems + late,
+                                 key=lambda p: (p.file != d.path, p.file or "", p.line or 0, p.column or 0))
     total = sum(r.samples_per_epoch or 0 for r in report.rows)
     for r in report.rows:
         if r.samples_per_epoch is not None and total:
@@ -150,9 +163,18 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
     return report
 
 
+def _min_rate(n: int) -> str:
+    """A sampling rate that keeps at least one of ``n`` records (about 1/n; anything above 0.5/n does)."""
+    return f"{1 / n:.2g}" if n > 1 else "1"
+
+
 def _scan_one(name: str, spec: DatasetSpec, records: int | None, deep: bool, show_progress: bool,
               err_console) -> ScanResult | BaseException:
-    """Scan one annotation file (progress bar on a terminal for long files); an OSError is returned, not raised."""
+    """Scan one annotation file (progress bar on a terminal for long files); an OSError is returned, not raised.
+
+    On a terminal, listing media folders on object storage (slow: one request per folder) shows its own
+    bar, started by the first listing."""
+    listing = _ListingBar(name, err_console) if show_progress and deep else None
     try:
         size = _size_hint(spec.annotation_path)
         long = (records or 0) >= PROGRESS_MIN_RECORDS or size >= PROGRESS_MIN_BYTES
@@ -163,12 +185,42 @@ def _scan_one(name: str, spec: DatasetSpec, records: int | None, deep: bool, sho
                           console=err_console, transient=True) as bar:
                 task = bar.add_task(f"checking {name}", total=records)
                 return scan(spec.annotation_path, spec.data_path, deep=deep,
-                            progress=lambda n: bar.advance(task, n))
+                            progress=lambda n: bar.advance(task, n), list_progress=listing)
         if long and deep:
             print(f"checking {name} ...", file=sys.stderr, flush=True)
-        return scan(spec.annotation_path, spec.data_path, deep=deep)
+        return scan(spec.annotation_path, spec.data_path, deep=deep, list_progress=listing)
     except (OSError, ValueError) as exc:  # StorageError is an OSError
         return exc
+    finally:
+        if listing is not None:
+            listing.close()
+
+
+class _ListingBar:
+    """``progress(done, total)`` for :func:`qwenvl.storage.existing`: a transient rich bar, started lazily."""
+
+    def __init__(self, name: str, console) -> None:
+        self.name = name
+        self.console = console
+        self.bar = None
+        self.task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if done >= total:  # a single listing: no bar worth drawing
+                return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(f"{self.name}: listing media folders", total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 def _size_hint(path: str) -> int:
@@ -229,7 +281,7 @@ def print_report(report: CheckReport) -> None:
     verdict = "[bold green]OK[/bold green]" if report.ok else "[bold red]FAILED[/bold red]"
     depth = "deep check" if report.deep else "check"
     out.print(f"{verdict} {depth}: {render.plural(len(report.rows), 'dataset')} ({n_ok:,} valid), "
-              f"{total:,} samples per epoch; {render.summary_text(report.problems)}")
+              f"{render.plural(total, 'sample')} per epoch; {render.summary_text(report.problems)}")
 
 
 @datasets_app.command("check")
@@ -276,7 +328,11 @@ def dataset_use_string(d: DatasetDictionary, integer: bool = False) -> tuple[str
             warnings.append(f"{name}: {format_percent(exact)}% rounds to %0: the official trainer would use no "
                             "samples of it")
         elif pct != exact:
-            warnings.append(f"{name}: {format_percent(exact)}% rounded to %{pct} (precision lost)")
+            note = ""
+            half_up = Decimal(format_percent(exact)).quantize(Decimal(1), ROUND_HALF_UP)
+            if half_up != pct:  # e.g. 0.145: 0.145*100 = 14.499999999999998 in binary floating point
+                note = f"; not %{half_up}: the tutorial's jq computes floor(rate*100+0.5) in floating point too"
+            warnings.append(f"{name}: {format_percent(exact)}% rounded to %{pct} (precision lost{note})")
         if pct > 100:
             warnings.append(f"{name}: %{pct} asks for up-sampling, which the official trainer ignores (it uses "
                             "the dataset once, like %100); vlsft's trainer honours it")
@@ -293,7 +349,8 @@ def use(
 ) -> None:
     """Print the --dataset_use string for every dataset in the dictionary (exact decimal percents).
 
-    Replaces the tutorial's jq one-liner. Refuses (exit 1) when the dictionary has errors.
+    Replaces the tutorial's jq one-liner. Refuses (exit 1) when the dictionary has errors, exit 2 when
+    the file is unusable (missing, empty, not a JSON object).
     """
     d = load_dictionary(path)
     if not d.ok:
@@ -301,7 +358,7 @@ def use(
         render.print_problems(err, d.problems)
         err.print(f"refusing to build --dataset_use: {render.summary_text(d.problems)} "
                   f"(details: vlsft datasets check {path})")
-        raise typer.Exit(1)
+        raise typer.Exit(2 if d.unusable else 1)
     text, warnings = dataset_use_string(d, integer=integer_percent_)
     err = render.stderr()
     for w in d.warnings:
