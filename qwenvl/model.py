@@ -176,3 +176,45 @@ def count_parameters(model) -> dict[str, int]:
     for name, p in model.named_parameters():
         out[parts[name]] += numel(p)
     return out
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+class ProcessorError(ValueError):
+    """The model directory has no usable tokenizer (a processor can be rebuilt, a tokenizer cannot)."""
+
+
+def load_processor(name_or_path: str | os.PathLike, model_type: str | None = None):
+    """``AutoProcessor`` of the model folder; when the folder has a tokenizer but no processor settings (e.g. a
+    checkpoint saved by the official trainer, which does not save the processor), the family's default image /
+    video processor settings are used with the folder's patch sizes from ``config.json`` (a warning says so)."""
+    from transformers import AutoProcessor
+
+    folder = Path(name_or_path)
+    if any((folder / f).is_file() for f in PROCESSOR_FILES) or not folder.is_dir():
+        return AutoProcessor.from_pretrained(str(name_or_path))
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ProcessorError(f"{name_or_path}: no tokenizer (tokenizer.json / tokenizer_config.json) and no "
+                             "preprocessor_config.json; copy them from the base model folder")
+    import tempfile
+
+    from qwenvl.tiny import preprocessor_config
+
+    model_type = model_type or read_model_type(name_or_path)
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    vision = cfg.get("vision_config") or {}
+    pre = preprocessor_config(model_type)
+    for src, dst in (("patch_size", "patch_size"), ("spatial_merge_size", "merge_size"),
+                     ("temporal_patch_size", "temporal_patch_size")):
+        if isinstance(vision.get(src), int):
+            pre[dst] = vision[src]
+    logger.warning("%s has no preprocessor_config.json: using the %s defaults (patch %s, merge %s); the saved "
+                   "model will carry them", name_or_path, model_type, pre.get("patch_size"), pre.get("merge_size"))
+    with tempfile.TemporaryDirectory(prefix="vlsft-processor-") as tmp:
+        for f in folder.iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth")):
+                (Path(tmp) / f.name).symlink_to(f.resolve())
+        (Path(tmp) / "preprocessor_config.json").write_text(json.dumps(pre), encoding="utf-8")
+        return AutoProcessor.from_pretrained(tmp)

@@ -158,8 +158,6 @@ def _prepare_cpu(argv: list[str]) -> None:
         TrainingArguments._cpu_mode = "deepspeed"
     else:
         TrainingArguments._cpu_mode = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
-        if TrainingArguments._cpu_mode == "single":
-            TrainingArguments._cpu_mode = None
 
 
 def parse_args(argv: list[str]):
@@ -205,6 +203,30 @@ def _data_module(processor, data_args, training_args, model_type: str) -> dict:
                             model_type=model_type)
 
 
+# extra package each reporting integration needs (pip name), checked before anything is loaded
+_REPORT_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "clearml": "clearml", "neptune": "neptune", "dvclive": "dvclive", "trackio": "trackio",
+                    "swanlab": "swanlab", "codecarbon": "codecarbon", "azure_ml": "azureml-core"}
+
+
+def _check_report_to(report_to) -> None:
+    """``--report_to`` names an integration transformers knows and whose package is installed (else one line)."""
+    from transformers import integrations
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    known = getattr(getattr(integrations, "integration_utils", integrations), "INTEGRATION_TO_CALLBACK", {})
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if known and name not in known:
+            raise UserError(f"report_to {name!r} is not a known integration; use one of: none, "
+                            + ", ".join(sorted(known)))
+        available = getattr(integrations, f"is_{name}_available", None)
+        if available is not None and not available():
+            raise UserError(f"report_to {name} needs the {_REPORT_PACKAGES.get(name, name)} package, which is not "
+                            f"installed: `pip install {_REPORT_PACKAGES.get(name, name)}`, or choose report_to none")
+
+
 def _load_run_config(output_dir: str) -> dict | None:
     p = Path(output_dir) / "vlsft" / "run.yaml"
     if not p.is_file():
@@ -223,14 +245,18 @@ def run(argv: list[str]) -> int:
     _setup_logging(training_args)
 
     import torch
-    from transformers import AutoProcessor, set_seed
+    from transformers import set_seed
 
-    from qwenvl.model import apply_freezing, load_model, read_model_type
+    from qwenvl.model import apply_freezing, load_model, load_processor, read_model_type
     from qwenvl.trainer import ExtraRunConfigCallback, QwenVLTrainer
 
     rank = training_args.process_index
     logger.info("world size %d, process %d, device %s, distributed %s", training_args.world_size, rank,
                 training_args.device, training_args.distributed_state.distributed_type)
+
+    _check_report_to(training_args.report_to)
+    if not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm):
+        raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
 
     resume = training_args.resume
     if training_args.resume_from_checkpoint and resume == "auto":  # the official/HF flag, honoured as PATH
@@ -243,7 +269,7 @@ def run(argv: list[str]) -> int:
     model_type = read_model_type(model_args.model_name_or_path)
     set_seed(training_args.seed)
 
-    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+    processor = load_processor(model_args.model_name_or_path, model_type)
     # the processor's pixel limits follow the data arguments (saved with the model, used at inference)
     if getattr(processor.image_processor, "size", None) is not None:
         processor.image_processor.size = {"shortest_edge": data_args.min_pixels, "longest_edge": data_args.max_pixels}
@@ -260,9 +286,9 @@ def run(argv: list[str]) -> int:
                 ", ".join(f"{k} {v:,}" for k, v in counts.items()), model_type, type(model).__name__)
     if not any(counts.values()):
         raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
-    if training_args.gradient_checkpointing:
-        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
-            "use_reentrant": False}
+    if training_args.uses_activation_checkpointing:
+        # the embeddings' output must require grad for reentrant checkpointing when the embeddings are frozen;
+        # (the Trainer enables checkpointing itself, non-reentrant unless activation_checkpointing_kwargs says so)
         model.enable_input_require_grads()
 
     crash = os.environ.get("VLSFT_TEST_CRASH_RANK")
@@ -302,7 +328,10 @@ def _dump_stacks_on_sigusr1() -> None:
     import signal
 
     if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (OSError, ValueError, AttributeError):  # stderr without a file descriptor (embedded use, tests)
+            pass
 
 
 def _teardown() -> None:
@@ -326,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from qwenvl.model import ModelTypeError
+        from qwenvl.model import ModelTypeError, ProcessorError
 
-        if isinstance(e, ModelTypeError):
+        if isinstance(e, (ModelTypeError, ProcessorError)):
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"error: {e}", file=sys.stderr)
             return 2

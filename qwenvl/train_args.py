@@ -29,10 +29,17 @@ class TrainingArguments(transformers.TrainingArguments):
                                        "already holds checkpoints or a model (nothing is deleted; files are overwritten)."})
 
     # set by qwenvl.train before parsing; class-level so HfArgumentParser does not expose them
-    _cpu_mode = None  # None (CUDA present), "deepspeed" or "ddp"
+    _cpu_mode = None  # None (CUDA present), "deepspeed", "ddp" or "single" (one CPU process)
 
     def __post_init__(self):
         self.cpu_bf16 = False
+        # transformers 5.x renamed gradient_checkpointing* to activation_checkpointing*; the official names are
+        # still accepted and moved over here, so transformers does not warn about them
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old, None) is not None:
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
         mode = type(self)._cpu_mode
         if mode == "deepspeed":
             if self.accelerator_config is None:
@@ -40,15 +47,27 @@ class TrainingArguments(transformers.TrainingArguments):
             if self.bf16:
                 self.bf16 = False
                 self.cpu_bf16 = True
+        elif mode == "single" and self.bf16:
+            self.use_cpu = True  # transformers refuses bf16 without a GPU unless told the run is on CPU
         elif mode == "ddp":
             self.use_cpu = True
             if self.ddp_backend is None:
                 self.ddp_backend = "gloo"
         super().__post_init__()
+        if self.uses_activation_checkpointing:
+            kw_name = ("activation_checkpointing_kwargs" if hasattr(self, "activation_checkpointing_kwargs")
+                       else "gradient_checkpointing_kwargs")
+            kw = getattr(self, kw_name) or {}
+            if isinstance(kw, dict) and "use_reentrant" not in kw:  # explicit: torch warns when it is left out
+                setattr(self, kw_name, {**kw, "use_reentrant": False})
         if mode == "deepspeed" and self.cpu_bf16 and getattr(self, "hf_deepspeed_config", None) is not None:
             cfg = self.hf_deepspeed_config.config
             cfg.setdefault("bf16", {})["enabled"] = True
             cfg.setdefault("fp16", {})["enabled"] = False
+
+    @property
+    def uses_activation_checkpointing(self) -> bool:
+        return bool(getattr(self, "activation_checkpointing", None) or getattr(self, "gradient_checkpointing", None))
 
     @property
     def wants_bf16(self) -> bool:

@@ -1,0 +1,136 @@
+"""Trainer inputs found by the hardening review: argument handling, early one-line errors, processor fallback,
+activation checkpointing with frozen parts. All in-process and fast (no training loop)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+REPO = Path(__file__).resolve().parents[1]
+DICT = REPO / "configs" / "demo" / "Dataset-Dictionary.json"
+
+
+def _parse(argv: list[str], mode=None):
+    from qwenvl.train import parse_args
+    from qwenvl.train_args import TrainingArguments
+
+    old = TrainingArguments._cpu_mode
+    TrainingArguments._cpu_mode = mode
+    try:
+        return parse_args(argv)
+    finally:
+        TrainingArguments._cpu_mode = old
+
+
+def test_official_gradient_checkpointing_name_is_accepted_without_futurewarning(tmp_path):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing.*deprecated")
+        _, _, ta = _parse(["--output_dir", str(tmp_path), "--gradient_checkpointing", "True"])
+    assert ta.activation_checkpointing is True and ta.uses_activation_checkpointing
+    assert ta.activation_checkpointing_kwargs == {"use_reentrant": False}
+    _, _, ta = _parse(["--output_dir", str(tmp_path), "--gradient_checkpointing", "True",
+                       "--gradient_checkpointing_kwargs", '{"use_reentrant": true}'])
+    assert ta.activation_checkpointing_kwargs == {"use_reentrant": True}  # the user's choice is kept
+    _, _, ta = _parse(["--output_dir", str(tmp_path), "--activation_checkpointing", "True"])
+    assert ta.uses_activation_checkpointing
+    _, _, ta = _parse(["--output_dir", str(tmp_path)])
+    assert not ta.uses_activation_checkpointing
+
+
+def test_bf16_on_one_cpu_process_without_deepspeed_is_accepted(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    _, _, ta = _parse(["--output_dir", str(tmp_path), "--bf16", "True"], mode="single")
+    assert ta.bf16 and ta.use_cpu and ta.wants_bf16
+
+
+def test_report_to_checked_before_loading(monkeypatch):
+    from transformers import integrations
+
+    from qwenvl.train import UserError, _check_report_to
+
+    _check_report_to(["none"])
+    with pytest.raises(UserError, match="not a known integration"):
+        _check_report_to(["tensorbord"])
+    monkeypatch.setattr(integrations, "is_tensorboard_available", lambda: False)
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        _check_report_to(["tensorboard"])
+
+
+def _main(argv, capsys) -> tuple[int, str]:
+    from qwenvl.train import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+def test_nothing_to_train_is_one_line_before_loading(tmp_path, capsys):
+    rc, err = _main(["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_dict", str(DICT),
+                     "--output_dir", str(tmp_path / "out"), "--report_to", "none"], capsys)
+    assert rc == 2 and err.strip().splitlines() == [
+        "error: nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True"]
+
+
+@pytest.mark.parametrize("resume", ["missing", "half"])
+def test_resume_path_missing_or_incomplete_is_one_line(tmp_path, capsys, resume):
+    cp = tmp_path / "out" / "checkpoint-4"
+    if resume == "half":
+        cp.mkdir(parents=True)
+        (cp / "config.json").write_text("{}")
+    rc, err = _main(["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_dict", str(DICT),
+                     "--tune_mm_llm", "True", "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+                     "--resume", str(cp)], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert ("does not exist" if resume == "missing" else "incomplete") in err
+
+
+def test_model_folder_without_preprocessor_config_gets_family_defaults(tmp_path, tiny_model_dir):
+    from qwenvl.model import ProcessorError, load_processor
+    from qwenvl.tiny import ensure_tiny_model
+
+    for family, patch, src in (("qwen2_5_vl", 14, Path(tiny_model_dir)),
+                               ("qwen3_vl", 16, ensure_tiny_model(REPO / ".cache" / "tiny-qwen3_vl", family="qwen3_vl"))):
+        d = tmp_path / family
+        shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.safetensors", "preprocessor_config.json",
+                                                              "processor_config.json", "video_preprocessor_config.json"))
+        proc = load_processor(d)
+        assert proc.image_processor.patch_size == patch
+        assert proc.tokenizer.convert_tokens_to_ids("<|image_pad|>") == json.loads(
+            (d / "config.json").read_text())["image_token_id"]
+        assert proc.chat_template
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(Path(tiny_model_dir) / "config.json", bare / "config.json")
+    with pytest.raises(ProcessorError, match="no tokenizer"):
+        load_processor(bare)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_with_frozen_tower_and_embeddings_still_trains_the_merger(tiny_model_dir, reentrant):
+    """Only the merger trainable (vision tower, embeddings and decoder frozen) with activation checkpointing:
+    the gradient must still reach the merger through the checkpointed decoder layers."""
+    from PIL import Image
+
+    from qwenvl.model import apply_freezing, load_model, load_processor
+
+    model = load_model(str(tiny_model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    proc = load_processor(tiny_model_dir)
+    apply_freezing(model, tune_mm_vision=False, tune_mm_mlp=True, tune_mm_llm=False)
+    model.enable_input_require_grads()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.config.use_cache = False
+    model.config.text_config.use_cache = False
+    model.train()
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True) + "red"
+    batch = proc(text=[text], images=[Image.new("RGB", (56, 56), (255, 0, 0))], return_tensors="pt")
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(n.startswith("model.visual.merger.") for n in grads)
+    assert all(g is not None and float(g.abs().sum()) > 0 for g in grads.values())
