@@ -22,7 +22,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import typer
 
-from qwenvl.data.annotations import ScanResult, scan
+from qwenvl.data.annotations import ScanResult, oneline, scan
 from qwenvl.data.dataset_use import DatasetUseEntry, format_dataset_use, format_percent, sample_count
 from qwenvl.data.dictionary import DatasetDictionary, DatasetSpec, apply_file_info, load_dictionary
 from qwenvl.problems import Problem
@@ -235,26 +235,23 @@ def _num(n: int | None) -> str:
 
 
 def print_report(report: CheckReport) -> None:
-    from rich.table import Table
-
     out = render.stdout()
     d = report.dictionary
     if report.rows:
-        table = Table(title=f"datasets in {d.path}", title_justify="left", show_edge=False, pad_edge=False)
-        for col, justify in [("dataset", "left"), ("declared", "right"), ("samples", "right"), ("rate", "right"),
-                             ("per epoch", "right"), ("share", "right"), ("images", "right"), ("videos", "right"),
-                             ("text-only", "right"), ("problems", "left")]:
-            table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        headers = [("dataset", "left"), ("declared", "right"), ("samples", "right"), ("rate", "right"),
+                   ("per epoch", "right"), ("share", "right"), ("images", "right"), ("videos", "right"),
+                   ("text-only", "right"), ("problems", "left")]
+        rows = []
         for r in report.rows:
-            probs = []
+            probs: render.Cell = []
             if r.errors:
-                probs.append(f"[red]{render.plural(r.errors, 'error')}[/red]")
+                probs.append((render.plural(r.errors, "error"), "red"))
             if r.warnings:
-                probs.append(f"[yellow]{render.plural(r.warnings, 'warning')}[/yellow]")
+                probs += [(", ", "")] * bool(probs) + [(render.plural(r.warnings, "warning"), "yellow")]
             if not probs and r.spec is not None:
-                probs.append("[green]ok[/green]")
-            table.add_row(
-                render.markup(r.name),
+                probs.append(("ok", "green"))
+            cells = [
+                oneline(r.name) or "",
                 _num(r.declared_length),
                 _num(r.actual_length),
                 "-" if r.rate is None else f"{format_percent(r.rate * 100)}%",
@@ -263,14 +260,11 @@ def print_report(report: CheckReport) -> None:
                 _num(r.images),
                 _num(r.videos),
                 _num(r.text_only),
-                ", ".join(probs),
-            )
-        from rich.measure import Measurement
-
-        need = Measurement.get(out, out.options.update_width(1000), table).maximum
-        if need > out.width:  # a narrow terminal: let lines run long rather than cut numbers to "…"
-            out.width = need
-        out.print(table)
+            ]
+            rows.append([[(c, "")] for c in cells] + [probs])
+        out.print(f"datasets in {render.markup(d.path)}", highlight=False)
+        for line in render.table_lines(headers, rows):
+            out.print(line)
         if not report.deep and any(r.images is None and r.actual_length is not None for r in report.rows):
             out.print("(image/video/text-only counts of large files: run with --deep)")
     if report.problems:

@@ -4,6 +4,8 @@
   even in a narrow terminal or a CI log) and print no colour when not on a terminal.
 * :func:`problem_text`: one coloured line per :class:`~qwenvl.problems.Problem`.
 * :func:`summary_text`: ``2 errors, 1 warning`` style summaries.
+* :func:`table_lines`: a plain box-drawn table (a rich ``Table`` costs ~2 ms a row: 2 s for a
+  1,000-dataset dictionary); cells are lists of ``(text, style)`` segments, never cut or wrapped.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
@@ -61,3 +64,42 @@ def summary_text(problems: list[Problem]) -> str:
 def markup(text: str) -> str:
     """Escape user text for rich markup."""
     return escape(text)
+
+
+Cell = list[tuple[str, str]]  # (text, style) segments
+
+
+def table_lines(headers: list[tuple[str, str]], rows: list[list[Cell]]) -> list[Text]:
+    """Header, rule and one line per row: ``a ┃ b`` / ``━━╇━━`` / ``a │ b``; ``headers`` are (title, "left"|"right").
+
+    Columns are as wide as their widest cell (display width: CJK counts 2); nothing is cut.
+    """
+    plain = [["".join(seg for seg, _ in cell) for cell in row] for row in rows]
+    widths = [cell_len(h) for h, _ in headers]
+    for row in plain:
+        for i, text in enumerate(row):
+            n = cell_len(text)
+            if n > widths[i]:
+                widths[i] = n
+
+    def pad(text: str, i: int) -> tuple[str, str]:
+        gap = " " * (widths[i] - cell_len(text))
+        return (gap, "") if headers[i][1] == "right" else ("", gap)
+
+    head = Text()
+    for i, (title, _) in enumerate(headers):
+        left, right = pad(title, i)
+        head.append((" ┃ " if i else "") + left)
+        head.append(title, style="bold")
+        head.append(right)
+    out = [head, Text("━╇━".join("━" * w for w in widths))]
+    for row, texts in zip(rows, plain, strict=True):
+        line = Text()
+        for i, cell in enumerate(row):
+            left, right = pad(texts[i], i)
+            line.append((" │ " if i else "") + left)
+            for seg, style in cell:
+                line.append(seg, style=style or None)
+            line.append(right)
+        out.append(line)
+    return out
