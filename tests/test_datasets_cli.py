@@ -548,3 +548,21 @@ def test_big_dictionary_table_is_fast_and_aligned(tmp_path):
     assert len(table) == 1002 and len({cell_len(line.rstrip()) for line in table[2:]}) == 1
     assert {line.index("│") for line in table[2:] if line.startswith("ds_")} == {cell_len("with space") + 1}
     assert elapsed < 2.0, elapsed  # ~0.4 s on the 2-core CI box
+
+
+def test_missing_data_path_is_one_error_not_one_per_file(tmp_path):
+    _write_jsonl(tmp_path / "t.jsonl", [{"image": f"{i}.jpg", "conversations": _turns("<image>")} for i in range(30)]
+                 + [{"image": str(tmp_path / "abs.jpg"), "conversations": _turns("<image>")}])
+    (tmp_path / "link.jsonl").symlink_to("gone.jsonl")
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"t": {"data_path": "no_such_dir", "annotation_path": "t.jsonl"},
+                             "l": {"data_path": ".", "annotation_path": "link.jsonl"}}, indent=1))
+    probs = json.loads(invoke("datasets", "check", str(d), "--deep", "--json").stdout)["problems"]
+    msgs = [(p["key"], p["message"], p["hint"]) for p in probs]
+    assert msgs == [
+        ("data_path", f"data_path of dataset 't' does not exist: {tmp_path / 'no_such_dir'}",
+         "relative paths start at the dictionary's folder"),
+        ("annotation_path", f"annotation file of dataset 'l' not found: {tmp_path / 'link.jsonl'}",
+         "it is a symbolic link to gone.jsonl, which does not exist"),
+        ("image/video", f"media file not found: {tmp_path / 'abs.jpg'}", None),  # absolute: still checked
+    ], msgs

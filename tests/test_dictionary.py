@@ -198,7 +198,7 @@ def test_annotation_file_checks(data_dir):
     assert "annotation file of dataset 'gone' not found" in text
     assert "annotation_path of dataset 'dir' is a folder" in text
     assert "dataset 'nodata' has no data_path but its samples reference media (first at train.jsonl:1)" in text
-    assert "data_path of dataset 'badmedia' is not a folder" in text
+    assert "data_path of dataset 'badmedia' does not exist" in text
     assert not any("textonly" in m for m in by)  # text-only samples need no data_path
     length = next(p for p in d.problems if "declares length" in p.message)
     assert length.severity == "warning" and length.key == "length" and length.hint == 'set "length": 3'

@@ -801,6 +801,8 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
             "://" in rel for rel in media):
         # local fast path (the common case): plain string work instead of os.path calls per file
         prefix = None if data_path is None else (data_path if data_path.endswith("/") else data_path + "/")
+        if prefix is not None and not os.path.isdir(data_path):  # type: ignore[arg-type]
+            prefix = None  # reported once as a data_path problem, not once per media file
         by_parent: dict[str, list[tuple[str, str, str]]] = {}
         for rel in media:
             if rel[0] == "/":

@@ -93,6 +93,7 @@ class DatasetDictionary:
     # every entry whose annotation_path could be read, valid or not (unvalidated; for file checks)
     entries: dict[str, DatasetSpec] = field(default_factory=dict)
     raw_annotation_paths: dict[str, str] = field(default_factory=dict)  # as written in the file
+    raw_data_paths: dict[str, str] = field(default_factory=dict)  # as written in the file
 
     @property
     def ok(self) -> bool:
@@ -298,6 +299,8 @@ class _Loader:
         if parsed.get("annotation_path") and name not in res.entries:
             res.entries[name] = DatasetSpec.model_construct(**{k: parsed.get(k) for k in KNOWN_KEYS})
             res.raw_annotation_paths[name] = values["annotation_path"].value
+            if "data_path" in values and values["data_path"].kind == "string":
+                res.raw_data_paths[name] = values["data_path"].value
             if self.check_files:  # check the files even of a broken entry: report everything in one go
                 self.files(name, res.entries[name], values)
 
@@ -430,6 +433,8 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
             hint = "relative paths start at the dictionary's folder" if relative else None
             if raw.startswith("~"):
                 hint = f"'~' was expanded to {os.path.expanduser('~')}"
+            if not storage.is_url(apath) and os.path.islink(apath):
+                hint = f"it is a symbolic link to {os.readlink(apath)}, which does not exist"
             add("error", f"annotation file of dataset '{name}' not found: {apath}", "annotation_path", hint)
         elif isinstance(exc, IsADirectoryError):
             add("error", f"annotation_path of dataset '{name}' is a folder: {apath}", "annotation_path",
@@ -465,8 +470,11 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
         d.dataset_of[problem] = name
     elif spec.data_path is not None and info.media_line is not None and not storage.is_url(spec.data_path):
         if not os.path.isdir(spec.data_path):
-            add("error", f"data_path of dataset '{name}' is not a folder: {spec.data_path}", "data_path",
-                "relative paths start at the dictionary's folder")
+            what = "is not a folder" if os.path.exists(spec.data_path) else "does not exist"
+            hint = "relative paths start at the dictionary's folder"
+            if os.path.isabs(d.raw_data_paths.get(name, "")):
+                hint = "media paths in the annotations are relative to this folder"
+            add("error", f"data_path of dataset '{name}' {what}: {spec.data_path}", "data_path", hint)
 
 
 def _looks_numeric(text: str) -> bool:
