@@ -192,8 +192,10 @@ def test_training_argument_names_match_transformers():
     """The static table (so print-args never imports transformers) equals transformers' own fields."""
     import transformers
 
-    from vlsft.training_args import TRAINING_ARGUMENT_NAMES
+    from vlsft.training_args import LIST_ARGUMENT_NAMES, TRAINING_ARGUMENT_NAMES
 
+    parser = transformers.HfArgumentParser(transformers.TrainingArguments)
+    assert LIST_ARGUMENT_NAMES == {a.dest for a in parser._actions if a.nargs in ("+", "*")}
     real = {f.name for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
     assert TRAINING_ARGUMENT_NAMES == real, (
         f"regenerate src/vlsft/training_args.py for transformers {transformers.__version__}: "
@@ -350,3 +352,24 @@ def test_round2_file_level_problems_have_a_location(tmp_path):
     missing = problems_of(write(tmp_path, "model: {name_or_path: /m}\ndata: {dictionary: d.json}\n", "m.yaml"))
     assert missing == [f"{tmp_path}/m.yaml:1:1: error: [output] missing required key (hint: add an output section, "
                        "e.g. output: {dir: runs/my-first-run} (a new folder for every fresh run))"]
+
+
+def test_round2_extra_lists_only_for_list_arguments(tmp_path):
+    lines = problems_of(write(tmp_path, HEAD + "training: {extra: {optim: [adamw_torch], label_names: [[x]]}}\n"))
+    assert any("[training.extra.optim] takes one value, not a list" in x and ":4:" in x for x in lines), lines
+    assert any("[training.extra.label_names] list items must be plain values" in x for x in lines), lines
+
+
+def test_round2_text_overrides_stay_text_and_epochs(tmp_path):
+    path = write(tmp_path, BASE)
+    cfg = load_run_config(path, ["output.run_name=no", "wandb.project=1e5", "model.name_or_path=~/m",
+                                 "output.resume='never'", "wandb.entity=null"])
+    assert (cfg.output.run_name, cfg.wandb.project, cfg.model.name_or_path) == ("no", "1e5", "~/m")
+    assert cfg.output.resume == "never" and cfg.wandb.entity is None
+    lines = problems_of(write(tmp_path, HEAD + "wandb: {project: off}\n", "b.yaml"))
+    assert "[wandb.project] expected text, got the boolean false" in lines[0] and ":4:18:" in lines[0]
+    assert load_run_config(path, ["training.num_train_epochs=0", "training.max_steps=10"]).training.max_steps == 10
+    (line,) = problems_of(path, ["training.num_train_epochs=0"])
+    assert "nothing to train: num_train_epochs is 0 and max_steps is not set" in line
+    (line,) = problems_of(path, ["training.save_steps=.inf"])
+    assert "[training.save_steps] Input should be a finite number, got inf" in line

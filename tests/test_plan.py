@@ -289,3 +289,11 @@ def test_round2_storage_references(tmp_path):
 def test_round2_step_arithmetic(tmp_path, overrides, samples, per_epoch, total):
     plan = plan_for(tmp_path, overrides)
     assert (plan.samples_per_epoch, plan.steps_per_epoch, plan.total_steps) == (samples, per_epoch, total)
+
+
+def test_round2_extra_list_becomes_several_tokens(tmp_path):
+    plan = plan_for(tmp_path, ["training.extra={label_names: [labels, other], include_for_metrics: [], "
+                               "lr_scheduler_kwargs: {min_lr: 1.0e-6}}"])
+    i = plan.trainer_args.index("--label_names")
+    assert plan.trainer_args[i:i + 4] == ["--label_names", "labels", "other", "--lr_scheduler_kwargs"]
+    assert plan.trainer_args[i + 4] == '{"min_lr":1e-06}' and "--include_for_metrics" not in plan.trainer_args

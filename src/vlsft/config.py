@@ -51,8 +51,16 @@ def _numeric_only(annotation: Any) -> bool:
     return bool(args & {int, float}) and bool not in args
 
 
+def _text_only(annotation: Any) -> bool:
+    import typing
+
+    args = set(typing.get_args(annotation)) or {annotation}
+    return str in args and args <= {str, type(None)}
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=False)
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=False,
+                              allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -63,6 +71,9 @@ class _Section(BaseModel):
             if field_info is not None and _numeric_only(field_info.annotation):
                 raise ValueError(f"expected a number, got {str(value).lower()} (YAML reads true/false/yes/no/"
                                  "on/off as booleans)")
+            if field_info is not None and _text_only(field_info.annotation):
+                raise ValueError(f"expected text, got the boolean {str(value).lower()} (YAML reads unquoted "
+                                 "yes/no/on/off/true/false as booleans): put the text in quotes, e.g. 'no'")
         return value
 
 
@@ -136,8 +147,10 @@ class TrainingSection(_Section):
     global_batch_size: int | None = Field(None, ge=1, description="Samples per optimizer step over all GPUs; "
                                           "solved into gradient_accumulation_steps = global / (per_device x "
                                           "nproc_per_node x nnodes), which must divide exactly.")
-    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the sampled data (fractions allowed).")
-    max_steps: int = Field(-1, description="Total optimizer steps; > 0 overrides num_train_epochs.")
+    num_train_epochs: float = Field(3.0, ge=0, description="Passes over the sampled data (fractions allowed; "
+                                    "0 only together with max_steps > 0).")
+    max_steps: int = Field(-1, description="Total optimizer steps; > 0 overrides num_train_epochs (0 or -1: "
+                           "use num_train_epochs).")
     bf16: bool = Field(False, description="Train in bfloat16 mixed precision (the recipes use true on GPUs).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to "
                                          "save memory.")
@@ -194,6 +207,8 @@ class DistributedSection(_Section):
         if value is True:
             raise ValueError("true is not a DeepSpeed configuration; write zero2, zero3, zero3_offload, none or "
                              "a path to a JSON file")
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "off", "false", "no"):
+            return "none"
         return value.strip() if isinstance(value, str) else value
 
     @field_validator("master_addr", "rdzv_endpoint", mode="before")
@@ -568,6 +583,13 @@ def _semantic_problems(cfg: RunConfig, source: str) -> list[Problem]:
             tr.gradient_accumulation_steps = solved
     elif tr.gradient_accumulation_steps is None:
         tr.gradient_accumulation_steps = 1
+    if tr.max_steps <= 0 and tr.num_train_epochs == 0:
+        problems.append(Problem("error", "nothing to train: num_train_epochs is 0 and max_steps is not set",
+                                key="training.num_train_epochs", hint="set num_train_epochs > 0 (e.g. 1, or 0.5 "
+                                "for half an epoch) or max_steps > 0", **cfg.where("training", "num_train_epochs")))
+    if not math.isfinite(tr.num_train_epochs):
+        problems.append(Problem("error", "must be a finite number", key="training.num_train_epochs",
+                                hint="e.g. num_train_epochs: 3", **cfg.where("training", "num_train_epochs")))
     if dist.node_rank >= dist.nnodes:
         problems.append(Problem("error", f"node_rank {dist.node_rank} must be below nnodes {dist.nnodes}",
                                 key="distributed.node_rank", hint=f"machines count 0 .. {dist.nnodes - 1}; "

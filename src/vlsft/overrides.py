@@ -28,6 +28,19 @@ def parse_override_value(text: str) -> Any:
 
 
 
+def _text_field(section: str, name: str) -> bool:
+    """A plain text key (``output.run_name``, ``model.name_or_path``, ...), as opposed to numbers, booleans,
+    lists and choices: its override value is taken as typed, so ``output.run_name=no`` stays the text "no"
+    (YAML would read a boolean) and ``output.run_name=1e5`` stays "1e5" (not 100000.0)."""
+    import typing
+
+    info = SECTIONS[section].model_fields.get(name)
+    if info is None:
+        return False
+    args = set(typing.get_args(info.annotation)) or {info.annotation}
+    return str in args and args <= {str, type(None)}
+
+
 def _known_dotted_keys() -> list[str]:
     return [f"{sec}.{name}" for sec, model in SECTIONS.items() for name in model.model_fields]
 
@@ -66,8 +79,13 @@ def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Pro
         if len(parts) > 2 and parts[:2] != ("training", "extra"):
             problems.append(Problem("error", f"'{section}.{parts[1]}' has no sub-keys", file=where, key=_printable(key)))
             continue
+        stripped = text.strip()
         try:
-            value = parse_override_value(text)
+            if len(parts) == 2 and _text_field(section, parts[1]) and stripped not in ("", "null", "~") \
+                    and not (len(stripped) > 1 and stripped[0] == stripped[-1] and stripped[0] in "'\""):
+                value = stripped
+            else:
+                value = parse_override_value(text)
         except yaml.YAMLError as exc:
             what = " ".join(str(getattr(exc, "problem", None) or exc).split())
             problems.append(Problem("error", f"value is not valid YAML: {what}",

@@ -484,9 +484,12 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     args += list(tr.extra.items())
     trainer_args: list[str] = []
     for name, value in args:
-        if value is None:
+        if value is None or value == []:
             continue
-        trainer_args += [f"--{name}", render_value(value)]
+        if isinstance(value, list):  # nargs="+" fields (training.extra.label_names: [a, b] -> --label_names a b)
+            trainer_args += [f"--{name}", *(render_value(v) for v in value)]
+        else:
+            trainer_args += [f"--{name}", render_value(value)]
 
     launcher = [torchrun_executable(), "--nnodes", str(dist.nnodes), "--nproc_per_node", str(dist.nproc_per_node)]
     if dist.rdzv_endpoint:

@@ -71,6 +71,10 @@ OWNED_BY_YAML: dict[str, str] = {
     "model_max_length": "data.model_max_length",
 }
 
+# Fields HfArgumentParser reads with nargs="+": a YAML list becomes several argv tokens (--label_names a b);
+# every other field takes exactly one token (a mapping is passed as JSON, which dict-typed fields accept).
+LIST_ARGUMENT_NAMES: frozenset[str] = frozenset(("debug", "include_for_metrics", "label_names"))
+
 # TrainingArguments fields that hold credentials: they would end up in argv (visible in `ps`) and in logs.
 SECRET_NAMES: dict[str, str] = {"hub_token": "HF_TOKEN"}
 
@@ -87,4 +91,9 @@ def check_extra(extra: dict[str, Any]) -> list[tuple[str, str, str | None]]:
         elif name not in TRAINING_ARGUMENT_NAMES:
             hint = did_you_mean(name, TRAINING_ARGUMENT_NAMES | set(OWNED_BY_YAML))
             out.append((name, "not a transformers.TrainingArguments name", hint))
+        elif isinstance(extra[name], list) and name not in LIST_ARGUMENT_NAMES:
+            out.append((name, "takes one value, not a list", "write a single value (transformers reads "
+                        f"--{name} as one token)"))
+        elif isinstance(extra[name], list) and not all(isinstance(v, str | int | float) for v in extra[name]):
+            out.append((name, "list items must be plain values", f"e.g. {name}: [labels]"))
     return out
