@@ -118,3 +118,101 @@ def test_no_tokenizer_copy_fast(tok):
         enc.encode(turns, [], [])
     per_sample = (time.perf_counter() - t0) / 200
     assert per_sample < 0.005, f"{per_sample * 1e3:.2f} ms per sample (the official deep copy: ~335 ms)"
+
+
+# ----------------------------------------------------------------------------------- round 2 (odd inputs)
+def test_unknown_speaker_and_literal_pad_tokens_are_bad_samples(builder):
+    # the official code would train on a 'Human' (typo) turn as if it were an answer
+    with pytest.raises(BadSample, match="unknown speaker 'Human'"):
+        builder.build({"conversations": [{"from": "Human", "value": "q"}, {"from": "gpt", "value": "a"}]}, None)
+    with pytest.raises(BadSample, match="unknown speaker"):
+        builder.build({"conversations": [{"role": ["user"], "content": "q"}, {"role": "assistant", "content": "a"}]},
+                      None)
+    # a literal pad token would be read as a vision token with no pixels behind it
+    with pytest.raises(BadSample, match="special token text '<\\|image_pad\\|>'"):
+        builder.build({"conversations": _conv(("human", "what is <|image_pad|>?"), ("gpt", "a"))}, None)
+
+
+def test_turn_edge_cases_follow_official(tok, builder):
+    # consecutive human turns, a trailing human turn, an empty answer: tokenized as the official code does
+    s = builder.build({"conversations": _conv(("human", "q1"), ("human", "q2"), ("gpt", ""), ("human", "q3"))}, None)
+    assert _trained_text(tok, s) == "<|im_end|>\n"
+    assert tok.decode(s["input_ids"]).endswith("<|im_start|>user\nq3<|im_end|>\n")
+    with pytest.raises(BadSample, match="content must be a string"):
+        builder.build({"conversations": _conv(("human", "q"), ("gpt", None))}, None)
+
+
+def test_relative_media_without_data_path_is_bad(builder, tmp_path, monkeypatch):
+    Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)  # the file exists relative to the cwd: it must still not be picked up
+    rec = {"image": "a.png", "conversations": _conv(("human", "<image>?"), ("gpt", "x"))}
+    with pytest.raises(BadSample, match="relative but the dataset has no data_path"):
+        builder.build(rec, None)
+    assert builder.build({**rec, "image": str(tmp_path / "a.png")}, None)["image_grid_thw"].tolist() == [[1, 4, 4]]
+    (tmp_path / "sp ü").mkdir()
+    Image.new("RGB", (56, 84)).save(tmp_path / "sp ü" / "b c.png")
+    assert builder.build({**rec, "image": "sp ü/b c.png"}, str(tmp_path))["image_grid_thw"].tolist() == [[1, 6, 4]]
+
+
+def test_odd_image_modes_and_sizes(builder, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (40, 80, 3), dtype=np.uint8))
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (40, 80)).astype(np.uint16)).save(tmp_path / "i16.png")
+    rgb.convert("LA").save(tmp_path / "la.png")
+    rgb.convert("P").save(tmp_path / "p.png", transparency=0)
+    rgb.crop((0, 0, 1, 1)).save(tmp_path / "one.png")
+    rgb.save(tmp_path / "anim.gif", save_all=True, append_images=[rgb.rotate(90)], duration=100)
+    exif = rgb.getexif()
+    exif[0x0112] = 6  # "rotate 90": the official pipeline ignores EXIF orientation, and so do we
+    rgb.save(tmp_path / "exif.jpg", exif=exif)
+    Image.new("RGB", (6000, 20)).save(tmp_path / "strip.png")
+    conv = _conv(("human", "<image>?"), ("gpt", "x"))
+    grids = {}
+    for name in ("cmyk.jpg", "i16.png", "la.png", "p.png", "one.png", "anim.gif", "exif.jpg"):
+        s = builder.build({"image": name, "conversations": conv}, str(tmp_path))
+        grids[name] = s["image_grid_thw"].tolist()[0]
+        assert s["pixel_values"].shape[0] == s["image_grid_thw"].prod()
+    assert grids["exif.jpg"] == grids["cmyk.jpg"] == [1, 2, 6]  # stored 80x40, not rotated to 40x80
+    assert grids["one.png"] == [1, 2, 2]  # 1x1 -> 28x28 (min_pixels)
+    with pytest.raises(MediaError, match="aspect ratio"):
+        builder.build({"image": "strip.png", "conversations": conv}, str(tmp_path))
+
+
+def _write_video(path, n, w, h, fps=8, pix="yuv420p"):
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(n)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, pix
+        for _ in range(n):
+            for p in s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+                                                         format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_pyav_fallback_matches_decord_and_keeps_only_sampled_frames(builder, tmp_path):
+    import numpy as np
+
+    from qwenvl.data import vision
+
+    _write_video(tmp_path / "v.mp4", 48, 64, 48)
+    _write_video(tmp_path / "odd.mp4", 3, 65, 49, pix="yuv444p")
+    _write_video(tmp_path / "w48.mp4", 10, 48, 32)  # decord 0.6 fails on this width: PyAV takes over
+    budget = VisionBudget()
+    for name in ("v.mp4", "odd.mp4"):
+        d = vision._decode_decord(str(tmp_path / name), budget)
+        a = vision._decode_pyav(str(tmp_path / name), budget)
+        assert a.frame_idx == d.frame_idx and a.total_frames == d.total_frames and a.avg_fps == d.avg_fps
+        assert np.array_equal(a.frames, d.frames)  # only the sampled frames are decoded to RGB
+    conv = _conv(("human", "<video>?"), ("gpt", "x"))
+    s = builder.build({"video": "w48.mp4", "conversations": conv}, str(tmp_path))
+    assert s["video_grid_thw"].tolist() == [[2, 4, 6]] and s["frame_idx"] == [[0, 3, 6, 9]]
+    s = builder.build({"video": "odd.mp4", "conversations": conv}, str(tmp_path))  # 3 frames, odd size
+    assert s["frame_idx"] == [[0, 1, 2]] and s["video_grid_thw"][0, 0] == 2

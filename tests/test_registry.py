@@ -141,3 +141,22 @@ def test_dataloader_workers_end_to_end(dictionary, qwen_tokenizer_dir):
         assert batch["input_ids"].shape[1] <= 400 and batch["position_ids"].shape[0] == 4
         assert "pixel_values" in batch and "pixel_values_videos" in batch
     assert monitor.seen == len(mod["train_dataset"]) and monitor.skipped == 2  # q_05, q_07
+
+
+def test_dataset_listed_twice_and_spaced_percent(dictionary, caplog):
+    """'a,a' (the official way to up-sample): two report lines, a separate draw each; 'a %50' keeps its 50."""
+    from qwenvl.data.registry import build_index
+
+    src = resolve_sources("pub_a %40, pub_a%40,pub_b", dictionary)
+    assert [s.percent for s in src] == [40.0, 40.0, 50.0]  # explicit percents win, even with spaces
+    ds_ids, rec_ids, report = build_index(src, seed=5)
+    n_a = report["datasets"]["pub_a"]["records"]
+    assert list(report["datasets"]) == ["pub_a", "pub_a#2", "pub_b"]
+    assert report.total == len(rec_ids) == 2 * round(n_a * 0.4) + report["datasets"]["pub_b"]["samples"]
+    first, second = rec_ids[ds_ids == 0], rec_ids[ds_ids == 1]
+    assert len(first) == len(second) and not np.array_equal(first, second)  # not the same subset twice
+    assert src[0].store is src[1].store  # the file is read once
+    tiny = resolve_sources("pub_a%1", dictionary)  # round(n * 0.01) == 0 for the small public file
+    with caplog.at_level("WARNING"):
+        _, idx, rep = build_index(tiny, seed=5)
+    assert len(idx) == 0 and rep.total == 0 and "gives no samples" in caplog.text

@@ -16,6 +16,20 @@ tag/media count mismatches, the misspelt ``images`` key, an empty conversation a
 with nothing to train on are *bad samples* with a reason (see ``BadSample``); images and videos in
 one sample, and several videos, are all attached.
 
+Odd inputs, decided (tested in ``tests/test_preprocess.py``):
+
+* as official: ``role``/``content`` turns (a leading assistant turn is then *not* dropped: the official
+  check reads ``from``); a ``system`` turn inside ``conversations`` (a second masked system turn);
+  consecutive human turns; a trailing human turn (kept, masked); an empty ``value`` (an empty answer
+  trains ``<|im_end|>\n``); text around tags kept byte for byte (no strip); tags in gpt turns and tags
+  split across turns are plain text (so the media count no longer matches: bad sample); special-token
+  text such as ``<|im_end|>`` inside a turn is read as that special token, as the official tokenizer does.
+* bad sample instead: a speaker other than human/gpt/user/assistant/system (the official code would
+  train on e.g. a ``"Human"`` turn as an answer; ``vlsft datasets check`` flags it too); a ``value`` that
+  is not a string (official: ``str(value)``, e.g. ``"None"``, is trained); the literal text
+  ``<|image_pad|>`` / ``<|video_pad|>`` (a vision token with no pixels: the official run crashes in the
+  model); no assistant turn at all (every label -100: no loss).
+
 Speed: the tokenizer is never copied; each sample's text segments (the text between special
 tokens, which the tokenizer encodes independently anyway) are encoded in one Rust batch call.
 """
@@ -30,6 +44,9 @@ import numpy as np
 IGNORE_INDEX = -100
 SYSTEM_MESSAGE = "You are a helpful assistant."
 ROLE_MAP = {"human": "user", "gpt": "assistant"}
+KNOWN_ROLES = ("user", "assistant", "system")
+# pad tokens written literally in a turn would be read by the tokenizer as vision tokens with no pixels
+_PAD_TEXTS = ("<|image_pad|>", "<|video_pad|>")
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
 _TAG_RE = re.compile(r"(<image>|<video>)")
@@ -65,7 +82,15 @@ def normalize_conversation(conversations) -> list[Turn]:
             raise BadSample(f"turn {i} has neither from/value nor role/content keys")
         if not isinstance(content, str):
             raise BadSample(f"turn {i}: content must be a string, got {type(content).__name__}")
-        out.append(Turn(ROLE_MAP.get(role, role), content))
+        mapped = ROLE_MAP.get(role, role) if isinstance(role, str) else role
+        if mapped not in KNOWN_ROLES:
+            raise BadSample(f"turn {i}: unknown speaker {role!r} (use 'human'/'gpt', or role 'user'/'assistant'/"
+                            "'system'); the official code would train on it as an answer")
+        for pad in _PAD_TEXTS:
+            if pad in content:
+                raise BadSample(f"turn {i} contains the special token text {pad!r}: it would become a vision token "
+                                "with no image behind it; write <image>/<video> tags instead")
+        out.append(Turn(mapped, content))
     return out
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import zlib
 from dataclasses import dataclass
 
@@ -118,9 +117,9 @@ def resolve_sources(dataset_use: str, dataset_dict: str | None) -> list[DatasetS
             else [DatasetUseEntry(n, d.datasets[n].percent) for n in d.datasets]
     except DatasetUseError as e:
         raise RegistryError(str(e)) from None
+    raw_items = [raw.strip() for raw in dataset_use.split(",")] if dataset_use and dataset_use.strip() else []
     out = []
-    explicit = {e.name for e in entries}
-    for e in entries:
+    for k, e in enumerate(entries):
         if e.name not in d.datasets:
             from qwenvl.problems import did_you_mean
 
@@ -128,8 +127,8 @@ def resolve_sources(dataset_use: str, dataset_dict: str | None) -> list[DatasetS
             raise RegistryError(f"{dataset_dict}: no dataset named {e.name!r} in the dictionary"
                                 + (f" ({hint})" if hint else f"; known: {', '.join(sorted(d.datasets))}"))
         spec = d.datasets[e.name]
-        has_pct = dataset_use and any(
-            raw.strip().startswith(e.name + "%") for raw in dataset_use.split(",")) and e.name in explicit
+        # an explicit %percent wins over the dictionary's sampling_rate/repeat_time (per entry: 'a%50,a')
+        has_pct = k < len(raw_items) and "%" in raw_items[k]
         percent = e.percent if has_pct else spec.percent
         out.append(DatasetSource(e.name, spec.data_path, spec.annotation_path, percent))
     return out
@@ -139,18 +138,25 @@ def build_index(sources: list[DatasetSource], seed: int) -> tuple[np.ndarray, np
     """Load each source's store (if not loaded) and draw its samples. Returns (dataset ids, record ids, report)."""
     ds_ids, rec_ids = [], []
     report = SamplingReport(seed=int(seed))
+    seen: dict[str, int] = {}
+    stores: dict[str, AnnotationStore] = {}
     for k, src in enumerate(sources):
-        if src.store is None:
-            src.store = AnnotationStore.from_file(src.annotation_path)
+        if src.store is None:  # one store per file, however often the file is listed
+            src.store = stores.get(src.annotation_path) or AnnotationStore.from_file(src.annotation_path)
+        stores[src.annotation_path] = src.store
         n = len(src.store)
-        idx, whole, sampled = sample_indices(n, src.percent, seed, src.name)
+        # a name listed twice ('a,a': the official way to up-sample) is two entries: its own report
+        # line ('a#2') and its own draw (seeded with the occurrence), not the first one's subset again
+        occurrence = seen[src.name] = seen.get(src.name, 0) + 1
+        key = src.name if occurrence == 1 else f"{src.name}#{occurrence}"
+        idx, whole, sampled = sample_indices(n, src.percent, seed, key)
         ds_ids.append(np.full(len(idx), k, dtype=np.int32))
         rec_ids.append(idx)
-        report.add({"name": src.name, "records": n, "percent": src.percent, "samples": int(len(idx)),
-                                "copies": whole, "sampled": sampled,
-                                "annotation_path": src.annotation_path})
-        if math.isclose(src.percent, 0.0):
-            log.warning("dataset %s has percent 0: no samples", src.name)
+        report.add({"name": key, "records": n, "percent": src.percent, "samples": int(len(idx)),
+                    "copies": whole, "sampled": sampled, "annotation_path": src.annotation_path})
+        if len(idx) == 0:
+            log.warning("dataset %s gives no samples (%d records x %s%%): it is not trained on", key, n,
+                        format_percent(src.percent))
     if not ds_ids:
         return np.zeros(0, np.int32), np.zeros(0, np.int64), report
     return np.concatenate(ds_ids), np.concatenate(rec_ids), report

@@ -12,10 +12,30 @@ Returned dict (torch tensors, unbatched)::
     + second_per_grid_ts (n_vid,) float32                                         [only with videos]
 
 plus ``frame_idx`` (list of lists, per video; diagnostics only).
+
+Media, decided (tested in ``tests/test_preprocess.py``; official = the Qwen2.5-era trainer):
+
+* Paths: absolute paths and URLs win over ``data_path``; spaces/unicode are fine; a *relative* path
+  with no ``data_path`` is a bad sample (it would otherwise be looked up in the trainer's cwd;
+  the official code raises ``TypeError`` and silently uses the next sample).
+* Images: as official, PIL ``.convert("RGB")`` for every mode (CMYK, ``I;16``, LA, P with
+  transparency: alpha dropped, not composited), EXIF orientation ignored, first frame of an animated
+  GIF; images below ``min_pixels`` are upscaled (a 1x1 image becomes 28x28). Aspect ratio > 200, a
+  truncated/corrupt file or a non-image are bad samples (:class:`~qwenvl.data.vision.MediaError`);
+  so are images above PIL's decompression-bomb limit (~179 MP). A huge image is decoded in full
+  before the resize (an 8000x8000 JPEG takes ~2 s): draft decoding would change the pixels.
+* Videos: decord, then PyAV (only the sampled frames are converted to RGB), then torchcodec; one-frame
+  and odd-frame-count videos repeat the last frame up to the temporal patch; long videos are clamped
+  to ``video_max_frames``; odd frame sizes are resized like images; a corrupt file is a bad sample.
+* Qwen2-VL (``model_type="qwen2vl"``): same tokens and pixels; the video temporal position is the
+  patch index (no time scaling) and ``second_per_grid_ts`` is not passed to the model (see
+  :mod:`qwenvl.data.rope` for the one place where we differ from transformers 5.24's rope index).
+* Qwen3-VL: images only (its video prompt format uses per-frame timestamps): videos are bad samples.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +73,15 @@ def _as_list(value, key: str) -> list[str]:
             raise BadSample(f"'{key}' is an empty list (drop the key for a sample without {key}s)")
         return list(value)
     raise BadSample(f"'{key}' must be a path or a list of paths, got {type(value).__name__}")
+
+
+def _media_path(data_path: str | None, rel: str, key: str) -> str:
+    """``rel`` resolved against ``data_path``; a relative path with no ``data_path`` is a bad sample
+    (it would otherwise be looked up in whatever folder the trainer was started from)."""
+    if not data_path and not (storage.is_url(rel) or os.path.isabs(rel)):
+        raise BadSample(f"{key} path {rel!r} is relative but the dataset has no data_path: set data_path in the "
+                        "dataset dictionary, or use absolute paths / URLs")
+    return storage.join(data_path, rel)
 
 
 @dataclass
@@ -98,7 +127,7 @@ class SampleBuilder:
         out: dict = {}
         image_tokens: list[int] = []
         if images:
-            pil = [vision.open_image(storage.join(data_path, p)) for p in images]
+            pil = [vision.open_image(_media_path(data_path, p, "image")) for p in images]
             pv, grid = vision.process_images(pil, self.spec, b.min_pixels, b.max_pixels)
             out["pixel_values"] = torch.from_numpy(pv)
             out["image_grid_thw"] = torch.from_numpy(grid)
@@ -107,7 +136,7 @@ class SampleBuilder:
         if videos:
             pvs, grids, spgs, fidx = [], [], [], []
             for p in videos:
-                dv = vision.decode_video(storage.join(data_path, p), b)
+                dv = vision.decode_video(_media_path(data_path, p, "video"), b)
                 pv, grid, spg = vision.process_video(dv, self.spec, b.video_min_frame_pixels, b.video_max_frame_pixels)
                 pvs.append(pv)
                 grids.append(grid)

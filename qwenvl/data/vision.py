@@ -143,18 +143,40 @@ def _decode_decord(path: str, args) -> DecodedVideo:
 
 
 def _decode_pyav(path: str, args) -> DecodedVideo:
+    """Decode with PyAV, converting only the sampled frames (never the whole video: a long video's
+    RGB frames would not fit in memory). The frame count comes from the container; when it is
+    missing or wrong, a counting pass fixes it and a second pass picks the frames."""
     import av
+
+    def one_pass(wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+        kept: dict[int, np.ndarray] = {}
+        count = 0
+        with av.open(_source(path)) as container:
+            for count, frame in enumerate(container.decode(container.streams.video[0]), start=1):
+                if count - 1 in wanted:
+                    kept[count - 1] = frame.to_ndarray(format="rgb24")
+        return kept, count
+
+    def pick(total: int, fps: float) -> list[int]:
+        return sample_frame_indices(total, fps, args.base_interval, args.video_min_frames, args.video_max_frames)
 
     with av.open(_source(path)) as container:
         stream = container.streams.video[0]
-        frames_all = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        declared = int(stream.frames or 0)
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else 0.0
-    total = len(frames_all)
-    if total == 0 or fps <= 0:
+    if fps <= 0:
+        raise MediaError(f"no frame rate in {path}")
+    guess = pick(declared, fps) if declared > 0 else []
+    kept, total = one_pass(set(guess))
+    if total == 0:
         raise MediaError(f"no decodable frames in {path}")
-    idx = sample_frame_indices(total, fps, args.base_interval, args.video_min_frames, args.video_max_frames)
-    return DecodedVideo(np.stack([frames_all[i] for i in idx]), idx, total, fps, "pyav")
+    idx = pick(total, fps)
+    if any(i not in kept for i in idx):  # the container's frame count was missing or wrong
+        kept, total2 = one_pass(set(idx))
+        if total2 != total or any(i not in kept for i in idx):
+            raise MediaError(f"PyAV decoded a different number of frames on a second pass over {path}")
+    return DecodedVideo(np.stack([kept[i] for i in idx]), idx, total, fps, "pyav")
 
 
 def _decode_torchcodec(path: str, args) -> DecodedVideo:

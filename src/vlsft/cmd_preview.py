@@ -148,7 +148,9 @@ def preview(
     where = store.where(index)
     try:
         sample = builder.build(store[index], spec.data_path)
-    except (BadSample, MediaError, ValueError) as exc:
+    except Exception as exc:  # the trainer skips a sample on any error; so does preview (one line, exit 1)
+        if not isinstance(exc, (BadSample, MediaError, ValueError)):
+            exc = f"{type(exc).__name__}: {exc}"
         if as_json:
             print(json.dumps({"bad_sample": str(exc), "where": where}))
             raise typer.Exit(1) from None
