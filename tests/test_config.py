@@ -373,3 +373,13 @@ def test_round2_text_overrides_stay_text_and_epochs(tmp_path):
     assert "nothing to train: num_train_epochs is 0 and max_steps is not set" in line
     (line,) = problems_of(path, ["training.save_steps=.inf"])
     assert "[training.save_steps] Input should be a finite number, got inf" in line
+
+
+def test_round2_empty_sections_and_section_overrides(tmp_path):
+    cfg = load_run_config(write(tmp_path, BASE + "wandb:\nstorage:\n", "e.yaml"), [])
+    assert cfg.wandb.effective_mode == "disabled" and cfg.training.extra == {}
+    (line,) = problems_of(write(tmp_path, HEAD.replace("output: {dir: out}", "output:"), "o.yaml"))
+    assert line.endswith(":3:1: error: [output.dir] missing required key (hint: add dir: runs/my-first-run "
+                         "(a new folder for every fresh run))")
+    (line,) = problems_of(write(tmp_path, BASE), ["training=1"])
+    assert line.startswith("override 'training=1': error: [training] 'training' is a section: set one key at a time")

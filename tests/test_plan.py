@@ -297,3 +297,8 @@ def test_round2_extra_list_becomes_several_tokens(tmp_path):
     i = plan.trainer_args.index("--label_names")
     assert plan.trainer_args[i:i + 4] == ["--label_names", "labels", "other", "--lr_scheduler_kwargs"]
     assert plan.trainer_args[i + 4] == '{"min_lr":1e-06}' and "--include_for_metrics" not in plan.trainer_args
+
+
+def test_round2_output_dir_url_is_an_error(tmp_path):
+    with pytest.raises(ProblemsError, match=r"\[output.dir\] output.dir s3://b/run is a URL"):
+        plan_for(tmp_path, ["output.dir=s3://b/run"])

@@ -174,6 +174,11 @@ class TrainingSection(_Section):
     extra: dict[str, Any] = Field(default_factory=dict, description="Any other transformers.TrainingArguments "
                                   "name -> value, passed as --name value (e.g. {optim: adamw_torch_fused}).")
 
+    @field_validator("extra", mode="before")
+    @classmethod
+    def _empty_extra(cls, value: Any) -> Any:
+        return {} if value is None else value
+
     @field_validator("lr_scheduler_type")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
@@ -315,6 +320,13 @@ class RunConfig(_Section):
     output: OutputSection = Field(description="Output directory and resume behaviour.")
     wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases logging.")
     storage: StorageSection = Field(default_factory=StorageSection, description="Object storage settings.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_section(cls, value: Any) -> Any:
+        # `wandb:` with every key commented out is an empty section, not an error (required keys inside
+        # model/data/output are then reported as missing, with an example).
+        return {} if value is None else value
 
     _source: Path | None = PrivateAttr(default=None)
     _marks: dict = PrivateAttr(default_factory=dict)

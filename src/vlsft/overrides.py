@@ -66,6 +66,11 @@ def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Pro
             where = f"override '{shown}'"
         parts = tuple(key.split("."))
         section = parts[0]
+        if section in SECTIONS and len(parts) == 1:
+            problems.append(Problem("error", f"'{section}' is a section: set one key at a time", file=where,
+                                    key=_printable(key), hint=f"e.g. {section}.{next(iter(SECTIONS[section].model_fields))}=..."
+                                    f" (keys: {', '.join(SECTIONS[section].model_fields)})"))
+            continue
         if section not in SECTIONS or len(parts) < 2 or any(not p for p in parts):
             hint = did_you_mean(key, _known_dotted_keys()) or did_you_mean(section, SECTIONS)
             problems.append(Problem("error", "unknown key" if section not in SECTIONS else "expected section.key",

@@ -373,6 +373,10 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     # ---- paths
     d.dictionary = _resolve_path(base, d.dictionary)
     out.dir = _resolve_path(base, out.dir)
+    if "://" in out.dir:
+        problems.append(Problem("error", f"output.dir {out.dir} is a URL: checkpoints are written to a local or "
+                                "shared filesystem", key="output.dir", hint="use a folder such as /shared/runs/x "
+                                "and copy the result to object storage afterwards", **cfg.where("output", "dir")))
     if _looks_local(m.name_or_path) or (base / m.name_or_path).is_dir():
         m.name_or_path = _resolve_path(base, m.name_or_path)
     if not os.path.isdir(m.name_or_path):
