@@ -160,3 +160,15 @@ def test_dataset_listed_twice_and_spaced_percent(dictionary, caplog):
     with caplog.at_level("WARNING"):
         _, idx, rep = build_index(tiny, seed=5)
     assert len(idx) == 0 and rep.total == 0 and "gives no samples" in caplog.text
+
+
+def test_no_samples_is_a_clear_error(dictionary, qwen_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from qwenvl.data.arguments import DataArguments
+    from qwenvl.data.dataset import make_data_module
+
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    args = DataArguments(dataset_use="pub_a%1", dataset_dict=dictionary)
+    with pytest.raises(RegistryError, match="no samples to train on .*pub_a: .* -> 0 samples"):
+        make_data_module(tok, None, args, seed=0)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from qwenvl.data.collate import BadSampleMonitor, DataCollator
-from qwenvl.data.registry import DatasetSource, SamplingReport, build_index, resolve_sources
+from qwenvl.data.registry import DatasetSource, RegistryError, SamplingReport, build_index, resolve_sources
 from qwenvl.data.sample import SampleBuilder, VisionBudget
 from qwenvl.data.vision import VisionSpec
 from qwenvl.storage import StorageError
@@ -108,6 +108,9 @@ def make_data_module(tokenizer, image_processor, data_args, *, seed: int, model_
     sources = resolve_sources(data_args.dataset_use, data_args.dataset_dict)
     ds_ids, rec_ids, report = build_index(sources, data_seed)
     report.log(log)
+    if len(rec_ids) == 0:  # the trainer's sampler would fail with a traceback on an empty dataset
+        raise RegistryError("no samples to train on (" + "; ".join(line.strip() for line in report.lines()) + "): "
+                            "check the annotation files and the --dataset_use percents")
     builder = make_builder(tokenizer, image_processor, data_args, model_type)
     dataset = SupervisedDataset(sources, ds_ids, rec_ids, builder)
     collator = make_collator(tokenizer, builder, data_args, ensure_vision=ensure_vision)
