@@ -250,6 +250,7 @@ def test_round2_multinode_needs_master_addr_unless_slurm(tmp_path):
     # explicit YAML/override values win over SLURM; an inconsistent result is an error, not a hang
     with pytest.raises(ProblemsError, match=r"node_rank 3 must be below nnodes 2 \(from SLURM\)"):
         plan_from_file(path, ["distributed.nnodes=2", "distributed.master_addr=h"], SLURM)
+    assert plan_from_file(path, ["distributed.master_addr="], SLURM).torchrun[7:9] == ["--master_addr", "gpu01"]
     loop = plan_from_file(path, ["distributed.nnodes=2", "distributed.master_addr=localhost"], {})
     assert any("loopback" in w for w in loop.warnings)
 

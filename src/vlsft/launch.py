@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import threading
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # subprocess/threading load only when a child is run (print-args needs just the SLURM parser)
+    import subprocess
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
 
@@ -27,6 +29,9 @@ def run_child(argv: Sequence[str], env: Mapping[str, str] | None = None, *, grac
     """Run ``argv``; return its exit status (128 + N when it died of signal N)."""
     if isinstance(argv, str):  # never a shell string
         raise TypeError("argv must be a list of arguments, not a string")
+    import subprocess
+    import threading
+
     proc = subprocess.Popen(list(argv), env=dict(env) if env is not None else None, cwd=cwd,
                             start_new_session=True)
     received: list[int] = []

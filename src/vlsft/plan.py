@@ -219,7 +219,8 @@ def apply_slurm(cfg: RunConfig, environ: Mapping[str, str]) -> list[str]:
     for key, value in slurm_topology(environ).items():
         if dist.rdzv_endpoint and key != "nnodes":
             continue
-        if key not in explicit and getattr(dist, key) != value:
+        current = getattr(dist, key)
+        if (key not in explicit or current is None) and current != value:
             setattr(dist, key, value)
             taken.append(f"distributed.{key}={value}")
     return taken
