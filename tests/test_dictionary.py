@@ -256,3 +256,10 @@ def test_non_utf8_dictionary_names_line_and_column(tmp_path):
     [err] = [e for e in d.errors if "UTF-8" in e.message]
     assert (err.line, err.column, err.message) == (3, 6, "not UTF-8 text (byte 0xe9)")
     assert "ok" in d.datasets and not d.unusable
+
+
+def test_duplicate_key_on_one_line_names_the_column(tmp_path):
+    d = load_dictionary(_write(tmp_path, '{"h": {"annotation_path": "a.jsonl", "length": 1, "length": 2}}'),
+                        check_files=False)
+    [err] = d.errors
+    assert (err.line, err.column) == (1, 51) and err.message.endswith("appears twice in dataset 'h' (first at column 38)")

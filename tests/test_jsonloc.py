@@ -77,3 +77,16 @@ def test_agrees_with_json_on_valid_documents():
             node, errors = parse(text)
             assert errors == [], (text, errors)
             assert node.to_python() == doc
+
+
+def test_percent_and_thousands_separator_are_one_error_each():
+    node, errors = parse('{"r": 50%, "n": 1,000,000, "k": 2,\n "m": 12,345 }')
+    assert node.to_python() == {"r": 0.5, "n": 1000000, "k": 2, "m": 12345}
+    got = [(e.line, e.column, e.message, e.hint) for e in errors]
+    assert got == [
+        (1, 7, "'50%' is not a JSON number (no percent signs)", "write 0.5: rates are fractions (0.5 = 50 %)"),
+        (1, 17, "'1,000,000' is not a JSON number (no thousands separators)", "write 1000000"),
+        (2, 7, "'12,345' is not a JSON number (no thousands separators)", "write 12345"),
+    ]
+    node, errors = parse('{"a": 1, "000": 2}')  # a quoted key that looks like digits is fine
+    assert errors == [] and node.to_python() == {"a": 1, "000": 2}

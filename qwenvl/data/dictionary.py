@@ -223,7 +223,8 @@ class _Loader:
         valid_name = True
         if name in seen:
             first = seen[name]
-            self.add("error", f"dataset '{name}' is defined twice (first at line {first.line}); plain json would "
+            at = f"line {first.line}" if first.line != key.line else f"column {first.column}"
+            self.add("error", f"dataset '{name}' is defined twice (first at {at}); plain json would "
                      "silently keep only the last one", *where, key=name, hint="rename one of them or delete the duplicate")
             valid_name = False
         else:
@@ -256,7 +257,9 @@ class _Loader:
         seen_keys: dict[str, JKey] = {}
         for k, v in node.value:
             if k.name in seen_keys:
-                self.add("error", f"key '{k.name}' appears twice in dataset '{name}' (first at line {seen_keys[k.name].line})",
+                first = seen_keys[k.name]
+                at = f"line {first.line}" if first.line != k.line else f"column {first.column}"
+                self.add("error", f"key '{k.name}' appears twice in dataset '{name}' (first at {at})",
                          k.line, k.column, key=k.name, hint="keep only one")
                 ok = False
                 continue

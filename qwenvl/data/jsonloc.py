@@ -92,7 +92,7 @@ _TOKEN = re.compile(
   | (?P<string>"(?:[^"\\\n]|\\.)*")
   | (?P<badstring>"(?:[^"\\\n]|\\.)*)
   | (?P<sqstring>'(?:[^'\\\n]|\\.)*'?)
-  | (?P<number>[-+]?(?:[0-9][0-9A-Za-z_.+-]*|\.[0-9][0-9A-Za-z_.+-]*))
+  | (?P<number>[-+]?(?:[0-9][0-9A-Za-z_.+-]*|\.[0-9][0-9A-Za-z_.+-]*)%?)
   | (?P<neginf>-Infinity\b)
   | (?P<ident>[A-Za-z_$][A-Za-z0-9_$]*)
   | (?P<punct>[{}\[\]:,])
@@ -203,6 +203,11 @@ class _Parser:
             except (ValueError, OverflowError):  # pragma: no cover - regex guarantees validity
                 value = INVALID
             return _Tok("number", s, start, value)
+        if s.endswith("%") and _STRICT_NUMBER.match(s[:-1].lstrip("+")):  # "sampling_rate": 50%
+            fraction = float(s[:-1]) / 100
+            self.err(start, f"{s!r} is not a JSON number (no percent signs)",
+                     f"write {fraction!r}: rates are fractions (0.5 = 50 %)")
+            return _Tok("number", s, start, fraction)
         try:
             value = float(s)
             self.err(start, f"{s!r} is not a valid JSON number", "use plain decimals like 0.5, 12 or 1e-3")
@@ -334,6 +339,8 @@ class _Parser:
                         last_comma = self.take()
                     continue
             value = self.parse_value(depth)
+            if value is not None and value.kind == "number":
+                value = self._thousands(value)
             members.append((key, value))
             nxt = self.peek()
             if nxt.kind == ",":
@@ -342,6 +349,34 @@ class _Parser:
                 continue
             elif value is None and nxt.kind not in ("string", "ident"):
                 self.take()  # guarantee progress after a broken value
+
+    def _thousands(self, value: JNode) -> JNode:
+        """``1,000`` / ``1,000,000`` (digit groups after an integer, not followed by ':'): one number, one error."""
+        if not isinstance(value.value, int) or not re.fullmatch(r"-?[0-9]{1,3}", value.raw):
+            return value
+        j = self.i
+        groups = []
+        toks = self.toks
+        while (toks[j].kind == "," and toks[j + 1].kind == "number" and re.fullmatch(r"[0-9]{3}", toks[j + 1].text)
+               and toks[j + 1].pos == toks[j].pos + 1 and toks[j + 2].kind != ":"):
+            groups.append(toks[j + 1].text)
+            j += 2
+        if not groups:
+            return value
+        # the tokens were lexed alone: drop the errors they raised ("'000' is not a valid JSON number")
+        first, end = toks[self.i].pos, toks[j - 1].pos + 3
+        self.errors = [e for e in self.errors if not (first <= self._offset(e) < end)]
+        self.i = j
+        number = value.raw + "".join(groups)
+        self.err(self._pos_of(value), f"'{value.raw},{','.join(groups)}' is not a JSON number "
+                 "(no thousands separators)", f"write {number}")
+        return JNode("number", int(number), value.line, value.column, number)
+
+    def _pos_of(self, node: JNode) -> int:
+        return self._line_starts[node.line - 1] + node.column - 1
+
+    def _offset(self, e: SyntaxIssue) -> int:
+        return self._line_starts[e.line - 1] + e.column - 1
 
     def parse_array(self, depth: int) -> JNode:
         open_tok = self.take()
