@@ -383,3 +383,10 @@ def test_round2_empty_sections_and_section_overrides(tmp_path):
                          "(a new folder for every fresh run))")
     (line,) = problems_of(write(tmp_path, BASE), ["training=1"])
     assert line.startswith("override 'training=1': error: [training] 'training' is a section: set one key at a time")
+
+
+def test_round2_data_use_spellings(tmp_path):
+    path = write(tmp_path, BASE)
+    assert load_run_config(path, ["data.use={docs: 50, charts: null}"]).data.use == ["docs%50", "charts"]
+    assert load_run_config(path, ["data.use=[' docs ', charts%250]"]).data.use == ["docs", "charts%250"]
+    assert load_run_config(path, ["data.use=docs%50, charts"]).data.use == ["docs%50", "charts"]

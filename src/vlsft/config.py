@@ -101,7 +101,8 @@ class DataSection(_Section):
                             "Relative paths resolve against the YAML folder.")
     use: list[str] | None = Field(None, description="Datasets to train on, as names or 'name%percent' "
                                   "('docs%50', 'charts%250' = 2.5 copies). Default: every dataset in the "
-                                  "dictionary at its own sampling_rate / repeat_time. A comma string is accepted.")
+                                  "dictionary at its own sampling_rate / repeat_time. A comma string and a "
+                                  "mapping {docs: 50, charts: null} are accepted too.")
     max_pixels: int = Field(576 * 28 * 28, gt=0, description="Image pixel budget (H*W after resize); one image "
                             "costs up to max_pixels / 784 tokens (100352 -> 128, 50176 -> 64).")
     min_pixels: int = Field(16 * 28 * 28, gt=0, description="Image pixel floor (H*W after resize).")
@@ -128,6 +129,10 @@ class DataSection(_Section):
     def _split_comma_string(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",")]
+        if isinstance(value, dict):  # use: {docs: 50, charts: null} -> [docs%50, charts]
+            return [str(k) if v is None else f"{k}%{v}" for k, v in value.items()]
+        if isinstance(value, list):
+            return [part.strip() if isinstance(part, str) else part for part in value]
         return value
 
 
