@@ -303,3 +303,14 @@ def test_round2_extra_list_becomes_several_tokens(tmp_path):
 def test_round2_output_dir_url_is_an_error(tmp_path):
     with pytest.raises(ProblemsError, match=r"\[output.dir\] output.dir s3://b/run is a URL"):
         plan_for(tmp_path, ["output.dir=s3://b/run"])
+
+
+def test_round2_global_batch_resolved_after_slurm(tmp_path):
+    yaml_text = RUN_YAML.replace("  nnodes: 2\n  master_addr: 10.1.2.3\n", "").replace(
+        "  gradient_accumulation_steps: 4\n", "  global_batch_size: 128\n")
+    path = make_project(tmp_path, run_yaml=yaml_text)
+    assert pairs(plan_from_file(path, [], {}).trainer_args)["gradient_accumulation_steps"] == "4"
+    plan = plan_from_file(path, [], SLURM)  # 4 nodes: 128 / (4 x 8 x 4) = 1
+    assert pairs(plan.trainer_args)["gradient_accumulation_steps"] == "1" and plan.effective_batch_size == 128
+    with pytest.raises(ProblemsError, match=r"global_batch_size 128 is not a multiple of .* = 256 \(from SLURM\)"):
+        plan_from_file(path, ["training.per_device_train_batch_size=8"], SLURM)

@@ -230,6 +230,18 @@ def _check_topology(cfg: RunConfig, slurm: list[str], problems: list[Problem], w
     """Multi-node consistency, checked after SLURM filled in what the YAML left open."""
     dist = cfg.distributed
     from_slurm = " (from SLURM)" if slurm else ""
+    tr = cfg.training
+    if slurm and tr.global_batch_size is not None:  # re-solve accumulation for the node count SLURM gave
+        per_step = tr.per_device_train_batch_size * dist.nproc_per_node * dist.nnodes
+        if tr.global_batch_size % per_step:
+            problems.append(Problem("error", f"global_batch_size {tr.global_batch_size} is not a multiple of "
+                                    f"{tr.per_device_train_batch_size} per device x {dist.nproc_per_node} per node "
+                                    f"x {dist.nnodes} node(s) = {per_step}{from_slurm}",
+                                    key="training.global_batch_size", hint="pick a global batch that this job's "
+                                    "node count divides, or set distributed.nnodes explicitly",
+                                    **cfg.where("training", "global_batch_size")))
+        else:
+            tr.gradient_accumulation_steps = tr.global_batch_size // per_step
     if dist.node_rank >= dist.nnodes:
         problems.append(Problem("error", f"node_rank {dist.node_rank} must be below nnodes {dist.nnodes}{from_slurm}",
                                 key="distributed.node_rank", hint=f"machines count 0 .. {dist.nnodes - 1}",
