@@ -566,3 +566,16 @@ def test_missing_data_path_is_one_error_not_one_per_file(tmp_path):
          "it is a symbolic link to gone.jsonl, which does not exist"),
         ("image/video", f"media file not found: {tmp_path / 'abs.jpg'}", None),  # absolute: still checked
     ], msgs
+
+
+def test_media_tag_in_a_system_turn_is_not_counted(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    rec = {"image": "a.jpg", "conversations": [{"role": "system", "content": "<image> context"},
+                                               {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    _write_jsonl(tmp_path / "t.jsonl", [rec])
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"t": {"data_path": ".", "annotation_path": "t.jsonl"}}))
+    probs = json.loads(invoke("datasets", "check", str(d), "--deep", "--json").stdout)["problems"]
+    assert [(p["key"], p["message"]) for p in probs] == [
+        ("content", "a system turn contains an <image>/<video> tag; it is not replaced"),
+        ("image", "0 <image> tag(s) for 1 image(s)")]

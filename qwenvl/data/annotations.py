@@ -527,8 +527,12 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
                 sink.add(loc, "tag_in_gpt", "error", "a gpt turn contains an <image>/<video> tag; it is not replaced",
                          key="value" if "value" in turn else "content", hint="media tags belong in human turns")
         elif "<" in val:
-            n_img += val.count("<image>")
-            n_vid += val.count("<video>")
+            if side == 0:
+                n_img += val.count("<image>")
+                n_vid += val.count("<video>")
+            elif "<image>" in val or "<video>" in val:
+                sink.add(loc, "tag_in_system", "error", "a system turn contains an <image>/<video> tag; it is not "
+                         "replaced", key="value" if "value" in turn else "content", hint="media tags belong in human turns")
     if first_side == 1:
         if type(conv[0]) is dict and conv[0].get("from") == "gpt":
             sink.add(loc, "gpt_first", "warning", "the first turn is from gpt; the trainer drops it",

@@ -340,8 +340,13 @@ class _Loader:
             return path
         ext = os.path.splitext(posixpath.basename(str(path)))[1].lower()
         if ext not in ANNOTATION_EXTENSIONS:
+            hint = "use a .json list of samples or a .jsonl file with one sample per line"
+            if ext.strip() in ANNOTATION_EXTENSIONS:
+                hint = f"remove the whitespace at the end: \"{v.value.strip()}\""
+            elif ext in (".gz", ".bz2", ".xz", ".zst", ".zip"):
+                hint = "compressed annotation files are not read: decompress it to .json / .jsonl"
             self.add("error", f"annotation file of dataset '{name}' must end in .json or .jsonl, got '{ext or '(none)'}'",
-                     v.line, v.column, key=k, hint="use a .json list of samples or a .jsonl file with one sample per line")
+                     v.line, v.column, key=k, hint=hint)
             return INVALID
         return path
 
