@@ -307,6 +307,7 @@ def run(argv: list[str]) -> int:
         data_collator=data["data_collator"], processing_class=processor,
         image_token_id=getattr(cfg, "image_token_id", None), video_token_id=getattr(cfg, "video_token_id", None),
         data_report=report if isinstance(report, dict) else None,
+        bad_sample_monitor=data.get("bad_sample_monitor"),
     )
     report_to = training_args.report_to or []
     if "wandb" in report_to:

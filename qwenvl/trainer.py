@@ -8,6 +8,10 @@
   ``samples_per_second``, ``tokens_per_second`` (real tokens, all ranks), ``tokens_per_second_per_device``,
   ``padding_fraction``, ``skipped_samples`` (cumulative, from the collator's ``num_skipped``) and, on
   CUDA with a known device, ``mfu``. Counters are summed over ranks with one all-reduce per log.
+* Bad samples: every micro-batch's ``num_samples`` / ``num_skipped`` (counted by the collator, also inside
+  DataLoader workers, and carried in the batch to the main process) feed the data module's
+  ``BadSampleMonitor``, which ends the run past ``--max_bad_sample_ratio``.
+* HF's unused-column removal is off: the collator receives whole samples (skipped ones carry no model inputs).
 * ``VLSFT_SAMPLE_LOG=1`` writes ``<output_dir>/logs/samples-rank<R>.jsonl``: per micro-batch the rank,
   world size, fingerprints of the samples and its image/video token counts (used by the tests to prove
   that ranks see different data).
@@ -81,12 +85,13 @@ def token_mean_loss(outputs, labels, num_items_in_batch=None):
 
 class QwenVLTrainer(Trainer):
     def __init__(self, *args, image_token_id: int | None = None, video_token_id: int | None = None,
-                 data_report: dict | None = None, **kwargs):
+                 data_report: dict | None = None, bad_sample_monitor=None, **kwargs):
         kwargs.setdefault("compute_loss_func", token_mean_loss)
         super().__init__(*args, **kwargs)
         self._image_token_id = image_token_id
         self._video_token_id = video_token_id
         self._data_report = data_report
+        self._bad_sample_monitor = bad_sample_monitor
         self._reset_window()
         self._skipped_total = 0
         self._micro_step = 0
@@ -133,6 +138,11 @@ class QwenVLTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        # the collator needs whole samples: a skipped sample is a dict of bookkeeping keys only (no model inputs),
+        # which HF's column removal would empty (KeyError in the collator), and sample_index feeds the logs
+        return data_collator
+
     # ---- statistics -------------------------------------------------------------------------------
     def _reset_window(self) -> None:
         self._win = {"samples": 0.0, "real": 0.0, "total": 0.0, "skipped": 0.0, "flops": 0.0}
@@ -142,6 +152,9 @@ class QwenVLTrainer(Trainer):
         stats = {k: inputs.pop(k) for k in STAT_KEYS if k in inputs}
         if model.training:
             self._account(inputs, stats)
+            if self._bad_sample_monitor is not None and "num_skipped" in stats:
+                # per rank, per micro-batch: raises BadSampleLimitExceeded past --max_bad_sample_ratio
+                self._bad_sample_monitor.update({k: _as_int(stats.get(k)) for k in ("num_samples", "num_skipped")})
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         n = stats.get("num_samples")
@@ -227,6 +240,12 @@ class QwenVLTrainer(Trainer):
         out = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             standardise_checkpoint_keys(out, self.model)
+
+
+def _as_int(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return int(v.sum())
+    return int(v or 0)
 
 
 def standardise_checkpoint_keys(folder: str | os.PathLike, model) -> list[str]:

@@ -134,3 +134,36 @@ def test_checkpointing_with_frozen_tower_and_embeddings_still_trains_the_merger(
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(n.startswith("model.visual.merger.") for n in grads)
     assert all(g is not None and float(g.abs().sum()) > 0 for g in grads.values())
+
+
+@pytest.mark.slow
+def test_half_bad_dataset_with_workers_stops_with_one_line(tmp_path, tiny_model_dir, cli_env):
+    """~50 % of samples unreadable, two DataLoader workers: skipped samples (counted in the workers) reach the
+    logs and the bad-sample limit ends the run with one line and exit status 2 (no traceback, no KeyError from
+    a skipped sample stripped by HF's column removal)."""
+    import subprocess
+    import sys
+
+    recs = [{"image": "red_square.png" if i % 2 == 0 else f"missing_{i}.png",
+             "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                               {"from": "gpt", "value": f"red {i}"}]} for i in range(40)]
+    (tmp_path / "half.json").write_text(json.dumps(recs))
+    d = tmp_path / "dict.json"
+    d.write_text(json.dumps({"half": {"data_path": str(REPO / "configs" / "demo" / "images"),
+                                      "annotation_path": "half.json"}}))
+    cmd = [sys.executable, "-m", "qwenvl.train", "--model_name_or_path", str(tiny_model_dir), "--dataset_dict",
+           str(d), "--dataset_use", "half", "--tune_mm_mlp", "True", "--output_dir", str(tmp_path / "out"),
+           "--max_steps", "20", "--per_device_train_batch_size", "20", "--logging_steps", "1", "--save_strategy",
+           "no", "--report_to", "none", "--max_pixels", "3136", "--min_pixels", "3136",
+           "--max_bad_sample_ratio", "0.3", "--dataloader_num_workers", "2"]
+    env = {k: v for k, v in cli_env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "KeyError" not in out
+    errors = [ln[ln.index("error:"):] for ln in p.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "max_bad_sample_ratio 0.3" in errors[0], errors
+    import re
+
+    logged = [int(m) for m in re.findall(r"'skipped_samples': (\d+)", out)]
+    assert logged and logged[-1] > 0 and logged == sorted(logged)
