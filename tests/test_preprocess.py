@@ -6,6 +6,7 @@ import time
 
 import pytest
 from PIL import Image
+from s3server import s3_env, s3_server  # noqa: F401  (fixtures)
 
 from qwenvl.data.preprocess import BadSample, ChatEncoder, normalize_conversation
 from qwenvl.data.sample import SampleBuilder, VisionBudget
@@ -216,3 +217,14 @@ def test_pyav_fallback_matches_decord_and_keeps_only_sampled_frames(builder, tmp
     assert s["video_grid_thw"].tolist() == [[2, 4, 6]] and s["frame_idx"] == [[0, 3, 6, 9]]
     s = builder.build({"video": "odd.mp4", "conversations": conv}, str(tmp_path))  # 3 frames, odd size
     assert s["frame_idx"] == [[0, 1, 2]] and s["video_grid_thw"][0, 0] == 2
+
+
+def test_fatal_storage_errors_are_not_hidden_as_bad_media(builder, s3_env):  # noqa: F811
+    """A missing bucket (real S3 server) must stop the dataset, not turn every sample into a skipped one."""
+    from qwenvl.storage import StorageError
+
+    for key, tag in (("image", "<image>"), ("video", "<video>")):
+        with pytest.raises(StorageError) as ei:
+            builder.build({key: "a.bin", "conversations": _conv(("human", tag), ("gpt", "x"))},
+                          "s3://vlsft-no-such-bucket/media")
+        assert ei.value.fatal and not isinstance(ei.value, MediaError)

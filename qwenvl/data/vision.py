@@ -84,6 +84,10 @@ def open_image(path: str) -> Image.Image:
         else:
             img = Image.open(path)
         return img.convert("RGB")
+    except storage.StorageError as e:
+        if e.fatal:  # bucket/credentials/endpoint: no other sample can be read either; the dataset stops
+            raise
+        raise MediaError(f"image not found: {path}" if isinstance(e, FileNotFoundError) else str(e)) from e
     except FileNotFoundError as e:
         raise MediaError(f"image not found: {path}") from e
     except Exception as e:  # PIL raises many types for corrupt files
@@ -124,16 +128,19 @@ def sample_frame_indices(total_frames: int, avg_fps: float, base_interval: float
     return [int(i) for i in np.unique(np.linspace(0, total_frames - 1, n, dtype=int))]
 
 
-def _source(path: str):
+def _source(path: str, data: bytes | None = None):
+    """What a decoder opens: the local path, or a fresh stream over the URL's bytes (read once per video)."""
+    if data is not None:
+        return io.BytesIO(data)
     if storage.is_url(path):
         return io.BytesIO(storage.read_bytes(path))
     return path
 
 
-def _decode_decord(path: str, args) -> DecodedVideo:
+def _decode_decord(path: str, args, data: bytes | None = None) -> DecodedVideo:
     import decord
 
-    vr = decord.VideoReader(_source(path), num_threads=1)
+    vr = decord.VideoReader(_source(path, data), num_threads=1)
     total, fps = len(vr), float(vr.get_avg_fps())
     idx = sample_frame_indices(total, fps, args.base_interval, args.video_min_frames, args.video_max_frames)
     frames = vr.get_batch(idx).asnumpy()
@@ -142,7 +149,7 @@ def _decode_decord(path: str, args) -> DecodedVideo:
     return DecodedVideo(frames, idx, total, fps, "decord")
 
 
-def _decode_pyav(path: str, args) -> DecodedVideo:
+def _decode_pyav(path: str, args, data: bytes | None = None) -> DecodedVideo:
     """Decode with PyAV, converting only the sampled frames (never the whole video: a long video's
     RGB frames would not fit in memory). The frame count comes from the container; when it is
     missing or wrong, a counting pass fixes it and a second pass picks the frames."""
@@ -151,7 +158,7 @@ def _decode_pyav(path: str, args) -> DecodedVideo:
     def one_pass(wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
         kept: dict[int, np.ndarray] = {}
         count = 0
-        with av.open(_source(path)) as container:
+        with av.open(_source(path, data)) as container:
             for count, frame in enumerate(container.decode(container.streams.video[0]), start=1):
                 if count - 1 in wanted:
                     kept[count - 1] = frame.to_ndarray(format="rgb24")
@@ -160,7 +167,7 @@ def _decode_pyav(path: str, args) -> DecodedVideo:
     def pick(total: int, fps: float) -> list[int]:
         return sample_frame_indices(total, fps, args.base_interval, args.video_min_frames, args.video_max_frames)
 
-    with av.open(_source(path)) as container:
+    with av.open(_source(path, data)) as container:
         stream = container.streams.video[0]
         declared = int(stream.frames or 0)
         rate = stream.average_rate or stream.guessed_rate
@@ -179,10 +186,10 @@ def _decode_pyav(path: str, args) -> DecodedVideo:
     return DecodedVideo(np.stack([kept[i] for i in idx]), idx, total, fps, "pyav")
 
 
-def _decode_torchcodec(path: str, args) -> DecodedVideo:
+def _decode_torchcodec(path: str, args, data: bytes | None = None) -> DecodedVideo:
     from torchcodec.decoders import VideoDecoder  # type: ignore[import-not-found]
 
-    dec = VideoDecoder(_source(path) if storage.is_url(path) else path)
+    dec = VideoDecoder(data if data is not None else path)
     total = int(dec.metadata.num_frames)
     fps = float(dec.metadata.average_fps)
     idx = sample_frame_indices(total, fps, args.base_interval, args.video_min_frames, args.video_max_frames)
@@ -192,7 +199,10 @@ def _decode_torchcodec(path: str, args) -> DecodedVideo:
 
 def decode_video(path: str, args) -> DecodedVideo:
     """Decode the sampled frames of a video: decord, then PyAV, then torchcodec."""
-    if not storage.is_url(path):
+    data = None
+    if storage.is_url(path):
+        data = storage.read_bytes(path)  # once, shared by every backend (not one download per try)
+    else:
         import os
 
         if not os.path.exists(path):
@@ -200,7 +210,7 @@ def decode_video(path: str, args) -> DecodedVideo:
     errors = []
     for name, fn in (("decord", _decode_decord), ("pyav", _decode_pyav), ("torchcodec", _decode_torchcodec)):
         try:
-            return fn(path, args)
+            return fn(path, args, data)
         except ImportError as e:
             errors.append(f"{name}: not installed ({e})")
         except Exception as e:  # decoders raise assorted types
