@@ -579,3 +579,24 @@ def test_media_tag_in_a_system_turn_is_not_counted(tmp_path):
     assert [(p["key"], p["message"]) for p in probs] == [
         ("content", "a system turn contains an <image>/<video> tag; it is not replaced"),
         ("image", "0 <image> tag(s) for 1 image(s)")]
+
+
+def test_data_path_needed_only_for_relative_media_and_empty_media_lists(tmp_path):
+    """Absolute media need no data_path (the first *relative* one is named); 'image': [] is a sample the
+    trainer skips; 'images' next to 'image' is only ignored."""
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    absolute = {"image": str(tmp_path / "a.jpg"), "conversations": _turns("<image>")}
+    _write_jsonl(tmp_path / "abs.jsonl", [absolute])
+    _write_jsonl(tmp_path / "mixed.jsonl", [absolute, {"image": "rel.jpg", "conversations": _turns("<image>")}])
+    _write_jsonl(tmp_path / "odd.jsonl", [{"image": [], "conversations": _turns("q")},
+                                          {**absolute, "images": [str(tmp_path / "a.jpg")]}])
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"abs": {"annotation_path": "abs.jsonl"}, "mixed": {"annotation_path": "mixed.jsonl"},
+                             "odd": {"annotation_path": "odd.jsonl"}}))
+    for deep in ((), ("--deep",)):
+        report = json.loads(invoke("datasets", "check", str(d), "--json", *deep).stdout)
+        no_dp = [p["message"] for p in report["problems"] if p["key"] == "data_path"]
+        assert no_dp == ["dataset 'mixed' has no data_path but its samples reference media (first at mixed.jsonl:2)"]
+    odd = [(p["line"], p["severity"], p["message"]) for p in report["problems"] if p["file"].endswith("odd.jsonl")]
+    assert odd == [(1, "error", "'image' is an empty list: the trainer skips the sample"),
+                   (2, "warning", "key 'images' is ignored: the sample uses 'image'")]

@@ -288,12 +288,23 @@ class ProbeInfo:
     records: int | None = None
     packed: bool = False
     top_level: int | None = None  # items of the top-level .json list (packs count once)
-    media_line: int | None = None  # line of the first sample that references media (within PROBE_LIMIT)
+    # line of the first sample with a media path relative to data_path (within PROBE_LIMIT); absolute
+    # paths and URLs need no data_path
+    media_line: int | None = None
     problems: list[Problem] = field(default_factory=list)
 
 
+def _relative(paths: Any) -> bool:
+    """Whether ``paths`` (a path or a list) holds a path that resolves against data_path."""
+    for p in (paths,) if type(paths) is str else (paths if type(paths) in (list, tuple) else ()):
+        if type(p) is str and p and p[0] != "/" and "://" not in p:
+            return True
+    return False
+
+
 def _references_media(rec: Any) -> bool:
-    return type(rec) is dict and (rec.get("image") or rec.get("video") or rec.get("images") or rec.get("videos"))
+    """Whether a sample names a media file relative to data_path (absolute paths and URLs need none)."""
+    return type(rec) is dict and any(_relative(rec.get(k)) for k in ("image", "video", "images", "videos"))
 
 
 @contextmanager
@@ -387,7 +398,7 @@ class ScanResult:
     unresolved_media: int = 0  # distinct relative media paths that cannot be resolved (no data_path)
     problems: list[Problem] = field(default_factory=list)
     suppressed: dict[str, int] = field(default_factory=dict)  # kind -> problems not listed
-    media_line: int | None = None  # line of the first sample with an image or video
+    media_line: int | None = None  # line of the first sample with a media path relative to data_path
     first_media: Any = field(default=None, repr=False, compare=False)  # its locator (internal)
     unusable: bool = False  # the file is not a JSON list / does not parse at all (see problems)
     packed: bool = False  # a .json with at least one official pre-packed list of samples
@@ -444,7 +455,7 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
             res.images += 1
         if vids:
             res.videos += 1
-        if res.first_media is None:
+        if res.first_media is None and (_relative(imgs) or _relative(vids)):
             res.first_media = loc
     else:
         res.text_only += 1
@@ -463,6 +474,8 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
                     media[p] = loc
             else:
                 sink.add(loc, "media_type", "error", f"video entry {p!r} is not a path", key="video")
+    if (img is not None and not imgs) or (vid is not None and not vids):
+        _bad_media_value(rec, loc, sink)
     if img is not None and type(img) is not str and type(img) is not list:
         sink.add(loc, "media_type", "error", f"'image' must be a path or a list of paths, found {_kind_of(img)}",
                  key="image")
@@ -471,9 +484,13 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
                  key="video")
     if "images" in rec or "videos" in rec:
         bad = "images" if "images" in rec else "videos"
-        sink.add(loc, "misspelt_media_key", "error",
-                 f"key '{bad}' is not read by the trainer: the sample would silently train as text-only", key=bad,
-                 hint=f"rename '{bad}' to '{_MISSPELT[bad]}'")
+        if _MISSPELT[bad] in rec:
+            sink.add(loc, "misspelt_media_key", "warning", f"key '{bad}' is ignored: the sample uses "
+                     f"'{_MISSPELT[bad]}'", key=bad, hint=f"delete '{bad}'")
+        else:
+            sink.add(loc, "misspelt_media_key", "error",
+                     f"key '{bad}' is not read by the trainer: the sample would silently train as text-only", key=bad,
+                     hint=f"rename '{bad}' to '{_MISSPELT[bad]}'")
     conv = rec.get("conversations")
     if type(conv) is not list or not conv:
         if conv is None:
@@ -548,6 +565,15 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
                  hint="put one <video> tag in a human turn per video, in order")
     if not has_answer and first_side >= 0:
         sink.add(loc, "no_answer", "error", "no gpt turn with text: nothing to train on", key="conversations")
+
+
+def _bad_media_value(rec: dict, loc: Any, sink: _Sink) -> None:
+    """``image``/``video`` present but empty: ``[]`` (the trainer rejects the sample) or ``""``/``null``."""
+    for key in ("image", "video"):
+        value = rec.get(key, 0)
+        if value == []:
+            sink.add(loc, "media_type", "error", f"'{key}' is an empty list: the trainer skips the sample", key=key,
+                     hint=f"drop the '{key}' key for a sample without {key}s")
 
 
 def _bad_speaker(turn: dict, loc: Any, sink: _Sink) -> None:
