@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -390,3 +391,23 @@ def test_round2_data_use_spellings(tmp_path):
     assert load_run_config(path, ["data.use={docs: 50, charts: null}"]).data.use == ["docs%50", "charts"]
     assert load_run_config(path, ["data.use=[' docs ', charts%250]"]).data.use == ["docs", "charts%250"]
     assert load_run_config(path, ["data.use=docs%50, charts"]).data.use == ["docs%50", "charts"]
+
+
+def test_round2_anchors_alias_bomb_encoding_and_documents(tmp_path):
+    anchored = ("x-common: &c {learning_rate: 1.0e-5, per_device_train_batch_size: 2}\n" + HEAD
+                + "training:\n  <<: *c\n  learning_rate: 3.0e-5\n")
+    cfg = load_run_config(write(tmp_path, anchored, "a.yaml"))
+    assert (cfg.training.learning_rate, cfg.training.per_device_train_batch_size) == (3e-5, 2)
+    rows = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]  # 9^10 leaves if walked
+    start = time.perf_counter()
+    lines = problems_of(write(tmp_path, "\n".join(rows) + "\n", "bomb.yaml"))
+    assert time.perf_counter() - start < 5 and any("[l9] unknown key" in x for x in lines)
+    (tmp_path / "latin.yaml").write_bytes(b"model: {name_or_path: /m}\noutput: {dir: caf\xe9}\n")
+    assert problems_of(tmp_path / "latin.yaml") == [
+        f"{tmp_path}/latin.yaml:2: error: not UTF-8 text (byte 0xe9) (hint: save the file as UTF-8)"]
+    (line,) = problems_of(write(tmp_path, HEAD + "---\nmodel: {}\n", "two.yaml"))
+    assert ":4:1: error: YAML syntax error" in line and "delete the '---' line" in line
+    (line,) = problems_of(tmp_path)
+    assert line == f"{tmp_path}: error: is a folder, not a run YAML (hint: pass the .yaml file, e.g. " \
+                   "configs/qwen2.5-vl-7b.yaml)"

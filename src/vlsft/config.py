@@ -417,7 +417,14 @@ def _location(marks: dict | _Marks, source: str, path: tuple, key_mark: bool) ->
     return {"file": source, "line": 1 if table else None, "column": 1 if table else None}
 
 
-def _walk(node: yaml.Node, path: tuple, marks: _Marks, problems: list[Problem], source: str) -> None:
+def _walk(node: yaml.Node, path: tuple, marks: _Marks, problems: list[Problem], source: str,
+          seen_nodes: set[int] | None = None) -> None:
+    # An alias (*name) shares its node with the anchor: visit each node once, or a "billion laughs" file
+    # (aliases of aliases) would take forever. Values reached through an alias point at their parent key.
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
@@ -431,12 +438,12 @@ def _walk(node: yaml.Node, path: tuple, marks: _Marks, problems: list[Problem], 
             seen[key] = line
             marks.key[here] = _Mark(line, col)
             marks.value[here] = _Mark(value_node.start_mark.line + 1, value_node.start_mark.column + 1)
-            _walk(value_node, here, marks, problems, source)
+            _walk(value_node, here, marks, problems, source, seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             here = path + (index,)
             marks.key[here] = marks.value[here] = _Mark(item.start_mark.line + 1, item.start_mark.column + 1)
-            _walk(item, here, marks, problems, source)
+            _walk(item, here, marks, problems, source, seen_nodes)
 
 
 def parse_yaml_text(text: str, source: str) -> tuple[dict, _Marks, list[Problem]]:
@@ -459,6 +466,8 @@ def parse_yaml_text(text: str, source: str) -> tuple[dict, _Marks, list[Problem]
         problems.append(Problem("error", f"YAML syntax error: {what}", file=source,
                                 line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
                                 hint="YAML indents with spaces, never tabs" if "\\t" in what or "\t" in what
+                                else "a run YAML is one document: delete the '---' line and what follows, or "
+                                "merge it" if "single document" in what
                                 else "check indentation, colons and quotes around this spot"))
         return {}, marks, problems
     except yaml.YAMLError as exc:
@@ -555,6 +564,8 @@ def _pydantic_problems(exc: ValidationError, marks: _Marks, source: str) -> list
             hint = did_you_mean(str(loc[-1]), owner.model_fields) if owner else None
             if hint is None and owner is not None:
                 hint = "known keys: " + ", ".join(owner.model_fields)
+                if owner is RunConfig:
+                    hint += " (top-level keys starting with x- are ignored: a place for YAML anchors)"
             problems.append(Problem("error", "unknown key", key=dotted, hint=hint,
                                     **_location(marks, source, loc, key_mark=True)))
         elif kind == "missing":
@@ -660,6 +671,8 @@ def validate_data(data: dict, marks: _Marks | None = None, source: str = "<confi
                   path: Path | None = None) -> RunConfig:
     """Validate an already-parsed mapping; raise ProblemsError with every problem found."""
     marks = marks or _Marks()
+    # Top-level keys starting with "x-" are free for YAML anchors (`x-common: &common {...}`), as in Compose files.
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -684,8 +697,16 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     except FileNotFoundError:
         raise ProblemsError([Problem("error", "file not found", file=source,
                                      hint="copy one of configs/qwen2.5-vl-*.yaml and edit it")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProblemsError([Problem("error", f"cannot read the file: {exc}", file=source)]) from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ProblemsError([Problem("error", f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x})", file=source,
+                                     line=line, hint="save the file as UTF-8")]) from None
+    except IsADirectoryError:
+        raise ProblemsError([Problem("error", "is a folder, not a run YAML", file=source,
+                                     hint="pass the .yaml file, e.g. configs/qwen2.5-vl-7b.yaml")]) from None
+    except OSError as exc:
+        raise ProblemsError([Problem("error", f"cannot read the file: {exc.strerror or exc}", file=source,
+                                     hint="check the path and its permissions")]) from None
     data, marks, problems = parse_yaml_text(text, source)
     if problems:
         raise ProblemsError(problems)
