@@ -600,3 +600,16 @@ def test_data_path_needed_only_for_relative_media_and_empty_media_lists(tmp_path
     odd = [(p["line"], p["severity"], p["message"]) for p in report["problems"] if p["file"].endswith("odd.jsonl")]
     assert odd == [(1, "error", "'image' is an empty list: the trainer skips the sample"),
                    (2, "warning", "key 'images' is ignored: the sample uses 'image'")]
+
+
+def test_near_miss_keys_get_a_rename_hint(tmp_path):
+    _write_jsonl(tmp_path / "t.jsonl", [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"conversations": [{"from": "human", "content": "q"}, {"from": "gpt", "value": "a"}]},
+    ])
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"t": {"annotation_path": "t.jsonl"}}))
+    probs = json.loads(invoke("datasets", "check", str(d), "--deep", "--json").stdout)["problems"]
+    assert [(p["line"], p["message"], p["hint"]) for p in probs] == [
+        (1, "sample has no 'conversations'", "rename 'messages' to 'conversations'"),
+        (2, "a turn has no 'value'", "'from' goes with 'value', 'role' with 'content': rename 'content' to 'value'")]

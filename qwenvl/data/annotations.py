@@ -494,8 +494,11 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
     conv = rec.get("conversations")
     if type(conv) is not list or not conv:
         if conv is None:
-            sink.add(loc, "no_conversations", "error", "sample has no 'conversations'", key="conversations",
-                     hint='add "conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]')
+            other = next((k for k in ("conversation", "messages", "Conversations", "conversations ", "dialog")
+                          if k in rec), None)
+            hint = (f"rename '{other}' to 'conversations'" if other else
+                    'add "conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]')
+            sink.add(loc, "no_conversations", "error", "sample has no 'conversations'", key="conversations", hint=hint)
         else:
             sink.add(loc, "bad_conversations", "error", "'conversations' must be a non-empty list of turns",
                      key="conversations")
@@ -592,7 +595,10 @@ def _bad_speaker(turn: dict, loc: Any, sink: _Sink) -> None:
 def _bad_value(turn: dict, val: Any, loc: Any, sink: _Sink) -> None:
     vkey = "value" if "from" in turn else "content"
     if val is None:
-        sink.add(loc, "empty_value", "error", f"a turn has no '{vkey}'", key=vkey)
+        other = "content" if vkey == "value" else "value"
+        hint = (f"'from' goes with 'value', 'role' with 'content': rename '{other}' to '{vkey}'" if other in turn
+                else None)
+        sink.add(loc, "empty_value", "error", f"a turn has no '{vkey}'", key=vkey, hint=hint)
     elif type(val) is not str:
         hint = ("write the turn's text as one string, with an <image>/<video> tag where each media item goes"
                 if type(val) is list else None)
