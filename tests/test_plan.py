@@ -314,3 +314,18 @@ def test_round2_global_batch_resolved_after_slurm(tmp_path):
     assert pairs(plan.trainer_args)["gradient_accumulation_steps"] == "1" and plan.effective_batch_size == 128
     with pytest.raises(ProblemsError, match=r"global_batch_size 128 is not a multiple of .* = 256 \(from SLURM\)"):
         plan_from_file(path, ["training.per_device_train_batch_size=8"], SLURM)
+
+
+def test_round2_resume_relative_to_output_dir_and_urls(tmp_path):
+    (tmp_path / "runs" / "first" / "checkpoint-7").mkdir(parents=True)
+    plan = plan_for(tmp_path, ["output.resume=checkpoint-7"])
+    assert pairs(plan.trainer_args)["resume"] == str(tmp_path / "runs" / "first" / "checkpoint-7")
+    for value, message in (("checkpoint-8", "checkpoint-8 not found"), ("s3://b/checkpoint-7", "is a URL")):
+        with pytest.raises(ProblemsError, match=message):
+            plan_for(tmp_path, [f"output.resume={value}"])
+
+
+def test_round2_secret_value_masked_under_any_variable(tmp_path):
+    plan = plan_for(tmp_path, ["storage.endpoint_url=${AWS_SECRET_ACCESS_KEY}",
+                               "storage.secret_access_key=${AWS_SECRET_ACCESS_KEY}"], {"AWS_SECRET_ACCESS_KEY": "s3cr"})
+    assert plan.env["AWS_ENDPOINT_URL"] == "s3cr" and "s3cr" not in json.dumps(plan.to_json())

@@ -94,8 +94,9 @@ class LaunchPlan:
     slurm: list[str] = field(default_factory=list)  # distributed.* values taken from SLURM_* ("key=value")
 
     def display_env(self) -> dict[str, str]:
-        """``env`` with secret values replaced by ``***``."""
-        return {k: (MASK if k in SECRET_ENV and v else v) for k, v in self.env.items()}
+        """``env`` with secret values replaced by ``***`` (also where another variable holds the same value)."""
+        secrets = {v for k, v in self.env.items() if k in SECRET_ENV and v}
+        return {k: (MASK if (k in SECRET_ENV and v) or v in secrets else v) for k, v in self.env.items()}
 
     @property
     def batch_formula(self) -> str:
@@ -396,11 +397,21 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         warnings.append(f"model.name_or_path {m.name_or_path!r} is not a local directory: the trainer will try "
                         "the Hugging Face hub (no download on offline machines); point it at a downloaded model")
     if out.resume not in ("auto", "never"):
-        out.resume = _resolve_path(base, out.resume)
-        if "://" not in out.resume and not os.path.isdir(out.resume):
-            problems.append(Problem("error", f"checkpoint {out.resume} not found", key="output.resume",
-                                    hint="auto resumes from the newest checkpoint in output.dir",
+        typed_resume = out.resume
+        out.resume = _resolve_path(base, typed_resume)
+        inside = os.path.join(out.dir, typed_resume)  # `resume: checkpoint-1000` means the one in output.dir
+        if not os.path.isdir(out.resume) and not os.path.isabs(os.path.expanduser(typed_resume)) \
+                and "://" not in out.dir and os.path.isdir(inside):
+            out.resume = os.path.normpath(inside)
+        if "://" in out.resume:
+            problems.append(Problem("error", f"checkpoint {out.resume} is a URL: resume from a local or shared "
+                                    "folder", key="output.resume", hint="download the checkpoint first",
                                     **cfg.where("output", "resume")))
+        elif not os.path.isdir(out.resume):
+            problems.append(Problem("error", f"checkpoint {out.resume} not found", key="output.resume",
+                                    hint="a checkpoint-N folder (relative paths start at the run YAML's folder, "
+                                    "then at output.dir); auto resumes from the newest one in output.dir; "
+                                    "never starts fresh", **cfg.where("output", "resume")))
     typed = dist.deepspeed
     ds_path = deepspeed_path(typed, base)
     ds_blocks: set[str] = set()
