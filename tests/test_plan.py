@@ -329,3 +329,20 @@ def test_round2_secret_value_masked_under_any_variable(tmp_path):
     plan = plan_for(tmp_path, ["storage.endpoint_url=${AWS_SECRET_ACCESS_KEY}",
                                "storage.secret_access_key=${AWS_SECRET_ACCESS_KEY}"], {"AWS_SECRET_ACCESS_KEY": "s3cr"})
     assert plan.env["AWS_ENDPOINT_URL"] == "s3cr" and "s3cr" not in json.dumps(plan.to_json())
+
+
+def test_round2_output_dir_blocked_by_a_file_and_unwritable(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlsft.cli import app
+
+    (tmp_path / "afile").write_text("x")
+    for value in ("afile", "afile/sub"):
+        with pytest.raises(ProblemsError, match=f"cannot be a folder: {tmp_path / 'afile'} is a file"):
+            plan_for(tmp_path, [f"output.dir={value}"])
+    path = make_project(tmp_path)
+    if Path("/proc/self").is_dir():  # Linux: nothing can be created under /proc
+        result = CliRunner().invoke(app, ["train", "--config", str(path), "output.dir=/proc/vlsft-nope"])
+        assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
+        assert "error: cannot write the run files into output.dir /proc/vlsft-nope" in result.output
+        assert "Traceback" not in result.output

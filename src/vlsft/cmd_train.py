@@ -126,7 +126,11 @@ def train(
     typer.echo(f"# resume: continuing from {resume_from}" if resume_from else "# resume: fresh start")
 
     if plan.config.distributed.node_rank == 0:
-        saved = save_run_files(plan, Path(out.dir), str(config), overrides)
+        try:
+            saved = save_run_files(plan, Path(out.dir), str(config), overrides)
+        except OSError as exc:
+            _fail(f"cannot write the run files into output.dir {out.dir}: {exc.strerror or exc} (check the path and "
+                  "its permissions)")
         typer.echo(f"# run files saved in {saved}")
 
     env = dict(os.environ)

@@ -168,6 +168,14 @@ def deepspeed_path(name: str, base: Path) -> str | None:
     return _resolve_path(base, name)
 
 
+def _not_a_folder(path: Path) -> Path | None:
+    """The file that stands where ``path`` or one of its parents must be a folder, else None."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def _run_markers(directory: Path) -> list[str]:
     """What in ``directory`` shows an earlier run (checkpoints, trainer state, a saved model)."""
     try:
@@ -391,6 +399,11 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         problems.append(Problem("error", f"output.dir {out.dir} is a URL: checkpoints are written to a local or "
                                 "shared filesystem", key="output.dir", hint="use a folder such as /shared/runs/x "
                                 "and copy the result to object storage afterwards", **cfg.where("output", "dir")))
+    else:
+        blocker = _not_a_folder(Path(out.dir))
+        if blocker is not None:
+            problems.append(Problem("error", f"output.dir {out.dir} cannot be a folder: {blocker} is a file",
+                                    key="output.dir", hint="choose another output.dir", **cfg.where("output", "dir")))
     if _looks_local(m.name_or_path) or (base / m.name_or_path).is_dir():
         m.name_or_path = _resolve_path(base, m.name_or_path)
     if not os.path.isdir(m.name_or_path):
