@@ -14,7 +14,11 @@ The file maps dataset names to where their data lives and how much of it to use:
 * ``sampling_rate`` (0 < r ≤ 1, the fraction kept) **or** ``repeat_time`` (> 0; 2.5 = two copies plus a
   random half). Neither means 100 %.
 
-Relative paths resolve against the dictionary file's folder. :func:`load_dictionary` never raises for
+Relative paths resolve against the dictionary file's folder; a leading ``~`` is expanded to the home
+folder (as a shell would). Media paths inside the annotations are not expanded: they are relative
+to ``data_path`` unless absolute (or URLs), and a dataset whose media are all absolute needs no
+``data_path``. ``length`` of an official pre-packed ``.json`` may count either its samples (what the
+trainer reads: packs are flattened) or its packs. :func:`load_dictionary` never raises for
 user errors: it returns a :class:`DatasetDictionary` whose ``problems`` lists everything found, each
 with file, line, column, key, message and hint (syntax errors are recovered from where possible so
 that later problems are still reported).
