@@ -103,7 +103,10 @@ def train(
     environ = dict(os.environ)
     try:
         cfg = load_run_config(config, overrides)
-        build_tiny_if_asked(cfg)
+        try:
+            build_tiny_if_asked(cfg)
+        except OSError as exc:
+            _fail(f"model.build_tiny: cannot build the tiny model in {cfg.model.name_or_path}: {exc.strerror or exc}")
         plan = build_plan(cfg, environ)
     except ProblemsError as exc:
         for problem in exc.problems:
@@ -142,7 +145,11 @@ def train(
         if out.run_name:
             env.setdefault("WANDB_NAME", out.run_name)
     sys.stdout.flush()
-    rc = run_child(plan.torchrun, env)
+    try:
+        rc = run_child(plan.torchrun, env)
+    except OSError as exc:  # torchrun missing or not executable
+        _fail(f"cannot start {plan.torchrun[0]}: {exc.strerror or exc} (install torch in this environment: "
+              "pip install -r requirements.txt)")
     if rc != 0:
         typer.secho(f"error: training exited with status {rc}", err=True, fg="red")
     else:
