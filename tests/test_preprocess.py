@@ -141,6 +141,12 @@ def test_turn_edge_cases_follow_official(tok, builder):
     assert tok.decode(s["input_ids"]).endswith("<|im_start|>user\nq3<|im_end|>\n")
     with pytest.raises(BadSample, match="content must be a string"):
         builder.build({"conversations": _conv(("human", "q"), ("gpt", None))}, None)
+    with pytest.raises(BadSample, match="empty path"):
+        builder.build({"image": " ", "conversations": _conv(("human", "<image>"), ("gpt", "a"))}, "/data")
+    # role/content: the official first-turn check reads 'from', so a leading assistant turn is kept and trained
+    s = builder.build({"conversations": [{"role": "assistant", "content": "A0"}, {"role": "user", "content": "Q"},
+                                         {"role": "assistant", "content": "A1"}]}, None)
+    assert _trained_text(tok, s) == "A0<|im_end|>\nA1<|im_end|>\n"
 
 
 def test_relative_media_without_data_path_is_bad(builder, tmp_path, monkeypatch):

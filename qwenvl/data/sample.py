@@ -67,10 +67,12 @@ def _as_list(value, key: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [value]
+        value = [value]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         if not value:
             raise BadSample(f"'{key}' is an empty list (drop the key for a sample without {key}s)")
+        if any(not v.strip() for v in value):
+            raise BadSample(f"'{key}' holds an empty path")
         return list(value)
     raise BadSample(f"'{key}' must be a path or a list of paths, got {type(value).__name__}")
 
