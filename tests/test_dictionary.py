@@ -263,3 +263,8 @@ def test_duplicate_key_on_one_line_names_the_column(tmp_path):
                         check_files=False)
     [err] = d.errors
     assert (err.line, err.column) == (1, 51) and err.message.endswith("appears twice in dataset 'h' (first at column 38)")
+
+
+def test_dictionary_wrapped_in_a_list_gets_a_hint(tmp_path):
+    d = load_dictionary(_write(tmp_path, '[{"a": {"annotation_path": "a.jsonl"}}]'), check_files=False)
+    assert d.unusable and d.errors[0].hint == "remove the [ ] around the object"

@@ -197,8 +197,12 @@ class _Loader:
             res.unusable = True
             return res
         if root.kind != "object":
+            hint = f'{{"my_dataset": {EXAMPLE_ENTRY}}}'
+            if root.kind == "array" and root.value and all(v.kind == "object" for v in root.value):
+                hint = ("remove the [ ] around the object" if len(root.value) == 1 else
+                        "merge the objects into one: {\"name1\": {...}, \"name2\": {...}}")
             self.add("error", f"the top level must be an object mapping dataset names to entries, found {_type_name(root)}",
-                     root.line, root.column, hint=f'{{"my_dataset": {EXAMPLE_ENTRY}}}')
+                     root.line, root.column, hint=hint)
             res.unusable = True
             return res
         if not root.value:
