@@ -411,3 +411,11 @@ def test_round2_anchors_alias_bomb_encoding_and_documents(tmp_path):
     (line,) = problems_of(tmp_path)
     assert line == f"{tmp_path}: error: is a folder, not a run YAML (hint: pass the .yaml file, e.g. " \
                    "configs/qwen2.5-vl-7b.yaml)"
+
+
+def test_round2_extra_override_depth(tmp_path):
+    path = write(tmp_path, BASE)
+    (line,) = problems_of(path, ["training.extra.lr_scheduler_kwargs.min_lr=1e-6"])
+    assert "training.extra takes one level: training.extra.NAME=value" in line
+    cfg = load_run_config(path, ["training.extra.lr_scheduler_kwargs={min_lr: 1e-6}"])
+    assert cfg.training.extra == {"lr_scheduler_kwargs": {"min_lr": 1e-6}}

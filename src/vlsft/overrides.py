@@ -81,6 +81,11 @@ def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Pro
             problems.append(Problem("error", "unknown key", file=where, key=key,
                                     hint=did_you_mean(key, _known_dotted_keys()) or did_you_mean(parts[1], fields)))
             continue
+        if len(parts) > 3 and parts[:2] == ("training", "extra"):
+            problems.append(Problem("error", "training.extra takes one level: training.extra.NAME=value", file=where,
+                                    key=_printable(key), hint="for a mapping value write "
+                                    f"training.extra.{parts[2]}='{{{parts[3]}: ...}}'"))
+            continue
         if len(parts) > 2 and parts[:2] != ("training", "extra"):
             problems.append(Problem("error", f"'{section}.{parts[1]}' has no sub-keys", file=where, key=_printable(key)))
             continue
