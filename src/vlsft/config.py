@@ -623,12 +623,12 @@ def _semantic_problems(cfg: RunConfig, source: str) -> list[Problem]:
                                 key="distributed.node_rank", hint=f"machines count 0 .. {dist.nnodes - 1}; "
                                 "raise distributed.nnodes or lower node_rank",
                                 **cfg.where("distributed", "node_rank")))
-    if cfg.data.min_pixels > cfg.data.max_pixels:
-        problems.append(Problem("error", f"min_pixels {cfg.data.min_pixels} exceeds max_pixels "
-                                f"{cfg.data.max_pixels}", key="data.min_pixels", **cfg.where("data", "min_pixels")))
-    if cfg.data.video_min_frames > cfg.data.video_max_frames:
-        problems.append(Problem("error", "video_min_frames exceeds video_max_frames", key="data.video_min_frames",
-                                **cfg.where("data", "video_min_frames")))
+    for low, high in (("min_pixels", "max_pixels"), ("video_min_frames", "video_max_frames"),
+                      ("video_min_frame_pixels", "video_max_frame_pixels")):
+        lo, hi = getattr(cfg.data, low), getattr(cfg.data, high)
+        if lo > hi:
+            problems.append(Problem("error", f"{low} {lo} exceeds {high} {hi}", key=f"data.{low}",
+                                    hint=f"lower {low} or raise {high}", **cfg.where("data", low)))
     for value, name in ((cfg.training.learning_rate, "learning_rate"), (cfg.training.max_grad_norm, "max_grad_norm")):
         if not math.isfinite(value):
             problems.append(Problem("error", "must be a finite number", key=f"training.{name}",
@@ -658,7 +658,7 @@ def _semantic_problems(cfg: RunConfig, source: str) -> list[Problem]:
     out = cfg.output
     if out.resume not in ("auto", "never") and not out.resume.strip():
         problems.append(Problem("error", "resume must be auto, never or a checkpoint path", key="output.resume",
-                                **cfg.where("output", "resume")))
+                                hint="e.g. resume: auto", **cfg.where("output", "resume")))
     from vlsft.training_args import check_extra  # local: keeps the name table out of plain config imports
 
     for name, message, hint in check_extra(tr.extra):

@@ -317,7 +317,8 @@ def _record_count(name: str, spec: Any, dictionary: Any, problems: list[Problem]
         if spec.length is not None:
             return int(spec.length)
         problems.append(Problem("error", f"cannot count the records of {spec.annotation_path}: {exc}", key=name,
-                                file=getattr(dictionary, "path", None)))
+                                file=getattr(dictionary, "path", None), hint="run `vlsft datasets check` on the "
+                                "dictionary, or declare \"length\""))
         return None
 
 
@@ -390,6 +391,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     samples = sum(s.samples for s in shares)
     if shares and samples == 0:
         problems.append(Problem("error", "the selected datasets yield no samples per epoch", key="data.use",
+                                hint="raise the percents in data.use (or the dictionary's sampling_rate)",
                                 **cfg.where("data", "use")))
 
     # ---- paths
