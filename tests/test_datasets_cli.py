@@ -613,3 +613,22 @@ def test_near_miss_keys_get_a_rename_hint(tmp_path):
     assert [(p["line"], p["message"], p["hint"]) for p in probs] == [
         (1, "sample has no 'conversations'", "rename 'messages' to 'conversations'"),
         (2, "a turn has no 'value'", "'from' goes with 'value', 'role' with 'content': rename 'content' to 'value'")]
+
+
+def test_pretty_printed_json_named_jsonl(tmp_path):
+    """A JSON list saved as .jsonl is one problem (not one per line); a sample spread over lines is explained."""
+    recs = [{"conversations": _turns("q")}, {"conversations": _turns("r")}]
+    (tmp_path / "list.jsonl").write_text(json.dumps(recs, indent=2))
+    (tmp_path / "spread.jsonl").write_text(json.dumps(recs[0]) + "\n" + json.dumps(recs[1], indent=1) + "\n")
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"l": {"annotation_path": "list.jsonl"}, "s": {"annotation_path": "spread.jsonl"}}))
+    for deep in ((), ("--deep",)):
+        r = invoke("datasets", "check", str(d), "--json", *deep)
+        probs = json.loads(r.stdout)["problems"]
+        listed = [p for p in probs if p["file"].endswith("list.jsonl")]
+        assert [(p["line"], p["message"], p["hint"]) for p in listed] == [
+            (1, "the file is one JSON list of 2 items, not JSON Lines (one sample per line)",
+             "rename it to .json, or write one sample object per line")], deep
+        spread = {p["line"]: p["message"] for p in probs if p["file"].endswith("spread.jsonl")}
+        assert spread[2] == "line is not valid JSON: the line ends before the sample is complete"
+        assert spread[3] == "line is not valid JSON: the line is a piece of an object, not a whole sample"

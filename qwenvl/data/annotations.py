@@ -125,7 +125,10 @@ def _explain(text: str, pos: int, msg: str, jsonl: bool) -> tuple[int, str, str 
         return pos, f"{word.group()} is not JSON", f"write {fix}"
     if msg.startswith("Extra data") or msg.startswith("unexpected content after document"):
         if jsonl:
-            return pos, "more than one JSON value on the line", "put each sample on its own line"
+            if text.lstrip()[:1] in ("{", "["):
+                return pos, "more than one JSON value on the line", "put each sample on its own line"
+            return pos, "the line is a piece of an object, not a whole sample", \
+                "each .jsonl line is one complete {...}; pretty-printed JSON belongs in a .json file"
         if text.lstrip().startswith("{"):
             return pos, "the file holds one JSON object after another, not a list", \
                 "one object per line is JSON Lines: rename the file to .jsonl (or wrap the samples in [ ... ])"
@@ -133,8 +136,10 @@ def _explain(text: str, pos: int, msg: str, jsonl: bool) -> tuple[int, str, str 
     if not text[:pos].strip() and pos >= n:
         return pos, "the file is empty" if not jsonl else "empty line", None
     if pos >= n or msg.startswith("Unterminated") or "end of data" in msg:
-        where = "the line" if jsonl else "the text"
-        return pos, f"{msg}: {where} ends early (a missing closing bracket or quote?)", None
+        if jsonl:
+            return pos, "the line ends before the sample is complete", \
+                "a sample must be on one line (pretty-printed JSON belongs in a .json file); or a closing } ] \" is missing"
+        return pos, f"{msg}: the text ends early (a missing closing bracket or quote?)", None
     if msg.startswith("Expecting property name"):
         return pos, "expected a key in double quotes", None
     if "control character" in msg:
@@ -174,6 +179,25 @@ def _line_error(raw: bytes) -> tuple[Any, int | None, str, str | None]:
             hint or "each line of a .jsonl file is one complete JSON object"
     except (ValueError, RecursionError) as exc:
         return None, None, f"line is not valid JSON: {str(exc).split(':')[0] or 'nested too deeply'}", None
+
+
+_LIST_START = re.compile(rb"[ \t\r\n]*\[")
+
+
+def _json_list_in_jsonl(data: bytes, path: str) -> Problem | None:
+    """A ``.jsonl`` that is really one JSON list (a pretty-printed ``.json``): one problem, not one per line.
+
+    Costs nothing for a real JSON Lines file (its first character is '{')."""
+    if not _LIST_START.match(data):
+        return None
+    try:
+        doc = _load_json_document(data)
+    except (ValueError, RecursionError):
+        return None  # lines that happen to start with '[': checked line by line
+    if not isinstance(doc, list):
+        return None
+    return Problem("error", f"the file is one JSON list of {len(doc):,} items, not JSON Lines (one sample per line)",
+                   path, 1, 1, hint="rename it to .json, or write one sample object per line")
 
 
 def _load_json_document(data: bytes) -> Any:
@@ -333,6 +357,10 @@ def _probe(path: str, limit: int) -> ProbeInfo:
     fmt = annotation_format(path)
     data = _read(path)
     if fmt == "jsonl":
+        wrong = _json_list_in_jsonl(data, path)
+        if wrong is not None:
+            info.problems.append(wrong)
+            return info
         info.records = _count_jsonl(data)
         head = data[: data.find(b"\n", min(len(data), limit * 400)) % (len(data) + 1)] if limit else b""
         for count, (line, raw) in enumerate(_nonblank_jsonl(head), 1):
@@ -738,6 +766,11 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
     gc.disable()  # millions of short-lived dicts: the cyclic GC would cost more than the parsing
     try:
         if fmt == "jsonl":
+            wrong = _json_list_in_jsonl(data, path)
+            if wrong is not None:
+                res.problems.append(wrong)
+                res.unusable = True
+                return res
             items: Any = data
             total = len(data) // 150  # an estimate is enough to choose the number of workers
             bounds = _byte_chunks(data, chunk * 200)  # ~200 bytes per record
