@@ -419,3 +419,9 @@ def test_round2_extra_override_depth(tmp_path):
     assert "training.extra takes one level: training.extra.NAME=value" in line
     cfg = load_run_config(path, ["training.extra.lr_scheduler_kwargs={min_lr: 1e-6}"])
     assert cfg.training.extra == {"lr_scheduler_kwargs": {"min_lr": 1e-6}}
+
+
+def test_round2_dotted_key_in_file(tmp_path):
+    (line,) = problems_of(write(tmp_path, HEAD + "training.learning_rate: 1.0e-5\n"))
+    assert line.endswith(":4:1: error: [training.learning_rate] unknown key (hint: dotted keys are for the command "
+                         "line; in the file nest it: training: {learning_rate: ...})")

@@ -562,6 +562,9 @@ def _pydantic_problems(exc: ValidationError, marks: _Marks, source: str) -> list
         if kind == "extra_forbidden":
             owner = _model_at(loc[:-1])
             hint = did_you_mean(str(loc[-1]), owner.model_fields) if owner else None
+            head, dot, tail = str(loc[-1]).partition(".")
+            if dot and owner is RunConfig and head in RunConfig.model_fields:
+                hint = f"dotted keys are for the command line; in the file nest it: {head}: {{{tail}: ...}}"
             if hint is None and owner is not None:
                 hint = "known keys: " + ", ".join(owner.model_fields)
                 if owner is RunConfig:
