@@ -9,7 +9,7 @@ missing) and synthetic images (random sizes, random pixels) go through the proje
 and collators (``qwenvl.data``), so padded and flattened batches are exactly what the trainer gets.
 Recipe as the official 3B script: vision tower frozen, merger + language model trained, bf16, gradient
 checkpointing, AdamW, sdpa attention. Per mode it prints real tokens/s per GPU, samples/s, padding
-fraction, MFU (``qwenvl.mfu``: 6 x params x tokens + attention, against the device's bf16 peak) and peak
+fraction, MFU (``qwenvl.mfu``: 6 x params x tokens + attention, frozen parts cheaper, against the device's bf16 peak) and peak
 memory. Steps after ``--warmup`` are timed (``torch.cuda.synchronize`` around each step).
 """
 
@@ -81,7 +81,7 @@ def make_samples(tokenizer, n: int, tiny: bool, seed: int, max_pixels: int, min_
 
 
 def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, device, pad_id: int, lr: float,
-             counts: dict, n_layers: int, hidden: int, peak: float | None) -> dict:
+             counts: dict, peak: float | None) -> dict:
     import torch
 
     from qwenvl import mfu
@@ -124,8 +124,7 @@ def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, 
             real += sum(lengths)
             total += int(b["input_ids"].numel())
             n_samples += len(chunk)
-            flops += mfu.step_flops(n_llm=counts["llm"], n_vision=counts["vision"], n_layers=n_layers, hidden=hidden,
-                                    text_tokens=sum(lengths), vision_patches=patches,
+            flops += mfu.step_flops(**counts, text_tokens=sum(lengths), vision_patches=patches,
                                     sum_len_sq=sum(n * n for n in lengths))
     del opt
     res = {
@@ -178,13 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     model.config.text_config.use_cache = False
     apply_freezing(model, tune_mm_vision=False, tune_mm_mlp=True, tune_mm_llm=True)
     if not a.no_grad_ckpt and not a.tiny:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
     build_s = time.perf_counter() - t0
     counts = count_parameters(model)
-    embed = model.get_input_embeddings().weight.numel()
-    counts_flops = {"llm": counts["llm"] - embed + embed, "vision": counts["vision"] + counts["merger"]}  # tied head
+    counts_flops = mfu.flop_params(model)  # matmul parameters per part (qwenvl.mfu convention)
     t0 = time.perf_counter()
     samples = make_samples(tok, a.samples, a.tiny, a.seed, a.max_pixels, a.min_pixels)
     data_s = time.perf_counter() - t0
@@ -200,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in a.modes.split(","):
         r = run_mode(model, samples, mode, batch=a.batch, steps=a.steps, warmup=a.warmup, device=device,
                      pad_id=tok.pad_token_id if tok.pad_token_id is not None else 151643, lr=a.lr,
-                     counts=counts_flops, n_layers=cfg.text_config.num_hidden_layers,
-                     hidden=cfg.text_config.hidden_size, peak=peak)
+                     counts=counts_flops, peak=peak)
         results.append(r)
         print(json.dumps(r), flush=True)
     print(f"\n{'mode':<8} {'tokens/s/GPU':>13} {'samples/s':>10} {'padding':>8} {'MFU':>7} {'peak GiB':>9}")

@@ -31,7 +31,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from qwenvl import mfu
-from qwenvl.model import count_parameters, parameter_groups
+from qwenvl.model import parameter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -100,16 +100,7 @@ class QwenVLTrainer(Trainer):
             d = Path(self.args.output_dir) / "logs"
             d.mkdir(parents=True, exist_ok=True)
             self._sample_log = open(d / f"samples-rank{self.args.process_index}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        counts = count_parameters(self.model)
-        self._n_llm = counts["llm"]
-        self._n_vision = counts["vision"] + counts["merger"]
-        text_cfg = getattr(self.model.config, "text_config", self.model.config)
-        self._n_layers = int(getattr(text_cfg, "num_hidden_layers", 0))
-        self._hidden = int(getattr(text_cfg, "hidden_size", 0))
-        embed = self.model.get_input_embeddings().weight
-        n_embed = int(getattr(embed, "ds_numel", 0) or embed.numel())
-        self._n_llm -= n_embed  # embeddings cost no matmul FLOPs (a tied lm_head is counted via its matmul below)
-        self._n_llm += n_embed if getattr(self.model.config, "tie_word_embeddings", False) else 0
+        self._flop_params = mfu.flop_params(self.model)  # matmul parameters per part, trained flags
         self._peak = mfu.peak_flops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
     # ---- optimizer --------------------------------------------------------------------------------
@@ -182,8 +173,7 @@ class QwenVLTrainer(Trainer):
         self._win["real"] += real
         self._win["total"] += ids.numel()
         self._win["skipped"] += skipped
-        self._win["flops"] += mfu.step_flops(n_llm=self._n_llm, n_vision=self._n_vision, n_layers=self._n_layers,
-                                             hidden=self._hidden, text_tokens=real, vision_patches=patches,
+        self._win["flops"] += mfu.step_flops(**self._flop_params, text_tokens=real, vision_patches=patches,
                                              sum_len_sq=sum(n * n for n in lengths))
         if self._sample_log is not None:
             segs = _segments(inputs)

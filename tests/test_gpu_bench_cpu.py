@@ -41,3 +41,52 @@ def test_peak_flops_table_and_step_flops():
     # 6 N T for the dense part, plus the causal attention term
     f = mfu.step_flops(n_llm=10, n_vision=0, n_layers=2, hidden=4, text_tokens=3, vision_patches=0, sum_len_sq=9)
     assert f == 6 * 10 * 3 + 6 * 2 * 4 * 9
+
+
+def test_peak_table_names_that_share_a_prefix():
+    from qwenvl import mfu
+
+    assert mfu.peak_flops("NVIDIA H200 NVL") == 835e12 and mfu.peak_flops("NVIDIA H20") == 148e12
+    assert mfu.peak_flops("NVIDIA B200") == 2250e12 and mfu.peak_flops("NVIDIA GB200") == 2500e12
+    assert mfu.peak_flops("NVIDIA GeForce RTX 4090") == 165e12
+    assert mfu.peak_flops("NVIDIA L4") == 121e12 and mfu.peak_flops("NVIDIA L40") == 181e12
+    assert mfu.peak_flops("NVIDIA A10G") == 70e12 and mfu.peak_flops("NVIDIA A100 80GB PCIe") == 312e12
+
+
+def test_flops_of_a_3b_shape_match_a_hand_calculation():
+    """Qwen2.5-VL-3B (meta device, no memory): parameter counts per part written out by hand from the
+    published shape, and step FLOPs for everything trained and for the default recipe (vision frozen)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from benchmarks.gpu_bench import config_3b
+    from qwenvl import mfu
+    from qwenvl.model import apply_freezing
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config_3b())
+    layer = (2048 * 2048 + 2048) + 2 * (2048 * 256 + 256) + 2048 * 2048 + 3 * 2048 * 11008 + 2 * 2048
+    n_llm = 36 * layer + 2048 + 151936 * 2048  # + final norm + tied lm_head (its matmul; no embedding lookup)
+    block = (1280 * 3840 + 3840) + (1280 * 1280 + 1280) + 2 * (1280 * 3420 + 3420) + (3420 * 1280 + 1280) + 2 * 1280
+    n_vision = 32 * block + 3 * 2 * 14 * 14 * 1280  # + patch embedding (conv without bias)
+    n_merger = 1280 + (5120 * 5120 + 5120) + (5120 * 2048 + 2048)
+    assert n_llm + n_vision + n_merger == 3_754_622_976  # Qwen2.5-VL-3B: 3.75 B parameters
+    apply_freezing(model, tune_mm_vision=True, tune_mm_mlp=True, tune_mm_llm=True)
+    fp = mfu.flop_params(model)
+    assert (fp["n_llm"], fp["n_vision"], fp["n_merger"]) == (n_llm, n_vision, n_merger)
+    assert (fp["n_layers"], fp["hidden"], fp["merge_size"]) == (36, 2048, 2)
+    # one sample: a 448x448 image (32x32 = 1024 patches -> 256 merged tokens) inside 1000 text tokens
+    batch = {"text_tokens": 1000, "vision_patches": 1024, "sum_len_sq": 1000**2}
+    attention = 6 * 36 * 2048 * 1000**2  # causal: 2 matmuls x 2 FLOPs x L^2 d / 2, x3 forward+backward
+    everything = 6 * n_llm * 1000 + 6 * n_vision * 1024 + 6 * n_merger * 256 + attention
+    assert mfu.step_flops(**fp, **batch) == pytest.approx(everything, rel=1e-12)
+    # 18.5 (LLM) + 3.9 (tower) + 0.06 (merger) + 0.44 (attention) = ~22.9 TFLOPs for this 1000-token sample
+    assert everything == pytest.approx(2.290e13, rel=1e-3)
+    apply_freezing(model, tune_mm_vision=False, tune_mm_mlp=True, tune_mm_llm=True)
+    fp = mfu.flop_params(model)
+    frozen_tower = 6 * n_llm * 1000 + 2 * n_vision * 1024 + 4 * n_merger * 256 + attention
+    assert mfu.step_flops(**fp, **batch) == pytest.approx(frozen_tower, rel=1e-12)
+    apply_freezing(model, tune_mm_vision=False, tune_mm_mlp=True, tune_mm_llm=False)
+    fp = mfu.flop_params(model)  # only the merger: gradients still cross the language model
+    assert mfu.step_flops(**fp, **batch) == pytest.approx(
+        4 * n_llm * 1000 + 2 * n_vision * 1024 + 4 * n_merger * 256 + attention, rel=1e-12)
