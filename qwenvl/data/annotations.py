@@ -190,6 +190,12 @@ def _json_list_in_jsonl(data: bytes, path: str) -> Problem | None:
     Costs nothing for a real JSON Lines file (its first character is '{')."""
     if not _LIST_START.match(data):
         return None
+    first = next((raw for _, raw in _nonblank_jsonl(data[:data.find(b"\n", 1 << 16) % (len(data) + 1)])), b"")
+    try:
+        _loads(first)
+        return None  # a list on one line: reported line by line ("the line is a JSON list")
+    except _JSONError:
+        pass
     try:
         doc = _load_json_document(data)
     except (ValueError, RecursionError):
