@@ -268,3 +268,12 @@ def test_duplicate_key_on_one_line_names_the_column(tmp_path):
 def test_dictionary_wrapped_in_a_list_gets_a_hint(tmp_path):
     d = load_dictionary(_write(tmp_path, '[{"a": {"annotation_path": "a.jsonl"}}]'), check_files=False)
     assert d.unusable and d.errors[0].hint == "remove the [ ] around the object"
+
+
+def test_quoted_numbers_get_the_number_to_write(tmp_path):
+    text = ('{"a": {"annotation_path": "a.jsonl", "length": "1,000", "sampling_rate": "50%"},\n'
+            ' "b": {"annotation_path": "a.jsonl", "length": "abc", "repeat_time": "2"}}')
+    d = load_dictionary(_write(tmp_path, text), check_files=False)
+    assert [(p.key, p.hint) for p in d.errors] == [
+        ("length", "write 1000 without quotes"), ("sampling_rate", "write 0.5 without quotes"),
+        ("length", "write the number of records, e.g. 1000"), ("repeat_time", "write 2 without quotes")]

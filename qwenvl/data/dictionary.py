@@ -364,7 +364,10 @@ class _Loader:
         if v.kind == "null":
             return None
         if v.kind == "string":
-            return self._wrong_type(name, k, v, "an integer", hint=f"write {v.value.strip()} without quotes")
+            number = _as_number(v.value)
+            hint = (f"write {int(number)} without quotes" if number is not None and number.is_integer() and number >= 0
+                    else "write the number of records, e.g. 1000")
+            return self._wrong_type(name, k, v, "an integer", hint=hint)
         if v.kind != "number":
             return self._wrong_type(name, k, v, "an integer")
         if v.is_nonfinite:
@@ -389,7 +392,9 @@ class _Loader:
             return None
         example = "0.5" if k == "sampling_rate" else "2"
         if v.kind == "string":
-            hint = f"write {v.value.strip()} without quotes" if _looks_numeric(v.value) else f"write a number, e.g. {example}"
+            number = _as_number(v.value, percent_ok=True)
+            shown = None if number is None else (str(int(number)) if number.is_integer() else repr(number))
+            hint = f"write {shown} without quotes" if shown is not None else f"write a number, e.g. {example}"
             return self._wrong_type(name, k, v, "a number", hint=hint)
         if v.kind != "number":
             return self._wrong_type(name, k, v, "a number", hint=f"write a number, e.g. {example}")
@@ -493,12 +498,17 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
             add("error", f"data_path of dataset '{name}' {what}: {spec.data_path}", "data_path", hint)
 
 
-def _looks_numeric(text: str) -> bool:
+def _as_number(text: str, percent_ok: bool = False) -> float | None:
+    """The number a quoted value means (``"1,000"`` -> 1000.0, ``"50%"`` -> 0.5 for rates), or None."""
+    text = text.strip().replace(",", "").replace("_", "")
+    scale = 1.0
+    if percent_ok and text.endswith("%"):
+        text, scale = text[:-1].strip(), 0.01
     try:
-        float(text)
-        return True
+        value = float(text) * scale
     except ValueError:
-        return False
+        return None
+    return value if math.isfinite(value) else None
 
 
 def load_dictionary(path: str | os.PathLike, *, check_files: bool = True) -> DatasetDictionary:
