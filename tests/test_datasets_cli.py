@@ -632,3 +632,15 @@ def test_pretty_printed_json_named_jsonl(tmp_path):
         spread = {p["line"]: p["message"] for p in probs if p["file"].endswith("spread.jsonl")}
         assert spread[2] == "line is not valid JSON: the line ends before the sample is complete"
         assert spread[3] == "line is not valid JSON: the line is a piece of an object, not a whole sample"
+
+
+def test_use_string_reads_back_exactly_for_tiny_rates(tmp_path):
+    from qwenvl.data.dataset_use import parse_dataset_use
+
+    (tmp_path / "t.jsonl").write_text(json.dumps({"conversations": _turns("q")}) + "\n")
+    rates = [1.2345678e-09, 0.05437, 0.1 + 0.2, 1e-05, 0.07]
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({f"d{i}": {"annotation_path": "t.jsonl", "sampling_rate": r} for i, r in enumerate(rates)}))
+    r = invoke("datasets", "use", str(d))
+    assert r.stdout.startswith("d0%0.00000012345678,d1%5.437,d2%30.000000000000004,d3%0.001,d4%7\n")
+    assert [e.percent / 100 for e in parse_dataset_use(r.stdout.strip())][:2] == rates[:2]

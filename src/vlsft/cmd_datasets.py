@@ -23,7 +23,7 @@ from decimal import ROUND_HALF_UP, Decimal
 import typer
 
 from qwenvl.data.annotations import ScanResult, oneline, scan
-from qwenvl.data.dataset_use import DatasetUseEntry, format_dataset_use, format_percent, sample_count
+from qwenvl.data.dataset_use import format_percent, sample_count
 from qwenvl.data.dictionary import DatasetDictionary, DatasetSpec, apply_file_info, load_dictionary
 from qwenvl.problems import Problem
 from vlsft import render
@@ -304,12 +304,20 @@ def integer_percent(spec: DatasetSpec) -> int:
     return int(math.floor((1.0 if rate is None else rate) * 100 + 0.5))
 
 
+def exact_percent(percent: float) -> str:
+    """Decimal text that reads back as exactly ``percent`` (format_percent's 12 decimals cut below 1e-12)."""
+    text = format_percent(percent)
+    if float(text) == percent:
+        return text
+    return format(Decimal(repr(percent)).normalize(), "f")
+
+
 def dataset_use_string(d: DatasetDictionary, integer: bool = False) -> tuple[str, list[str]]:
     """The ``--dataset_use`` value for every dataset (file order) and warnings (integer mode)."""
     warnings: list[str] = []
     if not integer:
-        entries = [DatasetUseEntry(name, spec.percent) for name, spec in d.datasets.items()]
-        return format_dataset_use(entries), warnings
+        return ",".join(name if spec.percent == 100.0 else f"{name}%{exact_percent(spec.percent)}"
+                        for name, spec in d.datasets.items()), warnings
     parts = []
     for name, spec in d.datasets.items():
         exact = spec.percent
