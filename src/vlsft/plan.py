@@ -190,7 +190,7 @@ def _run_markers(directory: Path) -> list[str]:
 _MEDIA_KEY = re.compile(rb'"(image|video)"\s*:')
 
 
-def _media_kinds(path: str, limit: int = 256 << 20) -> set[str]:
+def _media_kinds(path: str, limit: int = 16 << 20) -> set[str]:
     """Cheap scan of a local annotation file for ``"image":`` / ``"video":`` keys (first ``limit`` bytes)."""
     kinds: set[str] = set()
     try:
