@@ -425,3 +425,10 @@ def test_round2_dotted_key_in_file(tmp_path):
     (line,) = problems_of(write(tmp_path, HEAD + "training.learning_rate: 1.0e-5\n"))
     assert line.endswith(":4:1: error: [training.learning_rate] unknown key (hint: dotted keys are for the command "
                          "line; in the file nest it: training: {learning_rate: ...})")
+
+
+def test_round2_report_to_list(tmp_path):
+    path = write(tmp_path, BASE)
+    assert load_run_config(path, ["training.report_to=[tensorboard]"]).training.report_to == "tensorboard"
+    (line,) = problems_of(path, ["training.report_to=[wandb, tensorboard]"])
+    assert "[training.report_to] transformers takes one --report_to name" in line

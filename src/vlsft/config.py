@@ -179,6 +179,16 @@ class TrainingSection(_Section):
     extra: dict[str, Any] = Field(default_factory=dict, description="Any other transformers.TrainingArguments "
                                   "name -> value, passed as --name value (e.g. {optim: adamw_torch_fused}).")
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_reporter(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if len(value) == 1 and isinstance(value[0], str):
+                return value[0]
+            raise ValueError("transformers takes one --report_to name on the command line (or all / none), "
+                             f"got a list of {len(value)}")
+        return value
+
     @field_validator("extra", mode="before")
     @classmethod
     def _empty_extra(cls, value: Any) -> Any:
