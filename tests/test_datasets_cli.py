@@ -644,3 +644,10 @@ def test_use_string_reads_back_exactly_for_tiny_rates(tmp_path):
     r = invoke("datasets", "use", str(d))
     assert r.stdout.startswith("d0%0.00000012345678,d1%5.437,d2%30.000000000000004,d3%0.001,d4%7\n")
     assert [e.percent / 100 for e in parse_dataset_use(r.stdout.strip())][:2] == rates[:2]
+
+
+def test_format_percent_reads_back_exactly():
+    from qwenvl.data.dataset_use import format_percent
+
+    for p in (1e-05, 1.2345678e-07, 1.5e22, 5.437, 250.0, 30.000000000000004):
+        assert float(format_percent(p)) == p and "e" not in format_percent(p)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 _ENTRY = re.compile(r"^(?P<name>[^%,]+?)(?:%(?P<pct>[0-9]+(?:\.[0-9]*)?|\.[0-9]+))?$")
 
@@ -41,8 +42,8 @@ def format_percent(percent: float) -> str:
     if not math.isfinite(percent) or percent < 0:
         raise DatasetUseError(f"percent must be a finite number >= 0, got {percent!r}")
     text = repr(float(percent))
-    if "e" in text or "E" in text:
-        text = f"{percent:.12f}"
+    if "e" in text or "E" in text:  # 1e-05 -> 0.00001 (every digit kept: the text reads back exactly)
+        text = format(Decimal(text), "f")
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text
