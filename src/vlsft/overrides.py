@@ -92,6 +92,7 @@ def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Pro
         stripped = text.strip()
         try:
             if len(parts) == 2 and _text_field(section, parts[1]) and stripped not in ("", "null", "~") \
+                    and stripped[0] not in "[{" \
                     and not (len(stripped) > 1 and stripped[0] == stripped[-1] and stripped[0] in "'\""):
                 value = stripped
             else:
