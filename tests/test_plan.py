@@ -346,3 +346,10 @@ def test_round2_output_dir_blocked_by_a_file_and_unwritable(tmp_path):
         assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
         assert "error: cannot write the run files into output.dir /proc/vlsft-nope" in result.output
         assert "Traceback" not in result.output
+
+
+def test_round2_unknown_attention_warns_with_suggestion(tmp_path):
+    plan = plan_for(tmp_path, ["model.attn_implementation=flash_attention2"])
+    assert any("'flash_attention2' is not one transformers knows" in w and "did you mean 'flash_attention_2'" in w
+               for w in plan.warnings)
+    assert not any("attn_implementation" in w for w in plan_for(tmp_path, ["model.attn_implementation=sdpa"]).warnings)

@@ -52,6 +52,7 @@ MASK = "***"
 IMAGE_TOKEN_PIXELS = 28 * 28  # one merged vision token per 28x28 pixels (14x14 patches, 2x2 merge)
 TEXT_TOKEN_ALLOWANCE = 30  # chat-template and prompt tokens around one image, roughly
 LOW_LR = 1e-6
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
 
 STORAGE_ENV = {
     "endpoint_url": "AWS_ENDPOINT_URL",
@@ -544,6 +545,11 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     launcher += ["-m", "qwenvl.train"]
 
     # ---- known traps
+    attn = m.attn_implementation
+    if attn is not None and attn not in ATTN_IMPLEMENTATIONS and "/" not in attn and "|" not in attn:  # hub kernels, paged|..
+        guess = did_you_mean(attn, ATTN_IMPLEMENTATIONS)
+        warnings.append(f"model.attn_implementation {attn!r} is not one transformers knows ("
+                        + ", ".join(ATTN_IMPLEMENTATIONS) + ")" + (f"; {guess}" if guess else ""))
     if tr.learning_rate <= LOW_LR:
         warnings.append(f"training.learning_rate {tr.learning_rate:g} is tiny: the official scripts' 2e-7 barely "
                         "moves the loss on a new task (official issues #1298, #1646); start from 1e-5 to 2e-5")
