@@ -277,3 +277,17 @@ def test_quoted_numbers_get_the_number_to_write(tmp_path):
     assert [(p.key, p.hint) for p in d.errors] == [
         ("length", "write 1000 without quotes"), ("sampling_rate", "write 0.5 without quotes"),
         ("length", "write the number of records, e.g. 1000"), ("repeat_time", "write 2 without quotes")]
+
+
+def test_annotation_file_given_as_dictionary(tmp_path):
+    sample = {"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}
+    for name, text in [("train.jsonl", json.dumps(sample) + "\n" + json.dumps(sample) + "\n"),
+                       ("train.json", json.dumps([sample, sample], indent=1)), ("packed.json", json.dumps([[sample]]))]:
+        d = load_dictionary(_write(tmp_path, text, name))
+        assert d.unusable and [e.message for e in d.errors] == [
+            "this is an annotation file (samples with conversations), not a dataset dictionary"], name
+        assert f'"annotation_path": "{name}"' in d.errors[0].hint
+    # datasets that happen to be named like sample keys are still datasets
+    d = load_dictionary(_write(tmp_path, '{"image": {"annotation_path": "a.jsonl"}, "video": {"annotation_path": "a.jsonl"}}'),
+                        check_files=False)
+    assert d.ok and list(d.datasets) == ["image", "video"]

@@ -190,6 +190,13 @@ class _Loader:
             res.unusable = True
             return res
         root, issues = parse(text)
+        if root is not None and _looks_like_samples(root):
+            name = posixpath.basename(self.path)
+            self.add("error", "this is an annotation file (samples with conversations), not a dataset dictionary",
+                     root.line, root.column, hint=f'list it in a dictionary: {{"my_dataset": {{"data_path": "images/", '
+                     f'"annotation_path": "{name}"}}}} and check that file')
+            res.unusable = True
+            return res
         for issue in issues:
             self.add("error", f"JSON syntax: {issue.message}", issue.line, issue.column, hint=issue.hint)
         if root is None:
@@ -496,6 +503,22 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
             if os.path.isabs(d.raw_data_paths.get(name, "")):
                 hint = "media paths in the annotations are relative to this folder"
             add("error", f"data_path of dataset '{name}' {what}: {spec.data_path}", "data_path", hint)
+
+
+_SAMPLE_KEYS = {"conversations", "messages", "image", "video", "images", "videos"}
+
+
+def _looks_like_samples(root: JNode) -> bool:
+    """An annotation file passed where the dictionary belongs: a sample object, or a list of them."""
+    first = root
+    if root.kind == "array":
+        first = root.value[0] if root.value else None
+        if first is not None and first.kind == "array":  # official pre-packed
+            first = first.value[0] if first.value else None
+    if first is None or first.kind != "object":
+        return False
+    # a dictionary maps names to objects, so a dataset named "image" is still an object; a sample's is not
+    return any(k.name in _SAMPLE_KEYS and v is not None and v.kind in ("array", "string") for k, v in first.value)
 
 
 def _as_number(text: str, percent_ok: bool = False) -> float | None:
