@@ -140,6 +140,32 @@ def _argv_value(argv: list[str], name: str) -> str | None:
     return None
 
 
+DEEPSPEED_NAMES = ("zero2", "zero3", "zero3_offload")
+
+
+def resolve_deepspeed_arg(argv: list[str]) -> list[str]:
+    """``--deepspeed zero2|zero3|zero3_offload`` -> the shipped ``configs/<name>.json``; a missing file is a
+    :class:`UserError` (transformers would fail later with an unrelated message)."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--deepspeed" and i + 1 < len(out):
+            j, value = i + 1, out[i + 1]
+        elif a.startswith("--deepspeed="):
+            j, value = i, a.split("=", 1)[1]
+        else:
+            continue
+        if value.lower() in ("none", "", "false") or value.lstrip().startswith("{") or Path(value).is_file():
+            continue
+        if value in DEEPSPEED_NAMES:
+            shipped = Path(__file__).resolve().parents[1] / "configs" / f"{value}.json"
+            if shipped.is_file():
+                out[j] = str(shipped) if j == i + 1 else f"--deepspeed={shipped}"
+                continue
+        raise UserError(f"--deepspeed {value}: no such file; give a DeepSpeed JSON path or one of "
+                        f"{', '.join(DEEPSPEED_NAMES)} (configs/<name>.json), or none")
+    return out
+
+
 def _prepare_cpu(argv: list[str]) -> None:
     """Before TrainingArguments exist: choose how a CUDA-less run distributes (see module docstring)."""
     import torch
@@ -152,12 +178,25 @@ def _prepare_cpu(argv: list[str]) -> None:
     ds = _argv_value(argv, "--deepspeed")
     if ds and ds.lower() not in ("none", "", "false"):
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        if "WORLD_SIZE" not in os.environ:  # one process started without torchrun: a group of one
+            _single_process_group_env()
         from accelerate import PartialState
 
         PartialState(backend="gloo")
         TrainingArguments._cpu_mode = "deepspeed"
     else:
         TrainingArguments._cpu_mode = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def _single_process_group_env() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                 ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        os.environ.setdefault(k, v)
 
 
 def parse_args(argv: list[str]):
@@ -174,8 +213,11 @@ def parse_args(argv: list[str]):
             action.help = re.sub(r"%(?!\()", "%%", action.help)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         raise UserError("pass arguments as --name value (use `vlsft train --config run.yaml` for run YAMLs)")
-    model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True)
+    try:
+        model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True)
+    except (ValueError, ImportError) as e:  # transformers' own checks of argument combinations
+        raise UserError(f"invalid training arguments: {str(e).strip().splitlines()[0]}") from e
     if rest:
         raise UserError(f"unknown trainer arguments: {' '.join(rest)} (see `python -m qwenvl.train --help`)")
     if training_args.deepspeed and str(training_args.deepspeed).lower() == "none":
@@ -240,6 +282,7 @@ def _load_run_config(output_dir: str) -> dict | None:
 
 
 def run(argv: list[str]) -> int:
+    argv = resolve_deepspeed_arg(argv)
     _prepare_cpu(argv)
     model_args, data_args, training_args = parse_args(argv)
     _setup_logging(training_args)
@@ -255,6 +298,8 @@ def run(argv: list[str]) -> int:
                 training_args.device, training_args.distributed_state.distributed_type)
 
     _check_report_to(training_args.report_to)
+    if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no":
+        raise UserError("evaluation is not supported (there is no eval dataset): use --eval_strategy no")
     if not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm):
         raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
 
@@ -361,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (ModelTypeError, ProcessorError)):
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, ImportError) and "pip install" in str(e):  # an optional package a flag needs
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
             return 2
         if type(e).__name__ == "BadSampleLimitExceeded":  # raised mid-training by whichever rank crossed it
             print(f"error: [rank {os.environ.get('RANK', '0')}] {e}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """``transformers.TrainingArguments`` plus the vlsft / official extras (imports transformers).
 
 Extras: ``--mm_projector_lr``, ``--vision_tower_lr`` (independent of each other), ``--resume``
-(``auto`` | ``never`` | PATH) and ``--overwrite_output_dir``. Kept out of ``qwenvl.arguments`` so that
+(``auto`` | ``never`` | PATH) and ``--overwrite_output_dir``; the official scripts' ``--warmup_ratio`` (gone
+from transformers 5) becomes ``warmup_steps`` (a value below 1 is a ratio there), and the official
+``--gradient_checkpointing`` becomes ``activation_checkpointing`` (no deprecation warning). Kept out of ``qwenvl.arguments`` so that
 module stays importable without torch.
 
 CPU handling (no CUDA), decided by :func:`qwenvl.train.main` before parsing and applied here in
@@ -23,6 +25,9 @@ class TrainingArguments(transformers.TrainingArguments):
                                           "merger (projector); default: learning_rate."})
     vision_tower_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision tower "
                                           "(without the merger); default: learning_rate. Independent of mm_projector_lr."})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "Official-script name: fraction of the "
+                                       "total steps spent warming up, in [0, 1) (transformers 5: --warmup_steps "
+                                       "below 1 is the same)."})
     resume: str = field(default="auto", metadata={"help": "auto: continue from the newest complete checkpoint in "
                         "output_dir (fresh start if none); never: start fresh; PATH: continue from that checkpoint."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a fresh run into an output_dir that "
@@ -33,6 +38,11 @@ class TrainingArguments(transformers.TrainingArguments):
 
     def __post_init__(self):
         self.cpu_bf16 = False
+        if self.warmup_ratio is not None:  # transformers 5 dropped --warmup_ratio; the official scripts pass it
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"warmup_ratio {self.warmup_ratio} must be in [0, 1) (or use --warmup_steps N)")
+            if self.warmup_ratio > 0:
+                self.warmup_steps = self.warmup_ratio
         # transformers 5.x renamed gradient_checkpointing* to activation_checkpointing*; the official names are
         # still accepted and moved over here, so transformers does not warn about them
         for old, new in (("gradient_checkpointing", "activation_checkpointing"),
@@ -72,3 +82,4 @@ class TrainingArguments(transformers.TrainingArguments):
     @property
     def wants_bf16(self) -> bool:
         return bool(self.bf16 or self.cpu_bf16)
+

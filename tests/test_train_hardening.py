@@ -90,6 +90,34 @@ def test_resume_path_missing_or_incomplete_is_one_line(tmp_path, capsys, resume)
     assert ("does not exist" if resume == "missing" else "incomplete") in err
 
 
+
+def test_deepspeed_by_name_and_missing_file(tmp_path):
+    from qwenvl.train import UserError, resolve_deepspeed_arg
+
+    argv = resolve_deepspeed_arg(["--deepspeed", "zero3", "--bf16", "True"])
+    assert Path(argv[1]) == REPO / "configs" / "zero3.json" and argv[2:] == ["--bf16", "True"]
+    assert resolve_deepspeed_arg(["--deepspeed=zero2"]) == [f"--deepspeed={REPO / 'configs' / 'zero2.json'}"]
+    assert resolve_deepspeed_arg(["--deepspeed", "none"]) == ["--deepspeed", "none"]
+    with pytest.raises(UserError, match="no such file"):
+        resolve_deepspeed_arg(["--deepspeed", str(tmp_path / "ds.json")])
+
+
+def test_official_warmup_ratio_is_accepted(tmp_path):
+    _, _, ta = _parse(["--output_dir", str(tmp_path), "--warmup_ratio", "0.03"])
+    assert ta.warmup_steps == pytest.approx(0.03) and ta.get_warmup_steps(1000) == 30
+    from qwenvl.train import UserError
+
+    with pytest.raises(UserError, match="warmup_ratio"):
+        _parse(["--output_dir", str(tmp_path), "--warmup_ratio", "3"])
+
+
+@pytest.mark.parametrize("extra,expected", [(["--eval_strategy", "steps"], "use --eval_strategy no"),
+                                            (["--report_to", "tensorbord"], "not a known integration")])
+def test_unsupported_combinations_are_one_line_before_loading(tmp_path, capsys, extra, expected):
+    rc, err = _main(["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_dict", str(DICT),
+                     "--tune_mm_llm", "True", "--output_dir", str(tmp_path / "out"), *extra], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and expected in err
+
 def test_model_folder_without_preprocessor_config_gets_family_defaults(tmp_path, tiny_model_dir):
     from qwenvl.model import ProcessorError, load_processor
     from qwenvl.tiny import ensure_tiny_model
