@@ -291,3 +291,10 @@ def test_annotation_file_given_as_dictionary(tmp_path):
     d = load_dictionary(_write(tmp_path, '{"image": {"annotation_path": "a.jsonl"}, "video": {"annotation_path": "a.jsonl"}}'),
                         check_files=False)
     assert d.ok and list(d.datasets) == ["image", "video"]
+
+
+def test_run_yaml_given_as_dictionary(tmp_path):
+    d = load_dictionary(_write(tmp_path, "model:\n  name_or_path: x\ndata:\n  dictionary: data/dd.json  # mine\n", "run.yaml"))
+    assert d.unusable and [(e.message, e.hint) for e in d.errors] == [
+        ("this is a YAML file, not a dataset dictionary (JSON)",
+         "the run YAML names it: vlsft datasets check data/dd.json (relative to the YAML's folder)")]

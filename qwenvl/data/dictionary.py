@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -190,6 +191,13 @@ class _Loader:
             res.unusable = True
             return res
         root, issues = parse(text)
+        if self.path.lower().endswith((".yaml", ".yml")) and (root is None or root.kind != "object" or issues):
+            m = re.search(r"^\s*dictionary:\s*[\"']?([^\s\"'#]+)", text, re.MULTILINE)
+            hint = (f"the run YAML names it: vlsft datasets check {m.group(1)} (relative to the YAML's folder)" if m
+                    else "pass the dataset dictionary (the JSON file named by data.dictionary in the run YAML)")
+            self.add("error", "this is a YAML file, not a dataset dictionary (JSON)", 1, 1, hint=hint)
+            res.unusable = True
+            return res
         if root is not None and _looks_like_samples(root):
             name = posixpath.basename(self.path)
             self.add("error", "this is an annotation file (samples with conversations), not a dataset dictionary",
