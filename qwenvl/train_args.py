@@ -28,6 +28,13 @@ class TrainingArguments(transformers.TrainingArguments):
     warmup_ratio: float | None = field(default=None, metadata={"help": "Official-script name: fraction of the "
                                        "total steps spent warming up, in [0, 1) (transformers 5: --warmup_steps "
                                        "below 1 is the same)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Official-script argument, accepted and unused "
+                                  "(model_name_or_path is a local folder)."})
+    lora_enable: bool = field(default=False, metadata={"help": "Official (newer) argument; LoRA is not supported: "
+                              "True is refused."})
+    lora_r: int = field(default=64, metadata={"help": "Accepted for official scripts; unused (no LoRA)."})
+    lora_alpha: int = field(default=128, metadata={"help": "Accepted for official scripts; unused (no LoRA)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Accepted for official scripts; unused (no LoRA)."})
     resume: str = field(default="auto", metadata={"help": "auto: continue from the newest complete checkpoint in "
                         "output_dir (fresh start if none); never: start fresh; PATH: continue from that checkpoint."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a fresh run into an output_dir that "
@@ -38,6 +45,9 @@ class TrainingArguments(transformers.TrainingArguments):
 
     def __post_init__(self):
         self.cpu_bf16 = False
+        if self.lora_enable:
+            raise ValueError("lora_enable True: LoRA is not supported by vlsft; train the parts you need with "
+                             "tune_mm_vision / tune_mm_mlp / tune_mm_llm")
         if self.warmup_ratio is not None:  # transformers 5 dropped --warmup_ratio; the official scripts pass it
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"warmup_ratio {self.warmup_ratio} must be in [0, 1) (or use --warmup_steps N)")

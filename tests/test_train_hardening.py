@@ -195,3 +195,23 @@ def test_half_bad_dataset_with_workers_stops_with_one_line(tmp_path, tiny_model_
 
     logged = [int(m) for m in re.findall(r"'skipped_samples': (\d+)", out)]
     assert logged and logged[-1] > 0 and logged == sorted(logged)
+
+
+def test_the_official_sft_script_argument_line_parses(tmp_path):
+    """scripts/sft.sh of the official repository (Qwen2.5-era, plus HEAD's cache_dir / lora flags)."""
+    official = ("--model_name_or_path m --dataset_use a,b --data_flatten True --tune_mm_vision False "
+                f"--tune_mm_mlp True --tune_mm_llm True --bf16 --output_dir {tmp_path} --num_train_epochs 0.5 "
+                "--per_device_train_batch_size 4 --per_device_eval_batch_size 8 --gradient_accumulation_steps 4 "
+                "--max_pixels 50176 --min_pixels 784 --eval_strategy no --save_strategy steps --save_steps 1000 "
+                "--save_total_limit 1 --learning_rate 2e-7 --weight_decay 0 --warmup_ratio 0.03 --max_grad_norm 1 "
+                "--lr_scheduler_type cosine --logging_steps 1 --model_max_length 8192 --gradient_checkpointing True "
+                "--dataloader_num_workers 4 --run_name qwen2vl-baseline --report_to none --cache_dir /tmp "
+                "--lora_enable False").split()
+    mode = None if torch.cuda.is_available() else "single"
+    m, d, ta = _parse(official, mode=mode)
+    assert (m.tune_mm_mlp, d.data_flatten, d.model_max_length, ta.bf16) == (True, True, 8192, True)
+    assert ta.activation_checkpointing and ta.warmup_steps == pytest.approx(0.03)
+    from qwenvl.train import UserError
+
+    with pytest.raises(UserError, match="LoRA is not supported"):
+        _parse(official[:-1] + ["True"], mode=mode)
