@@ -298,3 +298,9 @@ def test_run_yaml_given_as_dictionary(tmp_path):
     assert d.unusable and [(e.message, e.hint) for e in d.errors] == [
         ("this is a YAML file, not a dataset dictionary (JSON)",
          "the run YAML names it: vlsft datasets check data/dd.json (relative to the YAML's folder)")]
+
+
+def test_windows_path_hint(tmp_path):
+    d = load_dictionary(_write(tmp_path, '{"w": {"annotation_path": "C:\\\\data\\\\t.jsonl"}}'))
+    [err] = d.errors
+    assert "not found" in err.message and err.hint == "write paths with / (this looks like a Windows path)"

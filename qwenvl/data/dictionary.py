@@ -469,6 +469,8 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
             hint = "relative paths start at the dictionary's folder" if relative else None
             if raw.startswith("~"):
                 hint = f"'~' was expanded to {os.path.expanduser('~')}"
+            if "\\" in raw:
+                hint = "write paths with / (this looks like a Windows path)"
             if not storage.is_url(apath) and os.path.islink(apath):
                 hint = f"it is a symbolic link to {os.readlink(apath)}, which does not exist"
             add("error", f"annotation file of dataset '{name}' not found: {apath}", "annotation_path", hint)
