@@ -651,3 +651,15 @@ def test_format_percent_reads_back_exactly():
 
     for p in (1e-05, 1.2345678e-07, 1.5e22, 5.437, 250.0, 30.000000000000004):
         assert float(format_percent(p)) == p and "e" not in format_percent(p)
+
+
+def test_json_rate_is_the_rate_as_written(tmp_path):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"conversations": _turns("q")}) + "\n")
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"a": {"annotation_path": "t.jsonl", "sampling_rate": 0.567},
+                             "b": {"annotation_path": "t.jsonl", "repeat_time": 1.1},
+                             "c": {"annotation_path": "t.jsonl"}}))
+    report = json.loads(invoke("datasets", "check", str(d), "--json").stdout)
+    assert [r["rate"] for r in report["datasets"]] == [0.567, 1.1, 1.0]  # not 0.5670000000000001
+    table = invoke("datasets", "check", str(d)).stdout
+    assert "56.7%" in table and "110%" in table and "0000000" not in table

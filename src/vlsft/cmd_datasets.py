@@ -114,7 +114,9 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
         if spec is None:
             continue
         row.declared_length = spec.length
-        row.rate = spec.percent / 100.0
+        # the rate as written (percent / 100 would add float noise: 56.7 / 100 = 0.5670000000000001)
+        raw_rate = spec.sampling_rate if spec.sampling_rate is not None else spec.repeat_time
+        row.rate = 1.0 if raw_rate is None else float(raw_rate)
         row.actual_length = d.record_counts.get(name)
         if row.actual_length is None:
             continue
@@ -254,7 +256,7 @@ def print_report(report: CheckReport) -> None:
                 oneline(r.name) or "",
                 _num(r.declared_length),
                 _num(r.actual_length),
-                "-" if r.rate is None else f"{format_percent(r.rate * 100)}%",
+                "-" if r.spec is None else f"{format_percent(r.spec.percent)}%",
                 _num(r.samples_per_epoch),
                 "-" if r.share is None else f"{r.share:.1%}",
                 _num(r.images),
