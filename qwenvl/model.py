@@ -45,7 +45,11 @@ def read_model_type(name_or_path: str | os.PathLike) -> str:
             f"{name_or_path}: no config.json; model_name_or_path must be a local model folder "
             "(download it first, e.g. `hf download Qwen/Qwen2.5-VL-3B-Instruct --local-dir ...`)"
         )
-    model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelTypeError(f"{cfg}: unreadable ({e}); restore the model's config.json") from e
+    model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type not in MODEL_CLASSES:
         raise ModelTypeError(
             f"{cfg}: model_type {model_type!r} is not supported; supported: {', '.join(MODEL_CLASSES)}"

@@ -290,7 +290,7 @@ def run(argv: list[str]) -> int:
     import torch
     from transformers import set_seed
 
-    from qwenvl.model import apply_freezing, load_model, load_processor, read_model_type
+    from qwenvl.model import ModelTypeError, apply_freezing, load_model, load_processor, read_model_type
     from qwenvl.trainer import ExtraRunConfigCallback, QwenVLTrainer
 
     rank = training_args.process_index
@@ -320,8 +320,14 @@ def run(argv: list[str]) -> int:
         processor.image_processor.size = {"shortest_edge": data_args.min_pixels, "longest_edge": data_args.max_pixels}
 
     dtype = torch.bfloat16 if training_args.wants_bf16 else (torch.float16 if training_args.fp16 else torch.float32)
-    model = load_model(model_args.model_name_or_path, dtype=dtype,
-                       attn_implementation=model_args.attn_implementation or "sdpa")
+    try:
+        model = load_model(model_args.model_name_or_path, dtype=dtype,
+                           attn_implementation=model_args.attn_implementation or "sdpa")
+    except (ImportError, ValueError) as e:  # e.g. flash_attention_2 without flash-attn, an unknown kernel name
+        if isinstance(e, ModelTypeError):
+            raise
+        raise UserError(f"cannot load the model {model_args.model_name_or_path} (attn_implementation "
+                        f"{model_args.attn_implementation or 'sdpa'}): {str(e).strip().splitlines()[0]}") from e
     model.config.use_cache = False
     if getattr(model.config, "text_config", None) is not None:
         model.config.text_config.use_cache = False

@@ -215,3 +215,17 @@ def test_the_official_sft_script_argument_line_parses(tmp_path):
 
     with pytest.raises(UserError, match="LoRA is not supported"):
         _parse(official[:-1] + ["True"], mode=mode)
+
+
+def test_broken_config_and_unknown_attention_kernel_are_one_line(tmp_path, capsys, tiny_model_dir):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "qwen2_5_vl",')
+    base = ["--dataset_dict", str(DICT), "--tune_mm_llm", "True", "--output_dir", str(tmp_path / "out"),
+            "--report_to", "none"]
+    rc, err = _main(["--model_name_or_path", str(bad), *base], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "config.json: unreadable" in err
+    rc, err = _main(["--model_name_or_path", str(tiny_model_dir), "--attn_implementation", "flash_attn_9", *base],
+                    capsys)
+    assert rc == 2 and "cannot load the model" in err and "flash_attn_9" in err
+    assert not [ln for ln in err.splitlines() if ln.startswith("Traceback")]
