@@ -91,6 +91,7 @@ class QwenVLTrainer(Trainer):
         self._image_token_id = image_token_id
         self._video_token_id = video_token_id
         self._data_report = data_report
+        self.add_callback(LogLastStepCallback())
         self._bad_sample_monitor = bad_sample_monitor
         self._reset_window()
         self._skipped_total = 0
@@ -329,6 +330,18 @@ def _fix_key(k: str, expected: set[str]) -> str:
         if c in expected:
             return c
     return k
+
+
+class LogLastStepCallback(TrainerCallback):
+    """Log the last step too when ``max_steps`` is not a multiple of ``logging_steps`` (HF would end the run
+    without logging its last steps, e.g. ``--max_steps 5 --logging_steps 10`` logs no loss at all)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if (state.max_steps and state.global_step >= state.max_steps and state.logging_steps
+                and str(getattr(args.logging_strategy, "value", args.logging_strategy)) == "steps"
+                and state.global_step % state.logging_steps != 0):
+            control.should_log = True
+        return control
 
 
 class ExtraRunConfigCallback(TrainerCallback):

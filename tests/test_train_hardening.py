@@ -229,3 +229,17 @@ def test_broken_config_and_unknown_attention_kernel_are_one_line(tmp_path, capsy
                     capsys)
     assert rc == 2 and "cannot load the model" in err and "flash_attn_9" in err
     assert not [ln for ln in err.splitlines() if ln.startswith("Traceback")]
+
+
+@pytest.mark.parametrize("max_steps,logging_steps,step,expect", [(5, 10, 5, True), (3, 2, 3, True), (3, 2, 2, False),
+                                                                 (4, 2, 4, False), (5, 10, 4, False)])
+def test_last_step_is_logged_when_not_a_multiple_of_logging_steps(tmp_path, max_steps, logging_steps, step, expect):
+    from transformers import TrainerControl, TrainerState
+
+    from qwenvl.trainer import LogLastStepCallback
+
+    _, _, ta = _parse(["--output_dir", str(tmp_path), "--logging_steps", str(logging_steps)])
+    state = TrainerState(max_steps=max_steps, global_step=step, logging_steps=logging_steps)
+    control = TrainerControl()
+    LogLastStepCallback().on_step_end(ta, state, control)
+    assert control.should_log is expect
