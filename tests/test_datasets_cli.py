@@ -663,3 +663,19 @@ def test_json_rate_is_the_rate_as_written(tmp_path):
     assert [r["rate"] for r in report["datasets"]] == [0.567, 1.1, 1.0]  # not 0.5670000000000001
     table = invoke("datasets", "check", str(d)).stdout
     assert "56.7%" in table and "110%" in table and "0000000" not in table
+
+
+def test_utf16_annotation_files(tmp_path):
+    """UTF-16 .jsonl: one file-level error (the trainer cannot read its lines); UTF-16 .json: Python's json (the
+    trainer's reader) decodes it, and problems keep their line numbers."""
+    recs = [{"conversations": _turns("q")}, {"conversations": []}]
+    (tmp_path / "w.jsonl").write_bytes("".join(json.dumps(r) + "\n" for r in recs).encode("utf-16"))
+    (tmp_path / "w.json").write_bytes(json.dumps(recs, indent=1).encode("utf-16"))
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({"l": {"annotation_path": "w.jsonl"}, "j": {"annotation_path": "w.json"}}))
+    report = json.loads(invoke("datasets", "check", str(d), "--deep", "--json").stdout)
+    got = [(Path(p["file"]).name, p["line"], p["message"]) for p in report["problems"]]
+    second = [i for i, line in enumerate(json.dumps(recs, indent=1).splitlines(), 1) if line == " {"][1]
+    assert got == [("w.jsonl", 1, "the file is UTF-16 text, not UTF-8: the trainer cannot read its lines"),
+                   ("w.json", second, "'conversations' must be a non-empty list of turns")], got
+    assert [r["actual_length"] for r in report["datasets"]] == [None, 2]

@@ -100,6 +100,24 @@ def _read(path: str) -> bytes:
     return data[3:] if data.startswith(_BOM) else data
 
 
+def _text(data: bytes) -> str:
+    """Decoded text of a whole .json file: UTF-8, or UTF-16/32 as Python's json (the trainer's reader) detects it."""
+    if data[:1] == b"\x00" or data[1:2] == b"\x00" or data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        try:
+            return data.decode(json.detect_encoding(data), "replace").lstrip("\ufeff")
+        except LookupError:  # pragma: no cover - detect_encoding names only codecs Python has
+            pass
+    return data.decode("utf-8", "replace")
+
+
+def _utf16_jsonl(data: bytes, path: str) -> Problem | None:
+    """A .jsonl saved as UTF-16/32 (e.g. Windows "Unicode"): every line would fail; one problem instead."""
+    if not (data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4]):
+        return None
+    return Problem("error", f"the file is {json.detect_encoding(data).upper()} text, not UTF-8: the trainer cannot "
+                   "read its lines", path, 1, 1, hint="save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8")
+
+
 def _position(data: bytes | str, pos: int) -> tuple[int, int]:
     """1-based ``(line, column)`` of offset ``pos`` in ``data``."""
     nl = b"\n" if isinstance(data, bytes) else "\n"
@@ -232,7 +250,7 @@ def iter_records(path: str) -> Iterator[tuple[int | None, Any]]:
     doc = _load_json_document(data)
     if not isinstance(doc, list):
         raise ValueError(f"{path}: the top level must be a list of samples")
-    lines = _json_item_lines(data.decode("utf-8", "replace"))
+    lines = _json_item_lines(_text(data))
     for i, item in enumerate(doc):
         if type(item) is list:
             for j, sub in enumerate(item):
@@ -363,7 +381,7 @@ def _probe(path: str, limit: int) -> ProbeInfo:
     fmt = annotation_format(path)
     data = _read(path)
     if fmt == "jsonl":
-        wrong = _json_list_in_jsonl(data, path)
+        wrong = _utf16_jsonl(data, path) or _json_list_in_jsonl(data, path)
         if wrong is not None:
             info.problems.append(wrong)
             return info
@@ -398,7 +416,7 @@ def _probe(path: str, limit: int) -> ProbeInfo:
         for rec in item if type(item) is list else (item,):
             seen += 1
             if _references_media(rec):
-                info.media_line = _json_item_lines(data.decode("utf-8", "replace"), {(i, None)}).get((i, None))
+                info.media_line = _json_item_lines(_text(data), {(i, None)}).get((i, None))
                 return info
             if seen >= limit:
                 return info
@@ -772,7 +790,7 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
     gc.disable()  # millions of short-lived dicts: the cyclic GC would cost more than the parsing
     try:
         if fmt == "jsonl":
-            wrong = _json_list_in_jsonl(data, path)
+            wrong = _utf16_jsonl(data, path) or _json_list_in_jsonl(data, path)
             if wrong is not None:
                 res.problems.append(wrong)
                 res.unusable = True
@@ -827,7 +845,7 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
     first_media = res.first_media
     if isinstance(first_media, tuple):
         locs.add((first_media[0], None))
-    lines = _json_item_lines(data.decode("utf-8", "replace"), locs) if locs else {}
+    lines = _json_item_lines(_text(data), locs) if locs else {}
     res.media_line = lines.get((first_media[0], None)) if isinstance(first_media, tuple) else first_media
     first: dict[str, Problem] = {}
     for loc, kind, severity, message, key, hint, column in sink.items:
