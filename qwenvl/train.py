@@ -90,6 +90,8 @@ def previous_run_markers(output_dir: str | os.PathLike) -> list[str]:
 def decide_resume(output_dir: str, resume: str, overwrite: bool) -> str | None:
     """The checkpoint to resume from (None = fresh start), or :class:`UserError` when refused."""
     resume = (resume or "auto").strip()
+    if resume.lower() in ("auto", "never"):
+        resume = resume.lower()
     if resume not in ("auto", "never"):
         if not Path(resume).is_dir():
             raise UserError(f"resume checkpoint {resume} does not exist: give an existing checkpoint-N folder, "
@@ -304,8 +306,10 @@ def run(argv: list[str]) -> int:
         raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
 
     resume = training_args.resume
-    if training_args.resume_from_checkpoint and resume == "auto":  # the official/HF flag, honoured as PATH
-        resume = training_args.resume_from_checkpoint
+    rfc = str(training_args.resume_from_checkpoint or "").strip()
+    if rfc and resume == "auto":  # the HF flag: PATH, or True/False as some scripts pass it
+        resume = {"true": "auto", "yes": "auto", "1": "auto", "false": "never", "no": "never", "0": "never",
+                  "none": "auto"}.get(rfc.lower(), rfc)
     resume_from = decide_resume(training_args.output_dir, resume, training_args.overwrite_output_dir)
     if resume_from:
         logger.info("resuming from %s", resume_from)

@@ -243,3 +243,25 @@ def test_last_step_is_logged_when_not_a_multiple_of_logging_steps(tmp_path, max_
     control = TrainerControl()
     LogLastStepCallback().on_step_end(ta, state, control)
     assert control.should_log is expect
+
+
+def test_resume_keywords_any_case_and_hf_resume_from_checkpoint_true(tmp_path, capsys):
+    from qwenvl.train import decide_resume
+
+    out = tmp_path / "out"
+    cp = out / "checkpoint-3"
+    cp.mkdir(parents=True)
+    (cp / "trainer_state.json").write_text("{}")
+    (cp / "model.safetensors").write_bytes(b"x")
+    assert decide_resume(str(out), "Auto", False) == str(cp)
+    assert decide_resume(str(out), "NEVER", True) is None
+    (out / "model.safetensors").write_bytes(b"x")
+    # --resume_from_checkpoint True (as some scripts pass it) means resume=auto, not a folder named "True"
+    rc, err = _main(["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_dict", str(DICT),
+                     "--tune_mm_llm", "True", "--output_dir", str(tmp_path / "fresh"), "--report_to", "none",
+                     "--resume_from_checkpoint", "True"], capsys)
+    assert rc == 2 and "does not exist" not in err and "no config.json" in err
+    rc, err = _main(["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_dict", str(DICT),
+                     "--tune_mm_llm", "True", "--output_dir", str(out), "--report_to", "none",
+                     "--resume_from_checkpoint", "false"], capsys)
+    assert rc == 2 and "already holds a run" in err
