@@ -929,5 +929,9 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
     missing.sort(key=order)
     for full, rel in missing:
         res.missing_media += 1
-        sink.add(media[rel], "missing_media", "error", f"media file not found: {full}", key="image/video",
-                 hint="paths are relative to the dataset's data_path" if full != rel else None)
+        hint = "paths are relative to the dataset's data_path" if full != rel else None
+        if rel != rel.strip():
+            hint = f"the path {rel!r} has a space (or tab) at its start or end"
+        elif "\\" in rel:
+            hint = "write paths with / (this looks like a Windows path)"
+        sink.add(media[rel], "missing_media", "error", f"media file not found: {full}", key="image/video", hint=hint)
