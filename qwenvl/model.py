@@ -154,8 +154,8 @@ def parameter_groups(model, *, learning_rate: float, weight_decay: float, mm_pro
     no_decay = _no_decay_names(model)
     lrs = {
         "llm": learning_rate,
-        "vision": vision_tower_lr if vision_tower_lr else learning_rate,
-        "merger": mm_projector_lr if mm_projector_lr else learning_rate,
+        "vision": vision_tower_lr if vision_tower_lr is not None else learning_rate,
+        "merger": mm_projector_lr if mm_projector_lr is not None else learning_rate,
     }
     groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():

@@ -86,6 +86,9 @@ def test_param_groups_lrs_independent_and_decay(tiny):
     groups = qm.parameter_groups(model, learning_rate=1e-5, weight_decay=0.1, mm_projector_lr=7e-5)
     by = {g["name"]: g for g in groups}
     assert by["vision"]["lr"] == 1e-5 and by["merger"]["lr"] == 7e-5
+    # an explicit 0 is a learning rate, not "unset"
+    by = {g["name"]: g for g in qm.parameter_groups(model, learning_rate=1e-5, weight_decay=0.1, mm_projector_lr=0.0)}
+    assert by["merger"]["lr"] == 0.0 and by["llm"]["lr"] == 1e-5
     # every trainable parameter exactly once; no decay exactly on biases and norm weights
     seen = [ids[id(p)] for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(qm.trainable_parameter_names(model))
