@@ -684,9 +684,11 @@ def test_utf16_annotation_files(tmp_path):
 def test_missing_media_hints_for_invisible_and_windows_paths(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     _write_jsonl(tmp_path / "t.jsonl", [{"image": "a.jpg ", "conversations": _turns("<image>")},
-                                        {"image": "sub\\\\a.jpg", "conversations": _turns("<image>")}])
+                                        {"image": "sub\\\\a.jpg", "conversations": _turns("<image>")},
+                                        {"image": "A.JPG", "conversations": _turns("<image>")}])
     d = tmp_path / "d.json"
     d.write_text(json.dumps({"t": {"data_path": ".", "annotation_path": "t.jsonl"}}))
     probs = json.loads(invoke("datasets", "check", str(d), "--deep", "--json").stdout)["problems"]
     assert [p["hint"] for p in probs] == ["the path 'a.jpg ' has a space (or tab) at its start or end",
-                                          "write paths with / (this looks like a Windows path)"]
+                                          "write paths with / (this looks like a Windows path)",
+                                          "'a.jpg' exists: names are case-sensitive here"]

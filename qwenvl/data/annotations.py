@@ -890,6 +890,7 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
     """Existence of every distinct media path: one directory listing per folder, never a stat per file."""
     res.media_files = len(media)
     missing: list[tuple[str, str]] = []  # (full path, annotation path)
+    case_twin: dict[str, str] = {}  # annotation path -> existing name that differs only in case
     if os.sep == "/" and (data_path is None or not storage.is_url(data_path)) and not any(
             "://" in rel for rel in media):
         # local fast path (the common case): plain string work instead of os.path calls per file
@@ -912,7 +913,13 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
             members.append((name, full, rel))
         for parent, members in by_parent.items():
             names = storage.list_names(parent or "/")
-            missing.extend((full, rel) for name, full, rel in members if name not in names)
+            gone = [(full, rel) for name, full, rel in members if name not in names]
+            if gone:
+                missing.extend(gone)
+                folded = {n.casefold(): n for n in names}  # only for folders with missing files
+                for name, _, rel in members:
+                    if name not in names and name.casefold() in folded:
+                        case_twin[rel] = folded[name.casefold()]
     else:
         resolved: dict[str, str] = {}
         for rel in media:
@@ -930,7 +937,9 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
     for full, rel in missing:
         res.missing_media += 1
         hint = "paths are relative to the dataset's data_path" if full != rel else None
-        if rel != rel.strip():
+        if rel in case_twin:
+            hint = f"'{case_twin[rel]}' exists: names are case-sensitive here"
+        elif rel != rel.strip():
             hint = f"the path {rel!r} has a space (or tab) at its start or end"
         elif "\\" in rel:
             hint = "write paths with / (this looks like a Windows path)"
