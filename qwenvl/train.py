@@ -18,7 +18,18 @@ Run on every rank by torchrun (``vlsft train`` builds this command from a run YA
 ``--resume auto|never|PATH`` and ``--overwrite_output_dir`` (:mod:`qwenvl.train_args`).
 
 * The model class comes from ``config.json`` (``model_type``); freezing follows the three
-  ``--tune_mm_*`` flags exactly (:mod:`qwenvl.model`).
+  ``--tune_mm_*`` flags exactly (:mod:`qwenvl.model`). A model folder without
+  ``preprocessor_config.json`` (e.g. saved by the official trainer) gets its family's default processor
+  settings, with the patch sizes of its config.json.
+* ``--deepspeed`` takes a JSON path or a shipped name (``zero2``, ``zero3``, ``zero3_offload``); one
+  process started without torchrun works too. The official scripts' argument line is accepted as is
+  (``--gradient_checkpointing`` -> ``activation_checkpointing``, ``--warmup_ratio`` -> ``warmup_steps``,
+  ``--cache_dir`` ignored, ``--lora_enable True`` refused).
+* Input problems end the run before anything heavy is loaded, with one ``error:`` line and exit status 2:
+  nothing to train, a missing ``--deepspeed`` file, ``--report_to`` naming an unknown or uninstalled
+  integration, ``--eval_strategy`` other than ``no`` (no eval dataset), invalid argument combinations,
+  an unreadable or unsupported ``config.json``, an unavailable attention kernel; during training, more bad
+  samples than ``--max_bad_sample_ratio`` allows (per rank, after 100 samples).
 * ``--resume auto`` (default) continues from the newest *complete* checkpoint in ``output_dir``
   (one with ``trainer_state.json`` and weights; a half-written one is skipped). ``never`` starts fresh,
   PATH continues from that checkpoint. A fresh start into an ``output_dir`` that already holds
