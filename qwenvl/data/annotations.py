@@ -519,13 +519,15 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
                 if p not in media:
                     media[p] = loc
             else:
-                sink.add(loc, "media_type", "error", f"image entry {p!r} is not a path", key="image")
+                sink.add(loc, "media_type", "error", f"image entry {p!r} is not a path", key="image",
+                         hint="each entry is a file path string, relative to data_path or absolute")
         for p in vids:
             if p.__class__ is str and p:
                 if p not in media:
                     media[p] = loc
             else:
-                sink.add(loc, "media_type", "error", f"video entry {p!r} is not a path", key="video")
+                sink.add(loc, "media_type", "error", f"video entry {p!r} is not a path", key="video",
+                         hint="each entry is a file path string, relative to data_path or absolute")
     if (img is not None and not imgs) or (vid is not None and not vids):
         _bad_media_value(rec, loc, sink)
     if img is not None and type(img) is not str and type(img) is not list:
@@ -553,7 +555,8 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
             sink.add(loc, "no_conversations", "error", "sample has no 'conversations'", key="conversations", hint=hint)
         else:
             sink.add(loc, "bad_conversations", "error", "'conversations' must be a non-empty list of turns",
-                     key="conversations")
+                     key="conversations",
+                     hint='write [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]')
         return
     n_img = 0
     n_vid = 0
@@ -619,7 +622,8 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
         sink.add(loc, "video_tags", "error", f"{n_vid} <video> tag(s) for {len(vids)} video(s)", key="video",
                  hint="put one <video> tag in a human turn per video, in order")
     if not has_answer and first_side >= 0:
-        sink.add(loc, "no_answer", "error", "no gpt turn with text: nothing to train on", key="conversations")
+        sink.add(loc, "no_answer", "error", "no gpt turn with text: nothing to train on", key="conversations",
+                 hint='add the answer: {"from": "gpt", "value": "..."}')
 
 
 def _bad_media_value(rec: dict, loc: Any, sink: _Sink) -> None:
