@@ -190,7 +190,8 @@ def test_deep_problems_are_capped(tmp_path):
     d.write_text(json.dumps({"t": {"data_path": "media", "annotation_path": "t.jsonl"}}))
     r = invoke("datasets", "check", str(d), "--deep", "--json")
     probs = json.loads(r.stdout)["problems"]
-    assert len(probs) == 21
+    assert len(probs) == 22  # the data_path problem, 20 files, the count of the rest
+    assert probs[0]["message"] == f"none of the 500 media files of dataset 't' exist under data_path {tmp_path}/media"
     assert probs[-1]["message"].startswith("... and 480 more like: media file not found")
 
 
@@ -692,3 +693,19 @@ def test_missing_media_hints_for_invisible_and_windows_paths(tmp_path):
     assert [p["hint"] for p in probs] == ["the path 'a.jpg ' has a space (or tab) at its start or end",
                                           "write paths with / (this looks like a Windows path)",
                                           "'a.jpg' exists: names are case-sensitive here"]
+
+
+def test_every_media_file_missing_points_at_data_path(tmp_path):
+    (tmp_path / "media" / "sub").mkdir(parents=True)
+    names = [f"{i}.jpg" for i in range(12)]
+    for n in names:
+        (tmp_path / "media" / n).write_bytes(b"x")
+    _write_jsonl(tmp_path / "t.jsonl", [{"image": n, "conversations": _turns("<image>")} for n in names])
+    d = tmp_path / "d.json"
+    d.write_text('{"ok": {"data_path": "media", "annotation_path": "t.jsonl"},\n'
+                 ' "wrong": {"data_path": "media/sub", "annotation_path": "t.jsonl"}}')
+    probs = json.loads(invoke("datasets", "check", str(d), "--deep", "--json").stdout)["problems"]
+    first = probs[0]
+    assert (first["line"], first["column"], first["key"]) == (2, 12, "data_path")
+    assert first["message"] == f"none of the 12 media files of dataset 'wrong' exist under data_path {tmp_path}/media/sub"
+    assert [p["message"].split(":")[0] for p in probs[1:]] == ["media file not found"] * 12

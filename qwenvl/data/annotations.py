@@ -447,6 +447,7 @@ class ScanResult:
     text_only: int = 0  # samples with neither
     media_files: int = 0  # distinct media paths referenced
     missing_media: int = 0  # distinct media paths that do not exist
+    relative_media: int = 0  # distinct media paths relative to data_path (not absolute, not URLs)
     unresolved_media: int = 0  # distinct relative media paths that cannot be resolved (no data_path)
     problems: list[Problem] = field(default_factory=list)
     suppressed: dict[str, int] = field(default_factory=dict)  # kind -> problems not listed
@@ -902,6 +903,7 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
         if prefix is not None and not os.path.isdir(data_path):  # type: ignore[arg-type]
             prefix = None  # reported once as a data_path problem, not once per media file
         by_parent: dict[str, list[tuple[str, str, str]]] = {}
+        res.relative_media = sum(1 for rel in media if rel[0] != "/")
         for rel in media:
             if rel[0] == "/":
                 full = rel
@@ -926,6 +928,7 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
                         case_twin[rel] = folded[name.casefold()]
     else:
         resolved: dict[str, str] = {}
+        res.relative_media = sum(1 for rel in media if not (storage.is_url(rel) or os.path.isabs(rel)))
         for rel in media:
             if data_path is None and not (storage.is_url(rel) or os.path.isabs(rel)):
                 res.unresolved_media += 1

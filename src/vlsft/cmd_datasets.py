@@ -152,6 +152,23 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
             problem = Problem("error", f"dataset '{scan_owner[key]}': cannot read annotations: {result}", key[0])
             report.problems.append(problem)
             d.dataset_of[problem] = scan_owner[key]
+    # every media file missing: the data_path itself is most likely wrong; say so once, at data_path
+    extra: list[Problem] = []
+    for key, result in scans.items():
+        name = scan_owner[key]
+        spec = d.datasets.get(name)
+        if (deep and isinstance(result, ScanResult) and spec is not None and spec.data_path is not None
+                and result.relative_media >= 10 and result.missing_media == result.media_files):
+            line, col = d.key_positions.get((name, "data_path"), d.positions.get(name, (None, None)))
+            problem = Problem("error", f"none of the {result.media_files:,} media files of dataset '{name}' exist "
+                              f"under data_path {spec.data_path}", d.path, line, col, "data_path",
+                              "check data_path: media paths in the annotations are relative to it")
+            extra.append(problem)
+            d.dataset_of[problem] = name
+    if extra:
+        cut = next((i for i, p in enumerate(report.problems) if p.file != d.path), len(report.problems))
+        head = sorted(report.problems[:cut] + extra, key=lambda p: (p.line or 0, p.column or 0))
+        report.problems = head + report.problems[cut:]
     # two entries may share an annotation file: list each problem once
     report.problems = list(dict.fromkeys(report.problems))
     by_name = {r.name: r for r in report.rows}
