@@ -304,3 +304,13 @@ def test_windows_path_hint(tmp_path):
     d = load_dictionary(_write(tmp_path, '{"w": {"annotation_path": "C:\\\\data\\\\t.jsonl"}}'))
     [err] = d.errors
     assert "not found" in err.message and err.hint == "write paths with / (this looks like a Windows path)"
+
+
+def test_unknown_key_synonyms(tmp_path):
+    text = '{"a": {"ann_path": "a.jsonl", "image_folder": "m", "num_samples": 3, "weight": 0.5, "sampleing_rate": 1}}'
+    d = load_dictionary(_write(tmp_path, text), check_files=False)
+    hints = {p.key: p.hint for p in d.errors}
+    assert hints["ann_path"] == "did you mean 'annotation_path'?"  # the spelling match alone said data_path
+    assert hints["image_folder"] == "did you mean 'data_path'?" and hints["num_samples"] == "did you mean 'length'?"
+    assert hints["weight"].startswith("did you mean 'sampling_rate'?")
+    assert hints["sampleing_rate"] == "did you mean 'sampling_rate'?"

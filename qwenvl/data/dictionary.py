@@ -290,7 +290,7 @@ class _Loader:
             res.key_positions[(name, k.name)] = (k.line, k.column)
             if k.name not in KNOWN_KEYS:
                 self.add("error", f"unknown key '{k.name}' in dataset '{name}'", k.line, k.column, key=k.name,
-                         hint=did_you_mean(k.name, KNOWN_KEYS) or f"allowed keys: {', '.join(KNOWN_KEYS)}")
+                         hint=_key_hint(k.name))
                 ok = False
                 continue
             if v is None:  # syntax error already reported
@@ -529,6 +529,28 @@ def _looks_like_samples(root: JNode) -> bool:
         return False
     # a dictionary maps names to objects, so a dataset named "image" is still an object; a sample's is not
     return any(k.name in _SAMPLE_KEYS and v is not None and v.kind in ("array", "string") for k, v in first.value)
+
+
+# keys people write for the known ones (checked before the spelling match, which would map "ann_path" to data_path)
+_SYNONYMS = {
+    "annotation_path": ("ann_path", "ann", "anno_path", "annotation", "annotations", "annotation_file", "ann_file",
+                        "json_path", "jsonl_path", "json", "jsonl", "file", "label_path", "labels"),
+    "data_path": ("image_folder", "image_dir", "image_root", "images", "media", "media_dir", "media_root", "root",
+                  "data_root", "data_dir", "folder", "video_folder", "video_dir", "img_dir", "image_path"),
+    "length": ("num_samples", "size", "count", "n", "samples", "num", "len", "total"),
+    "sampling_rate": ("rate", "ratio", "weight", "fraction", "sample_ratio", "percent", "percentage", "prob"),
+    "repeat_time": ("repeat", "repeats", "repeat_times", "times", "epochs", "upsample", "multiplier"),
+}
+_SYNONYM_OF = {alias: key for key, aliases in _SYNONYMS.items() for alias in aliases}
+
+
+def _key_hint(word: str) -> str:
+    key = _SYNONYM_OF.get(word.strip().lower().replace("-", "_").replace(" ", "_"))
+    if key == "sampling_rate":
+        return "did you mean 'sampling_rate'? (a fraction: 0.5 keeps half; or 'repeat_time' for copies)"
+    if key is not None:
+        return f"did you mean '{key}'?"
+    return did_you_mean(word, KNOWN_KEYS) or f"allowed keys: {', '.join(KNOWN_KEYS)}"
 
 
 def _as_number(text: str, percent_ok: bool = False) -> float | None:
