@@ -314,3 +314,10 @@ def test_unknown_key_synonyms(tmp_path):
     assert hints["image_folder"] == "did you mean 'data_path'?" and hints["num_samples"] == "did you mean 'length'?"
     assert hints["weight"].startswith("did you mean 'sampling_rate'?")
     assert hints["sampleing_rate"] == "did you mean 'sampling_rate'?"
+
+
+def test_misspelt_annotation_path_is_one_error(tmp_path):
+    d = load_dictionary(_write(tmp_path, '{"a": {"annotation_paht": "a.jsonl"}, "b": {"length": 3}}'), check_files=False)
+    assert [(p.key, p.message) for p in d.errors] == [
+        ("annotation_paht", "unknown key 'annotation_paht' in dataset 'a'"),
+        ("annotation_path", "dataset 'b' has no 'annotation_path'")]

@@ -278,6 +278,7 @@ class _Loader:
         values: dict[str, JNode] = {}
         ok = True
         seen_keys: dict[str, JKey] = {}
+        suggested: set[str] = set()  # known keys that unknown keys were suggested as
         for k, v in node.value:
             if k.name in seen_keys:
                 first = seen_keys[k.name]
@@ -289,16 +290,18 @@ class _Loader:
             seen_keys[k.name] = k
             res.key_positions[(name, k.name)] = (k.line, k.column)
             if k.name not in KNOWN_KEYS:
+                hint = _key_hint(k.name)
+                suggested.add(hint.split("'")[1] if hint.startswith("did you mean") else "")
                 self.add("error", f"unknown key '{k.name}' in dataset '{name}'", k.line, k.column, key=k.name,
-                         hint=_key_hint(k.name))
+                         hint=hint)
                 ok = False
                 continue
             if v is None:  # syntax error already reported
                 ok = False
                 continue
             values[k.name] = v
-        for req in REQUIRED_KEYS:
-            if req not in values and req not in seen_keys:
+        for req in REQUIRED_KEYS:  # (not again when a misspelt key was just named as this one)
+            if req not in values and req not in seen_keys and req not in suggested:
                 self.add("error", f"dataset '{name}' has no '{req}'", node.line, node.column, key=req,
                          hint=f'add "{req}": "path/to/annotations.jsonl"')
                 ok = False
