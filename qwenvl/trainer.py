@@ -326,6 +326,10 @@ def _fix_key(k: str, expected: set[str]) -> str:
         candidates.append("model." + k[len("model.language_model."):])
     if k.startswith("model.visual."):
         candidates.append(k[len("model."):])
+    parts = k.split(".")
+    for j in range(1, len(parts)):  # a doubled "model" segment anywhere (Qwen3-VL: model.language_model.model.*)
+        if parts[j] == "model":
+            candidates.append(".".join(parts[:j] + parts[j + 1:]))
     for c in candidates:
         if c in expected:
             return c

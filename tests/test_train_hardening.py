@@ -265,3 +265,38 @@ def test_resume_keywords_any_case_and_hf_resume_from_checkpoint_true(tmp_path, c
                      "--tune_mm_llm", "True", "--output_dir", str(out), "--report_to", "none",
                      "--resume_from_checkpoint", "false"], capsys)
     assert rc == 2 and "already holds a run" in err
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_zero3_style_doubled_keys_are_standardised(tmp_path, family):
+    """ZeRO-3's gathered state dict goes through a second key conversion (Qwen2/2.5-VL: model.model.layers.*,
+    Qwen3-VL: model.language_model.model.layers.*); the saved file must carry save_pretrained's key names."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText
+
+    from qwenvl.tiny import tiny_config
+    from qwenvl.trainer import standardise_checkpoint_keys
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(tiny_config(family))
+    plain = tmp_path / "plain"
+    model.save_pretrained(plain)
+    with safe_open(str(plain / "model.safetensors"), "pt") as fh:
+        expected = {k: fh.get_tensor(k) for k in fh.keys()}
+
+    def doubled(k: str) -> str:
+        for prefix in ("model.language_model.", "model.layers.", "model.embed_tokens.", "model.norm."):
+            if k.startswith(prefix):
+                head = "model.language_model." if prefix == "model.language_model." else "model."
+                return head + "model." + k[len(head):]
+        return k
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    save_file({doubled(k): v.contiguous() for k, v in expected.items()}, str(odd / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert standardise_checkpoint_keys(odd, model)  # something was renamed
+    with safe_open(str(odd / "model.safetensors"), "pt") as fh:
+        assert set(fh.keys()) == set(expected)
+        assert all(torch.equal(fh.get_tensor(k), expected[k]) for k in expected)
