@@ -125,6 +125,15 @@ def decide_resume(output_dir: str, resume: str, overwrite: bool) -> str | None:
     return None
 
 
+def check_resumable(checkpoint: str | None, deepspeed) -> None:
+    """DeepSpeed resumes from its own state (``global_step*/``), which a checkpoint saved with
+    ``save_only_model`` or by a run without DeepSpeed lacks: a :class:`UserError` instead of a traceback per rank."""
+    if checkpoint and deepspeed and not any(Path(checkpoint).glob("global_step*")):
+        raise UserError(f"checkpoint {checkpoint} has no DeepSpeed state (global_step*/: saved with save_only_model "
+                        "or without DeepSpeed), so a DeepSpeed run cannot resume from it; start a new run from its "
+                        "weights (model_name_or_path={checkpoint}, resume=never) or resume without DeepSpeed")
+
+
 def set_aside_old_checkpoints(output_dir: str) -> Path | None:
     """Fresh start with overwrite: move earlier ``checkpoint-*`` folders into ``superseded-<time>/`` so that a
     later ``resume auto`` cannot pick up the old run's checkpoints (nothing is deleted)."""
@@ -322,6 +331,7 @@ def run(argv: list[str]) -> int:
         resume = {"true": "auto", "yes": "auto", "1": "auto", "false": "never", "no": "never", "0": "never",
                   "none": "auto"}.get(rfc.lower(), rfc)
     resume_from = decide_resume(training_args.output_dir, resume, training_args.overwrite_output_dir)
+    check_resumable(resume_from, training_args.deepspeed)
     if resume_from:
         logger.info("resuming from %s", resume_from)
     elif training_args.overwrite_output_dir and training_args.process_index == 0:

@@ -300,3 +300,16 @@ def test_zero3_style_doubled_keys_are_standardised(tmp_path, family):
     with safe_open(str(odd / "model.safetensors"), "pt") as fh:
         assert set(fh.keys()) == set(expected)
         assert all(torch.equal(fh.get_tensor(k), expected[k]) for k in expected)
+
+
+def test_deepspeed_cannot_resume_a_checkpoint_without_its_state(tmp_path):
+    from qwenvl.train import UserError, check_resumable
+
+    cp = tmp_path / "checkpoint-2"
+    cp.mkdir()
+    check_resumable(str(cp), None)  # without DeepSpeed: weights (+ optimizer.pt when present) suffice
+    check_resumable(None, "configs/zero3.json")
+    with pytest.raises(UserError, match="no DeepSpeed state"):
+        check_resumable(str(cp), "configs/zero3.json")
+    (cp / "global_step2").mkdir()
+    check_resumable(str(cp), "configs/zero3.json")
