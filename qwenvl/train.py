@@ -131,7 +131,7 @@ def check_resumable(checkpoint: str | None, deepspeed) -> None:
     if checkpoint and deepspeed and not any(Path(checkpoint).glob("global_step*")):
         raise UserError(f"checkpoint {checkpoint} has no DeepSpeed state (global_step*/: saved with save_only_model "
                         "or without DeepSpeed), so a DeepSpeed run cannot resume from it; start a new run from its "
-                        "weights (model_name_or_path={checkpoint}, resume=never) or resume without DeepSpeed")
+                        f"weights (model_name_or_path={checkpoint}, a new output_dir) or resume without DeepSpeed")
 
 
 def set_aside_old_checkpoints(output_dir: str) -> Path | None:
