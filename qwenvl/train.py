@@ -291,6 +291,17 @@ def _check_report_to(report_to) -> None:
                             f"installed: `pip install {_REPORT_PACKAGES.get(name, name)}`, or choose report_to none")
 
 
+def _check_dataset_size(n: int, training_args) -> None:
+    """At least one batch per rank (transformers would fail with an unrelated message about max_steps)."""
+    world = max(training_args.world_size, 1)
+    if n == 0:
+        raise UserError("the dataset selection has no samples: check dataset_use and the annotation files")
+    if training_args.dataloader_drop_last and -(-n // world) < training_args.per_device_train_batch_size:
+        raise UserError(f"the dataset has {n} samples, fewer than one batch on every rank "
+                        f"({training_args.per_device_train_batch_size} x {training_args.world_size} ranks) with "
+                        "dataloader_drop_last: lower per_device_train_batch_size or add data")
+
+
 def _load_run_config(output_dir: str) -> dict | None:
     p = Path(output_dir) / "vlsft" / "run.yaml"
     if not p.is_file():
@@ -322,6 +333,9 @@ def run(argv: list[str]) -> int:
     _check_report_to(training_args.report_to)
     if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no":
         raise UserError("evaluation is not supported (there is no eval dataset): use --eval_strategy no")
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise UserError(f"nothing to do: num_train_epochs {training_args.num_train_epochs:g} and no max_steps; "
+                        "set num_train_epochs > 0 (fractions such as 0.5 work) or max_steps")
     if not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm):
         raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
 
@@ -377,6 +391,7 @@ def run(argv: list[str]) -> int:
     if report is not None and rank == 0:
         logger.info("data: %s", report if isinstance(report, str) else json.dumps(report, default=str)[:2000])
 
+    _check_dataset_size(len(data["train_dataset"]), training_args)
     cfg = model.config
     trainer = QwenVLTrainer(
         model=model, args=training_args, train_dataset=data["train_dataset"],

@@ -313,3 +313,24 @@ def test_deepspeed_cannot_resume_a_checkpoint_without_its_state(tmp_path):
         check_resumable(str(cp), "configs/zero3.json")
     (cp / "global_step2").mkdir()
     check_resumable(str(cp), "configs/zero3.json")
+
+
+def test_zero_epochs_and_less_than_one_batch_are_one_line(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from qwenvl.train import UserError, _check_dataset_size
+
+    rc, err = _main(["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_dict", str(DICT),
+                     "--tune_mm_llm", "True", "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+                     "--num_train_epochs", "0"], capsys)
+    assert rc == 2 and err.strip().splitlines() == [err.strip()] and "num_train_epochs 0" in err
+
+    def args(batch, world, drop):
+        return SimpleNamespace(per_device_train_batch_size=batch, world_size=world, dataloader_drop_last=drop)
+
+    _check_dataset_size(14, args(32, 1, False))  # one short batch is still a batch
+    _check_dataset_size(5, args(3, 2, True))  # 3 + 2 (the sampler pads to 3 each)
+    with pytest.raises(UserError, match="fewer than one batch"):
+        _check_dataset_size(14, args(32, 1, True))
+    with pytest.raises(UserError, match="no samples"):
+        _check_dataset_size(0, args(1, 1, False))
