@@ -289,6 +289,27 @@ def _check_report_to(report_to) -> None:
         if available is not None and not available():
             raise UserError(f"report_to {name} needs the {_REPORT_PACKAGES.get(name, name)} package, which is not "
                             f"installed: `pip install {_REPORT_PACKAGES.get(name, name)}`, or choose report_to none")
+        if name == "wandb" and not _wandb_can_log_in():
+            raise UserError("report_to wandb: no W&B API key (WANDB_API_KEY, or `wandb login`); set it, or "
+                            "WANDB_MODE=offline (sync later with `wandb sync`), or report_to none")
+
+
+def _wandb_can_log_in() -> bool:
+    """An online W&B run needs a key: from WANDB_API_KEY or the netrc file `wandb login` writes."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get(
+            "WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
 
 
 def _check_dataset_size(n: int, training_args) -> None:

@@ -334,3 +334,24 @@ def test_zero_epochs_and_less_than_one_batch_are_one_line(tmp_path, capsys):
         _check_dataset_size(14, args(32, 1, True))
     with pytest.raises(UserError, match="no samples"):
         _check_dataset_size(0, args(1, 1, False))
+
+
+def test_report_to_wandb_without_a_key_is_refused_before_loading(tmp_path, monkeypatch):
+    from qwenvl.train import UserError, _check_report_to
+
+    for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED", "WANDB_BASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    empty = tmp_path / "netrc"
+    empty.write_text("")
+    empty.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(empty))
+    with pytest.raises(UserError, match="no W&B API key"):
+        _check_report_to(["wandb"])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    _check_report_to(["wandb"])
+    monkeypatch.delenv("WANDB_MODE")
+    empty.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    _check_report_to(["wandb"])  # `wandb login` wrote the key
+    empty.write_text("")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    _check_report_to(["wandb"])
