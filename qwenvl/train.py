@@ -360,6 +360,10 @@ def run(argv: list[str]) -> int:
     if not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm):
         raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
 
+    model_args.model_name_or_path = os.path.expanduser(model_args.model_name_or_path)
+    if Path(training_args.output_dir).exists() and not Path(training_args.output_dir).is_dir():
+        raise UserError(f"output_dir {training_args.output_dir} is a file, not a folder: choose another output_dir")
+
     resume = training_args.resume
     rfc = str(training_args.resume_from_checkpoint or "").strip()
     if rfc and resume == "auto":  # the HF flag: PATH, or True/False as some scripts pass it

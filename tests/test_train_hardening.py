@@ -355,3 +355,10 @@ def test_report_to_wandb_without_a_key_is_refused_before_loading(tmp_path, monke
     empty.write_text("")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     _check_report_to(["wandb"])
+
+
+def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "out").write_text("not a folder")
+    rc, err = _main(["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_dict", str(DICT),
+                     "--tune_mm_llm", "True", "--output_dir", str(tmp_path / "out"), "--report_to", "none"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "is a file" in err
