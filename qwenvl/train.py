@@ -120,6 +120,10 @@ def decide_resume(output_dir: str, resume: str, overwrite: bool) -> str | None:
     markers = previous_run_markers(output_dir)
     if markers and not overwrite:
         shown = ", ".join(markers[:4]) + (" …" if len(markers) > 4 else "")
+        if resume == "auto":  # nothing complete to resume from, yet the folder is not empty
+            raise UserError(f"output_dir {output_dir} holds an earlier run ({shown}) but no complete checkpoint to "
+                            "resume: train over it with overwrite=true, resume=<checkpoint path>, or choose a new "
+                            "output dir")
         raise UserError(f"output_dir {output_dir} already holds a run ({shown}); resume it with resume=auto, "
                         "train over it with overwrite=true, or choose a new output dir")
     return None

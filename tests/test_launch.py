@@ -156,8 +156,9 @@ def test_resume_decisions(tmp_path):
     fin = tmp_path / "fin"
     fin.mkdir()
     (fin / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(UserError, match="already holds a run"):
+    with pytest.raises(UserError, match="no complete checkpoint to resume") as err:
         decide_resume(str(fin), "auto", False)
+    assert "resume=auto" not in str(err.value)  # the advice must not be the setting that just failed
 
 
 def test_slurm_topology_variants():
