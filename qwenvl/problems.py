@@ -12,8 +12,9 @@ the CLI prints one line per problem and exits non-zero, never with a traceback.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 Severity = Literal["error", "warning"]
 

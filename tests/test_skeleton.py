@@ -1,6 +1,7 @@
+import pytest
+
 from qwenvl.data.dataset_use import DatasetUseError, format_dataset_use, parse_dataset_use, sample_count
 from qwenvl.problems import Problem, did_you_mean
-import pytest
 
 
 def test_dataset_use_roundtrip():
