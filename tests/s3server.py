@@ -325,3 +325,12 @@ def upload_dataset(server: MotoS3Server, root: Path, bucket: str | None = None) 
         "data_path": f"{base}/media",
         "annotation_path": f"{base}/ann/train.jsonl",
     }
+
+# The `storage:` block of the run YAMLs the S3 tests write: endpoint from the test server, secrets as references.
+STORAGE_YAML = """storage:
+  endpoint_url: "${S3_TEST_ENDPOINT}"
+  region: us-east-1
+  addressing_style: path
+  access_key_id: "${AWS_ACCESS_KEY_ID}"
+  secret_access_key: "${AWS_SECRET_ACCESS_KEY}"
+"""

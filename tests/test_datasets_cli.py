@@ -9,25 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from dictionary_fixtures import TUTORIAL
 from typer.testing import CliRunner
 
 from vlsft.cli import app
 
-TUTORIAL = """{
-    "dataset1": {
-        "data_path": "/path/to/images",
-        "annotation_path": "/path/to/ann1.json",
-        "length": 1000,
-        "sampleing_rate": 0.05437
-    },
-    "dataset2": {
-        "data_path": "/path/to/images",
-        "annotation_path": "/path/to/ann2.jsonl",
-        "length": 500,
-        "sampling_rate": 0.567
-    },
-}
-"""
 runner = CliRunner()
 
 

@@ -7,24 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+from dictionary_fixtures import TUTORIAL
 
 from qwenvl.data.dictionary import DatasetSpec, count_records, load_dictionary
-
-TUTORIAL = """{
-    "dataset1": {
-        "data_path": "/path/to/images",
-        "annotation_path": "/path/to/ann1.json",
-        "length": 1000,
-        "sampleing_rate": 0.05437
-    },
-    "dataset2": {
-        "data_path": "/path/to/images",
-        "annotation_path": "/path/to/ann2.jsonl",
-        "length": 500,
-        "sampling_rate": 0.567
-    },
-}
-"""
 
 
 def _write(tmp_path: Path, text: str, name: str = "Dataset-Dictionary.json") -> str:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from s3server import s3_server, upload_dataset  # noqa: F401  (fixture)
+from s3server import STORAGE_YAML, s3_server, upload_dataset  # noqa: F401  (fixture)
 
 from qwenvl import storage
 
@@ -30,13 +30,7 @@ training: {{per_device_train_batch_size: 1, max_steps: 2}}
 distributed: {{nproc_per_node: 2, deepspeed: none}}
 output: {{dir: {out_dir}}}
 wandb: {{mode: offline, project: vlsft-s3-test}}
-storage:
-  endpoint_url: "${{S3_TEST_ENDPOINT}}"
-  region: us-east-1
-  addressing_style: path
-  access_key_id: "${{AWS_ACCESS_KEY_ID}}"
-  secret_access_key: "${{AWS_SECRET_ACCESS_KEY}}"
-{extra}"""
+{STORAGE_YAML}{extra}"""
     )
     return path
 

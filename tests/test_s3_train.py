@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from s3server import s3_server, upload_dataset  # noqa: F401  (fixture)
+from s3server import STORAGE_YAML, s3_server, upload_dataset  # noqa: F401  (fixture)
 
 VLSFT = str(Path(sys.executable).parent / "vlsft")
 
@@ -50,13 +50,7 @@ training: {{per_device_train_batch_size: 1, gradient_accumulation_steps: 1, max_
 distributed: {{nproc_per_node: 2, deepspeed: none}}
 output: {{dir: {out}}}
 wandb: {{mode: offline, project: vlsft-s3-test}}
-storage:
-  endpoint_url: "${{S3_TEST_ENDPOINT}}"
-  region: us-east-1
-  addressing_style: path
-  access_key_id: "${{AWS_ACCESS_KEY_ID}}"
-  secret_access_key: "${{AWS_SECRET_ACCESS_KEY}}"
-"""
+{STORAGE_YAML}"""
     )
     env = s3_server.subprocess_env(cli_env)
     env.pop("AWS_ENDPOINT_URL")  # the endpoint reaches the ranks only through the YAML's storage block
