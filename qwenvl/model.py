@@ -21,6 +21,8 @@ import logging
 import os
 from pathlib import Path
 
+from qwenvl.problems import UserError
+
 logger = logging.getLogger(__name__)
 
 # model_type in config.json -> transformers class name (dense models only).
@@ -33,7 +35,7 @@ MODEL_CLASSES: dict[str, str] = {
 PARTS = ("vision", "merger", "llm")
 
 
-class ModelTypeError(ValueError):
+class ModelTypeError(UserError, ValueError):
     """The model directory is not a supported Qwen VL model."""
 
 
@@ -186,7 +188,7 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
-class ProcessorError(ValueError):
+class ProcessorError(UserError, ValueError):
     """The model directory has no usable tokenizer (a processor can be rebuilt, a tokenizer cannot)."""
 
 

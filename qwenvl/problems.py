@@ -5,8 +5,9 @@ first error. A problem renders as one line::
 
     Dataset-Dictionary.json:5:9: error: [sampleing_rate] unknown key (hint: did you mean 'sampling_rate'?)
 
-Layers raise :class:`ProblemsError` (carrying all problems) when they cannot go on;
-the CLI prints one line per problem and exits non-zero, never with a traceback.
+Layers raise :class:`ProblemsError` (carrying all problems) when they cannot go on, or another
+:class:`UserError` subclass with a one-line message; the CLI prints one line per problem and exits
+non-zero, never with a traceback.
 """
 
 from __future__ import annotations
@@ -53,7 +54,23 @@ class Problem:
         return asdict(self)
 
 
-class ProblemsError(Exception):
+class UserError(Exception):
+    """A problem with the user's input or environment (not a bug): shown as one line, exit status 2.
+
+    Every user-facing exception of the project derives from it, so the trainer's ``main`` and the CLI
+    catch one type. ``every_rank``: the error is found by one rank only (e.g. mid-training), so whichever
+    rank raises it reports it, not just rank 0.
+    """
+
+    every_rank = False
+
+    def lines(self) -> list[str]:
+        """What the user sees: ``error: <message>`` on one line (subclasses may give one line per problem)."""
+        text = " ".join(str(self).split()) or type(self).__name__
+        return [text if text.startswith("error:") else f"error: {text}"]
+
+
+class ProblemsError(UserError):
     """Raised when user input cannot be used; carries every problem found."""
 
     def __init__(self, problems: Iterable[Problem]):
@@ -63,6 +80,9 @@ class ProblemsError(Exception):
     @property
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.is_error]
+
+    def lines(self) -> list[str]:
+        return [p.render() for p in self.problems]
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

@@ -52,6 +52,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any
 
+from qwenvl.problems import UserError
+
 log = logging.getLogger(__name__)
 
 _URL_MARK = "://"
@@ -97,7 +99,7 @@ ADDRESSING_STYLES = ("auto", "path", "virtual")
 # errors
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A storage failure with a one-line, user-facing ``message`` (no secrets, no traceback needed).
 
     ``kind`` is one of ``not_found``, ``no_bucket``, ``credentials``, ``denied``, ``unreachable``,

@@ -47,6 +47,7 @@ import torch
 
 from qwenvl.data.preprocess import IGNORE_INDEX
 from qwenvl.data.rope import RopeIndex
+from qwenvl.problems import UserError
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def pop_batch_stats(batch: dict) -> dict:
     return out
 
 
-class BadSampleLimitExceeded(RuntimeError):
-    pass
+class BadSampleLimitExceeded(UserError, RuntimeError):
+    every_rank = True  # found by whichever rank crossed the limit
 
 
 @dataclass

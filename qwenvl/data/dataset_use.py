@@ -17,10 +17,12 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal
 
+from qwenvl.problems import UserError
+
 _ENTRY = re.compile(r"^(?P<name>[^%,]+?)(?:%(?P<pct>[0-9]+(?:\.[0-9]*)?|\.[0-9]+))?$")
 
 
-class DatasetUseError(ValueError):
+class DatasetUseError(UserError, ValueError):
     """A malformed ``--dataset_use`` string."""
 
 

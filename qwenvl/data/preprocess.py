@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qwenvl.problems import UserError
+
 IGNORE_INDEX = -100
 SYSTEM_MESSAGE = "You are a helpful assistant."
 ROLE_MAP = {"human": "user", "gpt": "assistant"}
@@ -52,7 +54,7 @@ VIDEO_TAG = "<video>"
 _TAG_RE = re.compile(r"(<image>|<video>)")
 
 
-class BadSample(ValueError):
+class BadSample(UserError, ValueError):
     """A sample that cannot be trained on; the message says why and how to fix it."""
 
 

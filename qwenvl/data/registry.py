@@ -23,11 +23,12 @@ import numpy as np
 
 from qwenvl.data.dataset_use import DatasetUseEntry, format_percent, parse_dataset_use, sample_count
 from qwenvl.data.store import AnnotationStore
+from qwenvl.problems import UserError
 
 log = logging.getLogger(__name__)
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """A dataset name or dictionary problem (one line per problem in the message)."""
 
 

@@ -27,11 +27,12 @@ import numpy as np
 from PIL import Image
 
 from qwenvl import storage
+from qwenvl.problems import UserError
 
 log = logging.getLogger(__name__)
 
 
-class MediaError(RuntimeError):
+class MediaError(UserError, RuntimeError):
     """A media file that cannot be read or processed (the sample is skipped and counted)."""
 
 
