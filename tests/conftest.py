@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-GOLDEN = SHARED / "golden" / "official-qwen25"
+GOLDEN_ROOT = REPO / "tests" / "golden"  # in the repository: the suite needs nothing beside the checkout
+GOLDEN = GOLDEN_ROOT / "official-qwen25"
 CACHE = REPO / ".cache"
 
 
@@ -21,7 +21,8 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not GOLDEN.exists():
-        pytest.fail(f"golden data missing at {GOLDEN}: the project expects ../shared beside the checkout")
+        pytest.fail(f"golden data missing at {GOLDEN}: it ships with the repository (tests/golden/); "
+                    "restore it with git")
     return GOLDEN
 
 

@@ -230,7 +230,7 @@ def s3_env(s3_server, monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # a small, clean dataset (golden media) mirrored locally and on S3
 
-GOLDEN_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "golden" / "official-qwen25" / "media"
+GOLDEN_MEDIA = Path(__file__).resolve().parent / "golden" / "official-qwen25" / "media"
 
 SAMPLES = [
     {

@@ -1,4 +1,4 @@
-"""Our samples vs. the official Qwen2.5-era pipeline's outputs (../shared/golden/official-qwen25).
+"""Our samples vs. the official Qwen2.5-era pipeline's outputs (tests/golden/official-qwen25).
 
 Every processable sample must match under all four settings: input_ids, labels, position_ids,
 grids and frame indices exactly; pixel statistics within the golden README's tolerances.

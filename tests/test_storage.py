@@ -16,7 +16,7 @@ from s3server import closed_port_url, s3_env, s3_server  # noqa: F401  (fixtures
 
 from qwenvl import storage
 
-GOLDEN_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "golden" / "official-qwen25" / "media"
+GOLDEN_MEDIA = Path(__file__).resolve().parent / "golden" / "official-qwen25" / "media"
 VIDEO = "videos/clip_4s_24fps_160x120.mp4"
 
 
