@@ -47,6 +47,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -129,8 +130,30 @@ class StorageNotFound(StorageError, FileNotFoundError):
 # paths
 
 
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+S3_SCHEMES = ("s3", "s3a", "s3n")
+HTTP_SCHEMES = ("http", "https")
+
+
 def is_url(path: str) -> bool:
-    return _URL_MARK in str(path)
+    """Whether ``path`` starts with a URL scheme (``s3://``, ``https://``, ...); anything else is a local path."""
+    return _URL_MARK in str(path) and _SCHEME_RE.match(str(path)) is not None
+
+
+def url_scheme(path: str) -> str | None:
+    """The lower-case scheme of a URL (``s3``, ``https``, ...), None for a local path."""
+    m = _SCHEME_RE.match(str(path))
+    return m.group()[:-3].lower() if m else None
+
+
+def is_s3_url(path: str) -> bool:
+    """An object-store URL in S3's dialect (``s3://``, ``s3a://``, ``s3n://``): listed, read through s3fs."""
+    return url_scheme(path) in S3_SCHEMES
+
+
+def is_http_url(path: str) -> bool:
+    """An ``http://`` / ``https://`` URL: a plain web server, not S3 (no listing, no AWS settings)."""
+    return url_scheme(path) in HTTP_SCHEMES
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -430,6 +453,13 @@ def translate_error(exc: BaseException, url: str, action: str = "reading") -> St
     """
     if isinstance(exc, StorageError):
         return exc
+    if is_http_url(url):  # a web server, not S3: no endpoint / credential advice
+        if isinstance(exc, FileNotFoundError) or "404" in str(exc)[:40]:
+            return StorageNotFound(f"not found on the web server: {url}", url=url, kind="not_found")
+        if _is_unreachable(exc):
+            return StorageError(f"cannot reach {url} ({type(exc).__name__}); check the address and that the "
+                                "server is up", url=url, kind="unreachable")
+        return StorageError(f"cannot read {url}: {type(exc).__name__}: {exc}", url=url)
     where = describe_endpoint()
     bucket = bucket_of(url) if is_url(url) else ""
     name = type(exc).__name__

@@ -54,8 +54,33 @@ VIDEO_TAG = "<video>"
 _TAG_RE = re.compile(r"(<image>|<video>)")
 
 
+#: Reason classes of a bad sample (``BadSample.kind``): the trainer counts skipped samples by them and
+#: ``vlsft datasets check --deep`` reports its errors with the same ones.
+BAD_SAMPLE_KINDS = {
+    "not_object": "the record is not a JSON object",
+    "bad_media_field": "'image'/'video' is not a path or a list of paths (or is misspelt 'images'/'videos')",
+    "bad_conversation": "'conversations' or one of its turns is malformed",
+    "tags_media_mismatch": "the <image>/<video> tags in human turns do not match the media items",
+    "no_answer": "no assistant turn to train on",
+    "no_data_path": "a relative media path in a dataset without data_path",
+    "unsupported_media": "media the model family cannot take (videos with Qwen3-VL)",
+    "missing_media": "a media file that is not a regular readable file (missing, a folder, a broken symlink)",
+    "media_unreadable": "a media file that cannot be decoded (corrupt, truncated, empty, too large)",
+    "media_unreachable": "media on a server that cannot be reached",
+    "too_long": "more tokens than model_max_length",
+}
+
+
 class BadSample(UserError, ValueError):
-    """A sample that cannot be trained on; the message says why and how to fix it."""
+    """A sample that cannot be trained on; the message says why and how to fix it, ``kind`` (one of
+    :data:`BAD_SAMPLE_KINDS`) is the reason class the skip is counted under."""
+
+    def __init__(self, message: str = "", kind: str = "bad_conversation"):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keep the kind across processes (DataLoader workers)
+        return type(self), (str(self), self.kind)
 
 
 @dataclass
@@ -145,12 +170,12 @@ class ChatEncoder:
                     tag, after = pieces[j], pieces[j + 1]
                     if tag == IMAGE_TAG:
                         if img_i >= len(image_tokens):
-                            raise BadSample(f"more <image> tags than images ({len(image_tokens)})")
+                            raise BadSample(f"more <image> tags than images ({len(image_tokens)})", "tags_media_mismatch")
                         pad = (self.image_pad, image_tokens[img_i])
                         img_i += 1
                     else:
                         if vid_i >= len(video_tokens):
-                            raise BadSample(f"more <video> tags than videos ({len(video_tokens)})")
+                            raise BadSample(f"more <video> tags than videos ({len(video_tokens)})", "tags_media_mismatch")
                         pad = (self.video_pad, video_tokens[vid_i])
                         vid_i += 1
                     items.append(buf)
@@ -166,7 +191,7 @@ class ChatEncoder:
         if img_i != len(image_tokens) or vid_i != len(video_tokens):
             raise BadSample(f"{len(image_tokens)} image(s) / {len(video_tokens)} video(s) but "
                             f"{img_i} <image> / {vid_i} <video> tag(s) in human turns: every media item "
-                            "needs exactly one tag")
+                            "needs exactly one tag", "tags_media_mismatch")
         encoded = iter(self.encode_segments(texts))
         ids: list[int] = []
         labels: list[int] = []

@@ -46,21 +46,26 @@ from qwenvl.data.preprocess import BadSample, ChatEncoder, count_tags, normalize
 from qwenvl.data.rope import RopeIndex
 
 
-@dataclass
-class VisionBudget:
-    """The official DataArguments that shape pixels (names as in the official trainer)."""
+def _budget_class():
+    """VisionBudget: the ``budget`` fields of :class:`qwenvl.arguments.DataArguments` (names, types and
+    defaults come from there, so the trainer, the run YAML and this class cannot disagree)."""
+    from dataclasses import fields, make_dataclass
 
-    max_pixels: int = 576 * 28 * 28
-    min_pixels: int = 16 * 28 * 28
-    video_max_frames: int = 8
-    video_min_frames: int = 4
-    base_interval: float = 2
-    video_max_frame_pixels: int = 32 * 28 * 28
-    video_min_frame_pixels: int = 4 * 28 * 28
+    from qwenvl.arguments import DataArguments, budget_fields
 
-    @classmethod
-    def from_args(cls, args) -> VisionBudget:
-        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if getattr(args, k, None) is not None})
+    names = budget_fields()
+    spec = [(f.name, f.type, field(default=f.default)) for f in fields(DataArguments) if f.name in names]
+
+    def from_args(cls, args):
+        return cls(**{k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
+
+    cls = make_dataclass("VisionBudget", spec, namespace={"from_args": classmethod(from_args),
+                         "__doc__": "The official DataArguments that shape pixels (names as in the official "
+                         "trainer).", "__module__": __name__})
+    return cls
+
+
+VisionBudget = _budget_class()
 
 
 def _as_list(value, key: str) -> list[str]:
@@ -70,11 +75,11 @@ def _as_list(value, key: str) -> list[str]:
         value = [value]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         if not value:
-            raise BadSample(f"'{key}' is an empty list (drop the key for a sample without {key}s)")
+            raise BadSample(f"'{key}' is an empty list (drop the key for a sample without {key}s)", "bad_media_field")
         if any(not v.strip() for v in value):
-            raise BadSample(f"'{key}' holds an empty path")
+            raise BadSample(f"'{key}' holds an empty path", "bad_media_field")
         return list(value)
-    raise BadSample(f"'{key}' must be a path or a list of paths, got {type(value).__name__}")
+    raise BadSample(f"'{key}' must be a path or a list of paths, got {type(value).__name__}", "bad_media_field")
 
 
 def _media_path(data_path: str | None, rel: str, key: str) -> str:
@@ -82,7 +87,7 @@ def _media_path(data_path: str | None, rel: str, key: str) -> str:
     (it would otherwise be looked up in whatever folder the trainer was started from)."""
     if not data_path and not (storage.is_url(rel) or os.path.isabs(rel)):
         raise BadSample(f"{key} path {rel!r} is relative but the dataset has no data_path: set data_path in the "
-                        "dataset dictionary, or use absolute paths / URLs")
+                        "dataset dictionary, or use absolute paths / URLs", "no_data_path")
     return storage.join(data_path, rel)
 
 
@@ -107,24 +112,24 @@ class SampleBuilder:
         import torch
 
         if not isinstance(record, dict):
-            raise BadSample(f"record is a {type(record).__name__}, expected an object")
+            raise BadSample(f"record is a {type(record).__name__}, expected an object", "not_object")
         if "images" in record and "image" not in record:
             raise BadSample("uses the key 'images'; the annotation format reads 'image' (a path or a list): "
-                            "rename the key")
+                            "rename the key", "bad_media_field")
         if "videos" in record and "video" not in record:
-            raise BadSample("uses the key 'videos'; the annotation format reads 'video': rename the key")
+            raise BadSample("uses the key 'videos'; the annotation format reads 'video': rename the key", "bad_media_field")
         images = _as_list(record.get("image"), "image")
         videos = _as_list(record.get("video"), "video")
         if videos and self.model_type.replace(".", "").replace("_", "").lower().startswith("qwen3"):
             raise BadSample("videos are not supported for Qwen3-VL by this pipeline yet (its video format uses "
-                            "per-frame timestamps); use images, or a Qwen2.5-VL model for video data")
+                            "per-frame timestamps); use images, or a Qwen2.5-VL model for video data", "unsupported_media")
         turns = normalize_conversation(record.get("conversations"))
         n_img_tags, n_vid_tags = count_tags(turns)
         if n_img_tags != len(images) or n_vid_tags != len(videos):
             raise BadSample(f"{len(images)} image(s) / {len(videos)} video(s) but {n_img_tags} <image> / "
-                            f"{n_vid_tags} <video> tag(s) in human turns: every media item needs exactly one tag")
+                            f"{n_vid_tags} <video> tag(s) in human turns: every media item needs exactly one tag", "tags_media_mismatch")
         if not any(t.role not in ("user", "system") for t in turns):
-            raise BadSample("no assistant turn to train on")
+            raise BadSample("no assistant turn to train on", "no_answer")
         b, m2 = self.budget, self.spec.merge_size ** 2
         out: dict = {}
         image_tokens: list[int] = []
@@ -152,7 +157,7 @@ class SampleBuilder:
         ids, labels = self.encoder.encode(turns, image_tokens, video_tokens)
         if self.model_max_length is not None and len(ids) > self.model_max_length:
             raise BadSample(f"{len(ids)} tokens > model_max_length {self.model_max_length} (skipped whole: "
-                            "vision tokens are never cut; raise model_max_length or lower max_pixels)")
+                            "vision tokens are never cut; raise model_max_length or lower max_pixels)", "too_long")
         out["input_ids"] = torch.from_numpy(ids)
         out["labels"] = torch.from_numpy(labels)
         out["position_ids"] = self.rope(out["input_ids"], out.get("image_grid_thw"), out.get("video_grid_thw"),

@@ -18,8 +18,11 @@ that); processors are built once per bounds and cached.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -27,13 +30,48 @@ import numpy as np
 from PIL import Image
 
 from qwenvl import storage
-from qwenvl.problems import UserError
+from qwenvl.data.preprocess import BadSample
 
 log = logging.getLogger(__name__)
 
 
-class MediaError(UserError, RuntimeError):
-    """A media file that cannot be read or processed (the sample is skipped and counted)."""
+class MediaError(BadSample):
+    """A media file that cannot be read or processed (the sample is skipped and counted).
+
+    ``kind``: ``missing_media`` (not a regular readable file: absent, a folder, a broken symlink or a
+    symlink loop, unreadable), ``media_unreachable`` (a URL whose server cannot be reached) or
+    ``media_unreadable`` (the default: corrupt, truncated, empty, over the decompression-bomb limit)."""
+
+    def __init__(self, message: str = "", kind: str = "media_unreadable"):
+        super().__init__(message, kind)
+
+
+def local_media_problem(path: str) -> str | None:
+    """Why a local ``path`` is not usable media, or None: media means a regular file this process can read
+    (a folder named ``x.png``, a dangling symlink and a symlink loop are not). Shared with the deep check."""
+    try:
+        st = os.stat(path)  # follows symlinks: a dangling one or a loop raises
+    except FileNotFoundError:
+        return "not found" if not os.path.islink(path) else "a broken symbolic link (its target does not exist)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        return f"cannot be accessed ({e.strerror or type(e).__name__})"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "not readable (permission denied)"
+    return None
+
+
+def _missing(path: str, what: str) -> MediaError | None:
+    why = local_media_problem(path)
+    if why is None:
+        return None
+    return MediaError(f"{what} not found: {path}" if why == "not found" else f"{what} {path} is {why}",
+                      "missing_media")
 
 
 @dataclass(frozen=True)
@@ -83,14 +121,21 @@ def open_image(path: str) -> Image.Image:
         if storage.is_url(path):
             img = Image.open(io.BytesIO(storage.read_bytes(path)))
         else:
+            bad = _missing(path, "image")
+            if bad is not None:
+                raise bad
             img = Image.open(path)
         return img.convert("RGB")
+    except MediaError:
+        raise
     except storage.StorageError as e:
-        if e.fatal:  # bucket/credentials/endpoint: no other sample can be read either; the dataset stops
+        if e.fatal and not storage.is_http_url(path):  # bucket/credentials/endpoint: no other sample can be read
             raise
-        raise MediaError(f"image not found: {path}" if isinstance(e, FileNotFoundError) else str(e)) from e
-    except FileNotFoundError as e:
-        raise MediaError(f"image not found: {path}") from e
+        if isinstance(e, FileNotFoundError):
+            raise MediaError(f"image not found: {path}", "missing_media") from e
+        raise MediaError(str(e), "media_unreachable" if e.kind == "unreachable" else "media_unreadable") from e
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise MediaError(f"image not found: {path}", "missing_media") from e
     except Exception as e:  # PIL raises many types for corrupt files
         raise MediaError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
@@ -202,12 +247,18 @@ def decode_video(path: str, args) -> DecodedVideo:
     """Decode the sampled frames of a video: decord, then PyAV, then torchcodec."""
     data = None
     if storage.is_url(path):
-        data = storage.read_bytes(path)  # once, shared by every backend (not one download per try)
+        try:
+            data = storage.read_bytes(path)  # once, shared by every backend (not one download per try)
+        except storage.StorageError as e:
+            if e.fatal and not storage.is_http_url(path):
+                raise
+            if isinstance(e, FileNotFoundError):
+                raise MediaError(f"video not found: {path}", "missing_media") from e
+            raise MediaError(str(e), "media_unreachable" if e.kind == "unreachable" else "media_unreadable") from e
     else:
-        import os
-
-        if not os.path.exists(path):
-            raise MediaError(f"video not found: {path}")
+        bad = _missing(path, "video")
+        if bad is not None:
+            raise bad
     errors = []
     for name, fn in (("decord", _decode_decord), ("pyav", _decode_pyav), ("torchcodec", _decode_torchcodec)):
         try:
