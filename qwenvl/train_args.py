@@ -1,6 +1,6 @@
 """``transformers.TrainingArguments`` plus the vlsft / official extras (imports transformers).
 
-Extras: ``--mm_projector_lr``, ``--vision_tower_lr`` (independent of each other), ``--resume``
+Extras (fields, defaults and help in :class:`qwenvl.arguments.ExtraTrainingArguments`): ``--mm_projector_lr``, ``--vision_tower_lr`` (independent of each other), ``--resume``
 (``auto`` | ``never`` | PATH) and ``--overwrite_output_dir``; the official scripts' ``--warmup_ratio`` (gone
 from transformers 5) becomes ``warmup_steps`` (a value below 1 is a ratio there), and the official
 ``--gradient_checkpointing`` becomes ``activation_checkpointing`` (no deprecation warning). Kept out of ``qwenvl.arguments`` so that
@@ -14,31 +14,16 @@ DeepSpeed config instead); without DeepSpeed, ``use_cpu`` and the gloo DDP backe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import transformers
 
+from qwenvl.arguments import ExtraTrainingArguments
+
 
 @dataclass
-class TrainingArguments(transformers.TrainingArguments):
-    mm_projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision-language "
-                                          "merger (projector); default: learning_rate."})
-    vision_tower_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision tower "
-                                          "(without the merger); default: learning_rate. Independent of mm_projector_lr."})
-    warmup_ratio: float | None = field(default=None, metadata={"help": "Official-script name: fraction of the "
-                                       "total steps spent warming up, in [0, 1) (transformers 5: --warmup_steps "
-                                       "below 1 is the same)."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Official-script argument, accepted and unused "
-                                  "(model_name_or_path is a local folder)."})
-    lora_enable: bool = field(default=False, metadata={"help": "Official (newer) argument; LoRA is not supported: "
-                              "True is refused."})
-    lora_r: int = field(default=64, metadata={"help": "Accepted for official scripts; unused (no LoRA)."})
-    lora_alpha: int = field(default=128, metadata={"help": "Accepted for official scripts; unused (no LoRA)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Accepted for official scripts; unused (no LoRA)."})
-    resume: str = field(default="auto", metadata={"help": "auto: continue from the newest complete checkpoint in "
-                        "output_dir (fresh start if none); never: start fresh; PATH: continue from that checkpoint."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a fresh run into an output_dir that "
-                                       "already holds checkpoints or a model (nothing is deleted; files are overwritten)."})
+class TrainingArguments(ExtraTrainingArguments, transformers.TrainingArguments):
+    """``transformers.TrainingArguments`` + :class:`qwenvl.arguments.ExtraTrainingArguments` (defaults live there)."""
 
     # set by qwenvl.train before parsing; class-level so HfArgumentParser does not expose them
     _cpu_mode = None  # None (CUDA present), "deepspeed", "ddp" or "single" (one CPU process)

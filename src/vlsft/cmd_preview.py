@@ -25,9 +25,8 @@ import typer
 from qwenvl.problems import Problem, ProblemsError, did_you_mean
 from vlsft import render
 from vlsft.app import datasets_app
+from vlsft.keymap import owned_by, yaml_value
 
-_DATA_KEYS = ("max_pixels", "min_pixels", "video_max_frames", "video_min_frames", "base_interval",
-              "video_max_frame_pixels", "video_min_frame_pixels", "model_max_length")
 _MODEL_TYPES = {"qwen2_5_vl": "qwen2.5vl", "qwen2_vl": "qwen2vl", "qwen3_vl": "qwen3vl"}
 
 
@@ -103,8 +102,8 @@ def preview(
         base = cfg.base_dir
         model = model or _resolve(base, cfg.model.name_or_path)
         dictionary = dictionary or _resolve(base, cfg.data.dictionary)
-        for k in _DATA_KEYS:
-            setattr(data_args, k, getattr(cfg.data, k))
+        for key in owned_by(DataArguments):  # every data argument the run YAML sets (vlsft.keymap)
+            setattr(data_args, key.flag, yaml_value(cfg, key))
     if not model or not dictionary:
         _fail("no model or dictionary given", hint="pass --config run.yaml, or both --model DIR and --dictionary FILE")
 

@@ -16,15 +16,16 @@ from typing import Any
 import yaml
 
 from qwenvl.problems import Problem, did_you_mean
-from vlsft.config import SECRET_FIELDS, SECTIONS, _Loader, _Mark, _Marks
+from vlsft.schema import SECRET_FIELDS, SECTIONS
 from vlsft.training_args import SECRET_NAMES
+from vlsft.yamlmarks import Mark, Marks, load_value
 
 
 def parse_override_value(text: str) -> Any:
     """Type an override value the way the YAML file would (``2e-5`` -> float, ``true`` -> bool, ``[a, b]``)."""
     if text.strip() == "":
         return None
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    return load_value(text)
 
 
 
@@ -41,6 +42,16 @@ def _text_field(section: str, name: str) -> bool:
     return str in args and args <= {str, type(None)}
 
 
+def _secret_key(key: str) -> bool:
+    """A key whose value must never be shown: a secret field, a name that reads as a secret (secret, token,
+    password, api_key ...), or a misspelling of a secret field (``storage.secret_acces_key``)."""
+    from qwenvl.storage import is_secret_name
+
+    last = key.rsplit(".", 1)[-1].strip().lower()
+    secrets = (*SECRET_FIELDS, *SECRET_NAMES)
+    return last in secrets or is_secret_name(last) or bool(did_you_mean(last, secrets))
+
+
 def _known_dotted_keys() -> list[str]:
     return [f"{sec}.{name}" for sec, model in SECTIONS.items() for name in model.model_fields]
 
@@ -50,7 +61,7 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
-def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Problem]:
+def apply_overrides(data: dict, marks: Marks, overrides: list[str]) -> list[Problem]:
     problems: list[Problem] = []
     for raw in overrides:
         shown = _printable(raw)
@@ -61,7 +72,7 @@ def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Pro
             continue
         key, _, text = raw.partition("=")
         key = key.strip()
-        if key.rsplit(".", 1)[-1] in (*SECRET_FIELDS, *SECRET_NAMES):  # never echo a secret from the command line
+        if _secret_key(key):  # never echo a secret from the command line, a misspelt secret key's value neither
             shown = f"{key}=***"
             where = f"override '{shown}'"
         parts = tuple(key.split("."))
@@ -97,7 +108,7 @@ def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Pro
                 value = stripped
             else:
                 value = parse_override_value(text)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError) as exc:
             what = " ".join(str(getattr(exc, "problem", None) or exc).split())
             problems.append(Problem("error", f"value is not valid YAML: {what}",
                                     file=where, key=_printable(key), hint="quote it: KEY='value'"))
@@ -108,11 +119,11 @@ def apply_overrides(data: dict, marks: _Marks, overrides: list[str]) -> list[Pro
             if not isinstance(child, dict):
                 child = {}
                 node[part] = child
-            marks.key.setdefault(parts[: i + 1], _Mark(None, None, shown))
+            marks.key.setdefault(parts[: i + 1], Mark(None, None, shown))
             node = child
         node[parts[-1]] = value
         for table in (marks.key, marks.value):
             for path in [p for p in table if p[: len(parts)] == parts]:
                 del table[path]
-        marks.key[parts] = marks.value[parts] = _Mark(None, None, shown)
+        marks.key[parts] = marks.value[parts] = Mark(None, None, shown)
     return problems

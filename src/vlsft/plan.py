@@ -44,7 +44,9 @@ from typing import Any
 
 import vlsft
 from qwenvl.problems import Problem, ProblemsError, did_you_mean
+from qwenvl.runpolicy import deepspeed_path, run_markers
 from vlsft.config import RunConfig, load_run_config
+from vlsft.keymap import KEYS, yaml_value
 
 REPO_CONFIGS = Path(vlsft.__file__).resolve().parents[2] / "configs"
 SECRET_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY"})
@@ -158,34 +160,12 @@ def torchrun_executable() -> str:
     return str(candidate) if candidate.exists() else "torchrun"
 
 
-def deepspeed_path(name: str, base: Path) -> str | None:
-    """Preset name -> ``configs/<name>.json`` of this checkout; a path -> absolute; ``none`` -> None."""
-    if name.strip().lower() in ("none", "", "off", "false"):
-        return None
-    from vlsft.config import DEEPSPEED_PRESETS
-
-    if name in DEEPSPEED_PRESETS:
-        return str(REPO_CONFIGS / f"{name}.json")
-    return _resolve_path(base, name)
-
-
 def _not_a_folder(path: Path) -> Path | None:
     """The file that stands where ``path`` or one of its parents must be a folder, else None."""
     for p in (path, *path.parents):
         if p.exists():
             return None if p.is_dir() else p
     return None
-
-
-def _run_markers(directory: Path) -> list[str]:
-    """What in ``directory`` shows an earlier run (checkpoints, trainer state, a saved model)."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    found = sorted((n for n in names if n.startswith("checkpoint-")), key=lambda n: (len(n), n))
-    found += [n for n in ("trainer_state.json", "config.json") if n in names]
-    return found
 
 
 _MEDIA_KEY = re.compile(rb'"(image|video)"\s*:')
@@ -478,53 +458,11 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         env[var] = resolved
     report_to = tr.report_to if tr.report_to is not None else ("wandb" if mode != "disabled" else "none")
 
-    # ---- trainer arguments
-    args: list[tuple[str, Any]] = [
-        ("model_name_or_path", m.name_or_path),
-        ("tune_mm_vision", m.tune_mm_vision),
-        ("tune_mm_mlp", m.tune_mm_mlp),
-        ("tune_mm_llm", m.tune_mm_llm),
-        ("attn_implementation", m.attn_implementation),
-        ("dataset_dict", d.dictionary),
-        ("dataset_use", dataset_use),
-        ("max_pixels", d.max_pixels),
-        ("min_pixels", d.min_pixels),
-        ("video_max_frames", d.video_max_frames),
-        ("video_min_frames", d.video_min_frames),
-        ("base_interval", d.base_interval),
-        ("video_max_frame_pixels", d.video_max_frame_pixels),
-        ("video_min_frame_pixels", d.video_min_frame_pixels),
-        ("model_max_length", d.model_max_length),
-        ("data_flatten", d.flatten),
-        ("data_packing", d.packing),
-        ("max_bad_sample_ratio", d.max_bad_sample_ratio),
-        ("output_dir", out.dir),
-        ("run_name", out.run_name),
-        ("resume", out.resume),
-        ("overwrite_output_dir", out.overwrite),
-        ("deepspeed", ds_path),
-        ("per_device_train_batch_size", tr.per_device_train_batch_size),
-        ("gradient_accumulation_steps", accum),
-        ("num_train_epochs", tr.num_train_epochs),
-        ("max_steps", tr.max_steps),
-        ("learning_rate", tr.learning_rate),
-        ("mm_projector_lr", tr.mm_projector_lr),
-        ("vision_tower_lr", tr.vision_tower_lr),
-        ("weight_decay", tr.weight_decay),
-        ("warmup_steps", tr.warmup_ratio),
-        ("lr_scheduler_type", tr.lr_scheduler_type),
-        ("max_grad_norm", tr.max_grad_norm),
-        ("bf16", tr.bf16),
-        ("gradient_checkpointing", tr.gradient_checkpointing),
-        ("save_strategy", "steps"),
-        ("save_steps", tr.save_steps),
-        ("save_total_limit", tr.save_total_limit),
-        ("logging_steps", tr.logging_steps),
-        ("dataloader_num_workers", d.num_workers),
-        ("seed", tr.seed),
-        ("data_seed", d.seed),
-        ("report_to", report_to),
-    ]
+    # ---- trainer arguments: one per keymap row, in its order (computed values replace the YAML's own)
+    computed: dict[str, Any] = {"dataset_use": dataset_use, "deepspeed": ds_path, "gradient_accumulation_steps": accum,
+                                "report_to": report_to}
+    args: list[tuple[str, Any]] = [(k.flag, computed[k.flag] if k.flag in computed else yaml_value(cfg, k))
+                                   for k in KEYS]
     args += list(tr.extra.items())
     trainer_args: list[str] = []
     for name, value in args:
@@ -577,7 +515,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
                         f"may take at max_pixels {d.max_pixels} (+~{TEXT_TOKEN_ALLOWANCE} text tokens): samples "
                         "with a large image will be skipped; raise model_max_length or lower max_pixels")
     if "://" not in out.dir:
-        markers = _run_markers(Path(out.dir))
+        markers = run_markers(out.dir)
         if markers and out.resume == "never" and not out.overwrite:
             warnings.append(f"output.dir {out.dir} already holds a run ({', '.join(markers[:3])}) while "
                             "output.resume is never and output.overwrite is false: the trainer will refuse to "

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from qwenvl.problems import did_you_mean
+from vlsft.keymap import owned_by_yaml
 
 TRAINING_ARGUMENT_NAMES: frozenset[str] = frozenset((
     'accelerator_config', 'activation_checkpointing', 'activation_checkpointing_kwargs', 'adam_beta1',
@@ -39,37 +40,7 @@ TRAINING_ARGUMENT_NAMES: frozenset[str] = frozenset((
 ))
 
 # Names the run YAML sets through its own keys: passing them in training.extra would give two sources of truth.
-OWNED_BY_YAML: dict[str, str] = {
-    "output_dir": "output.dir",
-    "run_name": "output.run_name",
-    "resume_from_checkpoint": "output.resume",
-    "overwrite_output_dir": "output.overwrite",
-    "deepspeed": "distributed.deepspeed",
-    "local_rank": "distributed (torchrun sets the local rank)",
-    "per_device_train_batch_size": "training.per_device_train_batch_size",
-    "gradient_accumulation_steps": "training.gradient_accumulation_steps or training.global_batch_size",
-    "learning_rate": "training.learning_rate",
-    "mm_projector_lr": "training.mm_projector_lr",
-    "vision_tower_lr": "training.vision_tower_lr",
-    "num_train_epochs": "training.num_train_epochs",
-    "max_steps": "training.max_steps",
-    "bf16": "training.bf16",
-    "gradient_checkpointing": "training.gradient_checkpointing",
-    "activation_checkpointing": "training.gradient_checkpointing",
-    "save_steps": "training.save_steps",
-    "save_total_limit": "training.save_total_limit",
-    "logging_steps": "training.logging_steps",
-    "warmup_steps": "training.warmup_ratio",
-    "warmup_ratio": "training.warmup_ratio",
-    "weight_decay": "training.weight_decay",
-    "lr_scheduler_type": "training.lr_scheduler_type",
-    "max_grad_norm": "training.max_grad_norm",
-    "seed": "training.seed",
-    "report_to": "training.report_to (or the wandb section)",
-    "data_seed": "data.seed",
-    "dataloader_num_workers": "data.num_workers",
-    "model_max_length": "data.model_max_length",
-}
+OWNED_BY_YAML: dict[str, str] = owned_by_yaml()
 
 # Fields HfArgumentParser reads with nargs="+": a YAML list becomes several argv tokens (--label_names a b);
 # every other field takes exactly one token (a mapping is passed as JSON, which dict-typed fields accept).
