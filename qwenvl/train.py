@@ -58,100 +58,21 @@ if __package__ in (None, ""):  # `python qwenvl/train.py` / `torchrun qwenvl/tra
 
 logger = logging.getLogger("qwenvl.train")
 
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "pytorch_model.bin.index.json")
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-class UserError(Exception):
-    """A problem with the run's inputs: reported as one line, exit status 2."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# output_dir / resume decisions (no torch needed; vlsft imports these to check before launching)
-# ---------------------------------------------------------------------------------------------------
-def is_complete_checkpoint(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return (p / "trainer_state.json").is_file() and any((p / f).is_file() for f in MODEL_FILES)
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path, bool]]:
-    """``(step, path, complete)`` for every ``checkpoint-N`` folder, oldest first."""
-    d = Path(output_dir)
-    if not d.is_dir():
-        return []
-    out = []
-    for child in d.iterdir():
-        m = CHECKPOINT_RE.match(child.name)
-        if m and child.is_dir():
-            out.append((int(m.group(1)), child, is_complete_checkpoint(child)))
-    return sorted(out)
-
-
-def previous_run_markers(output_dir: str | os.PathLike) -> list[str]:
-    """What in ``output_dir`` shows an earlier run: checkpoints, model weights, trainer state."""
-    d = Path(output_dir)
-    if not d.is_dir():
-        return []
-    found = [p.name for _, p, _ in list_checkpoints(d)]
-    found += [f for f in (*MODEL_FILES, "trainer_state.json") if (d / f).is_file()]
-    return found
-
-
-def decide_resume(output_dir: str, resume: str, overwrite: bool) -> str | None:
-    """The checkpoint to resume from (None = fresh start), or :class:`UserError` when refused."""
-    resume = (resume or "auto").strip()
-    if resume.lower() in ("auto", "never"):
-        resume = resume.lower()
-    if resume not in ("auto", "never"):
-        if not Path(resume).is_dir():
-            raise UserError(f"resume checkpoint {resume} does not exist: give an existing checkpoint-N folder, "
-                            "or resume=auto / never")
-        if not is_complete_checkpoint(resume):
-            raise UserError(f"resume checkpoint {resume} is incomplete (no trainer_state.json or weights): "
-                            "pick an earlier checkpoint")
-        return str(resume)
-    if resume == "auto":
-        cps = list_checkpoints(output_dir)
-        for step, path, complete in reversed(cps):
-            if complete:
-                return str(path)
-            logger.warning("skipping incomplete checkpoint %s (step %d): no trainer_state.json or weights", path, step)
-    markers = previous_run_markers(output_dir)
-    if markers and not overwrite:
-        shown = ", ".join(markers[:4]) + (" …" if len(markers) > 4 else "")
-        if resume == "auto":  # nothing complete to resume from, yet the folder is not empty
-            raise UserError(f"output_dir {output_dir} holds an earlier run ({shown}) but no complete checkpoint to "
-                            "resume: train over it with overwrite=true, resume=<checkpoint path>, or choose a new "
-                            "output dir")
-        raise UserError(f"output_dir {output_dir} already holds a run ({shown}); resume it with resume=auto, "
-                        "train over it with overwrite=true, or choose a new output dir")
-    return None
-
-
-def check_resumable(checkpoint: str | None, deepspeed) -> None:
-    """DeepSpeed resumes from its own state (``global_step*/``), which a checkpoint saved with
-    ``save_only_model`` or by a run without DeepSpeed lacks: a :class:`UserError` instead of a traceback per rank."""
-    if checkpoint and deepspeed and not any(Path(checkpoint).glob("global_step*")):
-        raise UserError(f"checkpoint {checkpoint} has no DeepSpeed state (global_step*/: saved with save_only_model "
-                        "or without DeepSpeed), so a DeepSpeed run cannot resume from it; start a new run from its "
-                        f"weights (model_name_or_path={checkpoint}, a new output_dir) or resume without DeepSpeed")
-
-
-def set_aside_old_checkpoints(output_dir: str) -> Path | None:
-    """Fresh start with overwrite: move earlier ``checkpoint-*`` folders into ``superseded-<time>/`` so that a
-    later ``resume auto`` cannot pick up the old run's checkpoints (nothing is deleted)."""
-    import time
-
-    cps = list_checkpoints(output_dir)
-    if not cps:
-        return None
-    dest = Path(output_dir) / time.strftime("superseded-%Y%m%d-%H%M%S")
-    dest.mkdir(parents=True, exist_ok=True)
-    for _, path, _ in cps:
-        path.rename(dest / path.name)
-    logger.warning("overwrite: moved %d earlier checkpoint(s) to %s", len(cps), dest)
-    return dest
+from qwenvl.problems import UserError  # noqa: E402  (re-exported: the one user-error base)
+from qwenvl.runpolicy import (  # noqa: E402, F401  (torch-free run policy; re-exported for scripts and tests)
+    DEEPSPEED_PRESETS,
+    LOCK_ENV,
+    MODEL_FILES,
+    OutputLock,
+    check_resumable,
+    decide_resume,
+    deepspeed_off,
+    deepspeed_preset_path,
+    is_complete_checkpoint,
+    list_checkpoints,
+    run_markers,
+    set_aside_old_checkpoints,
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,9 +87,6 @@ def _argv_value(argv: list[str], name: str) -> str | None:
     return None
 
 
-DEEPSPEED_NAMES = ("zero2", "zero3", "zero3_offload")
-
-
 def resolve_deepspeed_arg(argv: list[str]) -> list[str]:
     """``--deepspeed zero2|zero3|zero3_offload`` -> the shipped ``configs/<name>.json``; a missing file is a
     :class:`UserError` (transformers would fail later with an unrelated message)."""
@@ -180,15 +98,14 @@ def resolve_deepspeed_arg(argv: list[str]) -> list[str]:
             j, value = i, a.split("=", 1)[1]
         else:
             continue
-        if value.lower() in ("none", "", "false") or value.lstrip().startswith("{") or Path(value).is_file():
+        if deepspeed_off(value) or value.lstrip().startswith("{") or Path(value).is_file():
             continue
-        if value in DEEPSPEED_NAMES:
-            shipped = Path(__file__).resolve().parents[1] / "configs" / f"{value}.json"
-            if shipped.is_file():
-                out[j] = str(shipped) if j == i + 1 else f"--deepspeed={shipped}"
-                continue
+        shipped = deepspeed_preset_path(value)
+        if shipped is not None and shipped.is_file():
+            out[j] = str(shipped) if j == i + 1 else f"--deepspeed={shipped}"
+            continue
         raise UserError(f"--deepspeed {value}: no such file; give a DeepSpeed JSON path or one of "
-                        f"{', '.join(DEEPSPEED_NAMES)} (configs/<name>.json), or none")
+                        f"{', '.join(DEEPSPEED_PRESETS)} (configs/<name>.json), or none")
     return out
 
 
@@ -202,7 +119,7 @@ def _prepare_cpu(argv: list[str]) -> None:
         TrainingArguments._cpu_mode = None
         return
     ds = _argv_value(argv, "--deepspeed")
-    if ds and ds.lower() not in ("none", "", "false"):
+    if ds and not deepspeed_off(ds):
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         if "WORLD_SIZE" not in os.environ:  # one process started without torchrun: a group of one
             _single_process_group_env()
@@ -246,7 +163,7 @@ def parse_args(argv: list[str]):
         raise UserError(f"invalid training arguments: {str(e).strip().splitlines()[0]}") from e
     if rest:
         raise UserError(f"unknown trainer arguments: {' '.join(rest)} (see `python -m qwenvl.train --help`)")
-    if training_args.deepspeed and str(training_args.deepspeed).lower() == "none":
+    if training_args.deepspeed and deepspeed_off(str(training_args.deepspeed)):
         training_args.deepspeed = None
     return model_args, data_args, training_args
 

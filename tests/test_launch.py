@@ -121,12 +121,9 @@ def test_slurm_topology_and_yaml_precedence(tmp_path):
 
 
 def _ckpt(root: Path, step: int, complete: bool = True) -> Path:
-    d = root / f"checkpoint-{step}"
-    d.mkdir(parents=True)
-    (d / "model.safetensors").write_bytes(b"x")
-    if complete:
-        (d / "trainer_state.json").write_text("{}")
-    return d
+    from test_runpolicy import write_checkpoint
+
+    return write_checkpoint(root / f"checkpoint-{step}", step, state=complete)
 
 
 def test_resume_decisions(tmp_path):

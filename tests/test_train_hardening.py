@@ -249,10 +249,9 @@ def test_resume_keywords_any_case_and_hf_resume_from_checkpoint_true(tmp_path, c
     from qwenvl.train import decide_resume
 
     out = tmp_path / "out"
-    cp = out / "checkpoint-3"
-    cp.mkdir(parents=True)
-    (cp / "trainer_state.json").write_text("{}")
-    (cp / "model.safetensors").write_bytes(b"x")
+    from test_runpolicy import write_checkpoint
+
+    cp = write_checkpoint(out / "checkpoint-3", 3)
     assert decide_resume(str(out), "Auto", False) == str(cp)
     assert decide_resume(str(out), "NEVER", True) is None
     (out / "model.safetensors").write_bytes(b"x")

@@ -1,0 +1,399 @@
+"""Run policy: what an output folder holds and what a run may do with it (torch-free).
+
+The one owner of these decisions; ``vlsft train`` (before launching) and ``qwenvl.train`` (in every rank)
+both call them:
+
+* file names: :data:`MODEL_FILES`, ``checkpoint-N`` folders (:func:`list_checkpoints`);
+* :func:`is_complete_checkpoint` / :func:`checkpoint_problem`: ``trainer_state.json`` parses as JSON with the
+  keys the Trainer writes, the weights are whole (a safetensors header parses and the file is as long as its
+  offsets say; an ``*.index.json`` lists shards that all exist and are whole; a ``pytorch_model.bin`` is a
+  whole zip), and the DeepSpeed state (``latest`` + ``global_step*/``) is whole when the run used DeepSpeed;
+* :func:`run_markers`: what shows that a folder already holds a run (one list for the plan and the trainer);
+* :func:`decide_resume`, :func:`check_resumable`, :func:`set_aside_old_checkpoints`;
+* DeepSpeed presets: :data:`DEEPSPEED_PRESETS`, :func:`deepspeed_off` (the words for "no DeepSpeed"),
+  :func:`deepspeed_preset_path`, :func:`deepspeed_path` (a run YAML's value -> a JSON path);
+* :class:`OutputLock`: one writer per output folder (``<output_dir>/vlsft/lock``, see its docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import struct
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+from qwenvl.problems import UserError
+
+logger = logging.getLogger("qwenvl.runpolicy")
+
+# ---------------------------------------------------------------------------------------------------
+# names
+# ---------------------------------------------------------------------------------------------------
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+TRAINER_STATE = "trainer_state.json"
+TRAINER_STATE_KEYS = ("global_step", "log_history")  # written by every transformers.TrainerState.save_to_json
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+RUN_FILES = (*MODEL_FILES, TRAINER_STATE, "config.json")  # a saved model or trainer state = an earlier run
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
+DEEPSPEED_OFF = frozenset({"", "none", "off", "false", "no"})
+LOCK_NAME = "lock"
+LOCK_ENV = "VLSFT_OUTPUT_LOCK"  # set by `vlsft train` for its ranks: the lock it holds (rank 0 does not retake it)
+
+
+def deepspeed_off(value) -> bool:
+    """``None`` / ``False`` / ``none`` / ``off`` / ``false`` / ``no`` / empty: no DeepSpeed (plain DDP)."""
+    return value is None or value is False or (isinstance(value, str) and value.strip().lower() in DEEPSPEED_OFF)
+
+
+def deepspeed_preset_path(name: str) -> Path | None:
+    """``zero2`` / ``zero3`` / ``zero3_offload`` -> the shipped ``configs/<name>.json``; anything else -> None."""
+    return REPO_CONFIGS / f"{name}.json" if name in DEEPSPEED_PRESETS else None
+
+
+def deepspeed_path(name: str, base: Path) -> str | None:
+    """A run YAML's ``distributed.deepspeed``: a preset -> the shipped ``configs/<name>.json``; off -> None;
+    a URL as is; a path -> absolute (relative paths start at ``base``, the run YAML's folder)."""
+    if deepspeed_off(name):
+        return None
+    preset = deepspeed_preset_path(name)
+    if preset is not None:
+        return str(preset)
+    if "://" in name:
+        return name
+    p = Path(os.path.expanduser(name))
+    return str(p if p.is_absolute() else (Path(base) / p).resolve())
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------------
+def _safetensors_problem(path: Path) -> str | None:
+    """None when ``path`` is a whole safetensors file (header parses, size = 8 + header + data)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            n = struct.unpack("<Q", head)[0]
+            if n > min(size - 8, 100 << 20):
+                return f"{path.name} is truncated (header of {n} bytes in a {size}-byte file)"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"{path.name} cannot be read ({e.strerror or e})"
+    except (ValueError, UnicodeDecodeError):
+        return f"{path.name} has a broken header"
+    if not isinstance(header, dict):
+        return f"{path.name} has a broken header"
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(x, int) for x in offsets)):
+            return f"{path.name} has a broken header (tensor {key})"
+        end = max(end, offsets[1])
+    if size != 8 + n + end:
+        return f"{path.name} is truncated ({size} bytes, the header says {8 + n + end})"
+    return None
+
+
+def _weights_problem(d: Path, name: str) -> str | None:
+    p = d / name
+    if name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(p.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{name} is not a readable shard index"
+        for shard in shards:
+            if not (d / shard).is_file():
+                return f"{name} lists {shard}, which is missing"
+            problem = _weights_problem(d, shard)
+            if problem:
+                return problem
+        return None
+    if name.endswith(".safetensors"):
+        return _safetensors_problem(p)
+    if not zipfile.is_zipfile(p):  # torch.save writes a zip; a cut file has no central directory
+        return f"{name} is truncated (not a whole zip)"
+    return None
+
+
+def _deepspeed_problem(d: Path) -> str | None:
+    """DeepSpeed state (``latest`` naming a ``global_step*`` folder with model and optimizer states), if any."""
+    tags = [p for p in d.glob("global_step*") if p.is_dir()]
+    latest = d / "latest"
+    if not tags and not latest.exists():
+        return None  # not a DeepSpeed checkpoint
+    if latest.is_file():
+        tag = latest.read_text(encoding="utf-8", errors="replace").strip()
+        tags = [d / tag] if tag else []
+        if not tags or not tags[0].is_dir():
+            return f"latest names {tag or '(nothing)'}, which is missing"
+    elif not tags:
+        return "latest is not a file"
+    for tag in tags:
+        states = list(tag.glob("*model_states.pt"))
+        optim = list(tag.glob("*optim_states.pt"))
+        if not states or not optim:
+            return f"{tag.name}/ lacks its model or optimizer states"
+        for f in states + optim:
+            if not zipfile.is_zipfile(f):
+                return f"{tag.name}/{f.name} is truncated"
+    return None
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a complete checkpoint (one phrase), or None when it is complete."""
+    d = Path(path)
+    state = d / TRAINER_STATE
+    if not state.is_file():
+        return f"no {TRAINER_STATE}"
+    try:
+        data = json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"{TRAINER_STATE} is truncated or not JSON"
+    if not isinstance(data, dict) or any(k not in data for k in TRAINER_STATE_KEYS):
+        return f"{TRAINER_STATE} lacks {', '.join(k for k in TRAINER_STATE_KEYS if not isinstance(data, dict) or k not in data)}"
+    ds = _deepspeed_problem(d)
+    if ds:
+        return ds
+    present = [f for f in MODEL_FILES if (d / f).is_file()]
+    if not present:
+        if any(d.glob("global_step*")):  # ZeRO-3 without gathered 16-bit weights: the weights live in the DS state
+            return None
+        return "no weights"
+    for name in present:
+        problem = _weights_problem(d, name)
+        if problem:
+            return problem
+    return None
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    return checkpoint_problem(path) is None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` for every ``checkpoint-N`` folder, oldest first."""
+    d = Path(output_dir)
+    try:
+        children = list(d.iterdir())
+    except OSError:
+        return []
+    out = []
+    for child in children:
+        m = CHECKPOINT_RE.match(child.name)
+        if m and child.is_dir():
+            out.append((int(m.group(1)), child))
+    return sorted(out)
+
+
+def run_markers(output_dir: str | os.PathLike) -> list[str]:
+    """What in ``output_dir`` shows an earlier run: ``checkpoint-N`` folders (oldest first), then a saved model
+    or trainer state. vlsft's own ``vlsft/`` folder (run files, lock) does not count."""
+    d = Path(output_dir)
+    found = [p.name for _, p in list_checkpoints(d)]
+    found += [f for f in RUN_FILES if (d / f).is_file()]
+    return found
+
+
+def decide_resume(output_dir: str, resume: str, overwrite: bool, warn=None) -> str | None:
+    """The checkpoint to resume from (None = fresh start), or :class:`UserError` when refused.
+
+    ``resume auto`` takes the newest *complete* checkpoint; each newer incomplete one is skipped with a warning
+    (``warn(message)``; default: this module's logger)."""
+    warn = warn or logger.warning
+    resume = (resume or "auto").strip()
+    if resume.lower() in ("auto", "never"):
+        resume = resume.lower()
+    if resume not in ("auto", "never"):
+        if not Path(resume).is_dir():
+            raise UserError(f"resume checkpoint {resume} does not exist: give an existing checkpoint-N folder, "
+                            "or resume=auto / never")
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise UserError(f"resume checkpoint {resume} is incomplete ({problem}): pick an earlier checkpoint")
+        return str(resume)
+    if resume == "auto":
+        for step, path in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return str(path)
+            warn(f"resume auto skips the incomplete checkpoint {path} (step {step}: {problem})")
+    markers = run_markers(output_dir)
+    if markers and not overwrite:
+        shown = ", ".join(markers[:4]) + (" …" if len(markers) > 4 else "")
+        if resume == "auto":  # nothing complete to resume from, yet the folder is not empty
+            raise UserError(f"output_dir {output_dir} holds an earlier run ({shown}) but no complete checkpoint to "
+                            "resume: train over it with overwrite=true, resume=<checkpoint path>, or choose a new "
+                            "output dir")
+        raise UserError(f"output_dir {output_dir} already holds a run ({shown}); resume it with resume=auto, "
+                        "train over it with overwrite=true, or choose a new output dir")
+    return None
+
+
+def check_resumable(checkpoint: str | None, deepspeed) -> None:
+    """DeepSpeed resumes from its own state (``global_step*/``), which a checkpoint saved with
+    ``save_only_model`` or by a run without DeepSpeed lacks: a :class:`UserError` instead of a traceback per rank."""
+    if checkpoint and not deepspeed_off(deepspeed) and not any(Path(checkpoint).glob("global_step*")):
+        raise UserError(f"checkpoint {checkpoint} has no DeepSpeed state (global_step*/: saved with save_only_model "
+                        "or without DeepSpeed), so a DeepSpeed run cannot resume from it; start a new run from its "
+                        f"weights (model_name_or_path={checkpoint}, a new output_dir) or resume without DeepSpeed")
+
+
+def set_aside_old_checkpoints(output_dir: str) -> Path | None:
+    """Fresh start with overwrite: move earlier ``checkpoint-*`` folders into ``superseded-<time>/`` so that a
+    later ``resume auto`` cannot pick up the old run's checkpoints (nothing is deleted)."""
+    cps = list_checkpoints(output_dir)
+    if not cps:
+        return None
+    dest = Path(output_dir) / time.strftime("superseded-%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for _, path in cps:
+        path.rename(dest / path.name)
+    logger.warning("overwrite: moved %d earlier checkpoint(s) to %s", len(cps), dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------
+# one writer per output folder
+# ---------------------------------------------------------------------------------------------------
+class OutputLocked(UserError):
+    """Another run writes into this output folder."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class OutputLock:
+    """``<output_dir>/vlsft/lock``: JSON ``{host, pid, started, command}`` of the one run writing there.
+
+    Taken by ``vlsft train`` before launching (its ranks see :data:`LOCK_ENV` and do not retake it) and by rank 0
+    of ``python -m qwenvl.train`` started on its own; held (an ``flock`` on the open file) while the run lives,
+    removed at exit. A second run is refused in one line naming the holder. A lock left by a dead process on this
+    host (kill -9, power loss) is taken over with a warning; one written on another host cannot be checked from
+    here, so it is refused with how to remove it when that run is dead.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, command: str = ""):
+        self.path = Path(output_dir) / "vlsft" / LOCK_NAME
+        self.command = command or " ".join(sys.argv)
+        self.fd: int | None = None
+        self.warnings: list[str] = []
+
+    def _describe(self, info: dict) -> str:
+        started = info.get("started")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+        cmd = str(info.get("command") or "?")
+        cmd = cmd if len(cmd) <= 120 else cmd[:117] + "..."
+        return f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {when}: {cmd}"
+
+    @staticmethod
+    def _read(fd: int) -> dict | None:
+        try:
+            raw = os.pread(fd, 65536, 0)
+            info = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def acquire(self) -> OutputLock:
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {self.path.parent}: {e.strerror or e} (check output.dir and its "
+                            "permissions)") from e
+        host = socket.gethostname()
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"cannot open the output lock {self.path}: {e.strerror or e}") from e
+            flocked = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                info = self._read(fd) or {}
+                os.close(fd)
+                raise OutputLocked(
+                    f"output_dir {self.path.parent.parent} is in use by another run ("
+                    f"{self._describe(info) if info else 'starting up'}); wait for it to finish, stop it, or choose "
+                    f"another output dir") from None
+            except OSError:  # a filesystem without flock: fall back to the recorded pid
+                flocked = False
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except OSError:
+                same = False
+            if not same:  # removed/replaced by its holder between our open and flock: try again
+                os.close(fd)
+                continue
+            info = self._read(fd)
+            if info and info.get("pid") != os.getpid():
+                if info.get("host") != host:
+                    os.close(fd)
+                    raise OutputLocked(
+                        f"output_dir {self.path.parent.parent} is locked by a run on another host "
+                        f"({self._describe(info)}); if that run is no longer alive, delete {self.path} and start "
+                        "again; otherwise choose another output dir")
+                pid = info.get("pid")
+                alive = isinstance(pid, int) and _pid_alive(pid)
+                if alive and not flocked:
+                    os.close(fd)
+                    raise OutputLocked(f"output_dir {self.path.parent.parent} is in use by another run "
+                                       f"({self._describe(info)}); wait for it to finish, stop it, or choose "
+                                       "another output dir")
+                why = "no longer running" if not alive else "holds no lock"
+                self.warnings.append(f"took over the stale output lock {self.path} ({self._describe(info)}; "
+                                     f"that process is {why})")
+            record = {"host": host, "pid": os.getpid(), "started": time.time(), "command": self.command}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            self.fd = fd
+            return self
+        raise OutputLocked(f"could not take the output lock {self.path}: it keeps changing; is another run "
+                           "starting there?")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            info = self._read(self.fd)
+            if info and info.get("pid") == os.getpid():
+                os.unlink(self.path)
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
