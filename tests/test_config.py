@@ -203,19 +203,6 @@ def test_training_argument_names_match_transformers():
         f"missing {sorted(real - TRAINING_ARGUMENT_NAMES)}, stale {sorted(TRAINING_ARGUMENT_NAMES - real)}")
 
 
-def test_schema_covers_trainer_argument_contract():
-    """Every ModelArguments / DataArguments field of the trainer has a run YAML key (or is plan-computed)."""
-    from qwenvl.arguments import ModelArguments
-    from qwenvl.data.arguments import DataArguments
-
-    yaml_to_trainer = {"flatten": "data_flatten", "packing": "data_packing", "dictionary": "dataset_dict",
-                       "use": "dataset_use", "name_or_path": "model_name_or_path"}
-    names = {yaml_to_trainer.get(n, n) for model in (SECTIONS["model"], SECTIONS["data"]) for n in model.model_fields}
-    for dc in (ModelArguments, DataArguments):
-        for f in dataclasses.fields(dc):
-            assert f.name in names, f"trainer argument {f.name} has no run YAML key"
-
-
 def test_saveable_yaml_round_trips(tmp_path):
     cfg = load_run_config(write(tmp_path, BASE + "storage:\n  secret_access_key: ${S}\n"))
     again = tmp_path / "again.yaml"

@@ -68,9 +68,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
 
 def collate_mode(data_args) -> str:
-    if getattr(data_args, "data_packing", False):
+    if data_args.data_packing:
         return "packing"
-    if getattr(data_args, "data_flatten", False):
+    if data_args.data_flatten:
         return "flatten"
     return "padded"
 
@@ -78,7 +78,7 @@ def collate_mode(data_args) -> str:
 def make_builder(tokenizer, image_processor, data_args, model_type: str = "qwen2.5vl") -> SampleBuilder:
     return SampleBuilder(tokenizer=tokenizer, budget=VisionBudget.from_args(data_args),
                          spec=VisionSpec.from_processor(image_processor), model_type=model_type,
-                         model_max_length=getattr(data_args, "model_max_length", None))
+                         model_max_length=data_args.model_max_length)
 
 
 def make_collator(tokenizer, builder: SampleBuilder, data_args, *, ensure_vision: bool = True) -> DataCollator:
@@ -87,7 +87,7 @@ def make_collator(tokenizer, builder: SampleBuilder, data_args, *, ensure_vision
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(
         "<|endoftext|>")
     return DataCollator(pad_token_id=pad, mode=collate_mode(data_args),
-                        model_max_length=getattr(data_args, "model_max_length", None),
+                        model_max_length=data_args.model_max_length,
                         ensure_vision=ensure_vision, patch_dim=spec.patch_dim, merge_size=spec.merge_size,
                         temporal_patch_size=spec.temporal_patch_size,
                         token_ids={"vision_start": enc.vision_start, "vision_end": enc.vision_end,
@@ -99,12 +99,9 @@ def make_collator(tokenizer, builder: SampleBuilder, data_args, *, ensure_vision
 
 def make_data_module(tokenizer, image_processor, data_args, *, seed: int, model_type: str = "qwen2.5vl",
                      ensure_vision: bool = True) -> dict:
-    """Build dataset + collator + sampling report (+ bad-sample monitor) from official DataArguments.
-
-    ``data_args.data_seed`` (when present and not None) overrides ``seed`` for the sampling.
-    """
-    data_seed = getattr(data_args, "data_seed", None)
-    data_seed = seed if data_seed is None else int(data_seed)
+    """Build dataset + collator + sampling report (+ bad-sample monitor) from
+    :class:`qwenvl.arguments.DataArguments` (which owns every default; ``seed`` is the sampling seed)."""
+    data_seed = int(seed)
     sources = resolve_sources(data_args.dataset_use, data_args.dataset_dict)
     ds_ids, rec_ids, report = build_index(sources, data_seed)
     report.log(log)
@@ -114,7 +111,7 @@ def make_data_module(tokenizer, image_processor, data_args, *, seed: int, model_
     builder = make_builder(tokenizer, image_processor, data_args, model_type)
     dataset = SupervisedDataset(sources, ds_ids, rec_ids, builder)
     collator = make_collator(tokenizer, builder, data_args, ensure_vision=ensure_vision)
-    monitor = BadSampleMonitor(max_ratio=float(getattr(data_args, "max_bad_sample_ratio", 0.01)))
+    monitor = BadSampleMonitor(max_ratio=float(data_args.max_bad_sample_ratio))
     return {"train_dataset": dataset, "data_collator": collator, "report": report, "bad_sample_monitor": monitor}
 
 

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qwenvl import storage
-from qwenvl.data import vision
-from qwenvl.data.preprocess import BadSample, ChatEncoder, count_tags, normalize_conversation
+from qwenvl.data import sample_rules, vision
+from qwenvl.data.preprocess import BadSample, ChatEncoder, Turn, problem_error
 from qwenvl.data.rope import RopeIndex
 
 
@@ -57,7 +57,7 @@ def _budget_class():
     spec = [(f.name, f.type, field(default=f.default)) for f in fields(DataArguments) if f.name in names]
 
     def from_args(cls, args):
-        return cls(**{k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
+        return cls(**{k: getattr(args, k) for k in names})
 
     cls = make_dataclass("VisionBudget", spec, namespace={"from_args": classmethod(from_args),
                          "__doc__": "The official DataArguments that shape pixels (names as in the official "
@@ -68,18 +68,9 @@ def _budget_class():
 VisionBudget = _budget_class()
 
 
-def _as_list(value, key: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        if not value:
-            raise BadSample(f"'{key}' is an empty list (drop the key for a sample without {key}s)", "bad_media_field")
-        if any(not v.strip() for v in value):
-            raise BadSample(f"'{key}' holds an empty path", "bad_media_field")
-        return list(value)
-    raise BadSample(f"'{key}' must be a path or a list of paths, got {type(value).__name__}", "bad_media_field")
+def _as_list(value) -> list[str]:
+    """The entries of a valid ``image``/``video`` value (a path or a list of paths; None: none)."""
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def _media_path(data_path: str | None, rel: str, key: str) -> str:
@@ -111,25 +102,17 @@ class SampleBuilder:
     def build(self, record: dict, data_path: str | None) -> dict:
         import torch
 
-        if not isinstance(record, dict):
-            raise BadSample(f"record is a {type(record).__name__}, expected an object", "not_object")
-        if "images" in record and "image" not in record:
-            raise BadSample("uses the key 'images'; the annotation format reads 'image' (a path or a list): "
-                            "rename the key", "bad_media_field")
-        if "videos" in record and "video" not in record:
-            raise BadSample("uses the key 'videos'; the annotation format reads 'video': rename the key", "bad_media_field")
-        images = _as_list(record.get("image"), "image")
-        videos = _as_list(record.get("video"), "video")
+        # validity: the one rule the deep check applies too (qwenvl.data.sample_rules)
+        bad = sample_rules.first_error(sample_rules.record_problems(record))
+        if bad is not None:
+            raise problem_error(bad)
+        images = _as_list(record.get("image"))
+        videos = _as_list(record.get("video"))
         if videos and self.model_type.replace(".", "").replace("_", "").lower().startswith("qwen3"):
             raise BadSample("videos are not supported for Qwen3-VL by this pipeline yet (its video format uses "
-                            "per-frame timestamps); use images, or a Qwen2.5-VL model for video data", "unsupported_media")
-        turns = normalize_conversation(record.get("conversations"))
-        n_img_tags, n_vid_tags = count_tags(turns)
-        if n_img_tags != len(images) or n_vid_tags != len(videos):
-            raise BadSample(f"{len(images)} image(s) / {len(videos)} video(s) but {n_img_tags} <image> / "
-                            f"{n_vid_tags} <video> tag(s) in human turns: every media item needs exactly one tag", "tags_media_mismatch")
-        if not any(t.role not in ("user", "system") for t in turns):
-            raise BadSample("no assistant turn to train on", "no_answer")
+                            "per-frame timestamps); use images, or a Qwen2.5-VL model for video data",
+                            "unsupported_media")
+        turns = [Turn(role, content) for role, content in sample_rules.turn_pairs(record["conversations"])]
         b, m2 = self.budget, self.spec.merge_size ** 2
         out: dict = {}
         image_tokens: list[int] = []
