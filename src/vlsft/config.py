@@ -18,9 +18,9 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from qwenvl.problems import Problem, ProblemsError, did_you_mean
+from qwenvl.runpolicy import DEEPSPEED_PRESETS  # noqa: F401 - re-exported
 from vlsft.overrides import apply_overrides
 from vlsft.schema import (  # noqa: F401 - re-exported: the schema's public names
-    DEEPSPEED_PRESETS,
     LR_SCHEDULER_TYPES,
     SECRET_FIELDS,
     SECTIONS,

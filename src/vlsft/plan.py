@@ -44,7 +44,7 @@ from typing import Any
 
 import vlsft
 from qwenvl.problems import Problem, ProblemsError, did_you_mean
-from qwenvl.runpolicy import deepspeed_path, run_markers
+from qwenvl.runpolicy import DEEPSPEED_PRESETS, deepspeed_path, run_markers
 from vlsft.config import RunConfig, load_run_config
 from vlsft.keymap import KEYS, yaml_value
 
@@ -258,8 +258,10 @@ def _check_topology(cfg: RunConfig, slurm: list[str], problems: list[Problem], w
 
 # --------------------------------------------------------------------------- the builder
 
-def _select_datasets(cfg: RunConfig, problems: list[Problem]) -> tuple[list[tuple[str, float]], Any]:
-    from qwenvl.data.dataset_use import parse_dataset_use
+def _select_datasets(cfg: RunConfig, problems: list[Problem]) -> tuple[list[Any], Any]:
+    """``data.use`` against the dictionary -> (the chosen :class:`~qwenvl.data.dataset_use.SelectedDataset` s, the
+    dictionary). The trainer resolves ``--dataset_use`` with the same resolver; a YAML lists a name once."""
+    from qwenvl.data.dataset_use import resolve_selection
     from qwenvl.data.dictionary import load_dictionary
 
     dict_path = _resolve_path(cfg.base_dir, cfg.data.dictionary)
@@ -271,19 +273,13 @@ def _select_datasets(cfg: RunConfig, problems: list[Problem]) -> tuple[list[tupl
                                     **cfg.where("data", "dictionary")))
         problems.extend(dictionary.errors)
         return [], dictionary
-    if cfg.data.use is None:
-        return [(name, spec.percent) for name, spec in dictionary.datasets.items()], dictionary
-    chosen: list[tuple[str, float]] = []
-    for index, item in enumerate(cfg.data.use):
-        entry = parse_dataset_use(item)[0]  # validated in config
-        if entry.name not in dictionary.datasets:
-            hint = did_you_mean(entry.name, dictionary.datasets) or ("known: " + ", ".join(dictionary.datasets))
-            problems.append(Problem("error", f"dataset {entry.name!r} is not in {dict_path}", key=f"data.use[{index}]",
-                                    hint=hint, **cfg.where("data", "use", index)))
-            continue
-        has_pct = "%" in item
-        chosen.append((entry.name, entry.percent if has_pct else dictionary.datasets[entry.name].percent))
-    return chosen, dictionary
+    selection = resolve_selection(cfg.data.use, {name: spec.percent for name, spec in dictionary.datasets.items()},
+                                  duplicates="reject", source=dict_path)
+    for p in selection.problems:
+        at = ("data", "use") if p.index is None else ("data", "use", p.index)
+        problems.append(Problem("error", p.message, key="data.use" if p.index is None else f"data.use[{p.index}]",
+                                hint=p.hint, **cfg.where(*at)))
+    return selection.datasets, dictionary
 
 
 def _record_count(name: str, spec: Any, dictionary: Any, problems: list[Problem]) -> int | None:
@@ -342,7 +338,7 @@ def storage_environment(cfg: RunConfig, environ: Mapping[str, str]):
 
 def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> LaunchPlan:
     """Resolve ``cfg`` into a :class:`LaunchPlan`. Raises ProblemsError listing every error found."""
-    from qwenvl.data.dataset_use import DatasetUseEntry, format_dataset_use, sample_count
+    from qwenvl.data.dataset_use import format_dataset_use, sample_count
 
     environ = os.environ if environ is None else environ
     original, cfg = cfg, cfg.model_copy(deep=True)
@@ -357,9 +353,9 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     # ---- data (read with the run's storage.* settings applied: the dictionary may live on S3)
     with storage_environment(cfg, environ):
         chosen, dictionary = _select_datasets(cfg, problems)
-        counts = {name: _record_count(name, dictionary.datasets[name], dictionary, problems) for name, _ in chosen}
+        counts = {c.name: _record_count(c.name, dictionary.datasets[c.name], dictionary, problems) for c in chosen}
     shares: list[DatasetShare] = []
-    for name, percent in chosen:
+    for name, percent in ((c.name, c.percent) for c in chosen):
         records = counts[name]
         if records is None:
             continue
@@ -368,7 +364,8 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
             warnings.append(f"dataset {name!r} yields 0 samples per epoch ({records} records at {percent:g} %)")
     for p in getattr(dictionary, "warnings", []):
         warnings.append(p.render())
-    dataset_use = format_dataset_use([DatasetUseEntry(s.name, s.percent) for s in shares])
+    # each entry as the trainer resolves it back: `docs%100` stays explicit when the dictionary gives docs a rate
+    dataset_use = format_dataset_use([c.entry for c in chosen if counts[c.name] is not None])
     samples = sum(s.samples for s in shares)
     if shares and samples == 0:
         problems.append(Problem("error", "the selected datasets yield no samples per epoch", key="data.use",
@@ -414,8 +411,6 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     if ds_path is not None:
         dist.deepspeed = ds_path
         if "://" not in ds_path and not os.path.isfile(ds_path):
-            from vlsft.config import DEEPSPEED_PRESETS
-
             guess = did_you_mean(typed.lower().replace("-", "_"), DEEPSPEED_PRESETS) if "/" not in typed else None
             problems.append(Problem("error", f"DeepSpeed config {ds_path} not found", key="distributed.deepspeed",
                                     hint=guess or "zero2, zero3, zero3_offload, none, or a path to a JSON file "

@@ -28,12 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 
 from qwenvl.arguments import owner_field
 from qwenvl.problems import did_you_mean
+from qwenvl.runpolicy import deepspeed_off
 from vlsft.keymap import KEYS
 from vlsft.yamlmarks import Marks, location
 
 ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
-DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 
 # Values accepted by transformers' SchedulerType (5.24); tests/test_config.py compares with transformers.
 LR_SCHEDULER_TYPES = (
@@ -217,13 +217,11 @@ class DistributedSection(_Section):
     @field_validator("deepspeed", mode="before")
     @classmethod
     def _deepspeed_off(cls, value: Any) -> Any:
-        if value is None or value is False:  # `deepspeed:` (empty) / `deepspeed: false` / `off` / `no`
+        if deepspeed_off(value):  # `deepspeed:` (empty) / `deepspeed: false` / `off` / `no` (qwenvl.runpolicy)
             return "none"
         if value is True:
             raise ValueError("true is not a DeepSpeed configuration; write zero2, zero3, zero3_offload, none or "
                              "a path to a JSON file")
-        if isinstance(value, str) and value.strip().lower() in ("", "none", "off", "false", "no"):
-            return "none"
         return value.strip() if isinstance(value, str) else value
 
     @field_validator("master_addr", "rdzv_endpoint", mode="before")
