@@ -172,3 +172,109 @@ def test_no_samples_is_a_clear_error(dictionary, qwen_tokenizer_dir):
     args = DataArguments(dataset_use="pub_a%1", dataset_dict=dictionary)
     with pytest.raises(RegistryError, match="no samples to train on .*pub_a: .* -> 0 samples"):
         make_data_module(tok, None, args, seed=0)
+
+
+# --------------------------------------------------------------------------- plan and trainer: one resolver
+
+PLAN_RATES = {"docs": {"sampling_rate": 0.5}, "charts": {"repeat_time": 2.5}}  # 'plain' has no rate: 100
+PLAN_SIZES = {"docs": (40, None), "charts": (30, None), "plain": (20, None)}
+
+
+@pytest.mark.parametrize("use, want", [
+    (None, [("docs", 50.0), ("charts", 250.0), ("plain", 100.0)]),  # no data.use: every dataset at its own rate
+    (["docs"], [("docs", 50.0)]),  # no percent: the dictionary's rate
+    (["docs%100"], [("docs", 100.0)]),  # an explicit %100 beats the dictionary's 50
+    (["docs%100", "charts"], [("docs", 100.0), ("charts", 250.0)]),
+    (["plain"], [("plain", 100.0)]),
+    (["plain%100"], [("plain", 100.0)]),
+    (["docs%12.5", "plain"], [("docs", 12.5), ("plain", 100.0)]),
+    (["docs%5.437"], [("docs", 5.437)]),  # decimals
+    (["plain%250", "charts%100"], [("plain", 250.0), ("charts", 100.0)]),  # up-sampling, and %100 over 250
+    (["charts%3.5"], [("charts", 3.5)]),  # a decimal below 100 of an up-sampled dataset
+])
+def test_plan_and_trainer_resolve_a_selection_identically(tmp_path, use, want):
+    """print-args (--json) and the trainer's registry agree on every dataset's percent and the epoch's samples.
+
+    The plan's --dataset_use is what the trainer is given: resolving it must give back the plan's percents, and
+    the trainer's real sample index must hold the plan's samples_per_epoch."""
+    from plan_fixtures import make_project
+    from typer.testing import CliRunner
+
+    from qwenvl.data.dataset_use import sample_count
+    from qwenvl.data.registry import build_index
+    from vlsft.cli import app
+
+    path = make_project(tmp_path, sizes=PLAN_SIZES, rates=PLAN_RATES)
+    overrides = [] if use is None else [f"data.use=[{', '.join(use)}]"]
+    result = CliRunner().invoke(app, ["print-args", "--config", str(path), *overrides, "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    argv = plan["trainer_args"]
+    assert argv[argv.index("--dataset_use") + 1] == plan["dataset_use"]
+    dictionary = str(tmp_path / "data" / "dict.json")
+    from_plan = resolve_sources(plan["dataset_use"], dictionary)  # what the trainer makes of the plan's argv
+    assert [(s.name, s.percent) for s in from_plan] == want
+    if use is not None:  # the user's own text, given straight to the trainer (`torchrun -m qwenvl.train ...`)
+        assert [(s.name, s.percent) for s in resolve_sources(",".join(use), dictionary)] == want
+    _, rec_ids, report = build_index(from_plan, seed=0)
+    assert plan["samples_per_epoch"] == report.total == len(rec_ids) == \
+        sum(sample_count(PLAN_SIZES[name][0], pct) for name, pct in want)
+
+
+@pytest.mark.parametrize("text, separate", [
+    ("docs,docs", [("docs", 50.0), ("docs", 50.0)]),
+    ("docs%50,docs%30", [("docs", 50.0), ("docs", 30.0)]),
+    ("docs%100,docs", [("docs", 100.0), ("docs", 50.0)]),
+    ("plain%250,charts,plain", [("plain", 250.0), ("charts", 250.0), ("plain", 100.0)]),
+])
+def test_doubled_names_one_resolver_two_policies(tmp_path, text, separate, cli_env):
+    """A name listed twice: the trainer counts each listing (own draw, 'docs#2'); a run YAML refuses the second
+    listing in one line, exit 2. Both come from resolve_selection, the policy being its only difference."""
+    from plan_fixtures import make_project
+
+    from qwenvl.data.dataset_use import resolve_selection
+    from qwenvl.data.registry import build_index
+
+    path = make_project(tmp_path, sizes=PLAN_SIZES, rates=PLAN_RATES)
+    dictionary = str(tmp_path / "data" / "dict.json")
+    sources = resolve_sources(text, dictionary)
+    assert [(s.name, s.percent) for s in sources] == separate
+    _, _, report = build_index(sources, seed=0)
+    name = separate[0][0]
+    assert f"{name}#2" in report["datasets"]
+    rates = {"docs": 50.0, "charts": 250.0, "plain": 100.0}
+    assert [(d.name, d.percent) for d in resolve_selection(text, rates, duplicates="separate").datasets] == separate
+    rejected = resolve_selection(text.split(","), rates, duplicates="reject")
+    second = [i for i, item in enumerate(text.split(",")) if item.split("%")[0] == name][1]
+    assert [(p.index, p.message) for p in rejected.problems] == \
+        [(second, f"dataset {name!r} is listed twice (also item 0)")]
+    assert [(d.name, d.percent) for d in rejected.datasets] == [d for i, d in enumerate(separate) if i != second]
+    # the real CLI: one line naming the YAML item, exit 2, no traceback
+    r = subprocess.run([sys.executable, "-m", "vlsft", "print-args", "--config", str(path),
+                        f"data.use=[{text.replace(',', ', ')}]"], capture_output=True, text=True, env=cli_env,
+                       timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"[data.use[{second}]] dataset {name!r} is listed twice (also item 0)" in errors[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_selection_entry_knows_a_written_percent():
+    from qwenvl.data.dataset_use import DatasetUseEntry, format_dataset_use, parse_dataset_use
+
+    a, b, c = parse_dataset_use("a, a%100, a%100.0")
+    assert (a.written, a.percent, b.written, b.percent, c.written) == (False, 100.0, True, 100.0, True)
+    assert a != b and b == c
+    assert format_dataset_use([a, b, c]) == "a,a%100,a%100"  # %100 survives a round trip
+    assert DatasetUseEntry("x").format() == "x" and DatasetUseEntry("x", 100.0).format() == "x%100"
+    assert DatasetUseEntry("x", 250.0, written=False).format() == "x%250"
+
+
+def test_unknown_and_malformed_selection_one_line_each(dictionary):
+    with pytest.raises(RegistryError) as info:
+        resolve_sources("pub_a,pub_c,pubb", dictionary)
+    lines = str(info.value).splitlines()
+    assert lines == [f"dataset 'pub_c' is not in {dictionary} (hint: did you mean 'pub_b'?)",
+                     f"dataset 'pubb' is not in {dictionary} (hint: did you mean 'pub_b'?)"]
+    with pytest.raises(RegistryError, match="cannot parse 'pub_a%x'"):
+        resolve_sources("pub_a%x", dictionary)

@@ -2,7 +2,8 @@
 
 * The dictionary is helper-agnostic JSON (``name -> data_path, annotation_path, sampling_rate |
   repeat_time``) loaded with :func:`qwenvl.data.dictionary.load_dictionary`; an entry of
-  ``--dataset_use`` with a ``%percent`` overrides the dictionary's rate.
+  ``--dataset_use`` with a ``%percent`` overrides the dictionary's rate (the one resolver,
+  :func:`qwenvl.data.dataset_use.resolve_selection`, shared with the launch plan).
 * ``name%250`` = 2 whole copies + a seeded random 50 % (without replacement); ``name%5.437`` = a
   seeded sample of ``round(n * 0.05437)`` records. The draw is a pure function of
   ``(seed, dataset name)`` (numpy PCG64 seeded with the seed and a CRC32 of the name), so every
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qwenvl.data.dataset_use import DatasetUseEntry, format_percent, parse_dataset_use, sample_count
+from qwenvl.data.dataset_use import DatasetUseError, format_percent, resolve_selection, sample_count
 from qwenvl.data.store import AnnotationStore
 from qwenvl.problems import UserError
 
@@ -101,9 +102,11 @@ def sample_indices(n: int, percent: float, seed: int, name: str) -> tuple[np.nda
 
 
 def resolve_sources(dataset_use: str, dataset_dict: str | None) -> list[DatasetSource]:
-    """Parse ``dataset_use`` against the dictionary file. Raises :class:`RegistryError`."""
-    from qwenvl.data.dataset_use import DatasetUseError
+    """Parse ``dataset_use`` against the dictionary file. Raises :class:`RegistryError`.
 
+    The selection is resolved by :func:`qwenvl.data.dataset_use.resolve_selection` (the resolver the launch plan
+    uses too) with ``duplicates="separate"``: ``a,a`` is two entries, each drawn on its own (see :func:`build_index`).
+    """
     if not dataset_dict:
         raise RegistryError("--dataset_dict is not set: pass the dataset dictionary JSON (name -> "
                             "data_path, annotation_path, ...)")
@@ -114,25 +117,14 @@ def resolve_sources(dataset_use: str, dataset_dict: str | None) -> list[DatasetS
     if errors:
         raise RegistryError("\n".join(p.render() for p in errors))
     try:
-        entries: list[DatasetUseEntry] = parse_dataset_use(dataset_use) if dataset_use and dataset_use.strip() \
-            else [DatasetUseEntry(n, d.datasets[n].percent) for n in d.datasets]
+        selection = resolve_selection(dataset_use, {name: spec.percent for name, spec in d.datasets.items()},
+                                      duplicates="separate", source=str(dataset_dict))
     except DatasetUseError as e:
         raise RegistryError(str(e)) from None
-    raw_items = [raw.strip() for raw in dataset_use.split(",")] if dataset_use and dataset_use.strip() else []
-    out = []
-    for k, e in enumerate(entries):
-        if e.name not in d.datasets:
-            from qwenvl.problems import did_you_mean
-
-            hint = did_you_mean(e.name, list(d.datasets))
-            raise RegistryError(f"{dataset_dict}: no dataset named {e.name!r} in the dictionary"
-                                + (f" ({hint})" if hint else f"; known: {', '.join(sorted(d.datasets))}"))
-        spec = d.datasets[e.name]
-        # an explicit %percent wins over the dictionary's sampling_rate/repeat_time (per entry: 'a%50,a')
-        has_pct = k < len(raw_items) and "%" in raw_items[k]
-        percent = e.percent if has_pct else spec.percent
-        out.append(DatasetSource(e.name, spec.data_path, spec.annotation_path, percent))
-    return out
+    if selection.problems:
+        raise RegistryError("\n".join(p.render() for p in selection.problems))
+    return [DatasetSource(s.name, d.datasets[s.name].data_path, d.datasets[s.name].annotation_path, s.percent)
+            for s in selection.datasets]
 
 
 def build_index(sources: list[DatasetSource], seed: int) -> tuple[np.ndarray, np.ndarray, SamplingReport]:
