@@ -139,7 +139,7 @@ def test_turn_edge_cases_follow_official(tok, builder):
     s = builder.build({"conversations": _conv(("human", "q1"), ("human", "q2"), ("gpt", ""), ("human", "q3"))}, None)
     assert _trained_text(tok, s) == "<|im_end|>\n"
     assert tok.decode(s["input_ids"]).endswith("<|im_start|>user\nq3<|im_end|>\n")
-    with pytest.raises(BadSample, match="content must be a string"):
+    with pytest.raises(BadSample, match="'value' must be a string, found null"):
         builder.build({"conversations": _conv(("human", "q"), ("gpt", None))}, None)
     with pytest.raises(BadSample, match="empty path"):
         builder.build({"image": " ", "conversations": _conv(("human", "<image>"), ("gpt", "a"))}, "/data")

@@ -41,14 +41,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qwenvl.data import sample_rules
 from qwenvl.problems import UserError
 
 IGNORE_INDEX = -100
 SYSTEM_MESSAGE = "You are a helpful assistant."
-ROLE_MAP = {"human": "user", "gpt": "assistant"}
-KNOWN_ROLES = ("user", "assistant", "system")
-# pad tokens written literally in a turn would be read by the tokenizer as vision tokens with no pixels
-_PAD_TEXTS = ("<|image_pad|>", "<|video_pad|>")
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
 _TAG_RE = re.compile(r"(<image>|<video>)")
@@ -89,36 +86,22 @@ class Turn:
     content: str
 
 
+def problem_error(problem) -> BadSample:
+    """A :mod:`~qwenvl.data.sample_rules` problem ``(severity, kind, code, message, key, hint)`` as the
+    exception the trainer skips the sample with."""
+    _, kind, _, message, _, hint = problem
+    return BadSample(f"{message} (hint: {hint})" if hint else message, kind)
+
+
 def normalize_conversation(conversations) -> list[Turn]:
-    """Official turn handling: key lookup, role mapping, a leading gpt turn dropped."""
-    if not isinstance(conversations, list) or not conversations:
-        raise BadSample("'conversations' is missing or empty (expected a list of {from, value} turns)")
-    turns = list(conversations)
-    first = turns[0]
-    if isinstance(first, dict) and first.get("from") == "gpt":
-        turns = turns[1:]
-    out: list[Turn] = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict):
-            raise BadSample(f"turn {i} is not an object")
-        if "role" in t and "content" in t:
-            role, content = t["role"], t["content"]
-        elif "from" in t and "value" in t:
-            role, content = t["from"], t["value"]
-        else:
-            raise BadSample(f"turn {i} has neither from/value nor role/content keys")
-        if not isinstance(content, str):
-            raise BadSample(f"turn {i}: content must be a string, got {type(content).__name__}")
-        mapped = ROLE_MAP.get(role, role) if isinstance(role, str) else role
-        if mapped not in KNOWN_ROLES:
-            raise BadSample(f"turn {i}: unknown speaker {role!r} (use 'human'/'gpt', or role 'user'/'assistant'/"
-                            "'system'); the official code would train on it as an answer")
-        for pad in _PAD_TEXTS:
-            if pad in content:
-                raise BadSample(f"turn {i} contains the special token text {pad!r}: it would become a vision token "
-                                "with no image behind it; write <image>/<video> tags instead")
-        out.append(Turn(mapped, content))
-    return out
+    """Official turn handling: key lookup, role mapping, a leading gpt turn dropped. Validity is
+    :func:`qwenvl.data.sample_rules.conversation_problems` (the rule ``datasets check --deep`` applies)."""
+    problems: list = []
+    sample_rules.conversation_problems(conversations, problems)
+    bad = sample_rules.first_error(problems)
+    if bad is not None:
+        raise problem_error(bad)
+    return [Turn(role, content) for role, content in sample_rules.turn_pairs(conversations)]
 
 
 def count_tags(turns: list[Turn]) -> tuple[int, int]:

@@ -18,11 +18,8 @@ that); processors are built once per bounds and cached.
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
-import os
-import stat
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -31,6 +28,7 @@ from PIL import Image
 
 from qwenvl import storage
 from qwenvl.data.preprocess import BadSample
+from qwenvl.data.sample_rules import local_media_problem
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +42,6 @@ class MediaError(BadSample):
 
     def __init__(self, message: str = "", kind: str = "media_unreadable"):
         super().__init__(message, kind)
-
-
-def local_media_problem(path: str) -> str | None:
-    """Why a local ``path`` is not usable media, or None: media means a regular file this process can read
-    (a folder named ``x.png``, a dangling symlink and a symlink loop are not). Shared with the deep check."""
-    try:
-        st = os.stat(path)  # follows symlinks: a dangling one or a loop raises
-    except FileNotFoundError:
-        return "not found" if not os.path.islink(path) else "a broken symbolic link (its target does not exist)"
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "a symbolic link loop"
-        return f"cannot be accessed ({e.strerror or type(e).__name__})"
-    if stat.S_ISDIR(st.st_mode):
-        return "a folder, not a file"
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file"
-    if not os.access(path, os.R_OK):
-        return "not readable (permission denied)"
-    return None
 
 
 def _missing(path: str, what: str) -> MediaError | None:

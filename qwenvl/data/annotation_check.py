@@ -1,0 +1,559 @@
+"""Annotation files, checking: every sample of a file, media existence, in parallel (torch-free).
+
+:func:`scan` is the engine of ``vlsft datasets check --deep``: it parses every record (orjson when
+installed), applies :func:`qwenvl.data.sample_rules.record_problems` (the rule the trainer's sample
+builder applies too: an error here is a sample the trainer skips, with the same ``kind``), counts
+image / video / text-only samples and checks that every media file is a regular readable file with one
+directory listing per folder (local) or per prefix (S3, :func:`qwenvl.storage.existing`), never one
+request per file; http(s) media get one HEAD request each. Problems of one kind are capped per file
+(the rest are counted) so that a million broken samples do not produce a million lines. Long files are
+split into chunks checked by forked workers.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenvl import storage
+from qwenvl.data.annotation_read import (
+    _LIST_HINT,
+    ProbeInfo,
+    _json_error,
+    _json_item_lines,
+    _json_list_in_jsonl,
+    _JSONError,
+    _line_error,
+    _load_json_document,
+    _loads,
+    _read,
+    _relative,
+    _text,
+    _utf16_jsonl,
+    annotation_format,
+    oneline,
+)
+from qwenvl.data.sample_rules import is_path, kind_of, local_media_problem, record_problems
+from qwenvl.problems import Problem
+
+MAX_PER_KIND = 20  # problems of one kind reported per annotation file (the rest are counted)
+
+
+@dataclass
+class ScanResult:
+    path: str
+    records: int = 0  # top-level records (packs count once)
+    samples: int = 0  # samples (packs flattened)
+    images: int = 0  # samples with at least one image
+    videos: int = 0  # samples with at least one video
+    text_only: int = 0  # samples with neither
+    media_files: int = 0  # distinct media paths referenced
+    missing_media: int = 0  # distinct media paths that do not exist
+    relative_media: int = 0  # distinct media paths relative to data_path (not absolute, not URLs)
+    unresolved_media: int = 0  # distinct relative media paths that cannot be resolved (no data_path)
+    problems: list[Problem] = field(default_factory=list)
+    suppressed: dict[str, int] = field(default_factory=dict)  # code -> problems not listed
+    # reason class of each problem (BadSample.kind for errors: the trainer skips that sample for that reason)
+    kinds: dict[Problem, str] = field(default_factory=dict, repr=False)
+    media_line: int | None = None  # line of the first sample with a media path relative to data_path
+    first_media: Any = field(default=None, repr=False, compare=False)  # its locator (internal)
+    unusable: bool = False  # the file is not a JSON list / does not parse at all (see problems)
+    packed: bool = False  # a .json with at least one official pre-packed list of samples
+
+    def as_probe(self) -> ProbeInfo:
+        """What :func:`probe` would have said, so a full scan need not read the file twice."""
+        if self.unusable:
+            return ProbeInfo(records=None, problems=list(self.problems))
+        return ProbeInfo(records=self.samples, media_line=self.media_line, packed=self.packed,
+                         top_level=self.records if annotation_format(self.path) == "json" else None)
+
+
+class _Sink:
+    """Collects problems for one file, capped per code; locators are resolved to lines at the end."""
+
+    def __init__(self, path: str, max_per_kind: int):
+        self.path = path
+        self.max = max_per_kind
+        self.counts: dict[str, int] = {}  # every problem, by code
+        self.kept: dict[str, int] = {}  # listed problems, by code
+        # (locator, code, severity, message, key, hint, column, reason kind)
+        self.items: list[tuple[Any, str, str, str, str | None, str | None, int | None, str]] = []
+
+    def add(self, loc: Any, code: str, severity: str, message: str, key: str | None = None,
+            hint: str | None = None, column: int | None = None, kind: str | None = None) -> None:
+        self.counts[code] = self.counts.get(code, 0) + 1
+        self.keep((loc, code, severity, message, key, hint, column, kind or code))
+
+    def keep(self, item: tuple) -> None:
+        kind = item[1]
+        k = self.kept.get(kind, 0)
+        if k < self.max:
+            self.kept[kind] = k + 1
+            self.items.append(item)
+
+
+def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, Any] | None,
+                  res: Any) -> None:
+    """Count one sample and (``deep``) check it with the trainer's rule. Kept flat: this runs a million times."""
+    if type(rec) is not dict:
+        if not deep:
+            if type(rec) is list and type(loc) is int:  # a .jsonl line holding a list
+                sink.add(loc, "not_object", "error", "the line is a JSON list, not a JSON object (one sample)",
+                         hint="a .jsonl line is one sample {...}; a file that is one JSON list must be named .json",
+                         kind="not_object")
+            else:
+                sink.add(loc, "not_object", "error", f"sample is {kind_of(rec)}, not a JSON object",
+                         hint='each sample is {"image": ..., "conversations": [...]}', kind="not_object")
+            return
+    else:
+        img = rec.get("image")
+        vid = rec.get("video")
+        imgs = (img,) if type(img) is str else (img if type(img) is list else ())
+        vids = (vid,) if type(vid) is str else (vid if type(vid) is list else ())
+        if imgs or vids:
+            if imgs:
+                res.images += 1
+            if vids:
+                res.videos += 1
+            if res.first_media is None and (_relative(imgs) or _relative(vids)):
+                res.first_media = loc
+        else:
+            res.text_only += 1
+        if not deep:
+            return
+        if media is not None:
+            for p in imgs:
+                if p.__class__ is str and p not in media and is_path(p):
+                    media[p] = loc
+            for p in vids:
+                if p.__class__ is str and p not in media and is_path(p):
+                    media[p] = loc
+    problems = record_problems(rec)
+    if problems:
+        for severity, kind, code, message, key, hint in problems:
+            if code == "not_object" and type(rec) is list and type(loc) is int:
+                message = "the line is a JSON list, not a JSON object (one sample)"
+                hint = "a .jsonl line is one sample {...}; a file that is one JSON list must be named .json"
+            sink.add(loc, code, severity, message, key, hint, None, kind)
+
+
+PARALLEL_MIN_RECORDS = 200_000  # files at least this long are checked by several processes (fork, Linux)
+CHUNK = 65_536  # records per unit of work (and per progress update)
+
+# The job of the current scan, read by _scan_chunk in this process or in forked workers (inherited, not pickled).
+_JOB: dict[str, Any] = {}
+
+
+@dataclass
+class _Part:
+    records: int = 0
+    samples: int = 0
+    images: int = 0
+    videos: int = 0
+    text_only: int = 0
+    items: list = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+    media: dict | None = None
+    first_media: Any = None
+
+
+def _scan_chunk(bounds: tuple) -> _Part:
+    lo, hi = bounds[0], bounds[1]
+    job = _JOB
+    deep = job["deep"]
+    sink = _Sink(job["path"], job["max_per_kind"])
+    part = _Part(media={} if job["media"] else None)
+    media = part.media
+    check = _check_record
+    items = job["items"]
+    if job["fmt"] == "jsonl":
+        # bounds are (first byte, end byte, line number of the first byte): each worker splits its own bytes
+        first_line = bounds[2]  # type: ignore[misc]
+        loads = _loads
+        blank = 0
+        line = first_line - 1
+        for line, raw in enumerate(items[lo:hi].split(b"\n"), first_line):
+            if not raw:
+                blank += 1
+                continue
+            try:
+                rec = loads(raw)
+            except _JSONError:
+                if raw.isspace():  # a blank line (checked only here: rare)
+                    blank += 1
+                    continue
+                rec, col, msg, hint = _line_error(raw)  # Python's json (the trainer's) may still read it
+                if msg:
+                    sink.add(line, "json", "error", msg, hint=hint, column=col)
+                    continue
+            check(rec, line, sink, deep, media, part)
+        part.records = part.samples = line - first_line + 1 - blank
+    else:
+        for i in range(lo, hi):
+            item = items[i]
+            part.records += 1
+            if type(item) is list:
+                for j, rec in enumerate(item):
+                    part.samples += 1
+                    check(rec, (i, j), sink, deep, media, part)
+            else:
+                part.samples += 1
+                check(item, (i, None), sink, deep, media, part)
+    part.items = sink.items
+    part.counts = sink.counts
+    return part
+
+
+
+def _byte_chunks(data: bytes, size: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first line)`` byte ranges of about ``size`` bytes, cut after a newline."""
+    out = []
+    start = 0
+    line = 1
+    n = len(data)
+    while start < n:
+        end = data.find(b"\n", min(n, start + max(1, size)))
+        end = n if end < 0 else end + 1
+        out.append((start, end, line))
+        line += data.count(b"\n", start, end)
+        start = end
+    return out
+
+
+def _workers(total: int, requested: int | None) -> int:
+    if requested is None:
+        env = os.environ.get("VLSFT_CHECK_WORKERS")
+        if env and env.isdigit():
+            requested = int(env)
+        elif total < PARALLEL_MIN_RECORDS:
+            return 1
+        else:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            requested = min(cpus, 8)
+    if requested <= 1 or sys.platform != "linux":
+        return 1
+    return requested
+
+
+def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bool = True,
+         progress: Callable[[int], None] | None = None, max_per_kind: int = MAX_PER_KIND,
+         workers: int | None = None, chunk: int = CHUNK,
+         list_progress: Callable[[int, int], None] | None = None) -> ScanResult:
+    """Read every record of one annotation file; count and (``deep``) check each sample.
+
+    Raises OSError when the file cannot be read. Media paths resolve against ``data_path``
+    (absolute paths and URLs are kept). Long files are split into chunks checked by
+    ``workers`` forked processes (default: one per CPU from PARALLEL_MIN_RECORDS records on;
+    ``VLSFT_CHECK_WORKERS`` overrides); the result is the same as a single-process scan.
+    ``progress(records)`` follows the records; ``list_progress(done, total)`` the folder listings of
+    the media existence check on object storage (:func:`qwenvl.storage.existing`).
+    """
+    res = ScanResult(path=path)
+    sink = _Sink(path, max_per_kind)
+    media: dict[str, Any] | None = {} if (deep and check_media) else None
+    data = _read(path)
+    fmt = annotation_format(path)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # millions of short-lived dicts: the cyclic GC would cost more than the parsing
+    try:
+        if fmt == "jsonl":
+            wrong = _utf16_jsonl(data, path) or _json_list_in_jsonl(data, path)
+            if wrong is not None:
+                res.problems.append(wrong)
+                res.unusable = True
+                return res
+            items: Any = data
+            total = len(data) // 150  # an estimate is enough to choose the number of workers
+            bounds = _byte_chunks(data, chunk * 200)  # ~200 bytes per record
+        else:
+            try:
+                items = _load_json_document(data)
+            except (ValueError, RecursionError) as exc:
+                line, col, msg, hint = _json_error(exc, data)
+                res.problems.append(Problem("error", f"annotation file is not valid JSON: {msg}", path, line, col,
+                                            hint=hint))
+                res.unusable = True
+                return res
+            if not isinstance(items, list):
+                res.problems.append(Problem("error", "the top level of a .json annotation file must be a list of "
+                                            f"samples, found {kind_of(items)}", path, 1, 1, hint=_LIST_HINT))
+                res.unusable = True
+                return res
+            total = len(items)
+            res.packed = any(type(x) is list for x in items)
+            bounds = [(lo, min(lo + chunk, total)) for lo in range(0, total, max(1, chunk))]
+        _JOB.update(path=path, fmt=fmt, items=items, deep=deep, media=media is not None, max_per_kind=max_per_kind)
+        n_workers = min(_workers(total, workers), len(bounds))
+        try:
+            if n_workers > 1:
+                import multiprocessing
+
+                with multiprocessing.get_context("fork").Pool(n_workers) as pool:
+                    for part in pool.imap(_scan_chunk, bounds):
+                        _merge(res, sink, media, part)
+                        if progress is not None:
+                            progress(part.records)
+            else:
+                for b in bounds:
+                    part = _scan_chunk(b)
+                    _merge(res, sink, media, part)
+                    if progress is not None:
+                        progress(part.records)
+        finally:
+            _JOB.clear()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    del items
+    if media:
+        _check_media_exist(media, data_path, sink, res, list_progress)
+    # resolve locators to lines
+    locs = {loc for loc, *_ in sink.items if isinstance(loc, tuple)}
+    first_media = res.first_media
+    if isinstance(first_media, tuple):
+        locs.add((first_media[0], None))
+    lines = _json_item_lines(_text(data), locs) if locs else {}
+    res.media_line = lines.get((first_media[0], None)) if isinstance(first_media, tuple) else first_media
+    first: dict[str, Problem] = {}
+    for loc, code, severity, message, key, hint, column, kind in sink.items:
+        line = lines.get(loc) if isinstance(loc, tuple) else loc
+        problem = Problem(severity, oneline(message), path, line, column, oneline(key), oneline(hint))  # type: ignore[arg-type]
+        first.setdefault(code, problem)
+        res.problems.append(problem)
+        res.kinds[problem] = kind
+    res.problems.sort(key=lambda p: p.line or 0)  # file order (stable: same line keeps check order)
+    for kind, count in sink.counts.items():
+        if count > sink.max:
+            more = count - sink.max
+            res.suppressed[kind] = more
+            ex = first[kind]
+            more_like = Problem(ex.severity, f"... and {more:,} more like: {ex.message}", path, None, None, ex.key,
+                                ex.hint)
+            res.problems.append(more_like)
+            res.kinds[more_like] = res.kinds[ex]
+    return res
+
+
+def _merge(res: ScanResult, sink: _Sink, media: dict | None, part: _Part) -> None:
+    res.records += part.records
+    res.samples += part.samples
+    res.images += part.images
+    res.videos += part.videos
+    res.text_only += part.text_only
+    if res.first_media is None:
+        res.first_media = part.first_media
+    for item in part.items:
+        sink.keep(item)
+    for kind, count in part.counts.items():
+        sink.counts[kind] = sink.counts.get(kind, 0) + count
+    if media is not None and part.media:
+        if not media:
+            media.update(part.media)
+        else:
+            for k, v in part.media.items():
+                if k not in media:
+                    media[k] = v
+
+
+def _local_listing(folder: str) -> tuple[set[str], set[str]]:
+    """``(regular files, every name)`` directly inside ``folder`` (both empty when it cannot be listed).
+
+    One ``scandir`` per folder: the entry type comes with the listing, so only symbolic links cost a
+    ``stat`` (a dangling link or a loop is not a file)."""
+    files: set[str] = set()
+    names: set[str] = set()
+    try:
+        it = os.scandir(folder)
+    except OSError:
+        return files, names
+    with it:
+        for entry in it:
+            names.add(entry.name)
+            try:
+                if entry.is_file():
+                    files.add(entry.name)
+            except OSError:
+                pass
+    return files, names
+
+
+_READ_CHECK = hasattr(os, "geteuid") and os.geteuid() != 0  # root reads every file: no access() calls
+
+
+def _check_local(by_parent: dict[str, list[tuple[str, str, str]]], missing: list, case_twin: dict) -> None:
+    """Media of local folders: a regular readable file, else ``(full, rel, why)`` in ``missing``."""
+    for parent, members in by_parent.items():
+        files, names = _local_listing(parent or "/")
+        gone = False
+        for name, full, rel in members:
+            if name in files:
+                if _READ_CHECK and not os.access(full, os.R_OK):
+                    missing.append((full, rel, "not readable (permission denied)"))
+                continue
+            gone = True
+            missing.append((full, rel, None if name not in names else local_media_problem(full)))
+        if gone:
+            folded = {n.casefold(): n for n in files}  # only for folders with missing files
+            for name, _, rel in members:
+                if name not in names and name.casefold() in folded:
+                    case_twin[rel] = folded[name.casefold()]
+
+
+HTTP_TIMEOUT_S = 10.0  # per HEAD request of the http(s) media check (VLSFT_HTTP_TIMEOUT overrides)
+HTTP_CONCURRENCY = 16
+
+
+def _http_status(url: str, timeout: float) -> int | BaseException:
+    """HTTP status of a HEAD request (a 1-byte GET when HEAD is refused), or the connection error."""
+    import urllib.error
+    import urllib.request
+
+    for method, headers in (("HEAD", {}), ("GET", {"Range": "bytes=0-0"})):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method=method, headers=headers),
+                                        timeout=timeout) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as e:
+            if e.code in (405, 501) and method == "HEAD":
+                continue
+            return int(e.code)
+        except (OSError, ValueError) as e:  # URLError, timeouts, refused connections, bad URLs
+            return e
+    return 405
+
+
+def _check_http(urls: dict[str, str]) -> tuple[list[tuple[str, str, str]], dict[str, tuple[str, str, int]]]:
+    """``(missing [(url, rel, why)], unreachable {host: (first url, reason, media on that host)})``.
+
+    One request per URL (a web server has no listing), HTTP_CONCURRENCY at a time; a host that does not
+    answer is tried once, its other URLs are not (each would wait for the timeout)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlsplit
+
+    try:
+        timeout = float(os.environ.get("VLSFT_HTTP_TIMEOUT") or HTTP_TIMEOUT_S)
+    except ValueError:
+        timeout = HTTP_TIMEOUT_S
+    by_host: dict[str, list[str]] = {}
+    for url in urls:
+        by_host.setdefault(urlsplit(url).netloc, []).append(url)
+    missing: list[tuple[str, str, str]] = []
+    unreachable: dict[str, tuple[str, str, int]] = {}
+
+    def judge(url: str, got: int | BaseException) -> None:
+        if isinstance(got, BaseException):
+            return
+        if got == 404 or got == 410:
+            missing.append((url, urls[url], f"HTTP {got}"))
+        elif got >= 400:
+            missing.append((url, urls[url], f"the server answers HTTP {got}"))
+
+    with ThreadPoolExecutor(max_workers=min(HTTP_CONCURRENCY, max(1, len(urls)))) as pool:
+        firsts = {host: members[0] for host, members in by_host.items()}
+        rest: list[str] = []
+        for (host, url), got in zip(firsts.items(), pool.map(lambda u: _http_status(u, timeout), firsts.values()),
+                                    strict=True):
+            if isinstance(got, BaseException):
+                reason = getattr(got, "reason", None) or got
+                unreachable[host] = (url, f"{type(reason).__name__}: {reason}" if not isinstance(reason, str)
+                                     else reason, len(by_host[host]))
+                continue
+            judge(url, got)
+            rest.extend(by_host[host][1:])
+        for url, got in zip(rest, pool.map(lambda u: _http_status(u, timeout), rest), strict=True):
+            if isinstance(got, BaseException):
+                missing.append((url, urls[url], f"no answer ({type(got).__name__})"))
+            else:
+                judge(url, got)
+    return missing, unreachable
+
+
+def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink, res: ScanResult,
+                       progress: Callable[[int, int], None] | None = None) -> None:
+    """Every distinct media path is a regular readable file: one directory listing per local folder or
+    S3 prefix (never a stat or a request per file), one HEAD request per http(s) URL. Problems are
+    reported at the first sample naming the file."""
+    res.media_files = len(media)
+    missing: list[tuple[str, str, str | None]] = []  # (full path, annotation path, why not media)
+    case_twin: dict[str, str] = {}  # annotation path -> existing name that differs only in case
+    by_parent: dict[str, list[tuple[str, str, str]]] = {}
+    if os.sep == "/" and (data_path is None or not storage.is_url(data_path)) and not any(
+            "://" in rel for rel in media):
+        # local fast path (the common case): plain string work instead of os.path calls per file
+        prefix = None if data_path is None else (data_path if data_path.endswith("/") else data_path + "/")
+        if prefix is not None and not os.path.isdir(data_path):  # type: ignore[arg-type]
+            prefix = None  # reported once as a data_path problem, not once per media file
+        res.relative_media = sum(1 for rel in media if rel[0] != "/")
+        for rel in media:
+            if rel[0] == "/":
+                full = rel
+            elif prefix is None:
+                res.unresolved_media += 1  # relative path without data_path
+                continue
+            else:
+                full = prefix + rel
+            parent, _, name = full.rpartition("/")
+            members = by_parent.get(parent)
+            if members is None:
+                by_parent[parent] = members = []
+            members.append((name, full, rel))
+        _check_local(by_parent, missing, case_twin)
+    else:
+        remote: dict[str, str] = {}
+        http: dict[str, str] = {}
+        res.relative_media = sum(1 for rel in media if not (storage.is_url(rel) or os.path.isabs(rel)))
+        for rel in media:
+            if data_path is None and not (storage.is_url(rel) or os.path.isabs(rel)):
+                res.unresolved_media += 1
+                continue
+            full = storage.join(data_path, rel)
+            if storage.is_http_url(full):
+                http[full] = rel
+            elif storage.is_url(full):
+                remote[full] = rel
+            else:
+                parent, name = os.path.split(full)
+                by_parent.setdefault(parent, []).append((name, full, rel))
+        _check_local(by_parent, missing, case_twin)
+        if remote:
+            try:
+                found = storage.existing(remote, progress=progress)
+                missing.extend((full, rel, None) for full, rel in remote.items() if full not in found)
+            except storage.StorageError as e:  # endpoint, bucket or credentials: one line at the first sample
+                full, rel = min(remote.items(), key=lambda item: _order(media[item[1]]))
+                sink.add(media[rel], "media_unreachable", "error", f"cannot check the {len(remote):,} media file(s) "
+                         f"on object storage, first {full}: {e}", key="image/video",
+                         hint="the trainer cannot read them either; fix the storage settings or the URLs",
+                         kind="media_unreachable")
+        if http:
+            gone, down = _check_http(http)
+            missing.extend(gone)
+            for host, (url, reason, count) in down.items():
+                rel = http[url]
+                sink.add(media[rel], "media_unreachable", "error", f"cannot reach {host} for {url} ({reason})"
+                         + (f"; {count - 1:,} more media file(s) there not checked" if count > 1 else ""),
+                         key="image/video", hint="check the URL and that the server is up: the trainer skips "
+                         "these samples", kind="media_unreachable")
+
+    missing.sort(key=lambda item: _order(media[item[1]]))  # report in file order
+    for full, rel, why in missing:
+        res.missing_media += 1
+        hint = "paths are relative to the dataset's data_path" if full != rel and why in (None, "not found") else None
+        if rel in case_twin:
+            hint = f"'{case_twin[rel]}' exists: names are case-sensitive here"
+        elif rel != rel.strip():
+            hint = f"the path {rel!r} has a space (or tab) at its start or end"
+        elif "\\" in rel:
+            hint = "write paths with / (this looks like a Windows path)"
+        message = f"media file not found: {full}" if why is None or why == "not found" else (
+            f"media file not found: {full} ({why})" if why.startswith("HTTP") or why.startswith("no answer")
+            or why.startswith("the server") else f"media file {full} is {why}")
+        sink.add(media[rel], "missing_media", "error", message, key="image/video", hint=hint, kind="missing_media")
+
+
+def _order(loc: Any) -> tuple[int, int]:
+    return (loc, 0) if isinstance(loc, int) else (loc[0], -1 if loc[1] is None else loc[1])

@@ -1,0 +1,278 @@
+"""What makes an annotation record a valid sample: the ONE definition (torch-, numpy-free).
+
+Both sides use :func:`record_problems`: the trainer's :class:`~qwenvl.data.sample.SampleBuilder` raises
+the first error as a :class:`~qwenvl.data.preprocess.BadSample` (skips the sample), and
+``vlsft datasets check --deep`` (:mod:`qwenvl.data.annotation_check`) lists every problem. So the check
+reports an error for a record exactly when the trainer would skip it, under the same reason class
+(``kind``, see :data:`~qwenvl.data.preprocess.BAD_SAMPLE_KINDS`); ``tests/test_check_vs_builder.py``
+pins it with generated records. What only the trainer can know (the model family, the tokens, the
+pixels) or what needs the files (existence, decoding) is checked on each side by shared helpers
+(:func:`qwenvl.data.vision.local_media_problem`, ``--decode``).
+
+Decided (official = the Qwen2.5-era ``preprocess_qwen_2_visual``, see ``reference/official-finetune.md`` §4.1):
+
+* a first turn ``from: gpt`` is dropped, as official (a warning); the rest must still hold an answer;
+  a leading ``role: assistant`` turn is kept and trained (the official check reads ``from``);
+* a turn reads ``role``/``content`` when it has both, else ``from``/``value`` (the official order);
+* an empty or blank value is trained as is (an empty answer trains ``<|im_end|>``): a warning;
+* ``<image>``/``<video>`` in gpt or system turns stay plain text (a warning); only human-turn tags
+  count against the media items;
+* errors (the sample is skipped): not an object; ``image``/``video`` not a path or a list of paths,
+  an empty list or an empty path; the misspelt ``images``/``videos`` key alone; no or an empty
+  ``conversations``; a turn that is not an object, lacks its keys, has an unknown speaker or a value
+  that is not a string, or holds the literal text ``<|image_pad|>``/``<|video_pad|>``; tag counts that
+  differ from the media counts; no assistant turn left.
+
+A problem is ``(severity, kind, code, message, key, hint)``: ``kind`` is the reason class, ``code`` a
+finer label the check caps its listing by.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Any
+
+Item = tuple[str, str, str, str, "str | None", "str | None"]
+
+SIDES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1, "system": 2}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+PAD_TEXTS = ("<|image_pad|>", "<|video_pad|>")
+MISSPELT = {"images": "image", "videos": "video"}
+_NONE: list = []  # returned for a clean record (never appended to)
+
+
+def kind_of(value: Any) -> str:
+    """``"a string"``, ``"a list"``, ... (JSON words for a Python value)."""
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def is_path(p: Any) -> bool:
+    """A usable media entry: a non-blank string."""
+    return p.__class__ is str and bool(p) and not p.isspace()
+
+
+def _media_field(key: str, value: Any, out: list) -> int:
+    """Problems of an ``image``/``video`` value that is not None; returns its number of entries."""
+    if type(value) is str:
+        if not is_path(value):
+            out.append(("error", "bad_media_field", "media_type", f"{key} entry {value!r} is not a path", key,
+                        "an empty path: drop the key for a sample without media"))
+        return 1
+    if type(value) is list:
+        if not value:
+            out.append(("error", "bad_media_field", "media_type", f"'{key}' is an empty list: the trainer skips "
+                        "the sample", key, f"drop the '{key}' key for a sample without {key}s"))
+        for p in value:
+            if not is_path(p):
+                out.append(("error", "bad_media_field", "media_type", f"{key} entry {p!r} is not a path", key,
+                            "each entry is a file path string, relative to data_path or absolute"))
+        return len(value)
+    out.append(("error", "bad_media_field", "media_type", f"'{key}' must be a path or a list of paths, found "
+                f"{kind_of(value)}", key, None))
+    return 0
+
+
+def turn_fields(turn: dict) -> tuple[Any, Any, str] | None:
+    """``(speaker, value, value key)`` of a turn as the official code reads it: ``role``/``content`` when
+    the turn has both, else ``from``/``value``; None when it has neither pair."""
+    if "role" in turn and "content" in turn:
+        return turn["role"], turn["content"], "content"
+    if "from" in turn and "value" in turn:
+        return turn["from"], turn["value"], "value"
+    return None
+
+
+def drops_first(conv: list) -> bool:
+    """The official first-turn rule: a first turn ``from: gpt`` is dropped."""
+    first = conv[0]
+    return type(first) is dict and first.get("from") == "gpt"
+
+
+def _missing_keys(turn: dict) -> Item:
+    spk = turn.get("from", turn.get("role"))
+    if spk is None:
+        return ("error", "bad_conversation", "no_speaker", "a turn has neither 'from' nor 'role'", "conversations",
+                'write {"from": "human"|"gpt", "value": "..."}')
+    vkey = "value" if "from" in turn else "content"
+    other = "content" if vkey == "value" else "value"
+    hint = f"'from' goes with 'value', 'role' with 'content': rename '{other}' to '{vkey}'" if other in turn else None
+    return ("error", "bad_conversation", "no_value", f"a turn has no '{vkey}'", vkey, hint)
+
+
+def _bad_speaker(turn: dict, spk: Any) -> Item:
+    low = spk.strip().lower() if type(spk) is str else None
+    hint = (f"write '{low}' (lowercase, no spaces)" if low in SIDES else
+            "use 'human' or 'gpt' (or role 'user' / 'assistant')")
+    return ("error", "bad_conversation", "bad_speaker", f"unknown speaker {spk!r}",
+            "role" if "role" in turn and "content" in turn else ("from" if "from" in turn else "role"), hint)
+
+
+def conversation_problems(conv: Any, out: list, rec: dict | None = None) -> tuple[int, int, Item | None]:
+    """Append the problems of ``conversations`` to ``out``; returns the ``<image>``/``<video>`` tags
+    that will be expanded (human turns; ``-1`` when the conversation is unusable) and the ``no_answer``
+    error when no assistant turn is left (appended by the caller after the tag checks, the trainer's order)."""
+    if type(conv) is not list or not conv:
+        if conv is None:
+            other = next((k for k in ("conversation", "messages", "Conversations", "conversations ", "dialog")
+                          if k in rec), None) if rec is not None else None
+            hint = (f"rename '{other}' to 'conversations'" if other else
+                    'add "conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]')
+            out.append(("error", "bad_conversation", "no_conversations", "sample has no 'conversations'",
+                        "conversations", hint))
+        else:
+            out.append(("error", "bad_conversation", "bad_conversations", "'conversations' must be a non-empty "
+                        "list of turns", "conversations",
+                        'write [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]'))
+        return -1, -1, None
+    start = 0
+    if drops_first(conv):
+        start = 1
+        out.append(("warning", "gpt_first", "gpt_first", "the first turn is from gpt; the trainer drops it (as the "
+                    "official code does)", "conversations", "start with a human turn"))
+    n_img = n_vid = 0
+    prev = -1
+    first_side = -1
+    has_answer = broken = False
+    for i in range(start, len(conv)):
+        turn = conv[i]
+        if type(turn) is not dict:
+            out.append(("error", "bad_conversation", "bad_turn", f"a turn is {kind_of(turn)}, not an object",
+                        "conversations", 'write {"from": "human", "value": "..."}'))
+            broken = True
+            first_side = first_side if first_side >= 0 else 3  # no "first turn" warning after a broken one
+            continue
+        if "role" in turn and "content" in turn:
+            spk, val, vkey = turn["role"], turn["content"], "content"
+        elif "from" in turn and "value" in turn:
+            spk, val, vkey = turn["from"], turn["value"], "value"
+        else:
+            out.append(_missing_keys(turn))
+            broken = True
+            first_side = first_side if first_side >= 0 else 3
+            continue
+        side = SIDES.get(spk) if type(spk) is str else None
+        if side is None:
+            out.append(_bad_speaker(turn, spk))
+            broken = True
+            first_side = first_side if first_side >= 0 else 3
+            continue
+        if type(val) is not str:
+            hint = ("write the turn's text as one string, with an <image>/<video> tag where each media item goes"
+                    if type(val) is list else None)
+            out.append(("error", "bad_conversation", "value_type", f"'{vkey}' must be a string, found "
+                        f"{kind_of(val)}", vkey, hint))
+            broken = True
+            first_side = first_side if first_side >= 0 else 3
+            continue
+        if first_side < 0:
+            first_side = side
+        if side == prev and side != 2:
+            out.append(("warning", "no_alternation", "no_alternation", "two turns in a row from the same speaker",
+                        "conversations", "alternate human and gpt turns"))
+        prev = side
+        if side == 1:
+            has_answer = True
+        if not val or val.isspace():
+            if side == 1:
+                out.append(("warning", "empty_value", "empty_answer", "a gpt turn has an empty value: it trains an "
+                            "empty answer (only <|im_end|>)", vkey, "write the answer, or remove the turn"))
+            else:
+                out.append(("warning", "empty_value", "empty_value", "a turn has an empty value", vkey,
+                            "write the text or remove the turn"))
+            continue
+        if "<" not in val:
+            continue
+        if "<|" in val and (PAD_TEXTS[0] in val or PAD_TEXTS[1] in val):
+            pad = PAD_TEXTS[0] if PAD_TEXTS[0] in val else PAD_TEXTS[1]
+            out.append(("error", "bad_conversation", "special_token", f"a turn contains the special token text "
+                        f"{pad!r}: it would become a vision token with no pixels behind it", vkey,
+                        "write <image>/<video> tags instead"))
+            broken = True
+        if side == 0:
+            n_img += val.count("<image>")
+            n_vid += val.count("<video>")
+        elif "<image>" in val or "<video>" in val:
+            who = "gpt" if side == 1 else "system"
+            out.append(("warning", f"tag_in_{who}", f"tag_in_{who}", f"a {who} turn contains an <image>/<video> "
+                        "tag; it is not replaced", vkey, "media tags belong in human turns (elsewhere they stay "
+                        "plain text)"))
+    if first_side == 1 and not start:
+        out.append(("warning", "gpt_first", "gpt_first", "the conversation starts with an assistant turn",
+                    "conversations", "start with a user turn (this one is kept and trained: the official code drops "
+                    "only a first 'from': 'gpt' turn)"))
+    no_answer = None
+    if not has_answer and not broken:
+        no_answer = ("error", "no_answer", "no_answer", "no assistant turn to train on" + (
+            " once the leading gpt turn is dropped" if start else ""), "conversations",
+            'add the answer: {"from": "gpt", "value": "..."}')
+    return n_img, n_vid, no_answer
+
+
+def record_problems(rec: Any) -> list[Item]:
+    """Every problem of one annotation record, errors in the order the trainer meets them (the first
+    error is the reason it skips the sample); an empty list for a clean record. Kept flat: the deep
+    check runs it a million times."""
+    if type(rec) is not dict:
+        return [("error", "not_object", "not_object", f"sample is {kind_of(rec)}, not a JSON object", None,
+                 'each sample is {"image": ..., "conversations": [...]}')]
+    out: list[Item] = []
+    if "images" in rec or "videos" in rec:
+        bad = "images" if "images" in rec else "videos"
+        if MISSPELT[bad] in rec:
+            out.append(("warning", "misspelt_media_key", "misspelt_media_key", f"key '{bad}' is ignored: the "
+                        f"sample uses '{MISSPELT[bad]}'", bad, f"delete '{bad}'"))
+        else:
+            out.append(("error", "bad_media_field", "misspelt_media_key", f"key '{bad}' is not read by the trainer: "
+                        "the sample would silently train as text-only", bad, f"rename '{bad}' to '{MISSPELT[bad]}'"))
+    img = rec.get("image")
+    vid = rec.get("video")
+    n_images = 0 if img is None else _media_field("image", img, out)
+    n_videos = 0 if vid is None else _media_field("video", vid, out)
+    n_img, n_vid, no_answer = conversation_problems(rec.get("conversations"), out, rec)
+    if n_img >= 0:
+        if n_img != n_images:
+            out.append(("error", "tags_media_mismatch", "image_tags", f"{n_img} <image> tag(s) for {n_images} "
+                        "image(s)", "image", "put one <image> tag in a human turn per image, in order"))
+        if n_vid != n_videos:
+            out.append(("error", "tags_media_mismatch", "video_tags", f"{n_vid} <video> tag(s) for {n_videos} "
+                        "video(s)", "video", "put one <video> tag in a human turn per video, in order"))
+    if no_answer is not None:
+        out.append(no_answer)
+    return out or _NONE
+
+
+def first_error(problems: list[Item]) -> Item | None:
+    return next((p for p in problems if p[0] == "error"), None)
+
+
+def turn_pairs(conv: list) -> list[tuple[str, str]]:
+    """``(role, content)`` of the turns the trainer tokenizes (roles mapped to user/assistant/system),
+    for a conversation :func:`conversation_problems` found no error in."""
+    out = []
+    for i in range(1 if drops_first(conv) else 0, len(conv)):
+        spk, val, _ = turn_fields(conv[i])  # type: ignore[misc]
+        out.append((ROLES[spk], val))
+    return out
+
+
+def local_media_problem(path: str) -> str | None:
+    """Why a local ``path`` is not usable media, or None: media means a regular file this process can read
+    (a folder named ``x.png``, a dangling symlink and a symlink loop are not). Shared with the deep check."""
+    try:
+        st = os.stat(path)  # follows symlinks: a dangling one or a loop raises
+    except FileNotFoundError:
+        return "not found" if not os.path.islink(path) else "a broken symbolic link (its target does not exist)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        return f"cannot be accessed ({e.strerror or type(e).__name__})"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "not readable (permission denied)"
+    return None
