@@ -352,11 +352,15 @@ def run(argv: list[str]) -> int:
                                                     report if isinstance(report, dict) else None))
 
     trainer.train(resume_from_checkpoint=resume_from)
+    # every rank: totals over ranks; no sample trained / past the bad-sample limit -> one error line, no final model
+    summary = trainer.finish_run()
     trainer.save_state()
     trainer.save_model(training_args.output_dir)  # gathers ZeRO-3 shards; writes processor + chat template too
     if training_args.should_save:
         processor.save_pretrained(training_args.output_dir)
         logger.info("final model, tokenizer, processor and chat template saved in %s", training_args.output_dir)
+    if rank == 0:
+        print(summary, flush=True)  # samples trained / skipped by kind, summed over ranks
     return 0
 
 

@@ -8,9 +8,16 @@
   ``samples_per_second``, ``tokens_per_second`` (real tokens, all ranks), ``tokens_per_second_per_device``,
   ``padding_fraction``, ``skipped_samples`` (cumulative, from the collator's ``num_skipped``) and, on
   CUDA with a known device, ``mfu``. Counters are summed over ranks with one all-reduce per log.
-* Bad samples: every micro-batch's ``num_samples`` / ``num_skipped`` (counted by the collator, also inside
-  DataLoader workers, and carried in the batch to the main process) feed the data module's
-  ``BadSampleMonitor``, which ends the run past ``--max_bad_sample_ratio``.
+* Batch statistics: the collator's contract (:data:`qwenvl.data.collate.NON_MODEL_KEYS`, popped with
+  :func:`~qwenvl.data.collate.pop_batch_stats`) - counted by the collator, also inside DataLoader workers, and
+  carried in the batch to the main process. Each skipped sample is appended to
+  ``<output_dir>/logs/skipped-samples-rank<R>.jsonl`` (kind, reason, dataset, file:line).
+* Bad samples: once per optimizer step the read / skipped counts are summed over ranks (one small all-reduce)
+  and the data module's ``BadSampleMonitor`` stops the run on every rank at once when, with 99 % confidence
+  (one-sided Clopper-Pearson lower bound), the bad fraction is above ``--max_bad_sample_ratio`` - from the
+  first samples on, and again on the totals at the end; the stop names the counts by reason kind.
+* :meth:`QwenVLTrainer.finish_run` (after ``train()``, before the final save): a run that trained on no sample
+  is an error; rank 0 logs the summary (samples trained / skipped by kind, all ranks), ``qwenvl.train`` prints it.
 * HF's unused-column removal is off: the collator receives whole samples (skipped ones carry no model inputs).
 * ``VLSFT_SAMPLE_LOG=1`` writes ``<output_dir>/logs/samples-rank<R>.jsonl``: per micro-batch the rank,
   world size, fingerprints of the samples and its image/video token counts (used by the tests to prove
@@ -31,12 +38,10 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from qwenvl import mfu
+from qwenvl.data.collate import BadSampleLimitExceeded, BadSampleMonitor, describe_kinds, pop_batch_stats
 from qwenvl.model import parameter_groups
 
 logger = logging.getLogger(__name__)
-
-# batch keys that are statistics for the trainer, never model inputs
-STAT_KEYS = ("num_skipped", "num_samples", "sample_ids", "sample_index")
 
 
 def _segment_lengths(inputs: dict) -> list[int]:
@@ -92,7 +97,12 @@ class QwenVLTrainer(Trainer):
         self._video_token_id = video_token_id
         self._data_report = data_report
         self.add_callback(LogLastStepCallback())
-        self._bad_sample_monitor = bad_sample_monitor
+        # without a monitor the counts are still kept (the no-sample check), but the ratio never stops the run
+        self._bad_sample_monitor = bad_sample_monitor if bad_sample_monitor is not None else BadSampleMonitor(1.0)
+        self._bad_sample_monitor.hint = f"see {Path(self.args.output_dir) / 'logs'}/skipped-samples-rank*.jsonl"
+        self.add_callback(BadSampleCheckCallback(self))
+        self._steps_this_run = 0
+        self._skip_log = None
         self._reset_window()
         self._skipped_total = 0
         self._micro_step = 0
@@ -141,12 +151,13 @@ class QwenVLTrainer(Trainer):
         self._win_start = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        stats = {k: inputs.pop(k) for k in STAT_KEYS if k in inputs}
+        stats = pop_batch_stats(inputs)
         if model.training:
             self._account(inputs, stats)
-            if self._bad_sample_monitor is not None and "num_skipped" in stats:
-                # per rank, per micro-batch: raises BadSampleLimitExceeded past --max_bad_sample_ratio
-                self._bad_sample_monitor.update({k: _as_int(stats.get(k)) for k in ("num_samples", "num_skipped")})
+            if "num_samples" in stats:  # counted here, checked over all ranks once per step (check_bad_samples)
+                self._bad_sample_monitor.update(stats, check=False)
+            if stats.get("skipped"):
+                self._write_skips(stats["skipped"])
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         n = stats.get("num_samples")
@@ -163,9 +174,8 @@ class QwenVLTrainer(Trainer):
         lengths = _segment_lengths(inputs)
         real = sum(lengths)
         skipped = stats.get("num_skipped", 0)
-        skipped = int(skipped.sum()) if isinstance(skipped, torch.Tensor) else int(skipped or 0)
         n_samples = stats.get("num_samples")
-        n_samples = int(n_samples) if n_samples is not None else len(lengths)
+        n_samples = n_samples if n_samples is not None else len(lengths)
         patches = 0
         for key in ("pixel_values", "pixel_values_videos"):
             if inputs.get(key) is not None:
@@ -189,8 +199,7 @@ class QwenVLTrainer(Trainer):
                 g = inputs.get(key)  # masked dummies are 2x2-patch grids: count only larger ones
                 rec[name] = int((g.prod(dim=-1) > 4).sum()) if g is not None else 0
             if "sample_ids" in stats:
-                v = stats["sample_ids"]
-                rec["sample_ids"] = v.tolist() if isinstance(v, torch.Tensor) else list(v)
+                rec["sample_ids"] = stats["sample_ids"]
             self._sample_log.write(json.dumps(rec) + "\n")
             self._sample_log.flush()
         self._micro_step += 1
@@ -204,14 +213,7 @@ class QwenVLTrainer(Trainer):
 
     def _add_window_metrics(self, logs: dict) -> None:
         keys = ("samples", "real", "total", "skipped", "flops")
-        t = torch.tensor([self._win[k] for k in keys], dtype=torch.float64)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            backend = torch.distributed.get_backend()
-            dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-            t = t.to(dev)
-            torch.distributed.all_reduce(t)
-            t = t.cpu()
-        w = dict(zip(keys, t.tolist(), strict=False))
+        w = dict(zip(keys, _sum_over_ranks([self._win[k] for k in keys]), strict=False))
         dt = max(time.perf_counter() - self._win_start, 1e-9)
         world = max(self.args.world_size, 1)
         self._skipped_total += int(w["skipped"])
@@ -225,6 +227,66 @@ class QwenVLTrainer(Trainer):
         logs.update(getattr(self, "_lrs", {}))
         self._reset_window()
 
+    # ---- bad samples and the run's honesty -----------------------------------------------------------
+    def _write_skips(self, records: list[dict]) -> None:
+        if self._skip_log is None:
+            d = Path(self.args.output_dir) / "logs"
+            d.mkdir(parents=True, exist_ok=True)
+            self._skip_log = open(d / f"skipped-samples-rank{self.args.process_index}.jsonl", "a",  # noqa: SIM115
+                                  encoding="utf-8")
+        for rec in records:
+            self._skip_log.write(json.dumps({"rank": self.args.process_index, "step": self.state.global_step,
+                                             **rec}, default=str) + "\n")
+        self._skip_log.flush()
+
+    def sample_totals(self) -> tuple[int, int, int]:
+        """``(read, skipped, trained)`` summed over ranks (a collective: every rank calls it together)."""
+        m = self._bad_sample_monitor
+        seen, skipped, trained = _sum_over_ranks([m.seen, m.skipped, m.trained])
+        return int(seen), int(skipped), int(trained)
+
+    def _kinds_over_ranks(self) -> dict:
+        kinds = dict(self._bad_sample_monitor.kinds)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, kinds)
+            kinds = {}
+            for part in parts:
+                for k, n in (part or {}).items():
+                    kinds[k] = kinds.get(k, 0) + int(n)
+        return kinds
+
+    def check_bad_samples(self) -> tuple[int, int, int]:
+        """The bad-sample stop on the counts so far, summed over ranks: the same decision on every rank."""
+        seen, skipped, trained = self.sample_totals()
+        m = self._bad_sample_monitor
+        if m.exceeded(skipped, seen):
+            raise BadSampleLimitExceeded(m.stop_message(seen, skipped, self._kinds_over_ranks()))
+        return seen, skipped, trained
+
+    def finish_run(self) -> str:
+        """After ``train()``, on every rank, before the final model is saved: the totals over ranks. A run that
+        trained on no sample (every sample bad) or is past the bad-sample limit raises
+        :class:`BadSampleLimitExceeded` (no final model is written). Rank 0 logs the summary line (samples
+        trained / skipped by kind / read, all ranks); it is returned for the entry point to print."""
+        seen, skipped, trained = self.check_bad_samples()
+        kinds = self._kinds_over_ranks() if skipped else {}
+        world = max(self.args.world_size, 1)
+        line = (f"# samples: {trained:,} trained, {skipped:,} skipped as bad"
+                + (f" ({describe_kinds(kinds)})" if skipped else "") + f", {seen:,} read on {world} rank(s)")
+        if self.args.process_index == 0:
+            logger.info("%s", line[2:])
+        if self._skip_log is not None:
+            self._skip_log.close()
+            self._skip_log = None
+        if trained == 0 and not (seen == 0 and self._steps_this_run == 0 and self.state.global_step > 0):
+            # (a resumed run with no step left reads nothing; that is not a failure)
+            what = (f"all {seen:,} samples read were bad ({describe_kinds(kinds)}); {self._bad_sample_monitor.hint}"
+                    if seen else "no sample was read")
+            raise BadSampleLimitExceeded(f"no sample was trained: {what}; no final model was written; fix the data "
+                                         "(vlsft datasets check --deep)")
+        return line
+
     # ---- saving -----------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
@@ -233,10 +295,16 @@ class QwenVLTrainer(Trainer):
             standardise_checkpoint_keys(out, self.model)
 
 
-def _as_int(v) -> int:
-    if isinstance(v, torch.Tensor):
-        return int(v.sum())
-    return int(v or 0)
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum over all ranks (one all-reduce; the values themselves without a process group)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        backend = torch.distributed.get_backend()
+        dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        t = t.to(dev)
+        torch.distributed.all_reduce(t)
+        t = t.cpu()
+    return t.tolist()
 
 
 def standardise_checkpoint_keys(folder: str | os.PathLike, model) -> list[str]:
@@ -345,6 +413,18 @@ class LogLastStepCallback(TrainerCallback):
                 and str(getattr(args.logging_strategy, "value", args.logging_strategy)) == "steps"
                 and state.global_step % state.logging_steps != 0):
             control.should_log = True
+        return control
+
+
+class BadSampleCheckCallback(TrainerCallback):
+    """After every optimizer step (on every rank): the bad-sample stop on the counts summed over ranks."""
+
+    def __init__(self, trainer: QwenVLTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._steps_this_run += 1
+        self.trainer.check_bad_samples()
         return control
 
 

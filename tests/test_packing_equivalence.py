@@ -144,7 +144,8 @@ def test_dummy_vision_changes_nothing(model, samples, mode):
 def test_all_bad_batch_is_finite_dummy(model):
     coll = DataCollator(pad_token_id=151643, mode="flatten")
     batch = coll([{"bad_sample": "x"}, {"bad_sample": "y"}])
-    assert pop_batch_stats(batch) == {"num_samples": 0, "num_skipped": 2}
+    assert pop_batch_stats(batch) == {"num_samples": 0, "num_skipped": 2, "skipped": [
+        {"kind": "other", "reason": "x"}, {"kind": "other", "reason": "y"}]}
     loss, _ = _run(model, batch)
     assert loss == loss and abs(loss) < 1e6  # finite; the trainer multiplies it by 0
 

@@ -4,9 +4,10 @@ All three take the dataset's samples (see :mod:`qwenvl.data.sample`) and bad-sam
 (``{"bad_sample": reason, ...}``), drop the markers and count them.
 
 Every batch carries bookkeeping keys the trainer must ``pop`` before ``model(**batch)``
-(:func:`pop_batch_stats`, ``NON_MODEL_KEYS``): ``num_samples`` (real samples), ``num_skipped`` (bad
-samples dropped) and, from the trainer's dataset, ``sample_ids`` (dataset indices of the real samples).
-When ``num_samples == 0`` the batch is a dummy (one trained token so the loss is finite): the
+(:func:`pop_batch_stats`, ``NON_MODEL_KEYS``, the one definition of that contract): ``num_samples`` (real
+samples), ``num_skipped`` (bad samples dropped), ``skipped`` (one record per dropped sample with its reason
+``kind``) and, from the trainer's dataset, ``sample_ids`` (dataset indices of the real samples). The same
+module holds :class:`BadSampleMonitor`, the bad-sample stop rule. When ``num_samples == 0`` the batch is a dummy (one trained token so the loss is finite): the
 trainer must multiply that loss by 0 (it still runs forward/backward so ZeRO-3 ranks stay in step).
 
 ``ensure_vision=True`` (default): a batch always holds ``pixel_values`` *and*
@@ -41,7 +42,8 @@ Each sample's first label is set to -100 in flatten/packing (no loss across samp
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,60 +53,208 @@ from qwenvl.problems import UserError
 
 log = logging.getLogger(__name__)
 
-STAT_KEYS = ("num_samples", "num_skipped")
-# bookkeeping keys that are not model inputs: pop them before model(**batch)
-NON_MODEL_KEYS = ("num_samples", "num_skipped", "sample_ids")
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+# ---------------------------------------------------------------------------------------------------------------
+# The batch-statistics contract (collator -> trainer), defined here once. Every batch carries bookkeeping keys
+# that are not model inputs; the trainer pops them with pop_batch_stats() before model(**batch):
+#   num_samples  int        real samples in the batch (0: the batch is a dummy, its loss is scaled by 0)
+#   num_skipped  int        bad samples dropped from this batch
+#   skipped      list[dict] one record per dropped sample: kind (reason class, e.g. missing_media, too_long),
+#                           reason (one line), and where known dataset, where (file:line), sample_index
+#   sample_ids   list[int]  dataset indices of the real samples (only when the dataset gives them)
+# They are plain Python values, so they travel from DataLoader workers to the main process with the batch.
+# ---------------------------------------------------------------------------------------------------------------
+NON_MODEL_KEYS = ("num_samples", "num_skipped", "skipped", "sample_ids")
+COUNT_KEYS = ("num_samples", "num_skipped")
+TOO_LONG = "too_long"  # reason class of a sample longer than model_max_length
+OTHER = "other"  # reason class of a bad sample whose error names none
 
 
 def is_bad(sample) -> bool:
     return sample is None or (isinstance(sample, dict) and "bad_sample" in sample)
 
 
+def _as_int(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return int(v.sum())
+    return int(v or 0)
+
+
 def pop_batch_stats(batch: dict) -> dict:
-    """Remove the bookkeeping keys; return ``num_samples`` / ``num_skipped`` as ints (+ ``sample_ids`` if any)."""
-    out = {k: int(batch.pop(k, 0)) for k in STAT_KEYS}
+    """Remove the bookkeeping keys (``NON_MODEL_KEYS``) from ``batch`` and return them: ``num_samples`` /
+    ``num_skipped`` as ints (when the batch has them), ``skipped`` (only when a sample was skipped) and
+    ``sample_ids`` (when present)."""
+    out = {k: _as_int(batch.pop(k)) for k in COUNT_KEYS if k in batch}
+    skipped = batch.pop("skipped", None)
+    if skipped:
+        out["skipped"] = list(skipped)
     if "sample_ids" in batch:
-        out["sample_ids"] = list(batch.pop("sample_ids"))
+        ids = batch.pop("sample_ids")
+        out["sample_ids"] = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
     return out
 
 
+def _skip_record(sample, reason: str | None = None, kind: str | None = None) -> dict:
+    rec = {"kind": kind or OTHER, "reason": reason or "unusable sample"}
+    if isinstance(sample, dict):
+        rec["kind"] = kind or sample.get("kind") or OTHER
+        rec["reason"] = reason or str(sample.get("bad_sample") or rec["reason"])
+        for key in ("dataset", "where", "sample_index"):
+            if sample.get(key) is not None:
+                rec[key] = sample[key]
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bad-sample stop: a one-sided Clopper-Pearson bound on the bad fraction
+# ---------------------------------------------------------------------------------------------------------------
+BAD_SAMPLE_CONFIDENCE = 0.99
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny, eps = 1e-300, 1e-15
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 100_000):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b) for a, b > 0."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(front + math.log(_betacf(a, b, x)) - math.log(a))
+    return 1.0 - math.exp(front + math.log(_betacf(b, a, 1.0 - x)) - math.log(b))
+
+
+def binomial_upper_tail(bad: int, seen: int, p: float) -> float:
+    """P(X >= bad) for X ~ Binomial(seen, p)."""
+    if bad <= 0:
+        return 1.0
+    if bad > seen:
+        return 0.0
+    return min(1.0, max(0.0, _betainc(bad, seen - bad + 1, p)))
+
+
+def bad_fraction_lower_bound(bad: int, seen: int, confidence: float = BAD_SAMPLE_CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson lower bound of the bad fraction: the smallest rate p that makes ``bad`` or
+    more bad samples out of ``seen`` at least ``1 - confidence`` likely (0 when nothing is bad)."""
+    if bad <= 0 or seen <= 0:
+        return 0.0
+    bad = min(bad, seen)
+    alpha = 1.0 - confidence
+    lo, hi = 0.0, bad / seen
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if binomial_upper_tail(bad, seen, mid) < alpha:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12:
+            break
+    return lo
+
+
+def bad_ratio_exceeded(bad: int, seen: int, limit: float, confidence: float = BAD_SAMPLE_CONFIDENCE) -> bool:
+    """True when the bad fraction is above ``limit`` with ``confidence``: the one-sided Clopper-Pearson lower
+    bound of ``bad / seen`` exceeds ``limit`` (equivalently, ``bad`` or more bad samples would be less than
+    ``1 - confidence`` likely if the true rate were ``limit``). 0 bad never stops; limit 1 never stops; limit 0
+    stops at the first bad sample; for large counts it is the plain ratio test ``bad / seen > limit``."""
+    if bad <= 0 or seen <= 0 or limit >= 1.0:
+        return False
+    bad = min(bad, seen)
+    if bad / seen <= limit:  # the lower bound is below the observed ratio
+        return False
+    return binomial_upper_tail(bad, seen, limit) < (1.0 - confidence) * (1.0 - 1e-9)
+
+
+def describe_kinds(kinds: dict) -> str:
+    """``{"missing_media": 35, "too_long": 2}`` -> ``"35 missing_media, 2 too_long"`` (most frequent first)."""
+    items = sorted(((int(n), k) for k, n in kinds.items() if int(n)), key=lambda t: (-t[0], t[1]))
+    return ", ".join(f"{n:,} {k}" for n, k in items)
+
+
 class BadSampleLimitExceeded(UserError, RuntimeError):
-    every_rank = True  # found by whichever rank crossed the limit
+    """The bad-sample stop (or a run that trained on no sample). The trainer decides it on counts summed over
+    all ranks, so every rank raises it at the same step and rank 0 reports it."""
+
+    every_rank = False
 
 
 @dataclass
 class BadSampleMonitor:
-    """Running count of skipped samples; raises when skipped/seen exceeds ``max_ratio``.
+    """Counts read / trained / skipped samples (skips by reason kind) and decides the bad-sample stop.
 
-    Call ``update(pop_batch_stats(batch))`` once per batch (on every rank). The ratio is enforced
-    once ``min_seen`` samples were seen (so one early bad sample cannot kill a run), and always when
-    every sample so far was bad.
+    Rule: stop when, with 99 % confidence (one-sided Clopper-Pearson), the bad fraction is above ``max_ratio``
+    (:func:`bad_ratio_exceeded`), evaluated on the counts so far - from the first samples on - and on the totals
+    at the end of the run. 0 bad never stops; with ``max_ratio`` 0.01 a single bad sample never stops a run by
+    itself (1 of 3: the bound is 0.3 %), two bad of up to 15 or three of up to 44 do, and for large counts the
+    rule converges to the plain ``skipped / seen > max_ratio``.
+
+    ``update(pop_batch_stats(batch))`` adds one batch and checks these counts (one process); the trainer adds
+    with ``check=False`` and checks the counts summed over ranks (:meth:`check_totals`) once per step.
     """
 
-    max_ratio: float = 0.01
-    min_seen: int = 100
+    max_ratio: float
+    confidence: float = BAD_SAMPLE_CONFIDENCE
     seen: int = 0
     skipped: int = 0
+    trained: int = 0
+    kinds: dict = field(default_factory=dict)
+    hint: str = "see the 'skipped sample' log lines"
 
-    def update(self, stats: dict) -> None:
-        self.skipped += int(stats.get("num_skipped", 0))
-        self.seen += int(stats.get("num_samples", 0)) + int(stats.get("num_skipped", 0))
-        self.check()
+    def update(self, stats: dict, check: bool = True) -> None:
+        n_skip = _as_int(stats.get("num_skipped", 0))
+        n_real = _as_int(stats.get("num_samples", 0))
+        self.skipped += n_skip
+        self.trained += n_real
+        self.seen += n_real + n_skip
+        recs = stats.get("skipped") or []
+        for rec in recs:
+            kind = str(rec.get("kind") or OTHER) if isinstance(rec, dict) else OTHER
+            self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        if n_skip > len(recs):  # counted without a record (a foreign collator)
+            self.kinds[OTHER] = self.kinds.get(OTHER, 0) + n_skip - len(recs)
+        if check:
+            self.check()
 
     @property
     def ratio(self) -> float:
         return self.skipped / self.seen if self.seen else 0.0
 
+    def exceeded(self, skipped: int, seen: int) -> bool:
+        return bad_ratio_exceeded(skipped, seen, self.max_ratio, self.confidence)
+
     def check(self) -> None:
-        if not self.skipped:
-            return
-        all_bad = self.skipped == self.seen and self.seen >= 8
-        if (self.seen >= self.min_seen and self.ratio > self.max_ratio) or all_bad:
-            raise BadSampleLimitExceeded(
-                f"{self.skipped} of {self.seen} samples ({self.ratio:.1%}) were skipped as bad, above "
-                f"--max_bad_sample_ratio {self.max_ratio}: see the 'skipped sample' log lines for the reasons, "
-                "fix the data (vlsft datasets check --deep) or raise --max_bad_sample_ratio")
+        self.check_totals(self.seen, self.skipped, self.kinds)
+
+    def check_totals(self, seen: int, skipped: int, kinds: dict | None = None) -> None:
+        if self.exceeded(skipped, seen):
+            raise BadSampleLimitExceeded(self.stop_message(seen, skipped, kinds if kinds is not None else self.kinds))
+
+    def stop_message(self, seen: int, skipped: int, kinds: dict) -> str:
+        lb = bad_fraction_lower_bound(skipped, seen, self.confidence)
+        by_kind = describe_kinds(kinds) or f"{skipped:,} {OTHER}"
+        return (f"stopped: {skipped:,} of {seen:,} samples bad ({skipped / seen:.1%}, at {self.confidence:.0%} "
+                f"confidence at least {lb:.1%} > max_bad_sample_ratio {self.max_ratio:g}): {by_kind}; {self.hint}; "
+                "fix the data (vlsft datasets check --deep) or raise max_bad_sample_ratio")
 
 
 class DataCollator:
@@ -163,16 +313,16 @@ class DataCollator:
             if parts:
                 out[key] = torch.cat(parts, dim=0)
 
-    def _split(self, instances) -> tuple[list[dict], int]:
-        good, skipped = [], 0
+    def _split(self, instances) -> tuple[list[dict], list[dict]]:
+        good, skipped = [], []
         for s in instances:
             if is_bad(s):
-                skipped += 1
+                skipped.append(_skip_record(s))
                 continue
             if self.model_max_length and len(s["input_ids"]) > self.model_max_length:
-                log.warning("skipped sample: %d tokens > model_max_length %d", len(s["input_ids"]),
-                            self.model_max_length)
-                skipped += 1
+                reason = f"{len(s['input_ids'])} tokens > model_max_length {self.model_max_length}"
+                log.warning("skipped sample: %s", reason)
+                skipped.append(_skip_record(s, reason, TOO_LONG))
                 continue
             good.append(s)
         return good, skipped
@@ -201,7 +351,9 @@ class DataCollator:
         if ids:
             batch["sample_ids"] = ids  # dataset indices of the real samples (for per-rank sample logs)
         batch["num_samples"] = n_real
-        batch["num_skipped"] = skipped
+        batch["num_skipped"] = len(skipped)
+        if skipped:
+            batch["skipped"] = skipped
         return batch
 
     # ------------------------------------------------------------------ padded

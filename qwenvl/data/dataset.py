@@ -6,10 +6,13 @@
      "bad_sample_monitor": BadSampleMonitor}
 
 ``train_dataset[i]`` is a sample dict (see :mod:`qwenvl.data.sample`) or, for a sample that cannot
-be used, a marker ``{"bad_sample": reason, "dataset": name, "where": "file:line"}`` - logged once
-with its reason, dropped and counted by the collator (``num_skipped``), never replaced by another
-sample. The trainer feeds ``pop_batch_stats(batch)`` to ``bad_sample_monitor.update`` which raises
-when the skipped fraction exceeds ``--max_bad_sample_ratio``.
+be used, a marker ``{"bad_sample": reason, "kind": reason_class, "dataset": name, "where": "file:line"}``
+- logged once with its reason, dropped and counted by the collator (``num_skipped`` and a ``skipped``
+record with the kind), never replaced by another sample. The kind is the error's ``kind`` (e.g.
+``missing_media``, ``too_long``; ``other`` when it names none). The trainer pops the collator's batch
+statistics (:func:`qwenvl.data.collate.pop_batch_stats`, the one definition of those keys), feeds them to
+``bad_sample_monitor.update`` and checks the counts summed over ranks once per step
+(:class:`qwenvl.data.collate.BadSampleMonitor` holds the rule).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import numpy as np
 import torch
 
-from qwenvl.data.collate import BadSampleMonitor, DataCollator
+from qwenvl.data.collate import OTHER, BadSampleMonitor, DataCollator
 from qwenvl.data.registry import DatasetSource, RegistryError, SamplingReport, build_index, resolve_sources
 from qwenvl.data.sample import SampleBuilder, VisionBudget
 from qwenvl.data.vision import VisionSpec
@@ -46,6 +49,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
         r = int(self.rec_ids[i])
         return src, r, src.store[r]
 
+    @staticmethod
+    def _bad(src: DatasetSource, where: str, i: int, exc: Exception, kind: str) -> dict:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("skipped sample %s (%s): %s", src.name, where, reason)
+        return {"bad_sample": reason, "kind": str(kind), "dataset": src.name, "where": where, "sample_index": int(i)}
+
     def __getitem__(self, i: int) -> dict:
         src = self.sources[int(self.ds_ids[i])]
         r = int(self.rec_ids[i])
@@ -55,13 +64,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
         except StorageError as e:
             if e.fatal:  # endpoint down / credentials refused: no sample can be read, stop now
                 raise
-            reason = str(e).splitlines()[0]
-            log.warning("skipped sample %s (%s): %s", src.name, where, reason)
-            return {"bad_sample": reason, "dataset": src.name, "where": where, "sample_index": int(i)}
+            # StorageError.kind is the storage layer's own vocabulary (not_found, other, ...)
+            return self._bad(src, where, i, e, "missing_media" if e.kind == "not_found" else "media_unreadable")
         except Exception as e:  # every other failure is a counted, logged bad sample
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            log.warning("skipped sample %s (%s): %s", src.name, where, reason)
-            return {"bad_sample": reason, "dataset": src.name, "where": where, "sample_index": int(i)}
+            return self._bad(src, where, i, e, getattr(e, "kind", None) or OTHER)
         if isinstance(sample, dict):
             sample["sample_index"] = int(i)
         return sample
