@@ -49,6 +49,7 @@ def make_project(root: Path, sizes: dict[str, tuple[int, str | None]] | None = N
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
     (root / "model").mkdir(exist_ok=True)
+    (root / "model" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')  # the front door reads the family
     (data / "media").mkdir(exist_ok=True)
     entries = {}
     for name, (count, kind) in sizes.items():

@@ -164,9 +164,7 @@ WARNING_CASES = {
     "vision_lr_frozen": (["training.vision_tower_lr=1e-6"], "vision_tower_lr is set but model.tune_mm_vision is false"),
     "projector_lr_frozen": (["training.mm_projector_lr=1e-5", "model.tune_mm_mlp=false"],
                             "mm_projector_lr is set but model.tune_mm_mlp is false"),
-    "nothing_trainable": (["model.tune_mm_mlp=false", "model.tune_mm_llm=false"], "nothing is trainable"),
     "short_context": (["data.model_max_length=150"], "model_max_length 150 is below the 128 tokens"),
-    "model_not_local": (["model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct"], "is not a local directory"),
     "packing": (["data.packing=true"], "steps per epoch are an upper-bound estimate"),
 }
 

@@ -118,6 +118,7 @@ def test_secrets_never_printed(tmp_path, cli_env):
     run_yaml = RUN_YAML + "wandb:\n  project: vl\nstorage:\n  secret_access_key: ${AWS_SECRET_ACCESS_KEY}\n"
     path = make_project(tmp_path, run_yaml=run_yaml)
     env = {**cli_env, "AWS_SECRET_ACCESS_KEY": aws, "WANDB_API_KEY": wandb}
+    env.pop("WANDB_MODE")  # the environment's mode would beat the YAML's default (online with a project)
     outputs = []
     for extra in ([], ["--json"]):
         run = subprocess.run([*VLSFT, "print-args", "--config", str(path), *extra], capture_output=True, text=True,

@@ -47,6 +47,7 @@ def test_recipe_plan(name: str, tmp_path: Path):
     demo_dict = REPO / "configs" / "demo" / "Dataset-Dictionary.json"
     if not demo_dict.exists():
         pytest.skip("demo dataset dictionary not shipped yet")
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_5_vl"}')  # a model folder's family
     plan = plan_from_file(path, [f"data.dictionary={demo_dict}", f"model.name_or_path={tmp_path}",
                                  f"output.dir={tmp_path / 'out'}"], {})
     args = dict(zip(plan.trainer_args[::2], plan.trainer_args[1::2], strict=True))

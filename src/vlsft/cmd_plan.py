@@ -51,10 +51,10 @@ def format_command(argv: list[str]) -> str:
     return " \\\n  ".join(lines)
 
 
-def _env_lines(env: dict[str, str], secret_keys: frozenset[str]) -> list[str]:
+def _env_lines(env: dict[str, str], is_secret) -> list[str]:
     out = []
     for key, value in env.items():
-        if key in secret_keys:
+        if is_secret(key, value):
             out.append(f"# {key}=***  (secret, masked; vlsft train passes the real value)")
         else:
             out.append(f"export {key}={shlex.quote(value)}")
@@ -62,14 +62,12 @@ def _env_lines(env: dict[str, str], secret_keys: frozenset[str]) -> list[str]:
 
 
 def render_text(plan, config_path: str, overrides: list[str] | None = None) -> str:  # plan: vlsft.plan.LaunchPlan
-    from vlsft.plan import SECRET_ENV
-
     cfg = plan.config
     tr = cfg.training
     train = " ".join(shlex.quote(t) for t in ["vlsft", "train", "--config", config_path, *(overrides or [])])
     parts = [f"# Launch plan for {config_path} (nothing started; `{train}` runs it)", ""]
     parts.append("# Environment set for every rank:")
-    parts += _env_lines(plan.display_env(), SECRET_ENV) or ["# (none)"]
+    parts += _env_lines(plan.env, plan.is_secret) or ["# (none)"]
     if plan.slurm:
         parts += ["", f"# From SLURM: {' '.join(plan.slurm)}"]
     parts += ["", "# Command:", format_command(plan.torchrun), ""]
@@ -99,15 +97,15 @@ def print_args(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object (secrets masked)."),
 ) -> None:
     """Print the torchrun command, environment, batch and step arithmetic of a run YAML; start nothing."""
-    from qwenvl.problems import ProblemsError
+    from qwenvl.problems import UserError
     from vlsft.plan import plan_from_file
 
     try:
         plan = plan_from_file(config, list(overrides or []))
-    except ProblemsError as exc:
-        for problem in exc.problems:
-            typer.secho(problem.render(), err=True, fg="red" if problem.is_error else "yellow")
-        raise typer.Exit(2) from None
+    except UserError as exc:
+        from vlsft.render import fail
+
+        fail(exc)
     if as_json:
         sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
         return

@@ -43,14 +43,21 @@ from pathlib import Path
 from typing import Any
 
 import vlsft
+from qwenvl.prechecks import (
+    deepspeed_json_problem,
+    model_folder_problem,
+    precision_problem,
+    report_to_problem,
+    wandb_can_log_in,
+)
 from qwenvl.problems import Problem, ProblemsError, did_you_mean
 from qwenvl.runpolicy import DEEPSPEED_PRESETS, deepspeed_path, run_markers
+from qwenvl.storage import MASK, SECRET_ENV_VARS, is_secret_name
 from vlsft.config import RunConfig, load_run_config
 from vlsft.keymap import KEYS, yaml_value
 
 REPO_CONFIGS = Path(vlsft.__file__).resolve().parents[2] / "configs"
-SECRET_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY"})
-MASK = "***"
+SECRET_ENV = frozenset(SECRET_ENV_VARS)  # the named secrets; any secret-looking name counts too (is_secret_name)
 IMAGE_TOKEN_PIXELS = 28 * 28  # one merged vision token per 28x28 pixels (14x14 patches, 2x2 merge)
 TEXT_TOKEN_ALLOWANCE = 30  # chat-template and prompt tokens around one image, roughly
 LOW_LR = 1e-6
@@ -95,11 +102,16 @@ class LaunchPlan:
     datasets: list[DatasetShare] = field(default_factory=list)
     steps_are_estimate: bool = False
     slurm: list[str] = field(default_factory=list)  # distributed.* values taken from SLURM_* ("key=value")
+    # values that must never be shown: of secret-named variables, and reached through a secret-named ${VAR}
+    secret_values: frozenset[str] = field(default_factory=frozenset, repr=False)
+
+    def is_secret(self, key: str, value: str) -> bool:
+        return bool(value) and (is_secret_name(key) or value in self.secret_values)
 
     def display_env(self) -> dict[str, str]:
-        """``env`` with secret values replaced by ``***`` (also where another variable holds the same value)."""
-        secrets = {v for k, v in self.env.items() if k in SECRET_ENV and v}
-        return {k: (MASK if (k in SECRET_ENV and v) or v in secrets else v) for k, v in self.env.items()}
+        """``env`` with secret values replaced by ``***``: secret-named variables, any variable holding a
+        secret's value (``storage.endpoint_url: ${AWS_SECRET_ACCESS_KEY}`` included)."""
+        return {k: (MASK if self.is_secret(k, v) else v) for k, v in self.env.items()}
 
     @property
     def batch_formula(self) -> str:
@@ -386,9 +398,13 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
                                     key="output.dir", hint="choose another output.dir", **cfg.where("output", "dir")))
     if _looks_local(m.name_or_path) or (base / m.name_or_path).is_dir():
         m.name_or_path = _resolve_path(base, m.name_or_path)
-    if not os.path.isdir(m.name_or_path):
-        warnings.append(f"model.name_or_path {m.name_or_path!r} is not a local directory: the trainer will try "
-                        "the Hugging Face hub (no download on offline machines); point it at a downloaded model")
+    if m.build_tiny and not os.path.isfile(os.path.join(m.name_or_path, "config.json")):
+        warnings.append(f"model.build_tiny: `vlsft train` builds a tiny random model in {m.name_or_path} first")
+    else:
+        found = model_folder_problem(m.name_or_path)
+        if found:
+            problems.append(Problem("error", found[0], key="model.name_or_path", hint=found[1],
+                                    **cfg.where("model", "name_or_path")))
     if out.resume not in ("auto", "never"):
         typed_resume = out.resume
         out.resume = _resolve_path(base, typed_resume)
@@ -420,6 +436,10 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
             problems.append(Problem("error", f"DeepSpeed config {ds_path} must be a local file", key="distributed.deepspeed",
                                     hint="copy the JSON next to the run YAML", **cfg.where("distributed", "deepspeed")))
         else:
+            found = deepspeed_json_problem(ds_path)
+            if found:
+                problems.append(Problem("error", found[0], key="distributed.deepspeed", hint=found[1],
+                                        **cfg.where("distributed", "deepspeed")))
             ds_blocks = _deepspeed_blocks(ds_path)
     else:
         dist.deepspeed = "none"
@@ -433,12 +453,13 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
 
     # ---- environment
     env: dict[str, str] = {}
-    mode = cfg.wandb.effective_mode
+    mode = cfg.wandb.mode_in(environ)
     env["WANDB_MODE"] = mode
     if cfg.wandb.project:
         env["WANDB_PROJECT"] = cfg.wandb.project
     if cfg.wandb.entity:
         env["WANDB_ENTITY"] = cfg.wandb.entity
+    secret_values = {v for k, v in environ.items() if v and len(v) >= 4 and is_secret_name(k)}
     if mode != "disabled" and environ.get("WANDB_API_KEY"):
         env["WANDB_API_KEY"] = environ["WANDB_API_KEY"]
     for key, var in STORAGE_ENV.items():
@@ -450,8 +471,22 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
             warnings.append(f"storage.{key} refers to ${{{ref}}}, which is not set in this "
                             f"environment: {var} will not be passed")
             continue
+        if (ref and is_secret_name(ref)) or is_secret_name(var):
+            secret_values.add(resolved)
         env[var] = resolved
     report_to = tr.report_to if tr.report_to is not None else ("wandb" if mode != "disabled" else "none")
+    found = report_to_problem(report_to)
+    if found:
+        problems.append(Problem("error", found[0], key="training.report_to", hint=found[1],
+                                **cfg.where("training", "report_to")))
+    elif report_to in ("wandb", "all") and mode == "online" and not wandb_can_log_in({**environ, "WANDB_MODE": mode}):
+        problems.append(Problem("error", "W&B is online but no API key is set (WANDB_API_KEY, or `wandb login`)",
+                                key="wandb.mode", hint="export WANDB_API_KEY, or wandb.mode: offline (sync later "
+                                "with `wandb sync`), or training.report_to: none", **cfg.where("wandb")))
+    found = precision_problem(tr.bf16, tr.extra)
+    if found:
+        problems.append(Problem("error", found[0], key="training.extra.fp16", hint=found[1],
+                                **cfg.where("training", "extra", "fp16", key=True)))
 
     # ---- trainer arguments: one per keymap row, in its order (computed values replace the YAML's own)
     computed: dict[str, Any] = {"dataset_use": dataset_use, "deepspeed": ds_path, "gradient_accumulation_steps": accum,
@@ -493,8 +528,9 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         warnings.append("training.mm_projector_lr is set but model.tune_mm_mlp is false: the merger is frozen, "
                         "so this learning rate is unused")
     if not (m.tune_mm_vision or m.tune_mm_mlp or m.tune_mm_llm):
-        warnings.append("nothing is trainable: model.tune_mm_vision, tune_mm_mlp and tune_mm_llm are all false "
-                        "(the recipes use tune_mm_mlp: true, tune_mm_llm: true)")
+        problems.append(Problem("error", "nothing is trainable: model.tune_mm_vision, tune_mm_mlp and tune_mm_llm are "
+                                "all false", key="model", hint="the recipes use tune_mm_mlp: true, tune_mm_llm: true",
+                                **cfg.where("model")))
     if m.tune_mm_vision and shares:
         kinds: set[str] = set()
         for s in shares:
@@ -551,6 +587,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         datasets=shares,
         steps_are_estimate=d.packing,
         slurm=slurm,
+        secret_values=frozenset(secret_values),
     )
 
 

@@ -271,12 +271,23 @@ class WandbSection(_Section):
     entity: str | None = Field(None, description="W&B team or user (WANDB_ENTITY).")
     mode: Literal["online", "offline", "disabled"] | None = Field(None, description="online | offline (no network;"
                                                                  " sync later) | disabled. Default: online when "
-                                                                 "project is set, else disabled.")
+                                                                 "project is set, else disabled. An explicit mode beats the WANDB_MODE environment variable, which beats "
+                                                                 "that default.")
 
     @property
     def effective_mode(self) -> str:
+        return self.mode_in({})
+
+    def mode_in(self, environ) -> str:
+        """The W&B mode: wandb.mode when the YAML sets it, else the environment's WANDB_MODE, else online when
+        a project is set, else disabled (explicit YAML > environment > defaults)."""
         if self.mode is not None:
             return self.mode
+        env = str(environ.get("WANDB_MODE", "")).strip().lower()
+        if env in ("online", "offline", "disabled"):
+            return env
+        if env == "dryrun":
+            return "offline"
         return "online" if self.project else "disabled"
 
 

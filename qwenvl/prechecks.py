@@ -1,0 +1,108 @@
+"""Checks of a run's inputs that need no torch: the front door (``vlsft print-args`` / ``train``) runs them
+before any rank starts, so a config that would fail inside the ranks fails here first, in one line.
+
+Each check returns ``None`` (fine) or a ``(message, hint)`` pair. The trainer keeps its own checks for
+standalone use (``python -m qwenvl.train``); these are the same rules, stated once for the front door.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from qwenvl.problems import did_you_mean
+
+# transformers 5.24 integrations (INTEGRATION_TO_CALLBACK; tests/test_prechecks.py compares) -> pip package
+REPORT_INTEGRATIONS: dict[str, str] = {
+    "azure_ml": "azureml-core", "clearml": "clearml", "codecarbon": "codecarbon", "comet_ml": "comet_ml",
+    "dagshub": "dagshub", "dvclive": "dvclive", "flyte": "flytekit", "kubeflow": "kubeflow", "mlflow": "mlflow",
+    "neptune": "neptune", "swanlab": "swanlab", "tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb",
+}
+# the module whose presence transformers checks for an integration (where it differs from the name)
+_REPORT_MODULES = {"azure_ml": "azureml", "flyte": "flytekit", "tensorboard": ("tensorboard", "tensorboardX")}
+WANDB_OFF_MODES = ("offline", "disabled", "dryrun")
+
+Found = tuple[str, str | None] | None
+
+
+def report_to_problem(name: str | None) -> Found:
+    """An unknown integration, or one whose package is not installed."""
+    if name is None or name in ("none", "all"):
+        return None
+    if name not in REPORT_INTEGRATIONS:
+        return (f"report_to {name!r} is not a known integration",
+                did_you_mean(name, [*REPORT_INTEGRATIONS, "none", "all"])
+                or "one of: none, all, " + ", ".join(sorted(REPORT_INTEGRATIONS)))
+    modules = _REPORT_MODULES.get(name, name)
+    modules = (modules,) if isinstance(modules, str) else modules
+    if not any(importlib.util.find_spec(m) is not None for m in modules):
+        package = REPORT_INTEGRATIONS[name]
+        return (f"report_to {name} needs the {package} package, which is not installed in this environment",
+                f"pip install {package}, or report_to none")
+    return None
+
+
+def wandb_can_log_in(environ: Mapping[str, str]) -> bool:
+    """An online W&B run needs a key: WANDB_API_KEY, or the netrc entry that `wandb login` writes."""
+    if environ.get("WANDB_MODE", "").lower() in WANDB_OFF_MODES or \
+            environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        return True
+    if environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        auth = netrc.netrc(environ.get("NETRC")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def deepspeed_json_problem(path: str) -> Found:
+    """A DeepSpeed config that DeepSpeed would fail on in every rank: unreadable, not JSON, not an object."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        return f"DeepSpeed config {path} cannot be read: {exc.strerror or exc}", "check the path and its permissions"
+    except UnicodeDecodeError:
+        return f"DeepSpeed config {path} is not UTF-8 text", "a DeepSpeed config is a JSON file"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return (f"DeepSpeed config {path}:{exc.lineno}:{exc.colno} is not valid JSON: {exc.msg}",
+                "start from configs/zero3.json (JSON has no comments and no trailing commas)")
+    if not isinstance(data, dict):
+        return f"DeepSpeed config {path} must hold a JSON object, got {type(data).__name__}", "see configs/zero3.json"
+    return None
+
+
+def precision_problem(bf16: bool, extra: Mapping[str, object]) -> Found:
+    """bf16 and fp16 together (transformers refuses it in every rank)."""
+    def on(value) -> bool:
+        return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"))
+
+    if (bf16 or on(extra.get("bf16"))) and on(extra.get("fp16")):
+        return ("bf16 and fp16 are both on: choose one precision",
+                "delete training.extra.fp16 (bf16 is the choice on Ampere and newer GPUs)")
+    return None
+
+
+def model_folder_problem(path: str) -> Found:
+    """A local model folder the trainer cannot load: no config.json, unreadable, or an unsupported family."""
+    from qwenvl.model import read_model_type
+    from qwenvl.problems import UserError
+
+    if not os.path.isdir(path):
+        return (f"{path} is not a local directory: vlsft trains from a downloaded model folder (no hub download)",
+                "download it first, e.g. `hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir "
+                "/models/Qwen2.5-VL-7B-Instruct`, and set model.name_or_path to that folder")
+    try:
+        read_model_type(path)
+    except UserError as exc:
+        return str(exc).splitlines()[0], "point model.name_or_path at a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model folder"
+    return None
