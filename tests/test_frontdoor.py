@@ -146,3 +146,48 @@ def test_secret_reached_through_a_reference_is_masked(tmp_path, cli_env):
         run = cli(["print-args", "--config", str(path), *extra], env)
         assert run.returncode == 0, run.stderr
         assert value not in run.stdout + run.stderr and "AWS_ENDPOINT_URL" in run.stdout
+
+
+def test_pytorchjob_topology_is_taken_like_slurms(tmp_path, cli_env):
+    no_dist = RUN_YAML.split("distributed:")[0] + "distributed:\n  deepspeed: none\noutput:\n  dir: runs/first\n"
+    path = make_project(tmp_path, run_yaml=no_dist)
+    env = {**cli_env, "PET_NNODES": "2", "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "1",
+           "PET_MASTER_ADDR": "trainer-master-0", "PET_MASTER_PORT": "23456"}
+    run = cli(["print-args", "--config", str(path), "--json"], env)
+    assert run.returncode == 0, run.stderr
+    argv = json.loads(run.stdout)["torchrun"]
+    got = {argv[i]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("--")}
+    assert {k: got[k] for k in ("--nnodes", "--nproc_per_node", "--node_rank", "--master_addr", "--master_port")} \
+        == {"--nnodes": "2", "--nproc_per_node": "4", "--node_rank": "1", "--master_addr": "trainer-master-0",
+            "--master_port": "23456"}
+    text = cli(["print-args", "--config", str(path)], env).stdout
+    assert "# From PyTorchJob (PET_*): distributed.nnodes=2" in text
+    explicit = cli(["print-args", "--config", str(path), "--json", "distributed.nnodes=1", "distributed.node_rank=0"],
+                   env)
+    assert json.loads(explicit.stdout)["torchrun"][1:3] == ["--nnodes", "1"]  # the YAML / override wins
+
+
+def test_child_environment_cannot_be_shadowed_and_caches_per_environment(tmp_path):
+    from plan_fixtures import make_project as project
+
+    from vlsft.plan import child_environment, extensions_cache, plan_from_file
+
+    plan = plan_from_file(project(tmp_path / "p"), [], {})
+    env = child_environment(plan, {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert env["PYTHONSAFEPATH"] == "1" and env["PYTHONUNBUFFERED"] == "1" and env["WANDB_MODE"] == "disabled"
+    assert extensions_cache("/envs/a") != extensions_cache("/envs/b") and "/.cache/vlsft/" in extensions_cache()
+    mine = child_environment(plan, {"TORCH_EXTENSIONS_DIR": "/x"})
+    assert mine["TORCH_EXTENSIONS_DIR"] == "/x"  # the user's choice is kept
+    official = tmp_path / "qwen-vl-finetune"  # an official checkout: its own qwenvl/ package, no train/__main__
+    (official / "qwenvl" / "train").mkdir(parents=True)
+    (official / "qwenvl" / "__init__.py").write_text("")
+    (official / "qwenvl" / "train" / "__init__.py").write_text("")
+    import os
+
+    run = subprocess.run([sys.executable, "-c", "import qwenvl.train, qwenvl; print(qwenvl.__file__)"],
+                         cwd=official, capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+    assert run.returncode == 0 and str(official) not in run.stdout, run.stdout + run.stderr
+    bare = subprocess.run([sys.executable, "-c", "import qwenvl; print(qwenvl.__file__)"], cwd=official,
+                          capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"})
+    assert str(official) in bare.stdout  # the negative control: without it the official folder wins

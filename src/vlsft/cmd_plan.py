@@ -69,7 +69,7 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
     parts.append("# Environment set for every rank:")
     parts += _env_lines(plan.env, plan.is_secret) or ["# (none)"]
     if plan.slurm:
-        parts += ["", f"# From SLURM: {' '.join(plan.slurm)}"]
+        parts += ["", f"# From {plan.cluster or 'SLURM'}: {' '.join(plan.slurm)}"]
     parts += ["", "# Command:", format_command(plan.torchrun), ""]
     parts.append(f"# Datasets (--dataset_use {plan.dataset_use}):")
     width = max((len(s.name) for s in plan.datasets), default=4)

@@ -11,12 +11,19 @@ Steps:
    ``SLURM_JOB_NODELIST``. With ``model.build_tiny: true`` a missing model folder is filled with a tiny
    random Qwen2.5-VL first (demo).
 2. Build the same plan as ``vlsft print-args`` and print it (secrets masked).
-3. Refuse a fresh run into an ``output.dir`` that already holds checkpoints or a model (one line, exit 2,
-   nothing deleted) unless ``output.resume`` finds a checkpoint to continue or ``output.overwrite`` is true.
-4. On node rank 0, save in ``<output.dir>/vlsft/``: ``run.yaml`` (resolved, no secrets), a copy of the
+3. On node rank 0, take the output lock ``<output.dir>/vlsft/lock`` (one writer per output folder; a second
+   run is refused in one line naming the holder; a lock left by a dead process on this host is taken over
+   with a warning). It is held until torchrun has ended.
+4. Refuse a fresh run into an ``output.dir`` that already holds checkpoints or a model (one line, exit 2,
+   nothing deleted) unless ``output.resume`` finds a complete checkpoint to continue or ``output.overwrite``
+   is true (:mod:`qwenvl.runpolicy`).
+5. On node rank 0, save in ``<output.dir>/vlsft/``: ``run.yaml`` (resolved, no secrets), a copy of the
    dataset dictionary, ``dataset_use.txt`` and ``launch.sh`` (the command, secrets masked).
-5. Run torchrun as a child process (argv list, plan environment on top of ours); Ctrl-C / SIGTERM are
-   forwarded to it; exit with its status (a dead rank makes torchrun, and so this, exit non-zero).
+6. Run torchrun as a child process (argv list, plan environment on top of ours; :mod:`vlsft.launch`): Ctrl-C,
+   SIGTERM and SIGHUP are forwarded (the ranks save a checkpoint and stop), and torchrun dies with us even on
+   ``kill -9``. torchrun's full stderr goes to ``<output.dir>/vlsft/torchrun.log``; the terminal shows the
+   failing rank's own ``error:`` line without torchrun's traceback. Exit status: 0, 2 when a rank stopped on
+   an input error, 130 / 143 / 129 for SIGINT / SIGTERM / SIGHUP, the failing rank's status otherwise.
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ from vlsft.app import app
 from vlsft.cmd_plan import OVERRIDES_HELP
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", err=True, fg="red")
-    raise typer.Exit(code)
+def _fail(message, code: int = 2) -> None:
+    from vlsft.render import fail
+
+    fail(message, code=code)
 
 
 def apply_slurm(cfg, environ) -> list[str]:
@@ -77,12 +85,15 @@ def build_tiny_if_asked(cfg) -> None:
     path = Path(m.name_or_path)
     if not path.is_absolute():
         path = cfg.base_dir / path
-    if (path / "config.json").exists():
+    from qwenvl.tiny import ensure_tiny_model, is_tiny_model, refuse_foreign_folder
+
+    if (path / "config.json").exists() and is_tiny_model(path):
         return
+    refuse_foreign_folder(path)  # never build over (and so delete) a folder vlsft did not make
+    if (path / "config.json").exists():
+        return  # the user's own model: build_tiny has nothing to do
     typer.secho(f"model.build_tiny: building a tiny random Qwen2.5-VL in {path} (first run only, no download)",
                 err=True)
-    from qwenvl.tiny import ensure_tiny_model
-
     ensure_tiny_model(path)
 
 
@@ -93,10 +104,10 @@ def train(
                                 "configs/qwen2.5-vl-7b.yaml).", dir_okay=False),
 ) -> None:
     """Train: print the launch plan of a run YAML, save it in the output dir, run torchrun, return its status."""
-    from qwenvl.problems import ProblemsError
+    from qwenvl.problems import UserError
+    from qwenvl.runpolicy import OutputLock
     from vlsft.cmd_plan import render_text
     from vlsft.config import load_run_config
-    from vlsft.launch import run_child
     from vlsft.plan import build_plan
 
     overrides = list(overrides or [])
@@ -108,10 +119,8 @@ def train(
         except OSError as exc:
             _fail(f"model.build_tiny: cannot build the tiny model in {cfg.model.name_or_path}: {exc.strerror or exc}")
         plan = build_plan(cfg, environ)
-    except ProblemsError as exc:
-        for problem in exc.problems:
-            typer.secho(problem.render(), err=True, fg="red" if problem.is_error else "yellow")
-        raise typer.Exit(2) from None
+    except UserError as exc:
+        _fail(exc)
 
     typer.echo(render_text(plan, str(config), overrides))
     for warning in plan.warnings:
@@ -120,38 +129,87 @@ def train(
     out = plan.config.output
     if "://" in out.dir:
         _fail(f"output.dir {out.dir} must be a local or shared-filesystem folder, not a URL")
-    from qwenvl.train import UserError, decide_resume
+    node0 = plan.config.distributed.node_rank == 0
+    lock = None
+    if node0:
+        try:
+            (Path(out.dir) / "vlsft").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _fail(f"cannot write the run files into output.dir {out.dir}: {exc.strerror or exc} (check the path and "
+                  "its permissions)")
+        try:
+            lock = OutputLock(out.dir, command=shlex.join(["vlsft", "train", "--config", str(config), *overrides]))
+            lock.acquire()
+        except UserError as exc:
+            _fail(exc)
+        for w in lock.warnings:
+            typer.secho(f"warning: {w}", err=True, fg="yellow")
+    try:
+        rc = _resume_and_launch(plan, str(config), overrides, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+    raise typer.Exit(rc)
+
+
+def _resume_and_launch(plan, config: str, overrides: list[str], lock) -> int:
+    """Steps 4-6 of the module docstring, with the output lock held; the exit status."""
+    from qwenvl.problems import UserError
+    from qwenvl.runpolicy import LOCK_ENV, decide_resume
+    from vlsft.launch import launch
+
+    out = plan.config.output
+    node = plan.config.distributed.node_rank
+
+    def warn(message: str) -> None:
+        typer.secho(f"warning: {message}", err=True, fg="yellow")
 
     try:
-        resume_from = decide_resume(out.dir, out.resume, out.overwrite)
+        resume_from = decide_resume(out.dir, out.resume, out.overwrite, warn=warn)
     except UserError as exc:
-        _fail(str(exc))
+        _fail(exc)
     typer.echo(f"# resume: continuing from {resume_from}" if resume_from else "# resume: fresh start")
 
-    if plan.config.distributed.node_rank == 0:
+    if node == 0:
         try:
-            saved = save_run_files(plan, Path(out.dir), str(config), overrides)
+            saved = save_run_files(plan, Path(out.dir), config, overrides)
         except OSError as exc:
             _fail(f"cannot write the run files into output.dir {out.dir}: {exc.strerror or exc} (check the path and "
                   "its permissions)")
         typer.echo(f"# run files saved in {saved}")
 
-    env = dict(os.environ)
-    env.update(plan.env)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    from vlsft.plan import child_environment
+
+    env = child_environment(plan, os.environ)
+    if lock is not None:
+        env[LOCK_ENV] = str(lock.path)  # rank 0 sees that the run already holds the output lock
     if plan.env.get("WANDB_MODE", "disabled") != "disabled":
         env.setdefault("WANDB_DIR", out.dir)  # wandb/ next to the checkpoints, not in the current folder
         if out.run_name:
             env.setdefault("WANDB_NAME", out.run_name)
+    log_path = Path(out.dir) / "vlsft" / ("torchrun.log" if node == 0 else f"torchrun-node{node}.log")
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        log_path = None
     sys.stdout.flush()
     try:
-        rc = run_child(plan.torchrun, env)
+        result = launch(plan.torchrun, env, log_path=log_path)
     except OSError as exc:  # torchrun missing or not executable
         _fail(f"cannot start {plan.torchrun[0]}: {exc.strerror or exc} (install torch in this environment: "
               "pip install -r requirements.txt)")
-    if rc != 0:
-        typer.secho(f"error: training exited with status {rc}", err=True, fg="red")
-    else:
+    rc = result.status
+    where = f"; the launcher's full output is in {result.log}" if result.log else ""
+    if rc == 0:
         typer.echo(f"# done: model, tokenizer, processor and chat template in {out.dir}")
-    raise typer.Exit(rc)
+    elif result.signal is not None:
+        import signal
+
+        name = signal.Signals(result.signal).name
+        typer.secho(f"# stopped by {name} (exit {rc}): the ranks save a checkpoint when training had begun; "
+                    f"resume: auto continues from it{where}", err=True)
+    elif rc == 2:  # the failing rank printed its own error line
+        typer.secho(f"# training stopped on the input error above (exit 2){where}", err=True)
+    else:
+        typer.secho(f"error: training exited with status {rc}{where}", err=True, fg="red")
+    return rc

@@ -101,7 +101,8 @@ class LaunchPlan:
     config: RunConfig
     datasets: list[DatasetShare] = field(default_factory=list)
     steps_are_estimate: bool = False
-    slurm: list[str] = field(default_factory=list)  # distributed.* values taken from SLURM_* ("key=value")
+    slurm: list[str] = field(default_factory=list)  # distributed.* values taken from SLURM_* / PET_* ("key=value")
+    cluster: str | None = None  # where `slurm` came from: "SLURM" or "PyTorchJob (PET_*)"
     # values that must never be shown: of secret-named variables, and reached through a secret-named ${VAR}
     secret_values: frozenset[str] = field(default_factory=frozenset, repr=False)
 
@@ -218,7 +219,7 @@ def apply_slurm(cfg: RunConfig, environ: Mapping[str, str]) -> list[str]:
     dist = cfg.distributed
     explicit = dist.model_fields_set
     taken = []
-    for key, value in slurm_topology(environ).items():
+    for key, value in (slurm_topology(environ) or pytorchjob_topology(environ)).items():
         if dist.rdzv_endpoint and key != "nnodes":
             continue
         current = getattr(dist, key)
@@ -228,10 +229,34 @@ def apply_slurm(cfg: RunConfig, environ: Mapping[str, str]) -> list[str]:
     return taken
 
 
-def _check_topology(cfg: RunConfig, slurm: list[str], problems: list[Problem], warnings: list[str]) -> None:
+def pytorchjob_topology(environ: Mapping[str, str]) -> dict[str, object]:
+    """``nnodes`` / ``nproc_per_node`` / ``node_rank`` / ``master_addr`` / ``master_port`` from the variables a
+    Kubeflow PyTorchJob (or any launcher speaking torchrun's ``PET_*`` names) sets; empty elsewhere. Inside a
+    torchrun rank (``LOCAL_RANK`` set) nothing is taken."""
+    if "LOCAL_RANK" in environ or not any(k.startswith("PET_") for k in environ):
+        return {}
+    out: dict[str, object] = {}
+    for key, var in (("nnodes", "PET_NNODES"), ("nproc_per_node", "PET_NPROC_PER_NODE"),
+                     ("node_rank", "PET_NODE_RANK"), ("master_port", "PET_MASTER_PORT")):
+        value = environ.get(var, "").strip()
+        if value.isdigit():
+            out[key] = int(value)
+    if environ.get("PET_MASTER_ADDR", "").strip():
+        out["master_addr"] = environ["PET_MASTER_ADDR"].strip()
+    return out
+
+
+def topology_source(environ: Mapping[str, str]) -> str:
+    from vlsft.launch import slurm_topology
+
+    return "SLURM" if slurm_topology(environ) else "PyTorchJob (PET_*)"
+
+
+def _check_topology(cfg: RunConfig, slurm: list[str], problems: list[Problem], warnings: list[str],
+                    source: str | None = None) -> None:
     """Multi-node consistency, checked after SLURM filled in what the YAML left open."""
     dist = cfg.distributed
-    from_slurm = " (from SLURM)" if slurm else ""
+    from_slurm = f" (from {source or 'SLURM'})" if slurm else ""
     tr = cfg.training
     if slurm and tr.global_batch_size is not None:  # re-solve accumulation for the node count SLURM gave
         per_step = tr.per_device_train_batch_size * dist.nproc_per_node * dist.nnodes
@@ -360,7 +385,8 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     warnings: list[str] = []
     m, d, tr, dist, out = cfg.model, cfg.data, cfg.training, cfg.distributed, cfg.output
     slurm = apply_slurm(cfg, environ)
-    _check_topology(cfg, slurm, problems, warnings)
+    cluster = topology_source(environ) if slurm else None
+    _check_topology(cfg, slurm, problems, warnings, cluster)
 
     # ---- data (read with the run's storage.* settings applied: the dictionary may live on S3)
     with storage_environment(cfg, environ):
@@ -587,8 +613,32 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         datasets=shares,
         steps_are_estimate=d.packing,
         slurm=slurm,
+        cluster=cluster,
         secret_values=frozenset(secret_values),
     )
+
+
+def extensions_cache(prefix: str | None = None) -> str:
+    """Where DeepSpeed/torch JIT-built ops are cached: one folder per Python environment (ops built against one
+    environment's torch must not be loaded by another's), under ~/.cache/vlsft/."""
+    import hashlib
+
+    prefix = os.path.realpath(prefix or sys.prefix)
+    tag = hashlib.sha1(prefix.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return str(Path.home() / ".cache" / "vlsft" / "torch_extensions" / f"{Path(prefix).name}-{tag}")
+
+
+def child_environment(plan: LaunchPlan, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment torchrun and every rank get: the caller's, then the plan's (W&B, storage), then defaults
+    for what neither set: a per-environment TORCH_EXTENSIONS_DIR, unbuffered output, and PYTHONSAFEPATH so a
+    folder named ``qwenvl`` in the working directory (an official qwen-vl-finetune checkout) cannot shadow
+    the installed trainer."""
+    env = dict(environ)
+    env.update(plan.env)
+    env.setdefault("TORCH_EXTENSIONS_DIR", extensions_cache())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env["PYTHONSAFEPATH"] = "1"
+    return env
 
 
 def _deepspeed_blocks(path: str) -> set[str]:
