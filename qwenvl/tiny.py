@@ -9,6 +9,11 @@
   with the real 151,936-token vocabulary next to that tokenizer: a complete model directory that
   ``AutoProcessor`` / ``AutoModelForImageTextToText`` load and ``qwenvl.train`` trains.
 
+* :func:`ensure_tiny_model` (``model.build_tiny: true``) builds into a temporary folder beside the target
+  and renames it into place. It never deletes or writes into a folder vlsft did not make: a non-empty
+  folder without a model (no ``config.json``) and without vlsft's marker file ``vlsft-tiny.json`` is
+  refused with a :class:`~qwenvl.problems.UserError` and left untouched.
+
 Usage::
 
     python -m qwenvl.tiny OUT_DIR [--family qwen2_5_vl|qwen2_vl|qwen3_vl] [--seed 0]
@@ -23,7 +28,10 @@ import os
 import shutil
 from pathlib import Path
 
+from qwenvl.problems import UserError
 from qwenvl.templates import QWEN25_VL_CHAT_TEMPLATE
+
+MARKER = "vlsft-tiny.json"  # written into every folder build_tiny_model makes
 
 QWEN3_ONLY_TOKEN_IDS = {151665, 151666, 151667, 151668}
 VOCAB_SIZE = 151936  # the padded embedding size of the released Qwen2/2.5-VL checkpoints
@@ -149,20 +157,63 @@ def build_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_5_vl", see
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(tiny_config(family))
     model.save_pretrained(out)
+    (out / MARKER).write_text(json.dumps({"made_by": "qwenvl.tiny", "family": family, "seed": seed}) + "\n",
+                              encoding="utf-8")
     return out
 
 
+def is_tiny_model(path: str | os.PathLike) -> bool:
+    """A folder this module made (its marker file is there)."""
+    return (Path(path) / MARKER).is_file()
+
+
+def _complete(out: Path) -> bool:
+    return (out / "config.json").exists() and any(out.glob("*.safetensors")) and (out / "tokenizer.json").exists()
+
+
+def refuse_foreign_folder(path: str | os.PathLike) -> None:
+    """:class:`UserError` when ``path`` is a file, or a non-empty folder holding neither a model (``config.json``)
+    nor this module's marker: building there would replace someone's files."""
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        return
+    if not p.is_dir():
+        raise UserError(f"model.build_tiny: model.name_or_path {p} is a file, not a folder: point it at a new or "
+                        "empty folder for the tiny model (nothing was changed)")
+    if (p / "config.json").exists() or is_tiny_model(p):
+        return
+    try:
+        names = sorted(os.listdir(p))
+    except OSError as e:
+        raise UserError(f"model.build_tiny: cannot read {p}: {e.strerror or e}") from e
+    if names:
+        shown = ", ".join(names[:3]) + (" …" if len(names) > 3 else "")
+        raise UserError(f"model.build_tiny: {p} already holds files that are not a model ({shown}); vlsft builds "
+                        "the tiny model only into a new or empty folder (or one it made): point model.name_or_path "
+                        "at one (nothing was changed)")
+
+
 def ensure_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_5_vl", seed: int = 0) -> Path:
-    """Build the tiny model once; reuse it when ``out_dir`` already holds one."""
+    """Build the tiny model once; reuse it when ``out_dir`` already holds one (see the module docstring)."""
     out = Path(out_dir)
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")) and (out / "tokenizer.json").exists():
+    if _complete(out):
         return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    refuse_foreign_folder(out)
+    if out.is_dir() and (out / "config.json").exists() and not is_tiny_model(out):
+        raise UserError(f"model.build_tiny: {out} holds an incomplete model that vlsft did not make (config.json "
+                        "without weights or tokenizer): complete it, or point model.name_or_path at a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.vlsft-building-{os.getpid()}"  # ours by name: pid-specific
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_model(tmp, family=family, seed=seed)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        build_tiny_model(tmp, family=family, seed=seed)
+        if out.is_dir() and is_tiny_model(out):  # an older, incomplete build of ours
+            shutil.rmtree(out)
+        elif out.is_dir():
+            out.rmdir()  # empty (checked above); fails rather than deleting anything
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -172,6 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    try:
+        refuse_foreign_folder(a.out_dir)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
     print(build_tiny_model(a.out_dir, family=a.family, seed=a.seed))
 
 

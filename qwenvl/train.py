@@ -265,6 +265,7 @@ def run(argv: list[str]) -> int:
     import torch
     from transformers import set_seed
 
+    from qwenvl import stopsignal
     from qwenvl.model import ModelTypeError, apply_freezing, load_model, load_processor, read_model_type
     from qwenvl.trainer import ExtraRunConfigCallback, QwenVLTrainer
 
@@ -290,7 +291,8 @@ def run(argv: list[str]) -> int:
     if rfc and resume == "auto":  # the HF flag: PATH, or True/False as some scripts pass it
         resume = {"true": "auto", "yes": "auto", "1": "auto", "false": "never", "no": "never", "0": "never",
                   "none": "auto"}.get(rfc.lower(), rfc)
-    resume_from = decide_resume(training_args.output_dir, resume, training_args.overwrite_output_dir)
+    resume_from = decide_resume(training_args.output_dir, resume, training_args.overwrite_output_dir,
+                                warn=logger.warning if rank == 0 else (lambda _msg: None))
     check_resumable(resume_from, training_args.deepspeed)
     if resume_from:
         logger.info("resuming from %s", resume_from)
@@ -351,7 +353,10 @@ def run(argv: list[str]) -> int:
         trainer.add_callback(ExtraRunConfigCallback(_load_run_config(training_args.output_dir),
                                                     report if isinstance(report, dict) else None))
 
+    trainer.add_callback(stopsignal.make_callback())  # SIGINT/SIGTERM/SIGHUP: checkpoint, then stop
     trainer.train(resume_from_checkpoint=resume_from)
+    if stopsignal.received() is not None:  # stopped by a signal: the checkpoint is saved, there is no final model
+        raise stopsignal.Stopped(stopsignal.received())
     # every rank: totals over ranks; no sample trained / past the bad-sample limit -> one error line, no final model
     summary = trainer.finish_run()
     trainer.save_state()
@@ -387,52 +392,69 @@ def _teardown() -> None:
         logger.warning("process-group teardown: %s", e)
 
 
+def _take_output_lock(argv: list[str]):
+    """Rank 0 of a run started without ``vlsft train`` takes the output lock (vlsft already holds it for its
+    ranks: :data:`LOCK_ENV`); None when not ours to take."""
+    out = _argv_value(argv, "--output_dir")
+    if not out or int(os.environ.get("RANK", "0")) != 0 or "--help" in argv or "-h" in argv:
+        return None
+    if Path(out).exists() and not Path(out).is_dir():
+        return None  # run() reports it in one line
+    lock = OutputLock(out, command=" ".join([sys.executable, "-m", "qwenvl.train", *argv]))
+    if os.environ.get(LOCK_ENV) == str(lock.path):
+        return None
+    lock.acquire()
+    for w in lock.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return lock
+
+
+def _report(e: Exception) -> None:
+    """One ``error:`` line per problem, on rank 0 (or on the rank that found it, for mid-training errors)."""
+    rank = int(os.environ.get("RANK", "0"))
+    if isinstance(e, UserError):
+        lines = e.lines()
+        if e.every_rank:
+            lines = [f"error: [rank {rank}] {x[len('error: '):] if x.startswith('error: ') else x}" for x in lines]
+        elif rank != 0:
+            return
+    elif rank == 0:
+        lines = [f"error: {str(e).strip().splitlines()[0]}"]
+    else:
+        return
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 for input errors (one ``error:`` line, no traceback), 128 + N when stopped by
+    signal N (SIGINT 130, SIGTERM 143, SIGHUP 129; a checkpoint is saved first once training has begun)."""
+    from qwenvl import stopsignal
+
     argv = list(sys.argv[1:] if argv is None else argv)
     _dump_stacks_on_sigusr1()
+    if __name__ == "__main__":  # a process of its own (not main() called by a test or a script)
+        stopsignal.install()
+        stopsignal.stop_with_launcher()
+    lock = None
     try:
+        lock = _take_output_lock(argv)
         rc = run(argv)
+    except stopsignal.Stopped as e:
+        return 128 + e.signum
     except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
+        _report(e)
         return 2
-    except Exception as e:
-        from qwenvl.model import ModelTypeError, ProcessorError
-
-        if isinstance(e, (ModelTypeError, ProcessorError)):
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"error: {e}", file=sys.stderr)
-            return 2
-        if isinstance(e, ImportError) and "pip install" in str(e):  # an optional package a flag needs
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-            return 2
-        if type(e).__name__ == "BadSampleLimitExceeded":  # raised mid-training by whichever rank crossed it
-            print(f"error: [rank {os.environ.get('RANK', '0')}] {e}", file=sys.stderr)
-            return 2
-        pe = _problems_error(e)
-        if pe is not None:
-            if int(os.environ.get("RANK", "0")) == 0:
-                for line in pe:
-                    print(line, file=sys.stderr)
-            return 2
-        raise
+    except ImportError as e:
+        if "pip install" not in str(e):  # an optional package a flag needs names its install command
+            raise
+        _report(e)
+        return 2
+    finally:
+        if lock is not None:
+            lock.release()
     _teardown()
     return rc
-
-
-def _problems_error(e: Exception) -> list[str] | None:
-    """One line per problem for the project's structured user errors (ProblemsError, DatasetUseError)."""
-    try:
-        from qwenvl.problems import ProblemsError
-    except ImportError:  # pragma: no cover
-        return None
-    if isinstance(e, ProblemsError):
-        return [p.render() for p in e.problems]
-    if type(e).__name__ in ("DatasetUseError", "DataError", "BadSampleRatioError", "RegistryError", "StorageError",
-                              "StorageNotFound"):
-        return [f"error: {e}"]
-    return None
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ _MODEL_TYPES = {"qwen2_5_vl": "qwen2.5vl", "qwen2_vl": "qwen2vl", "qwen3_vl": "q
 
 
 def _fail(message: str, *, file: str | None = None, hint: str | None = None, code: int = 2) -> None:
-    render.print_problems(render.stderr(), [Problem("error", message, file=file, hint=hint)])
-    raise typer.Exit(code)
+    render.fail(Problem("error", message, file=file, hint=hint), code=code)
 
 
 def _resolve(base: Path | None, p: str) -> str:
@@ -94,8 +93,7 @@ def preview(
         try:
             cfg = load_run_config(config, overrides or [])
         except ProblemsError as exc:
-            render.print_problems(render.stderr(), exc.problems)
-            raise typer.Exit(2) from None
+            render.fail(exc)
         from vlsft.plan import storage_overrides
 
         os.environ.update(storage_overrides(cfg, os.environ))  # the run's storage.* for s3:// reads (this process)
@@ -111,8 +109,7 @@ def preview(
 
     d = load_dictionary(dictionary, check_files=False)
     if not d.ok:
-        render.print_problems(render.stderr(), d.errors)
-        raise typer.Exit(2)
+        render.fail(*d.errors)
     if dataset not in d.datasets:
         hint = did_you_mean(dataset, list(d.datasets)) or f"known: {', '.join(sorted(d.datasets))}"
         _fail(f"no dataset named {dataset!r}", file=str(dictionary), hint=hint)

@@ -1,0 +1,190 @@
+"""Process faults through the real CLI (issue 9 items 1, 2 and 5): `vlsft train` -> torchrun -> qwenvl.train, CPU.
+
+* build_tiny never deletes a folder vlsft did not make;
+* one writer per output dir (a second `vlsft train` is refused fast, naming the holder);
+* SIGTERM: the ranks checkpoint and stop, exit 143, no torchrun traceback, the lock is gone;
+* kill -9 / SIGHUP of vlsft: torchrun and every rank stop promptly (no orphan keeps training);
+* an input error raised inside a rank: its one `error:` line, exit 2, torchrun's traceback only in the log.
+
+Runs are tiny (one process, no DeepSpeed, small images) and long runs are stopped as soon as training began.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+VLSFT = str(Path(sys.executable).with_name("vlsft"))
+DICT = REPO / "configs" / "demo" / "Dataset-Dictionary.json"
+
+
+def write_yaml(path: Path, model: Path, out: Path, *, steps: int, port: int, save_steps: int = 100000,
+               build_tiny: bool = False) -> Path:
+    path.write_text(f"""
+model: {{name_or_path: {model}, tune_mm_vision: false, tune_mm_mlp: true, tune_mm_llm: true,
+         build_tiny: {str(build_tiny).lower()}}}
+data: {{dictionary: {DICT}, max_pixels: 12544, min_pixels: 3136, video_max_frames: 4, video_min_frames: 2,
+        video_max_frame_pixels: 3136, video_min_frame_pixels: 3136, model_max_length: 512}}
+training: {{max_steps: {steps}, save_steps: {save_steps}, logging_steps: 1, learning_rate: 1.0e-4,
+            per_device_train_batch_size: 1, bf16: false, report_to: none}}
+distributed: {{nproc_per_node: 1, deepspeed: none, master_port: {port}}}
+output: {{dir: {out}, resume: auto}}
+wandb: {{mode: disabled}}
+""")
+    return path
+
+
+@pytest.fixture()
+def env(tmp_path):
+    e = dict(os.environ)
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    e["WANDB_MODE"] = "disabled"
+    for k in ("VLSFT_TEST_CRASH_RANK", "VLSFT_OUTPUT_LOCK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        e.pop(k, None)
+    return e
+
+
+class Training:
+    """A real `vlsft train` in the background; its stdout/stderr collected by threads."""
+
+    def __init__(self, cfg: Path, env: dict, *extra: str):
+        self.proc = subprocess.Popen([VLSFT, "train", "--config", str(cfg), *extra], env=env, cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, k=sink: k.extend(iter(s.readline, "")), daemon=True).start()
+
+    def wait_training(self, timeout: float = 240) -> None:
+        t0 = time.time()
+        while not any("'loss'" in x or '"loss"' in x for x in self.out):
+            assert self.proc.poll() is None, "".join(self.out[-20:] + self.err[-40:])
+            assert time.time() - t0 < timeout, "training never logged a loss:\n" + "".join(self.err[-40:])
+            time.sleep(0.2)
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def finish(self, timeout: float = 120) -> tuple[int, str, str]:
+        rc = self.proc.wait(timeout=timeout)
+        time.sleep(0.3)  # let the reader threads drain
+        return rc, "".join(self.out), "".join(self.err)
+
+
+def _all_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    t0 = time.time()
+    alive = procs
+    while time.time() - t0 < timeout:
+        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return []
+        time.sleep(0.2)
+    return alive
+
+
+def test_build_tiny_refuses_a_folder_it_did_not_make(tmp_path, env):
+    """Issue 9 item 1: build_tiny into an existing non-empty folder without a model deleted it; now: refused."""
+    mine = tmp_path / "my-stuff"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "sub").mkdir()
+    (mine / "sub" / "data.csv").write_text("1,2")
+    (tmp_path / "yamls").mkdir()
+    for yaml_path, name_or_path in ((tmp_path / "run.yaml", mine), (tmp_path / "yamls" / "run.yaml", "..")):
+        cfg = write_yaml(yaml_path, Path(name_or_path), tmp_path / "out", steps=1, port=29721, build_tiny=True)
+        p = subprocess.run([VLSFT, "train", "--config", str(cfg)], env=env, capture_output=True, text=True,
+                           timeout=60, cwd=REPO)
+        errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+        assert p.returncode == 2, p.stderr
+        assert len(errors) == 1 and "model.build_tiny" in errors[0] and "nothing was changed" in errors[0], p.stderr
+        assert "Traceback" not in p.stderr
+    assert (mine / "thesis.tex").read_text() == "years of work" and (mine / "sub" / "data.csv").is_file()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["my-stuff", "run.yaml", "yamls"]  # no temp folder left
+
+
+def test_second_writer_refused_and_sigterm_checkpoints_and_exits_143(tmp_path, env, tiny_model_dir):
+    """Issue 9 item 2 (one writer) and item 5 (SIGTERM -> 143, no SignalException traceback, a checkpoint)."""
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "run.yaml", tiny_model_dir, out, steps=100000, port=29723)
+    first = Training(cfg, env)
+    try:
+        first.wait_training()
+        lock = json.loads((out / "vlsft" / "lock").read_text())
+        assert lock["pid"] == first.proc.pid and "run.yaml" in lock["command"]
+        t0 = time.time()
+        second = subprocess.run([VLSFT, "train", "--config", str(cfg), "distributed.master_port=29725"], env=env,
+                                capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert time.time() - t0 < 30
+        errors = [x for x in second.stderr.splitlines() if x.startswith("error:")]
+        assert second.returncode == 2, second.stderr
+        assert len(errors) == 1 and "in use by another run" in errors[0] and f"pid {first.proc.pid}" in errors[0]
+        assert first.proc.poll() is None  # the first run is untouched
+
+        first.proc.send_signal(signal.SIGTERM)
+        rc, stdout, stderr = first.finish()
+    finally:
+        if first.proc.poll() is None:
+            first.proc.kill()
+    assert rc == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "SignalException" not in stderr, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr
+    assert "SignalException" in (out / "vlsft" / "torchrun.log").read_text()  # kept in the log
+    from qwenvl.runpolicy import checkpoint_problem, list_checkpoints
+
+    cps = list_checkpoints(out)
+    assert len(cps) == 1 and checkpoint_problem(cps[0][1]) is None, cps  # saved on the signal
+    assert not (out / "model.safetensors").exists()  # an interrupted run writes no "final" model
+    assert not (out / "vlsft" / "lock").exists()
+
+
+@pytest.mark.parametrize("how", ["kill9", "sighup"])
+def test_ranks_never_outlive_vlsft(tmp_path, env, tiny_model_dir, how):
+    """Issue 9 item 2 (orphans): kill -9 of vlsft, or SIGHUP (closed terminal), stops torchrun and every rank."""
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "run.yaml", tiny_model_dir, out, steps=100000, port=29727 if how == "kill9" else 29729)
+    run = Training(cfg, env)
+    try:
+        run.wait_training()
+        kids = run.descendants()
+        assert any("torchrun" in " ".join(k.cmdline()) for k in kids)
+        assert any("qwenvl.train" in " ".join(k.cmdline()) for k in kids), [k.cmdline() for k in kids]
+        run.proc.send_signal(signal.SIGKILL if how == "kill9" else signal.SIGHUP)
+        left = _all_gone(kids, timeout=15)
+        assert not left, [(p.pid, p.cmdline()) for p in left]
+        rc, _, stderr = run.finish(timeout=30)
+        if how == "sighup":
+            assert rc == 129 and "Traceback" not in stderr, stderr[-3000:]
+    finally:
+        for k in psutil.Process(os.getpid()).children(recursive=True):
+            if k.pid != run.proc.pid and "qwenvl" in " ".join(k.cmdline()):
+                k.kill()
+        if run.proc.poll() is None:
+            run.proc.kill()
+
+
+def test_input_error_inside_a_rank_is_one_line_exit_2(tmp_path, env, tiny_model_dir):
+    """Issue 9 item 5: an input error found by the rank (here: eval_strategy without an eval dataset, which the
+    front door passes through in training.extra) shows the rank's own line, not torchrun's ChildFailedError."""
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "run.yaml", tiny_model_dir, out, steps=2, port=29731)
+    p = subprocess.run([VLSFT, "train", "--config", str(cfg), "training.extra={eval_strategy: steps}"], env=env,
+                       capture_output=True, text=True, timeout=240, cwd=REPO)
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert len(errors) == 1 and "evaluation is not supported" in errors[0], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
+    log = out / "vlsft" / "torchrun.log"
+    assert f"full output is in {log}" in p.stderr
+    assert "ChildFailedError" in log.read_text()  # torchrun's report is kept, in the log
