@@ -97,7 +97,7 @@ class ModelSection(_Section):
 
     name_or_path: str = Field(description="Local directory of the model to fine-tune (Qwen2-VL, Qwen2.5-VL or "
                               "Qwen3-VL; the family is read from its config.json). Relative paths resolve against "
-                              "the YAML folder. A hub id only works where the hub is reachable.")
+                              "the YAML folder. A hub id is refused: download the model first (`hf download ID --local-dir DIR`).")
     build_tiny: bool = Field(False, description="Demo/tests only: when name_or_path does not exist yet, `vlsft train` "
                              "first builds a tiny random Qwen2.5-VL there (real Qwen tokenizer, no download).")
 
