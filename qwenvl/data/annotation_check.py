@@ -37,7 +37,8 @@ from qwenvl.data.annotation_read import (
     annotation_format,
     oneline,
 )
-from qwenvl.data.sample_rules import is_path, kind_of, local_media_problem, record_problems
+from qwenvl.data.media_exist import check_http, check_local
+from qwenvl.data.sample_rules import is_path, kind_of, record_problems
 from qwenvl.problems import Problem
 
 MAX_PER_KIND = 20  # problems of one kind reported per annotation file (the rest are counted)
@@ -55,6 +56,8 @@ class ScanResult:
     missing_media: int = 0  # distinct media paths that do not exist
     relative_media: int = 0  # distinct media paths relative to data_path (not absolute, not URLs)
     unresolved_media: int = 0  # distinct relative media paths that cannot be resolved (no data_path)
+    decoded_media: int = 0  # distinct local media files opened by --decode
+    undecodable_media: int = 0  # of which would not decode
     problems: list[Problem] = field(default_factory=list)
     suppressed: dict[str, int] = field(default_factory=dict)  # code -> problems not listed
     # reason class of each problem (BadSample.kind for errors: the trainer skips that sample for that reason)
@@ -132,6 +135,13 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
             for p in vids:
                 if p.__class__ is str and p not in media and is_path(p):
                     media[p] = loc
+            if res.video_paths is not None:  # --decode opens each as what the sample names it
+                for p in vids:
+                    if p.__class__ is str:
+                        res.video_paths.setdefault(p, loc)
+                for p in imgs:
+                    if p.__class__ is str:
+                        res.image_paths.setdefault(p, loc)
     problems = record_problems(rec)
     if problems:
         for severity, kind, code, message, key, hint in problems:
@@ -159,6 +169,8 @@ class _Part:
     counts: dict = field(default_factory=dict)
     media: dict | None = None
     first_media: Any = None
+    video_paths: dict | None = None  # media path -> first locator, under 'video' (only for --decode)
+    image_paths: dict | None = None  # ... under 'image' (a file may be named under both)
 
 
 def _scan_chunk(bounds: tuple) -> _Part:
@@ -166,7 +178,8 @@ def _scan_chunk(bounds: tuple) -> _Part:
     job = _JOB
     deep = job["deep"]
     sink = _Sink(job["path"], job["max_per_kind"])
-    part = _Part(media={} if job["media"] else None)
+    part = _Part(media={} if job["media"] else None, video_paths={} if job.get("decode") else None,
+                 image_paths={} if job.get("decode") else None)
     media = part.media
     check = _check_record
     items = job["items"]
@@ -242,7 +255,8 @@ def _workers(total: int, requested: int | None) -> int:
 def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bool = True,
          progress: Callable[[int], None] | None = None, max_per_kind: int = MAX_PER_KIND,
          workers: int | None = None, chunk: int = CHUNK,
-         list_progress: Callable[[int, int], None] | None = None) -> ScanResult:
+         list_progress: Callable[[int, int], None] | None = None, decode: bool = False,
+         decode_progress: Callable[[int, int], None] | None = None) -> ScanResult:
     """Read every record of one annotation file; count and (``deep``) check each sample.
 
     Raises OSError when the file cannot be read. Media paths resolve against ``data_path``
@@ -286,7 +300,9 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
             total = len(items)
             res.packed = any(type(x) is list for x in items)
             bounds = [(lo, min(lo + chunk, total)) for lo in range(0, total, max(1, chunk))]
-        _JOB.update(path=path, fmt=fmt, items=items, deep=deep, media=media is not None, max_per_kind=max_per_kind)
+        _JOB.update(path=path, fmt=fmt, items=items, deep=deep, media=media is not None, max_per_kind=max_per_kind,
+                    decode=decode and media is not None)
+        roles: tuple[dict, dict] = ({}, {})  # (images, videos): path -> first locator, for --decode
         n_workers = min(_workers(total, workers), len(bounds))
         try:
             if n_workers > 1:
@@ -295,12 +311,14 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
                 with multiprocessing.get_context("fork").Pool(n_workers) as pool:
                     for part in pool.imap(_scan_chunk, bounds):
                         _merge(res, sink, media, part)
+                        _merge_roles(roles, part)
                         if progress is not None:
                             progress(part.records)
             else:
                 for b in bounds:
                     part = _scan_chunk(b)
                     _merge(res, sink, media, part)
+                    _merge_roles(roles, part)
                     if progress is not None:
                         progress(part.records)
         finally:
@@ -310,7 +328,9 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
             gc.enable()
     del items
     if media:
-        _check_media_exist(media, data_path, sink, res, list_progress)
+        gone = _check_media_exist(media, data_path, sink, res, list_progress)
+        if decode:
+            _decode_media(roles, data_path, gone, sink, res, decode_progress)
     # resolve locators to lines
     locs = {loc for loc, *_ in sink.items if isinstance(loc, tuple)}
     first_media = res.first_media
@@ -359,124 +379,11 @@ def _merge(res: ScanResult, sink: _Sink, media: dict | None, part: _Part) -> Non
                     media[k] = v
 
 
-def _local_listing(folder: str) -> tuple[set[str], set[str]]:
-    """``(regular files, every name)`` directly inside ``folder`` (both empty when it cannot be listed).
-
-    One ``scandir`` per folder: the entry type comes with the listing, so only symbolic links cost a
-    ``stat`` (a dangling link or a loop is not a file)."""
-    files: set[str] = set()
-    names: set[str] = set()
-    try:
-        it = os.scandir(folder)
-    except OSError:
-        return files, names
-    with it:
-        for entry in it:
-            names.add(entry.name)
-            try:
-                if entry.is_file():
-                    files.add(entry.name)
-            except OSError:
-                pass
-    return files, names
-
-
-_READ_CHECK = hasattr(os, "geteuid") and os.geteuid() != 0  # root reads every file: no access() calls
-
-
-def _check_local(by_parent: dict[str, list[tuple[str, str, str]]], missing: list, case_twin: dict) -> None:
-    """Media of local folders: a regular readable file, else ``(full, rel, why)`` in ``missing``."""
-    for parent, members in by_parent.items():
-        files, names = _local_listing(parent or "/")
-        gone = False
-        for name, full, rel in members:
-            if name in files:
-                if _READ_CHECK and not os.access(full, os.R_OK):
-                    missing.append((full, rel, "not readable (permission denied)"))
-                continue
-            gone = True
-            missing.append((full, rel, None if name not in names else local_media_problem(full)))
-        if gone:
-            folded = {n.casefold(): n for n in files}  # only for folders with missing files
-            for name, _, rel in members:
-                if name not in names and name.casefold() in folded:
-                    case_twin[rel] = folded[name.casefold()]
-
-
-HTTP_TIMEOUT_S = 10.0  # per HEAD request of the http(s) media check (VLSFT_HTTP_TIMEOUT overrides)
-HTTP_CONCURRENCY = 16
-
-
-def _http_status(url: str, timeout: float) -> int | BaseException:
-    """HTTP status of a HEAD request (a 1-byte GET when HEAD is refused), or the connection error."""
-    import urllib.error
-    import urllib.request
-
-    for method, headers in (("HEAD", {}), ("GET", {"Range": "bytes=0-0"})):
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, method=method, headers=headers),
-                                        timeout=timeout) as resp:
-                return int(resp.status)
-        except urllib.error.HTTPError as e:
-            if e.code in (405, 501) and method == "HEAD":
-                continue
-            return int(e.code)
-        except (OSError, ValueError) as e:  # URLError, timeouts, refused connections, bad URLs
-            return e
-    return 405
-
-
-def _check_http(urls: dict[str, str]) -> tuple[list[tuple[str, str, str]], dict[str, tuple[str, str, int]]]:
-    """``(missing [(url, rel, why)], unreachable {host: (first url, reason, media on that host)})``.
-
-    One request per URL (a web server has no listing), HTTP_CONCURRENCY at a time; a host that does not
-    answer is tried once, its other URLs are not (each would wait for the timeout)."""
-    from concurrent.futures import ThreadPoolExecutor
-    from urllib.parse import urlsplit
-
-    try:
-        timeout = float(os.environ.get("VLSFT_HTTP_TIMEOUT") or HTTP_TIMEOUT_S)
-    except ValueError:
-        timeout = HTTP_TIMEOUT_S
-    by_host: dict[str, list[str]] = {}
-    for url in urls:
-        by_host.setdefault(urlsplit(url).netloc, []).append(url)
-    missing: list[tuple[str, str, str]] = []
-    unreachable: dict[str, tuple[str, str, int]] = {}
-
-    def judge(url: str, got: int | BaseException) -> None:
-        if isinstance(got, BaseException):
-            return
-        if got == 404 or got == 410:
-            missing.append((url, urls[url], f"HTTP {got}"))
-        elif got >= 400:
-            missing.append((url, urls[url], f"the server answers HTTP {got}"))
-
-    with ThreadPoolExecutor(max_workers=min(HTTP_CONCURRENCY, max(1, len(urls)))) as pool:
-        firsts = {host: members[0] for host, members in by_host.items()}
-        rest: list[str] = []
-        for (host, url), got in zip(firsts.items(), pool.map(lambda u: _http_status(u, timeout), firsts.values()),
-                                    strict=True):
-            if isinstance(got, BaseException):
-                reason = getattr(got, "reason", None) or got
-                unreachable[host] = (url, f"{type(reason).__name__}: {reason}" if not isinstance(reason, str)
-                                     else reason, len(by_host[host]))
-                continue
-            judge(url, got)
-            rest.extend(by_host[host][1:])
-        for url, got in zip(rest, pool.map(lambda u: _http_status(u, timeout), rest), strict=True):
-            if isinstance(got, BaseException):
-                missing.append((url, urls[url], f"no answer ({type(got).__name__})"))
-            else:
-                judge(url, got)
-    return missing, unreachable
-
-
 def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink, res: ScanResult,
-                       progress: Callable[[int, int], None] | None = None) -> None:
+                       progress: Callable[[int, int], None] | None = None) -> set[str]:
     """Every distinct media path is a regular readable file: one directory listing per local folder or
     S3 prefix (never a stat or a request per file), one HEAD request per http(s) URL. Problems are
-    reported at the first sample naming the file."""
+    reported at the first sample naming the file. Returns the annotation paths found missing."""
     res.media_files = len(media)
     missing: list[tuple[str, str, str | None]] = []  # (full path, annotation path, why not media)
     case_twin: dict[str, str] = {}  # annotation path -> existing name that differs only in case
@@ -501,7 +408,7 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
             if members is None:
                 by_parent[parent] = members = []
             members.append((name, full, rel))
-        _check_local(by_parent, missing, case_twin)
+        check_local(by_parent, missing, case_twin)
     else:
         remote: dict[str, str] = {}
         http: dict[str, str] = {}
@@ -518,7 +425,7 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
             else:
                 parent, name = os.path.split(full)
                 by_parent.setdefault(parent, []).append((name, full, rel))
-        _check_local(by_parent, missing, case_twin)
+        check_local(by_parent, missing, case_twin)
         if remote:
             try:
                 found = storage.existing(remote, progress=progress)
@@ -530,7 +437,7 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
                          hint="the trainer cannot read them either; fix the storage settings or the URLs",
                          kind="media_unreachable")
         if http:
-            gone, down = _check_http(http)
+            gone, down = check_http(http)
             missing.extend(gone)
             for host, (url, reason, count) in down.items():
                 rel = http[url]
@@ -553,6 +460,36 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
             f"media file not found: {full} ({why})" if why.startswith("HTTP") or why.startswith("no answer")
             or why.startswith("the server") else f"media file {full} is {why}")
         sink.add(media[rel], "missing_media", "error", message, key="image/video", hint=hint, kind="missing_media")
+    return {rel for _, rel, _ in missing}
+
+
+def _merge_roles(roles: tuple[dict, dict], part: _Part) -> None:
+    for mine, theirs in zip(roles, (part.image_paths, part.video_paths), strict=True):
+        for p, loc in (theirs or {}).items():
+            mine.setdefault(p, loc)
+
+
+def _decode_media(roles: tuple[dict, dict], data_path: str | None, gone: set[str], sink: _Sink,
+                  res: ScanResult, progress: Callable[[int, int], None] | None) -> None:
+    """``--decode``: open every existing local image / video header (:mod:`qwenvl.data.media_decode`), each as
+    what its sample names it (a file named both as an image and as a video is opened both ways)."""
+    from qwenvl.data.media_decode import decode_all
+
+    todo: dict[tuple[str, bool], Any] = {}  # (full path, is video) -> locator of the first sample naming it so
+    for is_video, paths in enumerate(roles):
+        for rel, loc in paths.items():
+            if rel in gone or not is_path(rel) or storage.is_url(rel) or (data_path is None and not os.path.isabs(rel)):
+                continue
+            full = storage.join(data_path, rel)
+            if not storage.is_url(full):
+                todo[(full, bool(is_video))] = loc
+    bad = decode_all(todo, progress)
+    res.decoded_media = len(todo)
+    for full, is_video in sorted(bad, key=lambda k: _order(todo[k])):
+        res.undecodable_media += 1
+        sink.add(todo[(full, is_video)], "media_unreadable", "error", f"cannot decode {'video' if is_video else 'image'} "
+                 f"{full}: {bad[(full, is_video)]}", key="video" if is_video else "image",
+                 hint="replace or re-encode the file, or drop the sample: the trainer skips it", kind="media_unreadable")
 
 
 def _order(loc: Any) -> tuple[int, int]:

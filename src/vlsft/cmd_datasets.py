@@ -2,6 +2,7 @@
 
     vlsft datasets check Dataset-Dictionary.json            # dictionary + files + counts
     vlsft datasets check Dataset-Dictionary.json --deep     # + every sample, every media file
+    vlsft datasets check Dataset-Dictionary.json --deep --decode   # + open every image / video header
     vlsft datasets check Dataset-Dictionary.json --json     # machine-readable report
     vlsft datasets use Dataset-Dictionary.json              # -> dataset1%5.437,dataset2%56.7
     vlsft datasets use Dataset-Dictionary.json --integer-percent   # official trainer's integer form
@@ -75,7 +76,7 @@ class CheckReport:
         }
 
 
-def build_report(path: str, *, deep: bool = False, progress: bool | None = None) -> CheckReport:
+def build_report(path: str, *, deep: bool = False, progress: bool | None = None, decode: bool = False) -> CheckReport:
     """Load the dictionary, scan the annotation files, and assemble table rows and problems.
 
     Without ``deep``: :func:`load_dictionary` checks the files (counts, format) and files of up to
@@ -95,7 +96,7 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None)
     def scan_for(name: str, spec: DatasetSpec, records: int | None) -> ScanResult | BaseException:
         key = (spec.annotation_path, spec.data_path)
         if key not in scans:
-            scans[key] = _scan_one(name, spec, records, deep, show_progress, err_console)
+            scans[key] = _scan_one(name, spec, records, deep, show_progress, err_console, decode)
             scan_owner[key] = name
         return scans[key]
 
@@ -188,12 +189,14 @@ def _min_rate(n: int) -> str:
 
 
 def _scan_one(name: str, spec: DatasetSpec, records: int | None, deep: bool, show_progress: bool,
-              err_console) -> ScanResult | BaseException:
+              err_console, decode: bool = False) -> ScanResult | BaseException:
     """Scan one annotation file (progress bar on a terminal for long files); an OSError is returned, not raised.
 
     On a terminal, listing media folders on object storage (slow: one request per folder) shows its own
     bar, started by the first listing."""
     listing = _ListingBar(name, err_console) if show_progress and deep else None
+    decoding = _ListingBar(name, err_console, "decoding media") if show_progress and decode else None
+    extra = {"decode": True, "decode_progress": decoding} if decode else {}
     try:
         size = _size_hint(spec.annotation_path)
         long = (records or 0) >= PROGRESS_MIN_RECORDS or size >= PROGRESS_MIN_BYTES
@@ -204,22 +207,24 @@ def _scan_one(name: str, spec: DatasetSpec, records: int | None, deep: bool, sho
                           console=err_console, transient=True) as bar:
                 task = bar.add_task(f"checking {name}", total=records)
                 return scan(spec.annotation_path, spec.data_path, deep=deep,
-                            progress=lambda n: bar.advance(task, n), list_progress=listing)
+                            progress=lambda n: bar.advance(task, n), list_progress=listing, **extra)
         if long and deep:
             print(f"checking {name} ...", file=sys.stderr, flush=True)
-        return scan(spec.annotation_path, spec.data_path, deep=deep, list_progress=listing)
+        return scan(spec.annotation_path, spec.data_path, deep=deep, list_progress=listing, **extra)
     except (OSError, ValueError) as exc:  # StorageError is an OSError
         return exc
     finally:
-        if listing is not None:
-            listing.close()
+        for bar in (listing, decoding):
+            if bar is not None:
+                bar.close()
 
 
 class _ListingBar:
     """``progress(done, total)`` for :func:`qwenvl.storage.existing`: a transient rich bar, started lazily."""
 
-    def __init__(self, name: str, console) -> None:
+    def __init__(self, name: str, console, what: str = "listing media folders") -> None:
         self.name = name
+        self.what = what
         self.console = console
         self.bar = None
         self.task = None
@@ -233,7 +238,7 @@ class _ListingBar:
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 console=self.console, transient=True)
             self.bar.start()
-            self.task = self.bar.add_task(f"{self.name}: listing media folders", total=total)
+            self.task = self.bar.add_task(f"{self.name}: {self.what}", total=total)
         self.bar.update(self.task, completed=done, total=total)
 
     def close(self) -> None:
@@ -302,12 +307,14 @@ def check(
     path: str = typer.Argument(..., help="The dataset dictionary (Dataset-Dictionary.json), a local path or URL."),
     deep: bool = typer.Option(False, "--deep", help="Check every sample and that every media file exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON report instead of the table."),
+    decode: bool = typer.Option(False, "--decode", help="With --deep (implied): also open every local image and "
+                                "video header, in parallel, to find corrupt, truncated, empty and oversized files."),
 ) -> None:
     """Check a dataset dictionary: syntax, keys, files, record counts; with --deep every sample and media file.
 
     Exit 0 when there are no errors (warnings allowed), 1 when there are, 2 when the file is unusable.
     """
-    report = build_report(path, deep=deep)  # progress bar on stderr only when it is a terminal
+    report = build_report(path, deep=deep or decode, decode=decode)  # progress bars on stderr only on a terminal
     if as_json:
         sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
     else:

@@ -1,0 +1,126 @@
+"""Media existence for the deep check: local folders by one listing each, http(s) URLs by HEAD (torch-free).
+
+A media file is a regular file this process can read: a folder named ``x.png``, a dangling symbolic
+link and a symlink loop are not (the trainer could not open them either; the same rule as
+:func:`qwenvl.data.sample_rules.local_media_problem`). A web server has no listing: one HEAD request per
+URL, a host that does not answer is tried once.
+"""
+
+from __future__ import annotations
+
+import os
+
+from qwenvl.data.sample_rules import local_media_problem
+
+
+def local_listing(folder: str) -> tuple[set[str], set[str]]:
+    """``(regular files, every name)`` directly inside ``folder`` (both empty when it cannot be listed).
+
+    One ``scandir`` per folder: the entry type comes with the listing, so only symbolic links cost a
+    ``stat`` (a dangling link or a loop is not a file)."""
+    files: set[str] = set()
+    names: set[str] = set()
+    try:
+        it = os.scandir(folder)
+    except OSError:
+        return files, names
+    with it:
+        for entry in it:
+            names.add(entry.name)
+            try:
+                if entry.is_file():
+                    files.add(entry.name)
+            except OSError:
+                pass
+    return files, names
+
+
+_READ_CHECK = hasattr(os, "geteuid") and os.geteuid() != 0  # root reads every file: no access() calls
+
+
+def check_local(by_parent: dict[str, list[tuple[str, str, str]]], missing: list, case_twin: dict) -> None:
+    """Media of local folders: a regular readable file, else ``(full, rel, why)`` in ``missing``."""
+    for parent, members in by_parent.items():
+        files, names = local_listing(parent or "/")
+        gone = False
+        for name, full, rel in members:
+            if name in files:
+                if _READ_CHECK and not os.access(full, os.R_OK):
+                    missing.append((full, rel, "not readable (permission denied)"))
+                continue
+            gone = True
+            missing.append((full, rel, None if name not in names else local_media_problem(full)))
+        if gone:
+            folded = {n.casefold(): n for n in files}  # only for folders with missing files
+            for name, _, rel in members:
+                if name not in names and name.casefold() in folded:
+                    case_twin[rel] = folded[name.casefold()]
+
+
+HTTP_TIMEOUT_S = 10.0  # per HEAD request of the http(s) media check (VLSFT_HTTP_TIMEOUT overrides)
+HTTP_CONCURRENCY = 16
+
+
+def _http_status(url: str, timeout: float) -> int | BaseException:
+    """HTTP status of a HEAD request (a 1-byte GET when HEAD is refused), or the connection error."""
+    import urllib.error
+    import urllib.request
+
+    for method, headers in (("HEAD", {}), ("GET", {"Range": "bytes=0-0"})):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method=method, headers=headers),
+                                        timeout=timeout) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as e:
+            if e.code in (405, 501) and method == "HEAD":
+                continue
+            return int(e.code)
+        except (OSError, ValueError) as e:  # URLError, timeouts, refused connections, bad URLs
+            return e
+    return 405
+
+
+def check_http(urls: dict[str, str]) -> tuple[list[tuple[str, str, str]], dict[str, tuple[str, str, int]]]:
+    """``(missing [(url, rel, why)], unreachable {host: (first url, reason, media on that host)})``.
+
+    One request per URL (a web server has no listing), HTTP_CONCURRENCY at a time; a host that does not
+    answer is tried once, its other URLs are not (each would wait for the timeout)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlsplit
+
+    try:
+        timeout = float(os.environ.get("VLSFT_HTTP_TIMEOUT") or HTTP_TIMEOUT_S)
+    except ValueError:
+        timeout = HTTP_TIMEOUT_S
+    by_host: dict[str, list[str]] = {}
+    for url in urls:
+        by_host.setdefault(urlsplit(url).netloc, []).append(url)
+    missing: list[tuple[str, str, str]] = []
+    unreachable: dict[str, tuple[str, str, int]] = {}
+
+    def judge(url: str, got: int | BaseException) -> None:
+        if isinstance(got, BaseException):
+            return
+        if got == 404 or got == 410:
+            missing.append((url, urls[url], f"HTTP {got}"))
+        elif got >= 400:
+            missing.append((url, urls[url], f"the server answers HTTP {got}"))
+
+    with ThreadPoolExecutor(max_workers=min(HTTP_CONCURRENCY, max(1, len(urls)))) as pool:
+        firsts = {host: members[0] for host, members in by_host.items()}
+        rest: list[str] = []
+        for (host, url), got in zip(firsts.items(), pool.map(lambda u: _http_status(u, timeout), firsts.values()),
+                                    strict=True):
+            if isinstance(got, BaseException):
+                reason = getattr(got, "reason", None) or got
+                unreachable[host] = (url, f"{type(reason).__name__}: {reason}" if not isinstance(reason, str)
+                                     else reason, len(by_host[host]))
+                continue
+            judge(url, got)
+            rest.extend(by_host[host][1:])
+        for url, got in zip(rest, pool.map(lambda u: _http_status(u, timeout), rest), strict=True):
+            if isinstance(got, BaseException):
+                missing.append((url, urls[url], f"no answer ({type(got).__name__})"))
+            else:
+                judge(url, got)
+    return missing, unreachable
