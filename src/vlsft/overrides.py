@@ -45,7 +45,7 @@ def _text_field(section: str, name: str) -> bool:
 def _secret_key(key: str) -> bool:
     """A key whose value must never be shown: a secret field, a name that reads as a secret (secret, token,
     password, api_key ...), or a misspelling of a secret field (``storage.secret_acces_key``)."""
-    from qwenvl.storage import is_secret_name
+    from qwenvl.secrets import is_secret_name
 
     last = key.rsplit(".", 1)[-1].strip().lower()
     secrets = (*SECRET_FIELDS, *SECRET_NAMES)

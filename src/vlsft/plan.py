@@ -52,7 +52,7 @@ from qwenvl.prechecks import (
 )
 from qwenvl.problems import Problem, ProblemsError, did_you_mean
 from qwenvl.runpolicy import DEEPSPEED_PRESETS, deepspeed_path, run_markers
-from qwenvl.storage import MASK, SECRET_ENV_VARS, is_secret_name
+from qwenvl.secrets import MASK, SECRET_ENV_VARS, is_secret_name
 from vlsft.config import RunConfig, load_run_config
 from vlsft.environment import (  # noqa: F401 - re-exported: the launch environment's public names
     STORAGE_ENV,
