@@ -41,6 +41,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 PAD_TEXTS = ("<|image_pad|>", "<|video_pad|>")
 MISSPELT = {"images": "image", "videos": "video"}
 _NONE: list = []  # returned for a clean record (never appended to)
+_MISS = object()
 
 
 def kind_of(value: Any) -> str:
@@ -57,7 +58,7 @@ def is_path(p: Any) -> bool:
 def _media_field(key: str, value: Any, out: list) -> int:
     """Problems of an ``image``/``video`` value that is not None; returns its number of entries."""
     if type(value) is str:
-        if not is_path(value):
+        if not value or value.isspace():
             out.append(("error", "bad_media_field", "media_type", f"{key} entry {value!r} is not a path", key,
                         "an empty path: drop the key for a sample without media"))
         return 1
@@ -66,7 +67,7 @@ def _media_field(key: str, value: Any, out: list) -> int:
             out.append(("error", "bad_media_field", "media_type", f"'{key}' is an empty list: the trainer skips "
                         "the sample", key, f"drop the '{key}' key for a sample without {key}s"))
         for p in value:
-            if not is_path(p):
+            if p.__class__ is not str or not p or p.isspace():
                 out.append(("error", "bad_media_field", "media_type", f"{key} entry {p!r} is not a path", key,
                             "each entry is a file path string, relative to data_path or absolute"))
         return len(value)
@@ -128,7 +129,8 @@ def conversation_problems(conv: Any, out: list, rec: dict | None = None) -> tupl
                         'write [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]'))
         return -1, -1, None
     start = 0
-    if drops_first(conv):
+    first = conv[0]
+    if type(first) is dict and first.get("from") == "gpt":  # drops_first(), inlined: this runs a million times
         start = 1
         out.append(("warning", "gpt_first", "gpt_first", "the first turn is from gpt; the trainer drops it (as the "
                     "official code does)", "conversations", "start with a human turn"))
@@ -144,11 +146,13 @@ def conversation_problems(conv: Any, out: list, rec: dict | None = None) -> tupl
             broken = True
             first_side = first_side if first_side >= 0 else 3  # no "first turn" warning after a broken one
             continue
-        if "role" in turn and "content" in turn:
+        if "role" in turn and "content" in turn:  # turn_fields(), inlined
             spk, val, vkey = turn["role"], turn["content"], "content"
-        elif "from" in turn and "value" in turn:
-            spk, val, vkey = turn["from"], turn["value"], "value"
         else:
+            spk = turn.get("from", _MISS)
+            val = turn.get("value", _MISS)
+            vkey = "value"
+        if spk is _MISS or val is _MISS:
             out.append(_missing_keys(turn))
             broken = True
             first_side = first_side if first_side >= 0 else 3
@@ -229,8 +233,10 @@ def record_problems(rec: Any) -> list[Item]:
                         "the sample would silently train as text-only", bad, f"rename '{bad}' to '{MISSPELT[bad]}'"))
     img = rec.get("image")
     vid = rec.get("video")
-    n_images = 0 if img is None else _media_field("image", img, out)
-    n_videos = 0 if vid is None else _media_field("video", vid, out)
+    n_images = 0 if img is None else (1 if type(img) is str and img and not img.isspace() else
+                                      _media_field("image", img, out))
+    n_videos = 0 if vid is None else (1 if type(vid) is str and vid and not vid.isspace() else
+                                      _media_field("video", vid, out))
     n_img, n_vid, no_answer = conversation_problems(rec.get("conversations"), out, rec)
     if n_img >= 0:
         if n_img != n_images:
