@@ -178,6 +178,9 @@ def _setup_logging(training_args) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stderr)
     logging.getLogger("qwenvl").setLevel(level)
     transformers.utils.logging.set_verbosity(logging.WARNING if training_args.process_index == 0 else logging.ERROR)
+    from qwenvl.noise import quiet_known_warnings
+
+    quiet_known_warnings(training_args.process_index)
 
 
 def _data_module(processor, data_args, training_args, model_type: str) -> dict:
