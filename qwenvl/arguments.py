@@ -65,8 +65,9 @@ class DataArguments:
                              "attention).")
     data_packing: bool = arg(False, "Pack samples online into rows of at most model_max_length tokens (varlen "
                              "attention; no padding, no offline tool). Step counts become estimates.")
-    max_bad_sample_ratio: float = arg(0.01, "Fail the run when more than this fraction of the samples read so far "
-                                      "were broken (skipped).")
+    max_bad_sample_ratio: float = arg(0.01, "Stop the run when, at 99 % confidence (one-sided Clopper-Pearson "
+                                      "lower bound over all ranks' counts so far), more than this fraction of the "
+                                      "samples read were broken (skipped).")
 
 
 @dataclass

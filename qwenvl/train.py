@@ -29,7 +29,8 @@ Run on every rank by torchrun (``vlsft train`` builds this command from a run YA
   nothing to train, a missing ``--deepspeed`` file, ``--report_to`` naming an unknown or uninstalled
   integration, ``--eval_strategy`` other than ``no`` (no eval dataset), invalid argument combinations,
   an unreadable or unsupported ``config.json``, an unavailable attention kernel; during training, more bad
-  samples than ``--max_bad_sample_ratio`` allows (per rank, after 100 samples).
+  samples than ``--max_bad_sample_ratio`` allows (summed over ranks each step; stop when the 99 % Clopper-Pearson lower
+  bound of the bad fraction exceeds it).
 * ``--resume auto`` (default) continues from the newest *complete* checkpoint in ``output_dir``
   (one with ``trainer_state.json`` and weights; a half-written one is skipped). ``never`` starts fresh,
   PATH continues from that checkpoint. A fresh start into an ``output_dir`` that already holds
