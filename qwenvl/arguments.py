@@ -83,10 +83,21 @@ class ExtraTrainingArguments:
                                      "[0, 1) (transformers 5: --warmup_steps below 1 is the same).")
     cache_dir: str | None = arg(None, "Official-script argument, accepted and unused (model_name_or_path is a "
                                 "local folder).")
-    lora_enable: bool = arg(False, "Official (newer) argument; LoRA is not supported: True is refused.")
-    lora_r: int = arg(64, "Accepted for official scripts; unused (no LoRA).")
-    lora_alpha: int = arg(128, "Accepted for official scripts; unused (no LoRA).")
-    lora_dropout: float = arg(0.0, "Accepted for official scripts; unused (no LoRA).")
+    lora_enable: bool = arg(False, "Train LoRA adapters (PEFT) instead of full weights on the parts named by "
+                            "lora_targets; the tune_mm_* parts are still trained in full.")
+    lora_r: int = arg(64, "LoRA rank (official default 64).")
+    lora_alpha: int = arg(128, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).")
+    lora_dropout: float = arg(0.0, "Dropout on the LoRA input (0.0 is honoured, unlike the official trainer).")
+    lora_targets: str | None = arg(None, "Parts that get adapters on all their linear layers: llm, vision, "
+                                   "merger, comma-separated (default: llm, as the official --lora_enable). A part "
+                                   "may not be both LoRA-targeted and trained in full by its tune_mm_* flag.")
+    lora_target_modules: str | None = arg(None, "Advanced: a regular expression matched (whole) against module "
+                                          "names, e.g. '.*layers\\.\\d+\\.mlp\\.experts.*'; replaces "
+                                          "lora_targets; only linear layers are taken.")
+    lora_use_rslora: bool = arg(False, "Rank-stabilised LoRA (PEFT use_rslora: scale alpha / sqrt(r)).")
+    lora_use_dora: bool = arg(False, "Weight-decomposed LoRA (PEFT use_dora).")
+    lora_quantize: str | None = arg(None, "QLoRA: load the frozen base weights in 4bit or 8bit (bitsandbytes; "
+                                    "needs a CUDA GPU).")
     resume: str = arg("auto", "auto: continue from the newest complete checkpoint in the output dir (fresh start "
                       "if none); never: start fresh; PATH: continue from that checkpoint.")
     overwrite_output_dir: bool = arg(False, "Allow a fresh start (resume never) in an output dir that already "

@@ -7,6 +7,8 @@
   - ``merger``: the vision-language projector (``visual.merger`` and Qwen3-VL's ``deepstack_merger_list``);
   - ``llm``: the language model (embeddings, decoder layers, final norm) and ``lm_head``.
 
+* LoRA (:mod:`qwenvl.lora`) wraps the model with PEFT after freezing; every function here also takes the PEFT
+  model (adapters count in the part of the layer they wrap).
 * Freezing sets ``requires_grad`` on the parameters themselves (an untied ``lm_head`` follows
   ``tune_mm_llm`` like the rest of the language model; a tied one is the embedding matrix).
 * Learning rates: ``mm_projector_lr`` applies to merger parameters and ``vision_tower_lr`` to other
@@ -73,11 +75,12 @@ def model_class(model_type: str):
         ) from e
 
 
-def load_model(name_or_path: str, *, dtype=None, attn_implementation: str | None = None):
-    """Load the model with the class named by its config.json ``model_type``."""
+def load_model(name_or_path: str, *, dtype=None, attn_implementation: str | None = None, **extra):
+    """Load the model with the class named by its config.json ``model_type`` (``extra``: more ``from_pretrained``
+    kwargs, e.g. QLoRA's ``quantization_config``)."""
     model_type = read_model_type(name_or_path)
     cls = model_class(model_type)
-    kwargs: dict = {}
+    kwargs: dict = dict(extra)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation:
@@ -86,8 +89,14 @@ def load_model(name_or_path: str, *, dtype=None, attn_implementation: str | None
     return cls.from_pretrained(name_or_path, **kwargs)
 
 
+def unwrap_peft(model):
+    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
+    get_base = getattr(type(model), "get_base_model", None)
+    return model.get_base_model() if get_base is not None else model
+
+
 def _visual(model):
-    inner = getattr(model, "model", model)
+    inner = getattr(unwrap_peft(model), "model", model)
     visual = getattr(inner, "visual", None)
     if visual is None:
         raise ModelTypeError(f"{type(model).__name__} has no vision tower (model.model.visual)")
@@ -95,7 +104,8 @@ def _visual(model):
 
 
 def part_of_parameters(model) -> dict[str, str]:
-    """Map every parameter name (tied duplicates included) to ``vision`` / ``merger`` / ``llm``."""
+    """Map every parameter name (tied duplicates included) to ``vision`` / ``merger`` / ``llm``; for a PEFT model
+    its names, adapters included (an adapter belongs to the part of the layer it wraps)."""
     visual = _visual(model)
     merger_ids: set[int] = set()
     for name, module in visual.named_children():
@@ -122,6 +132,16 @@ def apply_freezing(model, *, tune_mm_vision: bool, tune_mm_mlp: bool, tune_mm_ll
         params[name].requires_grad_(want[part])
     counts = {k: 0 for k in PARTS}
     for name, p in model.named_parameters():  # deduplicated
+        if p.requires_grad:
+            counts[parts[name]] += numel(p)
+    return counts
+
+
+def trainable_counts(model) -> dict[str, int]:
+    """Trainable element count per part (a PEFT model's adapters in the part of the layer they wrap)."""
+    parts = part_of_parameters(model)
+    counts = {k: 0 for k in PARTS}
+    for name, p in model.named_parameters():
         if p.requires_grad:
             counts[parts[name]] += numel(p)
     return counts

@@ -106,3 +106,35 @@ def model_folder_problem(path: str) -> Found:
     except UserError as exc:
         return str(exc).splitlines()[0], "point model.name_or_path at a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model folder"
     return None
+
+
+def cuda_visible() -> bool:
+    """A CUDA GPU on this machine, judged without torch (the NVIDIA driver's files)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
+
+
+def lora_problems(*, tune_mm_vision: bool, tune_mm_mlp: bool, tune_mm_llm: bool, targets, target_modules,
+                  quantize, deepspeed: bool = False) -> list[tuple[str, str, str | None]]:
+    """LoRA settings the ranks would refuse: ``(yaml key, message, hint)`` for each (see :mod:`qwenvl.lora`).
+    Conflicts between a fully-trained part and its adapters, an invalid regex, QLoRA without CUDA/bitsandbytes."""
+    from qwenvl.lora import LoraConfigError, quantize_conflict, quantize_problem, resolve_targets
+
+    found: list[tuple[str, str, str | None]] = []
+    plan = None
+    try:
+        plan = resolve_targets(tune_mm_vision=tune_mm_vision, tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm,
+                               targets=targets, target_modules=target_modules)
+    except LoraConfigError as exc:
+        key = "model.lora.target_modules" if "target_modules" in str(exc) else "model.lora.targets"
+        message, _, hint = str(exc).partition("; ")
+        found.append((key, message, hint or None))
+    problem = quantize_problem(quantize, cuda=cuda_visible(),
+                               bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None)
+    if problem is None and plan is not None:
+        problem = quantize_conflict(quantize, plan, deepspeed)
+    if problem:
+        message, _, hint = problem.partition(": ")
+        found.append(("model.lora.quantize", message, hint or None))
+    return found

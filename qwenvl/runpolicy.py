@@ -8,6 +8,8 @@ both call them:
   keys the Trainer writes, the weights are whole (a safetensors header parses and the file is as long as its
   offsets say; an ``*.index.json`` lists shards that all exist and are whole; a ``pytorch_model.bin`` is a
   whole zip), and the DeepSpeed state (``latest`` + ``global_step*/``) is whole when the run used DeepSpeed;
+* LoRA checkpoints (PEFT layout, :mod:`qwenvl.lora`): ``adapter_config.json`` + whole adapter weights + vlsft's
+  ``vlsft-lora.json`` manifest (written last) whose listed files (``trained_parts.safetensors``) are whole;
 * :func:`run_markers`: what shows that a folder already holds a run (one list for the plan and the trainer);
 * :func:`decide_resume`, :func:`check_resumable`, :func:`set_aside_old_checkpoints`;
 * DeepSpeed presets: :data:`DEEPSPEED_PRESETS`, :func:`deepspeed_off` (the words for "no DeepSpeed"),
@@ -40,7 +42,11 @@ MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mod
 TRAINER_STATE = "trainer_state.json"
 TRAINER_STATE_KEYS = ("global_step", "log_history")  # written by every transformers.TrainerState.save_to_json
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-RUN_FILES = (*MODEL_FILES, TRAINER_STATE, "config.json")  # a saved model or trainer state = an earlier run
+# LoRA (qwenvl.lora): PEFT's adapter layout + vlsft's trained parts and manifest (written last, listing its files)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+LORA_MANIFEST = "vlsft-lora.json"
+RUN_FILES = (*MODEL_FILES, *ADAPTER_FILES, ADAPTER_CONFIG, TRAINER_STATE, "config.json")  # = an earlier run
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 DEEPSPEED_OFF = frozenset({"", "none", "off", "false", "no"})
@@ -166,6 +172,8 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     ds = _deepspeed_problem(d)
     if ds:
         return ds
+    if (d / ADAPTER_CONFIG).exists():
+        return adapter_problem(d)
     present = [f for f in MODEL_FILES if (d / f).is_file()]
     if not present:
         if any(d.glob("global_step*")):  # ZeRO-3 without gathered 16-bit weights: the weights live in the DS state
@@ -176,6 +184,43 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         if problem:
             return problem
     return None
+
+
+def adapter_problem(d: Path) -> str | None:
+    """A LoRA folder: ``adapter_config.json`` parses, the adapter weights are whole, and vlsft's manifest
+    (written after everything else) parses and every file it lists is whole."""
+    try:
+        cfg = json.loads((d / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"{ADAPTER_CONFIG} is truncated or not JSON"
+    if not isinstance(cfg, dict) or "peft_type" not in cfg:
+        return f"{ADAPTER_CONFIG} is not a PEFT adapter config"
+    present = [f for f in ADAPTER_FILES if (d / f).is_file()]
+    if not present:
+        return "no adapter weights (adapter_model.safetensors)"
+    problem = _weights_problem(d, present[0])
+    if problem:
+        return problem
+    try:
+        manifest = json.loads((d / LORA_MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no {LORA_MANIFEST} (the save did not finish)"
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"{LORA_MANIFEST} is truncated or not JSON"
+    files = manifest.get("files", []) if isinstance(manifest, dict) else None
+    if not isinstance(files, list):
+        return f"{LORA_MANIFEST} lists no files"
+    for name in files:
+        if not (d / str(name)).is_file():
+            return f"{LORA_MANIFEST} lists {name}, which is missing"
+        problem = _weights_problem(d, str(name))
+        if problem:
+            return problem
+    return None
+
+
+def is_lora_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:

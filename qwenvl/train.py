@@ -24,7 +24,11 @@ Run on every rank by torchrun (``vlsft train`` builds this command from a run YA
 * ``--deepspeed`` takes a JSON path or a shipped name (``zero2``, ``zero3``, ``zero3_offload``); one
   process started without torchrun works too. The official scripts' argument line is accepted as is
   (``--gradient_checkpointing`` -> ``activation_checkpointing``, ``--warmup_ratio`` -> ``warmup_steps``,
-  ``--cache_dir`` ignored, ``--lora_enable True`` refused).
+  ``--cache_dir`` ignored).
+* LoRA (:mod:`qwenvl.lora`, PEFT): ``--lora_enable True`` puts adapters on the parts ``--lora_targets`` names
+  (default: the language model, all its linear layers; as the official ``--lora_enable --lora_r 64 --lora_alpha
+  128 --lora_dropout 0.0`` line) while the ``--tune_mm_*`` parts are trained in full; checkpoints hold the adapter
+  (PEFT layout), ``trained_parts.safetensors`` and ``vlsft-lora.json``; ``vlsft export`` merges.
 * Input problems end the run before anything heavy is loaded, with one ``error:`` line and exit status 2:
   nothing to train, a missing ``--deepspeed`` file, ``--report_to`` naming an unknown or uninstalled
   integration, ``--eval_strategy`` other than ``no`` (no eval dataset), invalid argument combinations,
@@ -260,6 +264,45 @@ def _load_run_config(output_dir: str) -> dict | None:
         return None
 
 
+def _lora_plan(model_args, training_args):
+    """The LoRA plan (:mod:`qwenvl.lora`), None without ``--lora_enable``; refusals are one line."""
+    if not training_args.lora_enable:
+        return None
+    import importlib.util
+
+    import torch
+
+    from qwenvl import lora
+
+    plan = lora.resolve_targets(tune_mm_vision=model_args.tune_mm_vision, tune_mm_mlp=model_args.tune_mm_mlp,
+                                tune_mm_llm=model_args.tune_mm_llm, targets=training_args.lora_targets,
+                                target_modules=training_args.lora_target_modules,
+                                official=training_args.lora_targets is None)
+    if model_args.tune_mm_llm and training_args.lora_targets is None and training_args.process_index == 0:
+        logger.warning("lora_enable with tune_mm_llm True (the official LoRA scripts): the language model is "
+                       "trained through its LoRA adapters, its base weights stay frozen")
+    problem = lora.quantize_problem(training_args.lora_quantize, cuda=torch.cuda.is_available(),
+                                    bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None)
+    if problem is None:
+        problem = lora.quantize_conflict(training_args.lora_quantize, plan, bool(training_args.deepspeed))
+    if problem:
+        raise UserError(problem)
+    return plan
+
+
+def _lora_saver(model, plan, model_args, training_args):
+    from qwenvl import lora
+
+    settings = {"r": training_args.lora_r, "alpha": training_args.lora_alpha, "dropout": training_args.lora_dropout,
+                "use_rslora": training_args.lora_use_rslora, "use_dora": training_args.lora_use_dora,
+                "quantize": training_args.lora_quantize}
+
+    def save(folder: str) -> None:
+        lora.save_lora_extras(model, folder, should_save=training_args.should_save, plan=plan,
+                              base_model=os.path.abspath(model_args.model_name_or_path), settings=settings)
+    return save
+
+
 def run(argv: list[str]) -> int:
     argv = resolve_deepspeed_arg(argv)
     _prepare_cpu(argv)
@@ -283,8 +326,10 @@ def run(argv: list[str]) -> int:
     if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
         raise UserError(f"nothing to do: num_train_epochs {training_args.num_train_epochs:g} and no max_steps; "
                         "set num_train_epochs > 0 (fractions such as 0.5 work) or max_steps")
-    if not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm):
-        raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
+    lora_plan = _lora_plan(model_args, training_args)  # one-line refusals before anything is loaded
+    if lora_plan is None and not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm):
+        raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True "
+                        "(or --lora_enable True)")
 
     model_args.model_name_or_path = os.path.expanduser(model_args.model_name_or_path)
     if Path(training_args.output_dir).exists() and not Path(training_args.output_dir).is_dir():
@@ -311,9 +356,14 @@ def run(argv: list[str]) -> int:
         processor.image_processor.size = {"shortest_edge": data_args.min_pixels, "longest_edge": data_args.max_pixels}
 
     dtype = torch.bfloat16 if training_args.wants_bf16 else (torch.float16 if training_args.fp16 else torch.float32)
+    extra_load: dict = {}
+    if lora_plan is not None and training_args.lora_quantize:
+        from qwenvl.lora import quantization_kwargs
+
+        extra_load = quantization_kwargs(training_args.lora_quantize, dtype)
     try:
         model = load_model(model_args.model_name_or_path, dtype=dtype,
-                           attn_implementation=model_args.attn_implementation or "sdpa")
+                           attn_implementation=model_args.attn_implementation or "sdpa", **extra_load)
     except (ImportError, ValueError) as e:  # e.g. flash_attention_2 without flash-attn, an unknown kernel name
         if isinstance(e, ModelTypeError):
             raise
@@ -322,16 +372,32 @@ def run(argv: list[str]) -> int:
     model.config.use_cache = False
     if getattr(model.config, "text_config", None) is not None:
         model.config.text_config.use_cache = False
-    counts = apply_freezing(model, tune_mm_vision=model_args.tune_mm_vision, tune_mm_mlp=model_args.tune_mm_mlp,
-                            tune_mm_llm=model_args.tune_mm_llm)
-    logger.info("trainable parameters: %s (model_type %s, %s)",
-                ", ".join(f"{k} {v:,}" for k, v in counts.items()), model_type, type(model).__name__)
-    if not any(counts.values()):
-        raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
+    full = set(lora_plan.full) if lora_plan is not None else None
+    counts = apply_freezing(
+        model, tune_mm_vision=model_args.tune_mm_vision if full is None else "vision" in full,
+        tune_mm_mlp=model_args.tune_mm_mlp if full is None else "merger" in full,
+        tune_mm_llm=model_args.tune_mm_llm if full is None else "llm" in full)
     if training_args.uses_activation_checkpointing:
         # the embeddings' output must require grad for reentrant checkpointing when the embeddings are frozen;
         # (the Trainer enables checkpointing itself, non-reentrant unless activation_checkpointing_kwargs says so)
         model.enable_input_require_grads()
+    if lora_plan is not None:
+        from qwenvl import lora
+        from qwenvl.model import trainable_counts
+
+        if training_args.lora_quantize:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=training_args.uses_activation_checkpointing)
+        model = lora.apply_lora(model, lora_plan, r=training_args.lora_r, alpha=training_args.lora_alpha,
+                                dropout=training_args.lora_dropout, use_rslora=training_args.lora_use_rslora,
+                                use_dora=training_args.lora_use_dora)
+        counts = trainable_counts(model)
+    logger.info("trainable parameters: %s (model_type %s, %s)",
+                ", ".join(f"{k} {v:,}" for k, v in counts.items()), model_type, type(model).__name__)
+    if not any(counts.values()):
+        raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
 
     crash = os.environ.get("VLSFT_TEST_CRASH_RANK")
     if crash is not None and int(crash) == rank:
@@ -358,6 +424,12 @@ def run(argv: list[str]) -> int:
                                                     report if isinstance(report, dict) else None))
 
     trainer.add_callback(stopsignal.make_callback())  # SIGINT/SIGTERM/SIGHUP: checkpoint, then stop
+    save_lora = None
+    if lora_plan is not None:
+        save_lora = _lora_saver(model, lora_plan, model_args, training_args)
+        trainer.add_callback(lora.SaveExtrasCallback(save_lora))
+        if resume_from and not training_args.deepspeed:  # DeepSpeed restores every module weight from its state
+            lora.load_full_parts(model, resume_from)
     trainer.train(resume_from_checkpoint=resume_from)
     if stopsignal.received() is not None:  # stopped by a signal: the checkpoint is saved, there is no final model
         raise stopsignal.Stopped(stopsignal.received())
@@ -365,6 +437,8 @@ def run(argv: list[str]) -> int:
     summary = trainer.finish_run()
     trainer.save_state()
     trainer.save_model(training_args.output_dir)  # gathers ZeRO-3 shards; writes processor + chat template too
+    if save_lora is not None:  # LoRA: the adapter is saved (PEFT layout); now the fully-trained parts + manifest
+        save_lora(training_args.output_dir)
     if training_args.should_save:
         processor.save_pretrained(training_args.output_dir)
         logger.info("final model, tokenizer, processor and chat template saved in %s", training_args.output_dir)

@@ -1,6 +1,8 @@
 """``transformers.TrainingArguments`` plus the vlsft / official extras (imports transformers).
 
-Extras (fields, defaults and help in :class:`qwenvl.arguments.ExtraTrainingArguments`): ``--mm_projector_lr``, ``--vision_tower_lr`` (independent of each other), ``--resume``
+Extras (fields, defaults and help in :class:`qwenvl.arguments.ExtraTrainingArguments`): ``--mm_projector_lr``, ``--vision_tower_lr`` (independent of each other), the LoRA
+arguments (official ``--lora_enable/--lora_r/--lora_alpha/--lora_dropout`` plus ``--lora_targets``,
+``--lora_target_modules``, ``--lora_use_rslora``, ``--lora_use_dora``, ``--lora_quantize``; see :mod:`qwenvl.lora`), ``--resume``
 (``auto`` | ``never`` | PATH) and ``--overwrite_output_dir``; the official scripts' ``--warmup_ratio`` (gone
 from transformers 5) becomes ``warmup_steps`` (a value below 1 is a ratio there), and the official
 ``--gradient_checkpointing`` becomes ``activation_checkpointing`` (no deprecation warning). Kept out of ``qwenvl.arguments`` so that
@@ -30,9 +32,14 @@ class TrainingArguments(ExtraTrainingArguments, transformers.TrainingArguments):
 
     def __post_init__(self):
         self.cpu_bf16 = False
-        if self.lora_enable:
-            raise ValueError("lora_enable True: LoRA is not supported by vlsft; train the parts you need with "
-                             "tune_mm_vision / tune_mm_mlp / tune_mm_llm")
+        if self.lora_quantize is not None and self.lora_quantize.strip().lower() in ("", "none", "no", "false"):
+            self.lora_quantize = None
+        if self.lora_quantize is not None and self.lora_quantize not in ("4bit", "8bit"):
+            raise ValueError(f"lora_quantize {self.lora_quantize!r} must be 4bit, 8bit or none")
+        if self.lora_enable and self.lora_r < 1:
+            raise ValueError(f"lora_r {self.lora_r} must be at least 1")
+        if self.lora_enable and not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout {self.lora_dropout} must be in [0, 1)")
         if self.warmup_ratio is not None:  # transformers 5 dropped --warmup_ratio; the official scripts pass it
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"warmup_ratio {self.warmup_ratio} must be in [0, 1) (or use --warmup_steps N)")

@@ -58,10 +58,18 @@ def render_table() -> str:
     from vlsft.config import SECTIONS
 
     lines = [BEGIN, "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    for section, model in SECTIONS.items():
+    from pydantic import BaseModel
+
+    def rows(prefix: str, model) -> None:
         for name, info in model.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                rows(f"{prefix}.{name}", info.annotation)  # a sub-section (model.lora): its keys, dotted
+                continue
             desc = (info.description or "").replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| `{section}.{name}` | {_type_name(info.annotation)} | {_default(info)} | {desc} |")
+            lines.append(f"| `{prefix}.{name}` | {_type_name(info.annotation)} | {_default(info)} | {desc} |")
+
+    for section, model in SECTIONS.items():
+        rows(section, model)
     lines += ["", END]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ import pytest
 from qwenvl.arguments import DataArguments, ExtraTrainingArguments, ModelArguments, budget_fields
 from vlsft.config import SECTIONS
 from vlsft.keymap import KEYS, OWNED_ELSEWHERE, by_yaml, owned_by, owned_by_yaml
+from vlsft.schema import SUBSECTIONS, section_model
 from vlsft.training_args import OWNED_BY_YAML
 
 # YAML keys with no trainer flag of their own (vlsft-only, or solved into another flag by the plan).
@@ -23,7 +24,7 @@ def test_owned_keys_take_type_default_and_help_from_the_trainer_dataclass():
     assert len(owned) >= 18
     for key in owned:
         f = next(f for f in dataclasses.fields(key.owner) if f.name == key.flag)
-        info = SECTIONS[key.section].model_fields[key.name]
+        info = section_model(key.section).model_fields[key.name]
         assert info.default is f.default, key
         assert info.annotation == typing.get_type_hints(key.owner)[key.flag], key
         assert info.description.startswith(f.metadata["help"]), key
@@ -31,7 +32,7 @@ def test_owned_keys_take_type_default_and_help_from_the_trainer_dataclass():
 
 def test_every_trainer_argument_of_ours_has_a_yaml_key_or_is_official_only():
     official_only = {"dataset_use", "dataset_dict", "model_name_or_path",  # rows without owner: plan-resolved
-                     "warmup_ratio", "cache_dir", "lora_enable", "lora_r", "lora_alpha", "lora_dropout"}
+                     "warmup_ratio", "cache_dir"}
     flags = {k.flag for k in KEYS}
     for dc in (ModelArguments, DataArguments, ExtraTrainingArguments):
         for f in dataclasses.fields(dc):
@@ -43,10 +44,15 @@ def test_every_yaml_key_is_routed_or_declared_yaml_only():
     for section in ("model", "data", "training", "output"):
         for name in SECTIONS[section].model_fields:
             dotted = f"{section}.{name}"
+            if dotted in SUBSECTIONS:
+                continue
             assert dotted in routed or dotted in YAML_ONLY, f"{dotted} reaches no trainer flag"
+    for dotted, sub in SUBSECTIONS.items():  # sub-sections (model.lora) too
+        for name in sub.model_fields:
+            assert f"{dotted}.{name}" in routed, f"{dotted}.{name} reaches no trainer flag"
     for key in KEYS:  # and every row names a real YAML key
         if key.yaml:
-            assert key.name in SECTIONS[key.section].model_fields, key
+            assert key.name in section_model(key.section).model_fields, key
 
 
 def test_vision_budget_is_the_budget_fields_of_data_arguments():
@@ -110,3 +116,24 @@ def test_by_yaml_lookup():
     assert by_yaml("data.packing").flag == "data_packing"
     with pytest.raises(KeyError):
         by_yaml("data.nope")
+
+
+def test_nested_keys_split_at_the_last_dot_and_walk_the_config(tmp_path):
+    """model.lora.r: section model.lora, name r; the plan walks the path; lora flags appear only when enabled."""
+    from plan_fixtures import make_project
+    from test_plan import pairs
+
+    from vlsft.keymap import walk
+    from vlsft.plan import plan_from_file
+
+    key = by_yaml("model.lora.r")
+    assert (key.section, key.name, key.flag) == ("model.lora", "r", "lora_r")
+    assert by_yaml("data.max_pixels").section == "data"
+    off = plan_from_file(make_project(tmp_path), [], {})
+    assert not [t for t in off.trainer_args if t.startswith("--lora")]
+    on = plan_from_file(make_project(tmp_path), ["model.lora.enabled=true", "model.lora.r=16",
+                                                  "model.lora.targets=[merger, llm]", "model.tune_mm_llm=false",
+                                                  "model.tune_mm_mlp=false"], {})
+    args = pairs(on.trainer_args)
+    assert (args["lora_enable"], args["lora_r"], args["lora_targets"]) == ("True", "16", "merger,llm")
+    assert walk(on.config, "model.lora.r") == 16

@@ -211,10 +211,8 @@ def test_the_official_sft_script_argument_line_parses(tmp_path):
     m, d, ta = _parse(official, mode=mode)
     assert (m.tune_mm_mlp, d.data_flatten, d.model_max_length, ta.bf16) == (True, True, 8192, True)
     assert ta.activation_checkpointing and ta.warmup_steps == pytest.approx(0.03)
-    from qwenvl.train import UserError
-
-    with pytest.raises(UserError, match="LoRA is not supported"):
-        _parse(official[:-1] + ["True"], mode=mode)
+    _, _, lora_args = _parse(official[:-1] + ["True"], mode=mode)  # LoRA runs now (tests/test_lora_e2e.py)
+    assert lora_args.lora_enable and (lora_args.lora_r, lora_args.lora_alpha) == (64, 128)
 
 
 def test_broken_config_and_unknown_attention_kernel_are_one_line(tmp_path, capsys, tiny_model_dir):

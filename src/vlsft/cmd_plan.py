@@ -80,6 +80,14 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
     estimate = " (estimate: packing puts several samples in a row)" if plan.steps_are_estimate else ""
     parts.append(f"steps per epoch = ceil({plan.samples_per_epoch} / {plan.effective_batch_size}) = "
                  f"{plan.steps_per_epoch}{estimate}")
+    if plan.trainable is not None:
+        from qwenvl.lora import format_report
+
+        lora = cfg.model.lora
+        how = (f"LoRA r={lora.r} alpha={lora.alpha} on {lora.target_modules or lora.targets or 'llm'}"
+               if lora.enabled else "full fine-tuning")
+        parts.append(f"# Trainable parameters ({how}):")
+        parts += format_report(plan.trainable)
     if tr.max_steps > 0:
         parts.append(f"total steps = {plan.total_steps} (training.max_steps)")
     else:

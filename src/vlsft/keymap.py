@@ -23,19 +23,21 @@ from qwenvl.arguments import DataArguments, ExtraTrainingArguments, ModelArgumen
 
 @dataclass(frozen=True)
 class Key:
-    yaml: str | None  # "section.key"; None: a fixed flag the plan always passes (``value``)
+    yaml: str | None  # "section.key" or "section.sub.key"; None: a fixed flag the plan always passes (``value``)
     flag: str  # the trainer's argument name (without --)
     owner: type | None = None  # the qwenvl dataclass that owns the field (None: written by hand in vlsft.schema)
     constraints: dict[str, Any] = field(default_factory=dict)  # pydantic Field(...) limits of the YAML key
     value: Any = None  # for yaml None: the fixed value
+    when: str | None = None  # a boolean YAML key: the flag is passed only when it is true (model.lora.enabled)
 
     @property
     def section(self) -> str:
-        return self.yaml.split(".", 1)[0] if self.yaml else ""
+        """Everything before the last dot: ``data`` for ``data.max_pixels``, ``model.lora`` for ``model.lora.r``."""
+        return self.yaml.rsplit(".", 1)[0] if self.yaml else ""
 
     @property
     def name(self) -> str:
-        return self.yaml.split(".", 1)[1] if self.yaml else ""
+        return self.yaml.rsplit(".", 1)[1] if self.yaml else ""
 
 
 M, D, X = ModelArguments, DataArguments, ExtraTrainingArguments
@@ -48,6 +50,15 @@ KEYS: tuple[Key, ...] = (
     Key("model.tune_mm_mlp", "tune_mm_mlp", M),
     Key("model.tune_mm_llm", "tune_mm_llm", M),
     Key("model.attn_implementation", "attn_implementation", M),
+    Key("model.lora.enabled", "lora_enable", X, when="model.lora.enabled"),
+    Key("model.lora.r", "lora_r", X, {"ge": 1}, when="model.lora.enabled"),
+    Key("model.lora.alpha", "lora_alpha", X, {"gt": 0}, when="model.lora.enabled"),
+    Key("model.lora.dropout", "lora_dropout", X, {"ge": 0, "lt": 1}, when="model.lora.enabled"),
+    Key("model.lora.targets", "lora_targets", X, when="model.lora.enabled"),
+    Key("model.lora.target_modules", "lora_target_modules", X, when="model.lora.enabled"),
+    Key("model.lora.use_rslora", "lora_use_rslora", X, when="model.lora.enabled"),
+    Key("model.lora.use_dora", "lora_use_dora", X, when="model.lora.enabled"),
+    Key("model.lora.quantize", "lora_quantize", X, when="model.lora.enabled"),
     Key("data.dictionary", "dataset_dict"),
     Key("data.use", "dataset_use"),
     Key("data.max_pixels", "max_pixels", D, {"gt": 0}),
@@ -118,8 +129,19 @@ def owned_by_yaml() -> dict[str, str]:
     return table
 
 
+def walk(cfg: Any, dotted: str) -> Any:
+    """The value at a dotted YAML path of a RunConfig (``model.lora.r`` -> ``cfg.model.lora.r``)."""
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def yaml_value(cfg: Any, key: Key) -> Any:
-    """The value of ``key`` in a RunConfig (the fixed value for rows without a YAML key)."""
+    """The value of ``key`` in a RunConfig (the fixed value for rows without a YAML key; None, i.e. no flag, for a
+    row whose ``when`` key is false)."""
     if key.yaml is None:
         return key.value
-    return getattr(getattr(cfg, key.section), key.name)
+    if key.when is not None and not walk(cfg, key.when):
+        return None
+    return walk(cfg, key.yaml)

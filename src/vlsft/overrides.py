@@ -6,7 +6,8 @@ merged into the parsed file, then validated together with it, so an override err
     override 'training.learnig_rate=2e-5': error: [training.learnig_rate] unknown key (hint: did you mean
     'training.learning_rate'?)
 
-Keys are ``section.key``; only ``training.extra`` takes deeper keys (``training.extra.optim=adamw_torch``).
+Keys are ``section.key``; ``training.extra`` takes deeper keys (``training.extra.optim=adamw_torch``), and so do
+sub-sections (``model.lora.r=16``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 
 from qwenvl.problems import Problem, did_you_mean
-from vlsft.schema import SECRET_FIELDS, SECTIONS
+from vlsft.schema import SECRET_FIELDS, SECTIONS, SUBSECTIONS
 from vlsft.training_args import SECRET_NAMES
 from vlsft.yamlmarks import Mark, Marks, load_value
 
@@ -97,7 +98,13 @@ def apply_overrides(data: dict, marks: Marks, overrides: list[str]) -> list[Prob
                                     key=_printable(key), hint="for a mapping value write "
                                     f"training.extra.{parts[2]}='{{{parts[3]}: ...}}'"))
             continue
-        if len(parts) > 2 and parts[:2] != ("training", "extra"):
+        sub = SUBSECTIONS.get(".".join(parts[:2]))  # model.lora.r=16: a key of a sub-section
+        if sub is not None and len(parts) == 3 and parts[2] not in sub.model_fields:
+            problems.append(Problem("error", "unknown key", file=where, key=_printable(key),
+                                    hint=did_you_mean(parts[2], sub.model_fields)
+                                    or f"keys: {', '.join(sub.model_fields)}"))
+            continue
+        if len(parts) > 2 and parts[:2] != ("training", "extra") and not (sub is not None and len(parts) == 3):
             problems.append(Problem("error", f"'{section}.{parts[1]}' has no sub-keys", file=where, key=_printable(key)))
             continue
         stripped = text.strip()

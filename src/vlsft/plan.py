@@ -45,6 +45,7 @@ from typing import Any
 import vlsft
 from qwenvl.prechecks import (
     deepspeed_json_problem,
+    lora_problems,
     model_folder_problem,
     precision_problem,
     report_to_problem,
@@ -106,6 +107,8 @@ class LaunchPlan:
     steps_are_estimate: bool = False
     slurm: list[str] = field(default_factory=list)  # distributed.* values taken from SLURM_* / PET_* ("key=value")
     cluster: str | None = None  # where `slurm` came from: "SLURM" or "PyTorchJob (PET_*)"
+    # trainable parameters per part (qwenvl.lora.parameter_report; None when the weights cannot be read)
+    trainable: dict | None = None
     # values that must never be shown: of secret-named variables, and reached through a secret-named ${VAR}
     secret_values: frozenset[str] = field(default_factory=frozenset, repr=False)
 
@@ -431,7 +434,13 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     if tr.mm_projector_lr is not None and not m.tune_mm_mlp:
         warnings.append("training.mm_projector_lr is set but model.tune_mm_mlp is false: the merger is frozen, "
                         "so this learning rate is unused")
-    if not (m.tune_mm_vision or m.tune_mm_mlp or m.tune_mm_llm):
+    if m.lora.enabled:
+        for key, message, hint in lora_problems(
+                tune_mm_vision=m.tune_mm_vision, tune_mm_mlp=m.tune_mm_mlp, tune_mm_llm=m.tune_mm_llm,
+                targets=m.lora.targets, target_modules=m.lora.target_modules, quantize=m.lora.quantize,
+                deepspeed=ds_path is not None):
+            problems.append(Problem("error", message, key=key, hint=hint, **cfg.where(*key.split("."))))
+    elif not (m.tune_mm_vision or m.tune_mm_mlp or m.tune_mm_llm):
         problems.append(Problem("error", "nothing is trainable: model.tune_mm_vision, tune_mm_mlp and tune_mm_llm are "
                                 "all false", key="model", hint="the recipes use tune_mm_mlp: true, tune_mm_llm: true",
                                 **cfg.where("model")))
@@ -476,7 +485,9 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
 
     if problems:
         raise ProblemsError(problems)
+    trainable = trainable_report(cfg)
     return LaunchPlan(
+        trainable=trainable,
         torchrun=launcher + trainer_args,
         trainer_args=trainer_args,
         dataset_use=dataset_use,
@@ -494,6 +505,22 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         cluster=cluster,
         secret_values=frozenset(secret_values),
     )
+
+
+def trainable_report(cfg: RunConfig) -> dict | None:
+    """Trainable parameters per part (full and LoRA) from the model folder's safetensors headers (no torch), or
+    None when the folder has no readable weights yet (e.g. model.build_tiny before the build)."""
+    from qwenvl.lora import parameter_report, resolve_targets
+
+    m = cfg.model
+    tune = {"vision": m.tune_mm_vision, "merger": m.tune_mm_mlp, "llm": m.tune_mm_llm}
+    plan = (resolve_targets(tune_mm_vision=m.tune_mm_vision, tune_mm_mlp=m.tune_mm_mlp, tune_mm_llm=m.tune_mm_llm,
+                            targets=m.lora.targets, target_modules=m.lora.target_modules)
+            if m.lora.enabled else None)
+    try:
+        return parameter_report(m.name_or_path, plan=plan, tune=tune, r=m.lora.r, use_dora=m.lora.use_dora)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _deepspeed_blocks(path: str) -> set[str]:

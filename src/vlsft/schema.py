@@ -77,10 +77,11 @@ class _Section(BaseModel):
         return value
 
 
-def _with_keymap_fields(cls: type[_Section]) -> type[_Section]:
+def _with_keymap_fields(cls: type[_Section], section: str | None = None) -> type[_Section]:
     """``cls`` plus one field per keymap row of its section whose trainer dataclass owns the key: the YAML key
-    gets the trainer field's type, default and help (and the row's limits), so the two cannot differ."""
-    section = cls.__name__.removesuffix("Section").lower()
+    gets the trainer field's type, default and help (and the row's limits), so the two cannot differ.
+    ``section``: the dotted section (``model.lora``); default: the class name (``DataSection`` -> ``data``)."""
+    section = section or cls.__name__.removesuffix("Section").lower()
     fields: dict[str, Any] = {}
     for key in KEYS:
         if key.owner is None or key.section != section:
@@ -92,8 +93,44 @@ def _with_keymap_fields(cls: type[_Section]) -> type[_Section]:
     return create_model(cls.__name__, __base__=cls, __module__=__name__, __doc__=cls.__doc__, **fields)
 
 
+class LoraSection(_Section):
+    """LoRA adapters (PEFT) on the parts named by ``targets``; the ``tune_mm_*`` parts are still trained in full."""
+
+    @field_validator("targets", mode="before", check_fields=False)  # targets: a keymap field
+    @classmethod
+    def _targets_list(cls, value: Any) -> Any:
+        from qwenvl.lora import LoraConfigError, parse_targets
+
+        if value is None:
+            return None
+        if isinstance(value, list | tuple | str):
+            try:
+                return ",".join(parse_targets(value))
+            except LoraConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("quantize", mode="before", check_fields=False)
+    @classmethod
+    def _quantize_word(cls, value: Any) -> Any:
+        if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "none", "no",
+                                                                                                   "off", "false")):
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value in (4, 8):
+            return f"{value}bit"
+        if isinstance(value, str) and value.strip().lower() in ("4bit", "8bit"):
+            return value.strip().lower()
+        raise ValueError(f"quantize must be 4bit, 8bit or none, got {value!r}")
+
+
+LoraSection = _with_keymap_fields(LoraSection, "model.lora")
+
+
 class ModelSection(_Section):
     """Which model to start from and which of its parts to train."""
+
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters (see the model.lora.* keys); "
+                              "off unless model.lora.enabled is true.")
 
     name_or_path: str = Field(description="Local directory of the model to fine-tune (Qwen2-VL, Qwen2.5-VL or "
                               "Qwen3-VL; the family is read from its config.json). Relative paths resolve against "
@@ -385,4 +422,11 @@ class RunConfig(_Section):
 SECTIONS: dict[str, type[_Section]] = {
     name: info.annotation for name, info in RunConfig.model_fields.items()  # type: ignore[misc]
 }
+# sections inside sections (``model.lora``): dotted name -> model
+SUBSECTIONS: dict[str, type[_Section]] = {"model.lora": LoraSection}
+
+
+def section_model(dotted: str) -> type[_Section]:
+    """The model of a section or sub-section: ``data`` -> DataSection, ``model.lora`` -> LoraSection."""
+    return SECTIONS[dotted] if dotted in SECTIONS else SUBSECTIONS[dotted]
 

@@ -1,0 +1,413 @@
+"""LoRA (PEFT) for Qwen2-VL / Qwen2.5-VL / Qwen3-VL: which parts get adapters, which are trained in full.
+
+Rules (one place; the front door ``vlsft print-args`` / ``train`` and the trainer both call them):
+
+* ``lora_targets`` names parts (:data:`qwenvl.model.PARTS`: ``llm``, ``vision``, ``merger``); every linear layer
+  of a named part gets an adapter (``lm_head`` never does). ``lora_target_modules`` (a regular expression
+  matched whole against module names) replaces it for expert layers and other special cases.
+* The ``tune_mm_*`` flags keep their meaning: those parts are trained in full next to the adapters, so
+  ``tune_mm_mlp`` + LoRA on the language model is "LoRA LLM + fully trained merger". A part that is both fully
+  trained and LoRA-targeted is refused (:class:`LoraConfigError`, one line). Exception, for the official scripts
+  (``sft_30a3b_lora.sh`` passes ``--tune_mm_llm True --lora_enable True``): with ``lora_targets`` left unset, an
+  official ``tune_mm_llm True`` means "train the language model through its adapters".
+* Learning rates follow the part: adapters on the vision tower take ``vision_tower_lr``, on the merger
+  ``mm_projector_lr`` (:func:`qwenvl.model.parameter_groups`).
+* Checkpoint layout (:func:`save_lora_extras`): PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``,
+  the fully-trained parts in ``trained_parts.safetensors`` (names as in the transformers model), and
+  ``vlsft-lora.json`` written last (base model, parts, files): a checkpoint without it is incomplete
+  (:mod:`qwenvl.runpolicy`).
+
+Torch-free at import (``vlsft print-args`` imports it): :func:`resolve_targets`, :func:`lora_problem`,
+:func:`parameter_report` (trainable counts from the safetensors headers of the model folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwenvl.problems import UserError
+from qwenvl.runpolicy import ADAPTER_CONFIG, ADAPTER_FILES  # noqa: F401 - re-exported (the folder layout)
+from qwenvl.runpolicy import LORA_MANIFEST as META
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("vision", "merger", "llm")  # same as qwenvl.model.PARTS (that module imports transformers lazily only)
+TUNE_FLAG = {"vision": "tune_mm_vision", "merger": "tune_mm_mlp", "llm": "tune_mm_llm"}
+QUANTIZE = ("4bit", "8bit")
+PARTS_FILE = "trained_parts.safetensors"
+
+
+class LoraConfigError(UserError, ValueError):
+    """A LoRA setting that cannot work (one line)."""
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """What a run trains: adapters on ``targets`` (or on the modules ``regex`` matches), ``full`` parts in full."""
+
+    targets: tuple[str, ...]
+    full: tuple[str, ...]
+    regex: str | None = None
+
+
+def parse_targets(value) -> tuple[str, ...]:
+    """``"llm,merger"`` / ``["llm", "merger"]`` -> ``("merger", "llm")`` in :data:`PARTS` order; unknown names refused."""
+    if value is None:
+        return ("llm",)
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(" ", ",").split(",")
+    names = [str(x).strip().lower() for x in items if str(x).strip()]
+    alias = {"language_model": "llm", "lm": "llm", "visual": "vision", "vit": "vision", "projector": "merger",
+             "mlp": "merger"}
+    names = [alias.get(n, n) for n in names]
+    bad = [n for n in names if n not in PARTS]
+    if bad:
+        raise LoraConfigError(f"lora targets {', '.join(bad)}: unknown part; choose from llm, vision, merger "
+                              "(e.g. targets: [llm] or lora_targets llm,merger)")
+    if not names:
+        raise LoraConfigError("lora targets is empty: name at least one of llm, vision, merger")
+    return tuple(p for p in PARTS if p in names)
+
+
+def resolve_targets(*, tune_mm_vision: bool, tune_mm_mlp: bool, tune_mm_llm: bool, targets=None,
+                    target_modules: str | None = None, official: bool = False) -> LoraPlan:
+    """The parts that get adapters and the parts trained in full, or :class:`LoraConfigError` (one line).
+
+    ``official``: the trainer's standalone arguments with ``lora_targets`` unset (see the module docstring)."""
+    tune = {"vision": tune_mm_vision, "merger": tune_mm_mlp, "llm": tune_mm_llm}
+    if target_modules:
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise LoraConfigError(f"lora target_modules {target_modules!r} is not a valid regular expression: {e}") \
+                from None
+    parts = parse_targets(targets)
+    if official and targets is None and not target_modules:
+        tune["llm"] = False  # the official scripts' tune_mm_llm True + lora_enable: the LLM trains through LoRA
+    if not target_modules:
+        both = [p for p in parts if tune[p]]
+        if both:
+            p = both[0]
+            raise LoraConfigError(f"{TUNE_FLAG[p]} is true and lora targets include {p}: a part is either trained "
+                                  f"in full or gets LoRA adapters; set {TUNE_FLAG[p]} false or drop {p} from the "
+                                  "lora targets")
+    full = tuple(p for p in PARTS if tune[p])
+    return LoraPlan(targets=parts if not target_modules else (), full=full, regex=target_modules or None)
+
+
+def quantize_problem(quantize: str | None, *, cuda: bool, bitsandbytes: bool) -> str | None:
+    """Why QLoRA (``quantize``) cannot run here, or None."""
+    if quantize in (None, "", "none"):
+        return None
+    if quantize not in QUANTIZE:
+        return f"lora quantize {quantize!r} is not one of 4bit, 8bit (or none)"
+    if not cuda:
+        return (f"lora quantize {quantize} (QLoRA) needs a CUDA GPU and bitsandbytes, and this machine has no CUDA "
+                "GPU: train plain LoRA (quantize: none) here, or run on a GPU machine")
+    if not bitsandbytes:
+        return f"lora quantize {quantize} (QLoRA) needs bitsandbytes: pip install bitsandbytes (or quantize: none)"
+    return None
+
+
+def quantize_conflict(quantize: str | None, plan: LoraPlan, deepspeed: bool = False) -> str | None:
+    """QLoRA quantizes the language model's frozen weights: it cannot also be trained in full."""
+    if quantize in (None, "", "none"):
+        return None
+    if "llm" in plan.full:
+        return (f"lora quantize {quantize} quantizes the language model, which tune_mm_llm trains in full: set "
+                "tune_mm_llm false (its adapters train it) or quantize none")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch-free parameter counts from the model folder's safetensors headers
+# ---------------------------------------------------------------------------------------------------
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        if n > 100 << 20:
+            raise ValueError("safetensors header too large")
+        return json.loads(f.read(n))
+
+
+def weight_shapes(model_dir: str | os.PathLike) -> dict[str, list[int]]:
+    """Every saved tensor's shape (saved key names), read from the safetensors headers only (no torch)."""
+    d = Path(model_dir)
+    files = sorted(d.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith(("adapter_", "trained_parts"))]
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        for k, v in _header(f).items():
+            if k != "__metadata__" and isinstance(v, dict):
+                shapes[k] = list(v.get("shape", []))
+    return shapes
+
+
+def saved_part(key: str) -> str:
+    """The part of a saved (standard Hugging Face) key or a runtime parameter name."""
+    if "visual." in key or key.startswith("visual"):
+        return "merger" if (".merger." in key or "deepstack_merger" in key) else "vision"
+    return "llm"
+
+
+def runtime_name(key: str) -> str:
+    """A saved key -> the module path inside the transformers 5 model (``visual.*`` -> ``model.visual.*``,
+    ``model.layers.*`` -> ``model.language_model.layers.*``), for matching ``lora_target_modules``."""
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model.") and not key.startswith(("model.visual.", "model.language_model.")):
+        return "model.language_model." + key[len("model."):]
+    return key
+
+
+def is_linear_weight(name: str, shape: list[int]) -> bool:
+    """A linear layer's weight as saved: 2-D ``*.weight``, not an embedding and not ``lm_head``."""
+    return (len(shape) == 2 and name.endswith(".weight") and "embed" not in name.rsplit(".", 2)[-2]
+            and not name.startswith("lm_head") and "lm_head" not in name)
+
+
+def linear_module_matches(module: str, part: str, plan: LoraPlan) -> bool:
+    if plan.regex:
+        return re.fullmatch(plan.regex, module) is not None
+    return part in plan.targets
+
+
+def parameter_report(model_dir: str | os.PathLike, *, plan: LoraPlan | None, tune: dict[str, bool], r: int = 64,
+                     use_dora: bool = False) -> dict[str, dict[str, int]]:
+    """Per part: ``total`` base parameters, ``full`` (trained in full), ``lora`` (adapter parameters), from the
+    safetensors headers (exact; no torch). ``plan`` None: no LoRA (``tune`` decides)."""
+    shapes = weight_shapes(model_dir)
+    if not shapes:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    out = {p: {"total": 0, "full": 0, "lora": 0} for p in PARTS}
+    full_parts = set(plan.full) if plan is not None else {p for p in PARTS if tune.get(p)}
+    for key, shape in shapes.items():
+        part = saved_part(key)
+        n = 1
+        for s in shape:
+            n *= int(s)
+        out[part]["total"] += n
+        if part in full_parts:
+            out[part]["full"] += n
+        elif plan is not None and is_linear_weight(key, shape):
+            module = runtime_name(key)[: -len(".weight")]
+            if linear_module_matches(module, part, plan):
+                out_f, in_f = int(shape[0]), int(shape[1])
+                out[part]["lora"] += r * (in_f + out_f) + (out_f if use_dora else 0)
+    return out
+
+
+def format_report(report: dict[str, dict[str, int]]) -> list[str]:
+    """``trainable parameters: ...`` lines (count and % of the model per part, then the total)."""
+    total = sum(v["total"] for v in report.values())
+    lines = []
+    for part in PARTS:
+        v = report[part]
+        trained = v["full"] + v["lora"]
+        how = "full" if v["full"] else ("LoRA adapters" if v["lora"] else "frozen")
+        share = 100.0 * trained / max(v["total"], 1)
+        lines.append(f"#   {part:<6} {trained:>15,} of {v['total']:>15,} ({share:6.2f} % of the part, {how})")
+    trained = sum(v["full"] + v["lora"] for v in report.values())
+    lines.append(f"#   total  {trained:>15,} of {total:>15,} ({100.0 * trained / max(total, 1):6.2f} % of the model)")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# the trainer side (torch, peft)
+# ---------------------------------------------------------------------------------------------------
+def target_module_names(model, plan: LoraPlan) -> list[str]:
+    """Names of the linear modules that get adapters (``lm_head`` excluded), in model order."""
+    import torch
+
+    from qwenvl.model import part_of_parameters
+
+    parts = part_of_parameters(model)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.split(".")[-1] == "lm_head":
+            continue
+        part = parts.get(f"{name}.weight")
+        if part is None:
+            continue
+        if linear_module_matches(name, part, plan):
+            names.append(name)
+    return names
+
+
+def lora_config(model, plan: LoraPlan, *, r: int, alpha: int, dropout: float, use_rslora: bool = False,
+                use_dora: bool = False):
+    from peft import LoraConfig
+
+    names = target_module_names(model, plan)
+    if not names:
+        what = f"lora target_modules {plan.regex!r}" if plan.regex else f"lora targets {', '.join(plan.targets)}"
+        raise LoraConfigError(f"{what} match no linear layer of this model: check the regular expression against "
+                              "the module names (e.g. model.language_model.layers.0.self_attn.q_proj)")
+    if plan.regex:
+        parts = {}
+        from qwenvl.model import part_of_parameters
+
+        pp = part_of_parameters(model)
+        for n in names:
+            parts[pp[f"{n}.weight"]] = n
+        both = [p for p in parts if p in plan.full]
+        if both:
+            p = both[0]
+            raise LoraConfigError(f"{TUNE_FLAG[p]} is true and lora target_modules match {parts[p]} (part {p}): a "
+                                  f"part is either trained in full or gets adapters; set {TUNE_FLAG[p]} false or "
+                                  "narrow the regular expression")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
+                      use_rslora=use_rslora, use_dora=use_dora)
+
+
+def apply_lora(model, plan: LoraPlan, *, r: int, alpha: int, dropout: float, use_rslora: bool = False,
+               use_dora: bool = False):
+    """Wrap ``model`` in a PEFT model: adapters per ``plan``, the ``plan.full`` parts trainable in full, the rest
+    frozen. Returns the PEFT model."""
+    from peft import get_peft_model
+
+    from qwenvl.model import part_of_parameters
+
+    cfg = lora_config(model, plan, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
+    peft_model = get_peft_model(model, cfg)
+    set_full_parts_trainable(peft_model, plan.full)
+    parts = part_of_parameters(peft_model)
+    n_lora = sum(1 for n, p in peft_model.named_parameters() if p.requires_grad and is_lora_param(n))
+    logger.info("LoRA r=%d alpha=%d dropout=%g on %d linear layers (%s); trained in full: %s; %d adapter tensors",
+                r, alpha, dropout, len(cfg.target_modules), plan.regex or ", ".join(plan.targets),
+                ", ".join(plan.full) or "nothing", n_lora)
+    del parts
+    return peft_model
+
+
+def is_lora_param(name: str) -> bool:
+    return ".lora_" in name or name.startswith("lora_")
+
+
+def set_full_parts_trainable(peft_model, full: tuple[str, ...]) -> None:
+    """PEFT freezes every base weight; the ``tune_mm_*`` parts are trained in full again (not their LoRA-wrapped
+    base layers, which cannot be both)."""
+    from qwenvl.model import part_of_parameters
+
+    parts = part_of_parameters(peft_model)
+    for name, p in peft_model.named_parameters(remove_duplicate=False):
+        if is_lora_param(name):
+            continue
+        p.requires_grad_(parts[name] in full)
+
+
+def base_name(peft_name: str) -> str:
+    """A PEFT parameter name -> the name inside the transformers model (``base_model.model.`` and
+    ``.base_layer`` removed)."""
+    name = peft_name[len("base_model.model."):] if peft_name.startswith("base_model.model.") else peft_name
+    return name.replace(".base_layer.", ".")
+
+
+def full_part_names(peft_model) -> list[str]:
+    return [n for n, p in peft_model.named_parameters() if p.requires_grad and not is_lora_param(n)]
+
+
+def gather_full_parts(peft_model) -> dict:
+    """The fully-trained parameters (ZeRO-3 shards gathered; a collective: call on every rank), keyed by their
+    names in the transformers model, as CPU tensors."""
+    import torch
+
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad and not is_lora_param(n)]
+    out = {}
+    zero3 = any(hasattr(p, "ds_id") for _, p in named)
+    if zero3:
+        import deepspeed
+
+        for n, p in named:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                out[base_name(n)] = p.detach().to("cpu", copy=True).contiguous()
+    else:
+        for n, p in named:
+            out[base_name(n)] = p.detach().to("cpu", copy=True).contiguous()
+    del torch
+    return out
+
+
+def save_lora_extras(peft_model, folder: str | os.PathLike, *, should_save: bool, plan: LoraPlan,
+                     base_model: str, settings: dict) -> None:
+    """Next to PEFT's adapter files: the fully-trained parts and ``vlsft-lora.json`` (written last)."""
+    from safetensors.torch import save_file
+
+    tensors = gather_full_parts(peft_model) if plan.full else {}
+    if not should_save:
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    if tensors:
+        tmp = folder / (PARTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / PARTS_FILE)
+        files.append(PARTS_FILE)
+    meta = {"base_model": str(base_model), "targets": list(plan.targets), "target_modules": plan.regex,
+            "trained_in_full": list(plan.full), "files": files, **settings}
+    tmp = folder / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / META)
+
+
+def load_full_parts(model, folder: str | os.PathLike) -> int:
+    """Copy ``trained_parts.safetensors`` of ``folder`` into ``model`` (a transformers model or its PEFT
+    wrapper; not ZeRO-3 partitioned). Returns the number of tensors loaded."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(folder) / PARTS_FILE
+    if not path.is_file():
+        return 0
+    tensors = load_file(str(path))
+    params = {base_name(n): p for n, p in model.named_parameters()}
+    missing = [k for k in tensors if k not in params]
+    if missing:
+        raise UserError(f"{path}: {len(missing)} tensors do not belong to this model (e.g. {missing[0]}): the "
+                        "checkpoint was trained from another base model")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            params[k].copy_(t.to(params[k].dtype))
+    return len(tensors)
+
+
+def quantization_kwargs(quantize: str | None, dtype) -> dict:
+    """``from_pretrained`` kwargs for QLoRA (a ``BitsAndBytesConfig``), empty without quantization."""
+    if quantize in (None, "", "none"):
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head", "visual"])
+    elif quantize == "8bit":
+        cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "visual"])
+    else:
+        raise LoraConfigError(f"lora quantize {quantize!r} is not one of 4bit, 8bit")
+    return {"quantization_config": cfg}
+
+
+def __getattr__(name: str):
+    """``SaveExtrasCallback`` is built on first use (transformers is imported only by the trainer side)."""
+    if name != "SaveExtrasCallback":
+        raise AttributeError(name)
+    from transformers import TrainerCallback
+
+    class SaveExtrasCallback(TrainerCallback):
+        """After each checkpoint save (on every rank: ZeRO-3 gathers): the trained parts + manifest into it."""
+
+        def __init__(self, save):
+            self.save = save
+
+        def on_save(self, args, state, control, **kwargs):
+            self.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+            return control
+
+    globals()["SaveExtrasCallback"] = SaveExtrasCallback
+    return SaveExtrasCallback
