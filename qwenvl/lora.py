@@ -274,7 +274,9 @@ def apply_lora(model, plan: LoraPlan, *, r: int, alpha: int, dropout: float, use
     from qwenvl.model import part_of_parameters
 
     cfg = lora_config(model, plan, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
-    peft_model = get_peft_model(model, cfg)
+    # adapters in the base weights' dtype: DeepSpeed ZeRO keeps one dtype per parameter group (and fp32 masters
+    # itself); PEFT would otherwise up-cast them to float32 next to bf16 base weights
+    peft_model = get_peft_model(model, cfg, autocast_adapter_dtype=False)
     set_full_parts_trainable(peft_model, plan.full)
     parts = part_of_parameters(peft_model)
     n_lora = sum(1 for n, p in peft_model.named_parameters() if p.requires_grad and is_lora_param(n))

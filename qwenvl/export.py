@@ -1,0 +1,163 @@
+"""Export a LoRA run or checkpoint: the adapter with everything needed to load it, or a merged full model.
+
+``vlsft export RUN_OR_CHECKPOINT --out DIR [--merge]`` (:mod:`vlsft.cmd_export`) calls :func:`export`:
+
+* the source is a LoRA folder (``adapter_config.json`` + ``vlsft-lora.json``, see :mod:`qwenvl.lora`): a run's
+  output dir (its final adapter, else its newest complete checkpoint) or one ``checkpoint-N``;
+* without ``--merge``: the adapter (PEFT layout, ``base_model_name_or_path`` = the base model folder), the
+  fully-trained parts, tokenizer, processor (pixel limits) and chat template, and ``vlsft-export.json`` naming
+  the base. :func:`load_adapter_export` loads it (PEFT ``PeftModel.from_pretrained`` + the trained parts);
+* with ``--merge``: the base model with the trained parts and the adapters merged in (PEFT ``merge_and_unload``,
+  on CPU), saved in the standard Hugging Face layout with the processor and chat template:
+  ``AutoModelForImageTextToText`` + ``AutoProcessor`` load it without PEFT.
+
+``--out`` must be new or empty (never overwritten); the export is written into a temporary folder beside it and
+renamed into place, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from qwenvl.problems import UserError
+from qwenvl.runpolicy import ADAPTER_CONFIG, LORA_MANIFEST, checkpoint_problem, is_lora_folder, list_checkpoints
+
+EXPORT_MANIFEST = "vlsft-export.json"
+# training state that an export does not carry
+_SKIP = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "latest", "zero_to_fp32.py",
+         "zero_to_torch.py", "README.md")
+
+
+class ExportError(UserError):
+    """An export that cannot be made (one line)."""
+
+
+def resolve_source(path: str | os.PathLike) -> Path:
+    """The LoRA folder to export from ``path`` (a run dir or a checkpoint), or :class:`ExportError`."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ExportError(f"{p} is not a folder: give a LoRA run's output dir or one of its checkpoint-N folders")
+    if is_lora_folder(p) and (p / LORA_MANIFEST).is_file():
+        return p
+    if is_lora_folder(p):
+        raise ExportError(f"{p} is incomplete (no {LORA_MANIFEST}: the save did not finish); export an earlier "
+                          "checkpoint")
+    for _step, cp in reversed(list_checkpoints(p)):
+        if is_lora_folder(cp) and checkpoint_problem(cp) is None:
+            return cp
+    if (p / "config.json").is_file():
+        raise ExportError(f"{p} holds a full model, not a LoRA adapter: it already loads with "
+                          "AutoModelForImageTextToText (nothing to export)")
+    raise ExportError(f"{p} holds no LoRA adapter (adapter_config.json) and no complete LoRA checkpoint")
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file: choose a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise ExportError(f"--out {out} is not empty: choose a new or empty folder (nothing was overwritten)")
+
+
+def _base_of(src: Path, base: str | None) -> Path:
+    meta = json.loads((src / LORA_MANIFEST).read_text(encoding="utf-8"))
+    path = Path(base or meta.get("base_model") or "")
+    if not (path / "config.json").is_file():
+        raise ExportError(f"the base model {path} (recorded in {src / LORA_MANIFEST}) is not a model folder: pass "
+                          "--base PATH to the base model it was trained from")
+    return path.resolve()
+
+
+def _pixel_limits(folder: Path) -> dict:
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        f = folder / name
+        if f.is_file():
+            data = json.loads(f.read_text(encoding="utf-8"))
+            size = (data.get("image_processor") or data).get("size")
+            if size:
+                return {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge")}
+    return {}
+
+
+def export(source: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False, base: str | None = None,
+           say: Callable[[str], None] = lambda _m: None) -> Path:
+    """Write the export (see the module docstring); returns ``out``."""
+    src = resolve_source(source)
+    out = Path(out).absolute()
+    _check_out(out)
+    base_dir = _base_of(src, base)
+    tmp = out.parent / f".{out.name}.vlsft-export-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if merge:
+            _merge(src, base_dir, tmp, say)
+        else:
+            _copy_adapter(src, base_dir, tmp, say)
+        manifest = {"source": str(src.resolve()), "base_model": str(base_dir), "merged": merge,
+                    **_pixel_limits(src), "lora": json.loads((src / LORA_MANIFEST).read_text(encoding="utf-8"))}
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _check_out(out)
+        if out.is_dir():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _copy_adapter(src: Path, base_dir: Path, dst: Path, say) -> None:
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name in _SKIP or f.name.startswith("rng_state"):
+            continue
+        say(f"copying {f.name}")
+        shutil.copy2(f, dst / f.name)
+    cfg = json.loads((dst / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = str(base_dir)
+    (dst / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def _merge(src: Path, base_dir: Path, dst: Path, say) -> None:
+    from peft import PeftModel
+
+    from qwenvl.lora import load_full_parts
+    from qwenvl.model import load_model, load_processor
+
+    say(f"loading the base model {base_dir} (CPU)")
+    model = load_model(str(base_dir), dtype="auto")
+    n = load_full_parts(model, src)
+    if n:
+        say(f"loaded {n} fully-trained tensors from {src.name}")
+    say("loading the adapter")
+    peft_model = PeftModel.from_pretrained(model, str(src))
+    say("merging the adapters into the base weights")
+    merged = peft_model.merge_and_unload(progressbar=True)
+    say(f"saving the merged model ({sum(p.numel() for p in merged.parameters()):,} parameters)")
+    merged.save_pretrained(str(dst))
+    load_processor(str(src), None if (src / "config.json").is_file() else _model_type(base_dir)).save_pretrained(
+        str(dst))
+
+
+def _model_type(base_dir: Path) -> str:
+    from qwenvl.model import read_model_type
+
+    return read_model_type(base_dir)
+
+
+def load_adapter_export(folder: str | os.PathLike, *, dtype=None):
+    """Load an un-merged export (or a LoRA checkpoint): the base model, its fully-trained parts, the adapter
+    (PEFT). Returns the ``PeftModel``."""
+    from peft import PeftModel
+
+    from qwenvl.lora import load_full_parts
+    from qwenvl.model import load_model
+
+    folder = Path(folder)
+    base = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+    model = load_model(base, dtype=dtype or "auto")
+    load_full_parts(model, folder)
+    return PeftModel.from_pretrained(model, str(folder))

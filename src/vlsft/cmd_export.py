@@ -1,0 +1,45 @@
+"""``vlsft export``: turn a LoRA run or checkpoint into something that loads anywhere.
+
+    vlsft export runs/lora-7b --out exports/lora-7b-adapter            # adapter + processor + base reference
+    vlsft export runs/lora-7b/checkpoint-500 --out exports/merged --merge   # a full model, no PEFT needed
+
+Without ``--merge``: the adapter (PEFT layout) with the fully-trained parts, tokenizer, processor (pixel limits),
+chat template and the base model's path (``qwenvl.export.load_adapter_export`` loads it). With ``--merge``: the
+base model with adapters and trained parts merged in, in the standard Hugging Face layout
+(``AutoModelForImageTextToText`` + ``AutoProcessor``). Runs on CPU; never overwrites: ``--out`` must be new or
+empty. Exit 0 done, 2 for bad input (one ``error:`` line). See :mod:`qwenvl.export`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vlsft.app import app
+
+
+@app.command("export")
+def export_cmd(
+    source: Path = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", help="A LoRA run's output dir (its final "
+                                  "adapter, else the newest complete checkpoint) or one checkpoint-N folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="New or empty folder to write the export into."),
+    merge: bool = typer.Option(False, "--merge", help="Merge the adapters into the base weights and write a full "
+                               "model (standard Hugging Face layout)."),
+    base: str = typer.Option(None, "--base", help="The base model folder, when it moved since training (default: "
+                             "the one recorded in vlsft-lora.json)."),
+) -> None:
+    """Export a LoRA adapter (with processor and base reference) or, with --merge, a merged full model."""
+    from qwenvl.problems import UserError
+    from vlsft.render import fail, stderr
+
+    console = stderr()
+    try:
+        from qwenvl.export import export
+
+        with console.status("exporting") as status:
+            done = export(source, out, merge=merge, base=base, say=lambda m: status.update(m) or console.log(m))
+    except UserError as exc:
+        fail(exc)
+    what = "merged model" if merge else "adapter"
+    typer.echo(f"exported the {what} to {done}")
