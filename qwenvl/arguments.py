@@ -59,6 +59,18 @@ class DataArguments:
     base_interval: float = arg(2, "Seconds between sampled video frames.", budget=True)
     video_max_frame_pixels: int = arg(32 * 28 * 28, "Per-frame pixel budget for videos.", budget=True)
     video_min_frame_pixels: int = arg(4 * 28 * 28, "Per-frame pixel floor for videos.", budget=True)
+    # the official HEAD names (QwenLM/Qwen3-VL qwen-vl-finetune); unset = the family's default, see
+    # qwenvl.data.sample.resolve_video_budget for the mapping onto base_interval / video_*_frame_pixels
+    video_fps: float | None = arg(None, "Official HEAD name: video frames sampled per second. Qwen3-VL family: "
+                                  "HEAD's sampling (default 2); Qwen2/2.5-VL: the same as base_interval = "
+                                  "1 / video_fps.", budget=True)
+    video_max_pixels: int | None = arg(None, "Official HEAD name: video pixel budget. Qwen3-VL family: bounds "
+                                       "frames x H x W of all sampled frames together (default 1024*28*28 = "
+                                       "802816); Qwen2/2.5-VL: per frame, the same as video_max_frame_pixels.",
+                                       budget=True)
+    video_min_pixels: int | None = arg(None, "Official HEAD name: video pixel floor. Qwen3-VL family: frames x H "
+                                       "x W together (default 256*28*28 = 200704); Qwen2/2.5-VL: per frame, the "
+                                       "same as video_min_frame_pixels.", budget=True)
     model_max_length: int = arg(8192, "Longest token sequence per sample (or per packed row). Longer samples are "
                                 "skipped and counted; vision tokens are never cut.")
     data_flatten: bool = arg(False, "Concatenate each per-device batch into one row without padding (varlen "

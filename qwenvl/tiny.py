@@ -29,9 +29,21 @@ import shutil
 from pathlib import Path
 
 from qwenvl.problems import UserError
-from qwenvl.templates import QWEN25_VL_CHAT_TEMPLATE
+from qwenvl.templates import QWEN3_VL_CHAT_TEMPLATE, QWEN25_VL_CHAT_TEMPLATE
 
 MARKER = "vlsft-tiny.json"  # written into every folder build_tiny_model makes
+RECIPE = 2  # bumped when what build_tiny_model writes changes; an older folder of ours is rebuilt
+#: families whose tokenizer is the full Qwen3 one with the Qwen3-VL chat template and processor files
+QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", *QWEN3_FAMILIES)
+
+#: the published Qwen3-VL video processor settings (Qwen/Qwen3-VL-2B/4B-Instruct)
+QWEN3_VIDEO_PREPROCESSOR_CONFIG = {
+    "size": {"longest_edge": 25165824, "shortest_edge": 4096},
+    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor",
+}
 
 QWEN3_ONLY_TOKEN_IDS = {151665, 151666, 151667, 151668}
 VOCAB_SIZE = 151936  # the padded embedding size of the released Qwen2/2.5-VL checkpoints
@@ -79,17 +91,31 @@ def preprocessor_config(family: str = "qwen2_5_vl") -> dict:
     cfg = dict(PREPROCESSOR_CONFIG)
     if family == "qwen2_vl":
         cfg["processor_class"] = "Qwen2VLProcessor"
-    elif family == "qwen3_vl":
-        cfg.update(processor_class="Qwen3VLProcessor", patch_size=16, image_mean=[0.5, 0.5, 0.5],
-                   image_std=[0.5, 0.5, 0.5], min_pixels=4096, max_pixels=16777216)
+    elif family in QWEN3_FAMILIES:  # the published Qwen3-VL file (Qwen3.5 ships the same image settings)
+        return {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
+                "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
+                "image_processor_type": "Qwen2VLImageProcessorFast"}
     return cfg
 
 
 def build_tokenizer_dir(out_dir: str | os.PathLike, family: str = "qwen2_5_vl") -> Path:
-    """Write the Qwen2.5-VL tokenizer + the family's image processor config into ``out_dir``."""
+    """Write the family's tokenizer + image (and video) processor config into ``out_dir``: Qwen2/2.5-VL: the
+    Qwen2.5-VL tokenizer; the Qwen3 families: the Qwen3 tokenizer files unchanged (151,669 tokens, ``<think>`` one
+    token) with the Qwen3-VL chat template and the published Qwen3-VL processor files (the recipe of
+    ``tests/golden/official-qwen3vl-head/README.md``)."""
     src = tokenizer_source_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if family in QWEN3_FAMILIES:
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+            shutil.copyfile(src / name, out / name)
+        (out / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE, encoding="utf-8")
+        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(family), indent=2),
+                                                      encoding="utf-8")
+        (out / "video_preprocessor_config.json").write_text(json.dumps(QWEN3_VIDEO_PREPROCESSOR_CONFIG, indent=2),
+                                                            encoding="utf-8")
+        return out
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(src / name, out / name)
     tok = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
@@ -157,8 +183,8 @@ def build_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_5_vl", see
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(tiny_config(family))
     model.save_pretrained(out)
-    (out / MARKER).write_text(json.dumps({"made_by": "qwenvl.tiny", "family": family, "seed": seed}) + "\n",
-                              encoding="utf-8")
+    (out / MARKER).write_text(json.dumps({"made_by": "qwenvl.tiny", "family": family, "seed": seed,
+                                          "recipe": RECIPE}) + "\n", encoding="utf-8")
     return out
 
 
@@ -167,8 +193,16 @@ def is_tiny_model(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def _complete(out: Path) -> bool:
-    return (out / "config.json").exists() and any(out.glob("*.safetensors")) and (out / "tokenizer.json").exists()
+def _complete(out: Path, family: str | None = None) -> bool:
+    """A finished model folder; one of ours must also be of ``family`` and of the current :data:`RECIPE`."""
+    done = (out / "config.json").exists() and any(out.glob("*.safetensors")) and (out / "tokenizer.json").exists()
+    if done and family is not None and is_tiny_model(out):
+        try:
+            mark = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return mark.get("family") == family and mark.get("recipe", 1) == RECIPE
+    return done
 
 
 def refuse_foreign_folder(path: str | os.PathLike) -> None:
@@ -196,7 +230,7 @@ def refuse_foreign_folder(path: str | os.PathLike) -> None:
 def ensure_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_5_vl", seed: int = 0) -> Path:
     """Build the tiny model once; reuse it when ``out_dir`` already holds one (see the module docstring)."""
     out = Path(out_dir)
-    if _complete(out):
+    if _complete(out, family):
         return out
     refuse_foreign_folder(out)
     if out.is_dir() and (out / "config.json").exists() and not is_tiny_model(out):
@@ -220,7 +254,7 @@ def ensure_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_5_vl", se
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m qwenvl.tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
-    p.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+    p.add_argument("--family", default="qwen2_5_vl", choices=list(FAMILIES))
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     try:

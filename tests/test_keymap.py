@@ -86,8 +86,11 @@ def test_plan_argv_follows_the_map(tmp_path):
     assert [f for f in flags if f in routed] == [f for f in routed if f in flags]  # the map's order
     args = pairs(plan.trainer_args)
     assert args["max_pixels"] == "50176" and args["optim"] == "sgd" and args["save_strategy"] == "steps"
-    for key in owned_by(DataArguments):  # every YAML data key reaches its trainer flag
-        assert key.flag in args, key
+    for key in owned_by(DataArguments):  # every YAML data key reaches its trainer flag (unset: the family default)
+        default = next(f.default for f in dataclasses.fields(DataArguments) if f.name == key.flag)
+        assert (key.flag in args) == (default is not None), key
+    plan = plan_from_file(make_project(tmp_path), ["data.video_fps=2", "data.video_max_pixels=802816"], {})
+    assert pairs(plan.trainer_args)["video_fps"] == "2" and pairs(plan.trainer_args)["video_max_pixels"] == "802816"
 
 
 def test_yaml_defaults_that_mirror_transformers_match_it():

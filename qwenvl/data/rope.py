@@ -13,6 +13,11 @@ following text resumes at ``max(block ids) + 1`` — what the official Qwen2.5-V
 spatial extent (2+ temporal patches at >= 1 s each): measured on the golden set, 5 of 27 samples
 (every short video) differ from the official position ids with 5.24's function, none with ours.
 Images and text-only samples are identical under both rules.
+
+Qwen3-VL (and Qwen3-VL MoE, Qwen3.5: ``split_video_frames``), as HEAD's ``get_rope_index_3`` and transformers'
+Qwen3-VL: a video grid ``(t, h, w)`` is split into ``t`` grids ``(1, h, w)``, one per temporal patch (each is its own
+run of pads, with its timestamp text between them); each block gets temporal index 0 and the 2-D layout after the
+preceding text; ``second_per_grid_ts`` is ignored.
 """
 
 from __future__ import annotations
@@ -34,17 +39,19 @@ class RopeIndex:
 
     def __init__(self, *, spatial_merge_size: int = 2, tokens_per_second: float = 2.0,
                  image_token_id: int = IMAGE_TOKEN_ID, video_token_id: int = VIDEO_TOKEN_ID,
-                 scale_video_time: bool = True):
+                 scale_video_time: bool = True, split_video_frames: bool = False):
         self.merge = int(spatial_merge_size)
         self.tokens_per_second = tokens_per_second
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
         self.scale_video_time = scale_video_time  # False for Qwen2-VL (temporal index = patch index)
+        self.split_video_frames = split_video_frames  # Qwen3-VL: one (1, h, w) block per temporal patch
         self._vision_ids = _vision_ids_fn()
 
     @classmethod
     def for_model_type(cls, model_type: str, config=None) -> RopeIndex:
-        """``model_type``: ``qwen2.5vl`` (default), ``qwen2vl``; ids/merge read from ``config`` when given."""
+        """``model_type``: ``qwen2.5vl`` (default), ``qwen2vl``, ``qwen3vl`` (also ``qwen3_vl_moe``, ``qwen3_5``,
+        ``qwen3_5_moe``); ids/merge read from ``config`` when given."""
         kw = {}
         if config is not None:
             vc = getattr(config, "vision_config", None)
@@ -53,6 +60,8 @@ class RopeIndex:
             kw["image_token_id"] = getattr(config, "image_token_id", IMAGE_TOKEN_ID)
             kw["video_token_id"] = getattr(config, "video_token_id", VIDEO_TOKEN_ID)
         mt = model_type.replace("_", "").replace("-", "").replace(".", "").lower()
+        if mt.startswith("qwen3"):
+            return cls(scale_video_time=False, split_video_frames=True, **kw)
         return cls(scale_video_time=mt not in ("qwen2vl",), **kw)
 
     def __call__(self, input_ids, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None
@@ -67,8 +76,12 @@ class RopeIndex:
         # run boundaries of equal kind
         change = torch.nonzero(kind[1:] != kind[:-1]).reshape(-1) + 1
         bounds = [0, *change.tolist(), n]
+        vgrids = torch.as_tensor(video_grid_thw).reshape(-1, 3) if video_grid_thw is not None else None
+        if vgrids is not None and self.split_video_frames:
+            vgrids = torch.cat([torch.tensor([[1, int(h), int(w)]] * int(t)) for t, h, w in vgrids.tolist()]) \
+                if len(vgrids) else vgrids
         grids = {1: iter(torch.as_tensor(image_grid_thw).reshape(-1, 3)) if image_grid_thw is not None else iter(()),
-                 2: iter(torch.as_tensor(video_grid_thw).reshape(-1, 3)) if video_grid_thw is not None else iter(())}
+                 2: iter(vgrids) if vgrids is not None else iter(())}
         spg = iter(torch.as_tensor(second_per_grid_ts, dtype=torch.float32).reshape(-1)) \
             if second_per_grid_ts is not None else iter(())
         parts, cur = [], 0

@@ -30,7 +30,19 @@ Media, decided (tested in ``tests/test_preprocess.py``; official = the Qwen2.5-e
 * Qwen2-VL (``model_type="qwen2vl"``): same tokens and pixels; the video temporal position is the
   patch index (no time scaling) and ``second_per_grid_ts`` is not passed to the model (see
   :mod:`qwenvl.data.rope` for the one place where we differ from transformers 5.24's rope index).
-* Qwen3-VL: images only (its video prompt format uses per-frame timestamps): videos are bad samples.
+* Qwen3-VL, Qwen3-VL MoE, Qwen3.5 (the "HEAD" families): as the official trainer's HEAD builds them (checked
+  against ``tests/golden/official-qwen3vl-head``): chat layout of :mod:`qwenvl.data.chat_head` (no system prompt,
+  text around tags stripped, a timestamp before each temporal patch of a video), images with their EXIF
+  orientation applied and resized by the torchvision processor, videos sampled at ``video_fps`` with
+  ``video_min_pixels``/``video_max_pixels`` bounding all frames together (:func:`resolve_video_budget`), one
+  position block per temporal patch (:mod:`qwenvl.data.rope`). No ``second_per_grid_ts`` (the model ignores it).
+  A video with one frame or a side below 32 pixels is a bad sample, as HEAD refuses it.
+
+Where HEAD differs for Qwen2.5-VL, the Qwen2.5-era behaviour stays (``tests/golden/official-qwen25`` pins it):
+HEAD uses *every* frame of a video for Qwen2.5-VL (its processor does not sample), sets ``second_per_grid_ts`` to
+``2 / video_fps`` whatever the file's frame rate, strips text around tags, keeps and trains a first gpt turn, and
+fails on two videos; we sample ``video_max_frames`` at most, time patches by the sampled rate, keep text byte for
+byte and take several videos.
 """
 
 from __future__ import annotations
@@ -42,8 +54,20 @@ import numpy as np
 
 from qwenvl import storage
 from qwenvl.data import sample_rules, vision
+from qwenvl.data.chat_head import HeadChatEncoder
 from qwenvl.data.preprocess import BadSample, ChatEncoder, Turn, problem_error
 from qwenvl.data.rope import RopeIndex
+from qwenvl.problems import UserError
+
+#: model_type prefixes of the families built as the official HEAD builds Qwen3-VL (normalised: no ``_ . -``)
+HEAD_FAMILY_PREFIX = "qwen3"
+#: HEAD's DataArguments defaults for the video arguments it adds
+HEAD_VIDEO_DEFAULTS = {"video_fps": 2.0, "video_max_pixels": 1024 * 28 * 28, "video_min_pixels": 256 * 28 * 28}
+
+
+def is_head_family(model_type: str) -> bool:
+    """Qwen3-VL, Qwen3-VL MoE, Qwen3.5 (dense and MoE): built as the official HEAD builds Qwen3-VL."""
+    return model_type.replace(".", "").replace("_", "").replace("-", "").lower().startswith(HEAD_FAMILY_PREFIX)
 
 
 def _budget_class():
@@ -66,6 +90,74 @@ def _budget_class():
 
 
 VisionBudget = _budget_class()
+
+
+@dataclass(frozen=True)
+class VideoBudget:
+    """The video limits one family uses, resolved from both spellings (:func:`resolve_video_budget`)."""
+
+    head: bool  # HEAD sampling and T x H x W pixel bounds (Qwen3 families), else Qwen2.5-era per frame
+    min_pixels: int  # HEAD: all frames together; Qwen2.5-era: per frame
+    max_pixels: int
+    video_fps: float
+    base_interval: float
+    video_min_frames: int
+    video_max_frames: int
+
+    def frame_picker(self, total: int, fps: float) -> list[int]:
+        if self.head:
+            return vision.head_frame_indices(total, fps, self.video_fps, self.video_min_frames, self.video_max_frames)
+        return vision.sample_frame_indices(total, fps, self.base_interval, self.video_min_frames,
+                                           self.video_max_frames)
+
+
+def resolve_video_budget(budget, model_type: str) -> VideoBudget:
+    """One family's video limits from the Qwen2.5-era names and the official HEAD names.
+
+    ============================  ===================================  ======================================
+    HEAD name                     Qwen3 families (HEAD meaning)        Qwen2 / Qwen2.5-VL (Qwen2.5-era)
+    ============================  ===================================  ======================================
+    ``video_fps`` (unset: 2)      frames per second, HEAD's sampling   ``base_interval = 1 / video_fps``
+    ``video_max_pixels``          T x H x W of all sampled frames       ``video_max_frame_pixels`` (per frame)
+    (unset: 802816)                                                    (HEAD's Qwen2.5-VL processor: per frame)
+    ``video_min_pixels``          T x H x W of all sampled frames       ``video_min_frame_pixels`` (per frame)
+    (unset: 200704)
+    ============================  ===================================  ======================================
+
+    Both spellings given with different values is a :class:`~qwenvl.problems.UserError` (Qwen2/2.5-VL); for the
+    Qwen3 families the Qwen2.5-era names are not used (``base_interval`` alone still sets ``video_fps``)."""
+    from qwenvl.arguments import DataArguments, owner_field
+
+    def default(name):
+        return owner_field(DataArguments, name).default
+
+    fps, vmax, vmin = (getattr(budget, k, None) for k in ("video_fps", "video_max_pixels", "video_min_pixels"))
+    if fps is not None and not fps > 0:
+        raise UserError(f"video_fps must be above 0, got {fps}: frames sampled per second (official default 2)")
+    if is_head_family(model_type):
+        if fps is None and budget.base_interval != default("base_interval"):
+            fps = 1.0 / float(budget.base_interval)
+        return VideoBudget(True, int(vmin if vmin is not None else HEAD_VIDEO_DEFAULTS["video_min_pixels"]),
+                           int(vmax if vmax is not None else HEAD_VIDEO_DEFAULTS["video_max_pixels"]),
+                           float(fps if fps is not None else HEAD_VIDEO_DEFAULTS["video_fps"]),
+                           float(budget.base_interval), int(budget.video_min_frames), int(budget.video_max_frames))
+    interval = float(budget.base_interval)
+    pairs = (("video_fps", fps, "base_interval", interval, lambda v: 1.0 / float(v)),
+             ("video_max_pixels", vmax, "video_max_frame_pixels", budget.video_max_frame_pixels, int),
+             ("video_min_pixels", vmin, "video_min_frame_pixels", budget.video_min_frame_pixels, int))
+    got = {}
+    for head_name, head_val, old_name, old_val, conv in pairs:
+        if head_val is None:
+            got[old_name] = old_val
+            continue
+        mapped = conv(head_val)
+        if old_val != default(old_name) and abs(float(old_val) - float(mapped)) > 1e-9 * abs(float(mapped)):
+            raise UserError(f"{head_name} {head_val} and {old_name} {old_val} disagree: for {model_type} "
+                            f"{head_name} means {old_name} = {mapped:g}; set only one of them")
+        got[old_name] = mapped
+    return VideoBudget(False, int(got["video_min_frame_pixels"]), int(got["video_max_frame_pixels"]),
+                       1.0 / got["base_interval"], got["base_interval"], int(budget.video_min_frames),
+                       int(budget.video_max_frames))
 
 
 def _as_list(value) -> list[str]:
@@ -92,7 +184,9 @@ class SampleBuilder:
     rope: RopeIndex | None = None
 
     def __post_init__(self):
-        self.encoder = ChatEncoder(self.tokenizer)
+        self.head = is_head_family(self.model_type)
+        self.encoder = HeadChatEncoder(self.tokenizer) if self.head else ChatEncoder(self.tokenizer)
+        self.video_budget = resolve_video_budget(self.budget, self.model_type)
         if self.rope is None:
             self.rope = RopeIndex.for_model_type(self.model_type)
             self.rope.image_token_id = self.encoder.image_pad
@@ -108,36 +202,45 @@ class SampleBuilder:
             raise problem_error(bad)
         images = _as_list(record.get("image"))
         videos = _as_list(record.get("video"))
-        if videos and self.model_type.replace(".", "").replace("_", "").lower().startswith("qwen3"):
-            raise BadSample("videos are not supported for Qwen3-VL by this pipeline yet (its video format uses "
-                            "per-frame timestamps); use images, or a Qwen2.5-VL model for video data",
-                            "unsupported_media")
         turns = [Turn(role, content) for role, content in sample_rules.turn_pairs(record["conversations"])]
-        b, m2 = self.budget, self.spec.merge_size ** 2
+        b, m2, head = self.budget, self.spec.merge_size ** 2, self.head
         out: dict = {}
         image_tokens: list[int] = []
         if images:
-            pil = [vision.open_image(_media_path(data_path, p, "image")) for p in images]
-            pv, grid = vision.process_images(pil, self.spec, b.min_pixels, b.max_pixels)
+            pil = [vision.open_image(_media_path(data_path, p, "image"), exif=head) for p in images]
+            pv, grid = vision.process_images(pil, self.spec, b.min_pixels, b.max_pixels,
+                                             backend="torchvision" if head else "pil")
             out["pixel_values"] = torch.from_numpy(pv)
             out["image_grid_thw"] = torch.from_numpy(grid)
             image_tokens = [int(g.prod()) // m2 for g in grid]
         video_tokens: list[int] = []
+        head_videos: list[tuple[list[float], int]] = []
         if videos:
+            vb = self.video_budget
             pvs, grids, spgs, fidx = [], [], [], []
             for p in videos:
-                dv = vision.decode_video(_media_path(data_path, p, "video"), b)
-                pv, grid, spg = vision.process_video(dv, self.spec, b.video_min_frame_pixels, b.video_max_frame_pixels)
+                dv = vision.decode_video(_media_path(data_path, p, "video"), vb)
+                if head:
+                    pv, grid, stamps = vision.process_video_head(dv, self.spec, vb.min_pixels, vb.max_pixels)
+                    head_videos.append((stamps, int(grid[1] * grid[2]) // m2))
+                else:
+                    pv, grid, spg = vision.process_video(dv, self.spec, vb.min_pixels, vb.max_pixels)
+                    spgs.append(spg)
                 pvs.append(pv)
                 grids.append(grid)
-                spgs.append(spg)
                 fidx.append(dv.frame_idx)
             out["pixel_values_videos"] = torch.from_numpy(np.concatenate(pvs))
             out["video_grid_thw"] = torch.from_numpy(np.stack(grids))
-            out["second_per_grid_ts"] = torch.tensor(spgs, dtype=torch.float64)
+            if not head:
+                out["second_per_grid_ts"] = torch.tensor(spgs, dtype=torch.float64)
+            else:
+                out["video_timestamps"] = [s for s, _ in head_videos]
             out["frame_idx"] = fidx
             video_tokens = [int(g.prod()) // m2 for g in grids]
-        ids, labels = self.encoder.encode(turns, image_tokens, video_tokens)
+        if head:
+            ids, labels = self.encoder.encode_head(turns, image_tokens, head_videos)
+        else:
+            ids, labels = self.encoder.encode(turns, image_tokens, video_tokens)
         if self.model_max_length is not None and len(ids) > self.model_max_length:
             raise BadSample(f"{len(ids)} tokens > model_max_length {self.model_max_length} (skipped whole: "
                             "vision tokens are never cut; raise model_max_length or lower max_pixels)", "too_long")

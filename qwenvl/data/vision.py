@@ -14,6 +14,13 @@
 
 No tokenizer or processor is deep-copied per sample (the official code spends ~335 ms/sample on
 that); processors are built once per bounds and cached.
+
+Qwen3-VL (and the families that share its vision code: Qwen3-VL MoE, Qwen3.5) follow the official trainer's HEAD
+(``QwenLM/Qwen3-VL`` ``qwen-vl-finetune``, checked against ``tests/golden/official-qwen3vl-head``), see
+:func:`head_frame_indices`, :func:`process_video_head`, and ``exif``/``backend`` of :func:`open_image` /
+:func:`process_images`: EXIF orientation applied, torchvision resize (the fast processors HEAD loads), frames
+sampled at ``video_fps`` and ``video_min_pixels``/``video_max_pixels`` bounding all sampled frames together
+(T x H x W), per-temporal-patch timestamps for the prompt.
 """
 
 from __future__ import annotations
@@ -83,6 +90,18 @@ class VisionSpec:
 
 
 @lru_cache(maxsize=16)
+def _tv_processor(spec: VisionSpec, min_pixels: int, max_pixels: int):
+    """transformers' torchvision-backed ``Qwen2VLImageProcessor`` (what HEAD's ``AutoProcessor`` loads)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor(
+        min_pixels=min_pixels, max_pixels=max_pixels, patch_size=spec.patch_size,
+        temporal_patch_size=spec.temporal_patch_size, merge_size=spec.merge_size,
+        image_mean=list(spec.image_mean), image_std=list(spec.image_std),
+    )
+
+
+@lru_cache(maxsize=16)
 def _pil_processor(spec: VisionSpec, min_pixels: int, max_pixels: int):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -93,8 +112,9 @@ def _pil_processor(spec: VisionSpec, min_pixels: int, max_pixels: int):
     )
 
 
-def open_image(path: str) -> Image.Image:
-    """Open an image (local path or URL) and convert it to RGB the way the official code does."""
+def open_image(path: str, exif: bool = False) -> Image.Image:
+    """Open an image (local path or URL) and convert it to RGB the way the official code does (``exif=True``:
+    apply the EXIF orientation first, as HEAD's ``load_image`` does for Qwen3-VL)."""
     try:
         if storage.is_url(path):
             img = Image.open(io.BytesIO(storage.read_bytes(path)))
@@ -103,6 +123,10 @@ def open_image(path: str) -> Image.Image:
             if bad is not None:
                 raise bad
             img = Image.open(path)
+        if exif:
+            from PIL import ImageOps
+
+            img = ImageOps.exif_transpose(img)
         return img.convert("RGB")
     except MediaError:
         raise
@@ -118,10 +142,12 @@ def open_image(path: str) -> Image.Image:
         raise MediaError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
-def process_images(images: list[Image.Image], spec: VisionSpec, min_pixels: int, max_pixels: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """RGB PIL images -> (pixel_values float32 (patches, patch_dim), grid_thw int64 (n, 3))."""
-    proc = _pil_processor(spec, int(min_pixels), int(max_pixels))
+def process_images(images: list[Image.Image], spec: VisionSpec, min_pixels: int, max_pixels: int,
+                   backend: str = "pil") -> tuple[np.ndarray, np.ndarray]:
+    """RGB PIL images -> (pixel_values float32 (patches, patch_dim), grid_thw int64 (n, 3)); ``backend``:
+    ``pil`` (the Qwen2.5-era slow processor, exactly) or ``torchvision`` (HEAD's fast processor)."""
+    make = _tv_processor if backend == "torchvision" else _pil_processor
+    proc = make(spec, int(min_pixels), int(max_pixels))
     try:
         out = proc.preprocess(images, return_tensors=None)
     except ValueError as e:  # e.g. aspect ratio above 200
@@ -152,6 +178,25 @@ def sample_frame_indices(total_frames: int, avg_fps: float, base_interval: float
     return [int(i) for i in np.unique(np.linspace(0, total_frames - 1, n, dtype=int))]
 
 
+def head_frame_indices(total_frames: int, avg_fps: float, video_fps: float, min_frames: int, max_frames: int
+                       ) -> list[int]:
+    """HEAD's Qwen3-VL frame selection: ``n = int(total / fps * video_fps)`` clamped to ``[min_frames,
+    max_frames]`` and then to ``total``; indices ``round(linspace(0, total - 1, n))`` (numpy, half to even)."""
+    n = int(total_frames / avg_fps * video_fps)
+    n = min(max(n, min_frames), max_frames, total_frames)
+    return [int(i) for i in np.linspace(0, total_frames - 1, n).round().astype(int)]
+
+
+def _picker(args):
+    """``(total, fps) -> indices`` for a budget: ``args.frame_picker`` when it has one (HEAD), else the
+    Qwen2.5-era :func:`sample_frame_indices`."""
+    pick = getattr(args, "frame_picker", None)
+    if pick is not None:
+        return pick
+    return lambda total, fps: sample_frame_indices(total, fps, args.base_interval, args.video_min_frames,
+                                                   args.video_max_frames)
+
+
 def _source(path: str, data: bytes | None = None):
     """What a decoder opens: the local path, or a fresh stream over the URL's bytes (read once per video)."""
     if data is not None:
@@ -166,7 +211,7 @@ def _decode_decord(path: str, args, data: bytes | None = None) -> DecodedVideo:
 
     vr = decord.VideoReader(_source(path, data), num_threads=1)
     total, fps = len(vr), float(vr.get_avg_fps())
-    idx = sample_frame_indices(total, fps, args.base_interval, args.video_min_frames, args.video_max_frames)
+    idx = _picker(args)(total, fps)
     frames = vr.get_batch(idx).asnumpy()
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise MediaError(f"decord returned frames of shape {frames.shape} for {path}")
@@ -188,8 +233,7 @@ def _decode_pyav(path: str, args, data: bytes | None = None) -> DecodedVideo:
                     kept[count - 1] = frame.to_ndarray(format="rgb24")
         return kept, count
 
-    def pick(total: int, fps: float) -> list[int]:
-        return sample_frame_indices(total, fps, args.base_interval, args.video_min_frames, args.video_max_frames)
+    pick = _picker(args)
 
     with av.open(_source(path, data)) as container:
         stream = container.streams.video[0]
@@ -216,7 +260,7 @@ def _decode_torchcodec(path: str, args, data: bytes | None = None) -> DecodedVid
     dec = VideoDecoder(data if data is not None else path)
     total = int(dec.metadata.num_frames)
     fps = float(dec.metadata.average_fps)
-    idx = sample_frame_indices(total, fps, args.base_interval, args.video_min_frames, args.video_max_frames)
+    idx = _picker(args)(total, fps)
     batch = dec.get_frames_at(indices=idx).data  # (n, C, H, W) uint8
     return DecodedVideo(batch.permute(0, 2, 3, 1).numpy(), idx, total, fps, "torchcodec")
 
@@ -268,3 +312,50 @@ def process_video(video: DecodedVideo, spec: VisionSpec, min_pixels: int, max_pi
     pixel_values = np.ascontiguousarray(vid.reshape(gt * s, 3 * tp * ps * ps), dtype=np.float32)
     fps = n / video.duration
     return pixel_values, np.array([gt, gh, gw], dtype=np.int64), tp / fps
+
+
+@lru_cache(maxsize=16)
+def _head_video_processor(spec: VisionSpec):
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    return Qwen3VLVideoProcessor(patch_size=spec.patch_size, temporal_patch_size=spec.temporal_patch_size,
+                                 merge_size=spec.merge_size, image_mean=list(spec.image_mean),
+                                 image_std=list(spec.image_std), do_sample_frames=False, cap_pixels_per_frame=False)
+
+
+def head_timestamps(frame_idx: list[int], fps: float, temporal_patch_size: int = 2) -> list[float]:
+    """Seconds of each temporal patch as HEAD writes them into the prompt: indices padded with the last one to a
+    multiple of the patch, then the mean of the patch's first and last frame time."""
+    idx = list(frame_idx)
+    if len(idx) % temporal_patch_size:
+        idx.extend([idx[-1]] * (temporal_patch_size - len(idx) % temporal_patch_size))
+    t = [i / fps for i in idx]
+    return [(t[i] + t[i + temporal_patch_size - 1]) / 2 for i in range(0, len(t), temporal_patch_size)]
+
+
+def process_video_head(video: DecodedVideo, spec: VisionSpec, min_pixels: int, max_pixels: int
+                       ) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """HEAD's Qwen3-VL video processing of the sampled frames -> (pixel_values_videos, grid_thw (3,), the
+    timestamp of each temporal patch). ``min_pixels``/``max_pixels`` bound T x H x W of all sampled frames
+    together (transformers' ``Qwen3VLVideoProcessor``, torchvision resize); a frame side below
+    ``patch_size * merge_size`` or a single frame is refused as HEAD refuses it."""
+    import torch
+
+    frames = torch.from_numpy(np.ascontiguousarray(video.frames)).permute(0, 3, 1, 2)  # (T, C, H, W) uint8
+    t, _, h, w = frames.shape
+    factor = spec.patch_size * spec.merge_size
+    if t < spec.temporal_patch_size:
+        raise MediaError(f"video has {t} frame(s); Qwen3-VL needs at least {spec.temporal_patch_size} (HEAD "
+                         "refuses it too): use a longer clip")
+    if h < factor or w < factor:
+        raise MediaError(f"video frames are {w}x{h}, smaller than {factor} pixels on a side (HEAD refuses them "
+                         "too): use a larger video")
+    proc = _head_video_processor(spec)
+    try:
+        out = proc(videos=[frames], size={"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)},
+                   return_tensors="np")
+    except ValueError as e:  # aspect ratio above 200
+        raise MediaError(f"video processor refused the video: {e}") from e
+    pv = np.ascontiguousarray(out["pixel_values_videos"], dtype=np.float32)
+    grid = np.asarray(out["video_grid_thw"], dtype=np.int64).reshape(-1, 3)[0]
+    return pv, grid, head_timestamps(video.frame_idx, video.avg_fps, spec.temporal_patch_size)
