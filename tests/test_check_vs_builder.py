@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from qwenvl.data import formats
 from qwenvl.data.annotations import scan
 from qwenvl.data.preprocess import BAD_SAMPLE_KINDS, BadSample
 from qwenvl.data.sample import SampleBuilder, VisionBudget
@@ -160,8 +161,10 @@ def _check_verdict(rec, media_dir: Path) -> tuple[str | None, list]:
 
 
 def _builder_verdict(builder, rec, media_dir: Path) -> str | None:
+    # the dataset's format, settled from its (one-record) file as the trainer's registry settles it (issue 12)
+    fmt = formats.settle(None, [(1, rec)])
     try:
-        builder.build(rec, str(media_dir))
+        builder.build(rec, str(media_dir), fmt)
     except BadSample as e:
         assert e.kind in BAD_SAMPLE_KINDS, e.kind
         return e.kind
@@ -175,6 +178,80 @@ def test_deep_check_errors_exactly_when_the_builder_rejects(builder, media_dir, 
     checked, problems = _check_verdict(rec, media_dir)
     built = _builder_verdict(builder, rec, media_dir)
     event(f"builder: {built or 'accepted'}")  # pytest --hypothesis-show-statistics shows the spread
+    assert checked == built, (rec, [p.render() for p in problems])
+
+
+# ---- the same, for records in the other formats (issue 12) -----------------------------------------------------
+
+PART_KINDS = st.sampled_from(["text", "image", "image_url", "video", "bare_image", "audio", "data_url", "junk"])
+ROLES = ["user", "assistant", "system", "tool", "User", None, 3]
+
+
+def _part(kind: str, draw) -> object:
+    if kind == "text":
+        return {"type": "text", "text": draw(st.sampled_from(TEXTS[:8] + [None]))}
+    if kind == "image":
+        return {"type": "image", "image": draw(st.sampled_from(IMAGES + [5]))}
+    if kind == "image_url":
+        return {"type": "image_url", "image_url": {"url": draw(st.sampled_from(IMAGES))}}
+    if kind == "video":
+        return {"type": "video", "video": draw(st.sampled_from(VIDEOS + [["good.png", "link.png"], ["missing.jpg"],
+                                                                          []]))}
+    if kind == "bare_image":
+        return {"type": "image"}
+    if kind == "audio":
+        return {"type": "input_audio", "input_audio": {"data": "x"}}
+    if kind == "data_url":
+        return {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}
+    return draw(st.sampled_from(["raw", 5, {"text": "no type"}]))
+
+
+@st.composite
+def chat_records(draw):
+    """messages / sharegpt records: tags or part lists, media listed or inline, frame lists, system, loss."""
+    sharegpt = draw(st.integers(0, 3)) == 0
+    rkey, ckey = ("from", "value") if sharegpt else ("role", "content")
+    roles = {"user": "human", "assistant": "gpt"} if sharegpt else {}
+    turns = []
+    if draw(st.integers(0, 3)) == 0:
+        turns.append({rkey: "system", ckey: draw(st.sampled_from(["Be brief.", "", 5]))})
+    for _ in range(draw(st.integers(0, 3))):
+        for side in ("user", "assistant"):
+            if draw(st.integers(0, 8)) == 0:
+                role = draw(st.sampled_from(ROLES))
+            else:
+                role = roles.get(side, side)
+            if draw(st.booleans()):
+                content = draw(st.sampled_from(["q", "<image>\nq", "<video>q", "<image><image>", "", "a"]))
+            else:
+                content = [_part(k, draw) for k in draw(st.lists(PART_KINDS, min_size=0, max_size=3))]
+            turn = {rkey: role, ckey: content}
+            if draw(st.integers(0, 3)) == 0:
+                turn["loss"] = draw(st.sampled_from([True, False, None, "no"]))
+            turns.append(turn)
+    rec: dict = {"conversations" if sharegpt else "messages": turns}
+    if not sharegpt and draw(st.integers(0, 6)) == 0:
+        rec["messages"] = draw(st.sampled_from([None, [], "q"]))
+    if draw(st.booleans()):
+        rec["images"] = draw(st.one_of(st.lists(st.sampled_from(IMAGES), min_size=1, max_size=2),
+                                       st.sampled_from(ODD)))
+    if draw(st.integers(0, 2)) == 0:
+        rec["videos"] = draw(st.lists(st.one_of(st.sampled_from(VIDEOS), st.lists(st.sampled_from(IMAGES[:3]),
+                                                                                  max_size=3)), max_size=2))
+    if draw(st.integers(0, 4)) == 0:
+        rec["system"] = draw(st.sampled_from(["Be brief.", "Other.", 3]))
+    if sharegpt and "images" not in rec and "videos" not in rec:
+        rec["images"] = ["good.png"]  # (what makes a conversations file sharegpt)
+    return rec
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(rec=chat_records())
+def test_deep_check_agrees_with_the_builder_in_every_format(builder, media_dir, rec):
+    checked, problems = _check_verdict(rec, media_dir)
+    built = _builder_verdict(builder, rec, media_dir)
+    event(f"{formats.settle(None, [(1, rec)]).name}: {built or 'accepted'}")
     assert checked == built, (rec, [p.render() for p in problems])
 
 

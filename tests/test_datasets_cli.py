@@ -73,9 +73,9 @@ def test_check_golden_ok_table(golden_dict):
     lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.startswith("public_")}
     cells_a = [c.strip() for c in lines["public_a"].split("│")]
     cells_b = [c.strip() for c in lines["public_b"].split("│")]
-    # name, declared, samples, rate, per epoch, share, images, videos, text-only, problems
-    assert cells_a == ["public_a", "15", "15", "5.437%", "1", "2.8%", "11", "4", "2", "ok"]
-    assert cells_b == ["public_b", "14", "14", "250%", "35", "97.2%", "8", "5", "1", "ok"]
+    # name, format, declared, samples, rate, per epoch, share, images, videos, text-only, problems
+    assert cells_a == ["public_a", "official", "15", "15", "5.437%", "1", "2.8%", "11", "4", "2", "ok"]
+    assert cells_b == ["public_b", "official", "14", "14", "250%", "35", "97.2%", "8", "5", "1", "ok"]
     assert "OK check: 2 datasets (2 valid), 36 samples per epoch; 0 errors, 0 warnings" in r.stdout
 
 
@@ -97,9 +97,9 @@ def test_check_golden_deep_flags_quirks(golden_dict, golden_dir):
     assert ("public_b.jsonl", 11, "conversations", "warning") in got
     assert all(p["file"] in (a, b) for p in report["problems"])
     assert report["datasets"] == [
-        {"name": "public_a", "declared_length": 15, "actual_length": 15, "rate": 0.05437, "samples_per_epoch": 1,
+        {"name": "public_a", "format": "official", "declared_length": 15, "actual_length": 15, "rate": 0.05437, "samples_per_epoch": 1,
          "images": 11, "videos": 4, "text_only": 2},
-        {"name": "public_b", "declared_length": 14, "actual_length": 14, "rate": 2.5, "samples_per_epoch": 35,
+        {"name": "public_b", "format": "official", "declared_length": 14, "actual_length": 14, "rate": 2.5, "samples_per_epoch": 35,
          "images": 8, "videos": 5, "text_only": 1},
     ]
     text = invoke("datasets", "check", str(golden_dict), "--deep")
@@ -565,6 +565,8 @@ def test_media_tag_in_a_system_turn_is_not_counted(tmp_path):
     d.write_text(json.dumps({"t": {"data_path": ".", "annotation_path": "t.jsonl"}}))
     probs = json.loads(invoke("datasets", "check", str(d), "--deep", "--json").stdout)["problems"]
     assert [(p["key"], p["message"]) for p in probs] == [
+        ("content", "a system turn inside the conversation is kept as a second system turn after the default "
+                    "system prompt (as the official code does)"),  # issue 12: a warning now
         ("content", "a system turn contains an <image>/<video> tag; it is not replaced"),
         ("image", "0 <image> tag(s) for 1 image(s)")]
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenvl import storage
+from qwenvl.data import formats
 from qwenvl.data.annotation_read import (
     _LIST_HINT,
     ProbeInfo,
@@ -35,6 +36,7 @@ from qwenvl.data.annotation_read import (
     _text,
     _utf16_jsonl,
     annotation_format,
+    format_of,
     oneline,
 )
 from qwenvl.data.media_exist import check_http, check_local
@@ -66,13 +68,20 @@ class ScanResult:
     first_media: Any = field(default=None, repr=False, compare=False)  # its locator (internal)
     unusable: bool = False  # the file is not a JSON list / does not parse at all (see problems)
     packed: bool = False  # a .json with at least one official pre-packed list of samples
+    fmt_info: ProbeInfo = field(default_factory=ProbeInfo, repr=False, compare=False)  # the format settled
+
+    @property
+    def format(self) -> str | None:
+        return self.fmt_info.format
 
     def as_probe(self) -> ProbeInfo:
         """What :func:`probe` would have said, so a full scan need not read the file twice."""
         if self.unusable:
             return ProbeInfo(records=None, problems=list(self.problems))
+        f = self.fmt_info
         return ProbeInfo(records=self.samples, media_line=self.media_line, packed=self.packed,
-                         top_level=self.records if annotation_format(self.path) == "json" else None)
+                         top_level=self.records if annotation_format(self.path) == "json" else None,
+                         format=f.format, format_found=f.format_found, format_line=f.format_line, unread=f.unread)
 
 
 class _Sink:
@@ -99,9 +108,48 @@ class _Sink:
             self.items.append(item)
 
 
+def _check_formatted(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, Any] | None, res: Any,
+                     fmt: formats.FormatSpec) -> None:
+    """:func:`_check_record` for a record of another format: normalised first (the builder's own path)."""
+    internal, _, problems = formats.sample_problems(rec, fmt)
+    if type(internal) is dict:
+        img, vid = internal.get("image"), internal.get("video")
+        imgs = (img,) if type(img) is str else (img if type(img) is list else ())
+        vids = (vid,) if type(vid) is str else (vid if type(vid) is list else ())
+        frames = [f for v in vids if type(v) is tuple for f in v]
+        if imgs or vids:
+            res.images += bool(imgs)
+            res.videos += bool(vids)
+            if res.first_media is None and (_relative(imgs) or _relative([v for v in vids if type(v) is str])
+                                            or _relative(frames)):
+                res.first_media = loc
+        else:
+            res.text_only += 1
+        if deep and media is not None:
+            for p in (*imgs, *[v for v in vids if type(v) is str], *frames):
+                if p.__class__ is str and p not in media and is_path(p):
+                    media[p] = loc
+            if res.video_paths is not None:
+                for p in vids:
+                    if p.__class__ is str:
+                        res.video_paths.setdefault(p, loc)
+                for p in (*imgs, *frames):
+                    if p.__class__ is str:
+                        res.image_paths.setdefault(p, loc)
+    elif type(rec) is dict:
+        res.text_only += 1
+    if not deep:
+        return
+    for severity, kind, code, message, key, hint in problems:
+        sink.add(loc, code, severity, message, key, hint, None, kind)
+
+
 def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, Any] | None,
-                  res: Any) -> None:
+                  res: Any, fmt: formats.FormatSpec | None = None) -> None:
     """Count one sample and (``deep``) check it with the trainer's rule. Kept flat: this runs a million times."""
+    if fmt is not None:
+        if fmt.name != "official" or fmt.train_on != "all":
+            return _check_formatted(rec, loc, sink, deep, media, res, fmt)
     if type(rec) is not dict:
         if not deep:
             if type(rec) is list and type(loc) is int:  # a .jsonl line holding a list
@@ -182,8 +230,11 @@ def _scan_chunk(bounds: tuple) -> _Part:
                  image_paths={} if job.get("decode") else None)
     media = part.media
     check = _check_record
+    fmt = job.get("fmt")
+    if fmt is not None and fmt.name == "official" and fmt.train_on == "all":
+        fmt = None  # the official format as it is: the fast path
     items = job["items"]
-    if job["fmt"] == "jsonl":
+    if job["fmt_kind"] == "jsonl":
         # bounds are (first byte, end byte, line number of the first byte): each worker splits its own bytes
         first_line = bounds[2]  # type: ignore[misc]
         loads = _loads
@@ -203,7 +254,7 @@ def _scan_chunk(bounds: tuple) -> _Part:
                 if msg:
                     sink.add(line, "json", "error", msg, hint=hint, column=col)
                     continue
-            check(rec, line, sink, deep, media, part)
+            check(rec, line, sink, deep, media, part, fmt)
         part.records = part.samples = line - first_line + 1 - blank
     else:
         for i in range(lo, hi):
@@ -212,10 +263,10 @@ def _scan_chunk(bounds: tuple) -> _Part:
             if type(item) is list:
                 for j, rec in enumerate(item):
                     part.samples += 1
-                    check(rec, (i, j), sink, deep, media, part)
+                    check(rec, (i, j), sink, deep, media, part, fmt)
             else:
                 part.samples += 1
-                check(item, (i, None), sink, deep, media, part)
+                check(item, (i, None), sink, deep, media, part, fmt)
     part.items = sink.items
     part.counts = sink.counts
     return part
@@ -256,7 +307,8 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
          progress: Callable[[int], None] | None = None, max_per_kind: int = MAX_PER_KIND,
          workers: int | None = None, chunk: int = CHUNK,
          list_progress: Callable[[int, int], None] | None = None, decode: bool = False,
-         decode_progress: Callable[[int, int], None] | None = None) -> ScanResult:
+         decode_progress: Callable[[int, int], None] | None = None,
+         fmt: formats.FormatSpec | None = None) -> ScanResult:
     """Read every record of one annotation file; count and (``deep``) check each sample.
 
     Raises OSError when the file cannot be read. Media paths resolve against ``data_path``
@@ -264,17 +316,19 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
     ``workers`` forked processes (default: one per CPU from PARALLEL_MIN_RECORDS records on;
     ``VLSFT_CHECK_WORKERS`` overrides); the result is the same as a single-process scan.
     ``progress(records)`` follows the records; ``list_progress(done, total)`` the folder listings of
-    the media existence check on object storage (:func:`qwenvl.storage.existing`).
+    the media existence check on object storage (:func:`qwenvl.storage.existing`). ``fmt``: the dataset's
+    format as declared (None or name None: detected from the first records, as :func:`probe` does); every record
+    is then read as the trainer reads it (:func:`qwenvl.data.formats.sample_problems`).
     """
     res = ScanResult(path=path)
     sink = _Sink(path, max_per_kind)
     media: dict[str, Any] | None = {} if (deep and check_media) else None
     data = _read(path)
-    fmt = annotation_format(path)
+    fmt_kind = annotation_format(path)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived dicts: the cyclic GC would cost more than the parsing
     try:
-        if fmt == "jsonl":
+        if fmt_kind == "jsonl":
             wrong = _utf16_jsonl(data, path) or _json_list_in_jsonl(data, path)
             if wrong is not None:
                 res.problems.append(wrong)
@@ -283,6 +337,17 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
             items: Any = data
             total = len(data) // 150  # an estimate is enough to choose the number of workers
             bounds = _byte_chunks(data, chunk * 200)  # ~200 bytes per record
+            pairs = []
+            for line, raw in enumerate(data[:data.find(b"\n", min(len(data), formats.DETECT_RECORDS * 2000))
+                                       % (len(data) + 1)].split(b"\n"), 1):
+                if raw and not raw.isspace():
+                    try:
+                        pairs.append((line, _loads(raw)))
+                    except _JSONError:
+                        pass
+                if len(pairs) >= formats.DETECT_RECORDS:
+                    break
+            fmt = format_of(pairs, fmt, res.fmt_info, lambda loc: loc)
         else:
             try:
                 items = _load_json_document(data)
@@ -299,8 +364,13 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
                 return res
             total = len(items)
             res.packed = any(type(x) is list for x in items)
+            pairs = []
+            for i, item in enumerate(items[:formats.DETECT_RECORDS]):
+                pairs += [((i, j), r) for j, r in (enumerate(item) if type(item) is list else ((None, item),))]
+            fmt = format_of(pairs[:formats.DETECT_RECORDS], fmt, res.fmt_info, lambda loc: None if loc is None else
+                            _json_item_lines(_text(data), {loc}).get(loc))
             bounds = [(lo, min(lo + chunk, total)) for lo in range(0, total, max(1, chunk))]
-        _JOB.update(path=path, fmt=fmt, items=items, deep=deep, media=media is not None, max_per_kind=max_per_kind,
+        _JOB.update(path=path, fmt_kind=fmt_kind, fmt=fmt, items=items, deep=deep, media=media is not None, max_per_kind=max_per_kind,
                     decode=decode and media is not None)
         roles: tuple[dict, dict] = ({}, {})  # (images, videos): path -> first locator, for --decode
         n_workers = min(_workers(total, workers), len(bounds))

@@ -1,6 +1,7 @@
 """Annotation files, reading: records fast and with line numbers, formats, positions, probing (torch-free).
 
-Formats (as the official trainer reads them):
+File formats (as the official trainer reads them; the record formats of other tools are
+:mod:`qwenvl.data.formats`, settled per dataset by :func:`format_of`):
 
 * ``.jsonl``: one JSON object per line (blank lines ignored);
 * ``.json``: a JSON list of samples, or a list of lists of samples (the official pre-packed format).
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenvl import storage
+from qwenvl.data import formats
 from qwenvl.data.sample_rules import kind_of as _kind_of
 from qwenvl.problems import Problem
 
@@ -330,6 +332,12 @@ class ProbeInfo:
     # paths and URLs need no data_path
     media_line: int | None = None
     problems: list[Problem] = field(default_factory=list)
+    # the annotation format (qwenvl.data.formats): declared in the dictionary or detected from the first records
+    format: str | None = "official"
+    format_found: str = ""  # an unknown shape: what was found (format is then None)
+    format_line: int | None = None  # line of the record that showed the unknown shape
+    # media-looking keys the format does not read: key -> (records among the first ones, line of the first)
+    unread: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
 
 def _relative(paths: Any) -> bool:
@@ -340,9 +348,42 @@ def _relative(paths: Any) -> bool:
     return False
 
 
-def _references_media(rec: Any) -> bool:
+def _references_media(rec: Any, fmt: formats.FormatSpec | None = None) -> bool:
     """Whether a sample names a media file relative to data_path (absolute paths and URLs need none)."""
+    if fmt is not None and fmt.name not in (None, "official"):
+        rec = formats.normalise(rec, fmt)[0]
+        return type(rec) is dict and (_relative(rec.get("image")) or any(
+            _relative(v) for v in (rec.get("video") if type(rec.get("video")) is list else [rec.get("video")])
+            if type(v) in (str, tuple)))
     return type(rec) is dict and any(_relative(rec.get(k)) for k in ("image", "video", "images", "videos"))
+
+
+def format_of(pairs: list[tuple[Any, Any]], declared: formats.FormatSpec | None, info: ProbeInfo,
+              line_of: Callable[[Any], int | None]) -> formats.FormatSpec:
+    """Settle a dataset's format from ``(locator, record)`` pairs of its first records (the declared name wins)
+    and note in ``info`` an unknown shape and the media-looking keys the format does not read."""
+    spec = declared or formats.FormatSpec()
+    if spec.name is None:
+        found = formats.detect(pairs)
+        if found.name is None:
+            info.format, info.format_found, info.format_line = None, found.found, line_of(found.line)
+            return spec
+        spec = spec.with_name(found.name)
+    info.format = spec.name
+    reads_any = False
+    unread: dict[str, list] = {}
+    for loc, rec in pairs:
+        if type(rec) is not dict:
+            continue
+        reads_any = reads_any or any(k in rec for k in spec.reads_media)
+        for k in formats.unread_media_keys(rec, spec):
+            unread.setdefault(k, []).append(loc)
+    for k, locs in unread.items():
+        # the official format's misspelt 'images' among samples that use 'image' is a per-sample error (--deep)
+        if spec.name == "official" and k in ("images", "videos") and reads_any:
+            continue
+        info.unread[k] = (len(locs), line_of(locs[0]))
+    return spec
 
 
 @contextmanager
@@ -357,31 +398,43 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def probe(path: str, limit: int | None = None) -> ProbeInfo:
-    """Count records and look for media references in the first ``limit`` records (default PROBE_LIMIT).
+def probe(path: str, limit: int | None = None, fmt: formats.FormatSpec | None = None) -> ProbeInfo:
+    """Count records, settle the format (``fmt``: as declared in the dictionary; name None = detect) and look for
+    media references in the first ``limit`` records (default PROBE_LIMIT).
 
     Raises OSError if the file cannot be read.
     """
     with _no_gc():
-        return _probe(path, PROBE_LIMIT if limit is None else limit)
+        return _probe(path, PROBE_LIMIT if limit is None else limit, fmt)
 
 
-def _probe(path: str, limit: int) -> ProbeInfo:
+def _probe(path: str, limit: int, fmt: formats.FormatSpec | None = None) -> ProbeInfo:
     info = ProbeInfo()
-    fmt = annotation_format(path)
+    fmt_kind = annotation_format(path)
     data = _read(path)
-    if fmt == "jsonl":
+    if fmt_kind == "jsonl":
         wrong = _utf16_jsonl(data, path) or _json_list_in_jsonl(data, path)
         if wrong is not None:
             info.problems.append(wrong)
             return info
         info.records = _count_jsonl(data)
+        if limit:
+            pairs = []
+            for line, raw in _nonblank_jsonl(data[: data.find(b"\n", min(len(data), formats.DETECT_RECORDS * 2000))
+                                                  % (len(data) + 1)]):
+                try:
+                    pairs.append((line, _loads(raw)))
+                except _JSONError:
+                    pass
+                if len(pairs) >= formats.DETECT_RECORDS:
+                    break
+            fmt = format_of(pairs, fmt, info, lambda loc: loc)
         head = data[: data.find(b"\n", min(len(data), limit * 400)) % (len(data) + 1)] if limit else b""
         for count, (line, raw) in enumerate(_nonblank_jsonl(head), 1):
             if count > limit:
                 break
             try:
-                if _references_media(_loads(raw)):
+                if _references_media(_loads(raw), fmt):
                     info.media_line = line
                     break
             except _JSONError:
@@ -401,11 +454,20 @@ def _probe(path: str, limit: int) -> ProbeInfo:
     info.top_level = len(doc)
     info.records = sum(len(x) if type(x) is list else 1 for x in doc)
     info.packed = any(type(x) is list for x in doc)
+    if limit:
+        pairs = []
+        for i, item in enumerate(doc):
+            for j, rec in (enumerate(item) if type(item) is list else ((None, item),)):
+                pairs.append(((i, j), rec))
+            if len(pairs) >= formats.DETECT_RECORDS:
+                break
+        fmt = format_of(pairs, fmt, info, lambda loc: None if loc is None else _json_item_lines(
+            _text(data), {loc}).get(loc))
     seen = 0
     for i, item in enumerate(doc):
         for rec in item if type(item) is list else (item,):
             seen += 1
-            if _references_media(rec):
+            if _references_media(rec, fmt):
                 info.media_line = _json_item_lines(_text(data), {(i, None)}).get((i, None))
                 return info
             if seen >= limit:

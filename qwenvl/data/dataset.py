@@ -60,7 +60,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         r = int(self.rec_ids[i])
         where = src.store.where(r)
         try:
-            sample = self.builder.build(src.store[r], src.data_path)
+            sample = self.builder.build(src.store[r], src.data_path, src.fmt)
         except StorageError as e:
             if e.fatal:  # endpoint down / credentials refused: no sample can be read, stop now
                 raise

@@ -38,12 +38,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qwenvl import storage
 from qwenvl.data import annotations as ann
+from qwenvl.data import formats
 from qwenvl.data.jsonloc import INVALID, JKey, JNode, parse
 from qwenvl.problems import Problem, did_you_mean
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = ("data_path", "annotation_path", "length", "sampling_rate", "repeat_time")
+KNOWN_KEYS = ("data_path", "annotation_path", "length", "sampling_rate", "repeat_time", "format", "system", "train_on")
+# keys of a LLaMA-Factory dataset_info.json entry (read as a dictionary: see _Loader.lf_pairs)
+LF_KEYS = ("file_name", "formatting", "columns", "tags", "ranking", "subset", "split", "folder", "num_samples",
+           "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+LF_TAGS = {"role_tag": "role_key", "content_tag": "content_key", "user_tag": "user_tags",
+           "assistant_tag": "assistant_tags", "system_tag": "system_tags"}
 REQUIRED_KEYS = ("annotation_path",)
 ANNOTATION_EXTENSIONS = (".json", ".jsonl")
 EXAMPLE_ENTRY = '{"data_path": "images/", "annotation_path": "train.jsonl", "sampling_rate": 0.5}'
@@ -67,6 +73,20 @@ class DatasetSpec(BaseModel):
     repeat_time: float | None = Field(
         None, gt=0, description="Copies per epoch (> 0); 2.5 = two full copies plus a random half."
     )
+    format: str | None = Field(None, description="Annotation format: official, messages or sharegpt "
+                               "(default: detected from the first records).")
+    system: str | None = Field(None, description="System prompt of this dataset (replaces the default one).")
+    train_on: str | None = Field(None, description="Assistant turns trained: 'all' (default) or 'last'.")
+    format_keys: dict | None = Field(None, description="Record keys and speaker tags (from a LLaMA-Factory "
+                                     "dataset_info.json entry's columns/tags).")
+
+    @property
+    def format_spec(self):
+        """The :class:`qwenvl.data.formats.FormatSpec` of this dataset (name None: detect)."""
+        from qwenvl.data.formats import FormatSpec
+
+        return FormatSpec(name=self.format, system=self.system, train_on=self.train_on or "all",
+                          declared=self.format is not None, **(self.format_keys or {}))
 
     @property
     def percent(self) -> float:
@@ -93,6 +113,8 @@ class DatasetDictionary:
     names: list[str] = field(default_factory=list)  # every dataset name in file order (also broken entries)
     record_counts: dict[str, int] = field(default_factory=dict)  # real record counts (when files were checked)
     media_referenced: dict[str, bool] = field(default_factory=dict)
+    formats: dict[str, str | None] = field(default_factory=dict)  # dataset -> its annotation format (checked files)
+    llamafactory: bool = False  # the file is a LLaMA-Factory dataset_info.json
     unusable: bool = False  # the file could not be read / holds no dictionary at all
     dataset_of: dict[Problem, str] = field(default_factory=dict)  # problem -> dataset it belongs to
     # every entry whose annotation_path could be read, valid or not (unvalidated; for file checks)
@@ -226,6 +248,7 @@ class _Loader:
             res.unusable = True
             return res
         self.base_dir = self._base_dir()
+        self.lf = res.llamafactory = _is_llamafactory(root)
         seen: dict[str, JKey] = {}
         for key, node in root.value:
             self.current = key.name
@@ -279,7 +302,12 @@ class _Loader:
         ok = True
         seen_keys: dict[str, JKey] = {}
         suggested: set[str] = set()  # known keys that unknown keys were suggested as
-        for k, v in node.value:
+        pairs = node.value
+        if self.lf:
+            pairs = self.lf_pairs(name, node)
+            if pairs is None:
+                return
+        for k, v in pairs:
             if k.name in seen_keys:
                 first = seen_keys[k.name]
                 at = f"line {first.line}" if first.line != k.line else f"column {first.column}"
@@ -289,7 +317,7 @@ class _Loader:
                 continue
             seen_keys[k.name] = k
             res.key_positions[(name, k.name)] = (k.line, k.column)
-            if k.name not in KNOWN_KEYS:
+            if k.name not in KNOWN_KEYS and not (self.lf and k.name == "format_keys"):
                 hint = _key_hint(k.name)
                 suggested.add(hint.split("'")[1] if hint.startswith("did you mean") else "")
                 self.add("error", f"unknown key '{k.name}' in dataset '{name}'", k.line, k.column, key=k.name,
@@ -326,7 +354,7 @@ class _Loader:
                 self.add("error", f"invalid entry: {exc}".splitlines()[0], node.line, node.column, key=name)
                 ok = False
         if parsed.get("annotation_path") and name not in res.entries:
-            res.entries[name] = DatasetSpec.model_construct(**{k: parsed.get(k) for k in KNOWN_KEYS})
+            res.entries[name] = DatasetSpec.model_construct(**{k: parsed.get(k) for k in (*KNOWN_KEYS, "format_keys")})
             res.raw_annotation_paths[name] = values["annotation_path"].value
             if "data_path" in values and values["data_path"].kind == "string":
                 res.raw_data_paths[name] = values["data_path"].value
@@ -438,10 +466,115 @@ class _Loader:
     def check_repeat_time(self, name: str, k: str, v: JNode) -> object:
         return self._rate(name, k, v)
 
+    def _choice(self, name: str, k: str, v: JNode, allowed: tuple[str, ...]) -> object:
+        if v.kind == "null":
+            return None
+        if v.kind != "string" or v.value not in allowed:
+            low = v.value.strip().lower() if v.kind == "string" else None
+            hint = f"write \"{low}\"" if low in allowed else f"one of: {', '.join(allowed)}"
+            self.add("error", f"'{k}' of dataset '{name}' must be one of {', '.join(allowed)}, found "
+                     f"{v.raw if v.kind in ('string', 'number', 'bool') else _type_name(v)}", v.line, v.column,
+                     key=k, hint=hint)
+            return INVALID
+        return v.value
+
+    def check_format(self, name: str, k: str, v: JNode) -> object:
+        from qwenvl.data.formats import FORMATS
+
+        return self._choice(name, k, v, FORMATS)
+
+    def check_train_on(self, name: str, k: str, v: JNode) -> object:
+        from qwenvl.data.formats import TRAIN_ON
+
+        return self._choice(name, k, v, TRAIN_ON)
+
+    def check_system(self, name: str, k: str, v: JNode) -> object:
+        if v.kind == "null":
+            return None
+        if v.kind != "string":
+            return self._wrong_type(name, k, v, "a string (the system prompt)")
+        return v.value
+
+    def check_format_keys(self, name: str, k: str, v: JNode) -> object:
+        return v.value
+
+    # ---- LLaMA-Factory dataset_info.json ------------------------------------------------------
+    def lf_pairs(self, name: str, node: JNode) -> list | None:
+        """A dataset_info.json entry as vlsft keys (``file_name`` -> annotation_path, the file's folder as
+        data_path = LLaMA-Factory's default media_dir, ``formatting``/``columns``/``tags`` -> format and keys).
+        None after an error that leaves nothing to check."""
+        got = {k.name: (k, v) for k, v in node.value if v is not None}
+        for k, _v in node.value:
+            if k.name not in LF_KEYS and k.name not in KNOWN_KEYS:
+                hint = did_you_mean(k.name, LF_KEYS) or f"dataset_info.json keys read: {', '.join(LF_KEYS[:4])}"
+                self.add("error", f"unknown key '{k.name}' in dataset '{name}'", k.line, k.column, key=k.name,
+                         hint=hint)
+                return None
+        hub = next((key for key in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+                    if key in got), None)
+        if hub and "file_name" not in got:
+            k, v = got[hub]
+            self.add("error", f"dataset '{name}' is loaded from '{hub}': vlsft reads local annotation files only",
+                     k.line, k.column, key=hub, hint="download it and name the file with \"file_name\"")
+            return None
+        if "file_name" not in got:
+            self.add("error", f"dataset '{name}' has no 'file_name'", node.line, node.column, key="file_name",
+                     hint='add "file_name": "my_data.json" (relative to the folder of dataset_info.json)')
+            return None
+        ranking = got.get("ranking")
+        if ranking and ranking[1].value is True:
+            k, v = ranking
+            self.add("error", f"dataset '{name}' is a preference (ranking) dataset: vlsft trains supervised "
+                     "fine-tuning data only", k.line, k.column, key="ranking", hint="remove it from the dictionary")
+            return None
+        fm = got.get("formatting")
+        formatting = fm[1].value if fm else "alpaca"
+        if formatting != "sharegpt":
+            at = fm[0] if fm else node
+            self.add("error", f"dataset '{name}' uses LLaMA-Factory's '{formatting}' formatting, which vlsft does not "
+                     "read", at.line, at.column, key="formatting", hint="vlsft reads sharegpt-formatted data "
+                     "(conversations or messages with images/videos); convert the file to that")
+            return None
+        keys: dict = {"messages_key": "conversations", "images_key": "", "videos_key": "", "system_key": None}
+        cols = got.get("columns")
+        if cols and cols[1].kind == "object":
+            for ck, cv in cols[1].value:
+                if cv is None or cv.kind != "string":
+                    continue
+                target = {"messages": "messages_key", "images": "images_key", "videos": "videos_key",
+                          "system": "system_key"}.get(ck.name)
+                if target:
+                    keys[target] = cv.value
+                elif ck.name in ("audios", "tools", "chosen", "rejected", "kto_tag"):
+                    self.add("error", f"column '{ck.name}' of dataset '{name}' is not read by vlsft", ck.line,
+                             ck.column, key=ck.name, hint="vlsft trains text, images and videos; drop the column")
+                    return None
+        tags = got.get("tags")
+        if tags and tags[1].kind == "object":
+            for tk, tv in tags[1].value:
+                if tv is None or tv.kind != "string" or tk.name not in LF_TAGS:
+                    continue
+                target = LF_TAGS[tk.name]
+                keys[target] = (tv.value,) if target.endswith("_tags") else tv.value
+        for skipped in ("subset", "split", "folder", "num_samples"):
+            if skipped in got:
+                k, _ = got[skipped]
+                self.add("warning", f"'{skipped}' of dataset '{name}' is not applied by vlsft", k.line, k.column,
+                         key=skipped, hint="use sampling_rate / repeat_time in a vlsft dictionary to sample"
+                         if skipped == "num_samples" else None)
+        k, v = got["file_name"]
+        out = [(JKey("annotation_path", k.line, k.column), v),
+               (JKey("data_path", node.line, node.column), JNode("string", ".", node.line, node.column, '"."')),
+               (JKey("format", fm[0].line, fm[0].column), JNode("string", "sharegpt", fm[0].line, fm[0].column,
+                                                               '"sharegpt"')),
+               (JKey("format_keys", node.line, node.column), JNode("lf", keys, node.line, node.column))]
+        out += [(k2, v2) for k2, v2 in node.value if k2.name in KNOWN_KEYS and k2.name not in ("format",)]
+        return out
+
     # ---- annotation files --------------------------------------------------------------------
     def files(self, name: str, spec: DatasetSpec, values: dict[str, JNode]) -> None:
         try:
-            info: ann.ProbeInfo | BaseException = ann.probe(spec.annotation_path)
+            info: ann.ProbeInfo | BaseException = ann.probe(spec.annotation_path, fmt=spec.format_spec)
         except (OSError, ValueError) as exc:
             info = exc
         apply_file_info(self.result, name, info)
@@ -493,6 +626,24 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
         return
     d.record_counts[name] = info.records
     d.media_referenced[name] = info.media_line is not None
+    d.formats[name] = info.format
+    base = posixpath.basename(apath)
+    if info.format is None:
+        line, col = d.key_positions.get((name, "format"), d.positions.get(name, (None, None)))
+        problem = Problem("error", f"dataset '{ann.oneline(name)}': unknown annotation format: "
+                          f"{ann.oneline(info.format_found)} (first at {base}:{info.format_line}); vlsft reads "
+                          f"{formats.ACCEPTED}", d.path, line, col, "format",
+                          "convert the records to one of these, or set \"format\" in the dictionary entry")
+        d.problems.append(problem)
+        d.dataset_of[problem] = name
+    for key, (count, line_no) in info.unread.items():
+        fmt = info.format or "official"
+        reads = " / ".join(repr(k) for k in spec.format_spec.with_name(fmt).reads_media if k) or "no media keys"
+        hint = {"official": f"the official format reads 'image' / 'video'{_rename_hint(key)}",
+                }.get(fmt, f"this dataset's format ({fmt}) reads {reads}")
+        add("error", f"dataset '{name}': key '{key}' holds media the {fmt} format does not read: "
+            f"{count} of the first samples would train without it (first at {base}:{line_no})", "annotation_path",
+            hint + (" (or set \"format\")" if not spec.format else ""))
     if info.records == 0:
         add("warning", f"dataset '{name}' has no records ({apath})", "annotation_path")
     # a pre-packed .json may declare either its samples (what the trainer counts) or its packs
@@ -519,6 +670,20 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
 
 
 _SAMPLE_KEYS = {"conversations", "messages", "image", "video", "images", "videos"}
+
+
+def _rename_hint(key: str) -> str:
+    single = {"images": "image", "videos": "video"}.get(key)
+    return f": rename '{key}' to '{single}'" if single else ""
+
+
+def _is_llamafactory(root: JNode) -> bool:
+    """A LLaMA-Factory dataset_info.json: its entries name ``file_name`` / ``formatting`` / hub URLs, never
+    ``annotation_path``."""
+    entries = [v for _, v in root.value if v is not None and v.kind == "object"]
+    keys = {k.name for v in entries for k, _ in v.value}
+    return bool(entries) and "annotation_path" not in keys and bool(keys & {"file_name", "formatting",
+                                                                            "hf_hub_url", "ms_hub_url"})
 
 
 def _looks_like_samples(root: JNode) -> bool:

@@ -30,6 +30,10 @@ Odd inputs, decided (tested in ``tests/test_preprocess.py``):
   ``<|image_pad|>`` / ``<|video_pad|>`` (a vision token with no pixels: the official run crashes in the
   model); no assistant turn at all (every label -100: no loss).
 
+System prompts and trained turns (decided in issue 12, see :mod:`qwenvl.data.formats`): the system turn is
+the sample's own system prompt in the messages/sharegpt formats, else the dataset's ``"system"``, else the
+default above; an assistant turn with ``train=False`` (``"loss": false``, ``train_on: last``) is masked whole.
+
 Speed: the tokenizer is never copied; each sample's text segments (the text between special
 tokens, which the tokenizer encodes independently anyway) are encoded in one Rust batch call.
 """
@@ -84,6 +88,7 @@ class BadSample(UserError, ValueError):
 class Turn:
     role: str
     content: str
+    train: bool = True  # False: an assistant turn that is masked (``loss: false``, ``train_on: last``)
 
 
 def problem_error(problem) -> BadSample:
@@ -136,14 +141,15 @@ class ChatEncoder:
             return [e.ids for e in self._rust.encode_batch(texts, add_special_tokens=False)]
         return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
 
-    def encode(self, turns: list[Turn], image_tokens: list[int], video_tokens: list[int]
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and labels (int64 arrays). ``*_tokens``: pad count of each image / video, in order."""
+    def encode(self, turns: list[Turn], image_tokens: list[int], video_tokens: list[int],
+               system: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and labels (int64 arrays). ``*_tokens``: pad count of each image / video, in order.
+        ``system``: the system prompt (default :data:`SYSTEM_MESSAGE`)."""
         # Plan every turn as a list of items: str (text segment) or ("pad", id, n)
         plans: list[tuple[bool, list]] = []
         texts: list[str] = []
         img_i = vid_i = 0
-        for turn in [Turn("system", SYSTEM_MESSAGE), *turns]:
+        for turn in [Turn("system", SYSTEM_MESSAGE if system is None else system), *turns]:
             items: list = []
             head = f"{turn.role}\n"
             if turn.role == "user" and (IMAGE_TAG in turn.content or VIDEO_TAG in turn.content):
@@ -170,7 +176,7 @@ class ChatEncoder:
             for it in items:
                 if isinstance(it, str):
                     texts.append(it)
-            plans.append((turn.role in ("user", "system"), items))
+            plans.append((turn.role in ("user", "system") or not turn.train, items))
         if img_i != len(image_tokens) or vid_i != len(video_tokens):
             raise BadSample(f"{len(image_tokens)} image(s) / {len(video_tokens)} video(s) but "
                             f"{img_i} <image> / {vid_i} <video> tag(s) in human turns: every media item "

@@ -19,9 +19,11 @@ import json
 import logging
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from qwenvl.data import formats
 from qwenvl.data.dataset_use import DatasetUseError, format_percent, resolve_selection, sample_count
 from qwenvl.data.store import AnnotationStore
 from qwenvl.problems import UserError
@@ -40,6 +42,7 @@ class DatasetSource:
     annotation_path: str
     percent: float
     store: AnnotationStore | None = None
+    fmt: Any = None  # qwenvl.data.formats.FormatSpec: declared in the dictionary, settled by build_index
 
 
 class SamplingReport(dict):
@@ -123,8 +126,8 @@ def resolve_sources(dataset_use: str, dataset_dict: str | None) -> list[DatasetS
         raise RegistryError(str(e)) from None
     if selection.problems:
         raise RegistryError("\n".join(p.render() for p in selection.problems))
-    return [DatasetSource(s.name, d.datasets[s.name].data_path, d.datasets[s.name].annotation_path, s.percent)
-            for s in selection.datasets]
+    return [DatasetSource(s.name, d.datasets[s.name].data_path, d.datasets[s.name].annotation_path, s.percent,
+                          fmt=d.datasets[s.name].format_spec) for s in selection.datasets]
 
 
 def build_index(sources: list[DatasetSource], seed: int) -> tuple[np.ndarray, np.ndarray, SamplingReport]:
@@ -137,6 +140,8 @@ def build_index(sources: list[DatasetSource], seed: int) -> tuple[np.ndarray, np
         if src.store is None:  # one store per file, however often the file is listed
             src.store = stores.get(src.annotation_path) or AnnotationStore.from_file(src.annotation_path)
         stores[src.annotation_path] = src.store
+        if src.fmt is None or src.fmt.name is None:  # the annotation format, as datasets check settles it
+            src.fmt = formats.settle(src.fmt, formats.store_head(src.store))
         n = len(src.store)
         # a name listed twice ('a,a': the official way to up-sample) is two entries: its own report
         # line ('a#2') and its own draw (seeded with the occurrence), not the first one's subset again

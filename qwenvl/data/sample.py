@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qwenvl import storage
-from qwenvl.data import sample_rules, vision
+from qwenvl.data import formats, sample_rules, vision
 from qwenvl.data.chat_head import HeadChatEncoder
 from qwenvl.data.preprocess import BadSample, ChatEncoder, Turn, problem_error
 from qwenvl.data.rope import RopeIndex
@@ -174,6 +174,34 @@ def _media_path(data_path: str | None, rel: str, key: str) -> str:
     return storage.join(data_path, rel)
 
 
+FRAME_LIST_FPS = 2.0  # a video given as frame images is taken as 2 frames per second (qwen-vl-utils' default)
+
+
+def _frame_list_video(paths: list[str], vb) -> vision.DecodedVideo:
+    """A video given as a list of frame images: every frame (evenly thinned to ``video_max_frames``), each
+    converted to RGB and, when sizes differ, resized to the first frame's size; taken at FRAME_LIST_FPS."""
+    from PIL import Image
+
+    total = len(paths)
+    keep = list(range(total))
+    if total > vb.video_max_frames:
+        keep = [int(i) for i in np.unique(np.linspace(0, total - 1, vb.video_max_frames, dtype=int))]
+    frames = [vision.open_image(paths[i]) for i in keep]
+    size = frames[0].size
+    arr = np.stack([np.asarray(f if f.size == size else f.resize(size, Image.Resampling.BICUBIC)) for f in frames])
+    return vision.DecodedVideo(arr, keep, total, FRAME_LIST_FPS, "frames")
+
+
+def _mask_untrained(ids, labels, turns: list[Turn], im_start: int) -> None:
+    """Mask (in place) the turns with ``train=False`` in a layout where turn k starts at the k-th ``<|im_start|>``."""
+    if all(t.train for t in turns):
+        return
+    starts = [int(i) for i in np.flatnonzero(ids == im_start)] + [len(ids)]
+    for k, t in enumerate(turns):
+        if not t.train and k + 1 < len(starts):
+            labels[starts[k]:starts[k + 1]] = -100
+
+
 @dataclass
 class SampleBuilder:
     tokenizer: object
@@ -193,16 +221,20 @@ class SampleBuilder:
             self.rope.video_token_id = self.encoder.video_pad
             self.rope.merge = self.spec.merge_size
 
-    def build(self, record: dict, data_path: str | None) -> dict:
+    def build(self, record: dict, data_path: str | None, fmt: formats.FormatSpec | None = None) -> dict:
+        """``fmt``: the dataset's annotation format (:mod:`qwenvl.data.formats`; None = official)."""
         import torch
 
-        # validity: the one rule the deep check applies too (qwenvl.data.sample_rules)
-        bad = sample_rules.first_error(sample_rules.record_problems(record))
+        # validity: the one rule the deep check applies too (qwenvl.data.formats + sample_rules)
+        record, extras, problems = formats.sample_problems(record, fmt)
+        bad = sample_rules.first_error(problems)
         if bad is not None:
             raise problem_error(bad)
         images = _as_list(record.get("image"))
         videos = _as_list(record.get("video"))
-        turns = [Turn(role, content) for role, content in sample_rules.turn_pairs(record["conversations"])]
+        turns = [Turn(role, content, train) for role, content, train in
+                 sample_rules.turn_triples(record["conversations"], extras.untrained)]
+        system = extras.system if extras.system is not None else (fmt.system if fmt is not None else None)
         b, m2, head = self.budget, self.spec.merge_size ** 2, self.head
         out: dict = {}
         image_tokens: list[int] = []
@@ -219,7 +251,10 @@ class SampleBuilder:
             vb = self.video_budget
             pvs, grids, spgs, fidx = [], [], [], []
             for p in videos:
-                dv = vision.decode_video(_media_path(data_path, p, "video"), vb)
+                if isinstance(p, tuple):  # a video given as its frame images (messages / sharegpt formats)
+                    dv = _frame_list_video([_media_path(data_path, f, "video frame") for f in p], vb)
+                else:
+                    dv = vision.decode_video(_media_path(data_path, p, "video"), vb)
                 if head:
                     pv, grid, stamps = vision.process_video_head(dv, self.spec, vb.min_pixels, vb.max_pixels)
                     head_videos.append((stamps, int(grid[1] * grid[2]) // m2))
@@ -238,9 +273,11 @@ class SampleBuilder:
             out["frame_idx"] = fidx
             video_tokens = [int(g.prod()) // m2 for g in grids]
         if head:
-            ids, labels = self.encoder.encode_head(turns, image_tokens, head_videos)
+            lead = [Turn("system", system)] if system is not None else []
+            ids, labels = self.encoder.encode_head(lead + turns, image_tokens, head_videos)
+            _mask_untrained(ids, labels, lead + turns, self.encoder.im_start)
         else:
-            ids, labels = self.encoder.encode(turns, image_tokens, video_tokens)
+            ids, labels = self.encoder.encode(turns, image_tokens, video_tokens, system)
         if self.model_max_length is not None and len(ids) > self.model_max_length:
             raise BadSample(f"{len(ids)} tokens > model_max_length {self.model_max_length} (skipped whole: "
                             "vision tokens are never cut; raise model_max_length or lower max_pixels)", "too_long")

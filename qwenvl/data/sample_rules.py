@@ -16,7 +16,10 @@ Decided (official = the Qwen2.5-era ``preprocess_qwen_2_visual``, see ``referenc
 * a turn reads ``role``/``content`` when it has both, else ``from``/``value`` (the official order);
 * an empty or blank value is trained as is (an empty answer trains ``<|im_end|>``): a warning;
 * ``<image>``/``<video>`` in gpt or system turns stay plain text (a warning); only human-turn tags
-  count against the media items;
+  count against the media items; a system turn inside the conversation is kept (a warning);
+* a ``video`` entry that is a *tuple* of paths is one video given as its frames (only
+  :mod:`qwenvl.data.formats` makes them, from a ``videos`` item that is a list; JSON has no tuples, so an
+  official record cannot hold one);
 * errors (the sample is skipped): not an object; ``image``/``video`` not a path or a list of paths,
   an empty list or an empty path; the misspelt ``images``/``videos`` key alone; no or an empty
   ``conversations``; a turn that is not an object, lacks its keys, has an unknown speaker or a value
@@ -67,6 +70,11 @@ def _media_field(key: str, value: Any, out: list) -> int:
             out.append(("error", "bad_media_field", "media_type", f"'{key}' is an empty list: the trainer skips "
                         "the sample", key, f"drop the '{key}' key for a sample without {key}s"))
         for p in value:
+            if p.__class__ is tuple and key == "video":  # a frame list (formats.py makes them): one video
+                if not p or not all(is_path(x) for x in p):
+                    out.append(("error", "bad_media_field", "media_type", f"a frame-list video must be a non-empty "
+                                f"list of image paths, found {list(p)!r}", key, "list the frame image files in order"))
+                continue
             if p.__class__ is not str or not p or p.isspace():
                 out.append(("error", "bad_media_field", "media_type", f"{key} entry {p!r} is not a path", key,
                             "each entry is a file path string, relative to data_path or absolute"))
@@ -173,6 +181,10 @@ def conversation_problems(conv: Any, out: list, rec: dict | None = None) -> tupl
             continue
         if first_side < 0:
             first_side = side
+        if side == 2:
+            out.append(("warning", "system_turn", "system_turn", "a system turn inside the conversation is kept as a "
+                        "second system turn after the default system prompt (as the official code does)", vkey,
+                        'to replace the default, use the messages format or a dataset-level "system"'))
         if side == prev and side != 2:
             out.append(("warning", "no_alternation", "no_alternation", "two turns in a row from the same speaker",
                         "conversations", "alternate human and gpt turns"))
@@ -252,6 +264,14 @@ def record_problems(rec: Any) -> list[Item]:
 
 def first_error(problems: list[Item]) -> Item | None:
     return next((p for p in problems if p[0] == "error"), None)
+
+
+def turn_triples(conv: list, untrained: set | frozenset = frozenset()) -> list[tuple[str, str, bool]]:
+    """``(role, content, trained)`` of the turns the trainer tokenizes; ``untrained`` holds indices into
+    ``conv`` of assistant turns that are masked (``loss: false``, ``train_on: last``)."""
+    return [(ROLES[conv[i]["role" if "role" in conv[i] and "content" in conv[i] else "from"]],
+             turn_fields(conv[i])[1], i not in untrained)  # type: ignore[index]
+            for i in range(1 if drops_first(conv) else 0, len(conv))]
 
 
 def turn_pairs(conv: list) -> list[tuple[str, str]]:

@@ -47,13 +47,14 @@ class DatasetRow:
     images: int | None = None
     videos: int | None = None
     text_only: int | None = None
+    format: str | None = None  # the annotation format (declared or detected); None: unknown / not read
     errors: int = 0
     warnings: int = 0
 
     def to_json(self) -> dict:
-        return {"name": self.name, "declared_length": self.declared_length, "actual_length": self.actual_length,
-                "rate": self.rate, "samples_per_epoch": self.samples_per_epoch, "images": self.images,
-                "videos": self.videos, "text_only": self.text_only}
+        return {"name": self.name, "format": self.format, "declared_length": self.declared_length,
+                "actual_length": self.actual_length, "rate": self.rate, "samples_per_epoch": self.samples_per_epoch,
+                "images": self.images, "videos": self.videos, "text_only": self.text_only}
 
 
 @dataclass
@@ -119,6 +120,7 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None,
         raw_rate = spec.sampling_rate if spec.sampling_rate is not None else spec.repeat_time
         row.rate = 1.0 if raw_rate is None else float(raw_rate)
         row.actual_length = d.record_counts.get(name)
+        row.format = d.formats.get(name)
         if row.actual_length is None:
             continue
         result = None
@@ -206,11 +208,12 @@ def _scan_one(name: str, spec: DatasetSpec, records: int | None, deep: bool, sho
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                           console=err_console, transient=True) as bar:
                 task = bar.add_task(f"checking {name}", total=records)
-                return scan(spec.annotation_path, spec.data_path, deep=deep,
+                return scan(spec.annotation_path, spec.data_path, deep=deep, fmt=spec.format_spec,
                             progress=lambda n: bar.advance(task, n), list_progress=listing, **extra)
         if long and deep:
             print(f"checking {name} ...", file=sys.stderr, flush=True)
-        return scan(spec.annotation_path, spec.data_path, deep=deep, list_progress=listing, **extra)
+        return scan(spec.annotation_path, spec.data_path, deep=deep, list_progress=listing, fmt=spec.format_spec,
+                    **extra)
     except (OSError, ValueError) as exc:  # StorageError is an OSError
         return exc
     finally:
@@ -262,7 +265,7 @@ def print_report(report: CheckReport) -> None:
     out = render.stdout()
     d = report.dictionary
     if report.rows:
-        headers = [("dataset", "left"), ("declared", "right"), ("samples", "right"), ("rate", "right"),
+        headers = [("dataset", "left"), ("format", "left"), ("declared", "right"), ("samples", "right"), ("rate", "right"),
                    ("per epoch", "right"), ("share", "right"), ("images", "right"), ("videos", "right"),
                    ("text-only", "right"), ("problems", "left")]
         rows = []
@@ -276,6 +279,7 @@ def print_report(report: CheckReport) -> None:
                 probs.append(("ok", "green"))
             cells = [
                 oneline(r.name) or "",
+                "-" if r.actual_length is None else (r.format or "?"),
                 _num(r.declared_length),
                 _num(r.actual_length),
                 "-" if r.spec is None else f"{format_percent(r.spec.percent)}%",

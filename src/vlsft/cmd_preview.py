@@ -72,6 +72,18 @@ def _render_text(console, tokenizer, ids: list[int], labels: list[int], pads: di
     console.print(text)
 
 
+def _conversation(record, fmt, default_system: str | None) -> list[dict]:
+    """The normalised conversation the tokens are built from (the system turn first, when there is one)."""
+    from qwenvl.data import formats, sample_rules
+
+    internal, extras, _ = formats.sample_problems(record, fmt)
+    system = extras.system if extras.system is not None else (fmt.system if fmt.system is not None else default_system)
+    turns = [{"role": "system", "content": system, "trained": False}] if system is not None else []
+    for role, content, train in sample_rules.turn_triples(internal["conversations"], extras.untrained):
+        turns.append({"role": role, "content": content, "trained": train and role == "assistant"})
+    return turns
+
+
 @datasets_app.command("preview")
 def preview(
     dataset: str = typer.Option(..., "--dataset", help="Dataset name in the dictionary."),
@@ -142,23 +154,29 @@ def preview(
         model_type = _MODEL_TYPES.get(json.loads(cfg_json.read_text()).get("model_type", ""), model_type)
     builder = make_builder(tokenizer, image_processor, data_args, model_type)
     where = store.where(index)
+    from qwenvl.data import formats
+
+    fmt = formats.settle(spec.format_spec, formats.store_head(store))  # as the trainer settles it (registry)
     try:
-        sample = builder.build(store[index], spec.data_path)
+        sample = builder.build(store[index], spec.data_path, fmt)
     except Exception as exc:  # the trainer skips a sample on any error; so does preview (one line, exit 1)
         if not isinstance(exc, (BadSample, MediaError, ValueError)):
             exc = f"{type(exc).__name__}: {exc}"
         if as_json:
-            print(json.dumps({"bad_sample": str(exc), "where": where}))
+            print(json.dumps({"bad_sample": str(exc), "where": where, "format": fmt.name}))
             raise typer.Exit(1) from None
         _fail(f"bad sample (skipped in training): {exc}", file=where, code=1)
 
     ids = sample["input_ids"].tolist()
     labels = sample["labels"].tolist()
     grid = lambda k: sample[k].tolist() if k in sample else None  # noqa: E731
+    from qwenvl.data.preprocess import SYSTEM_MESSAGE
+
+    conversation = _conversation(store[index], fmt, None if getattr(builder, "head", False) else SYSTEM_MESSAGE)
     if as_json:
         spg = sample.get("second_per_grid_ts")
         print(json.dumps({
-            "dataset": dataset, "index": index, "where": where,
+            "dataset": dataset, "index": index, "where": where, "format": fmt.name, "conversation": conversation,
             "input_ids": ids, "labels": labels, "position_ids": sample["position_ids"].tolist(),
             "image_grid_thw": grid("image_grid_thw"), "video_grid_thw": grid("video_grid_thw"),
             "second_per_grid_ts": spg.tolist() if spg is not None else None,
@@ -168,7 +186,10 @@ def preview(
         return
     out = render.stdout()
     enc = builder.encoder
-    out.print(f"[bold]{dataset}[/bold] #{index} ({render.markup(where)})")
+    out.print(f"[bold]{dataset}[/bold] #{index} ({render.markup(where)}), format {fmt.name}")
+    for turn in conversation:
+        note = "" if turn["trained"] or turn["role"] != "assistant" else " [dim](not trained)[/dim]"
+        out.print(f"[dim]{turn['role']}:[/dim] {render.markup(repr(turn['content']))}{note}", highlight=False)
     _render_text(out, tokenizer, ids, labels, {enc.image_pad: "<|image_pad|>", enc.video_pad: "<|video_pad|>"})
     trained = sum(1 for x in labels if x != -100)
     out.print(f"tokens: {len(ids)} (trained {trained}, masked {len(ids) - trained}); "

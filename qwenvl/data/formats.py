@@ -1,0 +1,415 @@
+"""Annotation formats: detection per dataset and one normaliser per format (torch-free).
+
+Every format is turned into the one internal conversation the pipeline builds tokens from: an official-shaped
+record (``image`` / ``video`` lists, ``conversations`` of ``role``/``content`` turns) plus :class:`Extras` (the
+sample's own system prompt, the turns that are not trained). The official format passes through untouched, so
+its behaviour (and the deep check's speed) is unchanged.
+
+Formats (``FORMATS``; a dictionary entry's ``"format"`` overrides the detection):
+
+* ``official``: ``conversations`` of ``from``/``value`` (or ``role``/``content``) turns, media in ``image`` /
+  ``video``; tags ``<image>``/``<video>`` in human turns. The default system turn stays; a system turn inside the
+  conversation is kept as a second (masked) system turn, as the official code does.
+* ``messages`` (LLaMA-Factory's sharegpt with OpenAI-style roles, ms-swift): ``messages`` of ``role``/``content``;
+  content is a string with ``<image>``/``<video>`` tags, or a list of parts (``{"type": "text", "text": ...}``,
+  ``{"type": "image", "image": path}``, ``{"type": "image_url", "image_url": {"url": ...}}``, ``{"type":
+  "video", "video": path | [frame paths]}``, or a bare ``{"type": "image"}`` that takes the next ``images``
+  item); media in ``images`` / ``videos`` or inline in the parts (not both); a leading ``system`` message or a
+  top-level ``system`` replaces the default system prompt; ``"loss": false`` on a turn masks it; a ``videos``
+  item may be a list of frame image paths (one video).
+* ``sharegpt`` (LLaMA-Factory): ``conversations`` of ``from``/``value`` with ``human``/``gpt``/``system``
+  speakers and media in ``images`` / ``videos``; otherwise as ``messages``.
+
+Detection (:func:`detect`) looks at the first ``DETECT_RECORDS`` records: ``messages`` records in the majority
+-> ``messages``; ``conversations`` with ``images``/``videos`` and none with ``image``/``video`` -> ``sharegpt``;
+other ``conversations`` -> ``official``. Anything else (alpaca, query/response, ...) is an unknown shape, named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from qwenvl.data.sample_rules import kind_of, record_problems
+
+FORMATS = ("official", "messages", "sharegpt")
+TRAIN_ON = ("all", "last")
+DETECT_RECORDS = 200
+ACCEPTED = ("official (conversations + image/video), messages (messages of role/content + images/videos), "
+            "sharegpt (conversations of from/value + images/videos)")
+# top-level keys that look like media: a format that does not read them would silently train text-only
+MEDIA_WORDS = ("image", "img", "video", "audio", "frame", "picture", "photo", "media")
+# known foreign shapes: key that identifies them -> name
+_FOREIGN = (("instruction", "alpaca (instruction/input/output)"), ("query", "query/response"),
+            ("prompt", "prompt/response"), ("conversation", "ms-swift's conversation pairs"),
+            ("text", "plain text (pre-training)"), ("question", "question/answer"))
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """How one dataset's records are read. ``name`` None = detect from the first records."""
+
+    name: str | None = None
+    messages_key: str = ""  # "" = the format's default (messages / conversations)
+    role_key: str = ""
+    content_key: str = ""
+    user_tags: tuple[str, ...] = ()
+    assistant_tags: tuple[str, ...] = ()
+    system_tags: tuple[str, ...] = ()
+    system_key: str | None = "system"  # top-level system prompt column
+    images_key: str = "images"
+    videos_key: str = "videos"
+    system: str | None = None  # the dataset's default system prompt (dictionary "system")
+    train_on: str = "all"  # "all" assistant turns, or only the "last"
+    declared: bool = False  # name came from the dictionary, not from detection
+
+    def with_name(self, name: str) -> FormatSpec:
+        return replace(self, name=name)
+
+    def keys(self) -> FormatSpec:
+        """This spec with the format's default keys and tags filled in."""
+        if self.name == "messages":
+            d = dict(messages_key="messages", role_key="role", content_key="content",
+                     user_tags=("user",), assistant_tags=("assistant",), system_tags=("system",))
+        elif self.name == "sharegpt":
+            d = dict(messages_key="conversations", role_key="from", content_key="value",
+                     user_tags=("human", "user"), assistant_tags=("gpt", "assistant"), system_tags=("system",))
+        else:
+            return self
+        return replace(self, **{k: getattr(self, k) or v for k, v in d.items()})
+
+    @property
+    def reads_media(self) -> tuple[str, ...]:
+        return ("image", "video") if self.name in (None, "official") else (self.images_key, self.videos_key)
+
+
+OFFICIAL = FormatSpec("official")
+
+
+@dataclass
+class Extras:
+    """What a normalised sample carries beside its official-shaped record."""
+
+    system: str | None = None  # the sample's own system prompt (replaces the default)
+    untrained: set = field(default_factory=set)  # indices of conversation turns with loss: false
+
+
+_PLAIN = Extras()
+
+
+# ---------------------------------------------------------------------------------------------- detection
+@dataclass
+class Detection:
+    name: str | None  # None: unknown shape
+    found: str = ""  # what was found, for the unknown case
+    line: Any = None  # locator of the first record that decided (or of the unknown shape)
+
+
+def classify(rec: Any) -> str | None:
+    """``"messages"``, ``"sharegpt"``, ``"official"``, ``"neutral"`` (conversations without media keys) or None."""
+    if type(rec) is not dict:
+        return None
+    if "messages" in rec:
+        return "messages"
+    if "conversations" in rec:
+        if "image" in rec or "video" in rec:
+            return "official"
+        if "images" in rec or "videos" in rec:
+            return "sharegpt"
+        return "neutral"
+    return None
+
+
+def detect(records) -> Detection:
+    """The format of a dataset from ``(locator, record)`` pairs of its first records."""
+    votes: dict[str, int] = {}
+    first: dict[str, Any] = {}
+    unknown: tuple[Any, Any] | None = None
+    for loc, rec in records:
+        c = classify(rec)
+        if c is None:
+            if unknown is None and type(rec) is dict:
+                unknown = (loc, rec)
+            continue
+        votes[c] = votes.get(c, 0) + 1
+        first.setdefault(c, loc)
+    conv = votes.get("official", 0) + votes.get("sharegpt", 0) + votes.get("neutral", 0)
+    if votes.get("messages", 0) > conv:
+        return Detection("messages", line=first["messages"])
+    if conv:
+        if votes.get("official") or not votes.get("sharegpt"):
+            return Detection("official", line=first.get("official", first.get("neutral")))
+        return Detection("sharegpt", line=first["sharegpt"])
+    if unknown is None:
+        return Detection("official")  # nothing to go by (empty file, broken lines): the official reader decides
+    loc, rec = unknown
+    keys = list(rec)
+    shape = next((name for key, name in _FOREIGN if key in rec), None)
+    found = (f"{shape} records" if shape else "records") + f" with keys {', '.join(map(repr, keys[:6]))}" + (
+        ", ..." if len(keys) > 6 else "")
+    return Detection(None, found, loc)
+
+
+def unread_media_keys(rec: Any, fmt: FormatSpec) -> list[str]:
+    """Top-level keys of ``rec`` that look like media but that ``fmt`` does not read."""
+    if type(rec) is not dict:
+        return []
+    reads = fmt.reads_media
+    out = []
+    for k in rec:
+        low = k.lower() if type(k) is str else ""
+        if k in reads or not any(w in low for w in MEDIA_WORDS) or not _looks_like_media(rec[k]):
+            continue
+        out.append(k)
+    return out
+
+
+_MEDIA_EXT = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".mp4", ".avi", ".mov",
+              ".mkv", ".webm", ".flv", ".m4v", ".wav", ".mp3", ".flac", ".ogg", ".m4a")
+
+
+def _looks_like_media(value: Any, depth: int = 0) -> bool:
+    """A path / URL with a media file extension, or a list holding one (metadata such as ``image_id`` is not)."""
+    if type(value) is str:
+        return value.lower().rstrip().endswith(_MEDIA_EXT) or value.startswith(("http://", "https://", "s3://"))
+    if type(value) is list and depth < 2:
+        return any(_looks_like_media(v, depth + 1) for v in value[:8])
+    if type(value) is dict and depth < 2:
+        return any(_looks_like_media(v, depth + 1) for v in list(value.values())[:8])
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- normalising
+def _err(code: str, message: str, key: str | None, hint: str | None, kind: str = "bad_conversation") -> tuple:
+    return ("error", kind, code, message, key, hint)
+
+
+def _url(value: Any) -> Any:
+    """A media source of a part: a path / URL string (``file://`` stripped), else the value itself."""
+    if type(value) is dict:
+        value = value.get("url", value.get("path"))
+    if type(value) is str and value.startswith("file://"):
+        return value[7:]
+    return value
+
+
+_IMAGE_PARTS = {"image": ("image", "url", "path", "image_url"), "image_url": ("image_url", "url")}
+_VIDEO_PARTS = {"video": ("video", "url", "path", "video_url"), "video_url": ("video_url", "url")}
+
+
+def _parts(parts: list, ckey: str, out: list, inline: dict) -> str | None:
+    """The text of a content part list with ``<image>``/``<video>`` where its media go; inline media appended
+    to ``inline["image"|"video"]`` (a bare part counts in ``inline["bare_*"]``). None after an error."""
+    text = []
+    for part in parts:
+        if type(part) is str:
+            text.append(part)
+            continue
+        if type(part) is not dict or type(part.get("type")) is not str:
+            out.append(_err("bad_part", f"a content part is {kind_of(part)}" + (
+                " without a 'type'" if type(part) is dict else ""), ckey,
+                'write {"type": "text", "text": ...} or {"type": "image", "image": "path"}'))
+            return None
+        kind = part["type"]
+        if kind == "text":
+            t = part.get("text")
+            if type(t) is not str:
+                out.append(_err("bad_part", f"a text part's 'text' must be a string, found {kind_of(t)}", ckey, None))
+                return None
+            text.append(t)
+            continue
+        table = _IMAGE_PARTS if kind in _IMAGE_PARTS else _VIDEO_PARTS if kind in _VIDEO_PARTS else None
+        if table is None:
+            out.append(_err("bad_part", f"content part type {kind!r} is not read (accepted: text, image, image_url, "
+                            "video, video_url)", ckey, "audio and files are not supported; drop the part"))
+            return None
+        media = "image" if table is _IMAGE_PARTS else "video"
+        src = next((part[k] for k in table[kind] if k in part), None)
+        src = _url(src)
+        if src is None:
+            inline["bare_" + media] += 1
+        else:
+            if type(src) is str and src.startswith("data:"):
+                out.append(_err("data_url", f"an inline data: URL {media} is not read", ckey,
+                                f"save the {media} to a file and give its path", "bad_media_field"))
+                return None
+            if media == "video" and type(src) is list:
+                src = tuple(src)
+            inline[media].append(src)
+        text.append("<image>" if media == "image" else "<video>")
+    return "".join(text)
+
+
+def _media_list(value: Any, video: bool) -> Any:
+    """An ``images``/``videos`` value as the internal ``image``/``video`` value (frame lists become tuples)."""
+    if type(value) is list and video:
+        return [tuple(v) if type(v) is list else v for v in value]
+    return value
+
+
+def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
+    """``(internal record, extras, problems)`` of one record read as ``fmt`` (None / official: unchanged).
+
+    The problems are the format's own (speakers, parts, ``loss``, system prompts); the internal record then
+    goes through :func:`qwenvl.data.sample_rules.record_problems` (tags vs media, paths, answers)."""
+    if fmt is None or fmt.name in (None, "official") or type(rec) is not dict:
+        if fmt is not None and fmt.train_on == "last" and type(rec) is dict:
+            return rec, _last_only(rec.get("conversations"), Extras()), []
+        return rec, _PLAIN, []
+    f = fmt.keys()
+    out: list = []
+    mkey, rkey, ckey = f.messages_key, f.role_key, f.content_key
+    msgs = rec.get(mkey)
+    if type(msgs) is not list or not msgs:
+        if msgs is None:
+            other = next((k for k in ("messages", "conversations", "conversation", "dialog") if k in rec and k != mkey),
+                         None)
+            out.append(_err("no_conversations", f"sample has no '{mkey}'", mkey,
+                            f"rename '{other}' to '{mkey}'" if other else
+                            f'add "{mkey}": [{{"{rkey}": "{f.user_tags[0]}", "{ckey}": ...}}, ...]'))
+        else:
+            out.append(_err("bad_conversations", f"'{mkey}' must be a non-empty list of turns", mkey, None))
+        return None, _PLAIN, out
+    extras = Extras()
+    sys_prompt = rec.get(f.system_key) if f.system_key else None
+    if sys_prompt is not None and type(sys_prompt) is not str:
+        out.append(_err("bad_system", f"'{f.system_key}' must be a string, found {kind_of(sys_prompt)}",
+                        f.system_key, None))
+        return None, _PLAIN, out
+    inline = {"image": [], "video": [], "bare_image": 0, "bare_video": 0}
+    turns: list = []
+    for i, m in enumerate(msgs):
+        if type(m) is not dict:
+            out.append(_err("bad_turn", f"a turn is {kind_of(m)}, not an object", mkey,
+                            f'write {{"{rkey}": "{f.user_tags[0]}", "{ckey}": "..."}}'))
+            return None, _PLAIN, out
+        role, content = m.get(rkey), m.get(ckey)
+        if role is None or ckey not in m:
+            missing = rkey if role is None else ckey
+            out.append(_err("no_speaker" if role is None else "no_value", f"a turn has no '{missing}'", missing,
+                            f"turns of this dataset are {{\"{rkey}\": ..., \"{ckey}\": ...}}"))
+            return None, _PLAIN, out
+        if role in f.user_tags:
+            role = "user"
+        elif role in f.assistant_tags:
+            role = "assistant"
+        elif role in f.system_tags:
+            role = "system"
+        else:
+            allowed = ", ".join(repr(t) for t in (*f.user_tags, *f.assistant_tags, *f.system_tags))
+            what = ("tool and function turns are not trained by vlsft" if role in (
+                "tool", "function", "observation", "function_call", "ipython") else "")
+            out.append(_err("bad_speaker", f"unknown {rkey} {role!r}" + (f" ({what})" if what else ""), rkey,
+                            f"use {allowed}"))
+            return None, _PLAIN, out
+        if type(content) is list:
+            content = _parts(content, ckey, out, inline)
+            if content is None:
+                return None, _PLAIN, out
+            if role != "user" and ("<image>" in content or "<video>" in content) and any(
+                    type(p) is dict and p.get("type") in ("image", "image_url", "video", "video_url") for p in m[ckey]):
+                out.append(_err("media_not_user", f"an {role} turn holds an image/video part: only user turns take "
+                                "media", ckey, "move the media into the user turn before it"))
+                return None, _PLAIN, out
+        elif type(content) is not str:
+            out.append(_err("value_type", f"'{ckey}' must be a string or a list of parts, found {kind_of(content)}",
+                            ckey, None))
+            return None, _PLAIN, out
+        loss = m.get("loss")
+        if loss is not None and type(loss) is not bool:
+            out.append(_err("bad_loss", f"'loss' must be true, false or null, found {kind_of(loss)} {loss!r}",
+                            "loss", "write true to train the turn, false to mask it"))
+            return None, _PLAIN, out
+        if loss is True and role != "assistant":
+            out.append(("warning", "loss_not_assistant", "loss_not_assistant", f"'loss': true on a {role} turn is "
+                        "ignored: only assistant turns are trained", "loss", None))
+        if role == "system" and not turns and i == 0:
+            if sys_prompt is not None and sys_prompt != content:
+                out.append(_err("two_systems", f"the sample has a top-level '{f.system_key}' and a different system "
+                                "turn", f.system_key, "keep one system prompt"))
+                return None, _PLAIN, out
+            sys_prompt = content
+            continue
+        if loss is False and role == "assistant":
+            extras.untrained.add(len(turns))
+        turns.append({"role": role, "content": content})
+    extras.system = sys_prompt
+    if not turns:
+        out.append(_err("no_answer", "no assistant turn to train on (only a system prompt)", mkey, None, "no_answer"))
+        return None, _PLAIN, out
+    internal: dict = {"conversations": turns}
+    for media, key in (("image", f.images_key), ("video", f.videos_key)):
+        listed = rec.get(key)
+        if inline[media]:
+            if listed is not None or inline["bare_" + media]:
+                out.append(_err("mixed_media", f"{media}s are given both inline in the parts and in '{key}'", key,
+                                f"name each {media} in one place", "bad_media_field"))
+                return None, _PLAIN, out
+            internal[media] = inline[media]
+        elif listed is not None:
+            internal[media] = _media_list(listed, media == "video")
+    if fmt.train_on == "last":
+        _last_only(turns, extras)
+    answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+    if answers and extras.untrained.issuperset(answers):
+        out.append(_err("all_masked", "every assistant turn has 'loss': false: nothing to train on", "loss",
+                        "set 'loss': true (or drop the key) on at least one answer", "no_answer"))
+        return None, _PLAIN, out
+    return internal, extras, out
+
+
+def sample_problems(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
+    """``(internal record, extras, problems)``: the format's problems, then the sample rule's
+    (:func:`qwenvl.data.sample_rules.record_problems`) on the internal record, named with the dataset's keys.
+    The ONE verdict of the trainer's builder and of ``datasets check --deep``."""
+    internal, extras, problems = normalise(rec, fmt)
+    if internal is None and problems:
+        return None, extras, problems
+    rule = record_problems(internal)
+    if fmt is None or fmt.name in (None, "official"):
+        return internal, extras, (problems + rule) if problems else rule
+    return internal, extras, problems + remap(rule, fmt)
+
+
+def _last_only(conv: Any, extras: Extras) -> Extras:
+    """``train_on: last``: every assistant turn but the last is masked."""
+    if type(conv) is not list:
+        return extras
+    last = -1
+    for i, t in enumerate(conv):
+        if type(t) is dict and (t.get("role") == "assistant" or t.get("from") == "gpt"):
+            last = i
+    for i, t in enumerate(conv):
+        if i != last and type(t) is dict and (t.get("role") == "assistant" or t.get("from") == "gpt"):
+            extras.untrained.add(i)
+    return extras
+
+
+def remap(problems: list, fmt: FormatSpec | None) -> list:
+    """Problems of an internal record named with the dataset's own keys (``images`` for ``image``, ...)."""
+    if fmt is None or fmt.name in (None, "official") or not problems:
+        return problems
+    f = fmt.keys()
+    names = {"conversations": f.messages_key, "image": f.images_key, "video": f.videos_key,
+             "content": f.content_key, "value": f.content_key}
+    return [(s, k, c, m, names.get(key, key), h) for s, k, c, m, key, h in problems]
+
+
+def settle(declared: FormatSpec | None, records) -> FormatSpec:
+    """The dataset's FormatSpec with its name settled: declared, else detected from ``(locator, record)`` pairs
+    (an unknown shape reads as official: its samples are then bad samples with the official reasons)."""
+    spec = declared or FormatSpec()
+    if spec.name is None:
+        spec = spec.with_name(detect(records).name or "official")
+    return spec
+
+
+def store_head(store, n: int = DETECT_RECORDS) -> list[tuple[int, Any]]:
+    """``(index, record)`` of the first ``n`` records of an :class:`~qwenvl.data.store.AnnotationStore`."""
+    out = []
+    for i in range(min(n, len(store))):
+        try:
+            out.append((i, store[i]))
+        except ValueError:  # a broken line: a bad sample of its own
+            pass
+    return out
