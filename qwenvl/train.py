@@ -167,10 +167,27 @@ def parse_args(argv: list[str]):
     except (ValueError, ImportError) as e:  # transformers' own checks of argument combinations
         raise UserError(f"invalid training arguments: {str(e).strip().splitlines()[0]}") from e
     if rest:
-        raise UserError(f"unknown trainer arguments: {' '.join(rest)} (see `python -m qwenvl.train --help`)")
+        raise UserError(unknown_arguments_message(rest, [o for act in parser._actions for o in act.option_strings]))
     if training_args.deepspeed and deepspeed_off(str(training_args.deepspeed)):
         training_args.deepspeed = None
     return model_args, data_args, training_args
+
+
+def unknown_arguments_message(rest: list[str], accepted: list[str]) -> str:
+    """One line for arguments the parser did not take, each ``--name`` with the nearest accepted one (e.g. an
+    official argument spelt differently: ``--video_max_frame_pixel`` -> ``--video_max_frame_pixels``)."""
+    import difflib
+
+    names = sorted({o for o in accepted if o.startswith("--")})
+    parts = []
+    for tok in rest:
+        if not tok.startswith("--"):
+            continue
+        flag = tok.split("=", 1)[0]
+        near = difflib.get_close_matches(flag, names, n=1, cutoff=0.6)
+        parts.append(f"{flag} (did you mean {near[0]}?)" if near else flag)
+    shown = ", ".join(parts) if parts else " ".join(rest)
+    return f"unknown trainer arguments: {shown} (see `python -m qwenvl.train --help`)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,8 +345,7 @@ def run(argv: list[str]) -> int:
                         "set num_train_epochs > 0 (fractions such as 0.5 work) or max_steps")
     lora_plan = _lora_plan(model_args, training_args)  # one-line refusals before anything is loaded
     if lora_plan is None and not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm):
-        raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True "
-                        "(or --lora_enable True)")
+        raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
 
     model_args.model_name_or_path = os.path.expanduser(model_args.model_name_or_path)
     if Path(training_args.output_dir).exists() and not Path(training_args.output_dir).is_dir():
