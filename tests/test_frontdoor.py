@@ -184,10 +184,11 @@ def test_child_environment_cannot_be_shadowed_and_caches_per_environment(tmp_pat
     (official / "qwenvl" / "train" / "__init__.py").write_text("")
     import os
 
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a relative PYTHONPATH would mean the cwd
     run = subprocess.run([sys.executable, "-c", "import qwenvl.train, qwenvl; print(qwenvl.__file__)"],
-                         cwd=official, capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+                         cwd=official, capture_output=True, text=True, env={**base, **env}, timeout=120)
     assert run.returncode == 0 and str(official) not in run.stdout, run.stdout + run.stderr
     bare = subprocess.run([sys.executable, "-c", "import qwenvl; print(qwenvl.__file__)"], cwd=official,
                           capture_output=True, text=True, timeout=60,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"})
+                          env={k: v for k, v in base.items() if k != "PYTHONSAFEPATH"})
     assert str(official) in bare.stdout  # the negative control: without it the official folder wins
