@@ -413,3 +413,32 @@ def store_head(store, n: int = DETECT_RECORDS) -> list[tuple[int, Any]]:
         except ValueError:  # a broken line: a bad sample of its own
             pass
     return out
+
+
+def to_official(rec: Any, fmt: FormatSpec | None) -> tuple[dict | None, str | None, str]:
+    """``(official record, its system prompt, why not)`` for ``vlsft datasets convert``: the record the official
+    format reads into the same tokens (its system prompt goes to the dictionary entry); None with the reason
+    when the record is a bad sample or says what the official format cannot (``loss: false``, frame lists)."""
+    internal, extras, problems = sample_problems(rec, fmt)
+    bad = next((p for p in problems if p[0] == "error"), None)
+    if bad is not None:
+        return None, None, f"bad sample: {bad[3]}"
+    if fmt is None or fmt.name in (None, "official"):
+        return internal, None, ""
+    if extras.untrained and fmt.train_on != "last":
+        return None, None, "a turn has 'loss': false, which the official format cannot say"
+    video = internal.get("video")
+    if type(video) is list and any(type(v) is tuple for v in video):
+        return None, None, "a video given as frame images, which the official format cannot say"
+    conv = []
+    for i, t in enumerate(internal["conversations"]):
+        if i == 0 and t["role"] == "assistant":  # kept and trained as here (a first 'from: gpt' would be dropped)
+            conv.append({"role": "assistant", "content": t["content"]})
+        else:
+            conv.append({"from": {"user": "human", "assistant": "gpt"}.get(t["role"], t["role"]), "value": t["content"]})
+    out: dict = {}
+    for key in ("image", "video"):
+        if internal.get(key) is not None:
+            out[key] = internal[key]
+    out["conversations"] = conv
+    return out, extras.system, ""

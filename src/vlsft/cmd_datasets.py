@@ -398,3 +398,94 @@ def use(
     for w in warnings:
         err.print(f"[yellow]warning[/yellow]: {render.markup(w)}")
     sys.stdout.write(text + "\n")
+
+
+CONVERT_SHOWN = 20  # skipped samples listed per dataset (the rest are counted)
+
+
+@datasets_app.command("convert")
+def convert(
+    path: str = typer.Argument(..., help="The dataset dictionary (a vlsft dictionary or LLaMA-Factory's "
+                               "dataset_info.json)."),
+    to: str = typer.Option("official", "--to", help="Target format (only 'official')."),
+    out: str = typer.Option(..., "--out", help="New (or empty) folder for <name>.jsonl files and "
+                            "Dataset-Dictionary.json; nothing existing is overwritten."),
+) -> None:
+    """Write every dataset as official-format JSONL plus a dataset dictionary (media stay where they are).
+
+    A sample that is bad, or that says what the official format cannot (``loss: false`` turns, videos given as
+    frame images, a system prompt that differs from the dataset's others), is left out and listed. Exit 0 when
+    every sample was written, 1 when some were left out, 2 for unusable input.
+    """
+    from qwenvl.data import formats
+    from qwenvl.data.annotations import iter_records
+
+    if to != "official":
+        render.fail(Problem("error", f"--to {to!r}: the only target is 'official'", hint="write --to official"))
+    d = load_dictionary(path)
+    if not d.ok:
+        render.fail(*d.errors)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        render.fail(Problem("error", f"--out {out} exists and is not an empty folder: nothing is overwritten",
+                            hint="give a new folder"))
+    entries: dict[str, dict] = {}
+    written: dict[str, list[str]] = {}
+    err = render.stderr()
+    left_out = 0
+    for name, spec in d.datasets.items():
+        try:
+            records = list(iter_records(spec.annotation_path))
+        except (OSError, ValueError) as exc:
+            render.fail(Problem("error", f"dataset '{name}': cannot read annotations: {exc}",
+                                file=spec.annotation_path))
+        fmt = formats.settle(spec.format_spec, [(line, r) for line, r in records[:formats.DETECT_RECORDS]])
+        lines: list[str] = []
+        system: str | None = None
+        skipped = 0
+        for line, rec in records:
+            why = "not valid JSON" if isinstance(rec, ValueError) else ""
+            off, own, why = (None, None, why) if why else formats.to_official(rec, fmt)
+            if off is not None and own is not None:
+                if system is None:
+                    system = own
+                elif own != system:
+                    off, why = None, "its system prompt differs from the dataset's first one (one per dataset)"
+            if off is None:
+                skipped += 1
+                if skipped <= CONVERT_SHOWN:
+                    err.print(render.problem_text(Problem("warning", f"left out: {why}", spec.annotation_path,
+                                                          line)), highlight=False)
+                continue
+            lines.append(json.dumps(off, ensure_ascii=False))
+        if skipped > CONVERT_SHOWN:
+            err.print(f"[yellow]warning[/yellow]: {name}: ... and {skipped - CONVERT_SHOWN:,} more left out")
+        left_out += skipped
+        stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).lstrip(".") or "dataset"
+        file_name = f"{stem}.jsonl"
+        k = 2
+        while file_name in written:
+            file_name, k = f"{stem}-{k}.jsonl", k + 1
+        entry: dict = {"annotation_path": file_name, "length": len(lines)}
+        if spec.data_path is not None:
+            entry["data_path"] = spec.data_path
+        for key in ("sampling_rate", "repeat_time", "train_on"):
+            if getattr(spec, key) is not None:
+                entry[key] = getattr(spec, key)
+        entry["format"] = "official"
+        if system is not None or spec.system is not None:
+            entry["system"] = system if system is not None else spec.system
+        entries[name] = entry
+        written[file_name] = lines
+        sys.stdout.write(f"{name}: {fmt.name} -> official, {len(lines):,} sample(s) written"
+                         + (f", {skipped:,} left out" if skipped else "") + "\n")
+    os.makedirs(out, exist_ok=True)
+    for file_name, lines in written.items():
+        with open(os.path.join(out, file_name), "x", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+    with open(os.path.join(out, "Dataset-Dictionary.json"), "x", encoding="utf-8") as f:
+        json.dump(entries, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    sys.stdout.write(f"wrote {os.path.join(out, 'Dataset-Dictionary.json')} ({render.plural(len(entries), 'dataset')})"
+                     + ("; a dataset 'system' prompt is vlsft's: the official trainer always uses its default"
+                        if any("system" in e for e in entries.values()) else "") + "\n")
+    raise typer.Exit(1 if left_out else 0)
