@@ -27,12 +27,37 @@ from qwenvl.problems import UserError
 
 logger = logging.getLogger(__name__)
 
-# model_type in config.json -> transformers class name (dense models only).
+# model_type in config.json -> transformers class name. The Qwen3 families (Qwen3-VL, its MoE, Qwen3.5 with its
+# Gated DeltaNet layers, dense and MoE) share the vision tower layout (visual.merger, Qwen3-VL's deepstack mergers)
+# and the data pipeline of the official HEAD trainer (qwenvl.data.sample.is_head_family).
 MODEL_CLASSES: dict[str, str] = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
 }
+#: MoE families: the router auxiliary loss is added when the config has output_router_logits (coefficient
+#: router_aux_loss_coef of text_config), as transformers computes it
+MOE_FAMILIES = ("qwen3_vl_moe", "qwen3_5_moe")
+#: families with linear-attention (Gated DeltaNet) layers: several samples in one row need a kernel that keeps them
+#: apart (flash-linear-attention); transformers 5.24's PyTorch fallback refuses packed rows
+LINEAR_ATTENTION_FAMILIES = ("qwen3_5", "qwen3_5_moe")
+
+
+def batching_problem(model_type: str, *, data_flatten: bool, data_packing: bool) -> str | None:
+    """Why ``data_flatten`` / ``data_packing`` cannot run for this family here (torch-free), or None."""
+    import importlib.util
+
+    if model_type not in LINEAR_ATTENTION_FAMILIES or not (data_flatten or data_packing):
+        return None
+    if importlib.util.find_spec("fla") is not None:
+        return None
+    which = "data_packing" if data_packing else "data_flatten"
+    return (f"{which} puts several samples in one row, and {model_type}'s linear-attention (Gated DeltaNet) layers "
+            "keep them apart only with flash-linear-attention, which is not installed: use padded batches "
+            "(data_flatten False, data_packing False) or `pip install flash-linear-attention`")
 
 PARTS = ("vision", "merger", "llm")
 
@@ -57,7 +82,6 @@ def read_model_type(name_or_path: str | os.PathLike) -> str:
     if model_type not in MODEL_CLASSES:
         raise ModelTypeError(
             f"{cfg}: model_type {model_type!r} is not supported; supported: {', '.join(MODEL_CLASSES)}"
-            + (" (Qwen3-VL MoE is not supported)" if model_type == "qwen3_vl_moe" else "")
         )
     return model_type
 

@@ -16,7 +16,7 @@
 
 Usage::
 
-    python -m qwenvl.tiny OUT_DIR [--family qwen2_5_vl|qwen2_vl|qwen3_vl] [--seed 0]
+    python -m qwenvl.tiny OUT_DIR [--family qwen2_5_vl|qwen2_vl|qwen3_vl|qwen3_vl_moe|qwen3_5|qwen3_5_moe] [--seed 0]
 """
 
 from __future__ import annotations
@@ -164,12 +164,38 @@ def tiny_config(family: str = "qwen2_5_vl"):
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
                       num_position_embeddings=256, deepstack_visual_indexes=[1])
         return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **_ids(family))
-    raise ValueError(f"unknown model family {family!r}: choose qwen2_5_vl, qwen2_vl or qwen3_vl")
+    vision3 = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                   temporal_patch_size=2, in_channels=3, out_hidden_size=64, num_position_embeddings=256)
+    if family == "qwen3_vl_moe":  # 4 experts, 2 per token, router aux loss on (as the released MoE configs)
+        from transformers import Qwen3VLMoeConfig
+
+        text.update(head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                    decoder_sparse_step=1, output_router_logits=True, router_aux_loss_coef=0.001)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
+                                   "mrope_interleaved": True}
+        return Qwen3VLMoeConfig(text_config=text, vision_config={**vision3, "deepstack_visual_indexes": [1]},
+                                tie_word_embeddings=True, **_ids(family))
+    if family in ("qwen3_5", "qwen3_5_moe"):  # one Gated DeltaNet (linear attention) layer + one full attention
+        text.update(head_dim=16, layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                    linear_num_value_heads=4)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e7, "mrope_section": [2, 3, 3],
+                                   "mrope_interleaved": True, "partial_rotary_factor": 1.0}
+        if family == "qwen3_5":
+            from transformers import Qwen3_5Config as Cfg
+        else:
+            from transformers import Qwen3_5MoeConfig as Cfg
+
+            text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.001)
+            text.pop("intermediate_size")
+        return Cfg(text_config=text, vision_config=vision3, tie_word_embeddings=True, **_ids(family))
+    raise ValueError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
 
 
 def _ids(family: str) -> dict:
     ids = dict(TOKEN_IDS)
-    if family == "qwen3_vl":
+    if family in QWEN3_FAMILIES:
         ids.pop("vision_token_id")
     return ids
 

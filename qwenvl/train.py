@@ -364,6 +364,11 @@ def run(argv: list[str]) -> int:
     elif training_args.overwrite_output_dir and training_args.process_index == 0:
         set_aside_old_checkpoints(training_args.output_dir)
     model_type = read_model_type(model_args.model_name_or_path)
+    from qwenvl.model import batching_problem
+
+    found = batching_problem(model_type, data_flatten=data_args.data_flatten, data_packing=data_args.data_packing)
+    if found:
+        raise UserError(found)
     set_seed(training_args.seed)
 
     processor = load_processor(model_args.model_name_or_path, model_type)

@@ -110,8 +110,10 @@ def test_model_type_from_config_not_path(tmp_path):
     (d / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
     assert qm.read_model_type(d) == "qwen2_vl"
     assert qm.model_class("qwen2_vl").__name__ == "Qwen2VLForConditionalGeneration"
-    (d / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))
-    with pytest.raises(qm.ModelTypeError, match="MoE"):
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))  # supported since issue 14
+    assert qm.read_model_type(d) == "qwen3_vl_moe"
+    (d / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(qm.ModelTypeError, match="not supported"):
         qm.read_model_type(d)
     with pytest.raises(qm.ModelTypeError, match="no config.json"):
         qm.read_model_type(tmp_path / "missing")

@@ -152,7 +152,7 @@ def resolve_video_budget(budget, model_type: str) -> VideoBudget:
             continue
         mapped = conv(head_val)
         if old_val != default(old_name) and abs(float(old_val) - float(mapped)) > 1e-9 * abs(float(mapped)):
-            raise UserError(f"{head_name} {head_val} and {old_name} {old_val} disagree: for {model_type} "
+            raise UserError(f"{head_name} {head_val:g} and {old_name} {old_val:g} disagree: for {model_type} "
                             f"{head_name} means {old_name} = {mapped:g}; set only one of them")
         got[old_name] = mapped
     return VideoBudget(False, int(got["video_min_frame_pixels"]), int(got["video_max_frame_pixels"]),
