@@ -203,12 +203,19 @@ def test_fresh_run_into_used_dir_is_refused(run, env):
 
 def test_resume_auto_skips_incomplete_and_continues(run, env):
     out = run["out"]
+    import shutil
+
     broken = out / "checkpoint-10"  # a half-written checkpoint: newest by number, no trainer_state.json
     broken.mkdir()
     (broken / "config.json").write_text("{}")
+    cut = out / "checkpoint-9"  # what a crash or a full disk leaves: whole weights, trainer_state.json cut short
+    shutil.copytree(out / "checkpoint-8", cut, ignore=shutil.ignore_patterns("global_step*"))
+    state_text = (cut / "trainer_state.json").read_text()
+    (cut / "trainer_state.json").write_text(state_text[: len(state_text) // 2])
     p = run_cli(["--config", str(run["cfg"]), "training.max_steps=10", "distributed.master_port=29643"], env)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "continuing from" in p.stdout and "checkpoint-8" in p.stdout
+    assert "checkpoint-9" in p.stdout + p.stderr and "truncated" in p.stdout + p.stderr  # skipped, and why
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 10
     steps = [h["step"] for h in state["log_history"] if "loss" in h]
