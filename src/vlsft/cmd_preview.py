@@ -27,7 +27,8 @@ from vlsft import render
 from vlsft.app import datasets_app
 from vlsft.keymap import owned_by, yaml_value
 
-_MODEL_TYPES = {"qwen2_5_vl": "qwen2.5vl", "qwen2_vl": "qwen2vl", "qwen3_vl": "qwen3vl"}
+_MODEL_TYPES = {"qwen2_5_vl": "qwen2.5vl", "qwen2_vl": "qwen2vl", "qwen3_vl": "qwen3vl", "qwen3_vl_moe": "qwen3_vl_moe",
+                "qwen3_5": "qwen3_5", "qwen3_5_moe": "qwen3_5_moe"}  # the Qwen3 ones: HEAD layout (is_head_family)
 
 
 def _fail(message: str, *, file: str | None = None, hint: str | None = None, code: int = 2) -> None:
