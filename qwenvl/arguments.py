@@ -77,6 +77,10 @@ class DataArguments:
                              "attention).")
     data_packing: bool = arg(False, "Pack samples online into rows of at most model_max_length tokens (varlen "
                              "attention; no padding, no offline tool). Step counts become estimates.")
+    eval_dataset_use: str = arg("", "Datasets to evaluate on: 'name[%percent],...' (the dataset_use grammar; "
+                                "names of the dictionary). Evaluated at eval_steps, loss in total and per dataset.")
+    eval_split: float | None = arg(None, "Hold out this seeded fraction of each training dataset's records for evaluation "
+                            "(never trained on; the same on every rank and on resume), e.g. 0.02; unset: none.")
     max_bad_sample_ratio: float = arg(0.01, "Stop the run when, at 99 % confidence (one-sided Clopper-Pearson "
                                       "lower bound over all ranks' counts so far), more than this fraction of the "
                                       "samples read were broken (skipped).")

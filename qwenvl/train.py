@@ -31,10 +31,15 @@ Run on every rank by torchrun (``vlsft train`` builds this command from a run YA
   (PEFT layout), ``trained_parts.safetensors`` and ``vlsft-lora.json``; ``vlsft export`` merges.
 * Input problems end the run before anything heavy is loaded, with one ``error:`` line and exit status 2:
   nothing to train, a missing ``--deepspeed`` file, ``--report_to`` naming an unknown or uninstalled
-  integration, ``--eval_strategy`` other than ``no`` (no eval dataset), invalid argument combinations,
+  integration, ``--eval_strategy`` other than ``no`` without eval data (``--eval_split`` /
+  ``--eval_dataset_use``), invalid argument combinations,
   an unreadable or unsupported ``config.json``, an unavailable attention kernel; during training, more bad
   samples than ``--max_bad_sample_ratio`` allows (summed over ranks each step; stop when the 99 % Clopper-Pearson lower
   bound of the bad fraction exceeds it).
+* Evaluation: ``--eval_split F`` holds out a seeded fraction of each training dataset (listed in
+  ``<output_dir>/logs/eval-split.json``; never trained on, the same on every rank and on resume),
+  ``--eval_dataset_use a,b%50`` adds datasets of the dictionary; ``--eval_strategy steps --eval_steps N``
+  (or ``epoch``) evaluates them: ``eval_loss`` plus per-dataset losses (see :mod:`qwenvl.trainer`).
 * ``--resume auto`` (default) continues from the newest *complete* checkpoint in ``output_dir``
   (one with ``trainer_state.json`` and weights; a half-written one is skipped). ``never`` starts fresh,
   PATH continues from that checkpoint. A fresh start into an ``output_dir`` that already holds
@@ -338,8 +343,16 @@ def run(argv: list[str]) -> int:
                 training_args.device, training_args.distributed_state.distributed_type)
 
     _check_report_to(training_args.report_to)
-    if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no":
-        raise UserError("evaluation is not supported (there is no eval dataset): use --eval_strategy no")
+    eval_strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
+    wants_eval_data = bool(data_args.eval_split) or bool(str(data_args.eval_dataset_use or "").strip())
+    if eval_strategy != "no" and not wants_eval_data:
+        raise UserError(f"--eval_strategy {eval_strategy} needs eval data: set --eval_split (a held-out fraction, "
+                        "e.g. 0.02) or --eval_dataset_use NAME[,...] (run YAML: data.eval_split / data.eval), or "
+                        "use --eval_strategy no")
+    if wants_eval_data and eval_strategy == "no" and rank == 0:
+        logger.warning("eval data is set (eval_split / eval_dataset_use) but --eval_strategy is no: it is never "
+                       "evaluated; use --eval_strategy steps (with --eval_steps) or epoch")
+    training_args.prediction_loss_only = True  # evaluation computes losses only (no logits gathered)
     if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
         raise UserError(f"nothing to do: num_train_epochs {training_args.num_train_epochs:g} and no max_steps; "
                         "set num_train_epochs > 0 (fractions such as 0.5 work) or max_steps")
@@ -431,9 +444,20 @@ def run(argv: list[str]) -> int:
         logger.info("data: %s", report if isinstance(report, str) else json.dumps(report, default=str)[:2000])
 
     _check_dataset_size(len(data["train_dataset"]), training_args)
+    eval_dataset = data.get("eval_dataset") if eval_strategy != "no" else None
+    if eval_strategy != "no" and eval_dataset is None:
+        raise UserError("the eval selection (eval_split / eval_dataset_use) has no samples: raise eval_split or "
+                        "name eval datasets with records")
+    if data.get("held_out") and training_args.should_save:  # which records were held out (never trained on)
+        logs_dir = Path(training_args.output_dir) / "logs"
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        (logs_dir / "eval-split.json").write_text(json.dumps(
+            {"eval_split": data_args.eval_split, "seed": report.seed if hasattr(report, "seed") else None,
+             "held_out": data["held_out"]}, indent=1), encoding="utf-8")
     cfg = model.config
     trainer = QwenVLTrainer(
-        model=model, args=training_args, train_dataset=data["train_dataset"],
+        model=model, args=training_args, train_dataset=data["train_dataset"], eval_dataset=eval_dataset,
+        dataset_names=data.get("dataset_names"),
         data_collator=data["data_collator"], processing_class=processor,
         image_token_id=getattr(cfg, "image_token_id", None), video_token_id=getattr(cfg, "video_token_id", None),
         data_report=report if isinstance(report, dict) else None,

@@ -16,6 +16,14 @@
   and the data module's ``BadSampleMonitor`` stops the run on every rank at once when, with 99 % confidence
   (one-sided Clopper-Pearson lower bound), the bad fraction is above ``--max_bad_sample_ratio`` - from the
   first samples on, and again on the totals at the end; the stop names the counts by reason kind.
+* Losses per dataset (the names of ``--dataset_use`` / ``--eval_dataset_use``): the collator tags every token
+  with its sample's dataset (``token_datasets``, also inside packed / flattened rows); per log line
+  ``loss/<name>`` and ``tokens/<name>`` are the token-weighted training loss of each dataset since the last log
+  (summed over ranks with one all-reduce; ``sum(loss/<n> x tokens/<n>) / sum(tokens/<n>)`` is the token-weighted
+  loss of the window). Evaluation (``--eval_strategy steps|epoch`` with an eval dataset) logs HF's ``eval_loss``
+  plus ``eval_loss_tokens`` (token-weighted over all ranks), ``eval_loss/<name>``, ``eval_tokens/<name>``,
+  ``eval_samples`` and ``eval_skipped_samples``; bad eval samples are written to the skipped-samples log
+  (``"phase": "eval"``) and stop the run by the same rule as training.
 * :meth:`QwenVLTrainer.finish_run` (after ``train()``, before the final save): a run that trained on no sample
   is an error; rank 0 logs the summary (samples trained / skipped by kind, all ranks), ``qwenvl.train`` prints it.
 * HF's unused-column removal is off: the collator receives whole samples (skipped ones carry no model inputs).
@@ -90,9 +98,15 @@ def token_mean_loss(outputs, labels, num_items_in_batch=None):
 
 class QwenVLTrainer(Trainer):
     def __init__(self, *args, image_token_id: int | None = None, video_token_id: int | None = None,
-                 data_report: dict | None = None, bad_sample_monitor=None, **kwargs):
+                 data_report: dict | None = None, bad_sample_monitor=None, dataset_names: list[str] | None = None,
+                 **kwargs):
         kwargs.setdefault("compute_loss_func", token_mean_loss)
         super().__init__(*args, **kwargs)
+        self._dataset_names = list(dataset_names or [])
+        self._ds_win = torch.zeros(2 * len(self._dataset_names), dtype=torch.float64)  # loss sums, then tokens
+        self._eval_acc = torch.zeros_like(self._ds_win)
+        self._eval_counts = [0, 0]  # samples, skipped
+        self._eval_monitor = BadSampleMonitor(getattr(bad_sample_monitor, "max_ratio", 1.0))
         self._image_token_id = image_token_id
         self._video_token_id = video_token_id
         self._data_report = data_report
@@ -152,14 +166,30 @@ class QwenVLTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         stats = pop_batch_stats(inputs)
+        token_datasets = stats.pop("token_datasets", None)
         if model.training:
             self._account(inputs, stats)
             if "num_samples" in stats:  # counted here, checked over all ranks once per step (check_bad_samples)
                 self._bad_sample_monitor.update(stats, check=False)
             if stats.get("skipped"):
                 self._write_skips(stats["skipped"])
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+        else:  # evaluation: its own counts (the same stop rule, decided on the totals after the loop)
+            self._eval_counts[0] += int(stats.get("num_samples", 0) or 0)
+            self._eval_counts[1] += int(stats.get("num_skipped", 0) or 0)
+            if "num_samples" in stats:
+                self._eval_monitor.update(stats, check=False)
+            if stats.get("skipped"):
+                self._write_skips([{**r, "phase": "eval"} for r in stats["skipped"]])
+        split = token_datasets is not None and len(self._dataset_names) > 0 and int(stats.get("num_samples", 1)) > 0
+        labels = inputs.get("labels") if split else None
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs or split,
                                       num_items_in_batch=num_items_in_batch)
+        if split:
+            loss, outputs = result
+            if labels is not None:
+                acc = self._ds_win if model.training else self._eval_acc
+                acc += dataset_loss_sums(outputs, labels, token_datasets, len(self._dataset_names))
+            result = (loss, outputs) if return_outputs else loss
         n = stats.get("num_samples")
         if n is not None and int(n) == 0:
             # an all-dummy batch (every sample of this micro-batch was skipped): it still runs forward and
@@ -200,6 +230,8 @@ class QwenVLTrainer(Trainer):
                 rec[name] = int((g.prod(dim=-1) > 4).sum()) if g is not None else 0
             if "sample_ids" in stats:
                 rec["sample_ids"] = stats["sample_ids"]
+                if hasattr(self.train_dataset, "record_key"):  # name:record, to prove what was (not) trained on
+                    rec["records"] = [self.train_dataset.record_key(i) for i in stats["sample_ids"]]
             self._sample_log.write(json.dumps(rec) + "\n")
             self._sample_log.flush()
         self._micro_step += 1
@@ -225,7 +257,37 @@ class QwenVLTrainer(Trainer):
         if self._peak:
             logs["mfu"] = round(w["flops"] / dt / (self._peak * world), 4)
         logs.update(getattr(self, "_lrs", {}))
+        if self._dataset_names:  # per-dataset training loss, token-weighted, all ranks
+            logs.update(_per_dataset_metrics(self._dataset_names, _sum_over_ranks(self._ds_win.tolist()), "loss",
+                                             "tokens"))
+            self._ds_win.zero_()
         self._reset_window()
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._eval_acc.zero_()
+        self._eval_counts = [0, 0]
+        self._eval_monitor.seen = self._eval_monitor.skipped = self._eval_monitor.trained = 0
+        self._eval_monitor.kinds = {}
+        out = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                      ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        values = _sum_over_ranks(self._eval_acc.tolist() + [float(x) for x in self._eval_counts])
+        k = len(self._dataset_names)
+        sums, counts = values[:2 * k], values[2 * k:]
+        p = metric_key_prefix
+        if k:
+            out.metrics.update(_per_dataset_metrics(self._dataset_names, sums, f"{p}_loss", f"{p}_tokens"))
+            tokens = sum(sums[k:])
+            if tokens:
+                out.metrics[f"{p}_loss_tokens"] = round(sum(sums[:k]) / tokens, 6)
+        out.metrics[f"{p}_samples"] = int(counts[0])
+        out.metrics[f"{p}_skipped_samples"] = int(counts[1])
+        seen, skipped = int(counts[0] + counts[1]), int(counts[1])
+        if self._eval_monitor.exceeded(skipped, seen):
+            raise BadSampleLimitExceeded("evaluation " + self._eval_monitor.stop_message(
+                seen, skipped, self._eval_monitor.kinds))
+        return out
 
     # ---- bad samples and the run's honesty -----------------------------------------------------------
     def _write_skips(self, records: list[dict]) -> None:
@@ -293,6 +355,42 @@ class QwenVLTrainer(Trainer):
         out = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             standardise_checkpoint_keys(out, self.model)
+
+
+def dataset_loss_sums(outputs, labels: torch.Tensor, token_datasets: torch.Tensor, k: int,
+                      chunk: int = 2048) -> torch.Tensor:
+    """``[loss sum of dataset 0..k-1, trained tokens of dataset 0..k-1]`` (float64, CPU) for one batch: the
+    causal-LM cross entropy of every trained token (as :func:`token_mean_loss` computes it: logits at t predict
+    the label at t+1, in float32), added to its sample's dataset. No gradient; chunked over tokens."""
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    out = torch.zeros(2 * k, dtype=torch.float64)
+    with torch.no_grad():
+        dev = logits.device
+        shift_labels = labels[..., 1:].to(dev)
+        ds = token_datasets[..., 1:].to(dev)
+        mask = (shift_labels != -100) & (ds >= 0)
+        if not bool(mask.any()):
+            return out
+        flat_logits = logits[..., :-1, :][mask]
+        flat_labels, flat_ds = shift_labels[mask], ds[mask]
+        for s in range(0, flat_labels.numel(), chunk):
+            ce = torch.nn.functional.cross_entropy(flat_logits[s:s + chunk].float(), flat_labels[s:s + chunk],
+                                                   reduction="none").double().cpu()
+            d = flat_ds[s:s + chunk].cpu()
+            out[:k].index_add_(0, d, ce)
+            out[k:].index_add_(0, d, torch.ones_like(ce))
+    return out
+
+
+def _per_dataset_metrics(names: list[str], sums: list[float], loss_key: str, tokens_key: str) -> dict:
+    k = len(names)
+    metrics: dict = {}
+    for i, name in enumerate(names):
+        n = sums[k + i]
+        if n:
+            metrics[f"{loss_key}/{name}"] = round(sums[i] / n, 6)
+            metrics[f"{tokens_key}/{name}"] = int(n)
+    return metrics
 
 
 def _sum_over_ranks(values: list[float]) -> list[float]:

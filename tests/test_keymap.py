@@ -103,7 +103,9 @@ def test_yaml_defaults_that_mirror_transformers_match_it():
                   "output_dir": "required", "run_name": "derived by transformers from output_dir",
                   "gradient_accumulation_steps": "solved from global_batch_size",
                   "save_strategy": "fixed flag", "gradient_checkpointing": "a bool (transformers 5: None = off)",
-                  "warmup_steps": "YAML takes a ratio (0.0 = transformers' 0)"}
+                  "warmup_steps": "YAML takes a ratio (0.0 = transformers' 0)",
+                  "eval_strategy": "computed: steps when data.eval / data.eval_split is set, else no",
+                  "per_device_eval_batch_size": "computed: per_device_train_batch_size when evaluating"}
     hf = {f.name: f.default for f in dataclasses.fields(transformers.TrainingArguments)}
     checked = 0
     for key in KEYS:

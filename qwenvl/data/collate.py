@@ -63,9 +63,13 @@ VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_g
 #   skipped      list[dict] one record per dropped sample: kind (reason class, e.g. missing_media, too_long),
 #                           reason (one line), and where known dataset, where (file:line), sample_index
 #   sample_ids   list[int]  dataset indices of the real samples (only when the dataset gives them)
-# They are plain Python values, so they travel from DataLoader workers to the main process with the batch.
+#   token_datasets  LongTensor shaped like labels: per token, the index of its sample's dataset name (the
+#                   dataset's ``dataset_names``), -1 on padding and dummy tokens; in flatten/packing rows every
+#                   segment keeps its own dataset, so losses can be split by dataset (only when samples carry
+#                   ``dataset_index``)
+# They are plain Python values (one tensor), so they travel from DataLoader workers to the main process.
 # ---------------------------------------------------------------------------------------------------------------
-NON_MODEL_KEYS = ("num_samples", "num_skipped", "skipped", "sample_ids")
+NON_MODEL_KEYS = ("num_samples", "num_skipped", "skipped", "sample_ids", "token_datasets")
 COUNT_KEYS = ("num_samples", "num_skipped")
 TOO_LONG = "too_long"  # reason class of a sample longer than model_max_length
 OTHER = "other"  # reason class of a bad sample whose error names none
@@ -83,8 +87,8 @@ def _as_int(v) -> int:
 
 def pop_batch_stats(batch: dict) -> dict:
     """Remove the bookkeeping keys (``NON_MODEL_KEYS``) from ``batch`` and return them: ``num_samples`` /
-    ``num_skipped`` as ints (when the batch has them), ``skipped`` (only when a sample was skipped) and
-    ``sample_ids`` (when present)."""
+    ``num_skipped`` as ints (when the batch has them), ``skipped`` (only when a sample was skipped),
+    ``sample_ids`` and ``token_datasets`` (when present)."""
     out = {k: _as_int(batch.pop(k)) for k in COUNT_KEYS if k in batch}
     skipped = batch.pop("skipped", None)
     if skipped:
@@ -92,6 +96,8 @@ def pop_batch_stats(batch: dict) -> dict:
     if "sample_ids" in batch:
         ids = batch.pop("sample_ids")
         out["sample_ids"] = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    if "token_datasets" in batch:
+        out["token_datasets"] = batch.pop("token_datasets")
     return out
 
 
@@ -347,6 +353,8 @@ class DataCollator:
             batch = self._packed_rows(self._pack(samples, dummy))
         if not self.keep_second_per_grid_ts:
             batch.pop("second_per_grid_ts", None)
+        if any("dataset_index" in s for s in samples):
+            batch["token_datasets"] = self._token_datasets(batch, samples, dummy)
         ids = [s["sample_index"] for s in samples if "sample_index" in s]
         if ids:
             batch["sample_ids"] = ids  # dataset indices of the real samples (for per-rank sample logs)
@@ -355,6 +363,26 @@ class DataCollator:
         if skipped:
             batch["skipped"] = skipped
         return batch
+
+    def _token_datasets(self, batch: dict, samples: list[dict], dummy: dict | None) -> torch.Tensor:
+        """Per token of ``batch['labels']``: the dataset index of its sample (-1: padding, dummy). Rebuilt from the
+        same layout rules as the batch: padded rows hold sample r from column 0; flatten/packing rows hold their
+        samples back to back in the order :meth:`_pack` (or the one flatten row) placed them."""
+        labels = batch["labels"]
+        out = torch.full(labels.shape, -1, dtype=torch.long)
+        if self.mode == "padded":
+            for r, s in enumerate(samples):
+                out[r, :len(s["input_ids"])] = int(s.get("dataset_index", -1))
+            return out
+        rows = [samples + ([dummy] if dummy else [])] if self.mode == "flatten" else self._last_rows
+        for r, row in enumerate(rows):
+            o = 0
+            for s in row:
+                n = len(s["input_ids"])
+                if not s.get("_dummy"):
+                    out[r, o:o + n] = int(s.get("dataset_index", -1))
+                o += n
+        return out
 
     # ------------------------------------------------------------------ padded
     def _padded(self, samples: list[dict], dummy: dict | None) -> dict:
@@ -409,7 +437,8 @@ class DataCollator:
                 break
             rows += 1
         # keep each row in the samples' original order (vision tensors follow row-major token order)
-        return [[items[i] for i in sorted(b)] for b in bins if b]
+        self._last_rows = [[items[i] for i in sorted(b)] for b in bins if b]
+        return self._last_rows
 
     def _packed_rows(self, rows: list[list[dict]]) -> dict:
         lens = [sum(len(s["input_ids"]) for s in row) for row in rows]

@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from qwenvl.data.collate import OTHER, BadSampleMonitor, DataCollator
-from qwenvl.data.registry import DatasetSource, RegistryError, SamplingReport, build_index, resolve_sources
+from qwenvl.data.registry import (
+    DatasetSource,
+    RegistryError,
+    SamplingReport,
+    build_index,
+    build_split_index,
+    resolve_sources,
+)
 from qwenvl.data.sample import SampleBuilder, VisionBudget
 from qwenvl.data.vision import VisionSpec
 from qwenvl.storage import StorageError
@@ -35,11 +42,20 @@ class SupervisedDataset(torch.utils.data.Dataset):
     """Map-style dataset over the sampled index; all state is numpy arrays + stores (fork-shared)."""
 
     def __init__(self, sources: list[DatasetSource], ds_ids: np.ndarray, rec_ids: np.ndarray,
-                 builder: SampleBuilder | None):
+                 builder: SampleBuilder | None, dataset_names: list[str] | None = None):
         self.sources = sources
         self.ds_ids = ds_ids
         self.rec_ids = rec_ids
         self.builder = builder
+        # the names losses are reported under (the user's dataset names; shared by the train and eval datasets so
+        # a sample's ``dataset_index`` means the same on both), one index per source
+        self.dataset_names = list(dataset_names) if dataset_names is not None else list(
+            dict.fromkeys(s.name for s in sources))
+        self._name_index = np.array([self.dataset_names.index(s.name) for s in sources], dtype=np.int32)
+
+    def record_key(self, i: int) -> str:
+        """``name:record`` of dataset index ``i`` (the record's position in its annotation file)."""
+        return f"{self.sources[int(self.ds_ids[i])].name}:{int(self.rec_ids[i])}"
 
     def __len__(self) -> int:
         return len(self.rec_ids)
@@ -70,6 +86,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return self._bad(src, where, i, e, getattr(e, "kind", None) or OTHER)
         if isinstance(sample, dict):
             sample["sample_index"] = int(i)
+            sample["dataset_index"] = int(self._name_index[int(self.ds_ids[i])])
         return sample
 
 
@@ -109,16 +126,52 @@ def make_data_module(tokenizer, image_processor, data_args, *, seed: int, model_
     :class:`qwenvl.arguments.DataArguments` (which owns every default; ``seed`` is the sampling seed)."""
     data_seed = int(seed)
     sources = resolve_sources(data_args.dataset_use, data_args.dataset_dict)
-    ds_ids, rec_ids, report = build_index(sources, data_seed)
+    eval_split = float(getattr(data_args, "eval_split", 0.0) or 0.0)
+    if not 0.0 <= eval_split < 1.0:
+        raise RegistryError(f"--eval_split {eval_split:g} must be in [0, 1) (a fraction such as 0.02)")
+    ds_ids, rec_ids, report, held = build_split_index(sources, data_seed, eval_split)
     report.log(log)
     if len(rec_ids) == 0:  # the trainer's sampler would fail with a traceback on an empty dataset
         raise RegistryError("no samples to train on (" + "; ".join(line.strip() for line in report.lines()) + "): "
                             "check the annotation files and the --dataset_use percents")
     builder = make_builder(tokenizer, image_processor, data_args, model_type)
-    dataset = SupervisedDataset(sources, ds_ids, rec_ids, builder)
+    eval_sources, eval_ds, eval_rec, eval_lines = _eval_index(sources, held, data_args, data_seed)
+    names = list(dict.fromkeys([s.name for s in sources] + [s.name for s in eval_sources]))
+    dataset = SupervisedDataset(sources, ds_ids, rec_ids, builder, names)
+    eval_dataset = SupervisedDataset(eval_sources, eval_ds, eval_rec, builder, names) if len(eval_rec) else None
+    for line in eval_lines:
+        log.info("%s", line)
     collator = make_collator(tokenizer, builder, data_args, ensure_vision=ensure_vision)
     monitor = BadSampleMonitor(max_ratio=float(data_args.max_bad_sample_ratio))
-    return {"train_dataset": dataset, "data_collator": collator, "report": report, "bad_sample_monitor": monitor}
+    held_out = {sources[k].name: [int(r) for r in recs] for k, recs in held.items()}
+    return {"train_dataset": dataset, "data_collator": collator, "report": report, "bad_sample_monitor": monitor,
+            "eval_dataset": eval_dataset, "dataset_names": names, "held_out": held_out}
+
+
+def _eval_index(sources: list[DatasetSource], held: dict, data_args, seed: int):
+    """The eval dataset's index: the held-out records of each training dataset (``--eval_split``) followed by the
+    ``--eval_dataset_use`` datasets drawn at their percents. Returns (sources, dataset ids, record ids, log lines)."""
+    eval_sources: list[DatasetSource] = []
+    ds_parts, rec_parts, lines = [], [], []
+    for k, recs in held.items():
+        src = sources[k]
+        eval_sources.append(src)
+        ds_parts.append(np.full(len(recs), len(eval_sources) - 1, dtype=np.int32))
+        rec_parts.append(recs)
+        lines.append(f"eval: {src.name}: {len(recs)} of {len(src.store)} records held out (eval_split "
+                     f"{data_args.eval_split:g}, never trained on)")
+    use = str(getattr(data_args, "eval_dataset_use", "") or "").strip()
+    if use:
+        extra = resolve_sources(use, data_args.dataset_dict)
+        e_ds, e_rec, e_report = build_index(extra, seed)
+        base = len(eval_sources)
+        eval_sources += extra
+        ds_parts.append(e_ds + base)
+        rec_parts.append(e_rec)
+        lines += ["eval: " + line.strip() for line in e_report.lines()[1:]]
+    if not rec_parts:
+        return [], np.zeros(0, np.int32), np.zeros(0, np.int64), lines
+    return eval_sources, np.concatenate(ds_parts), np.concatenate(rec_parts), lines
 
 
 __all__ = ["SupervisedDataset", "make_data_module", "make_builder", "make_collator", "SamplingReport"]

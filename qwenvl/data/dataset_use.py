@@ -103,6 +103,14 @@ def sample_count(n: int, percent: float) -> int:
     return int(whole) * n + int(round(n * frac))
 
 
+def held_out_count(n: int, fraction: float) -> int:
+    """Records of an ``n``-record dataset held out for evaluation by ``eval_split = fraction``: ``round(n *
+    fraction)``, at least 1 when ``fraction > 0`` and ``n > 1``, never all of them (0 for ``n <= 1``)."""
+    if fraction <= 0 or n <= 1:
+        return 0
+    return min(max(int(round(n * fraction)), 1), n - 1)
+
+
 # --------------------------------------------------------------------------- selection -> datasets
 
 Duplicates = Literal["separate", "reject"]

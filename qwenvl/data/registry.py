@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from qwenvl.data import formats
-from qwenvl.data.dataset_use import DatasetUseError, format_percent, resolve_selection, sample_count
+from qwenvl.data.dataset_use import DatasetUseError, format_percent, held_out_count, resolve_selection, sample_count
 from qwenvl.data.store import AnnotationStore
 from qwenvl.problems import UserError
 
@@ -79,8 +79,9 @@ class SamplingReport(dict):
     def lines(self) -> list[str]:
         out = [f"data: {len(self.datasets)} dataset(s), {self.total} samples per epoch (data_seed {self.seed})"]
         for d in self.datasets:
+            held = f", {d['held_out']} records held out for eval" if d.get("held_out") else ""
             out.append(f"  {d['name']}: {d['records']} records x {format_percent(d['percent'])}% -> "
-                       f"{d['samples']} samples ({d['copies']} whole copies + {d['sampled']} sampled)")
+                       f"{d['samples']} samples ({d['copies']} whole copies + {d['sampled']} sampled{held})")
         return out
 
     def __str__(self) -> str:
@@ -130,8 +131,31 @@ def resolve_sources(dataset_use: str, dataset_dict: str | None) -> list[DatasetS
                           fmt=d.datasets[s.name].format_spec) for s in selection.datasets]
 
 
+def held_out_records(n: int, fraction: float, seed: int, name: str) -> np.ndarray:
+    """The records of a dataset held out for evaluation (``data.eval_split``): a seeded, sorted sample of
+    ``round(n * fraction)`` records (at least one when ``fraction > 0`` and ``n > 1``; never all of them). A pure
+    function of ``(seed, name)``: the same on every rank, in every worker and after a resume."""
+    k = held_out_count(n, fraction)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(f"{name}#eval_split".encode())])
+    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+
+
 def build_index(sources: list[DatasetSource], seed: int) -> tuple[np.ndarray, np.ndarray, SamplingReport]:
     """Load each source's store (if not loaded) and draw its samples. Returns (dataset ids, record ids, report)."""
+    ds_ids, rec_ids, report, _held = build_split_index(sources, seed, 0.0)
+    return ds_ids, rec_ids, report
+
+
+def build_split_index(sources: list[DatasetSource], seed: int, eval_split: float
+                      ) -> tuple[np.ndarray, np.ndarray, SamplingReport, dict[int, np.ndarray]]:
+    """:func:`build_index` with a held-out fraction: each dataset's held-out records (:func:`held_out_records`,
+    keyed by the dataset name, so ``a,a`` holds out one set) are removed before its training samples are drawn.
+    Returns (dataset ids, record ids, report, {source index: held-out record ids} for the first entry of each
+    name)."""
+    held: dict[int, np.ndarray] = {}
+    held_by_name: dict[str, np.ndarray] = {}
     ds_ids, rec_ids = [], []
     report = SamplingReport(seed=int(seed))
     seen: dict[str, int] = {}
@@ -147,14 +171,25 @@ def build_index(sources: list[DatasetSource], seed: int) -> tuple[np.ndarray, np
         # line ('a#2') and its own draw (seeded with the occurrence), not the first one's subset again
         occurrence = seen[src.name] = seen.get(src.name, 0) + 1
         key = src.name if occurrence == 1 else f"{src.name}#{occurrence}"
-        idx, whole, sampled = sample_indices(n, src.percent, seed, key)
+        if src.name not in held_by_name:
+            held_by_name[src.name] = held_out_records(n, eval_split, seed, src.name)
+            if len(held_by_name[src.name]):
+                held[k] = held_by_name[src.name]
+        out = held_by_name[src.name]
+        keep = np.setdiff1d(np.arange(n, dtype=np.int64), out, assume_unique=True) if len(out) else None
+        idx, whole, sampled = sample_indices(n - len(out), src.percent, seed, key)
+        if keep is not None:
+            idx = keep[idx]
         ds_ids.append(np.full(len(idx), k, dtype=np.int32))
         rec_ids.append(idx)
-        report.add({"name": key, "records": n, "percent": src.percent, "samples": int(len(idx)),
-                    "copies": whole, "sampled": sampled, "annotation_path": src.annotation_path})
+        entry = {"name": key, "records": n, "percent": src.percent, "samples": int(len(idx)),
+                 "copies": whole, "sampled": sampled, "annotation_path": src.annotation_path}
+        if k in held:
+            entry["held_out"] = int(len(held[k]))
+        report.add(entry)
         if len(idx) == 0:
             log.warning("dataset %s gives no samples (%d records x %s%%): it is not trained on", key, n,
                         format_percent(src.percent))
     if not ds_ids:
-        return np.zeros(0, np.int32), np.zeros(0, np.int64), report
-    return np.concatenate(ds_ids), np.concatenate(rec_ids), report
+        return np.zeros(0, np.int32), np.zeros(0, np.int64), report, held
+    return np.concatenate(ds_ids), np.concatenate(rec_ids), report, held

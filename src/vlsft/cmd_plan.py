@@ -72,10 +72,15 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
         parts += ["", f"# From {plan.cluster or 'SLURM'}: {' '.join(plan.slurm)}"]
     parts += ["", "# Command:", format_command(plan.torchrun), ""]
     parts.append(f"# Datasets (--dataset_use {plan.dataset_use}):")
-    width = max((len(s.name) for s in plan.datasets), default=4)
+    width = max((len(s.name) for s in [*plan.datasets, *plan.eval_datasets]), default=4)
     for s in plan.datasets:
         parts.append(f"#   {s.name:<{width}}  {s.records:>10,} records x {s.percent:g} % = {s.samples:,} samples")
     parts.append(f"samples per epoch = {plan.samples_per_epoch:,}")
+    if plan.eval_datasets:
+        parts.append("# Eval datasets (never trained on when held out):")
+        for s in plan.eval_datasets:
+            parts.append(f"#   {s.name:<{width}}  {s.records:>10,} records x {s.percent:g} % = {s.samples:,} samples")
+        parts.append(f"eval samples = {plan.eval_samples:,}, evaluated {plan.eval_every or 'never (eval_strategy no)'}")
     parts.append(f"{plan.batch_formula}  (per-device x accumulation x nproc_per_node x nnodes)")
     estimate = " (estimate: packing puts several samples in a row)" if plan.steps_are_estimate else ""
     parts.append(f"steps per epoch = ceil({plan.samples_per_epoch} / {plan.effective_batch_size}) = "

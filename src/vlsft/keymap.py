@@ -43,7 +43,8 @@ class Key:
 M, D, X = ModelArguments, DataArguments, ExtraTrainingArguments
 
 # In trainer argv order. Values of `computed` rows (see vlsft.plan) are resolved by the plan: paths against the
-# YAML folder, data.use -> the dataset_use string, global_batch_size -> accumulation, wandb -> report_to.
+# YAML folder, data.use / data.eval -> the dataset_use / eval_dataset_use strings, training.eval_strategy -> steps when
+# there is eval data, global_batch_size -> accumulation, wandb -> report_to.
 KEYS: tuple[Key, ...] = (
     Key("model.name_or_path", "model_name_or_path"),
     Key("model.tune_mm_vision", "tune_mm_vision", M),
@@ -61,6 +62,7 @@ KEYS: tuple[Key, ...] = (
     Key("model.lora.quantize", "lora_quantize", X, when="model.lora.enabled"),
     Key("data.dictionary", "dataset_dict"),
     Key("data.use", "dataset_use"),
+    Key("data.eval", "eval_dataset_use"),
     Key("data.max_pixels", "max_pixels", D, {"gt": 0}),
     Key("data.min_pixels", "min_pixels", D, {"gt": 0}),
     Key("data.video_max_frames", "video_max_frames", D, {"gt": 0}),
@@ -75,6 +77,7 @@ KEYS: tuple[Key, ...] = (
     Key("data.flatten", "data_flatten", D),
     Key("data.packing", "data_packing", D),
     Key("data.max_bad_sample_ratio", "max_bad_sample_ratio", D, {"ge": 0, "le": 1}),
+    Key("data.eval_split", "eval_split", D, {"ge": 0, "lt": 1}),
     Key("output.dir", "output_dir"),
     Key("output.run_name", "run_name"),
     Key("output.resume", "resume", X),
@@ -97,6 +100,9 @@ KEYS: tuple[Key, ...] = (
     Key("training.save_steps", "save_steps"),
     Key("training.save_total_limit", "save_total_limit"),
     Key("training.logging_steps", "logging_steps"),
+    Key("training.eval_strategy", "eval_strategy"),
+    Key("training.eval_steps", "eval_steps"),
+    Key("training.per_device_eval_batch_size", "per_device_eval_batch_size"),
     Key("data.num_workers", "dataloader_num_workers"),
     Key("training.seed", "seed"),
     Key("data.seed", "data_seed"),

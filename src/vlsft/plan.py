@@ -104,6 +104,10 @@ class LaunchPlan:
     warnings: list[str]
     config: RunConfig
     datasets: list[DatasetShare] = field(default_factory=list)
+    # evaluation: held-out shares of the training datasets (data.eval_split) and data.eval datasets; cadence
+    eval_datasets: list[DatasetShare] = field(default_factory=list)
+    eval_samples: int = 0
+    eval_every: str | None = None  # "every 50 steps (4 times)", "every epoch"; None: no evaluation
     steps_are_estimate: bool = False
     slurm: list[str] = field(default_factory=list)  # distributed.* values taken from SLURM_* / PET_* ("key=value")
     cluster: str | None = None  # where `slurm` came from: "SLURM" or "PyTorchJob (PET_*)"
@@ -138,6 +142,8 @@ class LaunchPlan:
             "samples_per_epoch": self.samples_per_epoch,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
+            "eval_samples": self.eval_samples,
+            "eval_every": self.eval_every,
             "warnings": list(self.warnings),
         }
 
@@ -237,6 +243,29 @@ def _select_datasets(cfg: RunConfig, problems: list[Problem]) -> tuple[list[Any]
     return selection.datasets, dictionary
 
 
+def _select_eval(cfg: RunConfig, dictionary: Any, problems: list[Problem], shares: list[DatasetShare]) -> str | None:
+    """``data.eval`` against the dictionary (the data.use grammar) -> the ``--eval_dataset_use`` string; appends one
+    share per eval dataset."""
+    from qwenvl.data.dataset_use import format_dataset_use, resolve_selection, sample_count
+
+    if not getattr(dictionary, "ok", False):
+        return None
+    selection = resolve_selection(cfg.data.eval, {name: spec.percent for name, spec in dictionary.datasets.items()},
+                                  duplicates="reject", source=str(getattr(dictionary, "path", "")))
+    for p in selection.problems:
+        at = ("data", "eval") if p.index is None else ("data", "eval", p.index)
+        problems.append(Problem("error", p.message, key="data.eval" if p.index is None else f"data.eval[{p.index}]",
+                                hint=p.hint, **cfg.where(*at)))
+    entries = []
+    for c in selection.datasets:
+        records = _record_count(c.name, dictionary.datasets[c.name], dictionary, problems)
+        if records is None:
+            continue
+        shares.append(DatasetShare(c.name, records, c.percent, sample_count(records, c.percent)))
+        entries.append(c.entry)
+    return format_dataset_use(entries) if entries else None
+
+
 def _record_count(name: str, spec: Any, dictionary: Any, problems: list[Problem]) -> int | None:
     count = getattr(dictionary, "record_counts", {}).get(name)
     if count is not None:
@@ -256,7 +285,7 @@ def _record_count(name: str, spec: Any, dictionary: Any, problems: list[Problem]
 
 def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> LaunchPlan:
     """Resolve ``cfg`` into a :class:`LaunchPlan`. Raises ProblemsError listing every error found."""
-    from qwenvl.data.dataset_use import format_dataset_use, sample_count
+    from qwenvl.data.dataset_use import format_dataset_use, held_out_count, sample_count
 
     environ = os.environ if environ is None else environ
     original, cfg = cfg, cfg.model_copy(deep=True)
@@ -274,11 +303,16 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         chosen, dictionary = _select_datasets(cfg, problems)
         counts = {c.name: _record_count(c.name, dictionary.datasets[c.name], dictionary, problems) for c in chosen}
     shares: list[DatasetShare] = []
+    eval_shares: list[DatasetShare] = []
+    eval_use = _select_eval(cfg, dictionary, problems, eval_shares) if d.eval else None
     for name, percent in ((c.name, c.percent) for c in chosen):
         records = counts[name]
         if records is None:
             continue
-        shares.append(DatasetShare(name, records, percent, sample_count(records, percent)))
+        held = held_out_count(records, d.eval_split or 0.0)  # the trainer draws from the records not held out
+        shares.append(DatasetShare(name, records, percent, sample_count(records - held, percent)))
+        if held:
+            eval_shares.append(DatasetShare(f"{name} (held out)", records, d.eval_split * 100, held))
         if shares[-1].samples == 0:
             warnings.append(f"dataset {name!r} yields 0 samples per epoch ({records} records at {percent:g} %)")
     for p in getattr(dictionary, "warnings", []):
@@ -358,6 +392,17 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     steps_per_epoch = max(math.ceil(samples / effective), 1) if samples else 0
     total = tr.max_steps if tr.max_steps > 0 else math.ceil(tr.num_train_epochs * steps_per_epoch)
 
+    # ---- evaluation cadence (transformers: eval_steps defaults to logging_steps)
+    eval_samples = sum(s.samples for s in eval_shares)
+    eval_strategy = tr.eval_strategy if tr.eval_strategy is not None else ("steps" if eval_shares else None)
+    eval_every = None
+    if eval_strategy == "steps":
+        every = tr.eval_steps if tr.eval_steps is not None else tr.logging_steps
+        n_every = math.ceil(every * total) if every < 1 else int(every)
+        eval_every = f"every {n_every} steps ({total // max(n_every, 1)} times)"
+    elif eval_strategy == "epoch":
+        eval_every = "every epoch"
+
     # ---- environment
     env: dict[str, str] = {}
     mode = cfg.wandb.mode_in(environ)
@@ -397,7 +442,10 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
 
     # ---- trainer arguments: one per keymap row, in its order (computed values replace the YAML's own)
     computed: dict[str, Any] = {"dataset_use": dataset_use, "deepspeed": ds_path, "gradient_accumulation_steps": accum,
-                                "report_to": report_to}
+                                "report_to": report_to, "eval_dataset_use": eval_use,
+                                "eval_strategy": eval_strategy,
+                                "per_device_eval_batch_size": tr.per_device_eval_batch_size or (
+                                    tr.per_device_train_batch_size if eval_strategy not in (None, "no") else None)}
     args: list[tuple[str, Any]] = [(k.flag, computed[k.flag] if k.flag in computed else yaml_value(cfg, k))
                                    for k in KEYS]
     args += list(tr.extra.items())
@@ -500,6 +548,9 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         warnings=warnings,
         config=cfg,
         datasets=shares,
+        eval_datasets=eval_shares,
+        eval_samples=eval_samples,
+        eval_every=eval_every,
         steps_are_estimate=d.packing,
         slurm=slurm,
         cluster=cluster,

@@ -151,12 +151,15 @@ class DataSection(_Section):
                                   "('docs%50', 'charts%250' = 2.5 copies). Default: every dataset in the "
                                   "dictionary at its own sampling_rate / repeat_time. A comma string and a "
                                   "mapping {docs: 50, charts: null} are accepted too.")
+    eval: list[str] | None = Field(None, description="Datasets to evaluate on (names of the dictionary, "
+                                   "'name%percent' as in data.use; trainer flag --eval_dataset_use). Evaluated "
+                                   "every training.eval_steps: eval loss in total and per dataset.")
     seed: int = Field(42, description="Seed of the dataset sampling ('name%percent' subsets) and of the data "
                       "order; the same on every rank. Trainer flag --data_seed.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank "
                              "(--dataloader_num_workers; the official scripts use 4).")
 
-    @field_validator("use", mode="before")
+    @field_validator("use", "eval", mode="before")
     @classmethod
     def _split_comma_string(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -195,6 +198,13 @@ class TrainingSection(_Section):
                                          "(oldest deleted first); default: keep all.")
     logging_steps: float = Field(500, gt=0, description="Log every N optimizer steps (below 1: a fraction "
                                  "of the total steps).")
+    eval_strategy: Literal["no", "steps", "epoch"] | None = Field(
+        None, description="When to evaluate: steps (every eval_steps), epoch, or no. Default: steps when "
+        "data.eval or data.eval_split is set, else no.")
+    eval_steps: float | None = Field(None, gt=0, description="Evaluate every N optimizer steps (below 1: a "
+                                     "fraction of the total steps); default: logging_steps.")
+    per_device_eval_batch_size: int | None = Field(None, ge=1, description="Samples per GPU per evaluation "
+                                                   "forward pass; default: per_device_train_batch_size.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of the total steps spent warming the "
                                 "learning rate up from 0 (passed as --warmup_steps, which transformers 5 "
                                 "reads as a ratio when below 1).")
