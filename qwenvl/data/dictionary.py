@@ -44,7 +44,8 @@ from qwenvl.problems import Problem, did_you_mean
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = ("data_path", "annotation_path", "length", "sampling_rate", "repeat_time", "format", "system", "train_on")
+KNOWN_KEYS = ("data_path", "annotation_path", "length", "sampling_rate", "repeat_time", "format", "system", "train_on",
+              "bbox_format")
 # keys of a LLaMA-Factory dataset_info.json entry (read as a dictionary: see _Loader.lf_pairs)
 LF_KEYS = ("file_name", "formatting", "columns", "tags", "ranking", "subset", "split", "folder", "num_samples",
            "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
@@ -77,6 +78,8 @@ class DatasetSpec(BaseModel):
                                "(default: detected from the first records).")
     system: str | None = Field(None, description="System prompt of this dataset (replaces the default one).")
     train_on: str | None = Field(None, description="Assistant turns trained: 'all' (default) or 'last'.")
+    bbox_format: str | None = Field(None, description="Coordinates of the records' 'objects' (grounding): pixel "
+                                    "(original image pixels, default), norm1000 (0-1000) or norm1 (0-1).")
     format_keys: dict | None = Field(None, description="Record keys and speaker tags (from a LLaMA-Factory "
                                      "dataset_info.json entry's columns/tags).")
 
@@ -86,6 +89,7 @@ class DatasetSpec(BaseModel):
         from qwenvl.data.formats import FormatSpec
 
         return FormatSpec(name=self.format, system=self.system, train_on=self.train_on or "all",
+                          bbox_format=self.bbox_format or "pixel",
                           declared=self.format is not None, **(self.format_keys or {}))
 
     @property
@@ -487,6 +491,11 @@ class _Loader:
         from qwenvl.data.formats import TRAIN_ON
 
         return self._choice(name, k, v, TRAIN_ON)
+
+    def check_bbox_format(self, name: str, k: str, v: JNode) -> object:
+        from qwenvl.data.grounding import BBOX_FORMATS
+
+        return self._choice(name, k, v, BBOX_FORMATS)
 
     def check_system(self, name: str, k: str, v: JNode) -> object:
         if v.kind == "null":

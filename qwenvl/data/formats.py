@@ -62,6 +62,7 @@ class FormatSpec:
     system: str | None = None  # the dataset's default system prompt (dictionary "system")
     train_on: str = "all"  # "all" assistant turns, or only the "last"
     declared: bool = False  # name came from the dictionary, not from detection
+    bbox_format: str = "pixel"  # coordinates of the records' "objects" (qwenvl.data.grounding): pixel|norm1000|norm1
 
     def with_name(self, name: str) -> FormatSpec:
         return replace(self, name=name)
@@ -338,6 +339,8 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
         out.append(_err("no_answer", "no assistant turn to train on (only a system prompt)", mkey, None, "no_answer"))
         return None, _PLAIN, out
     internal: dict = {"conversations": turns}
+    if "objects" in rec:  # grounding (qwenvl.data.grounding): the same field in every format
+        internal["objects"] = rec["objects"]
     for media, key in (("image", f.images_key), ("video", f.videos_key)):
         listed = rec.get(key)
         if inline[media]:

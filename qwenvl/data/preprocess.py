@@ -69,6 +69,7 @@ BAD_SAMPLE_KINDS = {
     "media_unreadable": "a media file that cannot be decoded (corrupt, truncated, empty, too large)",
     "media_unreachable": "media on a server that cannot be reached",
     "too_long": "more tokens than model_max_length",
+    "bad_objects": "the grounding 'objects' field is malformed or does not match its <bbox>/<point>/<ref> placeholders",
 }
 
 

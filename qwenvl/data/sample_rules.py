@@ -259,6 +259,10 @@ def record_problems(rec: Any) -> list[Item]:
                         "video(s)", "video", "put one <video> tag in a human turn per video, in order"))
     if no_answer is not None:
         out.append(no_answer)
+    if "objects" in rec:  # grounding (qwenvl.data.grounding): structure and placeholders, no image needed
+        from qwenvl.data.grounding import object_problems
+
+        object_problems(rec, out, n_images)
     return out or _NONE
 
 

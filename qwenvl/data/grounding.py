@@ -1,0 +1,335 @@
+"""Grounding: the ``objects`` field of an annotation, rendered in each model family's convention (torch-free).
+
+An annotation (any format: the normalisers pass ``objects`` through) may carry::
+
+    "objects": [{"label": "cat", "bbox": [x1, y1, x2, y2]}, {"label": "nose", "point": [x, y], "image": 1}]
+
+in the dataset's ``"bbox_format"`` (dictionary key): ``pixel`` (original image pixels, the default), ``norm1000``
+(0-1000 of the original image) or ``norm1`` (0-1). ``image`` is the index of the sample's image the object is on
+(required when the sample has more than one image; default 0). Placeholders in the turns' text say where objects
+are rendered (any turn):
+
+* ``<bbox>`` / ``<point>``: the next object (in list order; its kind must match), consumed;
+* ``<ref>``: the label of the next object (the one the following ``<bbox>``/``<point>`` renders), not consumed;
+* ``<objects>``: every object in the family's answer form (Qwen2.5-VL/Qwen3-VL: a ```json list of
+  ``{"bbox_2d": [...], "label": ...}`` / ``{"point_2d": [...], "label": ...}``; Qwen2-VL: ref + box tokens).
+
+When ``<bbox>``/``<point>`` are used they must consume every object exactly once.
+
+Conventions (:func:`convert`), computed with the resize the image gets (``smart_resize`` with the run's
+``min_pixels``/``max_pixels``; at build time the processor's own grid, which is the same numbers):
+
+=============  ==============================================  ================================================
+family         coordinates                                     text of ``<ref>`` + ``<bbox>``
+=============  ==============================================  ================================================
+Qwen2-VL       0-1000 of the image                              ``<|object_ref_start|>cat<|object_ref_end|>``
+                                                               ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``
+Qwen2.5-VL     absolute pixels of the *resized* image           ``cat`` ``[x1, y1, x2, y2]``
+Qwen3-VL (+)   0-1000 of the image                              ``cat`` ``[x1, y1, x2, y2]``
+=============  ==============================================  ================================================
+
+Rounding (stated, tested in ``tests/test_grounding.py``): each coordinate is mapped exactly (float), then rounded
+to the nearest integer with halves rounded up (``floor(v + 0.5)``; never Python's half-to-even), then clamped to
+``[0, W]`` / ``[0, H]`` (resized pixels) or ``[0, 1000]``. So the right edge of the image (x = W) renders as the
+resized width (Qwen2.5-VL) or 1000. Normalised grids do not depend on the resize: changing ``max_pixels`` moves
+only Qwen2.5-VL coordinates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+BBOX_FORMATS = ("pixel", "norm1000", "norm1")
+PLACEHOLDERS = ("<ref>", "<bbox>", "<point>", "<objects>")
+_PH_RE = re.compile(r"(<ref>|<bbox>|<point>|<objects>)")
+# literal boxes a Qwen2.5-VL answer text holds: "bbox_2d": [x1, y1, x2, y2]
+_LITERAL_BOX = re.compile(r'"bbox_2d"\s*:\s*\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]')
+
+
+def family_of(model_type: str) -> str:
+    """``qwen2vl`` | ``qwen2.5vl`` | ``qwen3vl`` (every Qwen3 family renders as Qwen3-VL)."""
+    t = model_type.replace(".", "").replace("_", "").replace("-", "").lower()
+    if t.startswith("qwen3"):
+        return "qwen3vl"
+    if t.startswith("qwen25") or t == "qwen2.5vl":
+        return "qwen2.5vl"
+    if t.startswith("qwen2"):
+        return "qwen2vl"
+    return "qwen2.5vl"
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """``(height, width)`` of the image the model sees (the Qwen2-VL image processor's resize, same formula)."""
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _num(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def object_problems(rec: dict, out: list, n_images: int) -> None:
+    """Problems of ``rec["objects"]`` that need no image (structure, placeholders, x2 < x1, zero area), appended
+    as sample-rule items ``(severity, kind, code, message, key, hint)``; errors are of kind ``bad_objects``."""
+    objs = rec.get("objects")
+    if objs is None:
+        return
+
+    def err(code: str, message: str, hint: str) -> None:
+        out.append(("error", "bad_objects", code, message, "objects", hint))
+
+    if type(objs) is not list:
+        return err("objects_type", "'objects' must be a list of {\"label\", \"bbox\"|\"point\"}", 'write "objects": '
+                   '[{"label": "cat", "bbox": [x1, y1, x2, y2]}]')
+    if not objs:
+        return
+    if n_images == 0:
+        return err("objects_no_image", "'objects' in a sample without an image", "boxes are positions in an "
+                   "image: add the image, or drop 'objects'")
+    kinds = []
+    for k, o in enumerate(objs):
+        if type(o) is not dict or type(o.get("label")) is not str:
+            return err("object_shape", f"object {k} must be an object with a string 'label'",
+                       '{"label": "cat", "bbox": [x1, y1, x2, y2]} or {"label": "cat", "point": [x, y]}')
+        box, pt = o.get("bbox"), o.get("point")
+        if (box is None) == (pt is None):
+            return err("object_shape", f"object {k} ({o['label']!r}) needs exactly one of 'bbox' and 'point'",
+                       '"bbox": [x1, y1, x2, y2] or "point": [x, y]')
+        if box is not None and (type(box) is not list or len(box) != 4 or not all(_num(v) for v in box)):
+            return err("object_shape", f"object {k} ({o['label']!r}): 'bbox' must be 4 numbers [x1, y1, x2, y2]",
+                       "write the box as its top-left and bottom-right corners")
+        if pt is not None and (type(pt) is not list or len(pt) != 2 or not all(_num(v) for v in pt)):
+            return err("object_shape", f"object {k} ({o['label']!r}): 'point' must be 2 numbers [x, y]", "write [x, y]")
+        img = o.get("image", 0)
+        if type(img) is not int or not 0 <= img < n_images:
+            return err("object_image", f"object {k} ({o['label']!r}): 'image' {img!r} is not an image index of "
+                       f"this sample (0..{n_images - 1})", "name the 0-based index of the image the object is on")
+        if n_images > 1 and "image" not in o:
+            return err("object_image", f"object {k} ({o['label']!r}) has no 'image' in a sample with {n_images} "
+                       "images", "add \"image\": <0-based index> so the box is converted with its image's size")
+        if box is not None:
+            x1, y1, x2, y2 = box
+            if x2 < x1 or y2 < y1:
+                return err("box_order", f"object {k} ({o['label']!r}): box {box} has x2 < x1 or y2 < y1",
+                           "write [x1, y1, x2, y2] = top-left then bottom-right (swapped corners?)")
+            if x2 == x1 or y2 == y1:
+                return err("box_degenerate", f"object {k} ({o['label']!r}): box {box} has zero width or height",
+                           "a box needs an area; use \"point\" for a single position")
+        kinds.append("<bbox>" if box is not None else "<point>")
+    seq = []
+    for t in rec.get("conversations") or ():
+        if type(t) is dict:
+            v = t.get("content") if "role" in t and "content" in t else t.get("value")
+            if type(v) is str and "<" in v:
+                seq += _PH_RE.findall(v)
+    if not seq:
+        return err("objects_unplaced", f"{len(objs)} object(s) but no <bbox>, <point> or <objects> placeholder in "
+                   "the text", "write <ref>/<bbox>/<point> where each object goes, or <objects> for all of them")
+    taken = [s for s in seq if s in ("<bbox>", "<point>")]
+    if taken:
+        if len(taken) != len(kinds):
+            return err("objects_count", f"{len(taken)} <bbox>/<point> placeholder(s) for {len(kinds)} object(s)",
+                       "each <bbox>/<point> renders the next object, in order: one per object")
+        for k, (want, got) in enumerate(zip(kinds, taken, strict=True)):
+            if want != got:
+                return err("objects_kind", f"placeholder {got} takes object {k}, which has a "
+                           f"{'bbox' if want == '<bbox>' else 'point'}", f"write {want} for it")
+    i = 0
+    for s in seq:
+        if s == "<ref>" and i >= len(objs):
+            return err("objects_count", "a <ref> placeholder after the last object", "each <ref> names the "
+                       "object the next <bbox>/<point> renders")
+        if s in ("<bbox>", "<point>"):
+            i += 1
+
+
+def _half_up(v: float) -> int:
+    return int(math.floor(v + 0.5))
+
+
+def convert(values: list, orig: tuple[int, int], resized: tuple[int, int], bbox_format: str,
+            family: str) -> list[int]:
+    """Coordinates ``[x, y, ...]`` given in ``bbox_format`` on an image of ``orig`` = (width, height) as the
+    family's integers (``resized`` = (width, height) the model sees). Rounding: see the module docstring."""
+    ow, oh = orig
+    rw, rh = resized
+    out = []
+    for j, v in enumerate(values):
+        size = ow if j % 2 == 0 else oh
+        rel = v / size if bbox_format == "pixel" else v / 1000.0 if bbox_format == "norm1000" else float(v)
+        if family == "qwen2.5vl":
+            top = rw if j % 2 == 0 else rh
+            out.append(min(max(_half_up(rel * top), 0), top))
+        else:
+            out.append(min(max(_half_up(rel * 1000.0), 0), 1000))
+    return out
+
+
+def _box_text(vals: list[int], family: str) -> str:
+    if family == "qwen2vl":
+        pairs = ",".join(f"({vals[i]},{vals[i + 1]})" for i in range(0, len(vals), 2))
+        return f"<|box_start|>{pairs}<|box_end|>"
+    return "[" + ", ".join(str(v) for v in vals) + "]"
+
+
+def _ref_text(label: str, family: str) -> str:
+    return f"<|object_ref_start|>{label}<|object_ref_end|>" if family == "qwen2vl" else label
+
+
+def rendered_objects(objs: list, sizes: list[tuple[tuple[int, int], tuple[int, int]]], bbox_format: str,
+                     family: str) -> list[dict]:
+    """Each object with its family coordinates: ``{"label", "kind" ("bbox"|"point"), "image", "values"}``.
+    ``sizes[k]`` = ((orig w, h), (resized w, h)) of image k."""
+    out = []
+    for o in objs:
+        kind = "bbox" if o.get("bbox") is not None else "point"
+        img = o.get("image", 0)
+        orig, resized = sizes[img]
+        out.append({"label": o["label"], "kind": kind, "image": img,
+                    "values": convert(o[kind], orig, resized, bbox_format, family)})
+    return out
+
+
+def answer_form(rendered: list[dict], family: str) -> str:
+    """Every object in the family's own answer form (the ``<objects>`` placeholder)."""
+    if family == "qwen2vl":
+        return "".join(_ref_text(r["label"], family) + _box_text(r["values"], family) for r in rendered)
+    rows = []
+    for r in rendered:
+        key = "bbox_2d" if r["kind"] == "bbox" else "point_2d"
+        rows.append("  " + json.dumps({key: r["values"], "label": r["label"]}, ensure_ascii=False))
+    return "```json\n[\n" + ",\n".join(rows) + "\n]\n```"
+
+
+def render_texts(texts: list[str], rendered: list[dict], family: str) -> list[str]:
+    """The turns' texts with their placeholders replaced (objects checked by :func:`object_problems`)."""
+    state = {"i": 0}
+    form = None
+
+    def sub(m: re.Match) -> str:
+        nonlocal form
+        tag = m.group(0)
+        i = state["i"]
+        if tag == "<objects>":
+            if form is None:
+                form = answer_form(rendered, family)
+            return form
+        if tag == "<ref>":
+            return _ref_text(rendered[i]["label"], family)
+        state["i"] = i + 1
+        return _box_text(rendered[i]["values"], family)
+
+    return [_PH_RE.sub(sub, t) if "<" in t else t for t in texts]
+
+
+# ---------------------------------------------------------------------------------------------- deep check
+def image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the image file's header (PIL opens lazily: no decoding); None when unreadable."""
+    try:
+        from PIL import Image
+
+        from qwenvl import storage
+
+        if storage.is_url(path):
+            import io
+
+            with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
+                return im.size
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - the media checks report unreadable files
+        return None
+
+
+def check_sample(rec: dict, sizes: list[tuple[int, int] | None], bbox_format: str, min_pixels: int,
+                 max_pixels: int, factor: int = 28) -> tuple[list[tuple[str, str, str, str]], dict]:
+    """Deep checks of one sample's boxes with its images' header sizes: ``([(severity, code, message, hint)],
+    counts)``; counts = boxes, rescaled (Qwen2.5-VL coordinates differ from the given ones), suspicious."""
+    out: list[tuple[str, str, str, str]] = []
+    counts = {"boxes": 0, "rescaled": 0, "suspicious": 0}
+    objs = rec.get("objects") if type(rec.get("objects")) is list else []
+    resized_of = {}
+    for k, s in enumerate(sizes):
+        if s is not None:
+            h, w = smart_resize(s[1], s[0], factor, min_pixels, max_pixels)
+            resized_of[k] = (w, h)
+    values_all: list[float] = []
+    for k, o in enumerate(objs):
+        if type(o) is not dict:
+            continue
+        vals = o.get("bbox") if o.get("bbox") is not None else o.get("point")
+        if type(vals) is not list or not all(_num(v) for v in vals):
+            continue
+        counts["boxes"] += 1
+        values_all += vals
+        img = o.get("image", 0)
+        size = sizes[img] if type(img) is int and 0 <= img < len(sizes) else None
+        if size is None:
+            continue
+        w, h = size
+        lim = (w, h) if bbox_format == "pixel" else (1000, 1000) if bbox_format == "norm1000" else (1, 1)
+        bad = [v for j, v in enumerate(vals) if v < 0 or v > lim[j % 2]]
+        flagged = False
+        if bad:
+            flagged = True
+            what = f"the {w}x{h} image" if bbox_format == "pixel" else f"the {bbox_format} range"
+            out.append(("warning", "box_outside", f"object {k} ({o.get('label')!r}): {vals} lies outside {what} "
+                        f"(it is clamped to the edge)", "check the coordinates and the dataset's \"bbox_format\""))
+        if bbox_format == "pixel" and max(vals) <= 1 and max(w, h) > 1:
+            flagged = True
+            out.append(("warning", "box_convention", f"object {k} ({o.get('label')!r}): {vals} are all <= 1 with "
+                        "bbox_format pixel", 'these look like 0-1 coordinates: set "bbox_format": "norm1"'))
+        elif bbox_format == "norm1" and max(vals) > 1:
+            flagged = True
+            out.append(("warning", "box_convention", f"object {k} ({o.get('label')!r}): {vals} exceed 1 with "
+                        "bbox_format norm1", 'set "bbox_format": "pixel" or "norm1000" to match the data'))
+        resized = resized_of.get(img if type(img) is int else 0)
+        if resized is not None and bbox_format == "pixel" and resized != (w, h):
+            counts["rescaled"] += 1
+        elif resized is not None and bbox_format != "pixel":
+            counts["rescaled"] += 1
+        counts["suspicious"] += flagged
+    if bbox_format == "pixel" and values_all and sizes and sizes[0] is not None:
+        w, h = sizes[0]
+        top = max(values_all)
+        if top > max(w, h) and top <= 1000 and max(w, h) < 1000 and not any(c == "box_outside" for _, c, _, _ in out):
+            out.append(("warning", "box_convention", f"coordinates up to {top:g} on a {w}x{h} image with "
+                        "bbox_format pixel", 'these look like 0-1000 coordinates: set "bbox_format": "norm1000"'))
+    # boxes written literally in the answer text (Qwen2.5-VL: pixels of the resized image)
+    resized0 = resized_of.get(0)
+    if resized0 is not None:
+        rw, rh = resized0
+        for t in rec.get("conversations") or ():
+            if type(t) is not dict:
+                continue
+            v = t.get("content") if "role" in t and "content" in t else t.get("value")
+            if type(v) is not str or "bbox_2d" not in v:
+                continue
+            for m in _LITERAL_BOX.finditer(v):
+                try:
+                    x1, y1, x2, y2 = (float(g) for g in m.groups())
+                except ValueError:
+                    continue
+                counts["boxes"] += 1
+                if max(x1, x2) > rw or max(y1, y2) > rh:
+                    counts["suspicious"] += 1
+                    box = [g for g in m.groups()]
+                    out.append(("warning", "answer_box_outside", f"the answer's bbox_2d [{', '.join(box)}] exceeds the "
+                                f"{rw}x{rh} image Qwen2.5-VL sees (max_pixels {max_pixels})", "Qwen2.5-VL boxes are "
+                                "pixels of the resized image: use 'objects' with <bbox>/<objects> so vlsft rescales "
+                                "them (0-1000 would be right for Qwen3-VL)"))
+                    break
+    return out, counts
