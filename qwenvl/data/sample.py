@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qwenvl import storage
-from qwenvl.data import formats, sample_rules, vision
+from qwenvl.data import formats, grounding, sample_rules, vision
 from qwenvl.data.chat_head import HeadChatEncoder
 from qwenvl.data.preprocess import BadSample, ChatEncoder, Turn, problem_error
 from qwenvl.data.rope import RopeIndex
@@ -221,6 +221,16 @@ class SampleBuilder:
             self.rope.video_token_id = self.encoder.video_pad
             self.rope.merge = self.spec.merge_size
 
+    def _render_objects(self, objs: list, turns: list[Turn], pil: list, grids: list, fmt) -> list[Turn]:
+        """Turns with ``<ref>``/``<bbox>``/``<point>``/``<objects>`` rendered in the family's convention
+        (:mod:`qwenvl.data.grounding`): original size from the image, resized size from its grid."""
+        p = self.spec.patch_size
+        sizes = [(im.size, (int(g[2]) * p, int(g[1]) * p)) for im, g in zip(pil, grids, strict=True)]
+        family = grounding.family_of(self.model_type)
+        rendered = grounding.rendered_objects(objs, sizes, fmt.bbox_format if fmt is not None else "pixel", family)
+        texts = grounding.render_texts([t.content for t in turns], rendered, family)
+        return [Turn(t.role, text, t.train) for t, text in zip(turns, texts, strict=True)]
+
     def build(self, record: dict, data_path: str | None, fmt: formats.FormatSpec | None = None) -> dict:
         """``fmt``: the dataset's annotation format (:mod:`qwenvl.data.formats`; None = official)."""
         import torch
@@ -272,6 +282,8 @@ class SampleBuilder:
                 out["video_timestamps"] = [s for s, _ in head_videos]
             out["frame_idx"] = fidx
             video_tokens = [int(g.prod()) // m2 for g in grids]
+        if record.get("objects"):  # grounding: placeholders rendered with each image's own resize
+            turns = self._render_objects(record["objects"], turns, pil, out["image_grid_thw"].tolist(), fmt)
         if head:
             lead = [Turn("system", system)] if system is not None else []
             ids, labels = self.encoder.encode_head(lead + turns, image_tokens, head_videos)
