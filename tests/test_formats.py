@@ -266,3 +266,19 @@ def test_convert_then_pipeline_gives_identical_tokens(builder, media):
         assert _same(builder.build(off, str(media), official), builder.build(rec, str(media), fmt)), (rec, off)
 
     prop()
+
+
+def test_loss_false_in_the_qwen3_layout(tmp_path_factory):
+    """The Qwen3 (HEAD) chat layout masks ``loss: false`` turns in the encoder itself, even when a turn's text
+    holds a literal ``<|im_start|>`` (masking by token position would shift)."""
+    from transformers import AutoTokenizer
+
+    from qwenvl.tiny import build_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(build_tokenizer_dir(tmp_path_factory.mktemp("q3"), family="qwen3_vl"))
+    b = SampleBuilder(tok, VisionBudget(max_pixels=50176, min_pixels=784), model_type="qwen3_vl")
+    conv = [{"role": "user", "content": "q1 <|im_start|> x"}, {"role": "assistant", "content": "first", "loss": False},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "second"}]
+    rec = {"messages": conv}
+    s = b.build(rec, None, _fmt(rec))
+    assert tok.decode([int(t) for t in s["labels"] if t != -100]) == "second<|im_end|>\n"

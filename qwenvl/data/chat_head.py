@@ -73,7 +73,7 @@ class HeadChatEncoder(ChatEncoder):
             else:
                 items.append(turn.content)
             items += [self.im_end, "\n"]
-            plans.append((turn.role != "assistant", _merge_text(items)))
+            plans.append((turn.role != "assistant" or not turn.train, _merge_text(items)))  # loss: false masked
         if img_i != len(image_tokens) or vid_i != len(videos):
             raise BadSample(f"{len(image_tokens)} image(s) / {len(videos)} video(s) but {img_i} <image> / {vid_i} "
                             "<video> tag(s) in human turns: every media item needs exactly one tag",

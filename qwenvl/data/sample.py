@@ -192,16 +192,6 @@ def _frame_list_video(paths: list[str], vb) -> vision.DecodedVideo:
     return vision.DecodedVideo(arr, keep, total, FRAME_LIST_FPS, "frames")
 
 
-def _mask_untrained(ids, labels, turns: list[Turn], im_start: int) -> None:
-    """Mask (in place) the turns with ``train=False`` in a layout where turn k starts at the k-th ``<|im_start|>``."""
-    if all(t.train for t in turns):
-        return
-    starts = [int(i) for i in np.flatnonzero(ids == im_start)] + [len(ids)]
-    for k, t in enumerate(turns):
-        if not t.train and k + 1 < len(starts):
-            labels[starts[k]:starts[k + 1]] = -100
-
-
 @dataclass
 class SampleBuilder:
     tokenizer: object
@@ -287,7 +277,6 @@ class SampleBuilder:
         if head:
             lead = [Turn("system", system)] if system is not None else []
             ids, labels = self.encoder.encode_head(lead + turns, image_tokens, head_videos)
-            _mask_untrained(ids, labels, lead + turns, self.encoder.im_start)
         else:
             ids, labels = self.encoder.encode(turns, image_tokens, video_tokens, system)
         if self.model_max_length is not None and len(ids) > self.model_max_length:
