@@ -69,6 +69,12 @@ class ScanResult:
     unusable: bool = False  # the file is not a JSON list / does not parse at all (see problems)
     packed: bool = False  # a .json with at least one official pre-packed list of samples
     fmt_info: ProbeInfo = field(default_factory=ProbeInfo, repr=False, compare=False)  # the format settled
+    # grounding (--deep, qwenvl.data.grounding): boxes/points in 'objects' and in answer texts, how many the
+    # Qwen2.5-VL resize rescales (at the default max_pixels), how many look wrong
+    boxes: int = 0
+    boxes_rescaled: int = 0
+    boxes_suspicious: int = 0
+    grounded: list = field(default_factory=list, repr=False, compare=False)  # (locator, record) with objects
 
     @property
     def format(self) -> str | None:
@@ -140,8 +146,23 @@ def _check_formatted(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[st
         res.text_only += 1
     if not deep:
         return
+    if type(internal) is dict and ("objects" in internal or _answer_boxes(internal)):
+        res.grounded.append((loc, internal))
     for severity, kind, code, message, key, hint in problems:
         sink.add(loc, code, severity, message, key, hint, None, kind)
+
+
+def _answer_boxes(rec: dict) -> bool:
+    """A literal ``bbox_2d`` in a turn of an official-shaped record (checked against the resized image)."""
+    conv = rec.get("conversations")
+    if type(conv) is not list:
+        return False
+    for t in conv:
+        if type(t) is dict:
+            v = t.get("content") if "role" in t and "content" in t else t.get("value")
+            if type(v) is str and "bbox_2d" in v:
+                return True
+    return False
 
 
 def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, Any] | None,
@@ -191,6 +212,8 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
                     if p.__class__ is str:
                         res.image_paths.setdefault(p, loc)
     problems = record_problems(rec)
+    if type(rec) is dict and "objects" in rec:  # literal answer boxes: found by _scan_chunk (a bytes search)
+        res.grounded.append((loc, rec))
     if problems:
         for severity, kind, code, message, key, hint in problems:
             if code == "not_object" and type(rec) is list and type(loc) is int:
@@ -219,6 +242,7 @@ class _Part:
     first_media: Any = None
     video_paths: dict | None = None  # media path -> first locator, under 'video' (only for --decode)
     image_paths: dict | None = None  # ... under 'image' (a file may be named under both)
+    grounded: list = field(default_factory=list)  # (locator, internal record) of samples with 'objects'
 
 
 def _scan_chunk(bounds: tuple) -> _Part:
@@ -255,6 +279,8 @@ def _scan_chunk(bounds: tuple) -> _Part:
                     sink.add(line, "json", "error", msg, hint=hint, column=col)
                     continue
             check(rec, line, sink, deep, media, part, fmt)
+            if deep and b"bbox_2d" in raw and fmt is None and type(rec) is dict and "objects" not in rec:
+                part.grounded.append((line, rec))
         part.records = part.samples = line - first_line + 1 - blank
     else:
         for i in range(lo, hi):
@@ -267,6 +293,8 @@ def _scan_chunk(bounds: tuple) -> _Part:
             else:
                 part.samples += 1
                 check(item, (i, None), sink, deep, media, part, fmt)
+                if deep and fmt is None and type(item) is dict and "objects" not in item and _answer_boxes(item):
+                    part.grounded.append(((i, None), item))
     part.items = sink.items
     part.counts = sink.counts
     return part
@@ -401,6 +429,8 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
         gone = _check_media_exist(media, data_path, sink, res, list_progress)
         if decode:
             _decode_media(roles, data_path, gone, sink, res, decode_progress)
+    if res.grounded:
+        _check_grounding(res, sink, data_path, fmt.bbox_format if fmt is not None else "pixel")
     # resolve locators to lines
     locs = {loc for loc, *_ in sink.items if isinstance(loc, tuple)}
     first_media = res.first_media
@@ -428,6 +458,34 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
     return res
 
 
+def _check_grounding(res: ScanResult, sink: _Sink, data_path: str | None, bbox_format: str) -> None:
+    """The boxes of every sample with ``objects`` (or a literal ``bbox_2d`` answer) against its images' sizes,
+    read from the file headers (no decoding): outside the image, another convention than declared, answer boxes
+    beyond the image Qwen2.5-VL sees at the default ``max_pixels``/``min_pixels`` (the run's are not known here)."""
+    from qwenvl.arguments import DataArguments
+    from qwenvl.data import grounding
+
+    d = DataArguments()
+    sizes_of: dict[str, tuple[int, int] | None] = {}
+    for loc, rec in res.grounded:
+        img = rec.get("image")
+        paths = [img] if type(img) is str else [p for p in img if type(p) is str] if type(img) is list else []
+        sizes = []
+        for p in paths:
+            if p not in sizes_of:
+                full = p if (storage.is_url(p) or os.path.isabs(p) or not data_path) else storage.join(data_path, p)
+                sizes_of[p] = grounding.image_size(full) if is_path(p) else None
+            sizes.append(sizes_of[p])
+        found, counts = grounding.check_sample(rec, sizes, bbox_format, d.min_pixels, d.max_pixels)
+        res.boxes += counts["boxes"]
+        res.boxes_rescaled += counts["rescaled"]
+        res.boxes_suspicious += counts["suspicious"]
+        for severity, code, message, hint in found:
+            sink.add(loc, code, severity, message, "objects" if code != "answer_box_outside" else "conversations",
+                     hint, None, code)
+    res.grounded = []
+
+
 def _merge(res: ScanResult, sink: _Sink, media: dict | None, part: _Part) -> None:
     res.records += part.records
     res.samples += part.samples
@@ -436,6 +494,7 @@ def _merge(res: ScanResult, sink: _Sink, media: dict | None, part: _Part) -> Non
     res.text_only += part.text_only
     if res.first_media is None:
         res.first_media = part.first_media
+    res.grounded += part.grounded
     for item in part.items:
         sink.keep(item)
     for kind, count in part.counts.items():

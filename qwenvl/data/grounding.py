@@ -266,7 +266,6 @@ def check_sample(rec: dict, sizes: list[tuple[int, int] | None], bbox_format: st
         if s is not None:
             h, w = smart_resize(s[1], s[0], factor, min_pixels, max_pixels)
             resized_of[k] = (w, h)
-    values_all: list[float] = []
     for k, o in enumerate(objs):
         if type(o) is not dict:
             continue
@@ -274,7 +273,6 @@ def check_sample(rec: dict, sizes: list[tuple[int, int] | None], bbox_format: st
         if type(vals) is not list or not all(_num(v) for v in vals):
             continue
         counts["boxes"] += 1
-        values_all += vals
         img = o.get("image", 0)
         size = sizes[img] if type(img) is int and 0 <= img < len(sizes) else None
         if size is None:
@@ -286,8 +284,11 @@ def check_sample(rec: dict, sizes: list[tuple[int, int] | None], bbox_format: st
         if bad:
             flagged = True
             what = f"the {w}x{h} image" if bbox_format == "pixel" else f"the {bbox_format} range"
+            hint = "check the coordinates and the dataset's \"bbox_format\""
+            if bbox_format == "pixel" and max(vals) <= 1000 and max(w, h) < 1000:
+                hint = 'these look like 0-1000 coordinates: set "bbox_format": "norm1000"'
             out.append(("warning", "box_outside", f"object {k} ({o.get('label')!r}): {vals} lies outside {what} "
-                        f"(it is clamped to the edge)", "check the coordinates and the dataset's \"bbox_format\""))
+                        "(it is clamped to the edge)", hint))
         if bbox_format == "pixel" and max(vals) <= 1 and max(w, h) > 1:
             flagged = True
             out.append(("warning", "box_convention", f"object {k} ({o.get('label')!r}): {vals} are all <= 1 with "
@@ -302,12 +303,6 @@ def check_sample(rec: dict, sizes: list[tuple[int, int] | None], bbox_format: st
         elif resized is not None and bbox_format != "pixel":
             counts["rescaled"] += 1
         counts["suspicious"] += flagged
-    if bbox_format == "pixel" and values_all and sizes and sizes[0] is not None:
-        w, h = sizes[0]
-        top = max(values_all)
-        if top > max(w, h) and top <= 1000 and max(w, h) < 1000 and not any(c == "box_outside" for _, c, _, _ in out):
-            out.append(("warning", "box_convention", f"coordinates up to {top:g} on a {w}x{h} image with "
-                        "bbox_format pixel", 'these look like 0-1000 coordinates: set "bbox_format": "norm1000"'))
     # boxes written literally in the answer text (Qwen2.5-VL: pixels of the resized image)
     resized0 = resized_of.get(0)
     if resized0 is not None:

@@ -48,13 +48,16 @@ class DatasetRow:
     videos: int | None = None
     text_only: int | None = None
     format: str | None = None  # the annotation format (declared or detected); None: unknown / not read
+    grounding: tuple[int, int, int] | None = None  # --deep: (boxes, rescaled, suspicious), None: no boxes
     errors: int = 0
     warnings: int = 0
 
     def to_json(self) -> dict:
         return {"name": self.name, "format": self.format, "declared_length": self.declared_length,
                 "actual_length": self.actual_length, "rate": self.rate, "samples_per_epoch": self.samples_per_epoch,
-                "images": self.images, "videos": self.videos, "text_only": self.text_only}
+                "images": self.images, "videos": self.videos, "text_only": self.text_only,
+                "grounding": None if self.grounding is None else dict(zip(("boxes", "rescaled", "suspicious"),
+                                                                        self.grounding, strict=True))}
 
 
 @dataclass
@@ -130,6 +133,8 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None,
         if result is not None:
             # (for a packed .json these count the samples inside the packs)
             row.images, row.videos, row.text_only = result.images, result.videos, result.text_only
+            if result.boxes:
+                row.grounding = (result.boxes, result.boxes_rescaled, result.boxes_suspicious)
         row.samples_per_epoch = sample_count(row.actual_length, spec.percent)
         if row.samples_per_epoch == 0 and row.actual_length > 0:
             key = "sampling_rate" if spec.sampling_rate is not None else "repeat_time"
@@ -293,6 +298,11 @@ def print_report(report: CheckReport) -> None:
         out.print(f"datasets in {render.markup(d.path)}", highlight=False)
         for line in render.table_lines(headers, rows):
             out.print(line)
+        for r in report.rows:  # grounding (qwenvl.data.grounding): one summary line per dataset with boxes
+            if r.grounding is not None:
+                n, resc, sus = r.grounding
+                out.print(f"grounding {render.markup(oneline(r.name) or '')}: {n:,} box{'es' if n != 1 else ''}, {resc:,} "
+                          f"rescaled for Qwen2.5-VL (default max_pixels), {sus:,} suspicious", highlight=False)
         if not report.deep and any(r.images is None and r.actual_length is not None for r in report.rows):
             out.print("(image/video/text-only counts of large files: run with --deep)")
     if report.problems:
