@@ -328,3 +328,48 @@ def check_sample(rec: dict, sizes: list[tuple[int, int] | None], bbox_format: st
                                 "them (0-1000 would be right for Qwen3-VL)"))
                     break
     return out, counts
+
+
+# ---------------------------------------------------------------------------------------------- preview
+def to_resized_pixels(values: list[int], resized: tuple[int, int], family: str) -> list[float]:
+    """A family's coordinates back on the resized image (what ``preview --draw`` draws: the model's reading)."""
+    if family == "qwen2.5vl":
+        return [float(v) for v in values]
+    rw, rh = resized
+    return [v / 1000.0 * (rw if j % 2 == 0 else rh) for j, v in enumerate(values)]
+
+
+def preview_objects(internal: dict, images: list, grids: list, patch_size: int, bbox_format: str,
+                    model_type: str) -> tuple[list[dict], list[tuple[tuple[int, int], tuple[int, int]]]]:
+    """``(rendered objects, sizes)`` of a built sample for ``vlsft datasets preview``: ``images`` are the opened
+    PIL images (as the builder opens them), ``grids`` their ``image_grid_thw`` rows."""
+    sizes = [(im.size, (int(g[2]) * patch_size, int(g[1]) * patch_size)) for im, g in zip(images, grids, strict=True)]
+    objs = internal.get("objects") or []
+    return rendered_objects(objs, sizes, bbox_format, family_of(model_type)), sizes
+
+
+def draw(images: list, sizes: list, rendered: list[dict], family: str, out_path: str) -> None:
+    """The images as the model sees them (resized, side by side) with each object drawn in red: a box outline
+    (2 px) or a point (a filled dot), from the family's own coordinates. Writes a PNG to ``out_path``."""
+    from PIL import Image, ImageDraw
+
+    resized = [im.resize(rs, Image.Resampling.BICUBIC) for im, (_, rs) in zip(images, sizes, strict=True)]
+    width = sum(r.size[0] for r in resized) + 8 * (len(resized) - 1)
+    canvas = Image.new("RGB", (width, max(r.size[1] for r in resized)), (255, 255, 255))
+    offsets, x = [], 0
+    for r in resized:
+        canvas.paste(r, (x, 0))
+        offsets.append(x)
+        x += r.size[0] + 8
+    pen = ImageDraw.Draw(canvas)
+    for obj in rendered:
+        k = obj["image"]
+        vals = to_resized_pixels(obj["values"], sizes[k][1], family)
+        dx = offsets[k]
+        if obj["kind"] == "bbox":
+            x1, y1, x2, y2 = vals
+            pen.rectangle([dx + x1, y1, dx + x2 - 1, y2 - 1], outline=(255, 0, 0), width=2)
+        else:
+            px, py = vals
+            pen.ellipse([dx + px - 3, py - 3, dx + px + 3, py + 3], fill=(255, 0, 0))
+    canvas.save(out_path, format="PNG")

@@ -85,6 +85,36 @@ def _conversation(record, fmt, default_system: str | None) -> list[dict]:
     return turns
 
 
+def _given(obj: dict) -> list:
+    return obj.get("given", [])
+
+
+def _grounding(record, fmt, data_path, builder, sample, conversation) -> tuple[list[dict], list, list]:
+    """The sample's objects in the family's convention (rendered into ``conversation`` in place), each image's
+    (original, resized) size and the opened images (:mod:`qwenvl.data.grounding`)."""
+    from qwenvl import storage
+    from qwenvl.data import formats, grounding, sample_rules, vision
+
+    internal = formats.sample_problems(record, fmt)[0]
+    img = internal.get("image")
+    paths = [] if img is None else [img] if isinstance(img, str) else list(img)
+    if not paths:
+        return [], [], []
+    pil = [vision.open_image(storage.join(data_path, p) if data_path else p, exif=builder.head) for p in paths]
+    grids = sample["image_grid_thw"].tolist()
+    objects, sizes = grounding.preview_objects(internal, pil, grids, builder.spec.patch_size, fmt.bbox_format,
+                                               builder.model_type)
+    for obj, src in zip(objects, internal.get("objects") or [], strict=True):
+        obj["given"] = src.get("bbox") if src.get("bbox") is not None else src.get("point")
+    if objects:
+        family = grounding.family_of(builder.model_type)
+        lead = len(conversation) - len(sample_rules.turn_triples(internal["conversations"]))  # the added system turn
+        texts = grounding.render_texts([t["content"] for t in conversation[lead:]], objects, family)
+        for t, text in zip(conversation[lead:], texts, strict=True):
+            t["content"] = text
+    return objects, sizes, pil
+
+
 @datasets_app.command("preview")
 def preview(
     dataset: str = typer.Option(..., "--dataset", help="Dataset name in the dictionary."),
@@ -95,8 +125,14 @@ def preview(
     model: str | None = typer.Option(None, "--model", help="Model/tokenizer directory (instead of --config)."),
     dictionary: str | None = typer.Option(None, "--dictionary", help="Dataset dictionary JSON (instead of --config)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    draw: Path | None = typer.Option(None, "--draw", help="Write a PNG of the image(s) as the model sees them "
+                                     "(resized) with the grounding boxes drawn (a new file; never overwritten)."),
 ) -> None:
     """Show exactly what the model sees for one sample (tokens, trained spans, grids, pixel statistics)."""
+    if draw is not None and (draw.exists() or draw.is_symlink()):
+        _fail(f"--draw {draw} exists", hint="vlsft never overwrites a file: give a new path")
+    if draw is not None and not draw.parent.is_dir():
+        _fail(f"--draw {draw}: folder {draw.parent} does not exist", hint="create it or give another path")
     from qwenvl.data.arguments import DataArguments
 
     data_args = DataArguments()
@@ -174,6 +210,13 @@ def preview(
     from qwenvl.data.preprocess import SYSTEM_MESSAGE
 
     conversation = _conversation(store[index], fmt, None if getattr(builder, "head", False) else SYSTEM_MESSAGE)
+    objects, sizes, pil = _grounding(store[index], fmt, spec.data_path, builder, sample, conversation)
+    if draw is not None:
+        from qwenvl.data import grounding
+
+        if not pil:
+            _fail("--draw: the sample has no image", file=where, hint="preview a sample with an image")
+        grounding.draw(pil, sizes, objects, grounding.family_of(builder.model_type), str(draw))
     if as_json:
         spg = sample.get("second_per_grid_ts")
         print(json.dumps({
@@ -183,6 +226,7 @@ def preview(
             "second_per_grid_ts": spg.tolist() if spg is not None else None,
             "pixel_values": _stats(sample.get("pixel_values")),
             "pixel_values_videos": _stats(sample.get("pixel_values_videos")),
+            "objects": objects, "image_sizes": [{"original": list(o), "resized": list(r)} for o, r in sizes],
         }))
         return
     out = render.stdout()
@@ -202,4 +246,11 @@ def preview(
     for k, g in enumerate(grid("video_grid_thw") or []):
         out.print(f"video {k}: grid t,h,w = {g} -> {g[0] * g[1] * g[2] // m2} tokens; frames "
                   f"{sample['frame_idx'][k]}; second_per_grid_ts {float(sample['second_per_grid_ts'][k]):.4g}")
+    for obj in objects:
+        o, r = sizes[obj["image"]]
+        out.print(f"object {obj['label']!r}: {obj['kind']} {obj['values']} ({builder.model_type}, image "
+                  f"{obj['image']} {o[0]}x{o[1]} -> {r[0]}x{r[1]}, from {fmt.bbox_format} {_given(obj)})",
+                  highlight=False)
+    if draw is not None:
+        out.print(f"drawn: {render.markup(str(draw))}", highlight=False)
     out.print("[dim]legend: dim = masked (context), [/dim][bold green]green = trained[/bold green]")
