@@ -135,7 +135,7 @@ def object_problems(rec: dict, out: list, n_images: int) -> None:
             v = t.get("content") if "role" in t and "content" in t else t.get("value")
             if type(v) is str and "<" in v:
                 seq += _PH_RE.findall(v)
-    if not seq:
+    if not any(s != "<ref>" for s in seq):
         return err("objects_unplaced", f"{len(objs)} object(s) but no <bbox>, <point> or <objects> placeholder in "
                    "the text", "write <ref>/<bbox>/<point> where each object goes, or <objects> for all of them")
     taken = [s for s in seq if s in ("<bbox>", "<point>")]
@@ -169,12 +169,10 @@ def convert(values: list, orig: tuple[int, int], resized: tuple[int, int], bbox_
     out = []
     for j, v in enumerate(values):
         size = ow if j % 2 == 0 else oh
-        rel = v / size if bbox_format == "pixel" else v / 1000.0 if bbox_format == "norm1000" else float(v)
-        if family == "qwen2.5vl":
-            top = rw if j % 2 == 0 else rh
-            out.append(min(max(_half_up(rel * top), 0), top))
-        else:
-            out.append(min(max(_half_up(rel * 1000.0), 0), 1000))
+        top = (rw if j % 2 == 0 else rh) if family == "qwen2.5vl" else 1000
+        # multiply before dividing: 5 px of 2000 -> 5 * 1000 / 2000 = 2.5 exactly (then half up: 3)
+        exact = v * top / size if bbox_format == "pixel" else v * top / 1000 if bbox_format == "norm1000" else v * top
+        out.append(min(max(_half_up(exact), 0), top))
     return out
 
 
