@@ -59,6 +59,27 @@ def batching_problem(model_type: str, *, data_flatten: bool, data_packing: bool)
             "keep them apart only with flash-linear-attention, which is not installed: use padded batches "
             "(data_flatten False, data_packing False) or `pip install flash-linear-attention`")
 
+
+#: families whose checkpoints transformers 5.24 cannot load under DeepSpeed ZeRO-3 (README "Qwen3 generations")
+ZERO3_REFUSED_FAMILIES = ("qwen3_vl_moe",)
+
+
+def deepspeed_problem(model_type: str, zero_stage: int | None) -> str | None:
+    """Why this family cannot run under this ZeRO stage here (torch-free), or None.
+
+    Qwen3-VL MoE stores its experts as fused 3-D tensors; transformers 5.24 converts them on load with
+    ``Transpose(check_dims=True)``, which compares against the parameter's shape - under ZeRO-3 that is the
+    partitioned placeholder, so every expert tensor is transposed: a checkpoint written by transformers 5 (every
+    vlsft output, the tiny models) fails with "size mismatch for ...mlp.experts.down_proj" (or, for square
+    experts, loads silently transposed). The official HEAD scripts train it with ZeRO-2 ("MoE model only supports
+    zero2")."""
+    if model_type in ZERO3_REFUSED_FAMILIES and zero_stage == 3:
+        return (f"{model_type} cannot be trained with DeepSpeed ZeRO-3 here: transformers 5.24 transposes its fused "
+                "expert weights while loading them into ZeRO-3 partitions (size mismatch for mlp.experts.down_proj); "
+                "use ZeRO-2 (distributed.deepspeed: zero2 / --deepspeed configs/zero2.json), as the official "
+                "sft_30a3b.sh does")
+    return None
+
 PARTS = ("vision", "merger", "llm")
 
 

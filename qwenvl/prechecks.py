@@ -138,3 +138,49 @@ def lora_problems(*, tune_mm_vision: bool, tune_mm_mlp: bool, tune_mm_llm: bool,
         message, _, hint = problem.partition(": ")
         found.append(("model.lora.quantize", message, hint or None))
     return found
+
+
+def zero_stage(deepspeed) -> int | None:
+    """``zero_optimization.stage`` of a DeepSpeed config (a JSON path, a JSON string or a dict), None when unknown."""
+    data = deepspeed
+    if isinstance(deepspeed, (str, os.PathLike)):
+        text = str(deepspeed)
+        try:
+            data = json.loads(text) if text.lstrip().startswith("{") else json.loads(Path(text).read_text("utf-8"))
+        except (OSError, ValueError):
+            return None
+    stage = data.get("zero_optimization", {}).get("stage") if isinstance(data, dict) else None
+    try:
+        return int(stage) if stage is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def family_problems(model_type: str, *, data_flatten: bool, data_packing: bool,
+                    zero_stage: int | None) -> list[tuple[str, str, str | None]]:
+    """What this model family cannot do with these settings: ``(yaml key, message, hint)`` each (the trainer
+    checks the same rules, :func:`qwenvl.model.batching_problem` / :func:`qwenvl.model.deepspeed_problem`)."""
+    from qwenvl.model import batching_problem, deepspeed_problem
+
+    found: list[tuple[str, str, str | None]] = []
+    msg = batching_problem(model_type, data_flatten=data_flatten, data_packing=data_packing)
+    if msg:
+        message, _, hint = msg.partition(": use ")
+        found.append(("data.packing" if data_packing else "data.flatten", message, ("use " + hint) if hint else None))
+    msg = deepspeed_problem(model_type, zero_stage)
+    if msg:
+        message, _, hint = msg.partition("; use ")
+        found.append(("distributed.deepspeed", message, ("use " + hint) if hint else None))
+    return found
+
+
+def family_limits(model_type: str) -> list[str]:
+    """What a family cannot do in this environment, one short phrase each (print-args shows them)."""
+    from qwenvl.model import batching_problem, deepspeed_problem
+
+    limits = []
+    if batching_problem(model_type, data_flatten=False, data_packing=True):
+        limits.append("no data.packing / data.flatten (linear-attention layers need flash-linear-attention)")
+    if deepspeed_problem(model_type, 3):
+        limits.append("no ZeRO-3 (transformers 5.24 mis-loads its fused experts; ZeRO-2 as the official scripts)")
+    return limits

@@ -382,6 +382,12 @@ def run(argv: list[str]) -> int:
     found = batching_problem(model_type, data_flatten=data_args.data_flatten, data_packing=data_args.data_packing)
     if found:
         raise UserError(found)
+    from qwenvl.model import deepspeed_problem
+    from qwenvl.prechecks import zero_stage
+
+    found = deepspeed_problem(model_type, zero_stage(training_args.deepspeed) if training_args.deepspeed else None)
+    if found:
+        raise UserError(found)
     set_seed(training_args.seed)
 
     processor = load_processor(model_args.model_name_or_path, model_type)

@@ -460,7 +460,9 @@ def _standard_keys(model) -> list[str]:
     if key not in _STD_CACHE:
         from transformers.core_model_loading import revert_weight_conversion
 
-        sd = {k: torch.empty(0) for k in model.state_dict()}
+        # meta tensors of the real shapes (ZeRO-3: ds_shape): the MoE converters transpose / split expert tensors
+        sd = {k: torch.empty(tuple(getattr(v, "ds_shape", v.shape)), device="meta")
+              for k, v in model.state_dict(keep_vars=True).items()}
         had = "_weight_conversions" in model.__dict__
         saved = model.__dict__.pop("_weight_conversions", None)
         try:
@@ -496,6 +498,9 @@ def _fix_key(k: str, expected: set[str]) -> str:
     for j in range(1, len(parts)):  # a doubled "model" segment anywhere (Qwen3-VL: model.language_model.model.*)
         if parts[j] == "model":
             candidates.append(".".join(parts[:j] + parts[j + 1:]))
+    for n in (2, 3):  # a doubled prefix (Qwen3.5 MoE under ZeRO-3: model.language_model.model.language_model.*)
+        if len(parts) > 2 * n and parts[n:2 * n] == parts[:n]:
+            candidates.append(".".join(parts[n:]))
     for c in candidates:
         if c in expected:
             return c

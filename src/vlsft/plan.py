@@ -45,13 +45,16 @@ from typing import Any
 import vlsft
 from qwenvl.prechecks import (
     deepspeed_json_problem,
+    family_limits,
+    family_problems,
     lora_problems,
     model_folder_problem,
     precision_problem,
     report_to_problem,
     wandb_can_log_in,
+    zero_stage,
 )
-from qwenvl.problems import Problem, ProblemsError, did_you_mean
+from qwenvl.problems import Problem, ProblemsError, UserError, did_you_mean
 from qwenvl.runpolicy import DEEPSPEED_PRESETS, deepspeed_path, run_markers
 from qwenvl.secrets import MASK, SECRET_ENV_VARS, is_secret_name
 from vlsft.config import RunConfig, load_run_config
@@ -113,6 +116,10 @@ class LaunchPlan:
     cluster: str | None = None  # where `slurm` came from: "SLURM" or "PyTorchJob (PET_*)"
     # trainable parameters per part (qwenvl.lora.parameter_report; None when the weights cannot be read)
     trainable: dict | None = None
+    # model_type from the model folder's config.json (None before model.build_tiny builds it) and what that
+    # family cannot do here (qwenvl.prechecks.family_limits)
+    family: str | None = None
+    family_limits: list[str] = field(default_factory=list)
     # values that must never be shown: of secret-named variables, and reached through a secret-named ${VAR}
     secret_values: frozenset[str] = field(default_factory=frozenset, repr=False)
 
@@ -144,6 +151,8 @@ class LaunchPlan:
             "total_steps": self.total_steps,
             "eval_samples": self.eval_samples,
             "eval_every": self.eval_every,
+            "family": self.family,
+            "family_limits": list(self.family_limits),
             "warnings": list(self.warnings),
         }
 
@@ -346,6 +355,16 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         if found:
             problems.append(Problem("error", found[0], key="model.name_or_path", hint=found[1],
                                     **cfg.where("model", "name_or_path")))
+    family = None  # config.json's model_type (torch-free); a folder model.build_tiny fills is Qwen2.5-VL
+    if os.path.isfile(os.path.join(m.name_or_path, "config.json")):
+        from qwenvl.model import read_model_type
+
+        try:
+            family = read_model_type(m.name_or_path)
+        except UserError:
+            pass  # reported above
+    elif m.build_tiny:
+        family = "qwen2_5_vl"
     if out.resume not in ("auto", "never"):
         typed_resume = out.resume
         out.resume = _resolve_path(base, typed_resume)
@@ -384,6 +403,11 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
             ds_blocks = _deepspeed_blocks(ds_path)
     else:
         dist.deepspeed = "none"
+    if family is not None:  # what this model family cannot do (the trainer checks the same rules)
+        for key, message, hint in family_problems(
+                family, data_flatten=bool(d.flatten), data_packing=bool(d.packing),
+                zero_stage=zero_stage(ds_path) if ds_path is not None and "://" not in ds_path else None):
+            problems.append(Problem("error", message, key=key, hint=hint, **cfg.where(*key.split("."))))
 
     # ---- batch arithmetic
     world = dist.nnodes * dist.nproc_per_node
@@ -536,6 +560,8 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     trainable = trainable_report(cfg)
     return LaunchPlan(
         trainable=trainable,
+        family=family,
+        family_limits=family_limits(family) if family else [],
         torchrun=launcher + trainer_args,
         trainer_args=trainer_args,
         dataset_use=dataset_use,
