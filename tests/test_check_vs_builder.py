@@ -127,7 +127,21 @@ def consistent(draw):
     for key, items in (("image", images), ("video", videos)):
         if items:
             rec[key] = items[0] if len(items) == 1 and draw(st.booleans()) else items
+    if draw(st.integers(0, 2)) == 0:  # grounding (issue 13): objects and their placeholders in the answer
+        rec["objects"] = draw(OBJECTS)
+        answer = rec["conversations"][-1]
+        answer["value" if "value" in answer else "content"] = draw(st.sampled_from(ANSWERS))
     return rec
+
+
+OBJECT_POOL = [{"label": "c", "bbox": [1, 2, 30, 40]}, {"label": "c", "point": [5, 5]},
+               {"label": "c", "bbox": [30, 2, 1, 40]}, {"label": "c", "bbox": [1, 2, 1, 40]},
+               {"label": "c", "bbox": [1, 2, 3]}, {"bbox": [1, 2, 3, 4]}, {"label": "c", "bbox": [1, 2, 30, 40],
+               "image": 1}, {"label": "c", "bbox": [1, 2, 300, 400]}, {"label": "c", "bbox": [0.1, 0.2, 0.5, 0.9]},
+               {"label": "c", "point": [5, 5], "bbox": [1, 2, 3, 4]}, "x"]
+OBJECTS = st.one_of(st.just([]), st.lists(st.sampled_from(OBJECT_POOL), min_size=1, max_size=2),
+                    st.sampled_from(["cat", 5, None]))
+ANSWERS = ["<bbox>", "<ref> <bbox>", "<point>", "<objects>", "<bbox> and <point>", "<bbox><bbox>", "none", "<ref>"]
 
 
 @st.composite
