@@ -176,3 +176,18 @@ def test_deep_check_flags_each_planted_problem_with_file_line(tmp_path, cli_env)
     (tmp_path / "bad.json").write_text('{"g": {"annotation_path": "n1.jsonl", "bbox_format": "pixels"}}')
     r = _vlsft("datasets", "check", "bad.json", env=cli_env, cwd=tmp_path)
     assert r.returncode == 1 and "bad.json:1:" in r.stdout and "pixel, norm1000, norm1" in r.stdout
+
+
+def test_convert_keeps_objects_and_bbox_format(tmp_path, cli_env):
+    """``datasets convert --to official`` of a messages dataset keeps the objects and the dictionary's bbox_format."""
+    Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
+    rec = {"images": ["a.png"], "objects": [{"label": "c", "bbox": [0.1, 0.1, 0.5, 0.5]}],
+           "messages": [{"role": "user", "content": "<image><ref>?"}, {"role": "assistant", "content": "<bbox>"}]}
+    (tmp_path / "m.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps({"m": {"data_path": ".", "annotation_path": "m.jsonl",
+                                                       "bbox_format": "norm1"}}))
+    r = _vlsft("datasets", "convert", "d.json", "--out", "conv", env=cli_env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads((tmp_path / "conv" / "m.jsonl").read_text().splitlines()[0])
+    assert out["objects"] == rec["objects"] and out["conversations"][1]["value"] == "<bbox>"
+    assert json.loads((tmp_path / "conv" / "Dataset-Dictionary.json").read_text())["m"]["bbox_format"] == "norm1"

@@ -444,4 +444,6 @@ def to_official(rec: Any, fmt: FormatSpec | None) -> tuple[dict | None, str | No
         if internal.get(key) is not None:
             out[key] = internal[key]
     out["conversations"] = conv
+    if internal.get("objects") is not None:  # grounding: kept (the dictionary entry keeps its bbox_format)
+        out["objects"] = internal["objects"]
     return out, extras.system, ""

@@ -478,7 +478,7 @@ def convert(
         entry: dict = {"annotation_path": file_name, "length": len(lines)}
         if spec.data_path is not None:
             entry["data_path"] = spec.data_path
-        for key in ("sampling_rate", "repeat_time", "train_on"):
+        for key in ("sampling_rate", "repeat_time", "train_on", "bbox_format"):
             if getattr(spec, key) is not None:
                 entry[key] = getattr(spec, key)
         entry["format"] = "official"
