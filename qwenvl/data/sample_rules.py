@@ -25,6 +25,9 @@ Decided (official = the Qwen2.5-era ``preprocess_qwen_2_visual``, see ``referenc
   ``conversations``; a turn that is not an object, lacks its keys, has an unknown speaker or a value
   that is not a string, or holds the literal text ``<|image_pad|>``/``<|video_pad|>``; tag counts that
   differ from the media counts; no assistant turn left.
+* grounding ``objects`` (:func:`qwenvl.data.grounding.object_problems`, kind ``bad_objects``): misshapen objects,
+  x2 < x1 / y2 < y1, zero-area boxes, a missing or wrong ``image`` index, no image, placeholders that do not match
+  the objects. Boxes against the image's size are the deep check's (warnings: the builder clamps).
 
 A problem is ``(severity, kind, code, message, key, hint)``: ``kind`` is the reason class, ``code`` a
 finer label the check caps its listing by.

@@ -4,6 +4,7 @@
     vlsft datasets preview --config run.yaml --dataset NAME --index 0 --json
     vlsft datasets preview --config run.yaml --dataset NAME --index 0 data.max_pixels=50176
     vlsft datasets preview --model ./tiny --dictionary Dataset-Dictionary.json --dataset NAME --index 3
+    vlsft datasets preview --config run.yaml --dataset NAME --index 0 --draw seen.png
 
 The sample goes through the trainer's own code (``qwenvl.data.dataset.make_builder``: the run's
 tokenizer and image processor from ``model.name_or_path``, the run's ``data.*`` pixel/frame
@@ -11,7 +12,10 @@ settings and ``model_max_length``). The text is printed with runs of vision pads
 (``<|image_pad|>×64``) and trained tokens highlighted, followed by grids and token counts.
 ``--json`` prints ``input_ids``, ``labels``, ``position_ids`` (3 x L), grids, ``second_per_grid_ts``
 and statistics of ``pixel_values`` / ``pixel_values_videos`` (``shape``, ``sum``, ``sum_sq``,
-``abs_sum``; null when absent). Exit 1 for a bad sample (with its reason), 2 for usage errors.
+``abs_sum``; null when absent). Grounding ``objects`` (:mod:`qwenvl.data.grounding`) are shown rendered in the
+family's convention (text, one line per object; ``--json``: ``objects``, ``image_sizes``); ``--draw FILE.png``
+writes the image(s) as the model sees them, resized, with the boxes drawn from those coordinates (a new file:
+an existing one is refused). Exit 1 for a bad sample (with its reason), 2 for usage errors.
 """
 
 from __future__ import annotations
