@@ -52,3 +52,11 @@ def cli_env(tmp_path) -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(CACHE / "torch_extensions"))
     env["WANDB_MODE"] = "disabled"
     return env
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir) -> dict:
+    """One 2-rank ZeRO-3 packing run with eval data, shared by test_eval and test_chat_predict (eval_fixtures)."""
+    from eval_fixtures import make_trained_run
+
+    return make_trained_run(tmp_path_factory.mktemp("evalrun"), tiny_model_dir)

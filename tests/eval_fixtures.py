@@ -5,7 +5,8 @@ Data (written into a temporary folder; images are the demo's):
 * ``noise`` - 16 text records whose answers are seeded random words (cannot be memorised),
 * ``shapes`` - the demo's 8 image records,
 * ``facts`` - the demo's 6 text records, evaluation only (``data.eval``).
-``data.eval_split: 0.25`` holds out a quarter of mem / noise / shapes. 10 steps, logging every step, eval every 5.
+``data.eval_split: 0.25`` holds out a quarter of mem / noise / shapes. 6 steps of 2 x 3 samples (one epoch of the
+30 training records, then one more step), logging every step, eval every 3.
 """
 
 from __future__ import annotations
@@ -67,15 +68,15 @@ data:
   model_max_length: 256
   packing: true
 training:
-  learning_rate: 5.0e-3
-  per_device_train_batch_size: 4
+  learning_rate: 1.0e-2
+  per_device_train_batch_size: 3
   per_device_eval_batch_size: 4
   gradient_accumulation_steps: 1
   max_steps: {steps}
   bf16: true
-  save_steps: 5
+  save_steps: 6
   logging_steps: 1
-  eval_steps: 5
+  eval_steps: 3
   lr_scheduler_type: constant
   report_to: none
 distributed:
@@ -101,7 +102,7 @@ def cli_env() -> dict:
     return e
 
 
-def train(cfg: Path, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:
+def train(cfg: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([VLSFT, "train", "--config", str(cfg), *extra], env=cli_env(), capture_output=True,
                           text=True, timeout=timeout, cwd=REPO)
 
@@ -109,7 +110,7 @@ def train(cfg: Path, *extra: str, timeout: float = 400) -> subprocess.CompletedP
 def make_trained_run(root: Path, tiny_model_dir: Path) -> dict:
     dictionary = write_data(root / "data")
     out = root / "out"
-    cfg = write_yaml(root / "run.yaml", tiny_model_dir, dictionary, out, steps=10, port=29671)
+    cfg = write_yaml(root / "run.yaml", tiny_model_dir, dictionary, out, steps=6, port=29671)
     t0 = time.time()
     p = train(cfg)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]

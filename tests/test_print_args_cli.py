@@ -21,6 +21,7 @@ from vlsft.plan import plan_from_file
 VLSFT = [sys.executable, "-m", "vlsft"]
 JSON_TYPES = {"torchrun": list, "trainer_args": list, "dataset_use": str, "env": dict, "world_size": int,
               "effective_batch_size": int, "samples_per_epoch": int, "steps_per_epoch": int, "total_steps": int,
+              "eval_samples": int, "eval_every": type(None), "family": str, "family_limits": list,
               "warnings": list}
 
 

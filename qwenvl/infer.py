@@ -1,0 +1,210 @@
+"""Shared inference for ``vlsft chat`` and ``vlsft predict``: load a trained model, build the prompt the way
+Qwen's own inference examples do (``qwen_vl_utils.process_vision_info``) with the run's pixel limits, generate.
+
+* :func:`load` takes a run's final folder, a ``checkpoint-N``, a merged export (all: ``config.json`` + weights,
+  ``AutoModelForImageTextToText``) or a LoRA adapter folder / un-merged export (``adapter_config.json``: base +
+  trained parts + adapter, :func:`qwenvl.export.load_adapter_export`). Anything else is a :class:`InferError`.
+* Pixel limits: the saved processor's (``size.shortest_edge`` / ``longest_edge``: the run's ``min_pixels`` /
+  ``max_pixels``, written by ``qwenvl.train``). They are passed to ``process_vision_info`` per image; a
+  different budget asked for at inference is allowed but reported (:meth:`Inference.budget_warning`).
+* :meth:`Inference.prompt_inputs` returns the processor's tensors for a conversation up to the assistant turn
+  (``add_generation_prompt``): the same tokens and pixels the training pipeline builds for that prefix
+  (tests/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwenvl.problems import UserError
+from qwenvl.runpolicy import ADAPTER_CONFIG, list_checkpoints
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class InferError(UserError):
+    """A model folder or input that inference cannot use (one line)."""
+
+
+def model_kind(path: str | os.PathLike) -> str:
+    """``full`` (config.json + weights), ``adapter`` (adapter_config.json) or :class:`InferError`."""
+    p = Path(path)
+    if not p.is_dir():
+        raise InferError(f"{p} is not a folder: give a run's output dir, a checkpoint-N folder or an export")
+    if (p / ADAPTER_CONFIG).is_file():
+        return "adapter"
+    if (p / "config.json").is_file() and any((p / w).is_file() for w in WEIGHT_FILES):
+        return "full"
+    cps = list_checkpoints(p)
+    hint = f" (its newest checkpoint is {cps[-1][1]})" if cps else ""
+    raise InferError(f"{p} is not a model folder: no config.json with weights and no adapter_config.json{hint}; "
+                     "give a finished run's output dir, a checkpoint-N folder or a `vlsft export` folder")
+
+
+def saved_pixel_limits(folder: str | os.PathLike) -> dict:
+    """``{"min_pixels", "max_pixels"}`` of the processor saved with the model (empty when none is saved)."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = Path(folder) / name
+        if f.is_file():
+            data = json.loads(f.read_text(encoding="utf-8"))
+            size = (data.get("image_processor") or data).get("size") or {}
+            if size.get("longest_edge"):
+                return {"min_pixels": int(size["shortest_edge"]), "max_pixels": int(size["longest_edge"])}
+    return {}
+
+
+@dataclass
+class Inference:
+    model: object
+    processor: object
+    folder: Path
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    run_limits: dict = field(default_factory=dict)
+
+    def budget_warning(self) -> str | None:
+        """One line when the inference pixel budget is not the run's (None when they agree or are unknown)."""
+        if not self.run_limits:
+            return None
+        diffs = [f"{k} {getattr(self, k)} (the run trained with {self.run_limits[k]})"
+                 for k in ("min_pixels", "max_pixels") if getattr(self, k) not in (None, self.run_limits[k])]
+        if not diffs:
+            return None
+        return ("warning: inference pixel budget differs from training: " + ", ".join(diffs)
+                + "; images are resized differently than in training, so answers can differ")
+
+    def messages(self, prompt: str, *, images: list[str] = (), videos: list[str] = (),
+                 system: str | None = None) -> list[dict]:
+        """A Qwen chat conversation: optional system turn, one user turn with the media first, then the text."""
+        content: list[dict] = []
+        limits = {k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v}
+        for img in images:
+            content.append({"type": "image", "image": _media_ref(img), **limits})
+        for vid in videos:
+            content.append({"type": "video", "video": _media_ref(vid)})
+        content.append({"type": "text", "text": prompt})
+        msgs = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+        return msgs + [{"role": "user", "content": content}]
+
+    def prompt_inputs(self, messages: list[dict]):
+        """The processor's tensors (``input_ids``, ``pixel_values``, grids, ...) for ``messages`` up to the
+        assistant turn; media are loaded and resized by ``qwen_vl_utils.process_vision_info``."""
+        from qwen_vl_utils import process_vision_info
+
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            images, videos = process_vision_info(messages)
+        except (OSError, ValueError, FileNotFoundError) as e:
+            raise InferError(f"cannot read the media: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        return self.processor(text=[text], images=images, videos=videos, padding=True, return_tensors="pt")
+
+    def show_prompt(self, inputs) -> str:
+        """The prompt tokens as text, runs of vision pads collapsed (``<|image_pad|>×64``)."""
+        tok = self.processor.tokenizer
+        ids = inputs["input_ids"][0].tolist()
+        pads = {tok.convert_tokens_to_ids(t): t for t in ("<|image_pad|>", "<|video_pad|>")}
+        out, i = [], 0
+        while i < len(ids):
+            if ids[i] in pads:
+                j = i
+                while j < len(ids) and ids[j] == ids[i]:
+                    j += 1
+                out.append(f"{pads[ids[i]]}×{j - i}")
+                i = j
+                continue
+            j = i
+            while j < len(ids) and ids[j] not in pads:
+                j += 1
+            out.append(tok.decode(ids[i:j]))
+            i = j
+        return "".join(out)
+
+    def generate(self, inputs, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 stream=None) -> str:
+        """Generate the answer; ``stream(text_piece)`` is called as tokens arrive. Greedy when temperature is 0."""
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        inputs = inputs.to(self.model.device)
+        kwargs = {"max_new_tokens": int(max_new_tokens), "do_sample": temperature > 0}
+        if temperature > 0:
+            kwargs.update(temperature=float(temperature), top_p=float(top_p))
+        tok = self.processor.tokenizer
+        if stream is None:
+            with torch.no_grad():
+                out = self.model.generate(**inputs, **kwargs)
+            return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def work():
+            try:
+                with torch.no_grad():
+                    self.model.generate(**inputs, **kwargs, streamer=streamer)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(e)
+                streamer.end()
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            stream(piece)
+        t.join()
+        if errors:
+            raise errors[0]
+        return "".join(pieces)
+
+
+def _media_ref(ref: str) -> str:
+    if "://" in ref:
+        return ref
+    p = Path(ref).expanduser()
+    if not p.is_file():
+        raise InferError(f"media file {ref} not found")
+    return "file://" + str(p.resolve())
+
+
+def load(folder: str | os.PathLike, *, min_pixels: int | None = None, max_pixels: int | None = None,
+         device: str | None = None) -> Inference:
+    """Load a model folder for inference (GPU when available, else CPU). Pixel limits default to the run's."""
+    import torch
+    import transformers
+    from transformers import AutoProcessor
+
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar between the prompt and the answer
+    transformers.utils.logging.set_verbosity_error()
+    folder = Path(folder)
+    kind = model_kind(folder)
+    run_limits = saved_pixel_limits(folder)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    if kind == "adapter":
+        from qwenvl.export import load_adapter_export
+
+        model = load_adapter_export(folder, dtype=dtype)
+    else:
+        from qwenvl.model import load_model
+
+        model = load_model(str(folder), dtype=dtype, attn_implementation="sdpa")
+    model.to(dev).eval()
+    try:
+        processor = AutoProcessor.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise InferError(f"{folder} has no usable processor ({str(e).splitlines()[0]}): it was not saved by "
+                         "vlsft train / vlsft export") from e
+    engine = Inference(model=model, processor=processor, folder=folder,
+                       min_pixels=min_pixels if min_pixels is not None else run_limits.get("min_pixels"),
+                       max_pixels=max_pixels if max_pixels is not None else run_limits.get("max_pixels"),
+                       run_limits=run_limits)
+    ip = getattr(processor, "image_processor", None)
+    if ip is not None and getattr(ip, "size", None) is not None and engine.max_pixels and engine.min_pixels:
+        # the processor resizes again after qwen-vl-utils: it must use the same limits, or it undoes them
+        ip.size = {"shortest_edge": int(engine.min_pixels), "longest_edge": int(engine.max_pixels)}
+    return engine
