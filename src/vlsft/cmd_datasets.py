@@ -53,11 +53,12 @@ class DatasetRow:
     warnings: int = 0
 
     def to_json(self) -> dict:
-        return {"name": self.name, "format": self.format, "declared_length": self.declared_length,
-                "actual_length": self.actual_length, "rate": self.rate, "samples_per_epoch": self.samples_per_epoch,
-                "images": self.images, "videos": self.videos, "text_only": self.text_only,
-                "grounding": None if self.grounding is None else dict(zip(("boxes", "rescaled", "suspicious"),
-                                                                        self.grounding, strict=True))}
+        out = {"name": self.name, "format": self.format, "declared_length": self.declared_length,
+               "actual_length": self.actual_length, "rate": self.rate, "samples_per_epoch": self.samples_per_epoch,
+               "images": self.images, "videos": self.videos, "text_only": self.text_only}
+        if self.grounding is not None:  # only datasets with boxes (--deep) carry the key
+            out["grounding"] = dict(zip(("boxes", "rescaled", "suspicious"), self.grounding, strict=True))
+        return out
 
 
 @dataclass
