@@ -141,3 +141,31 @@ def test_builder_renders_with_the_image_resize_and_every_format(tokenizer, tmp_p
     b = SampleBuilder(tokenizer, VisionBudget(max_pixels=100352, min_pixels=3136))
     s = b.build(norm, str(tmp_path), formats.FormatSpec("official", bbox_format="norm1"))
     assert "assistant\n[105, 56, 315, 168]<|im_end|>" in tokenizer.decode(s["input_ids"].tolist())
+
+
+def test_prediction_boxes_parsed_per_family_and_mapped_back_to_original_pixels():
+    """Item 5's building blocks (``vlsft predict`` is not in the tree yet): render -> parse -> original pixels."""
+    from qwenvl.data.grounding import grounding_metrics, iou, match_ious, parse_boxes, to_original, to_pixels
+
+    objs = [{"label": "cat", "bbox": [100, 50, 1919, 1080]}]
+    for family in ("qwen2vl", "qwen2.5vl", "qwen3vl"):
+        r = rendered_objects(objs, [(FHD, R100K)], "pixel", family)
+        for text in render_texts(["<objects>", "It is at <bbox>."], r, family):
+            boxes = parse_boxes(text, family)
+            assert boxes == [[float(v) for v in r[0]["values"]]], (family, text)
+            back = to_original(boxes[0], FHD, R100K, family)
+            # within half a unit of the family's grid: 1920/420/2 = 2.3 px (Qwen2.5-VL) or 1.92/2 px (0-1000)
+            assert all(abs(a - b) <= 2.3 for a, b in zip(back, [100, 50, 1920, 1080], strict=True)), (family, back)
+            assert iou(back, [100, 50, 1919, 1080]) > 0.99
+    assert parse_boxes("(10,20),(30,40) and <|box_start|>(1,2),(3,4)<|box_end|>", "qwen2vl") == [
+        [10, 20, 30, 40], [1, 2, 3, 4]]
+    assert parse_boxes("no box here", "qwen2.5vl") == []
+    assert to_pixels([0.25, 0.5], FHD, "norm1") == [480, 540] and to_pixels([250, 500], FHD, "norm1000") == [480, 540]
+    # IoU by hand: [0,0,10,10] vs [5,0,15,10]: intersection 50, union 150
+    assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
+    assert iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+    # two references, predictions in the other order, one missing: greedy matching, 0 for the unmatched
+    assert match_ious([[0, 0, 10, 10], [20, 20, 30, 30]], [[20, 20, 30, 30]]) == [0.0, 1.0]
+    ious = match_ious([[0, 0, 10, 10], [20, 20, 30, 30]], [[21, 20, 30, 30], [0, 0, 10, 10]])
+    assert ious == [1.0, pytest.approx(0.9)]
+    assert grounding_metrics([1.0, 0.9, 0.3, 0.0]) == {"boxes": 4, "iou@0.5": 0.5, "mean_iou": 0.55}

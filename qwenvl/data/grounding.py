@@ -371,3 +371,70 @@ def draw(images: list, sizes: list, rendered: list[dict], family: str, out_path:
             px, py = vals
             pen.ellipse([dx + px - 3, py - 3, dx + px + 3, py + 3], fill=(255, 0, 0))
     canvas.save(out_path, format="PNG")
+
+
+# ---------------------------------------------------------------------------------------------- predictions
+_NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_PAIR_BOX = re.compile(rf"\({_NUM},{_NUM}\)\s*,\s*\({_NUM},{_NUM}\)")  # Qwen2-VL (x1,y1),(x2,y2)
+_JSON_BOX = re.compile(rf'"bbox_2d"\s*:\s*\[{_NUM},{_NUM},{_NUM},{_NUM}\]')
+_BARE_BOX = re.compile(rf"\[{_NUM},{_NUM},{_NUM},{_NUM}\]")
+
+
+def parse_boxes(text: str, family: str) -> list[list[float]]:
+    """The boxes of a generated answer, in the family's own numbers: Qwen2-VL ``(x1,y1),(x2,y2)`` (with or without
+    the box tokens), else ``"bbox_2d": [...]`` entries, else bare ``[x1, y1, x2, y2]`` lists."""
+    if family == "qwen2vl":
+        found = _PAIR_BOX.findall(text)
+    else:
+        found = _JSON_BOX.findall(text) or _BARE_BOX.findall(text)
+    return [[float(v) for v in m] for m in found]
+
+
+def to_original(values: list[float], orig: tuple[int, int], resized: tuple[int, int], family: str) -> list[float]:
+    """A family's coordinates mapped back to original-image pixels (the inverse of :func:`convert`, unrounded)."""
+    ow, oh = orig
+    rw, rh = resized
+    if family == "qwen2.5vl":
+        return [v * (ow / rw if j % 2 == 0 else oh / rh) for j, v in enumerate(values)]
+    return [v / 1000.0 * (ow if j % 2 == 0 else oh) for j, v in enumerate(values)]
+
+
+def to_pixels(values: list[float], orig: tuple[int, int], bbox_format: str) -> list[float]:
+    """Annotation coordinates in ``bbox_format`` as original-image pixels."""
+    if bbox_format == "pixel":
+        return [float(v) for v in values]
+    scale = 1000.0 if bbox_format == "norm1000" else 1.0
+    return [v / scale * (orig[0] if j % 2 == 0 else orig[1]) for j, v in enumerate(values)]
+
+
+def iou(a: list[float], b: list[float]) -> float:
+    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes (0 for empty or disjoint boxes)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def match_ious(references: list[list[float]], predictions: list[list[float]]) -> list[float]:
+    """Per reference box, the IoU of the prediction it is matched to (greedy by IoU, each prediction used once;
+    0 when none is left): the basis of IoU@0.5 and mean IoU."""
+    pairs = sorted(((iou(r, p), i, j) for i, r in enumerate(references) for j, p in enumerate(predictions)),
+                   reverse=True)
+    best = [0.0] * len(references)
+    used_r: set = set()
+    used_p: set = set()
+    for v, i, j in pairs:
+        if i in used_r or j in used_p or v <= 0:
+            continue
+        best[i] = v
+        used_r.add(i)
+        used_p.add(j)
+    return best
+
+
+def grounding_metrics(per_box_ious: list[float]) -> dict:
+    """``{"boxes", "iou@0.5", "mean_iou"}`` over every reference box of a dataset."""
+    n = len(per_box_ious)
+    return {"boxes": n, "iou@0.5": round(sum(v >= 0.5 for v in per_box_ious) / n, 4) if n else 0.0,
+            "mean_iou": round(sum(per_box_ious) / n, 4) if n else 0.0}
