@@ -101,6 +101,30 @@ class Inference:
             raise InferError(f"cannot read the media: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         return self.processor(text=[text], images=images, videos=videos, padding=True, return_tensors="pt")
 
+    def generate_batch(self, conversations: list[list[dict]], *, max_new_tokens: int = 64) -> list[str]:
+        """Greedy answers for several conversations in one ``generate`` call (left padding)."""
+        import torch
+        from qwen_vl_utils import process_vision_info
+
+        texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                 for m in conversations]
+        flat = [turn for m in conversations for turn in m]
+        try:
+            images, videos = process_vision_info(flat)
+        except (OSError, ValueError) as e:
+            raise InferError(f"cannot read the media: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        tok = self.processor.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            inputs = self.processor(text=texts, images=images, videos=videos, padding=True,
+                                    return_tensors="pt").to(self.model.device)
+        finally:
+            tok.padding_side = side
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False)
+        width = inputs["input_ids"].shape[1]
+        return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
+
     def show_prompt(self, inputs) -> str:
         """The prompt tokens as text, runs of vision pads collapsed (``<|image_pad|>×64``)."""
         tok = self.processor.tokenizer

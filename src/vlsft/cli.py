@@ -20,9 +20,10 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "datasets": ("vlsft.cmd_datasets", "vlsft.cmd_preview"),
     "export": ("vlsft.cmd_export",),
     "chat": ("vlsft.cmd_chat",),
+    "predict": ("vlsft.cmd_predict",),
 }
 ALL_MODULES: tuple[str, ...] = ("vlsft.cmd_chat", "vlsft.cmd_datasets", "vlsft.cmd_export", "vlsft.cmd_plan",
-                                "vlsft.cmd_preview", "vlsft.cmd_train")
+                                "vlsft.cmd_predict", "vlsft.cmd_preview", "vlsft.cmd_train")
 
 
 def _register(modules: tuple[str, ...]) -> Any:

@@ -1,0 +1,167 @@
+"""``vlsft predict``: generate an answer for every sample of a dataset of the dictionary, with metrics.
+
+    vlsft predict runs/demo --dataset facts --out preds.jsonl             # the run's saved dictionary
+    vlsft predict runs/demo --dataset facts --out preds.jsonl --resume    # append only what is missing
+
+One JSONL row per sample: ``{dataset, index, where, prompt, reference, prediction}`` (``index`` = the record's
+position in its annotation file, ``where`` = file:line). The prompt is the sample's first user turn (its media
+first, then the text without ``<image>``/``<video>`` tags), the reference its first assistant answer. Generation
+is greedy, batched (``--batch-size``), through :mod:`qwenvl.infer` (the run's processor, chat template and pixel
+limits). At the end a metrics summary over every row of the file (exact match, normalised exact match, token F1)
+is printed and written next to it (``<out>.metrics.json``). Exit 0, or 2 with one ``error:`` line: a folder
+that is not a model, a dataset name that does not exist, an output file that exists without ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import sys
+from collections import Counter
+from pathlib import Path
+
+import typer
+
+from vlsft.app import app
+
+
+def normalise(text: str) -> str:
+    """Lower case, no punctuation, no articles (a, an, the), single spaces (SQuAD's normalisation)."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    p, r = normalise(prediction).split(), normalise(reference).split()
+    if not p and not r:
+        return 1.0
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+METRICS = {
+    "exact_match": lambda p, r: float(p.strip() == r.strip()),
+    "normalised_exact_match": lambda p, r: float(normalise(p) == normalise(r)),
+    "token_f1": token_f1,
+}
+
+
+def summarise(rows: list[dict]) -> dict:
+    out: dict = {"samples": len(rows)}
+    for name, fn in METRICS.items():
+        out[name] = round(sum(fn(x["prediction"], x["reference"]) for x in rows) / len(rows), 4) if rows else 0.0
+    return out
+
+
+def _dictionary_of(model_dir: Path) -> Path | None:
+    for folder in (model_dir, model_dir.parent):
+        p = folder / "vlsft" / "Dataset-Dictionary.json"
+        if p.is_file():
+            return p
+    return None
+
+
+def _items(src, data_path: str | None):
+    """(index, where, prompt text, images, videos, reference) for every usable record of ``src``."""
+    from qwenvl import storage
+    from qwenvl.data import formats
+
+    for i in range(len(src.store)):
+        internal, _extras, problems = formats.sample_problems(src.store[i], src.fmt)
+        if internal is None or any(p[0] == "error" for p in problems):
+            continue
+        # official turns ({from: human|gpt, value}) or normalised ones ({role: user|assistant, content})
+        conv = [{"role": {"human": "user", "gpt": "assistant"}.get(t.get("from"), t.get("role")),
+                 "content": t.get("value", t.get("content"))} for t in internal.get("conversations") or []
+                if isinstance(t, dict)]
+        user = next((t for t in conv if t["role"] == "user"), None)
+        if user is None:
+            continue
+        after = conv[conv.index(user) + 1:]
+        answer = next((t for t in after if t["role"] == "assistant"), None)
+        media = {}
+        for key in ("image", "video"):
+            v = internal.get(key)
+            vals = [] if v is None else (v if isinstance(v, list) else [v])
+            media[key] = [storage.join(data_path, x) if data_path and not storage.is_url(x) and not Path(x).is_absolute()
+                          else x for x in vals if isinstance(x, str)]
+        text = re.sub(r"<(image|video)>\n?", "", str(user.get("content") or "")).strip()
+        yield i, src.store.where(i), text, media["image"], media["video"], str((answer or {}).get("content") or "")
+
+
+@app.command("predict")
+def predict_cmd(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A run's output dir, a checkpoint-N folder "
+                                     "or a vlsft export."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name of the dictionary."),
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write (one row per sample)."),
+    dictionary: Path = typer.Option(None, "--dictionary", help="Dataset dictionary JSON (default: the one saved "
+                                    "with the run, <run>/vlsft/Dataset-Dictionary.json)."),
+    resume: bool = typer.Option(False, "--resume", help="Append only the samples --out does not hold yet."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Samples per generate call."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Most tokens per answer."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Only the first N samples."),
+) -> None:
+    """Generate answers over a dataset: JSONL rows and a metrics summary (exact match, normalised EM, token F1)."""
+    from qwenvl.problems import UserError
+    from vlsft.render import fail
+
+    try:
+        from qwenvl import infer
+
+        infer.model_kind(model_dir)
+        dict_path = dictionary or _dictionary_of(model_dir)
+        if dict_path is None:
+            raise UserError(f"no dataset dictionary saved with {model_dir}: pass --dictionary PATH")
+        if out.exists() and not resume:
+            raise UserError(f"--out {out} exists: pass --resume to append only what is missing, or choose a new "
+                            "file (nothing was overwritten)")
+        from qwenvl.data.registry import build_index, resolve_sources
+
+        sources = resolve_sources(dataset, str(dict_path))
+        build_index(sources, 0)  # loads the store and settles the format
+        src = sources[0]
+        items = list(_items(src, src.data_path))
+        if limit:
+            items = items[:limit]
+        done: list[dict] = []
+        if out.exists():
+            for n, line in enumerate(out.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        done.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise UserError(f"{out}:{n}: not a JSON row; fix or remove that line") from None
+        have = {(x.get("dataset"), x.get("index")) for x in done}
+        todo = [it for it in items if (src.name, it[0]) not in have]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.touch()
+        if todo:
+            engine = infer.load(model_dir)
+            warning = engine.budget_warning()
+            if warning:
+                print(warning, file=sys.stderr)
+            with open(out, "a", encoding="utf-8") as fh:
+                for s in range(0, len(todo), batch_size):
+                    chunk = todo[s:s + batch_size]
+                    answers = engine.generate_batch([engine.messages(t, images=im, videos=vi)
+                                                     for _i, _w, t, im, vi, _r in chunk], max_new_tokens=max_new_tokens)
+                    for (i, where, text, _im, _vi, ref), pred in zip(chunk, answers, strict=True):
+                        row = {"dataset": src.name, "index": i, "where": where, "prompt": text, "reference": ref,
+                               "prediction": pred}
+                        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        done.append(row)
+                    fh.flush()
+                    print(f"predict: {min(s + batch_size, len(todo))}/{len(todo)} new samples", file=sys.stderr)
+        metrics = summarise(done)
+        Path(str(out) + ".metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+        typer.echo(f"{len(todo)} new row(s), {len(done)} in {out}; " + ", ".join(
+            f"{k} {v}" for k, v in metrics.items() if k != "samples"))
+    except UserError as exc:
+        fail(exc)
