@@ -191,3 +191,18 @@ def test_convert_keeps_objects_and_bbox_format(tmp_path, cli_env):
     out = json.loads((tmp_path / "conv" / "m.jsonl").read_text().splitlines()[0])
     assert out["objects"] == rec["objects"] and out["conversations"][1]["value"] == "<bbox>"
     assert json.loads((tmp_path / "conv" / "Dataset-Dictionary.json").read_text())["m"]["bbox_format"] == "norm1"
+
+
+def test_deep_check_of_a_messages_dataset_reads_its_objects(tmp_path, cli_env):
+    """The grounding checks run on the internal record every format is normalised into."""
+    _object_image(tmp_path / "big.png")
+    msgs = [{"role": "user", "content": [{"type": "image", "image": "big.png"}, {"type": "text", "text": "<ref>?"}]},
+            {"role": "assistant", "content": "<bbox>"}]
+    recs = [{"objects": [{"label": "c", "bbox": [480, 270, 2000, 810]}], "messages": msgs},
+            {"objects": [{"label": "c", "bbox": [900, 270, 480, 810]}], "messages": msgs}]
+    _plant(tmp_path, "m", recs)
+    r = _vlsft("datasets", "check", "--deep", "m.json", env=cli_env, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "m.jsonl:1: warning: [objects]" in r.stdout and "outside the 1920x1080 image" in r.stdout
+    assert "m.jsonl:2: error: [objects]" in r.stdout and "x2 < x1" in r.stdout
+    assert "grounding m: 2 boxes, 2 rescaled for Qwen2.5-VL (default max_pixels), 1 suspicious" in r.stdout
