@@ -71,6 +71,9 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
     if plan.slurm:
         parts += ["", f"# From {plan.cluster or 'SLURM'}: {' '.join(plan.slurm)}"]
     parts += ["", "# Command:", format_command(plan.torchrun), ""]
+    if plan.family:  # torch-free: config.json's model_type; qwenvl.prechecks.family_limits for what it cannot do
+        limits = "; cannot here: " + "; ".join(plan.family_limits) if plan.family_limits else ""
+        parts += [f"# Model family: {plan.family} (config.json model_type){limits}", ""]
     parts.append(f"# Datasets (--dataset_use {plan.dataset_use}):")
     width = max((len(s.name) for s in [*plan.datasets, *plan.eval_datasets]), default=4)
     for s in plan.datasets:
