@@ -64,6 +64,7 @@ class Inference:
     min_pixels: int | None = None
     max_pixels: int | None = None
     run_limits: dict = field(default_factory=dict)
+    exif: bool = False  # Qwen3 families: EXIF orientation applied, as their training pipeline does
 
     def budget_warning(self) -> str | None:
         """One line when the inference pixel budget is not the run's (None when they agree or are unknown)."""
@@ -80,14 +81,28 @@ class Inference:
                  system: str | None = None) -> list[dict]:
         """A Qwen chat conversation: optional system turn, one user turn with the media first, then the text."""
         content: list[dict] = []
-        limits = {k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v}
         for img in images:
-            content.append({"type": "image", "image": _media_ref(img), **limits})
+            content.append(self.image_part(img))
         for vid in videos:
             content.append({"type": "video", "video": _media_ref(vid)})
         content.append({"type": "text", "text": prompt})
         msgs = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
         return msgs + [{"role": "user", "content": content}]
+
+    def image_part(self, ref: str) -> dict:
+        """A chat content part for one image, opened and converted to RGB exactly as the training pipeline does
+        (:func:`qwenvl.data.vision.open_image`: an RGBA image loses its alpha; qwen-vl-utils' own loader would
+        paste it on white, which the model never saw in training); qwen-vl-utils then resizes it."""
+        from qwenvl.data.vision import open_image
+
+        _media_ref(ref)  # one line for a missing file
+        try:
+            image = open_image(ref, exif=self.exif)
+        except Exception as e:  # noqa: BLE001 - an unreadable image is the user's input
+            raise InferError(f"cannot read the image {ref}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                             ) from e
+        limits = {k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v}
+        return {"type": "image", "image": image, **limits}
 
     def prompt_inputs(self, messages: list[dict]):
         """The processor's tensors (``input_ids``, ``pixel_values``, grids, ...) for ``messages`` up to the
@@ -195,6 +210,10 @@ def _media_ref(ref: str) -> str:
     return "file://" + str(p.resolve())
 
 
+def _adapter_base(folder: Path) -> str:
+    return json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+
+
 def load(folder: str | os.PathLike, *, min_pixels: int | None = None, max_pixels: int | None = None,
          device: str | None = None) -> Inference:
     """Load a model folder for inference (GPU when available, else CPU). Pixel limits default to the run's."""
@@ -227,6 +246,12 @@ def load(folder: str | os.PathLike, *, min_pixels: int | None = None, max_pixels
                        min_pixels=min_pixels if min_pixels is not None else run_limits.get("min_pixels"),
                        max_pixels=max_pixels if max_pixels is not None else run_limits.get("max_pixels"),
                        run_limits=run_limits)
+    try:
+        from qwenvl.model import read_model_type
+
+        engine.exif = read_model_type(str(folder if kind == "full" else _adapter_base(folder))).startswith("qwen3")
+    except Exception:  # noqa: BLE001 - only the EXIF choice depends on it
+        engine.exif = False
     ip = getattr(processor, "image_processor", None)
     if ip is not None and getattr(ip, "size", None) is not None and engine.max_pixels and engine.min_pixels:
         # the processor resizes again after qwen-vl-utils: it must use the same limits, or it undoes them
