@@ -206,3 +206,30 @@ def test_deep_check_of_a_messages_dataset_reads_its_objects(tmp_path, cli_env):
     assert "m.jsonl:1: warning: [objects]" in r.stdout and "outside the 1920x1080 image" in r.stdout
     assert "m.jsonl:2: error: [objects]" in r.stdout and "x2 < x1" in r.stdout
     assert "grounding m: 2 boxes, 2 rescaled for Qwen2.5-VL (default max_pixels), 1 suspicious" in r.stdout
+
+
+def test_predict_renders_grounding_and_reports_iou(tmp_path, tiny_model_dir, cli_env):
+    """``vlsft predict`` on a grounding dataset: the prompt and reference in the model's convention (tiny Qwen2.5-VL,
+    its processor's limits: 1000x500 -> 1008x504), and IoU@0.5 / mean IoU of parsed boxes in original pixels."""
+    Image.new("RGB", (1000, 500), (255, 255, 255)).save(tmp_path / "w.png")
+    recs = [_g("w.png", [250, 125, 750, 375]), _g("w.png", [0, 0, 100, 100])]
+    for r in recs:
+        r["conversations"][0]["value"] = "<image>\nWhere is the <ref>?"
+    _plant(tmp_path, "g", recs)
+    out = tmp_path / "preds.jsonl"
+    r = _vlsft("predict", str(tiny_model_dir), "--dataset", "g", "--dictionary", str(tmp_path / "g.json"),
+               "--out", str(out), "--limit", "1", "--max-new-tokens", "2", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["prompt"] == "Where is the cat?" and row["reference"] == "[252, 126, 756, 378]", row
+    # scored rows (written here, so no generation runs): one exact box, one far off -> IoU@0.5 0.5, mean 0.5
+    out2 = tmp_path / "scored.jsonl"
+    out2.write_text("".join(json.dumps({"dataset": "g", "index": i, "prediction": p, "reference": ""}) + "\n"
+                            for i, p in ((0, '{"bbox_2d": [252, 126, 756, 378], "label": "cat"}'),
+                                         (1, "[800, 400, 1000, 500]"))))
+    r = _vlsft("predict", str(tiny_model_dir), "--dataset", "g", "--dictionary", str(tmp_path / "g.json"),
+               "--out", str(out2), "--resume", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "scored.jsonl.metrics.json").read_text())
+    assert metrics["boxes"] == 2 and metrics["iou@0.5"] == 0.5 and metrics["mean_iou"] == 0.5, metrics
+    assert "iou@0.5 0.5" in r.stdout

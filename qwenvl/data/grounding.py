@@ -438,3 +438,68 @@ def grounding_metrics(per_box_ious: list[float]) -> dict:
     n = len(per_box_ious)
     return {"boxes": n, "iou@0.5": round(sum(v >= 0.5 for v in per_box_ious) / n, 4) if n else 0.0,
             "mean_iou": round(sum(per_box_ious) / n, 4) if n else 0.0}
+
+
+class PredictGrounding:
+    """Grounding for ``vlsft predict``: the prompt and reference rendered in the model's convention (with the resize
+    its saved processor applies, sizes from image headers) and IoU of the predicted boxes against the ``objects``
+    (both in original-image pixels; each sample's predictions are mapped back with its first object's image)."""
+
+    def __init__(self, family: str, bbox_format: str, min_pixels: int, max_pixels: int, factor: int):
+        self.family, self.bbox_format = family, bbox_format
+        self.min_pixels, self.max_pixels, self.factor = min_pixels, max_pixels, factor
+
+    @classmethod
+    def for_model(cls, folder, bbox_format: str | None) -> PredictGrounding:
+        from pathlib import Path
+
+        folder = Path(folder)
+        model_type = "qwen2_5_vl"
+        for f in (folder / "config.json", folder / "adapter_config.json"):
+            if f.is_file():
+                data = json.loads(f.read_text(encoding="utf-8"))
+                if "base_model_name_or_path" in data:
+                    base = Path(str(data["base_model_name_or_path"])) / "config.json"
+                    data = json.loads(base.read_text(encoding="utf-8")) if base.is_file() else {}
+                model_type = data.get("model_type", model_type)
+                break
+        pre = {}
+        if (folder / "preprocessor_config.json").is_file():
+            pre = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))
+        size = pre.get("size") or {}
+        lo = int(size.get("shortest_edge") or pre.get("min_pixels") or 56 * 56)
+        hi = int(size.get("longest_edge") or pre.get("max_pixels") or 28 * 28 * 16384)
+        factor = int(pre.get("patch_size") or 14) * int(pre.get("merge_size") or 2)
+        return cls(family_of(model_type), bbox_format or "pixel", lo, hi, factor)
+
+    def _sizes(self, image_paths: list[str]) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
+        out = []
+        for p in image_paths:
+            s = image_size(p)
+            if s is None:
+                return None
+            h, w = smart_resize(s[1], s[0], self.factor, self.min_pixels, self.max_pixels)
+            out.append((s, (w, h)))
+        return out
+
+    def render(self, conv: list[dict], internal: dict, image_paths: list[str]) -> None:
+        """Render the placeholders of ``conv`` (``{"role", "content"}`` turns) in place."""
+        sizes = self._sizes(image_paths)
+        objs = internal.get("objects")
+        if not sizes or type(objs) is not list or not objs:
+            return
+        rendered = rendered_objects(objs, sizes, self.bbox_format, self.family)
+        texts = render_texts([str(t.get("content") or "") for t in conv], rendered, self.family)
+        for t, text in zip(conv, texts, strict=True):
+            t["content"] = text
+
+    def ious(self, internal: dict, image_paths: list[str], prediction: str) -> list[float] | None:
+        """Per reference box of the sample, the IoU of its matched predicted box (None: no boxes to score)."""
+        objs = [o for o in internal.get("objects") or [] if type(o) is dict and o.get("bbox") is not None]
+        sizes = self._sizes(image_paths) if objs else None
+        if not objs or not sizes:
+            return None
+        refs = [to_pixels(o["bbox"], sizes[o.get("image", 0)][0], self.bbox_format) for o in objs]
+        orig, resized = sizes[objs[0].get("image", 0)]
+        preds = [to_original(b, orig, resized, self.family) for b in parse_boxes(prediction, self.family)]
+        return match_ious(refs, preds)

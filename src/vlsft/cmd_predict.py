@@ -67,7 +67,7 @@ def _dictionary_of(model_dir: Path) -> Path | None:
     return None
 
 
-def _items(src, data_path: str | None):
+def _items(src, data_path: str | None, ground=None):
     """(index, where, prompt text, images, videos, reference) for every usable record of ``src``."""
     from qwenvl import storage
     from qwenvl.data import formats
@@ -91,8 +91,35 @@ def _items(src, data_path: str | None):
             vals = [] if v is None else (v if isinstance(v, list) else [v])
             media[key] = [storage.join(data_path, x) if data_path and not storage.is_url(x) and not Path(x).is_absolute()
                           else x for x in vals if isinstance(x, str)]
+        if ground is not None and internal.get("objects"):  # grounding: <ref>/<bbox>/... in the model's convention
+            ground.render(conv, internal, media["image"])
         text = re.sub(r"<(image|video)>\n?", "", str(user.get("content") or "")).strip()
         yield i, src.store.where(i), text, media["image"], media["video"], str((answer or {}).get("content") or "")
+
+
+def _grounding_metrics(src, rows: list[dict], ground) -> dict:
+    """``{"boxes", "iou@0.5", "mean_iou"}`` over the rows whose record has ``objects`` boxes (empty when none):
+    predicted boxes parsed in the model family's convention, mapped back to original-image pixels."""
+    from qwenvl import storage
+    from qwenvl.data import formats
+    from qwenvl.data.grounding import grounding_metrics
+
+    per_box: list[float] = []
+    for row in rows:
+        i = row.get("index")
+        if row.get("dataset") != src.name or not isinstance(i, int) or not 0 <= i < len(src.store):
+            continue
+        internal = formats.sample_problems(src.store[i], src.fmt)[0]
+        if not isinstance(internal, dict) or not internal.get("objects"):
+            continue
+        img = internal.get("image")
+        paths = [x for x in ([] if img is None else img if isinstance(img, list) else [img]) if isinstance(x, str)]
+        paths = [storage.join(src.data_path, x) if src.data_path and not storage.is_url(x) and not Path(x).is_absolute()
+                 else x for x in paths]
+        got = ground.ious(internal, paths, str(row.get("prediction") or ""))
+        if got is not None:
+            per_box += got
+    return grounding_metrics(per_box) if per_box else {}
 
 
 @app.command("predict")
@@ -127,7 +154,10 @@ def predict_cmd(
         sources = resolve_sources(dataset, str(dict_path))
         build_index(sources, 0)  # loads the store and settles the format
         src = sources[0]
-        items = list(_items(src, src.data_path))
+        from qwenvl.data.grounding import PredictGrounding
+
+        ground = PredictGrounding.for_model(model_dir, getattr(src.fmt, "bbox_format", None))
+        items = list(_items(src, src.data_path, ground))
         if limit:
             items = items[:limit]
         done: list[dict] = []
@@ -160,6 +190,7 @@ def predict_cmd(
                     fh.flush()
                     print(f"predict: {min(s + batch_size, len(todo))}/{len(todo)} new samples", file=sys.stderr)
         metrics = summarise(done)
+        metrics.update(_grounding_metrics(src, done, ground))
         Path(str(out) + ".metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
         typer.echo(f"{len(todo)} new row(s), {len(done)} in {out}; " + ", ".join(
             f"{k} {v}" for k, v in metrics.items() if k != "samples"))
