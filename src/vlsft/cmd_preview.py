@@ -228,6 +228,7 @@ def preview(
             "input_ids": ids, "labels": labels, "position_ids": sample["position_ids"].tolist(),
             "image_grid_thw": grid("image_grid_thw"), "video_grid_thw": grid("video_grid_thw"),
             "second_per_grid_ts": spg.tolist() if spg is not None else None,
+            "frame_idx": sample.get("frame_idx"), "video_timestamps": sample.get("video_timestamps"),
             "pixel_values": _stats(sample.get("pixel_values")),
             "pixel_values_videos": _stats(sample.get("pixel_values_videos")),
             "objects": objects, "image_sizes": [{"original": list(o), "resized": list(r)} for o, r in sizes],
@@ -247,9 +248,18 @@ def preview(
     for k, g in enumerate(grid("image_grid_thw") or []):
         out.print(f"image {k}: grid t,h,w = {g} -> {g[0] * g[1] * g[2] // m2} tokens "
                   f"({g[1] * builder.spec.patch_size}x{g[2] * builder.spec.patch_size} px)")
+    stamps = sample.get("video_timestamps")  # the Qwen3 families (HEAD layout): <X.Y seconds> per temporal patch
     for k, g in enumerate(grid("video_grid_thw") or []):
+        frames = sample["frame_idx"][k]
+        if stamps is not None:
+            from qwenvl.data.chat_head import timestamp_text
+
+            out.print(f"video {k}: {len(frames)} frames {frames} -> grid t,h,w = {g}: {g[0]} temporal patches x "
+                      f"{g[1] * g[2] // m2} tokens = {g[0] * g[1] * g[2] // m2} vision tokens; timestamps "
+                      + " ".join(timestamp_text(t) for t in stamps[k]), highlight=False)
+            continue
         out.print(f"video {k}: grid t,h,w = {g} -> {g[0] * g[1] * g[2] // m2} tokens; frames "
-                  f"{sample['frame_idx'][k]}; second_per_grid_ts {float(sample['second_per_grid_ts'][k]):.4g}")
+                  f"{frames}; second_per_grid_ts {float(sample['second_per_grid_ts'][k]):.4g}")
     for obj in objects:
         o, r = sizes[obj["image"]]
         out.print(f"object {obj['label']!r}: {obj['kind']} {obj['values']} ({builder.model_type}, image "
