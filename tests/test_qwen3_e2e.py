@@ -147,7 +147,14 @@ def test_moe_zero3_refused_in_one_line_at_the_front_door(tmp_path):
         assert "qwen3_vl_moe cannot be trained with DeepSpeed ZeRO-3" in line and "zero2" in line, line
     assert not (tmp_path / "out").exists()  # nothing launched, nothing written
     assert vlsft("print-args", "--config", str(cfg), "distributed.deepspeed=zero2").returncode == 0
-    # the standalone trainer (qwenvl.train) applies the same rule before the model loads
+    # the standalone trainer applies the same rule before the model loads
+    p = subprocess.run([sys.executable, "-m", "qwenvl.train", "--model_name_or_path", str(model), "--dataset_dict",
+                        str(DICT), "--dataset_use", "facts", "--output_dir", str(tmp_path / "o2"), "--deepspeed",
+                        "zero3", "--tune_mm_llm", "True", "--report_to", "none"], env=env(), capture_output=True,
+                       text=True, timeout=300, cwd=REPO)
+    err = [x for x in p.stderr.splitlines() if x.startswith("error")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert len(err) == 1 and "qwen3_vl_moe cannot be trained with DeepSpeed ZeRO-3" in err[0], p.stderr[-3000:]
 
 
 def test_family_rules_are_torch_free_and_read_the_zero_stage(tmp_path):
