@@ -35,7 +35,8 @@ def tiny(family: str) -> Path:
     return ensure_tiny_model(CACHE / f"tiny-{family}", family=family)
 
 
-def write_yaml(path: Path, model: Path, out: Path, *, port: int, deepspeed: str, steps: int = 3) -> Path:
+def write_yaml(path: Path, model: Path, out: Path, *, port: int, deepspeed: str, steps: int = 3,
+               dictionary: Path = DICT, use: str = "shapes, clips, facts") -> Path:
     path.write_text(f"""
 model:
   name_or_path: {model}
@@ -43,8 +44,8 @@ model:
   tune_mm_llm: true
   attn_implementation: sdpa
 data:
-  dictionary: {DICT}
-  use: [shapes, clips, facts]
+  dictionary: {dictionary}
+  use: [{use}]
   max_pixels: 12544
   min_pixels: 3136
   video_fps: 2
@@ -187,11 +188,23 @@ def test_print_args_names_the_family_and_its_limits(tmp_path):
         p = vlsft("print-args", "--config", str(cfg))
         assert p.returncode == 0, p.stderr
         rows[family] = [x for x in p.stdout.splitlines() if x.startswith("# Model family")]
-        doc = json.loads(vlsft("print-args", "--config", str(cfg), "--json").stdout)
-        assert doc["family"] == family
     assert rows["qwen3_5"] and "qwen3_5" in rows["qwen3_5"][0] and "no data.packing" in rows["qwen3_5"][0]
     assert "no ZeRO-3" in rows["qwen3_vl_moe"][0]
     assert rows["qwen3_vl"] == ["# Model family: qwen3_vl (config.json model_type)"]
+    # per dataset: the official pre-packed bins of tests/golden/official-qwen3vl-head, for a family that cannot pack
+    golden = REPO / "tests" / "golden" / "official-qwen3vl-head"
+    d = tmp_path / "dict.json"
+    d.write_text(json.dumps({"packed": {"data_path": str(golden / "media"),
+                                        "annotation_path": str(golden / "annotations" / "public_packed.json")},
+                             "facts": {"data_path": str(DICT.parent), "annotation_path": str(DICT.parent / "facts.jsonl")}}))
+    for family, noted in (("qwen3_5", True), ("qwen3_vl", False)):
+        cfg = write_yaml(tmp_path / f"p-{family}.yaml", tiny(family), tmp_path / "out", port=29466, deepspeed="zero3",
+                         dictionary=d, use="packed, facts")
+        text = vlsft("print-args", "--config", str(cfg)).stdout.splitlines()
+        i = next(i for i, x in enumerate(text) if x.startswith("#   packed"))
+        assert ("pre-packed bins read as single samples" in text[i + 1]) == noted, text
+        assert not noted or "qwen3_5 cannot pack" in text[i + 1]
+        assert sum("note:" in x for x in text) == noted  # facts (text only, JSONL) gets none
 
 
 README_EXAMPLE = """

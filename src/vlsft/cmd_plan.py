@@ -78,6 +78,8 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
     width = max((len(s.name) for s in [*plan.datasets, *plan.eval_datasets]), default=4)
     for s in plan.datasets:
         parts.append(f"#   {s.name:<{width}}  {s.records:>10,} records x {s.percent:g} % = {s.samples:,} samples")
+        if s.name in plan.dataset_notes:
+            parts.append(f"#   {'':<{width}}  note: {plan.dataset_notes[s.name]}")
     parts.append(f"samples per epoch = {plan.samples_per_epoch:,}")
     if plan.eval_datasets:
         parts.append("# Eval datasets (never trained on when held out):")

@@ -120,6 +120,7 @@ class LaunchPlan:
     # family cannot do here (qwenvl.prechecks.family_limits)
     family: str | None = None
     family_limits: list[str] = field(default_factory=list)
+    dataset_notes: dict[str, str] = field(default_factory=dict)  # per dataset: what the family does not do with it
     # values that must never be shown: of secret-named variables, and reached through a secret-named ${VAR}
     secret_values: frozenset[str] = field(default_factory=frozenset, repr=False)
 
@@ -557,11 +558,19 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
 
     if problems:
         raise ProblemsError(problems)
+    dataset_notes: dict[str, str] = {}
+    if family and family_problems(family, data_flatten=False, data_packing=True, zero_stage=None):
+        for s in shares:  # the official pre-packed bins of a family that cannot pack: one sample per padded row
+            path = dictionary.datasets[s.name].annotation_path
+            if "://" not in path and _prepacked(path):
+                dataset_notes[s.name] = f"pre-packed bins read as single samples, one per padded row ({family} " \
+                                        "cannot pack here)"
     trainable = trainable_report(cfg)
     return LaunchPlan(
         trainable=trainable,
         family=family,
         family_limits=family_limits(family) if family else [],
+        dataset_notes=dataset_notes,
         torchrun=launcher + trainer_args,
         trainer_args=trainer_args,
         dataset_use=dataset_use,
@@ -598,6 +607,18 @@ def trainable_report(cfg: RunConfig) -> dict | None:
         return parameter_report(m.name_or_path, plan=plan, tune=tune, r=m.lora.r, use_dora=m.lora.use_dora)
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _prepacked(path: str) -> bool:
+    """A .json annotation file in the official pre-packed format (a list whose first item is a list)."""
+    if not path.endswith(".json"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+    except OSError:
+        return False
+    return head[:1] == b"[" and head[1:].lstrip()[:1] == b"["
 
 
 def _deepspeed_blocks(path: str) -> set[str]:
