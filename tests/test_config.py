@@ -220,8 +220,8 @@ def test_readme_config_table_is_current(repo_root):
     text = (repo_root / "README.md").read_text(encoding="utf-8")
     assert gen.updated_readme(text) == text, "run: python scripts/gen_config_docs.py"
     for section, model in SECTIONS.items():
-        for name in model.model_fields:
-            assert f"| `{section}.{name}` |" in text
+        for name in model.model_fields:  # a nested section (model.lora) is documented key by key
+            assert f"| `{section}.{name}` |" in text or f"| `{section}.{name}." in text, f"{section}.{name}"
 
 
 def test_readme_quick_start_and_override_examples(repo_root, tmp_path):
