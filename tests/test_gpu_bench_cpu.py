@@ -1,4 +1,5 @@
-"""scripts/gpu_bench.sh in its tiny CPU mode: runs the real bench code (padded vs flattened) end to end."""
+"""scripts/gpu_bench.sh and scripts/gpu_check.sh in their tiny CPU modes: the real bench code (padded, flattened,
+packed, LoRA), the real `vlsft train` path and the packed-vs-one-by-one loss, end to end."""
 
 from __future__ import annotations
 
@@ -27,6 +28,46 @@ def test_gpu_bench_tiny_cpu(repo_root, tmp_path, qwen_tokenizer_dir):
     # flattening removes (almost all) padding: only the masked dummy video segment is left
     assert by["flatten"]["padding_fraction"] < by["padded"]["padding_fraction"]
     assert by["flatten"]["padding_fraction"] < 0.05
+
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_cpu_every_part(repo_root, tmp_path, qwen_tokenizer_dir):
+    """The one-call GPU check script (issue 15) in GPU_CHECK_TINY mode: every part leaves its figures."""
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_CHECK_TINY="1", GPU_CHECK_WORK=str(tmp_path / "work"))
+    p = subprocess.run(["bash", str(repo_root / "scripts" / "gpu_check.sh"), str(out)], env=env,
+                       capture_output=True, text=True, timeout=240, cwd=repo_root)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert {f.name for f in out.iterdir()} == {"env.json", "bench.json", "train.json", "equiv.json",
+                                                 "bench_lora.json", "gpu_check.json", "gpu_check.log"}
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert all(v is not False for v in res["checks"].values()), res["checks"]
+    assert res["env"]["torch"] and res["env"]["cuda_available"] is False
+    # (a) three modes, each with both MFU figures (nominal 1 TFLOP/s peak on CPU); packing removes padding
+    by = {r["mode"]: r for r in res["bench"]["results"]}
+    assert set(by) == {"padded", "flatten", "packed"}
+    assert res["bench"]["header"]["length_mix"] == "realistic"
+    for r in by.values():
+        assert r["tokens_per_s_per_gpu"] > 0 and r["mfu_llm"] > 0 and r["mfu_whole"] >= r["mfu_llm"]
+        assert r["mfu"] == r["mfu_whole"] and 5 < r["first_loss"] < 20
+    assert by["packed"]["padding_fraction"] < by["padded"]["padding_fraction"]
+    assert by["packed"]["padding_fraction"] < 0.05
+    # (b) the real vlsft train ran on one rank with packing and logged its throughput line
+    tr = res["train"]
+    assert tr["device"] == "cpu" and tr["problems"] == [] and tr["steps"] == 4
+    assert tr["tokens_per_second_per_device"] > 0 and tr["padding_fraction"] < 0.05
+    assert all(5 < x < 20 for x in tr["losses"])
+    # (c) packed vs one by one in bf16: within the stated tolerance, over several rows of real samples
+    eq = res["equiv"]
+    assert eq["dtype"] == "bfloat16" and eq["samples"] == 6 and eq["rows"] >= 2 and eq["trained_tokens"] > 20
+    assert eq["tolerance"] == 1e-2 and eq["rel_diff"] <= eq["tolerance"]
+    # (d) LoRA on the language model: a small trainable fraction, it still trains
+    lo = res["bench_lora"]
+    assert lo["header"]["lora"] == {"r": 64} and 0 < lo["header"]["trainable_fraction"] < 0.10
+    assert lo["header"]["trainable"] < res["bench"]["header"]["trainable"]
+    assert lo["results"][0]["mode"] == "packed" and lo["results"][0]["tokens_per_s_per_gpu"] > 0
+    assert "(d) bench with LoRA" in (out / "gpu_check.log").read_text()
 
 
 def test_peak_flops_table_and_step_flops():
