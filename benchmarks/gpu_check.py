@@ -110,7 +110,7 @@ training:
   logging_steps: {a.logging_steps}
   save_steps: 100000
   bf16: {'false' if tiny else 'true'}
-  gradient_checkpointing: {'false' if tiny else 'true'}
+  gradient_checkpointing: true
   report_to: none
   seed: 0
 distributed:

@@ -32,7 +32,7 @@ run() { "$@" 2>&1 | tee -a "$LOG"; return "${PIPESTATUS[0]}"; }
 
 if [[ -n "${GPU_CHECK_TINY:-}" ]]; then
   BENCH=(--tiny --steps 2 --warmup 1 --samples 8 --batch 4 --pack-length 256 --peak-tflops 1)
-  MODEL=(--tiny); DATA=(--tiny --n 12); CFG=(--tiny --steps 4 --batch 4 --logging-steps 2 --pack-length 512)
+  MODEL=(--tiny); DATA=(--tiny --n 12); CFG=(--tiny --steps 2 --batch 4 --logging-steps 1 --pack-length 512)
   EQUIV=(--cpu --n 6 --pack-length 256 --max-pixels 12544); EXPECT=()
 else
   BENCH=(--steps 20 --warmup 3 --samples 64 --batch 8 --pack-length 8192)

@@ -55,7 +55,7 @@ def test_gpu_check_tiny_cpu_every_part(repo_root, tmp_path, qwen_tokenizer_dir):
     assert by["packed"]["padding_fraction"] < 0.05
     # (b) the real vlsft train ran on one rank with packing and logged its throughput line
     tr = res["train"]
-    assert tr["device"] == "cpu" and tr["problems"] == [] and tr["steps"] == 4
+    assert tr["device"] == "cpu" and tr["problems"] == [] and tr["steps"] == 2 and tr["log_lines"] == 2
     assert tr["tokens_per_second_per_device"] > 0 and tr["padding_fraction"] < 0.05
     assert all(5 < x < 20 for x in tr["losses"])
     # (c) packed vs one by one in bf16: within the stated tolerance, over several rows of real samples
