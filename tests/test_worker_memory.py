@@ -28,7 +28,7 @@ WORKERS = 4
 
 
 class _TrivialBuilder:
-    def build(self, record: dict, data_path):
+    def build(self, record: dict, data_path, fmt=None):  # SampleBuilder.build's signature
         return len(record["conversations"][1]["value"])
 
 
@@ -80,6 +80,7 @@ def test_workers_share_the_store(tmp_path):
                                              persistent_workers=True, multiprocessing_context="fork")
         t0 = time.time()
         seen = sum(loader)
+        assert not any(isinstance(ds[i], dict) and "bad_sample" in ds[i] for i in (0, N - 1)), ds[0]  # real samples
         elapsed = time.time() - t0
         assert seen == N
         total, worker_uss = _tree_pss(others)
