@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import struct
 import sys
 import time
@@ -329,6 +330,32 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _kind_problem(path: Path, mode: int, folder: bool) -> str | None:
+    """Why vlsft must not write at ``path`` of mode ``mode`` (a symbolic link, or not a folder / regular file)."""
+    if stat.S_ISLNK(mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return (f"{path} is a symbolic link (to {target}) and vlsft never writes through a link there; nothing was "
+                f"written: remove the link (rm {path}: what it points to stays as it is) and start again")
+    if not (stat.S_ISDIR if folder else stat.S_ISREG)(mode):
+        kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a named pipe"),
+                 (stat.S_ISSOCK, "a socket"))
+        kind = next((name for test, name in kinds if test(mode)), "a device")
+        return (f"{path} is {kind}, not {'a folder' if folder else 'a regular file'}; nothing was written: remove it "
+                "and start again")
+    return None
+
+
+def _not_ours(path: Path, folder: bool) -> str | None:
+    """:func:`_kind_problem` of what is at ``path`` (not followed); None when nothing is there."""
+    try:
+        return _kind_problem(path, os.lstat(path).st_mode, folder)
+    except OSError:
+        return None
+
+
 class OutputLock:
     """``<output_dir>/vlsft/lock``: JSON ``{host, pid, started, command}`` of the one run writing there.
 
@@ -337,6 +364,9 @@ class OutputLock:
     removed at exit. A second run is refused in one line naming the holder. A lock left by a dead process on this
     host (kill -9, power loss) is taken over with a warning; one written on another host cannot be checked from
     here, so it is refused with how to remove it when that run is dead.
+
+    Never written through a link: a ``vlsft/`` folder or a ``lock`` that is a symbolic link, a lock that is not
+    a regular file or that shares its data with another name (a hard link) is refused in one line, untouched.
     """
 
     def __init__(self, output_dir: str | os.PathLike, command: str = ""):
@@ -361,20 +391,59 @@ class OutputLock:
             return None
         return info if isinstance(info, dict) else None
 
+    def _unsafe(self, problem: str) -> UserError:
+        return UserError(f"cannot take the output lock of output_dir {self.path.parent.parent}: {problem}")
+
+    def _open_folder(self) -> int:
+        """``<output_dir>/vlsft/`` (made when missing), opened without following a link."""
+        folder = self.path.parent
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                pass
+            return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as e:
+            problem = _not_ours(folder, folder=True)
+            if problem:
+                raise self._unsafe(problem) from None
+            raise UserError(f"cannot create {folder}: {e.strerror or e} (check output.dir and its "
+                            "permissions)") from e
+
+    def _open_lock(self, dfd: int) -> int:
+        """The lock file in the open ``vlsft/`` folder ``dfd`` (made when missing): never through a link, only a
+        regular file with no other name."""
+        try:
+            fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644, dir_fd=dfd)
+        except OSError as e:
+            problem = _not_ours(self.path, folder=False)
+            if problem:
+                raise self._unsafe(problem) from None
+            raise UserError(f"cannot open the output lock {self.path}: {e.strerror or e}") from e
+        st = os.fstat(fd)
+        problem = _kind_problem(self.path, st.st_mode, folder=False)
+        if problem is None and st.st_nlink > 1:
+            problem = (f"{self.path} has {st.st_nlink} hard links (its data is also another file's, which taking "
+                       "the lock would overwrite); nothing was written: remove it and start again")
+        if problem:
+            os.close(fd)
+            raise self._unsafe(problem)
+        return fd
+
     def acquire(self) -> OutputLock:
+        dfd = self._open_folder()
+        try:
+            return self._acquire(dfd)
+        finally:
+            os.close(dfd)
+
+    def _acquire(self, dfd: int) -> OutputLock:
         import fcntl
 
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create {self.path.parent}: {e.strerror or e} (check output.dir and its "
-                            "permissions)") from e
         host = socket.gethostname()
         for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise UserError(f"cannot open the output lock {self.path}: {e.strerror or e}") from e
+            fd = self._open_lock(dfd)
             flocked = True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -388,7 +457,7 @@ class OutputLock:
             except OSError:  # a filesystem without flock: fall back to the recorded pid
                 flocked = False
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.stat(LOCK_NAME, dir_fd=dfd, follow_symlinks=False).st_ino
             except OSError:
                 same = False
             if not same:  # removed/replaced by its holder between our open and flock: try again
@@ -429,7 +498,7 @@ class OutputLock:
             return
         try:
             info = self._read(self.fd)
-            if info and info.get("pid") == os.getpid():
+            if info and info.get("pid") == os.getpid() and os.lstat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 os.unlink(self.path)
         except OSError:
             pass
