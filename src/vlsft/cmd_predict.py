@@ -9,12 +9,15 @@ first, then the text without ``<image>``/``<video>`` tags), the reference its fi
 is greedy, batched (``--batch-size``), through :mod:`qwenvl.infer` (the run's processor, chat template and pixel
 limits). At the end a metrics summary over every row of the file (exact match, normalised exact match, token F1)
 is printed and written next to it (``<out>.metrics.json``). Exit 0, or 2 with one ``error:`` line: a folder
-that is not a model, a dataset name that does not exist, an output file that exists without ``--resume``.
+that is not a model, a dataset name that does not exist, an output file that exists without ``--resume``, or
+one that is not a predictions file (``--resume`` appends only to a file whose every row has :data:`ROW_KEYS`;
+a cut last row, left by an interrupted write, is dropped with a warning and predicted again).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import string
 import sys
@@ -24,6 +27,56 @@ from pathlib import Path
 import typer
 
 from vlsft.app import app
+
+ROW_KEYS = ("dataset", "index", "where", "prompt", "reference", "prediction")  # every row, in this order
+ROW_START = '{"dataset": '  # how each row begins (json.dumps keeps the keys' order)
+
+
+def resume_rows(text: str, name: str) -> tuple[list[dict], int, str | None]:
+    """The rows of an existing ``--out`` (its ``text``) to resume from, how many characters of ``text`` to keep,
+    and a warning when its last row, cut by an interrupted write (no newline after it), is dropped.
+
+    :class:`~qwenvl.problems.UserError` when ``text`` is not a predictions file written by vlsft predict (a line
+    that is not a JSON object with every key of :data:`ROW_KEYS`): never append to a user's own file."""
+    from qwenvl.problems import UserError
+
+    rows: list[dict] = []
+    lines = text.split("\n")  # not splitlines(): a prediction may hold U+2028 and other line breaks
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        cut = n == len(lines)  # no newline after it: what an interrupted write leaves
+        if cut and line.startswith(ROW_START):
+            return rows, len(text) - len(line), (f"--out {name} line {n} is a row cut by an interrupted write: "
+                                                 "dropped it, its sample is predicted again")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        missing = [k for k in ROW_KEYS if k not in row] if isinstance(row, dict) else None
+        if missing == [] and not cut:
+            rows.append(row)
+            continue
+        why = "is not a JSON object" if missing is None else f"lacks {', '.join(missing)}" if missing else \
+            "has no newline at its end"
+        raise UserError(f"--out {name} is not a predictions file written by vlsft predict (line {n} {why}): "
+                        "choose another --out (nothing was written)")
+    return rows, len(text), None
+
+
+def _read_resume(out: Path) -> tuple[list[dict], int | None, str | None]:
+    """:func:`resume_rows` of the file ``out``; the byte length to cut it to (None: keep it whole)."""
+    from qwenvl.problems import UserError
+
+    try:
+        text = out.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read --out {out}: {e.strerror or e}: choose another --out") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--out {out} is not a predictions file written by vlsft predict (not UTF-8 text): "
+                        "choose another --out (nothing was written)") from None
+    rows, keep, note = resume_rows(text, str(out))
+    return rows, (len(text[:keep].encode("utf-8")) if keep < len(text) else None), note
 
 
 def normalise(text: str) -> str:
@@ -149,6 +202,10 @@ def predict_cmd(
         if out.exists() and not resume:
             raise UserError(f"--out {out} exists: pass --resume to append only what is missing, or choose a new "
                             "file (nothing was overwritten)")
+        done: list[dict] = []
+        cut, note = None, None
+        if out.exists():  # before anything else: a file that is not ours is refused untouched
+            done, cut, note = _read_resume(out)
         from qwenvl.data.registry import build_index, resolve_sources
 
         sources = resolve_sources(dataset, str(dict_path))
@@ -160,17 +217,12 @@ def predict_cmd(
         items = list(_items(src, src.data_path, ground))
         if limit:
             items = items[:limit]
-        done: list[dict] = []
-        if out.exists():
-            for n, line in enumerate(out.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        done.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise UserError(f"{out}:{n}: not a JSON row; fix or remove that line") from None
         have = {(x.get("dataset"), x.get("index")) for x in done}
         todo = [it for it in items if (src.name, it[0]) not in have]
         out.parent.mkdir(parents=True, exist_ok=True)
+        if cut is not None:  # the cut last row: dropped, so that the next row starts on a line of its own
+            os.truncate(out, cut)
+            print(f"warning: {note}", file=sys.stderr)
         out.touch()
         if todo:
             engine = infer.load(model_dir)
