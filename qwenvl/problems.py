@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from qwenvl.secrets import mask_urls
+
 Severity = Literal["error", "warning"]
 
 
@@ -31,6 +33,11 @@ class Problem:
     column: int | None = None
     key: str | None = None
     hint: str | None = None
+
+    def __post_init__(self) -> None:  # a URL's password / signature never reaches a display or a report
+        object.__setattr__(self, "message", mask_urls(self.message))
+        if self.hint:
+            object.__setattr__(self, "hint", mask_urls(self.hint))
 
     @property
     def is_error(self) -> bool:
@@ -66,7 +73,7 @@ class UserError(Exception):
 
     def lines(self) -> list[str]:
         """What the user sees: ``error: <message>`` on one line (subclasses may give one line per problem)."""
-        text = " ".join(str(self).split()) or type(self).__name__
+        text = mask_urls(" ".join(str(self).split())) or type(self).__name__
         return [text if text.startswith("error:") else f"error: {text}"]
 
 

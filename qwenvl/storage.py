@@ -58,6 +58,8 @@ from qwenvl.secrets import (  # noqa: F401 - re-exported (storage.redact & co. p
     MASK,
     SECRET_ENV_VARS,
     is_secret_name,
+    mask_url,
+    mask_urls,
     redact,
     redact_env,
     secret_values,
@@ -103,7 +105,7 @@ class StorageError(UserError, OSError):
     """
 
     def __init__(self, message: str, *, url: str | None = None, kind: str = "other") -> None:
-        message = " ".join(str(message).split())  # always one line
+        message = mask_urls(" ".join(str(message).split()))  # always one line, no URL password / signature
         super().__init__(message)
         self.message = message
         self.url = url

@@ -40,6 +40,7 @@ from qwenvl.data.annotation_read import (
     oneline,
 )
 from qwenvl.data.media_exist import check_http, check_local
+from qwenvl.secrets import mask_url
 from qwenvl.data.sample_rules import is_path, kind_of, record_problems
 from qwenvl.problems import Problem
 
@@ -562,7 +563,7 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
             except storage.StorageError as e:  # endpoint, bucket or credentials: one line at the first sample
                 full, rel = min(remote.items(), key=lambda item: _order(media[item[1]]))
                 sink.add(media[rel], "media_unreachable", "error", f"cannot check the {len(remote):,} media file(s) "
-                         f"on object storage, first {full}: {e}", key="image/video",
+                         f"on object storage, first {mask_url(full)}: {e}", key="image/video",
                          hint="the trainer cannot read them either; fix the storage settings or the URLs",
                          kind="media_unreachable")
         if http:
@@ -570,7 +571,7 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
             missing.extend(gone)
             for host, (url, reason, count) in down.items():
                 rel = http[url]
-                sink.add(media[rel], "media_unreachable", "error", f"cannot reach {host} for {url} ({reason})"
+                sink.add(media[rel], "media_unreachable", "error", f"cannot reach {host} for {mask_url(url)} ({reason})"
                          + (f"; {count - 1:,} more media file(s) there not checked" if count > 1 else ""),
                          key="image/video", hint="check the URL and that the server is up: the trainer skips "
                          "these samples", kind="media_unreachable")
@@ -585,9 +586,10 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
             hint = f"the path {rel!r} has a space (or tab) at its start or end"
         elif "\\" in rel:
             hint = "write paths with / (this looks like a Windows path)"
-        message = f"media file not found: {full}" if why is None or why == "not found" else (
-            f"media file not found: {full} ({why})" if why.startswith("HTTP") or why.startswith("no answer")
-            or why.startswith("the server") else f"media file {full} is {why}")
+        shown = mask_url(full)  # no URL password / signature in the report
+        message = f"media file not found: {shown}" if why is None or why == "not found" else (
+            f"media file not found: {shown} ({why})" if why.startswith("HTTP") or why.startswith("no answer")
+            or why.startswith("the server") else f"media file {shown} is {why}")
         sink.add(media[rel], "missing_media", "error", message, key="image/video", hint=hint, kind="missing_media")
     return {rel for _, rel, _ in missing}
 

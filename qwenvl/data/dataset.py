@@ -33,6 +33,7 @@ from qwenvl.data.registry import (
 )
 from qwenvl.data.sample import SampleBuilder, VisionBudget
 from qwenvl.data.vision import VisionSpec
+from qwenvl.secrets import mask_urls
 from qwenvl.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _bad(src: DatasetSource, where: str, i: int, exc: Exception, kind: str) -> dict:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = mask_urls(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__  # no URL password
         log.warning("skipped sample %s (%s): %s", src.name, where, reason)
         return {"bad_sample": reason, "kind": str(kind), "dataset": src.name, "where": where, "sample_index": int(i)}
 

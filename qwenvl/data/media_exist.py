@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from qwenvl.data.sample_rules import local_media_problem
+from qwenvl.secrets import mask_urls, url_host, url_without_userinfo
 
 
 def local_listing(folder: str) -> tuple[set[str], set[str]]:
@@ -63,12 +64,19 @@ HTTP_CONCURRENCY = 16
 
 def _http_status(url: str, timeout: float) -> int | BaseException:
     """HTTP status of a HEAD request (a 1-byte GET when HEAD is refused), or the connection error."""
+    import base64
     import urllib.error
     import urllib.request
 
+    try:  # user:password@ is HTTP Basic authentication (as fsspec/aiohttp read the URL), not part of the host
+        bare, auth = url_without_userinfo(url)
+    except ValueError as e:
+        return e
+    auth_header = {} if auth is None else {
+        "Authorization": "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")}
     for method, headers in (("HEAD", {}), ("GET", {"Range": "bytes=0-0"})):
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, method=method, headers=headers),
+            with urllib.request.urlopen(urllib.request.Request(bare, method=method, headers={**headers, **auth_header}),
                                         timeout=timeout) as resp:
                 return int(resp.status)
         except urllib.error.HTTPError as e:
@@ -83,10 +91,12 @@ def _http_status(url: str, timeout: float) -> int | BaseException:
 def check_http(urls: dict[str, str]) -> tuple[list[tuple[str, str, str]], dict[str, tuple[str, str, int]]]:
     """``(missing [(url, rel, why)], unreachable {host: (first url, reason, media on that host)})``.
 
+    ``host`` is ``host[:port]`` without userinfo; the URLs are returned as given (mask them with
+    :func:`qwenvl.secrets.mask_url` before showing them).
+
     One request per URL (a web server has no listing), HTTP_CONCURRENCY at a time; a host that does not
     answer is tried once, its other URLs are not (each would wait for the timeout)."""
     from concurrent.futures import ThreadPoolExecutor
-    from urllib.parse import urlsplit
 
     try:
         timeout = float(os.environ.get("VLSFT_HTTP_TIMEOUT") or HTTP_TIMEOUT_S)
@@ -94,7 +104,7 @@ def check_http(urls: dict[str, str]) -> tuple[list[tuple[str, str, str]], dict[s
         timeout = HTTP_TIMEOUT_S
     by_host: dict[str, list[str]] = {}
     for url in urls:
-        by_host.setdefault(urlsplit(url).netloc, []).append(url)
+        by_host.setdefault(url_host(url), []).append(url)  # host[:port], never the user:password@
     missing: list[tuple[str, str, str]] = []
     unreachable: dict[str, tuple[str, str, int]] = {}
 
@@ -113,8 +123,8 @@ def check_http(urls: dict[str, str]) -> tuple[list[tuple[str, str, str]], dict[s
                                     strict=True):
             if isinstance(got, BaseException):
                 reason = getattr(got, "reason", None) or got
-                unreachable[host] = (url, f"{type(reason).__name__}: {reason}" if not isinstance(reason, str)
-                                     else reason, len(by_host[host]))
+                unreachable[host] = (url, mask_urls(f"{type(reason).__name__}: {reason}" if not isinstance(reason, str)
+                                                    else reason), len(by_host[host]))
                 continue
             judge(url, got)
             rest.extend(by_host[host][1:])

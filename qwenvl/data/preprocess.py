@@ -47,6 +47,7 @@ import numpy as np
 
 from qwenvl.data import sample_rules
 from qwenvl.problems import UserError
+from qwenvl.secrets import mask_urls
 
 IGNORE_INDEX = -100
 SYSTEM_MESSAGE = "You are a helpful assistant."
@@ -78,7 +79,7 @@ class BadSample(UserError, ValueError):
     :data:`BAD_SAMPLE_KINDS`) is the reason class the skip is counted under."""
 
     def __init__(self, message: str = "", kind: str = "bad_conversation"):
-        super().__init__(message)
+        super().__init__(mask_urls(message))  # logged per skipped sample: no URL password / signature
         self.kind = kind
 
     def __reduce__(self):  # keep the kind across processes (DataLoader workers)

@@ -36,6 +36,7 @@ from PIL import Image
 from qwenvl import storage
 from qwenvl.data.preprocess import BadSample
 from qwenvl.data.sample_rules import local_media_problem
+from qwenvl.secrets import mask_url, mask_urls
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ def decode_video(path: str, args) -> DecodedVideo:
             errors.append(f"{name}: not installed ({e})")
         except Exception as e:  # decoders raise assorted types
             errors.append(f"{name}: {type(e).__name__}: {e}")
-            log.debug("video backend %s failed on %s: %s", name, path, e)
+            log.debug("video backend %s failed on %s: %s", name, mask_url(path), mask_urls(str(e)))
     raise MediaError(f"cannot decode video {path} ({'; '.join(errors)})")
 
 
