@@ -40,9 +40,9 @@ from qwenvl.data.annotation_read import (
     oneline,
 )
 from qwenvl.data.media_exist import check_http, check_local
-from qwenvl.secrets import mask_url
 from qwenvl.data.sample_rules import is_path, kind_of, record_problems
 from qwenvl.problems import Problem
+from qwenvl.secrets import mask_url
 
 MAX_PER_KIND = 20  # problems of one kind reported per annotation file (the rest are counted)
 
