@@ -10,7 +10,9 @@ weights, the real Qwen2.5-VL tokenizer (``.cache/qwen25vl-tokenizer``, rebuilt f
 missing) and synthetic images (random sizes, random pixels) go through the project's own sample builder
 and collators (``qwenvl.data``), so padded, flattened and packed batches are exactly what the trainer gets
 (``packed`` = ``DataCollator(mode="packing", model_max_length=--pack-length)`` over the step's samples, as the
-trainer does with ``data.packing: true``).
+trainer does with ``data.packing: true``). The model gets the trainer's speed path
+(:func:`qwenvl.attention.prepare_for_training`: vision attention in one call per layer, frozen vision blocks
+forward-only); ``--stock`` measures transformers' path as loaded, for before/after ratios.
 ``--length-mix realistic``: 64..1280 image tokens per image (random aspect), log-normal text (as
 ``benchmarks/bench_data.py``), 10 % text-only; ``uniform`` (default): the original narrow mix.
 Recipe as the official 3B script: vision tower frozen, merger + language model trained, bf16, gradient
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-pixels", type=int, default=4 * 28 * 28)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--no-grad-ckpt", action="store_true")
+    p.add_argument("--stock", action="store_true",
+                   help="transformers' stock vision attention and a back-propagated frozen tower (before issue 18)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -249,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_grad_ckpt and not a.tiny:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    speed = None
+    if not a.stock:  # the trainer's path: vision attention in one call per layer, frozen blocks forward-only
+        from qwenvl.attention import prepare_for_training
+
+        speed = prepare_for_training(model)
     model.train()
     build_s = time.perf_counter() - t0
     counts = count_parameters(model)
@@ -271,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "peak_source": "--peak-tflops" if a.peak_tflops else ("table" if peak else None),
         "dtype": str(dtype).replace("torch.", ""),
-        "grad_ckpt": not a.no_grad_ckpt and not a.tiny, "build_s": round(build_s, 1), "data_s": round(data_s, 1),
+        "grad_ckpt": not a.no_grad_ckpt and not a.tiny, "speed": speed, "build_s": round(build_s, 1), "data_s": round(data_s, 1),
         "torch": torch.__version__, "peak_tflops": peak / 1e12 if peak else None,
         "mean_tokens_per_sample": round(sum(len(s["input_ids"]) for s in samples) / len(samples), 1)}
     print(json.dumps(header), flush=True)
@@ -282,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                      counts=counts_flops, peak=peak, pack_length=a.pack_length, lora=a.lora)
         results.append(r)
         print(json.dumps(r), flush=True)
+        if a.json:  # after every mode: a run cut by its time box still reports the modes it finished
+            Path(a.json).write_text(json.dumps({"header": header, "results": results}, indent=2))
     print(f"\n{'mode':<8} {'tokens/s/GPU':>13} {'samples/s':>10} {'padding':>8} {'MFU':>7} {'MFU LLM':>8} "
           f"{'peak GiB':>9}")
     for r in results:

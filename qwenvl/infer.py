@@ -236,6 +236,9 @@ def load(folder: str | os.PathLike, *, min_pixels: int | None = None, max_pixels
         from qwenvl.model import load_model
 
         model = load_model(str(folder), dtype=dtype, attn_implementation="sdpa")
+    from qwenvl.attention import install
+
+    install(model)  # the vision tower's attention in one call per layer (the trainer's kernel)
     model.to(dev).eval()
     try:
         processor = AutoProcessor.from_pretrained(str(folder))

@@ -434,8 +434,13 @@ def run(argv: list[str]) -> int:
                                 dropout=training_args.lora_dropout, use_rslora=training_args.lora_use_rslora,
                                 use_dora=training_args.lora_use_dora)
         counts = trainable_counts(model)
+    from qwenvl.attention import prepare_for_training
+
+    speed = prepare_for_training(model)  # vision attention in one call per layer; frozen blocks forward-only
     logger.info("trainable parameters: %s (model_type %s, %s)",
                 ", ".join(f"{k} {v:,}" for k, v in counts.items()), model_type, type(model).__name__)
+    logger.info("speed: vision attention one call per layer %s, forward-only frozen vision blocks %d",
+                speed["vision_attention"], speed["forward_only_vision_blocks"])
     if not any(counts.values()):
         raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
 

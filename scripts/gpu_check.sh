@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-call GPU check of issue 15 (one GPU, <= 8 minutes, no network). Four parts, each writes JSON:
+# The one-call GPU check of issues 15/18 (one GPU, <= 8 minutes, no network). Four time-boxed parts, each writes JSON:
 #   (a) bench.json      benchmarks/gpu_bench.py, Qwen2.5-VL-3B shape (random), bf16, grad ckpt, sdpa, realistic
 #                       length mix: padded vs flatten vs packed; tokens/s/GPU, samples/s, MFU (LLM only, whole), memory
 #   (b) train.json      the real `vlsft train` path, ~20 steps, deepspeed none, bf16, packing, 1 rank, on the 3B
@@ -29,13 +29,17 @@ LOG=$OUTDIR/gpu_check.log
 : >"$LOG"
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 run() { "$@" 2>&1 | tee -a "$LOG"; return "${PIPESTATUS[0]}"; }
+# each part has a hard time box (seconds; GPU_CHECK_BOX_A..D override): a cut part still leaves the JSON it wrote
+# so far (the bench writes its file after every mode), and the parts after it still run. Sum: 7 min + env/summary.
+BOX_A=${GPU_CHECK_BOX_A:-150}; BOX_B=${GPU_CHECK_BOX_B:-150}; BOX_C=${GPU_CHECK_BOX_C:-60}; BOX_D=${GPU_CHECK_BOX_D:-60}
+boxed() { local secs=$1; shift; timeout --kill-after=10 "$secs" "$@"; }
 
 if [[ -n "${GPU_CHECK_TINY:-}" ]]; then
   BENCH=(--tiny --steps 2 --warmup 1 --samples 8 --batch 4 --pack-length 256 --peak-tflops 1)
   MODEL=(--tiny); DATA=(--tiny --n 12); CFG=(--tiny --steps 2 --batch 4 --logging-steps 1 --pack-length 512)
   EQUIV=(--cpu --n 6 --pack-length 256 --max-pixels 12544); EXPECT=()
 else
-  BENCH=(--steps 20 --warmup 3 --samples 64 --batch 8 --pack-length 8192)
+  BENCH=(--steps 8 --warmup 2 --samples 64 --batch 8 --pack-length 8192)
   MODEL=(--3b); DATA=(--n 160); CFG=(--steps 20 --batch 8 --logging-steps 5 --pack-length 8192)
   EQUIV=(--n 8 --pack-length 8192); EXPECT=(--expect-cuda)
 fi
@@ -67,15 +71,15 @@ print(json.dumps(env))
 EOF
 
 say "(a) bench padded/flatten/packed"
-run "$PY" benchmarks/gpu_bench.py "${BENCH[@]}" --modes padded,flatten,packed --length-mix realistic \
-  --json "$OUTDIR/bench.json" || say "(a) FAILED"
+run boxed "$BOX_A" "$PY" benchmarks/gpu_bench.py "${BENCH[@]}" --modes packed,padded,flatten --length-mix realistic \
+  --json "$OUTDIR/bench.json" || say "(a) FAILED or cut at ${BOX_A}s"
 
 say "(b) vlsft train: data, model, run"
 run "$PY" benchmarks/gpu_check.py data "$WORK/data" "${DATA[@]}" &&
   run "$PY" benchmarks/gpu_check.py model "$WORK/model" "${MODEL[@]}" &&
   run "$PY" benchmarks/gpu_check.py config "$WORK/run.yaml" --model "$WORK/model" --data "$WORK/data" \
     --out "$WORK/run" "${CFG[@]}" || say "(b) setup FAILED"
-"$PY" -m vlsft train --config "$WORK/run.yaml" >"$WORK/train.log" 2>&1
+boxed "$BOX_B" "$PY" -m vlsft train --config "$WORK/run.yaml" >"$WORK/train.log" 2>&1
 rc=$?
 cat "$WORK/train.log" >>"$LOG"
 tail -n 5 "$WORK/train.log"
@@ -84,11 +88,11 @@ run "$PY" benchmarks/gpu_check.py train-summary "$WORK/run" "$WORK/train.log" --
   "${EXPECT[@]}" || say "(b) FAILED"
 
 say "(c) packed vs one by one, bf16"
-run "$PY" benchmarks/gpu_check.py equiv --model "$WORK/model" --data "$WORK/data" --json "$OUTDIR/equiv.json" \
+run boxed "$BOX_C" "$PY" benchmarks/gpu_check.py equiv --model "$WORK/model" --data "$WORK/data" --json "$OUTDIR/equiv.json" \
   "${EQUIV[@]}" || say "(c) FAILED"
 
 say "(d) bench with LoRA on the language model"
-run "$PY" benchmarks/gpu_bench.py "${BENCH[@]}" --modes packed --length-mix realistic --lora \
+run boxed "$BOX_D" "$PY" benchmarks/gpu_bench.py "${BENCH[@]}" --modes packed --length-mix realistic --lora \
   --json "$OUTDIR/bench_lora.json" || say "(d) FAILED"
 
 say "summary"
