@@ -166,9 +166,10 @@ def _type_name(node: JNode) -> str:
 
 
 class _Loader:
-    def __init__(self, path: str, check_files: bool):
+    def __init__(self, path: str, check_files: bool, base_dir: str | None = None):
         self.path = str(path)
         self.check_files = check_files
+        self.given_base = base_dir
         self.result = DatasetDictionary(path=self.path)
         self.current: str | None = None
 
@@ -261,6 +262,8 @@ class _Loader:
         return res
 
     def _base_dir(self) -> str:
+        if self.given_base is not None:  # a copy saved elsewhere resolves as its original did
+            return self.given_base if storage.is_url(self.given_base) else os.path.abspath(self.given_base)
         if storage.is_url(self.path):
             return posixpath.dirname(self.path)
         return os.path.dirname(os.path.abspath(self.path))
@@ -743,14 +746,18 @@ def _as_number(text: str, percent_ok: bool = False) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def load_dictionary(path: str | os.PathLike, *, check_files: bool = True) -> DatasetDictionary:
+def load_dictionary(path: str | os.PathLike, *, check_files: bool = True,
+                    base_dir: str | os.PathLike | None = None) -> DatasetDictionary:
     """Load and check a dataset dictionary. Never raises for user errors; see ``.problems`` / ``.ok``.
+
+    Relative paths resolve against the file's folder, or ``base_dir`` when given (a run's saved copy of a
+    dictionary resolves against its original's folder, see ``vlsft predict``).
 
     With ``check_files`` each annotation file is opened: existence, format, record count against
     ``length``, and whether samples reference media without a ``data_path``. Per-sample checks are
     :func:`qwenvl.data.annotations.scan` (``vlsft datasets check --deep``).
     """
-    loader = _Loader(str(path), check_files)
+    loader = _Loader(str(path), check_files, None if base_dir is None else str(base_dir))
     res = loader.load()
     res.problems.sort(key=lambda p: (p.file != res.path, p.file or "", p.line or 0, p.column or 0))
     return res

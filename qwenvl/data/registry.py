@@ -105,8 +105,9 @@ def sample_indices(n: int, percent: float, seed: int, name: str) -> tuple[np.nda
     return idx, whole, k
 
 
-def resolve_sources(dataset_use: str, dataset_dict: str | None) -> list[DatasetSource]:
-    """Parse ``dataset_use`` against the dictionary file. Raises :class:`RegistryError`.
+def resolve_sources(dataset_use: str, dataset_dict: str | None, base_dir: str | None = None) -> list[DatasetSource]:
+    """Parse ``dataset_use`` against the dictionary file (relative paths against ``base_dir`` when given, else
+    the file's folder). Raises :class:`RegistryError`.
 
     The selection is resolved by :func:`qwenvl.data.dataset_use.resolve_selection` (the resolver the launch plan
     uses too) with ``duplicates="separate"``: ``a,a`` is two entries, each drawn on its own (see :func:`build_index`).
@@ -116,7 +117,7 @@ def resolve_sources(dataset_use: str, dataset_dict: str | None) -> list[DatasetS
                             "data_path, annotation_path, ...)")
     from qwenvl.data.dictionary import load_dictionary
 
-    d = load_dictionary(dataset_dict, check_files=False)
+    d = load_dictionary(dataset_dict, check_files=False, base_dir=base_dir)
     errors = [p for p in d.problems if getattr(p, "severity", "error") == "error"]
     if errors:
         raise RegistryError("\n".join(p.render() for p in errors))

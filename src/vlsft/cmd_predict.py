@@ -120,6 +120,62 @@ def _dictionary_of(model_dir: Path) -> Path | None:
     return None
 
 
+def _original_bases(saved: Path) -> list[str]:
+    """Folders the relative paths of a run's saved dictionary copy (``<run>/vlsft/Dataset-Dictionary.json``) may
+    start at, best first: the original dictionary's folder (``data.dictionary`` in the run's ``run.yaml``, absolute),
+    then the same place relative to the run (the original and the run moved together). Empty when the run does not
+    record its dictionary (the copy's own folder is all there is)."""
+    import posixpath
+
+    import yaml
+
+    from qwenvl import storage
+
+    run = saved.parent.parent
+    try:
+        cfg = yaml.safe_load((saved.parent / "run.yaml").read_text(encoding="utf-8"))
+        original = str(cfg["data"]["dictionary"])
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return []
+    if storage.is_url(original):
+        return [posixpath.dirname(original)]
+    folder = os.path.dirname(os.path.abspath(original))
+    bases = [folder]
+    out_dir = (cfg.get("output") or {}).get("dir") if isinstance(cfg.get("output"), dict) else None
+    if isinstance(out_dir, str) and out_dir and not storage.is_url(out_dir):
+        moved = os.path.normpath(os.path.join(str(run.absolute()), os.path.relpath(folder, os.path.abspath(out_dir))))
+        if moved != folder:
+            bases.append(moved)
+    return bases
+
+
+def _sources(dataset: str, dict_path: Path, saved: bool):
+    """The selected dataset's source, its store loaded. A run's saved copy resolves its relative paths as the
+    original did (:func:`_original_bases`: the first base whose annotation file exists)."""
+    from qwenvl import storage
+    from qwenvl.data.registry import build_index, resolve_sources
+    from qwenvl.problems import UserError
+
+    bases: list[str | None] = [*(_original_bases(dict_path) if saved else []), None]
+    sources = resolve_sources(dataset, str(dict_path), base_dir=bases[0])
+    for base in bases[1:]:
+        ann = sources[0].annotation_path
+        if storage.is_url(ann) or os.path.exists(ann):
+            break
+        found = resolve_sources(dataset, str(dict_path), base_dir=base)
+        if storage.is_url(found[0].annotation_path) or os.path.exists(found[0].annotation_path):
+            sources = found
+            break
+    try:
+        build_index(sources, 0)  # loads the store and settles the format
+    except OSError as exc:
+        where = f" (the copy saved with the run, {dict_path})" if saved else f" ({dict_path})"
+        raise UserError(f"cannot read the annotations of dataset '{dataset}' at {sources[0].annotation_path}"
+                        f"{where}: {getattr(exc, 'strerror', None) or exc}; pass --dictionary PATH naming where the "
+                        "data is now") from None
+    return sources
+
+
 def _items(src, data_path: str | None, ground=None):
     """(index, where, prompt text, images, videos, reference) for every usable record of ``src``."""
     from qwenvl import storage
@@ -182,7 +238,8 @@ def predict_cmd(
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name of the dictionary."),
     out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write (one row per sample)."),
     dictionary: Path = typer.Option(None, "--dictionary", help="Dataset dictionary JSON (default: the one saved "
-                                    "with the run, <run>/vlsft/Dataset-Dictionary.json)."),
+                                    "with the run, <run>/vlsft/Dataset-Dictionary.json, its relative paths "
+                                    "resolved against the original dictionary's folder)."),
     resume: bool = typer.Option(False, "--resume", help="Append only the samples --out does not hold yet."),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Samples per generate call."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Most tokens per answer."),
@@ -206,10 +263,7 @@ def predict_cmd(
         cut, note = None, None
         if out.exists():  # before anything else: a file that is not ours is refused untouched
             done, cut, note = _read_resume(out)
-        from qwenvl.data.registry import build_index, resolve_sources
-
-        sources = resolve_sources(dataset, str(dict_path))
-        build_index(sources, 0)  # loads the store and settles the format
+        sources = _sources(dataset, dict_path, saved=dictionary is None)
         src = sources[0]
         from qwenvl.data.grounding import PredictGrounding
 
