@@ -11,20 +11,35 @@
   on CPU), saved in the standard Hugging Face layout with the processor and chat template:
   ``AutoModelForImageTextToText`` + ``AutoProcessor`` load it without PEFT.
 
-``--out`` must be new or empty (never overwritten); the export is written into a temporary folder beside it and
-renamed into place, so a failed export leaves nothing half-written.
+Before anything is written the source must be whole (:func:`source_problem`: the rule of
+:func:`qwenvl.runpolicy.adapter_problem` that makes a LoRA checkpoint complete, plus the tokenizer and processor
+an export carries); else one line names the missing piece. ``--out`` must be new or empty (never overwritten); the
+export is written into a hidden temporary folder beside it and renamed into place, so a failed export leaves
+nothing half-written: the folder is removed on every error and on SIGINT / SIGTERM / SIGHUP
+(:class:`ExportInterrupted`), and one left by a killed export (``kill -9``) is removed by the next export to the
+same ``--out``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from qwenvl.lora import PARTS_FILE
 from qwenvl.problems import UserError
-from qwenvl.runpolicy import ADAPTER_CONFIG, LORA_MANIFEST, checkpoint_problem, is_lora_folder, list_checkpoints
+from qwenvl.runpolicy import (
+    ADAPTER_CONFIG,
+    LORA_MANIFEST,
+    adapter_problem,
+    checkpoint_problem,
+    is_lora_folder,
+    list_checkpoints,
+)
 
 EXPORT_MANIFEST = "vlsft-export.json"
 # training state that an export does not carry
@@ -32,23 +47,67 @@ _SKIP = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bi
          "zero_to_torch.py", "README.md")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+_TMP_MARK = ".vlsft-export-"
+
+
 class ExportError(UserError):
     """An export that cannot be made (one line)."""
 
 
+class ExportInterrupted(BaseException):
+    """A stop signal (SIGINT / SIGTERM / SIGHUP) arrived during the export; the temporary folder is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def source_problem(src: Path) -> str | None:
+    """Why the LoRA folder ``src`` cannot be exported (one phrase naming the missing piece), or None.
+
+    The rule that makes a LoRA checkpoint complete, :func:`qwenvl.runpolicy.adapter_problem` (adapter config,
+    whole adapter weights, ``vlsft-lora.json`` readable and every file it lists whole), plus what an export needs
+    besides: the fully-trained parts the manifest names (``trained_in_full``), a tokenizer and processor settings."""
+    problem = adapter_problem(src)
+    if problem:
+        return problem
+    manifest = json.loads((src / LORA_MANIFEST).read_text(encoding="utf-8"))  # adapter_problem parsed it: a dict
+    full = manifest.get("trained_in_full") or []
+    if full and PARTS_FILE not in manifest.get("files", []):
+        return (f"{LORA_MANIFEST} names parts trained in full ({', '.join(map(str, full))}) but lists no "
+                f"{PARTS_FILE}")
+    if not any((src / f).is_file() for f in TOKENIZER_FILES):
+        return f"no tokenizer ({' / '.join(TOKENIZER_FILES)})"
+    if not any((src / f).is_file() for f in PROCESSOR_FILES):
+        return f"no processor settings ({' / '.join(PROCESSOR_FILES)})"
+    return None
+
+
 def resolve_source(path: str | os.PathLike) -> Path:
-    """The LoRA folder to export from ``path`` (a run dir or a checkpoint), or :class:`ExportError`."""
+    """The LoRA folder to export from ``path`` (a run dir or a checkpoint), or :class:`ExportError`; the folder
+    is whole (:func:`source_problem`)."""
     p = Path(path)
     if not p.is_dir():
         raise ExportError(f"{p} is not a folder: give a LoRA run's output dir or one of its checkpoint-N folders")
-    if is_lora_folder(p) and (p / LORA_MANIFEST).is_file():
-        return p
     if is_lora_folder(p):
-        raise ExportError(f"{p} is incomplete (no {LORA_MANIFEST}: the save did not finish); export an earlier "
-                          "checkpoint")
+        problem = source_problem(p)
+        if problem:
+            raise ExportError(f"cannot export {p}: it is incomplete ({problem}); export a complete checkpoint-N "
+                              "folder of the run instead (nothing was written)")
+        return p
+    newest = None
     for _step, cp in reversed(list_checkpoints(p)):
-        if is_lora_folder(cp) and checkpoint_problem(cp) is None:
+        if not is_lora_folder(cp):
+            continue
+        problem = checkpoint_problem(cp) or source_problem(cp)
+        if problem is None:
             return cp
+        newest = newest or (cp, problem)
+    if newest is not None:
+        raise ExportError(f"cannot export {p}: no complete LoRA checkpoint (the newest, {newest[0].name}: "
+                          f"{newest[1]}); export a complete checkpoint-N folder (nothing was written)")
     if (p / "config.json").is_file():
         raise ExportError(f"{p} holds a full model, not a LoRA adapter: it already loads with "
                           "AutoModelForImageTextToText (nothing to export)")
@@ -82,32 +141,87 @@ def _pixel_limits(folder: Path) -> dict:
     return {}
 
 
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGINT / SIGTERM / SIGHUP raise :class:`ExportInterrupted` (once; repeats are ignored so that the cleanup
+    finishes), so that ``finally`` blocks run; the previous handlers come back afterwards."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+
+    def handler(signum, _frame) -> None:
+        if got:
+            return
+        got.append(signum)
+        raise ExportInterrupted(signum)
+
+    previous = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            with contextlib.suppress(OSError, ValueError):
+                previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                signal.signal(sig, old)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temporary folders of earlier exports to ``out`` whose process is gone (killed with SIGKILL)."""
+    for p in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
+        pid = p.name.rpartition("-")[2]
+        if not pid.isdigit() or not p.is_dir() or p.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:  # another user's live process
+            pass
+
+
 def export(source: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False, base: str | None = None,
            say: Callable[[str], None] = lambda _m: None) -> Path:
-    """Write the export (see the module docstring); returns ``out``."""
+    """Write the export (see the module docstring); returns ``out``. :class:`ExportError` before anything is
+    written when the source is not whole; :class:`ExportInterrupted` on a stop signal (nothing is left behind)."""
     src = resolve_source(source)
     out = Path(out).absolute()
     _check_out(out)
     base_dir = _base_of(src, base)
-    tmp = out.parent / f".{out.name}.vlsft-export-{os.getpid()}"
+    tmp = out.parent / f".{out.name}{_TMP_MARK}{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        if merge:
-            _merge(src, base_dir, tmp, say)
-        else:
-            _copy_adapter(src, base_dir, tmp, say)
-        manifest = {"source": str(src.resolve()), "base_model": str(base_dir), "merged": merge,
-                    **_pixel_limits(src), "lora": json.loads((src / LORA_MANIFEST).read_text(encoding="utf-8"))}
-        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _check_out(out)
-        if out.is_dir():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
+    _remove_stale_temps(out)
+    with _signals_raise():
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            _write(src, base_dir, tmp, out, merge, say)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write(src: Path, base_dir: Path, tmp: Path, out: Path, merge: bool, say) -> None:
+    """The export into ``tmp``, then ``tmp`` renamed to ``out``."""
+    if merge:
+        _merge(src, base_dir, tmp, say)
+    else:
+        _copy_adapter(src, base_dir, tmp, say)
+    manifest = {"source": str(src.resolve()), "base_model": str(base_dir), "merged": merge,
+                **_pixel_limits(src), "lora": json.loads((src / LORA_MANIFEST).read_text(encoding="utf-8"))}
+    (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    _check_out(out)
+    if out.is_dir():
+        out.rmdir()
+    tmp.rename(out)
+
+
 
 
 def _copy_adapter(src: Path, base_dir: Path, dst: Path, say) -> None:

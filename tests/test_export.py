@@ -108,3 +108,76 @@ def test_export_refuses_a_non_empty_out_and_a_non_lora_folder(checkpoint, tmp_pa
     errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
     assert p.returncode == 2 and len(errors) == 1 and "full model, not a LoRA adapter" in errors[0]
     assert not (tmp_path / "x").exists()
+
+
+# ---- a source that is not whole is refused before anything is written (Trust, round 3) ---------------------------
+def _broken(checkpoint, tmp_path, name: str, how: str) -> Path:
+    d = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(checkpoint["dir"], d)
+    f = d / name
+    if how == "delete":
+        f.unlink()
+    else:  # truncate: a save cut short
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+    return d
+
+
+@pytest.mark.parametrize("name, how, merge, says", [
+    ("adapter_model.safetensors", "delete", False, "no adapter weights (adapter_model.safetensors)"),
+    ("adapter_model.safetensors", "truncate", True, "adapter_model.safetensors"),
+    ("trained_parts.safetensors", "delete", True, "vlsft-lora.json lists trained_parts.safetensors, which is missing"),
+    ("trained_parts.safetensors", "truncate", False, "trained_parts.safetensors"),
+    ("vlsft-lora.json", "truncate", True, "vlsft-lora.json is truncated or not JSON"),
+    ("vlsft-lora.json", "delete", False, "no vlsft-lora.json"),
+    ("adapter_config.json", "truncate", False, "adapter_config.json is truncated or not JSON"),
+    ("preprocessor_config.json", "delete", True, "no processor settings"),
+])
+def test_export_refuses_a_source_that_is_not_whole(checkpoint, tmp_path, name, how, merge, says):
+    d = _broken(checkpoint, tmp_path, name, how)
+    out = tmp_path / "out"
+    for source in (d, d.parent):  # the checkpoint itself, and the run whose newest checkpoint it is
+        p = export(str(source), "--out", str(out), *(["--merge"] if merge else []))
+        errors = [x for x in p.stderr.splitlines() if x.strip()]
+        assert p.returncode == 2 and "Traceback" not in p.stderr and "exported" not in p.stdout, p.stderr[-3000:]
+        assert len(errors) == 1 and errors[0].startswith("error: cannot export ") and says in errors[0], errors
+        assert not out.exists() and not list(tmp_path.glob(".out*")), list(tmp_path.iterdir())
+
+
+def test_export_refuses_a_source_without_a_tokenizer(checkpoint, tmp_path):
+    d = _broken(checkpoint, tmp_path, "tokenizer.json", "delete")
+    (d / "tokenizer_config.json").unlink()
+    p = export(str(d), "--out", str(tmp_path / "out"))
+    assert p.returncode == 2 and "no tokenizer" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_interrupted_merge_leaves_no_temporary_folder(checkpoint, tmp_path, sig):
+    import signal
+    import time
+
+    out = tmp_path / "merged"
+    proc = subprocess.Popen([VLSFT, "export", str(checkpoint["dir"]), "--out", str(out), "--merge"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".merged.vlsft-export-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the export ended before it could be interrupted"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    num = int(getattr(signal, sig))
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert proc.returncode == 128 + num and "Traceback" not in err, err[-3000:]
+    assert len(errors) == 1 and f"export interrupted by {sig}" in errors[0], err[-3000:]
+    assert not out.exists() and list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_a_killed_exports_temporary_folder_is_removed_by_the_next(checkpoint, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".adapter.vlsft-export-{int(dead.stdout)}"  # left by a `kill -9`ed export
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"half")
+    p = export(str(checkpoint["dir"]), "--out", str(tmp_path / "adapter"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["adapter"]

@@ -7,7 +7,9 @@ Without ``--merge``: the adapter (PEFT layout) with the fully-trained parts, tok
 chat template and the base model's path (``qwenvl.export.load_adapter_export`` loads it). With ``--merge``: the
 base model with adapters and trained parts merged in, in the standard Hugging Face layout
 (``AutoModelForImageTextToText`` + ``AutoProcessor``). Runs on CPU; never overwrites: ``--out`` must be new or
-empty. Exit 0 done, 2 for bad input (one ``error:`` line). See :mod:`qwenvl.export`.
+empty. Exit 0 done, 2 for bad input (one ``error:`` line: a source that is not whole names the missing piece,
+before anything is written), 128 + N when stopped by signal N (the temporary folder removed). See
+:mod:`qwenvl.export`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def export_cmd(
     from vlsft.render import fail, stderr
 
     console = stderr()
+    from qwenvl.export import ExportInterrupted
+
     try:
         from qwenvl.export import export
 
@@ -41,5 +45,10 @@ def export_cmd(
             done = export(source, out, merge=merge, base=base, say=lambda m: status.update(m) or console.log(m))
     except UserError as exc:
         fail(exc)
+    except ExportInterrupted as exc:  # the temporary folder is already removed
+        import signal
+
+        fail(f"export interrupted by {signal.Signals(exc.signum).name}: nothing was written to {out}; run it "
+             "again to export", code=128 + exc.signum)
     what = "merged model" if merge else "adapter"
     typer.echo(f"exported the {what} to {done}")
