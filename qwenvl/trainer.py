@@ -1,7 +1,8 @@
 """``QwenVLTrainer``: ``transformers.Trainer`` with vlsft's optimizer groups, throughput logging and exports.
 
-* Loss: token mean over the whole optimizer step (:func:`token_mean_loss`), independent of how the
-  step is split into per-device batches, accumulation steps and ranks.
+* Loss: token mean over the whole optimizer step (:func:`qwenvl.loss.token_mean_loss`), independent of how the
+  step is split into per-device batches, accumulation steps and ranks; computed by the chunked head of
+  :mod:`qwenvl.loss` (no ``[tokens x vocabulary]`` logits) when the head is a plain linear layer.
 * Optimizer: :func:`qwenvl.model.parameter_groups` (merger / vision / llm learning rates, no weight
   decay on biases and norms), the optimizer class from ``--optim`` as usual.
 * Per logging step, on top of HF's loss / grad_norm / learning_rate: ``lr/<group>`` for every group,
@@ -35,6 +36,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -45,9 +47,13 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from qwenvl import loss as qloss
 from qwenvl import mfu
 from qwenvl.data.collate import BadSampleLimitExceeded, BadSampleMonitor, describe_kinds, pop_batch_stats
+from qwenvl.loss import token_mean_loss
 from qwenvl.model import parameter_groups
+
+__all__ = ["QwenVLTrainer", "dataset_loss_sums", "token_mean_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,22 +92,18 @@ def _segments(inputs: dict) -> list[torch.Tensor]:
     return out
 
 
-def token_mean_loss(outputs, labels, num_items_in_batch=None):
-    """Causal-LM loss summed over tokens / trained tokens of the whole optimizer step (all micro-batches, all
-    ranks: HF's ``num_items_in_batch``), so per-device batch x accumulation x ranks splits give the same
-    update. (Qwen2-VL/2.5-VL set ``accepts_loss_kwargs = False``, which would average per micro-batch means.)"""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
-
-
 class QwenVLTrainer(Trainer):
     def __init__(self, *args, image_token_id: int | None = None, video_token_id: int | None = None,
                  data_report: dict | None = None, bad_sample_monitor=None, dataset_names: list[str] | None = None,
                  **kwargs):
-        kwargs.setdefault("compute_loss_func", token_mean_loss)
+        model = kwargs.get("model") if kwargs.get("model") is not None else (args[0] if args else None)
+        text_cfg = getattr(getattr(model, "config", None), "text_config", None)
+        aux_coef = float(getattr(text_cfg, "router_aux_loss_coef", 0.0) or 0.0) \
+            if getattr(text_cfg, "output_router_logits", False) else 0.0
+        # the MoE router loss as the model adds it when it computes the loss itself (labels are popped here)
+        kwargs.setdefault("compute_loss_func", functools.partial(token_mean_loss, aux_coef=aux_coef))
         super().__init__(*args, **kwargs)
+        self._chunked_loss = qloss.install(self.model)  # no [tokens x vocabulary] logits (qwenvl.loss)
         self._dataset_names = list(dataset_names or [])
         self._ds_win = torch.zeros(2 * len(self._dataset_names), dtype=torch.float64)  # loss sums, then tokens
         self._eval_acc = torch.zeros_like(self._ds_win)
@@ -181,15 +183,19 @@ class QwenVLTrainer(Trainer):
             if stats.get("skipped"):
                 self._write_skips([{**r, "phase": "eval"} for r in stats["skipped"]])
         split = token_datasets is not None and len(self._dataset_names) > 0 and int(stats.get("num_samples", 1)) > 0
-        labels = inputs.get("labels") if split else None
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs or split,
-                                      num_items_in_batch=num_items_in_batch)
-        if split:
-            loss, outputs = result
-            if labels is not None:
-                acc = self._ds_win if model.training else self._eval_acc
-                acc += dataset_loss_sums(outputs, labels, token_datasets, len(self._dataset_names))
-            result = (loss, outputs) if return_outputs else loss
+        labels = inputs.get("labels")
+        with qloss.armed(labels if self._chunked_loss else None):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs or split,
+                                          num_items_in_batch=num_items_in_batch)
+            if split:
+                loss, outputs = result
+                if labels is not None:
+                    acc = self._ds_win if model.training else self._eval_acc
+                    tokens = qloss.per_token(outputs)
+                    acc += (dataset_loss_sums_of_tokens(*tokens, token_datasets, len(self._dataset_names))
+                            if tokens is not None else
+                            dataset_loss_sums(outputs, labels, token_datasets, len(self._dataset_names)))
+                result = (loss, outputs) if return_outputs else loss
         n = stats.get("num_samples")
         if n is not None and int(n) == 0:
             # an all-dummy batch (every sample of this micro-batch was skipped): it still runs forward and
@@ -379,6 +385,22 @@ def dataset_loss_sums(outputs, labels: torch.Tensor, token_datasets: torch.Tenso
             d = flat_ds[s:s + chunk].cpu()
             out[:k].index_add_(0, d, ce)
             out[k:].index_add_(0, d, torch.ones_like(ce))
+    return out
+
+
+def dataset_loss_sums_of_tokens(losses: torch.Tensor, positions: torch.Tensor, token_datasets: torch.Tensor,
+                                k: int) -> torch.Tensor:
+    """:func:`dataset_loss_sums` from the per-token losses of :mod:`qwenvl.loss` (``positions`` index the
+    batch's flattened positions; the token at position t is trained on the label at t+1)."""
+    out = torch.zeros(2 * k, dtype=torch.float64)
+    with torch.no_grad():
+        ds = torch.full_like(token_datasets, -1)
+        ds[..., :-1] = token_datasets[..., 1:]
+        d = ds.reshape(-1).to(positions.device).index_select(0, positions).cpu()
+        ce = losses.detach().double().cpu()
+        keep = d >= 0
+        out[:k].index_add_(0, d[keep], ce[keep])
+        out[k:].index_add_(0, d[keep], torch.ones_like(ce[keep]))
     return out
 
 
