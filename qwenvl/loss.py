@@ -92,8 +92,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             p *= grad[s:s + rows, None].float()
             if need_h:
                 grad_h[s:s + rows] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w += p.t() @ h.float()
+            if need_w:  # the matmul in the head's dtype (fp32 accumulation inside), chunks summed in fp32
+                grad_w += (p.to(weight.dtype).t() @ h.to(weight.dtype)).float()
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
 
 

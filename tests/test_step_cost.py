@@ -107,3 +107,39 @@ def test_step_cost_bounds_and_exactness(step_cost, qwen_tokenizer_dir, n_images)
     stock_fwd = stock["attention_calls"]["vision_forward"] + stock["attention_calls"]["llm_forward"]
     assert stock_fwd > total_fwd and stock["aten_ops"] > fast["aten_ops"]
     assert fast["host_syncs"] < stock["host_syncs"]
+
+
+def test_bf16_step_runs_no_matmul_in_fp32(qwen_tokenizer_dir):
+    """A bf16 training step (the trainer's speed path, chunked loss head) runs every matmul and attention in bf16:
+    the fp32 work left is element-wise (norms, softmax statistics, the loss)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qwenvl import loss as qloss
+
+    MATMULS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution")
+
+    class Fp32Matmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen, self.fp32 = 0, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            base = func.__name__.split(".")[0]
+            if base in MATMULS or "scaled_dot_product" in base:
+                self.seen += 1
+                operands = args[:4] if "scaled_dot_product" in base else args  # not the fp32 logsumexp
+                dtypes = {a.dtype for a in operands if torch.is_tensor(a) and a.is_floating_point()}
+                if torch.float32 in dtypes:
+                    self.fp32.append(base)
+            return func(*args, **(kwargs or {}))
+
+    model = _model(True).to(torch.bfloat16)
+    assert qloss.install(model)
+    batch = _batch(qwen_tokenizer_dir, 3)
+    batch = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v)
+             for k, v in batch.items()}
+    labels = batch.pop("labels")
+    with Fp32Matmuls() as m, qloss.armed(labels):
+        loss = qloss.token_mean_loss(model(**batch), labels)
+        loss.backward()
+    assert m.seen > 50 and m.fp32 == [], sorted(set(m.fp32))
