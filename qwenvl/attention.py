@@ -24,6 +24,11 @@ model is loaded):
   windows and one for the full layers per forward) and reused by every layer: no host sync per layer.
   When ``flash_attention_2`` (flash-attn) is requested the model is left as it is: transformers then already runs
   its variable-length kernel.
+* **The language model with packing** (:func:`install_text`, sdpa-loaded models): packed and flattened rows carry
+  the collator's ``cu_seq_lens_q`` over the flattened rows; on CUDA in bf16/fp16 with ``varlen_attn`` they run as
+  one causal variable-length call per layer instead of sdpa over a tokens x tokens block-diagonal mask (which
+  computes every cross-sample block and forces the masked kernel). Everything else - CPU, fp32, padded batches -
+  is transformers' own sdpa function, unchanged; masks are built as for sdpa.
 * **Frozen vision blocks cost a forward only** (:func:`forward_only_frozen_blocks`): the leading vision blocks that
   hold no trainable parameter (``tune_mm_vision: false`` and no LoRA adapter in them) run under ``torch.no_grad``,
   bypassing activation checkpointing: no recompute and no backward through them (``enable_input_require_grads``
@@ -42,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 #: the name registered in transformers' AttentionInterface ("flash" in it selects the variable-length branch)
 VISION_ATTENTION = "vlsft_flash_varlen_vision"
+#: the language model's (sdpa everywhere except packed rows on CUDA: one causal variable-length kernel)
+TEXT_ATTENTION = "vlsft_varlen_text"
 #: attention implementations we replace in the vision tower (flash-attn's own are left alone)
 REPLACED = (None, "sdpa", "eager")
 
@@ -61,7 +68,7 @@ class _Plan:
 
 _PLANS: dict[int, tuple[object, _Plan]] = {}  # id(cu_seqlens) -> (the tensor, kept alive; its plan)
 _MAX_PLANS = 8
-_COUNTS = {"calls": 0, "plans": 0}
+_COUNTS = {"calls": 0, "plans": 0, "text_varlen": 0}
 
 
 def stats() -> dict[str, int]:
@@ -70,7 +77,8 @@ def stats() -> dict[str, int]:
 
 
 def reset_stats() -> None:
-    _COUNTS.update(calls=0, plans=0)
+    _COUNTS.clear()
+    _COUNTS.update(calls=0, plans=0, text_varlen=0)
     _PLANS.clear()
 
 
@@ -168,6 +176,49 @@ def padded_sdpa(q, k, v, cu_seqlens, scaling: float):
     return out if plan.order is None else out.index_select(0, plan.order)
 
 
+def _varlen_kwargs(scale: float, head_dim: int, *, causal: bool) -> dict | None:
+    """Keyword arguments for the installed torch's ``varlen_attn`` (its signature moved between releases: causality
+    as ``is_causal`` or ``window_size=(-1, 0)``), or None when it cannot express this call."""
+    import inspect
+
+    fn = _torch_varlen()
+    if fn is None:
+        return None
+    params = inspect.signature(fn).parameters
+    kw: dict = {}
+    if causal:
+        if "is_causal" in params:
+            kw["is_causal"] = True
+        elif "window_size" in params:
+            kw["window_size"] = (-1, 0)
+        else:
+            return None
+    if "scale" in params:
+        kw["scale"] = scale
+    elif abs(scale - head_dim ** -0.5) > 1e-12:
+        return None
+    if "enable_gqa" in params:
+        kw["enable_gqa"] = True
+    return kw
+
+
+def _repeat_heads(t, n_heads: int):
+    """``[T, H_kv, D]`` -> ``[T, n_heads, D]`` (grouped-query attention for a kernel without ``enable_gqa``)."""
+    return t if t.shape[1] == n_heads else t.repeat_interleave(n_heads // t.shape[1], dim=1)
+
+
+def varlen(q, k, v, cu_seqlens, max_len: int, scale: float, *, causal: bool):
+    """``varlen_attn`` over ``[T, H, D]`` tensors split by ``cu_seqlens`` (int32), or None where the installed
+    torch cannot run it."""
+    kw = _varlen_kwargs(scale, q.shape[-1], causal=causal)
+    if kw is None:
+        return None
+    if "enable_gqa" not in kw:
+        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
+    cu = cu_seqlens.to(device=q.device, dtype=__import__("torch").int32)
+    return _torch_varlen()(q, k, v, cu, cu, int(max_len), int(max_len), **kw)
+
+
 def vision_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, *,
                      cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
     """transformers attention-interface function for the vision tower (inputs ``[1, H, S, D]``, returns
@@ -177,23 +228,68 @@ def vision_attention(module, query, key, value, attention_mask=None, scaling=Non
     _COUNTS["calls"] += 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [S, H, D]
+    out = None
     if route(q) == "varlen":
-        varlen_attn = _torch_varlen()
-        cu = cu_seq_lens_q.to(dtype=__import__("torch").int32)
-        m = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
-        out = varlen_attn(q, k, v, cu, cu, m, m, scale=scale)
-    else:
+        m = max_length_q if max_length_q is not None else int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+        out = varlen(q, k, v, cu_seq_lens_q, m, scale, causal=False)
+    if out is None:
         out = padded_sdpa(q, k, v, cu_seq_lens_q, scale)
     return out.unsqueeze(0), None
 
 
+def text_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The language model's attention: packed / flattened rows (the collator's ``cu_seq_lens_q`` over the
+    flattened rows) run as one causal variable-length kernel on CUDA where torch has one - no tokens x tokens
+    mask; everything else (CPU, padded batches, fp32, dropout) is transformers' sdpa path unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    b, h, n, d = query.shape
+    if (cu is not None and dropout == 0.0 and route(query) == "varlen" and int(cu.shape[0]) >= 2
+            and kwargs.get("max_length_q") is not None):
+        scale = scaling if scaling is not None else d ** -0.5
+        q, k, v = (t.transpose(1, 2).reshape(b * n, t.shape[1], d) for t in (query, key, value))
+        out = varlen(q, k, v, cu, kwargs["max_length_q"], scale, causal=True) if _covers(cu, b * n) else None
+        if out is not None:
+            _COUNTS["text_varlen"] += 1
+            return out.reshape(b, n, h, d), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
+
+
+def _covers(cu, tokens: int) -> bool:
+    """cu_seqlens span exactly the flattened rows (the collator's contract; the last entry is known on the host
+    from the batch's shape, so this check costs one scalar read per step, cached per tensor)."""
+    key = ("covers", id(cu))
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is cu:
+        return hit[1]
+    ok = int(cu[0]) == 0 and int(cu[-1]) == tokens
+    _PLANS[key] = (cu, ok)
+    return ok
+
+
 def _register() -> bool:
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.utils.generic import is_flash_attention_requested
 
     if not is_flash_attention_requested(requested_attention_implementation=VISION_ATTENTION):
         return False  # this transformers picks the variable-length branch differently: keep the stock path
     AttentionInterface.register(VISION_ATTENTION, vision_attention)
+    AttentionInterface.register(TEXT_ATTENTION, text_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(TEXT_ATTENTION, sdpa_mask)  # masks built exactly as for sdpa
+    return True
+
+
+def install_text(model) -> bool:
+    """Route the language model's attention through :func:`text_attention` (sdpa-loaded models only)."""
+    text_cfg = getattr(getattr(model, "config", None), "text_config", None)
+    if text_cfg is None or getattr(text_cfg, "_attn_implementation", None) not in ("sdpa", TEXT_ATTENTION):
+        return False
+    if not _register():
+        return False
+    text_cfg._attn_implementation = TEXT_ATTENTION
     return True
 
 
@@ -291,4 +387,5 @@ def forward_only_frozen_blocks(model) -> int:
 
 def prepare_for_training(model) -> dict:
     """Both speed-ups for a model about to train (after freezing and LoRA): returns what was done."""
-    return {"vision_attention": install(model), "forward_only_vision_blocks": forward_only_frozen_blocks(model)}
+    return {"vision_attention": install(model), "text_attention": install_text(model),
+            "forward_only_vision_blocks": forward_only_frozen_blocks(model)}

@@ -179,3 +179,78 @@ def test_flash_attention_models_are_left_alone():
 def test_route_on_cpu_is_padded_sdpa():
     assert attention.route(torch.zeros(4, 2, 8)) == "padded_sdpa"
     assert attention.route(torch.zeros(4, 2, 8, dtype=torch.bfloat16)) == "padded_sdpa"
+
+
+# ---- the language model: packed rows as one causal variable-length kernel on CUDA ----------------------------------
+
+def _text_batches():
+    """padded (2 rows, right padding), flattened (one row, 3 samples) and packed (2 rows of several samples, the
+    padding tail a masked segment) text batches as the collator lays them out."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 150000, (2, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0
+    padded = {"input_ids": ids, "attention_mask": mask}
+
+    def rows(lengths_per_row, width):
+        pos, cu, start = [], [0], 0
+        for lengths in lengths_per_row:
+            r = []
+            for n in lengths + ([width - sum(lengths)] if sum(lengths) < width else []):
+                r += list(range(n))
+                start += n
+                cu.append(start)
+            pos.append(r)
+        p = torch.tensor(pos).unsqueeze(0).expand(4, -1, -1).clone()
+        n_rows = len(lengths_per_row)
+        return {"input_ids": torch.randint(0, 150000, (n_rows, width), generator=g), "position_ids": p,
+                "cu_seq_lens_q": torch.tensor(cu, dtype=torch.int32), "cu_seq_lens_k": torch.tensor(cu, dtype=torch.int32),
+                "max_length_q": max(max(x) for x in pos) + 1, "max_length_k": max(max(x) for x in pos) + 1}
+
+    return {"padded": padded, "flatten": rows([[7, 11, 6]], 24), "packing": rows([[9, 8], [12, 5, 4]], 21)}
+
+
+def _reference_varlen(signature: str):
+    """A stand-in for torch's CUDA-only varlen_attn (per-sequence sdpa), in one of its two signatures, so the
+    plumbing (flattening, cu_seqlens, causality, grouped heads, scale) is exercised on CPU."""
+    import torch.nn.functional as F
+
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, gqa):
+        assert q.dim() == 3 and cu_q.dtype == torch.int32 and int(cu_q[-1]) == q.shape[0]
+        if k.shape[1] != q.shape[1]:
+            assert gqa, "grouped heads need enable_gqa or repeated heads"
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        outs = []
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+            o = F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=causal,
+                                               scale=scale)
+            outs.append(o.transpose(0, 1))
+        return torch.cat(outs)
+
+    if signature == "window":  # torch 2.14
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                        enable_gqa=False):
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), scale, enable_gqa)
+    else:  # an earlier release: is_causal, no enable_gqa
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None):
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, scale, False)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("kernel", ["cpu", "window", "is_causal"])
+def test_text_attention_exact_for_padded_flatten_packing(family, kernel, monkeypatch):
+    stock = _model(family, depth=2)
+    fast = copy.deepcopy(stock)
+    assert attention.install_text(fast)
+    if kernel != "cpu":
+        monkeypatch.setattr(attention, "_torch_varlen", lambda: _reference_varlen(kernel))
+        monkeypatch.setattr(attention, "route", lambda q: "varlen")
+    for mode, batch in _text_batches().items():
+        attention.reset_stats()
+        a = stock(**batch, use_cache=False).logits
+        b = fast(**batch, use_cache=False).logits
+        assert torch.allclose(a, b, atol=1e-5), (mode, (a - b).abs().max())
+        layers = stock.config.text_config.num_hidden_layers
+        want = layers if kernel != "cpu" and mode != "padded" else 0
+        assert attention.stats().get("text_varlen", 0) == want, mode
