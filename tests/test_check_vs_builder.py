@@ -138,7 +138,8 @@ OBJECT_POOL = [{"label": "c", "bbox": [1, 2, 30, 40]}, {"label": "c", "point": [
                {"label": "c", "bbox": [30, 2, 1, 40]}, {"label": "c", "bbox": [1, 2, 1, 40]},
                {"label": "c", "bbox": [1, 2, 3]}, {"bbox": [1, 2, 3, 4]}, {"label": "c", "bbox": [1, 2, 30, 40],
                "image": 1}, {"label": "c", "bbox": [1, 2, 300, 400]}, {"label": "c", "bbox": [0.1, 0.2, 0.5, 0.9]},
-               {"label": "c", "point": [5, 5], "bbox": [1, 2, 3, 4]}, "x"]
+               {"label": "c", "point": [5, 5], "bbox": [1, 2, 3, 4]}, "x",
+               {"label": "c", "bbox": [1, 2, 1e308, 40]}, {"label": "c", "point": [-1e300, 5]}]
 OBJECTS = st.one_of(st.just([]), st.lists(st.sampled_from(OBJECT_POOL), min_size=1, max_size=2),
                     st.sampled_from(["cat", 5, None]))
 ANSWERS = ["<bbox>", "<ref> <bbox>", "<point>", "<objects>", "<bbox> and <point>", "<bbox><bbox>", "none", "<ref>"]
@@ -289,6 +290,10 @@ def test_agreement_on_the_decided_shapes(builder, media_dir):
                             None),
         "blank_path": ({"image": "  ", "conversations": [{"from": "human", "value": "<image>"}, qa[1]]},
                        "bad_media_field"),
+        # a coordinate of 1e308: the check warned and the trainer crashed with OverflowError (Trust, round 3)
+        "huge_box": ({"image": "good.png", "objects": [{"label": "c", "bbox": [1, 2, 1e308, 40]}],
+                      "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "<bbox>"}]},
+                     "bad_objects"),
     }
     for name, (rec, kind) in cases.items():
         checked, problems = _check_verdict(rec, media_dir)

@@ -77,6 +77,9 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
+MAX_COORD = 1e7  # no image is ten million pixels across: a larger coordinate is a bad sample, not a clamp
+
+
 def _num(v: Any) -> bool:
     return type(v) in (int, float) and math.isfinite(v)
 
@@ -113,6 +116,11 @@ def object_problems(rec: dict, out: list, n_images: int) -> None:
                        "write the box as its top-left and bottom-right corners")
         if pt is not None and (type(pt) is not list or len(pt) != 2 or not all(_num(v) for v in pt)):
             return err("object_shape", f"object {k} ({o['label']!r}): 'point' must be 2 numbers [x, y]", "write [x, y]")
+        far = next((v for v in (box if box is not None else pt) if abs(v) > MAX_COORD), None)
+        if far is not None:  # e.g. 1e308: the conversion would overflow (the trainer crashed on it)
+            return err("object_range", f"object {k} ({o['label']!r}): coordinate {far!r} is out of range (more "
+                       f"than {MAX_COORD:.0e} in size)", "write the coordinate in the dictionary's bbox_format "
+                       "(pixel, norm1000 or norm1)")
         img = o.get("image", 0)
         if type(img) is not int or not 0 <= img < n_images:
             return err("object_image", f"object {k} ({o['label']!r}): 'image' {img!r} is not an image index of "
