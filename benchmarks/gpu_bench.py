@@ -133,6 +133,7 @@ def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, 
              counts: dict, peak: float | None, pack_length: int = 8192, lora: bool = False) -> dict:
     import torch
 
+    from qwenvl import loss as qloss
     from qwenvl import mfu
     from qwenvl.data.collate import DataCollator, pop_batch_stats
     from qwenvl.model import parameter_groups
@@ -163,15 +164,17 @@ def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, 
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         b["use_cache"] = False
-        out = model(**b)
-        out.loss.backward()
+        labels = b.pop("labels")
+        with qloss.armed(labels):  # the trainer's loss: per-token losses from the chunked head when installed
+            loss = qloss.token_mean_loss(model(**b), labels)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        losses.append(float(out.loss.detach()))
+        losses.append(float(loss.detach()))
         if step >= warmup:
             lengths = [len(s["input_ids"]) for s in chunk]
             patches = sum(int(s["pixel_values"].shape[0]) for s in chunk if "pixel_values" in s)
@@ -255,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         model.enable_input_require_grads()
     speed = None
     if not a.stock:  # the trainer's path: vision attention in one call per layer, frozen blocks forward-only
+        from qwenvl import loss as qloss
         from qwenvl.attention import prepare_for_training
 
         speed = prepare_for_training(model)
+        speed["chunked_loss"] = qloss.install(model)
     model.train()
     build_s = time.perf_counter() - t0
     counts = count_parameters(model)

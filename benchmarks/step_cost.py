@@ -10,9 +10,9 @@ Model: Qwen2.5-VL-3B's geometry - real depths (32 vision blocks with window 112 
 narrow widths (vision head_dim 4, language head_dim 8) so it runs on a laptop CPU; the op count does not depend on
 the widths. Data: ``benchmarks/gpu_bench.py``'s realistic length mix (seed 0, the same 8 samples as the GPU
 profile of 2026-12-04) through the project's builder and collator. Recipe as the trainer: vision frozen, merger and
-language model trained, activation checkpointing (non-reentrant) with ``enable_input_require_grads``, AdamW.
-``--path stock``: transformers as loaded; ``--path fast``: :func:`qwenvl.attention.prepare_for_training` (the
-trainer's path); ``--path both`` (default) prints both and the ratios. Counts one step after a warm-up step.
+language model trained, activation checkpointing (non-reentrant) with ``enable_input_require_grads``, fused AdamW.
+``--path stock``: transformers as loaded; ``--path fast``: the trainer's path
+(:func:`qwenvl.attention.prepare_for_training` and the chunked loss head of :mod:`qwenvl.loss`); ``--path both`` (default) prints both and the ratios. Counts one step after a warm-up step.
 Host syncs: ``.item()`` / ``.tolist()`` and the ops whose output size depends on data (nonzero, boolean
 indexing, unique, repeat_interleave without output_size).
 """
@@ -49,6 +49,14 @@ def config_3b_narrow():
                             image_token_id=151655, video_token_id=151656)
 
 
+def _caller() -> str:
+    """file:line of the first frame outside torch and this file (where a host sync was asked for)."""
+    f = sys._getframe(2)
+    while f is not None and ("/torch/" in f.f_code.co_filename or f.f_code.co_filename == __file__):
+        f = f.f_back
+    return f"{Path(f.f_code.co_filename).name}:{f.f_lineno}" if f is not None else "?"
+
+
 class CostCounter:
     """A TorchDispatchMode counting every aten op, the attention ops by side (vision / language model, told apart
     by head_dim) and direction, and the host-sync ops; ``.tolist()`` calls are counted by a wrapper."""
@@ -68,6 +76,7 @@ class CostCounter:
         self.by_op: Counter = Counter()
         self.attention = Counter()
         self.syncs = 0
+        self.sync_sites: Counter = Counter()
 
     def _see(self, func, args) -> None:
         name = func.__name__  # e.g. "_scaled_dot_product_flash_attention_for_cpu.default"
@@ -81,6 +90,7 @@ class CostCounter:
             self.attention[f"{side}_{direction}"] += 1
         if base in SYNC_OPS:
             self.syncs += 1
+            self.sync_sites[f"{base} at {_caller()}"] += 1
 
     def __enter__(self):
         import torch
@@ -90,6 +100,7 @@ class CostCounter:
 
         def tolist(t, *a, **k):
             counter.syncs += 1
+            counter.sync_sites[f"tolist at {_caller()}"] += 1
             return counter._tolist(t, *a, **k)
 
         torch.Tensor.tolist = tolist
@@ -107,7 +118,7 @@ class CostCounter:
         return {"aten_ops": self.ops, "host_syncs": self.syncs,
                 "attention_calls": {k: self.attention.get(k, 0) for k in
                                     ("vision_forward", "vision_backward", "llm_forward", "llm_backward")},
-                "top_ops": dict(self.by_op.most_common(8))}
+                "top_ops": dict(self.by_op.most_common(8)), "top_sync_sites": dict(self.sync_sites.most_common(6))}
 
 
 def build(path: str, seed: int = 0):
@@ -125,8 +136,11 @@ def build(path: str, seed: int = 0):
     apply_freezing(model, tune_mm_vision=False, tune_mm_mlp=True, tune_mm_llm=True)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    if path == "fast":
+    if path == "fast":  # the trainer's path: qwenvl.attention + the chunked loss head (qwenvl.loss)
+        from qwenvl import loss as qloss
+
         prepare_for_training(model)
+        qloss.install(model)
     model.train()
     return model
 
@@ -148,11 +162,16 @@ def batch_of(n: int, mode: str, seed: int = 0) -> dict:
 
 
 def one_step(model, batch, opt) -> float:
-    out = model(**batch)
-    out.loss.backward()
+    from qwenvl import loss as qloss
+
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    with qloss.armed(labels):  # an installed head returns per-token losses, else logits (as in the trainer)
+        loss = qloss.token_mean_loss(model(**batch), labels)
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(out.loss.detach())
+    return float(loss.detach())
 
 
 def measure(path: str, batch: dict, seed: int = 0) -> dict:
@@ -161,7 +180,9 @@ def measure(path: str, batch: dict, seed: int = 0) -> dict:
     from qwenvl.model import parameter_groups
 
     model = build(path, seed)
-    opt = torch.optim.AdamW(parameter_groups(model, learning_rate=1e-5, weight_decay=0.0), lr=1e-5)
+    # fused AdamW: the trainer's default (transformers' adamw_torch_fused with torch >= 2.8), CPU and CUDA; the
+    # for-each AdamW reads every parameter's step counter on the host (one sync per parameter)
+    opt = torch.optim.AdamW(parameter_groups(model, learning_rate=1e-5, weight_decay=0.0), lr=1e-5, fused=True)
     warm = one_step(model, batch, opt)  # warm-up: lazy state (optimizer moments) is not a per-step cost
     c = CostCounter()
     with c:
