@@ -414,6 +414,19 @@ def use(
 CONVERT_SHOWN = 20  # skipped samples listed per dataset (the rest are counted)
 
 
+def _sharegpt(off: dict, system: str | None) -> dict:
+    """An official record from :func:`qwenvl.data.formats.to_official` in the sharegpt layout, its own system
+    prompt (if any) as the first turn: how vlsft reads a system prompt per sample."""
+    conv = [{"from": "gpt", "value": t["content"]} if "role" in t else t for t in off["conversations"]]
+    out: dict = {"conversations": ([{"from": "system", "value": system}] if system is not None else []) + conv}
+    for key in ("image", "video"):
+        if off.get(key) is not None:
+            out[key + "s"] = off[key] if type(off[key]) is list else [off[key]]
+    if off.get("objects") is not None:
+        out["objects"] = off["objects"]
+    return out
+
+
 @datasets_app.command("convert")
 def convert(
     path: str = typer.Argument(..., help="The dataset dictionary (a vlsft dictionary or LLaMA-Factory's "
@@ -425,17 +438,25 @@ def convert(
     """Write every dataset as official-format JSONL plus a dataset dictionary (media stay where they are).
 
     A sample that is bad, or that says what the official format cannot (``loss: false`` turns, videos given as
-    frame images, a system prompt that differs from the dataset's others), is left out and listed. Exit 0 when
-    every sample was written, 1 when some were left out, 2 for unusable input.
+    frame images), is left out and listed. A system prompt shared by every sample of a dataset becomes the
+    dataset's ``"system"``; when only some samples have one (or they differ), the dataset is written in the
+    sharegpt layout instead (official-shaped turns, media in ``images``/``videos``, each such sample's own
+    ``system`` turn first), which vlsft reads per sample. The folder is written whole or not at all (a hidden
+    temporary folder beside it, renamed into place; removed on an error or a stop signal). Exit 0 when every
+    sample was written, 1 when some were left out, 2 for unusable input.
     """
     from qwenvl.data import formats
     from qwenvl.data.annotations import iter_records
+    from qwenvl.safe_write import Interrupted, UnsafeTarget, atomic_folder, target_problem
 
     if to != "official":
         render.fail(Problem("error", f"--to {to!r}: the only target is 'official'", hint="write --to official"))
     d = load_dictionary(path)
     if not d.ok:
         render.fail(*d.errors)
+    why = target_problem(out, "--out", folder=True)  # a link, a path under a file, unwritable, a too-long name
+    if why:
+        render.fail(why)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         render.fail(Problem("error", f"--out {out} exists and is not an empty folder: nothing is overwritten",
                             hint="give a new folder"))
@@ -450,24 +471,22 @@ def convert(
             render.fail(Problem("error", f"dataset '{name}': cannot read annotations: {exc}",
                                 file=spec.annotation_path))
         fmt = formats.settle(spec.format_spec, [(line, r) for line, r in records[:formats.DETECT_RECORDS]])
-        lines: list[str] = []
-        system: str | None = None
+        samples: list[tuple[dict, str | None]] = []
         skipped = 0
         for line, rec in records:
             why = "not valid JSON" if isinstance(rec, ValueError) else ""
             off, own, why = (None, None, why) if why else formats.to_official(rec, fmt)
-            if off is not None and own is not None:
-                if system is None:
-                    system = own
-                elif own != system:
-                    off, why = None, "its system prompt differs from the dataset's first one (one per dataset)"
             if off is None:
                 skipped += 1
                 if skipped <= CONVERT_SHOWN:
                     err.print(render.problem_text(Problem("warning", f"left out: {why}", spec.annotation_path,
                                                           line)), highlight=False)
                 continue
-            lines.append(json.dumps(off, ensure_ascii=False))
+            samples.append((off, own))
+        prompts = {own for _, own in samples}
+        per_sample = len(prompts) > 1  # a system prompt of some samples only: it stays in those samples
+        system = None if per_sample or not prompts else next(iter(prompts))
+        lines = [json.dumps(_sharegpt(off, own) if per_sample else off, ensure_ascii=False) for off, own in samples]
         if skipped > CONVERT_SHOWN:
             err.print(f"[yellow]warning[/yellow]: {name}: ... and {skipped - CONVERT_SHOWN:,} more left out")
         left_out += skipped
@@ -482,20 +501,27 @@ def convert(
         for key in ("sampling_rate", "repeat_time", "train_on", "bbox_format"):
             if getattr(spec, key) is not None:
                 entry[key] = getattr(spec, key)
-        entry["format"] = "official"
+        entry["format"] = "sharegpt" if per_sample else "official"
         if system is not None or spec.system is not None:
             entry["system"] = system if system is not None else spec.system
         entries[name] = entry
         written[file_name] = lines
-        sys.stdout.write(f"{name}: {fmt.name} -> official, {len(lines):,} sample(s) written"
+        target = ("sharegpt (its samples' system prompts differ, which the official format cannot say per "
+                  "sample)" if per_sample else "official")
+        sys.stdout.write(f"{name}: {fmt.name} -> {target}, {len(lines):,} sample(s) written"
                          + (f", {skipped:,} left out" if skipped else "") + "\n")
-    os.makedirs(out, exist_ok=True)
-    for file_name, lines in written.items():
-        with open(os.path.join(out, file_name), "x", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-    with open(os.path.join(out, "Dataset-Dictionary.json"), "x", encoding="utf-8") as f:
-        json.dump(entries, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    try:
+        with atomic_folder(out, "--out") as tmp:  # whole or nothing: renamed into place when complete
+            for file_name, lines in written.items():
+                with open(tmp / file_name, "x", encoding="utf-8") as f:
+                    f.write("".join(line + "\n" for line in lines))
+            with open(tmp / "Dataset-Dictionary.json", "x", encoding="utf-8") as f:  # the dictionary last
+                json.dump(entries, f, indent=2, ensure_ascii=False)
+                f.write("\n")
+    except UnsafeTarget as exc:
+        render.fail(exc)
+    except Interrupted as exc:
+        render.fail(exc.message(out), code=128 + exc.signum)
     sys.stdout.write(f"wrote {os.path.join(out, 'Dataset-Dictionary.json')} ({render.plural(len(entries), 'dataset')})"
                      + ("; a dataset 'system' prompt is vlsft's: the official trainer always uses its default"
                         if any("system" in e for e in entries.values()) else "") + "\n")

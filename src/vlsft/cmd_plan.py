@@ -116,10 +116,16 @@ def print_args(
 ) -> None:
     """Print the torchrun command, environment, batch and step arithmetic of a run YAML; start nothing."""
     from qwenvl.problems import UserError
-    from vlsft.plan import plan_from_file
+    from qwenvl.safe_write import name_problem
+    from vlsft.config import load_run_config
+    from vlsft.plan import build_plan
 
     try:
-        plan = plan_from_file(config, list(overrides or []))
+        cfg = load_run_config(config, list(overrides or []))
+        why = "://" not in cfg.output.dir and name_problem(cfg.output.dir, "output.dir")
+        if why:  # OSError 36 (File name too long) as one line, before the plan looks at the folder
+            raise UserError(why)
+        plan = build_plan(cfg)
     except UserError as exc:
         from vlsft.render import fail
 

@@ -250,6 +250,10 @@ def predict_cmd(
     from vlsft.render import fail
 
     try:
+        if not os.path.isfile(out):  # a new file: a link, a path under a file, an unwritable folder, a long name
+            from qwenvl.safe_write import check_target
+
+            check_target(out, "--out")
         from qwenvl import infer
 
         infer.model_kind(model_dir)
@@ -273,11 +277,16 @@ def predict_cmd(
             items = items[:limit]
         have = {(x.get("dataset"), x.get("index")) for x in done}
         todo = [it for it in items if (src.name, it[0]) not in have]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if cut is not None:  # the cut last row: dropped, so that the next row starts on a line of its own
-            os.truncate(out, cut)
-            print(f"warning: {note}", file=sys.stderr)
-        out.touch()
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if cut is not None:  # the cut last row: dropped, so that the next row starts on a line of its own
+                os.truncate(out, cut)
+                print(f"warning: {note}", file=sys.stderr)
+            out.touch()
+        except OSError as e:
+            from qwenvl.safe_write import os_error_line
+
+            raise UserError(os_error_line(e, out, "--out")) from None
         if todo:
             engine = infer.load(model_dir)
             warning = engine.budget_warning()
@@ -297,7 +306,10 @@ def predict_cmd(
                     print(f"predict: {min(s + batch_size, len(todo))}/{len(todo)} new samples", file=sys.stderr)
         metrics = summarise(done)
         metrics.update(_grounding_metrics(src, done, ground))
-        Path(str(out) + ".metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+        from qwenvl.safe_write import atomic_file
+
+        with atomic_file(str(out) + ".metrics.json", "--out", exclusive=False) as fh:  # ours: replaced whole
+            fh.write(json.dumps(metrics, indent=1))
         typer.echo(f"{len(todo)} new row(s), {len(done)} in {out}; " + ", ".join(
             f"{k} {v}" for k, v in metrics.items() if k != "samples"))
     except UserError as exc:

@@ -133,6 +133,12 @@ def preview(
                                      "(resized) with the grounding boxes drawn (a new file; never overwritten)."),
 ) -> None:
     """Show exactly what the model sees for one sample (tokens, trained spans, grids, pixel statistics)."""
+    if draw is not None:
+        from qwenvl.safe_write import target_problem
+
+        why = target_problem(draw, "--draw")  # a link, a path under a file, an unwritable folder, a too-long name
+        if why:
+            _fail(why)
     if draw is not None and (draw.exists() or draw.is_symlink()):
         _fail(f"--draw {draw} exists", hint="vlsft never overwrites a file: give a new path")
     if draw is not None and not draw.parent.is_dir():
@@ -220,7 +226,15 @@ def preview(
 
         if not pil:
             _fail("--draw: the sample has no image", file=where, hint="preview a sample with an image")
-        grounding.draw(pil, sizes, objects, grounding.family_of(builder.model_type), str(draw))
+        from qwenvl.safe_write import Interrupted, UnsafeTarget, atomic_file
+
+        try:
+            with atomic_file(draw, "--draw", mode="wb") as fh:  # temp + rename: no half-written PNG is left
+                grounding.draw(pil, sizes, objects, grounding.family_of(builder.model_type), fh)
+        except UnsafeTarget as exc:
+            render.fail(exc)
+        except Interrupted as exc:
+            render.fail(exc.message(str(draw)), code=128 + exc.signum)
     if as_json:
         spg = sample.get("second_per_grid_ts")
         print(json.dumps({

@@ -106,6 +106,7 @@ def train(
     """Train: print the launch plan of a run YAML, save it in the output dir, run torchrun, return its status."""
     from qwenvl.problems import UserError
     from qwenvl.runpolicy import OutputLock
+    from qwenvl.safe_write import name_problem
     from vlsft.cmd_plan import render_text
     from vlsft.config import load_run_config
     from vlsft.plan import build_plan
@@ -118,6 +119,9 @@ def train(
             build_tiny_if_asked(cfg)
         except OSError as exc:
             _fail(f"model.build_tiny: cannot build the tiny model in {cfg.model.name_or_path}: {exc.strerror or exc}")
+        why = "://" not in cfg.output.dir and name_problem(cfg.output.dir, "output.dir")
+        if why:  # OSError 36 (File name too long) as one line, before anything looks at the folder
+            raise UserError(why)
         plan = build_plan(cfg, environ)
     except UserError as exc:
         _fail(exc)
