@@ -104,6 +104,7 @@ class QwenVLTrainer(Trainer):
         kwargs.setdefault("compute_loss_func", functools.partial(token_mean_loss, aux_coef=aux_coef))
         super().__init__(*args, **kwargs)
         self._chunked_loss = qloss.install(self.model)  # no [tokens x vocabulary] logits (qwenvl.loss)
+        logger.info("chunked loss head %s", self._chunked_loss)
         self._dataset_names = list(dataset_names or [])
         self._ds_win = torch.zeros(2 * len(self._dataset_names), dtype=torch.float64)  # loss sums, then tokens
         self._eval_acc = torch.zeros_like(self._ds_win)

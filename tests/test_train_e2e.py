@@ -183,6 +183,17 @@ def test_frozen_unchanged_trainable_changed(run, tiny_model_dir):
     assert len(changed) == len(trainable), sorted(set(trainable) - set(changed))
 
 
+def test_speed_path_is_on_in_the_real_run(run):
+    """issue 18: the trainer (ZeRO-3, 2 ranks) runs the vision attention in one call per layer, the frozen tower
+    forward-only and the chunked loss head; the saved config keeps the loaded attention implementation."""
+    text = run["proc"].stdout + run["proc"].stderr
+    assert "vision attention one call per layer True" in text
+    assert "forward-only frozen vision blocks 2" in text  # the tiny tower's 2 blocks (tune_mm_vision false)
+    assert "chunked loss head True" in text
+    saved = (run["out"] / "config.json").read_text()
+    assert "vlsft_" not in saved
+
+
 def test_run_files_saved(run):
     d = run["out"] / "vlsft"
     assert "output:" in (d / "run.yaml").read_text()
