@@ -557,7 +557,41 @@ def _report(e: Exception) -> None:
     else:
         return
     for line in lines:
-        print(line, file=sys.stderr)
+        _print_error(line)
+
+
+def _print_error(line: str) -> None:
+    """One error line on stderr, on a line of its own even when a progress bar is drawing there (tqdm redraws
+    with a carriage return and no newline, which would glue the line to the bar in logs)."""
+    try:
+        from tqdm import tqdm
+
+        bar_active = bool(getattr(tqdm, "_instances", None))
+    except ImportError:
+        bar_active = False
+    print(("\n" if bar_active else "") + line, file=sys.stderr, flush=True)
+
+
+#: what a collective raises on a surviving rank when another rank died (gloo / NCCL / the c10d store)
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+              "NCCL communicator was aborted", "remote process exited", "Socket Timeout", "ProcessGroup abort")
+
+
+def lost_peer(e: BaseException) -> str | None:
+    """A short reason when ``e`` is a collective failing because another rank is gone, else None."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    dist_errors = tuple(t for t in (getattr(dist, "DistError", None),) if t is not None)
+    text = str(e)
+    if not (isinstance(e, dist_errors) or (isinstance(e, RuntimeError) and ("gloo" in text or "NCCL" in text
+                                                                            or "c10d" in text))):
+        return None
+    for marker in _PEER_LOST:
+        if marker in text:
+            return marker.lower()
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -584,6 +618,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _report(e)
         return 2
+    except Exception as e:  # noqa: BLE001 - only a lost peer is handled; anything else keeps its traceback
+        why = lost_peer(e)
+        if why is None:
+            raise
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node; the launcher names the rank that died
+            _print_error(f"error: [rank {os.environ.get('RANK', '0')}] another rank stopped mid-step ({why}): this "
+                         "rank stops too; the cause is the failing rank's own message or the launcher's last line")
+        return 1
     finally:
         if lock is not None:
             lock.release()

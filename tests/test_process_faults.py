@@ -188,3 +188,42 @@ def test_input_error_inside_a_rank_is_one_line_exit_2(tmp_path, env, tiny_model_
     log = out / "vlsft" / "torchrun.log"
     assert f"full output is in {log}" in p.stderr
     assert "ChildFailedError" in log.read_text()  # torchrun's report is kept, in the log
+
+
+def test_killed_rank_survivors_print_one_line_no_traceback(tmp_path, env, tiny_model_dir):
+    """Issue 19 item 9: kill -9 of one rank of two mid-training: the surviving rank's collective fails; it prints
+    one `error:` line on a line of its own (not glued to the progress bar), no traceback, and vlsft ends."""
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "run.yaml", tiny_model_dir, out, steps=100000, port=29733)
+    run = Training(cfg, env, "distributed.nproc_per_node=2")
+    try:
+        run.wait_training()
+        ranks = [k for k in run.descendants() if "qwenvl.train" in " ".join(k.cmdline())
+                 and k.environ().get("LOCAL_RANK") == "1"]
+        assert ranks, [k.cmdline() for k in run.descendants()]
+        ranks[0].kill()
+        rc, _, stderr = run.finish(timeout=120)
+    finally:
+        for k in psutil.Process(os.getpid()).children(recursive=True):
+            if k.pid != run.proc.pid and "qwenvl" in " ".join(k.cmdline()):
+                k.kill()
+        if run.proc.poll() is None:
+            run.proc.kill()
+    assert rc != 0
+    assert "Traceback" not in stderr, stderr[-4000:]
+    lines = [x for x in stderr.splitlines() if "another rank stopped" in x]
+    assert len(lines) == 1 and lines[0].startswith("error: [rank 0]"), stderr[-3000:]
+    assert stderr.rstrip().splitlines()[-1].startswith("error: training exited with status")
+    log = (out / "vlsft" / "torchrun.log").read_text()
+    assert any(x.startswith("error: [rank 0] another rank stopped") for x in log.splitlines())  # not glued
+
+
+def test_lost_peer_only_names_collective_failures():
+    from qwenvl.train import lost_peer
+
+    assert lost_peer(RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:38325: Connection reset "
+                                  "by peer. This is typically caused by a remote worker hanging")) == \
+        "connection reset by peer"
+    assert lost_peer(RuntimeError("Connection reset by peer")) is None  # not from a collective: keep the traceback
+    assert lost_peer(ValueError("NCCL Connection reset by peer")) is None
+    assert lost_peer(RuntimeError("gloo: shapes do not match")) is None
