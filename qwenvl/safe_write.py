@@ -174,8 +174,14 @@ def atomic_file(path: str | os.PathLike, what: str, *, mode: str = "w", exclusiv
                 os.fsync(fh.fileno())
             os.chmod(tmp, 0o666 & ~_umask())
             if exclusive:
-                os.link(tmp, p)  # fails if the name appeared meanwhile: never over someone's file
-                os.unlink(tmp)
+                try:
+                    os.link(tmp, p)  # fails if the name appeared meanwhile: never over someone's file
+                    os.unlink(tmp)
+                except OSError as exc:  # a filesystem without hard links: a rename, the name checked just before
+                    if exc.errno == errno.EEXIST or os.path.lexists(p):
+                        raise UnsafeTarget(f"{what} {path} exists: vlsft never overwrites a file; give a new "
+                                           "path") from None
+                    os.replace(tmp, p)
             else:
                 os.replace(tmp, p)
         except OSError as exc:
