@@ -511,3 +511,31 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+def no_space_message(path: str | os.PathLike) -> str:
+    """The one line for a full disk: where, how much is free, what to do."""
+    import shutil
+
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**20:,.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return f"no space left on the device holding {path} ({free}): free space there or move output.dir"
+
+
+def is_no_space(e: BaseException) -> bool:
+    """``e`` (or what caused it) is a full disk: errno ENOSPC, or a library's error carrying its text (safetensors
+    raises its own type with the OS message)."""
+    import errno
+
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e, seen = (e.__cause__ or e.__context__), seen + 1
+    return False

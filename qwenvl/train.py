@@ -618,7 +618,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _report(e)
         return 2
-    except Exception as e:  # noqa: BLE001 - only a lost peer is handled; anything else keeps its traceback
+    except Exception as e:  # noqa: BLE001 - a lost peer or a full disk; anything else keeps its traceback
+        from qwenvl.runpolicy import is_no_space, no_space_message
+
+        if is_no_space(e):
+            out = _argv_value(argv, "--output_dir") or "."
+            _print_error(f"error: [rank {os.environ.get('RANK', '0')}] {no_space_message(out)}")
+            return 2
         why = lost_peer(e)
         if why is None:
             raise

@@ -227,3 +227,49 @@ def test_lost_peer_only_names_collective_failures():
     assert lost_peer(RuntimeError("Connection reset by peer")) is None  # not from a collective: keep the traceback
     assert lost_peer(ValueError("NCCL Connection reset by peer")) is None
     assert lost_peer(RuntimeError("gloo: shapes do not match")) is None
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 48 MiB tmpfs (root can mount one on the development and CI machines): a disk that fills up."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48M", "tmpfs", str(where)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {p.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_full_disk_during_a_save_is_one_line(tmp_path, env, tiny_model_dir, small_disk):
+    """Issue 19 item 9: the disk fills during the checkpoint save: one line naming the place and the free space,
+    exit 2, no traceback (it was the rank's SafetensorError traceback and exit 1)."""
+    out = small_disk / "out"
+    cfg = write_yaml(tmp_path / "run.yaml", tiny_model_dir, out, steps=4, port=29737, save_steps=2)
+    p = subprocess.run([VLSFT, "train", "--config", str(cfg)], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-4000:]
+    assert "Traceback" not in p.stderr, p.stderr[-4000:]
+    lines = [x for x in p.stderr.splitlines() if "no space left on the device holding" in x]
+    assert len(lines) == 1 and lines[0].startswith("error: [rank 0]") and "MB free" in lines[0], p.stderr[-3000:]
+    assert "# done" not in p.stdout
+
+
+def test_no_space_message_and_detection(tmp_path):
+    from qwenvl.runpolicy import is_no_space, no_space_message
+
+    msg = no_space_message(tmp_path / "not" / "yet")
+    assert str(tmp_path / "not" / "yet") in msg and "MB free" in msg and "move output.dir" in msg
+    assert is_no_space(OSError(28, "No space left on device"))
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("save failed") from inner
+    except RuntimeError as outer:
+        assert is_no_space(outer)
+    assert not is_no_space(OSError(13, "Permission denied"))
+    with pytest.raises(OSError) as e, open("/dev/full", "w") as f:  # the kernel's own always-full device
+        f.write("x")
+        f.flush()
+    assert is_no_space(e.value)

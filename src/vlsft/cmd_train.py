@@ -199,7 +199,13 @@ def _resume_and_launch(plan, config: str, overrides: list[str], lock) -> int:
     sys.stdout.flush()
     try:
         result = launch(plan.torchrun, env, log_path=log_path)
-    except OSError as exc:  # torchrun missing or not executable
+    except OSError as exc:  # torchrun missing or not executable, or no room for the log / the child
+        import errno
+
+        if exc.errno == errno.ENOSPC:
+            from qwenvl.runpolicy import no_space_message
+
+            _fail(no_space_message(out.dir))
         _fail(f"cannot start {plan.torchrun[0]}: {exc.strerror or exc} (install torch in this environment: "
               "pip install -r requirements.txt)")
     rc = result.status
@@ -217,3 +223,4 @@ def _resume_and_launch(plan, config: str, overrides: list[str], lock) -> int:
     else:
         typer.secho(f"error: training exited with status {rc}{where}", err=True, fg="red")
     return rc
+
