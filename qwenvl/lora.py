@@ -177,6 +177,61 @@ def linear_module_matches(module: str, part: str, plan: LoraPlan) -> bool:
     return part in plan.targets
 
 
+def linear_modules(model_dir: str | os.PathLike) -> dict[str, str]:
+    """Module name inside the transformers model -> part, for every linear layer that can get an adapter
+    (``lm_head`` excluded), from the safetensors headers (no torch). Empty when the folder has no weights."""
+    return {runtime_name(k)[: -len(".weight")]: saved_part(k) for k, shape in weight_shapes(model_dir).items()
+            if is_linear_weight(k, shape)}
+
+
+def target_modules_problem(model_dir: str | os.PathLike, plan: LoraPlan) -> tuple[str, str] | None:
+    """``(message, hint)`` when ``plan.regex`` matches no linear layer of the model in ``model_dir`` (or one of a
+    part trained in full), judged from the safetensors headers; None when it is fine or the folder has no
+    weights to read (e.g. before ``model.build_tiny`` builds it)."""
+    if not plan.regex:
+        return None
+    try:
+        modules = linear_modules(model_dir)
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    if not modules:
+        return None
+    rx = re.compile(plan.regex)
+    matched = [n for n in modules if rx.fullmatch(n)]
+    if matched:
+        both = [n for n in matched if modules[n] in plan.full]
+        if both:
+            p = modules[both[0]]
+            return (f"lora target_modules {plan.regex!r} matches {both[0]} (part {p}), which {TUNE_FLAG[p]} trains in "
+                    "full", f"a part is either trained in full or gets adapters: set {TUNE_FLAG[p]} false or narrow "
+                    "the regular expression")
+        return None
+    # a few names that exist: the first module of each kind (q_proj, qkv, fc1, ...), language model first
+    examples: dict[str, str] = {}
+    per_part: dict[str, list[str]] = {p: [] for p in PARTS}
+    for name, part in modules.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in examples:
+            examples[leaf] = name
+            per_part[part].append(name)
+    shown = per_part["llm"][:2] + per_part["vision"][:1] + per_part["merger"][:1]
+    hint = None
+    searched = [n for n in modules if rx.search(n)]
+    if searched:
+        hint = (f"the pattern is matched against the whole module name (it only occurs inside {searched[0]}): "
+                f"did you mean '.*{plan.regex}'?")
+    else:
+        from qwenvl.problems import did_you_mean
+
+        for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", plan.regex):
+            guess = did_you_mean(word, examples) if word not in examples else None
+            if guess:
+                hint = f"{guess[:-1]} (for {word!r})?"
+                break
+    hint = (hint + "; " if hint else "") + "module names here: " + ", ".join(shown)
+    return f"lora target_modules {plan.regex!r} matches no linear layer of {model_dir}", hint
+
+
 def parameter_report(model_dir: str | os.PathLike, *, plan: LoraPlan | None, tune: dict[str, bool], r: int = 64,
                      use_dora: bool = False) -> dict[str, dict[str, int]]:
     """Per part: ``total`` base parameters, ``full`` (trained in full), ``lora`` (adapter parameters), from the

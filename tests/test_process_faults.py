@@ -175,15 +175,17 @@ def test_ranks_never_outlive_vlsft(tmp_path, env, tiny_model_dir, how):
 
 
 def test_input_error_inside_a_rank_is_one_line_exit_2(tmp_path, env, tiny_model_dir):
-    """Issue 9 item 5: an input error found by the rank (here: eval_strategy without eval data, which the
-    front door passes through) shows the rank's own line, not torchrun's ChildFailedError."""
+    """Issue 9 item 5: an input error found by the rank (here: fewer samples than one batch with
+    dataloader_drop_last, which the front door passes through: the rank counts the samples it keeps) shows the
+    rank's own line, not torchrun's ChildFailedError."""
     out = tmp_path / "out"
     cfg = write_yaml(tmp_path / "run.yaml", tiny_model_dir, out, steps=2, port=29731)
-    p = subprocess.run([VLSFT, "train", "--config", str(cfg), "training.eval_strategy=steps"], env=env,
+    p = subprocess.run([VLSFT, "train", "--config", str(cfg), "training.per_device_train_batch_size=64",
+                        "training.extra.dataloader_drop_last=true"], env=env,
                        capture_output=True, text=True, timeout=240, cwd=REPO)
     errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
     assert p.returncode == 2, p.stderr[-3000:]
-    assert len(errors) == 1 and "needs eval data" in errors[0], p.stderr[-3000:]
+    assert len(errors) == 1 and "fewer than one batch on every rank" in errors[0], p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
     log = out / "vlsft" / "torchrun.log"
     assert f"full output is in {log}" in p.stderr

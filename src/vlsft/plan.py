@@ -410,6 +410,16 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
                 zero_stage=zero_stage(ds_path) if ds_path is not None and "://" not in ds_path else None):
             problems.append(Problem("error", message, key=key, hint=hint, **cfg.where(*key.split("."))))
 
+    if d.video_fps is not None and "base_interval" in d.model_fields_set and d.video_fps > 0 \
+            and abs(d.base_interval - 1.0 / d.video_fps) > 1e-9 * d.base_interval:
+        # two spellings of the frame rate (base_interval = 1 / video_fps); the trainer refuses them for
+        # Qwen2/2.5-VL and, for the Qwen3 families, would sample at video_fps and ignore base_interval
+        problems.append(Problem("error", f"data.video_fps {d.video_fps:g} and data.base_interval {d.base_interval:g} "
+                                f"disagree: video_fps {d.video_fps:g} means base_interval = 1 / video_fps = "
+                                f"{1.0 / d.video_fps:g} seconds", key="data.video_fps",
+                                hint="set only one of them (video_fps: frames per second, the official HEAD name; "
+                                "base_interval: seconds between frames)", **cfg.where("data", "video_fps")))
+
     # ---- batch arithmetic
     world = dist.nnodes * dist.nproc_per_node
     accum = tr.gradient_accumulation_steps or 1
@@ -421,6 +431,12 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     eval_samples = sum(s.samples for s in eval_shares)
     eval_strategy = tr.eval_strategy if tr.eval_strategy is not None else ("steps" if eval_shares else None)
     eval_every = None
+    if eval_strategy not in (None, "no") and not d.eval_split and not d.eval:
+        # the trainer refuses it in every rank (qwenvl.train: "--eval_strategy ... needs eval data")
+        problems.append(Problem("error", f"training.eval_strategy {eval_strategy} needs eval data, and there is none",
+                                key="training.eval_strategy", hint="set data.eval_split (a held-out fraction, e.g. "
+                                "0.02) or data.eval (dataset names, as data.use), or eval_strategy: no",
+                                **cfg.where("training", "eval_strategy")))
     if eval_strategy == "steps":
         every = tr.eval_steps if tr.eval_steps is not None else tr.logging_steps
         n_every = math.ceil(every * total) if every < 1 else int(every)
@@ -513,6 +529,25 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
                 targets=m.lora.targets, target_modules=m.lora.target_modules, quantize=m.lora.quantize,
                 deepspeed=ds_path is not None):
             problems.append(Problem("error", message, key=key, hint=hint, **cfg.where(*key.split("."))))
+        if m.lora.target_modules:  # resolved against the model's module names (safetensors headers, no torch)
+            from qwenvl.lora import LoraConfigError, resolve_targets, target_modules_problem
+
+            try:
+                lora_plan = resolve_targets(tune_mm_vision=m.tune_mm_vision, tune_mm_mlp=m.tune_mm_mlp,
+                                            tune_mm_llm=m.tune_mm_llm, targets=m.lora.targets,
+                                            target_modules=m.lora.target_modules)
+            except LoraConfigError:
+                lora_plan = None  # reported above
+            found = target_modules_problem(m.name_or_path, lora_plan) if lora_plan is not None else None
+            if found:
+                problems.append(Problem("error", found[0], key="model.lora.target_modules", hint=found[1],
+                                        **cfg.where("model", "lora", "target_modules")))
+    elif m.lora.quantize is not None:
+        problems.append(Problem("error", f"model.lora.quantize is {m.lora.quantize} but model.lora.enabled is false: "
+                                "quantization is for LoRA (QLoRA) and would otherwise be ignored, leaving a full "
+                                "fine-tune", key="model.lora.quantize", hint="set model.lora.enabled: true for "
+                                "QLoRA, or remove model.lora.quantize for a full fine-tune",
+                                **cfg.where("model", "lora", "quantize")))
     elif not (m.tune_mm_vision or m.tune_mm_mlp or m.tune_mm_llm):
         problems.append(Problem("error", "nothing is trainable: model.tune_mm_vision, tune_mm_mlp and tune_mm_llm are "
                                 "all false", key="model", hint="the recipes use tune_mm_mlp: true, tune_mm_llm: true",
