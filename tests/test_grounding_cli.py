@@ -224,7 +224,8 @@ def test_predict_renders_grounding_and_reports_iou(tmp_path, tiny_model_dir, cli
     assert row["prompt"] == "Where is the cat?" and row["reference"] == "[252, 126, 756, 378]", row
     # scored rows (written here, so no generation runs): one exact box, one far off -> IoU@0.5 0.5, mean 0.5
     out2 = tmp_path / "scored.jsonl"
-    out2.write_text("".join(json.dumps({"dataset": "g", "index": i, "prediction": p, "reference": ""}) + "\n"
+    out2.write_text("".join(json.dumps({"dataset": "g", "index": i, "where": f"g.jsonl:{i + 1}", "prompt": "",
+                                        "prediction": p, "reference": ""}) + "\n"
                             for i, p in ((0, '{"bbox_2d": [252, 126, 756, 378], "label": "cat"}'),
                                          (1, "[800, 400, 1000, 500]"))))
     r = _vlsft("predict", str(tiny_model_dir), "--dataset", "g", "--dictionary", str(tmp_path / "g.json"),
