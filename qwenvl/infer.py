@@ -56,6 +56,89 @@ def saved_pixel_limits(folder: str | os.PathLike) -> dict:
     return {}
 
 
+def _vision_factor(folder: str | os.PathLike) -> int:
+    """Pixels per side of one merged vision token (patch_size x merge_size: 28 for Qwen2/2.5-VL, 32 for Qwen3)."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = Path(folder) / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            data = data.get("image_processor") or data
+            try:
+                return int(data.get("patch_size") or 14) * int(data.get("merge_size") or 2)
+            except (TypeError, ValueError):
+                continue
+    return 28
+
+
+def pixel_limits_problem(folder: str | os.PathLike, min_pixels: int | None, max_pixels: int | None) -> str | None:
+    """Why images cannot be resized between these limits (the asked ones, else the run's), or None. qwen-vl-utils
+    would stop on an ``assert`` (min defaults to 4 merged tokens there when neither names one)."""
+    run = saved_pixel_limits(folder) if (min_pixels is None or max_pixels is None) else {}
+    lo = min_pixels if min_pixels is not None else run.get("min_pixels")
+    hi = max_pixels if max_pixels is not None else run.get("max_pixels")
+    if hi is None:
+        return None
+    lo_name = "--min-pixels" if min_pixels is not None else "the run's min_pixels"
+    hi_name = "--max-pixels" if max_pixels is not None else "the run's max_pixels"
+    if lo is None:
+        lo, lo_name = 4 * _vision_factor(folder) ** 2, "the smallest image size (4 vision tokens)"
+    if hi < lo:
+        fix = "raise --max-pixels" + (" or lower --min-pixels" if min_pixels is not None or lo_name.startswith("the run")
+                                      else "")
+        return f"{hi_name} {hi} is below {lo_name} {lo}: images are resized to between the two; {fix}"
+    return None
+
+
+def video_problem(ref: str) -> str | None:
+    """Why ``ref`` (a --video) cannot be read as a video (missing, not a media container, no video stream), checked
+    with PyAV before any model is loaded; None for URLs and readable videos."""
+    if "://" in ref:
+        return None
+    p = Path(ref).expanduser()
+    if not p.is_file():
+        return f"media file {ref} not found"
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        with av.open(str(p)) as container:
+            fmt = container.format.name or ""
+            if fmt.endswith("_pipe") or fmt == "image2":  # FFmpeg's still-image demuxers
+                return f"{ref} is an image ({fmt.removesuffix('_pipe')}), not a video: use --image for it"
+            if not container.streams.video:
+                return f"{ref} is not a video: it holds no video stream; give a video file (e.g. .mp4, .webm)"
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        why = str(e).split(":")[0].split("] ")[-1].strip() if str(e) else type(e).__name__
+        return f"{ref} is not a video ({why}); give a video file (e.g. .mp4, .webm) or use --image for an image"
+    return None
+
+
+def check_inputs(folder: str | os.PathLike, *, min_pixels: int | None = None, max_pixels: int | None = None,
+                 videos: list[str] = ()) -> None:
+    """:class:`InferError` (one line) for pixel limits or videos that cannot work, before any model is loaded."""
+    found = pixel_limits_problem(folder, min_pixels, max_pixels)
+    if found:
+        raise InferError(found)
+    for v in videos:
+        found = video_problem(v)
+        if found:
+            raise InferError(found)
+
+
+def position_limit(model) -> int | None:
+    """The language model's positions (``max_position_embeddings`` of the text config), None when unknown."""
+    cfg = getattr(model, "config", None)
+    for c in (getattr(cfg, "text_config", None), cfg):
+        n = getattr(c, "max_position_embeddings", None) if c is not None else None
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
 @dataclass
 class Inference:
     model: object
@@ -112,9 +195,20 @@ class Inference:
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         try:
             images, videos = process_vision_info(messages)
-        except (OSError, ValueError, FileNotFoundError) as e:
-            raise InferError(f"cannot read the media: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-        return self.processor(text=[text], images=images, videos=videos, padding=True, return_tensors="pt")
+        except Exception as e:  # noqa: BLE001 - qwen-vl-utils' readers fail in many ways on a bad file: user input
+            refs = [str(part.get("video") or "").removeprefix("file://") for m in messages for part in m["content"]
+                    if isinstance(part, dict) and part.get("type") == "video"]
+            what = f" {', '.join(refs)}" if refs else ""
+            raise InferError(f"cannot read the media{what}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        inputs = self.processor(text=[text], images=images, videos=videos, padding=True, return_tensors="pt")
+        limit = position_limit(self.model)
+        n = int(inputs["input_ids"].shape[1])
+        if limit is not None and n >= limit:
+            raise InferError(f"the prompt is {n:,} tokens but the model has {limit:,} positions "
+                             "(max_position_embeddings of its text config), leaving no room for an answer: shorten "
+                             "the prompt (or the conversation), or use fewer or smaller images/videos (--max-pixels)")
+        return inputs
 
     def generate_batch(self, conversations: list[list[dict]], *, max_new_tokens: int = 64) -> list[str]:
         """Greedy answers for several conversations in one ``generate`` call (left padding)."""

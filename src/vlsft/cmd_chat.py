@@ -44,6 +44,7 @@ def chat_cmd(
         from qwenvl import infer
 
         infer.model_kind(model_dir)  # one line for a folder that is not a model, before loading anything
+        infer.check_inputs(model_dir, min_pixels=min_pixels, max_pixels=max_pixels, videos=video)
         engine = infer.load(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
         warning = engine.budget_warning()
         if warning:
