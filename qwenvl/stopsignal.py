@@ -8,8 +8,9 @@
   ``run()`` sees :func:`received` and skips the final-model save.
 * Repeats of a signal are ignored: torchrun re-sends the signal it got to every rank, and the launcher
   (``vlsft train``) escalates to SIGKILL on a second Ctrl-C or after its grace period.
-* :func:`stop_with_launcher`: a rank whose parent (torchrun) disappears, e.g. after ``kill -9``, signals
-  itself SIGTERM (and exits after ``grace_s`` if still alive), so no rank outlives its launcher.
+* :func:`stop_with_launcher`: a rank whose parent (torchrun) disappears, e.g. after ``kill -9`` of ``vlsft``
+  (which takes torchrun down at once), signals itself SIGTERM and exits after ``grace_s`` (10 s) if still alive
+  - also in the middle of a checkpoint save - so no rank outlives its launcher.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def install() -> None:
             pass
 
 
-def stop_with_launcher(grace_s: float = 60.0, poll_s: float = 1.0) -> None:
+def stop_with_launcher(grace_s: float = 10.0, poll_s: float = 1.0) -> None:
     """Under torchrun: watch the parent; when it is gone, stop this rank (see module docstring)."""
     if not os.environ.get("TORCHELASTIC_RUN_ID") and "LOCAL_RANK" not in os.environ:
         return

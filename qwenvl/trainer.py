@@ -357,6 +357,13 @@ class QwenVLTrainer(Trainer):
         return line
 
     # ---- saving -----------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        delay = os.environ.get("VLSFT_TEST_SAVE_DELAY_S")  # test hook: a slow checkpoint save (process faults)
+        if delay:
+            logger.warning("VLSFT_TEST_SAVE_DELAY_S=%s: the checkpoint save sleeps first (test hook)", delay)
+            time.sleep(float(delay))
+        return super()._save_checkpoint(model, trial)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         out = output_dir if output_dir is not None else self.args.output_dir

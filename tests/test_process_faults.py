@@ -275,3 +275,30 @@ def test_no_space_message_and_detection(tmp_path):
         f.write("x")
         f.flush()
     assert is_no_space(e.value)
+
+
+def test_kill9_of_vlsft_during_a_checkpoint_save_stops_every_rank(tmp_path, env, tiny_model_dir):
+    """Issue 19 item 9: kill -9 of vlsft while a checkpoint is being saved (made slow by a test hook: 120 s)
+    leaves no rank running: torchrun dies with vlsft, the rank notices its launcher is gone and exits within its
+    10 s grace, save or not (torchrun's own SIGTERM path waited 30 s and asked for one more checkpoint)."""
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "run.yaml", tiny_model_dir, out, steps=100000, port=29739, save_steps=2)
+    run = Training(cfg, dict(env, VLSFT_TEST_SAVE_DELAY_S="120"))
+    try:
+        run.wait_training()
+        t0 = time.time()
+        while not any("VLSFT_TEST_SAVE_DELAY_S" in x for x in run.err):
+            assert time.time() - t0 < 60, "".join(run.err[-20:])
+            time.sleep(0.2)
+        time.sleep(2)  # inside the (slow) save
+        kids = run.descendants()
+        assert any("qwenvl.train" in " ".join(k.cmdline()) for k in kids)
+        run.proc.send_signal(signal.SIGKILL)
+        left = _all_gone(kids, timeout=20)
+        assert not left, [(p.pid, p.cmdline()) for p in left]
+    finally:
+        for k in psutil.Process(os.getpid()).children(recursive=True):
+            if k.pid != run.proc.pid and "qwenvl" in " ".join(k.cmdline()):
+                k.kill()
+        if run.proc.poll() is None:
+            run.proc.kill()

@@ -4,9 +4,11 @@
   only ``vlsft``, which forwards SIGINT / SIGTERM / SIGHUP (a closed terminal or ssh session) to the
   child's whole group (torchrun and its ranks). A second signal, or a child still alive ``grace_s``
   seconds after the first, gets SIGKILL.
-* The child dies with its launcher: it is started with ``PR_SET_PDEATHSIG`` = SIGTERM (Linux), so
-  ``kill -9`` of ``vlsft`` makes torchrun stop its ranks (and each rank watches torchrun in turn,
-  :mod:`qwenvl.stopsignal`).
+* The child dies with its launcher: it is started with ``PR_SET_PDEATHSIG`` = SIGKILL (Linux), so
+  ``kill -9`` of ``vlsft`` ends torchrun at once, and each rank, watching torchrun
+  (:mod:`qwenvl.stopsignal`), stops within seconds - also in the middle of a checkpoint save (a SIGTERM there
+  would have torchrun ask the ranks for one more checkpoint and wait up to 30 s; a hard kill means "stop now",
+  and ``resume: auto`` skips a half-written checkpoint).
 * The command is an argv list, never a shell string.
 * A rank that dies makes torchrun stop the other ranks and exit non-zero (its default failure
   handling with no restarts); that status is returned, so ``vlsft train`` ends promptly.
@@ -52,11 +54,11 @@ def _die_with_parent(parent: int):
         try:
             import ctypes
 
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         except (OSError, AttributeError):  # not Linux: the launcher's signal forwarding still applies
             return
         if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(128 + int(signal.SIGTERM))
+            os._exit(128 + int(signal.SIGKILL))
 
     return set_pdeathsig
 
