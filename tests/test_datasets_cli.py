@@ -76,7 +76,7 @@ def test_check_golden_ok_table(golden_dict):
     # name, format, declared, samples, rate, per epoch, share, images, videos, text-only, problems
     assert cells_a == ["public_a", "official", "15", "15", "5.437%", "1", "2.8%", "11", "4", "2", "ok"]
     assert cells_b == ["public_b", "official", "14", "14", "250%", "35", "97.2%", "8", "5", "1", "ok"]
-    assert "OK check: 2 datasets (2 valid), 36 samples per epoch; 0 errors, 0 warnings" in r.stdout
+    assert "OK check: 2 datasets (none with errors), 36 samples per epoch; 0 errors, 0 warnings" in r.stdout
 
 
 def test_check_golden_deep_flags_quirks(golden_dict, golden_dir):
@@ -531,7 +531,7 @@ def test_big_dictionary_table_is_fast_and_aligned(tmp_path):
     t0 = time.perf_counter()
     r = invoke("datasets", "check", str(d))
     elapsed = time.perf_counter() - t0
-    assert r.exit_code == 0 and "1,000 datasets (1,000 valid), 2,000 samples per epoch" in r.stdout
+    assert r.exit_code == 0 and "1,000 datasets (none with errors), 2,000 samples per epoch" in r.stdout
     table = [line for line in r.stdout.splitlines() if "│" in line or "┃" in line or "╇" in line]
     assert len(table) == 1002 and len({cell_len(line.rstrip()) for line in table[2:]}) == 1
     assert {line.index("│") for line in table[2:] if line.startswith("ds_")} == {cell_len("with space") + 1}
@@ -698,3 +698,13 @@ def test_every_media_file_missing_points_at_data_path(tmp_path):
     assert (first["line"], first["column"], first["key"]) == (2, 12, "data_path")
     assert first["message"] == f"none of the 12 media files of dataset 'wrong' exist under data_path {tmp_path}/media/sub"
     assert [p["message"].split(":")[0] for p in probs[1:]] == ["media file not found"] * 12
+
+
+def test_summary_line_names_failing_datasets_and_the_decode_depth(tutorial, golden_dict):
+    """Issue 19 item 10: a failed check no longer says '(1 valid)', and --decode is named as such."""
+    r = invoke("datasets", "check", str(tutorial))
+    assert r.exit_code == 1
+    last = [x for x in r.stdout.splitlines() if x.startswith("FAILED")][-1]
+    assert "with errors" in last and "valid" not in last, last
+    r = invoke("datasets", "check", str(golden_dict), "--decode")
+    assert "deep check with decoding:" in r.stdout, r.stdout[-500:]

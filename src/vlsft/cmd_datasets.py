@@ -67,6 +67,7 @@ class CheckReport:
     rows: list[DatasetRow] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     deep: bool = False
+    decode: bool = False
 
     @property
     def ok(self) -> bool:
@@ -89,7 +90,7 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None,
     scan, whose result also feeds the dictionary-level file checks.
     """
     d = load_dictionary(path, check_files=not deep)
-    report = CheckReport(dictionary=d, deep=deep)
+    report = CheckReport(dictionary=d, deep=deep, decode=decode)
     if d.unusable:
         report.problems.extend(d.problems)
         return report
@@ -310,10 +311,13 @@ def print_report(report: CheckReport) -> None:
         out.print()
         render.print_problems(out, report.problems)
     total = sum(r.samples_per_epoch or 0 for r in report.rows)
-    n_ok = sum(1 for r in report.rows if r.spec is not None)
+    # datasets with an error of their own, or no usable entry; a problem of the dictionary file itself (no dataset)
+    # makes the whole check fail without naming one
+    n_bad = sum(1 for r in report.rows if r.errors or r.spec is None)
     verdict = "[bold green]OK[/bold green]" if report.ok else "[bold red]FAILED[/bold red]"
-    depth = "deep check" if report.deep else "check"
-    out.print(f"{verdict} {depth}: {render.plural(len(report.rows), 'dataset')} ({n_ok:,} valid), "
+    depth = "deep check with decoding" if report.decode else ("deep check" if report.deep else "check")
+    state = f"{n_bad:,} with errors" if n_bad else "none with errors"
+    out.print(f"{verdict} {depth}: {render.plural(len(report.rows), 'dataset')} ({state}), "
               f"{render.plural(total, 'sample')} per epoch; {render.summary_text(report.problems)}")
 
 
