@@ -75,3 +75,25 @@ def test_preview_text_and_errors(run_yaml, golden_dir, cli_env, qwen_tokenizer_d
     r = _vlsft("--model", str(qwen_tokenizer_dir), "--dictionary", str(run_yaml.parent / "dict.json"),
                "--dataset", "pub_a", "--index", "99", env=cli_env)
     assert r.returncode == 2 and "out of range" in r.stderr
+
+
+def test_preview_model_run_uses_the_runs_pixel_budget(run_yaml, golden_dir, qwen_tokenizer_dir, cli_env, tmp_path):
+    """Issue 19 item 10: `preview --model RUN` (no run YAML) renders images with the pixel budget saved with the
+    run's processor - what training, chat and predict use - not the library default (576 tokens vs 16)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in qwen_tokenizer_dir.iterdir():
+        if f.is_file():
+            (run / f.name).symlink_to(f)
+    pre = json.loads((qwen_tokenizer_dir / "preprocessor_config.json").read_text())
+    pre["size"] = {"shortest_edge": 3136, "longest_edge": 12544}  # as vlsft train saves a run's limits
+    (run / "preprocessor_config.json").unlink()
+    (run / "preprocessor_config.json").write_text(json.dumps(pre))
+    counts = {}
+    for model in (qwen_tokenizer_dir, run):
+        r = _vlsft("--model", str(model), "--dictionary", str(run_yaml.parent / "dict.json"), "--dataset", "pub_a",
+                   "--index", "0", "--json", env=cli_env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        ids = json.loads(r.stdout)["input_ids"]
+        counts[model] = ids.count(151655)  # <|image_pad|>
+    assert 0 < counts[run] <= 16 < counts[qwen_tokenizer_dir], counts

@@ -163,6 +163,15 @@ def preview(
             setattr(data_args, key.flag, yaml_value(cfg, key))
     if not model or not dictionary:
         _fail("no model or dictionary given", hint="pass --config run.yaml, or both --model DIR and --dictionary FILE")
+    if config is None and Path(model).is_dir():
+        # --model RUN: the run's pixel budget, saved with its processor (what training, chat and predict use)
+        from qwenvl.infer import saved_pixel_limits
+
+        try:
+            for key, value in saved_pixel_limits(model).items():
+                setattr(data_args, key, value)
+        except (OSError, ValueError, TypeError, KeyError):  # an unreadable processor file: the defaults, as before
+            pass
 
     from qwenvl.data.dictionary import load_dictionary
 
