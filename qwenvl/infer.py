@@ -162,12 +162,15 @@ class Inference:
 
     def messages(self, prompt: str, *, images: list[str] = (), videos: list[str] = (),
                  system: str | None = None) -> list[dict]:
-        """A Qwen chat conversation: optional system turn, one user turn with the media first, then the text."""
+        """A Qwen chat conversation: optional system turn, one user turn with the media first, then the text, which
+        starts with a newline after media as in the official training format (``<image>\nQuestion``)."""
         content: list[dict] = []
         for img in images:
             content.append(self.image_part(img))
         for vid in videos:
             content.append({"type": "video", "video": _media_ref(vid)})
+        if (images or videos) and not prompt.startswith("\n"):
+            prompt = "\n" + prompt  # the official training format: "<image>\nQuestion" (a newline after the media)
         content.append({"type": "text", "text": prompt})
         msgs = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
         return msgs + [{"role": "user", "content": content}]

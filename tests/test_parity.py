@@ -101,3 +101,20 @@ def test_wrong_pixel_budget_breaks_parity(golden):
     engine = _engine(golden["proc"], lim["min_pixels"], lim["max_pixels"] // 4)
     bad = _compare(golden, engine)
     assert bad and any("tokens differ" in b for b in bad), bad
+
+
+def test_chat_messages_put_the_newline_after_the_media(golden):
+    """Issue 19 item 10: `vlsft chat --image X "Question"` builds what training saw for "<image>\\nQuestion" - the
+    newline after the media included - for every golden sample whose first user turn is one leading image tag."""
+    engine = _engine(golden["proc"], **golden["limits"])
+    n = 0
+    for sid in golden["ids"]:
+        rec = golden["records"][sid]
+        user = next(t for t in rec["conversations"] if t["from"] == "human")["value"]
+        if not user.startswith("<image>\n") or user.count("<image>") != 1 or isinstance(rec["image"], list):
+            continue
+        ids, _ = _training_prefix(golden["builder"], rec, golden["media"])
+        msgs = engine.messages(user[len("<image>\n"):], images=[str(golden["media"] / rec["image"])])
+        assert engine.prompt_inputs(msgs)["input_ids"][0].tolist() == ids, sid
+        n += 1
+    assert n >= 3
