@@ -13,21 +13,21 @@
 
 Before anything is written the source must be whole (:func:`source_problem`: the rule of
 :func:`qwenvl.runpolicy.adapter_problem` that makes a LoRA checkpoint complete, plus the tokenizer and processor
-an export carries); else one line names the missing piece. ``--out`` must be new or empty (never overwritten); the
-export is written into a hidden temporary folder beside it and renamed into place, so a failed export leaves
-nothing half-written: the folder is removed on every error and on SIGINT / SIGTERM / SIGHUP
-(:class:`ExportInterrupted`), and one left by a killed export (``kill -9``) is removed by the next export to the
-same ``--out``.
+an export carries); else one line names the missing piece. ``--out`` must be a new or empty folder (never
+overwritten) that vlsft can write: :func:`qwenvl.safe_write.check_target` refuses a symbolic link, a path under a
+file, a name longer than the filesystem allows and an unwritable folder, in one line, before the model is loaded.
+The export is written by :func:`qwenvl.safe_write.atomic_folder`: into a hidden temporary folder beside ``--out``,
+renamed into place, so a failed export leaves nothing half-written: the folder is removed on every error and on
+SIGINT / SIGTERM / SIGHUP (:class:`ExportInterrupted`), and one left by a killed export (``kill -9``) is removed by
+the next export to the same ``--out``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from qwenvl.lora import PARTS_FILE
@@ -40,6 +40,7 @@ from qwenvl.runpolicy import (
     is_lora_folder,
     list_checkpoints,
 )
+from qwenvl.safe_write import Interrupted, atomic_folder, check_target
 
 EXPORT_MANIFEST = "vlsft-export.json"
 # training state that an export does not carry
@@ -49,19 +50,14 @@ _SKIP = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bi
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-_TMP_MARK = ".vlsft-export-"
 
 
 class ExportError(UserError):
     """An export that cannot be made (one line)."""
 
 
-class ExportInterrupted(BaseException):
-    """A stop signal (SIGINT / SIGTERM / SIGHUP) arrived during the export; the temporary folder is removed."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+# A stop signal (SIGINT / SIGTERM / SIGHUP) arrived during the export; the temporary folder is removed.
+ExportInterrupted = Interrupted
 
 
 def source_problem(src: Path) -> str | None:
@@ -115,9 +111,7 @@ def resolve_source(path: str | os.PathLike) -> Path:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file: choose a new folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and not out.is_symlink() and any(out.iterdir()):
         raise ExportError(f"--out {out} is not empty: choose a new or empty folder (nothing was overwritten)")
 
 
@@ -141,74 +135,23 @@ def _pixel_limits(folder: Path) -> dict:
     return {}
 
 
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """SIGINT / SIGTERM / SIGHUP raise :class:`ExportInterrupted` (once; repeats are ignored so that the cleanup
-    finishes), so that ``finally`` blocks run; the previous handlers come back afterwards."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-
-    def handler(signum, _frame) -> None:
-        if got:
-            return
-        got.append(signum)
-        raise ExportInterrupted(signum)
-
-    previous = {}
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            with contextlib.suppress(OSError, ValueError):
-                previous[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                signal.signal(sig, old)
-
-
-def _remove_stale_temps(out: Path) -> None:
-    """Temporary folders of earlier exports to ``out`` whose process is gone (killed with SIGKILL)."""
-    for p in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
-        pid = p.name.rpartition("-")[2]
-        if not pid.isdigit() or not p.is_dir() or p.is_symlink():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except OSError:  # another user's live process
-            pass
-
-
 def export(source: str | os.PathLike, out: str | os.PathLike, *, merge: bool = False, base: str | None = None,
            say: Callable[[str], None] = lambda _m: None) -> Path:
-    """Write the export (see the module docstring); returns ``out``. :class:`ExportError` before anything is
-    written when the source is not whole; :class:`ExportInterrupted` on a stop signal (nothing is left behind)."""
+    """Write the export (see the module docstring); returns ``out``. :class:`ExportError` /
+    :class:`~qwenvl.safe_write.UnsafeTarget` before anything is written (and before the model is loaded) when the
+    source is not whole or ``--out`` is not a new or empty folder vlsft can write; :class:`ExportInterrupted` on a
+    stop signal (nothing is left behind)."""
     src = resolve_source(source)
-    out = Path(out).absolute()
-    _check_out(out)
+    check_target(out, "--out", folder=True)  # a link, a path under a file, a too-long name, an unwritable folder
+    _check_out(Path(out))
     base_dir = _base_of(src, base)
-    tmp = out.parent / f".{out.name}{_TMP_MARK}{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
-    with _signals_raise():
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir()
-            _write(src, base_dir, tmp, out, merge, say)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    with atomic_folder(out, "--out") as tmp:  # creating it fails here for a folder nobody can write (/proc)
+        _write(src, base_dir, tmp, merge, say)
+    return Path(out).absolute()
 
 
-def _write(src: Path, base_dir: Path, tmp: Path, out: Path, merge: bool, say) -> None:
-    """The export into ``tmp``, then ``tmp`` renamed to ``out``."""
+def _write(src: Path, base_dir: Path, tmp: Path, merge: bool, say) -> None:
+    """The export into ``tmp`` (renamed to ``--out`` by :func:`~qwenvl.safe_write.atomic_folder`)."""
     if merge:
         _merge(src, base_dir, tmp, say)
     else:
@@ -216,12 +159,6 @@ def _write(src: Path, base_dir: Path, tmp: Path, out: Path, merge: bool, say) ->
     manifest = {"source": str(src.resolve()), "base_model": str(base_dir), "merged": merge,
                 **_pixel_limits(src), "lora": json.loads((src / LORA_MANIFEST).read_text(encoding="utf-8"))}
     (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    _check_out(out)
-    if out.is_dir():
-        out.rmdir()
-    tmp.rename(out)
-
-
 
 
 def _copy_adapter(src: Path, base_dir: Path, dst: Path, say) -> None:

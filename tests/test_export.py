@@ -5,6 +5,7 @@ overwritten."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -161,7 +162,7 @@ def test_interrupted_merge_leaves_no_temporary_folder(checkpoint, tmp_path, sig)
     proc = subprocess.Popen([VLSFT, "export", str(checkpoint["dir"]), "--out", str(out), "--merge"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".merged.vlsft-export-*")) and proc.poll() is None and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".merged.vlsft-tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     assert proc.poll() is None, "the export ended before it could be interrupted"
     proc.send_signal(getattr(signal, sig))
@@ -175,9 +176,35 @@ def test_interrupted_merge_leaves_no_temporary_folder(checkpoint, tmp_path, sig)
 
 def test_a_killed_exports_temporary_folder_is_removed_by_the_next(checkpoint, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".adapter.vlsft-export-{int(dead.stdout)}"  # left by a `kill -9`ed export
+    stale = tmp_path / f".adapter.vlsft-tmp-{int(dead.stdout)}"  # left by a `kill -9`ed export
     stale.mkdir()
     (stale / "adapter_model.safetensors").write_bytes(b"half")
     p = export(str(checkpoint["dir"]), "--out", str(tmp_path / "adapter"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["adapter"]
+
+
+# ---- a bad --out is one line, before the model is loaded, and nothing is written (Trust, round 3, item 7) ---------
+def _bad_out(base: Path, case: str) -> Path:
+    (base / "target").mkdir()  # an empty folder: a link to it would otherwise be taken as an empty --out
+    (base / "afile").write_text("mine\n")
+    os.symlink(base / "target", base / "to-folder")
+    os.symlink(base / "nowhere", base / "dangling")
+    return {"link to a folder": base / "to-folder", "dangling link": base / "dangling",
+            "under a file": base / "afile" / "out", "unwritable folder": Path("/proc/vlsft-export-test"),
+            "too long": base / ("y" * 300)}[case]
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merge"])
+@pytest.mark.parametrize("case", ["link to a folder", "dangling link", "under a file", "unwritable folder",
+                                  "too long"])
+def test_export_to_a_bad_out_is_one_line_and_writes_nothing(checkpoint, tmp_path, case, merge):
+    out = _bad_out(tmp_path, case)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    p = export(str(checkpoint["dir"]), "--out", str(out), *(["--merge"] if merge else []))
+    lines = [x for x in p.stderr.splitlines() if x.strip()]  # one line: no "loading the base model" before it
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "exported" not in p.stdout, p.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: --out "), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary folder, nothing new
+    assert list((tmp_path / "target").iterdir()) == [] and (tmp_path / "afile").read_text() == "mine\n"
+    assert not os.path.lexists(tmp_path / "nowhere") and not os.path.lexists("/proc/vlsft-export-test")

@@ -7,9 +7,10 @@ Without ``--merge``: the adapter (PEFT layout) with the fully-trained parts, tok
 chat template and the base model's path (``qwenvl.export.load_adapter_export`` loads it). With ``--merge``: the
 base model with adapters and trained parts merged in, in the standard Hugging Face layout
 (``AutoModelForImageTextToText`` + ``AutoProcessor``). Runs on CPU; never overwrites: ``--out`` must be new or
-empty. Exit 0 done, 2 for bad input (one ``error:`` line: a source that is not whole names the missing piece,
-before anything is written), 128 + N when stopped by signal N (the temporary folder removed). See
-:mod:`qwenvl.export`.
+empty. Exit 0 done, 2 for bad input (one ``error:`` line: a source that is not whole names the missing piece, a
+bad ``--out`` - a link, a path under a file, an unwritable folder, a too-long name - says what to give instead;
+before the model is loaded and anything is written), 128 + N when stopped by signal N (the temporary folder
+removed). See :mod:`qwenvl.export`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def export_cmd(
     from vlsft.render import fail, stderr
 
     console = stderr()
-    from qwenvl.export import ExportInterrupted
+    from qwenvl.safe_write import Interrupted
 
     try:
         from qwenvl.export import export
@@ -45,7 +46,7 @@ def export_cmd(
             done = export(source, out, merge=merge, base=base, say=lambda m: status.update(m) or console.log(m))
     except UserError as exc:
         fail(exc)
-    except ExportInterrupted as exc:  # the temporary folder is already removed
+    except Interrupted as exc:  # the temporary folder is already removed
         import signal
 
         fail(f"export interrupted by {signal.Signals(exc.signum).name}: nothing was written to {out}; run it "
