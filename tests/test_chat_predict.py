@@ -42,7 +42,7 @@ def test_chat_answers_with_an_image_at_the_runs_pixel_budget(trained_run, image)
     assert p.returncode == 0, p.stderr[-2000:]
     prompt, answer = p.stdout.split("---\n", 1)
     assert "<|im_start|>system\nYou are a helpful assistant.<|im_end|>" in prompt
-    assert "<|vision_start|><|image_pad|>×16<|vision_end|>What colour is the shape?<|im_end|>" in prompt
+    assert "<|vision_start|><|image_pad|>×16<|vision_end|>\nWhat colour is the shape?<|im_end|>" in prompt
     assert prompt.rstrip().endswith("<|im_start|>assistant")
     assert "warning" not in p.stderr and "Traceback" not in p.stderr
 
