@@ -639,5 +639,24 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def _exit_now(rc: int) -> None:
+    """End a failed rank without running C++ destructors: a process group left alive on an error path (a barrier
+    there could hang when the other ranks are elsewhere) otherwise aborts now and then at interpreter exit
+    ("terminate called without an active exception", status 134), which would hide the error's own status."""
+    try:
+        import torch.distributed as dist
+
+        alive = dist.is_available() and dist.is_initialized()
+    except ImportError:
+        alive = False
+    if rc != 0 and alive:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    _exit_now(code)
+    sys.exit(code)

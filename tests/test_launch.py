@@ -16,7 +16,9 @@ from vlsft.launch import first_slurm_host, run_child, slurm_topology
 CHILD = r"""
 import os, signal, subprocess, sys, time
 marker = sys.argv[1]
-grand = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+grand = subprocess.Popen([sys.executable, "-c",  # SIGINT's default even when started in the background (ignored)
+                          "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                          "time.sleep(120)"])
 open(marker + ".grandchild", "w").write(str(grand.pid))
 def on_term(signum, frame):
     open(marker, "w").write(f"got {signum}")
