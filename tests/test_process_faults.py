@@ -77,6 +77,14 @@ class Training:
     def descendants(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
 
+    def kill_everything(self) -> None:
+        """Test cleanup: every trainer process this test started (orphans included), then vlsft itself."""
+        for k in psutil.Process(os.getpid()).children(recursive=True):
+            if k.pid != self.proc.pid and "qwenvl" in " ".join(k.cmdline()):
+                k.kill()
+        if self.proc.poll() is None:
+            self.proc.kill()
+
     def finish(self, timeout: float = 120) -> tuple[int, str, str]:
         rc = self.proc.wait(timeout=timeout)
         time.sleep(0.3)  # let the reader threads drain
@@ -167,11 +175,7 @@ def test_ranks_never_outlive_vlsft(tmp_path, env, tiny_model_dir, how):
         if how == "sighup":
             assert rc == 129 and "Traceback" not in stderr, stderr[-3000:]
     finally:
-        for k in psutil.Process(os.getpid()).children(recursive=True):
-            if k.pid != run.proc.pid and "qwenvl" in " ".join(k.cmdline()):
-                k.kill()
-        if run.proc.poll() is None:
-            run.proc.kill()
+        run.kill_everything()
 
 
 def test_input_error_inside_a_rank_is_one_line_exit_2(tmp_path, env, tiny_model_dir):
@@ -206,11 +210,7 @@ def test_killed_rank_survivors_print_one_line_no_traceback(tmp_path, env, tiny_m
         ranks[0].kill()
         rc, _, stderr = run.finish(timeout=120)
     finally:
-        for k in psutil.Process(os.getpid()).children(recursive=True):
-            if k.pid != run.proc.pid and "qwenvl" in " ".join(k.cmdline()):
-                k.kill()
-        if run.proc.poll() is None:
-            run.proc.kill()
+        run.kill_everything()
     assert rc != 0
     assert "Traceback" not in stderr, stderr[-4000:]
     lines = [x for x in stderr.splitlines() if "another rank stopped" in x]
@@ -297,8 +297,4 @@ def test_kill9_of_vlsft_during_a_checkpoint_save_stops_every_rank(tmp_path, env,
         left = _all_gone(kids, timeout=20)
         assert not left, [(p.pid, p.cmdline()) for p in left]
     finally:
-        for k in psutil.Process(os.getpid()).children(recursive=True):
-            if k.pid != run.proc.pid and "qwenvl" in " ".join(k.cmdline()):
-                k.kill()
-        if run.proc.poll() is None:
-            run.proc.kill()
+        run.kill_everything()

@@ -55,26 +55,35 @@ def apply_slurm(cfg, environ) -> list[str]:
 def save_run_files(plan, out_dir: Path, config_path: str, overrides: list[str]) -> Path:
     """Write run.yaml / dataset dictionary copy / dataset_use.txt / launch.sh into ``<out_dir>/vlsft``."""
     from qwenvl import storage
+    from qwenvl.safe_write import atomic_file
+
+    def write(name: str, data: str | bytes) -> None:  # temp + rename; a link there (a user's file) is refused
+        with atomic_file(d / name, f"run file {d / name}", mode="wb" if isinstance(data, bytes) else "w",
+                         exclusive=False) as fh:
+            fh.write(data)
 
     d = out_dir / "vlsft"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "run.yaml").write_text(plan.config.to_saveable_yaml(), encoding="utf-8")
+    write("run.yaml", plan.config.to_saveable_yaml())
     dictionary = plan.config.data.dictionary
     from vlsft.plan import storage_environment
 
     try:
         with storage_environment(plan.config, os.environ):  # the run's storage.* (endpoint may be only in the YAML)
-            (d / "Dataset-Dictionary.json").write_bytes(storage.read_bytes(dictionary))
+            copy = storage.read_bytes(dictionary)
     except Exception as exc:  # noqa: BLE001 - a copy for the record; the plan already read it once
+        copy = None
         typer.secho(f"warning: could not copy the dataset dictionary {dictionary}: {exc}", err=True, fg="yellow")
-    (d / "dataset_use.txt").write_text(plan.dataset_use + "\n", encoding="utf-8")
+    if copy is not None:
+        write("Dataset-Dictionary.json", copy)
+    write("dataset_use.txt", plan.dataset_use + "\n")
     env = plan.display_env()
     lines = ["#!/usr/bin/env bash",
              f"# made by: {shlex.join(['vlsft', 'train', '--config', config_path, *overrides])}",
              "# secrets are masked (***): export them yourself before re-running this file"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines.append(shlex.join(plan.torchrun))
-    (d / "launch.sh").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write("launch.sh", "\n".join(lines) + "\n")
     return d
 
 
@@ -177,6 +186,8 @@ def _resume_and_launch(plan, config: str, overrides: list[str], lock) -> int:
     if node == 0:
         try:
             saved = save_run_files(plan, Path(out.dir), config, overrides)
+        except UserError as exc:  # a link in vlsft/ (a user's file there), a bad name: one line, nothing written
+            _fail(exc)
         except OSError as exc:
             _fail(f"cannot write the run files into output.dir {out.dir}: {exc.strerror or exc} (check the path and "
                   "its permissions)")

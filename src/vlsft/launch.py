@@ -175,9 +175,15 @@ def launch(argv: Sequence[str], env: Mapping[str, str] | None = None, *, grace_s
     log = None
     if log_path is not None:
         try:
-            log = open(log_path, "ab")  # noqa: SIM115 - closed below
+            # never through a link (a user's file put there): O_NOFOLLOW fails on one, and the run goes on unlogged
+            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            log = os.fdopen(fd, "ab")  # noqa: SIM115 - closed below
             log.write(f"=== {' '.join(argv)}\n".encode())
-        except OSError:
+        except OSError as exc:
+            import errno
+
+            if exc.errno == errno.ENOSPC:
+                raise
             log, log_path = None, None
     piped = filter_stderr or log is not None
     proc = subprocess.Popen(list(argv), env=dict(env) if env is not None else None, cwd=cwd,
