@@ -289,6 +289,9 @@ def _load_run_config(output_dir: str) -> dict | None:
 def _lora_plan(model_args, training_args):
     """The LoRA plan (:mod:`qwenvl.lora`), None without ``--lora_enable``; refusals are one line."""
     if not training_args.lora_enable:
+        if str(training_args.lora_quantize or "none").lower() not in ("none", ""):
+            raise UserError(f"--lora_quantize {training_args.lora_quantize} needs --lora_enable True (QLoRA trains "
+                            "adapters over quantised weights); remove --lora_quantize for a full fine-tune")
         return None
     import importlib.util
 

@@ -112,7 +112,8 @@ def test_official_warmup_ratio_is_accepted(tmp_path):
 
 
 @pytest.mark.parametrize("extra,expected", [(["--eval_strategy", "steps"], "needs eval data"),
-                                            (["--report_to", "tensorbord"], "not a known integration")])
+                                            (["--report_to", "tensorbord"], "not a known integration"),
+                                            (["--lora_quantize", "4bit"], "needs --lora_enable True")])
 def test_unsupported_combinations_are_one_line_before_loading(tmp_path, capsys, extra, expected):
     rc, err = _main(["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_dict", str(DICT),
                      "--tune_mm_llm", "True", "--output_dir", str(tmp_path / "out"), *extra], capsys)
