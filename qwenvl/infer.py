@@ -15,12 +15,15 @@ Qwen's own inference examples do (``qwen_vl_utils.process_vision_info``) with th
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenvl.problems import UserError
 from qwenvl.runpolicy import ADAPTER_CONFIG, list_checkpoints
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -213,6 +216,23 @@ class Inference:
                              "the prompt (or the conversation), or use fewer or smaller images/videos (--max-pixels)")
         return inputs
 
+    def answer_budget(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """``max_new_tokens`` capped so prompt + answer stay within the model's positions (a warning says so); a
+        prompt that leaves no room is an :class:`InferError` (one line)."""
+        limit = position_limit(self.model)
+        if limit is None:
+            return max_new_tokens
+        room = limit - prompt_tokens
+        if room <= 0:
+            raise InferError(f"the prompt is {prompt_tokens:,} tokens but the model has {limit:,} positions "
+                             "(max_position_embeddings of its text config), leaving no room for an answer: shorten "
+                             "the prompt, or use fewer or smaller images/videos (--max-pixels)")
+        if max_new_tokens > room:
+            logger.warning("answers are cut at %d tokens: the prompt takes %d of the model's %d positions", room,
+                           prompt_tokens, limit)
+            return room
+        return max_new_tokens
+
     def generate_batch(self, conversations: list[list[dict]], *, max_new_tokens: int = 64) -> list[str]:
         """Greedy answers for several conversations in one ``generate`` call (left padding)."""
         import torch
@@ -232,9 +252,10 @@ class Inference:
                                     return_tensors="pt").to(self.model.device)
         finally:
             tok.padding_side = side
-        with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False)
         width = inputs["input_ids"].shape[1]
+        max_new_tokens = self.answer_budget(int(width), int(max_new_tokens))
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
 
     def show_prompt(self, inputs) -> str:
@@ -267,7 +288,8 @@ class Inference:
         from transformers import TextIteratorStreamer
 
         inputs = inputs.to(self.model.device)
-        kwargs = {"max_new_tokens": int(max_new_tokens), "do_sample": temperature > 0}
+        max_new_tokens = self.answer_budget(int(inputs["input_ids"].shape[1]), int(max_new_tokens))
+        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
         if temperature > 0:
             kwargs.update(temperature=float(temperature), top_p=float(top_p))
         tok = self.processor.tokenizer

@@ -87,3 +87,24 @@ def test_prompt_longer_than_the_models_positions_is_refused(tiny_model_dir):
     count = int(line.split("the prompt is ")[1].split(" tokens")[0].replace(",", ""))
     assert count > limit, line
     assert not p.stdout.strip()  # nothing was answered
+
+
+def test_answers_never_run_past_the_models_positions(caplog):
+    """prompt + answer within max_position_embeddings: the answer budget is cut (a warning), a prompt that leaves
+    no room is one InferError line - for chat's generate and predict's generate_batch alike."""
+    import logging
+
+    from transformers import AutoModelForImageTextToText
+
+    from qwenvl.infer import Inference, InferError
+    from qwenvl.tiny import tiny_config
+
+    cfg = tiny_config("qwen2_5_vl")
+    cfg.text_config.max_position_embeddings = 100
+    engine = Inference(model=AutoModelForImageTextToText.from_config(cfg), processor=None, folder=None)
+    assert engine.answer_budget(40, 20) == 20
+    with caplog.at_level(logging.WARNING, logger="qwenvl.infer"):
+        assert engine.answer_budget(90, 20) == 10
+    assert "cut at 10 tokens" in caplog.text
+    with pytest.raises(InferError, match="100 positions"):
+        engine.answer_budget(100, 5)
