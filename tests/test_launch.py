@@ -16,10 +16,14 @@ from vlsft.launch import first_slurm_host, run_child, slurm_topology
 CHILD = r"""
 import os, signal, subprocess, sys, time
 marker = sys.argv[1]
-grand = subprocess.Popen([sys.executable, "-c",  # SIGINT's default even when started in the background (ignored)
-                          "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                          "time.sleep(120)"])
+# the grandchild takes SIGINT's default even when started in the background (where it is inherited as ignored),
+# and says so before the child reports ready (else a signal could land while its handler is not yet there)
+grand = subprocess.Popen([sys.executable, "-c",
+                          "import signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                          "open(sys.argv[1], 'w').write('1'); time.sleep(120)", marker + ".grand-ready"])
 open(marker + ".grandchild", "w").write(str(grand.pid))
+while not os.path.exists(marker + ".grand-ready"):
+    time.sleep(0.02)
 def on_term(signum, frame):
     open(marker, "w").write(f"got {signum}")
     sys.exit(7)
