@@ -117,8 +117,7 @@ def _build_plan(cu_seqlens, device) -> _Plan:
             start, n = spans[i]
             index[b, :n] = torch.arange(start, start + n)
             valid[b, :n] = True
-            for j in range(n):
-                order[start - cu[0] + j] = row + len(flat) + j
+            order[start - cu[0]:start - cu[0] + n] = range(row + len(flat), row + len(flat) + n)
             flat.extend(range(b * width, b * width + n))
         row += len(flat)
         groups.append(_Group(index.to(device), valid.view(len(members), 1, 1, width).to(device),
@@ -215,7 +214,9 @@ def varlen(q, k, v, cu_seqlens, max_len: int, scale: float, *, causal: bool):
         return None
     if "enable_gqa" not in kw:
         k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
-    cu = cu_seqlens.to(device=q.device, dtype=__import__("torch").int32)
+    import torch
+
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     return _torch_varlen()(q, k, v, cu, cu, int(max_len), int(max_len), **kw)
 
 
@@ -325,16 +326,6 @@ def install(model) -> bool:
             sub._attn_implementation = VISION_ATTENTION
     logger.info("vision attention: one call per layer (%s, was %s)", VISION_ATTENTION, current)
     return True
-
-
-def uninstall(model, implementation: str = "sdpa") -> None:
-    """Back to a stock implementation (for comparisons)."""
-    visual = _vision_tower(model)
-    if visual is not None:
-        for module in visual.modules():
-            sub = getattr(module, "config", None)
-            if sub is not None and getattr(sub, "_attn_implementation", None) == VISION_ATTENTION:
-                sub._attn_implementation = implementation
 
 
 # ---- frozen blocks: a forward only -------------------------------------------------------------------------------
