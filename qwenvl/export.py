@@ -194,7 +194,7 @@ def _merge(src: Path, base_dir: Path, dst: Path, say) -> None:
 
 
 def _model_type(base_dir: Path) -> str:
-    from qwenvl.model import read_model_type
+    from qwenvl.families import read_model_type
 
     return read_model_type(base_dir)
 

@@ -369,9 +369,9 @@ def load(folder: str | os.PathLike, *, min_pixels: int | None = None, max_pixels
                        max_pixels=max_pixels if max_pixels is not None else run_limits.get("max_pixels"),
                        run_limits=run_limits)
     try:
-        from qwenvl.model import read_model_type
+        from qwenvl.families import family_at
 
-        engine.exif = read_model_type(str(folder if kind == "full" else _adapter_base(folder))).startswith("qwen3")
+        engine.exif = family_at(folder if kind == "full" else _adapter_base(folder)).exif
     except Exception:  # noqa: BLE001 - only the EXIF choice depends on it
         engine.exif = False
     ip = getattr(processor, "image_processor", None)

@@ -23,100 +23,22 @@ import logging
 import os
 from pathlib import Path
 
+from qwenvl.families import PARTS, ModelTypeError, family, read_model_type  # noqa: F401 - PARTS re-exported
 from qwenvl.problems import UserError
 
 logger = logging.getLogger(__name__)
 
-# model_type in config.json -> transformers class name. The Qwen3 families (Qwen3-VL, its MoE, Qwen3.5 with its
-# Gated DeltaNet layers, dense and MoE) share the vision tower layout (visual.merger, Qwen3-VL's deepstack mergers)
-# and the data pipeline of the official HEAD trainer (qwenvl.data.sample.is_head_family).
-MODEL_CLASSES: dict[str, str] = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-    "qwen3_5": "Qwen3_5ForConditionalGeneration",
-    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
-}
-#: MoE families: the router auxiliary loss is added when the config has output_router_logits (coefficient
-#: router_aux_loss_coef of text_config), as transformers computes it
-MOE_FAMILIES = ("qwen3_vl_moe", "qwen3_5_moe")
-#: families with linear-attention (Gated DeltaNet) layers: several samples in one row need a kernel that keeps them
-#: apart (flash-linear-attention); transformers 5.24's PyTorch fallback refuses packed rows
-LINEAR_ATTENTION_FAMILIES = ("qwen3_5", "qwen3_5_moe")
-
-
-def batching_problem(model_type: str, *, data_flatten: bool, data_packing: bool) -> str | None:
-    """Why ``data_flatten`` / ``data_packing`` cannot run for this family here (torch-free), or None."""
-    import importlib.util
-
-    if model_type not in LINEAR_ATTENTION_FAMILIES or not (data_flatten or data_packing):
-        return None
-    if importlib.util.find_spec("fla") is not None:
-        return None
-    which = "data_packing" if data_packing else "data_flatten"
-    return (f"{which} puts several samples in one row, and {model_type}'s linear-attention (Gated DeltaNet) layers "
-            "keep them apart only with flash-linear-attention, which is not installed: use padded batches "
-            "(data_flatten False, data_packing False) or `pip install flash-linear-attention`")
-
-
-#: families whose checkpoints transformers 5.24 cannot load under DeepSpeed ZeRO-3 (README "Qwen3 generations")
-ZERO3_REFUSED_FAMILIES = ("qwen3_vl_moe",)
-
-
-def deepspeed_problem(model_type: str, zero_stage: int | None) -> str | None:
-    """Why this family cannot run under this ZeRO stage here (torch-free), or None.
-
-    Qwen3-VL MoE stores its experts as fused 3-D tensors; transformers 5.24 converts them on load with
-    ``Transpose(check_dims=True)``, which compares against the parameter's shape - under ZeRO-3 that is the
-    partitioned placeholder, so every expert tensor is transposed: a checkpoint written by transformers 5 (every
-    vlsft output, the tiny models) fails with "size mismatch for ...mlp.experts.down_proj" (or, for square
-    experts, loads silently transposed). The official HEAD scripts train it with ZeRO-2 ("MoE model only supports
-    zero2")."""
-    if model_type in ZERO3_REFUSED_FAMILIES and zero_stage == 3:
-        return (f"{model_type} cannot be trained with DeepSpeed ZeRO-3 here: transformers 5.24 transposes its fused "
-                "expert weights while loading them into ZeRO-3 partitions (size mismatch for mlp.experts.down_proj); "
-                "use ZeRO-2 (distributed.deepspeed: zero2 / --deepspeed configs/zero2.json), as the official "
-                "sft_30a3b.sh does")
-    return None
-
-PARTS = ("vision", "merger", "llm")
-
-
-class ModelTypeError(UserError, ValueError):
-    """The model directory is not a supported Qwen VL model."""
-
-
-def read_model_type(name_or_path: str | os.PathLike) -> str:
-    """``model_type`` from ``<path>/config.json`` (local folder), checked against :data:`MODEL_CLASSES`."""
-    cfg = Path(name_or_path) / "config.json"
-    if not cfg.is_file():
-        raise ModelTypeError(
-            f"{name_or_path}: no config.json; model_name_or_path must be a local model folder "
-            "(download it first, e.g. `hf download Qwen/Qwen2.5-VL-3B-Instruct --local-dir ...`)"
-        )
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelTypeError(f"{cfg}: unreadable ({e}); restore the model's config.json") from e
-    model_type = data.get("model_type") if isinstance(data, dict) else None
-    if model_type not in MODEL_CLASSES:
-        raise ModelTypeError(
-            f"{cfg}: model_type {model_type!r} is not supported; supported: {', '.join(MODEL_CLASSES)}"
-        )
-    return model_type
-
 
 def model_class(model_type: str):
+    """The transformers class of a family (:attr:`qwenvl.families.Family.model_class`)."""
     import transformers
 
-    if model_type not in MODEL_CLASSES:
-        raise ModelTypeError(f"model_type {model_type!r} is not supported; supported: {', '.join(MODEL_CLASSES)}")
+    fam = family(model_type)
     try:
-        return getattr(transformers, MODEL_CLASSES[model_type])
-    except AttributeError as e:  # older transformers without Qwen3-VL
+        return getattr(transformers, fam.model_class)
+    except AttributeError as e:  # an older transformers without this family
         raise ModelTypeError(
-            f"model_type {model_type!r} needs a newer transformers (installed {transformers.__version__})"
+            f"model_type {fam.model_type!r} needs a newer transformers (installed {transformers.__version__})"
         ) from e
 
 
@@ -271,12 +193,10 @@ def load_processor(name_or_path: str | os.PathLike, model_type: str | None = Non
                              "preprocessor_config.json; copy them from the base model folder")
     import tempfile
 
-    from qwenvl.tiny import preprocessor_config
-
     model_type = model_type or read_model_type(name_or_path)
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     vision = cfg.get("vision_config") or {}
-    pre = preprocessor_config(model_type)
+    pre = json.loads(json.dumps(dict(family(model_type).processor)))
     for src, dst in (("patch_size", "patch_size"), ("spatial_merge_size", "merge_size"),
                      ("temporal_patch_size", "temporal_patch_size")):
         if isinstance(vision.get(src), int):

@@ -94,7 +94,7 @@ def precision_problem(bf16: bool, extra: Mapping[str, object]) -> Found:
 
 def model_folder_problem(path: str) -> Found:
     """A local model folder the trainer cannot load: no config.json, unreadable, or an unsupported family."""
-    from qwenvl.model import read_model_type
+    from qwenvl.families import read_model_type
     from qwenvl.problems import UserError
 
     if not os.path.isdir(path):
@@ -119,7 +119,7 @@ def lora_problems(*, tune_mm_vision: bool, tune_mm_mlp: bool, tune_mm_llm: bool,
                   quantize, deepspeed: bool = False) -> list[tuple[str, str, str | None]]:
     """LoRA settings the ranks would refuse: ``(yaml key, message, hint)`` for each (see :mod:`qwenvl.lora`).
     Conflicts between a fully-trained part and its adapters, an invalid regex, QLoRA without CUDA/bitsandbytes."""
-    from qwenvl.lora import LoraConfigError, quantize_conflict, quantize_problem, resolve_targets
+    from qwenvl.lora_rules import LoraConfigError, quantize_conflict, quantize_problem, resolve_targets
 
     found: list[tuple[str, str, str | None]] = []
     plan = None
@@ -159,28 +159,17 @@ def zero_stage(deepspeed) -> int | None:
 def family_problems(model_type: str, *, data_flatten: bool, data_packing: bool,
                     zero_stage: int | None) -> list[tuple[str, str, str | None]]:
     """What this model family cannot do with these settings: ``(yaml key, message, hint)`` each (the trainer
-    checks the same rules, :func:`qwenvl.model.batching_problem` / :func:`qwenvl.model.deepspeed_problem`)."""
-    from qwenvl.model import batching_problem, deepspeed_problem
+    checks the same rules: :meth:`qwenvl.families.Family.batching_problem` / ``deepspeed_problem``)."""
+    from qwenvl.families import family
 
+    fam = family(model_type)
     found: list[tuple[str, str, str | None]] = []
-    msg = batching_problem(model_type, data_flatten=data_flatten, data_packing=data_packing)
+    msg = fam.batching_problem(data_flatten=data_flatten, data_packing=data_packing)
     if msg:
         message, _, hint = msg.partition(": use ")
         found.append(("data.packing" if data_packing else "data.flatten", message, ("use " + hint) if hint else None))
-    msg = deepspeed_problem(model_type, zero_stage)
+    msg = fam.deepspeed_problem(zero_stage)
     if msg:
         message, _, hint = msg.partition("; use ")
         found.append(("distributed.deepspeed", message, ("use " + hint) if hint else None))
     return found
-
-
-def family_limits(model_type: str) -> list[str]:
-    """What a family cannot do in this environment, one short phrase each (print-args shows them)."""
-    from qwenvl.model import batching_problem, deepspeed_problem
-
-    limits = []
-    if batching_problem(model_type, data_flatten=False, data_packing=True):
-        limits.append("no data.packing / data.flatten (linear-attention layers need flash-linear-attention)")
-    if deepspeed_problem(model_type, 3):
-        limits.append("no ZeRO-3 (transformers 5.24 mis-loads its fused experts; ZeRO-2 as the official scripts)")
-    return limits

@@ -133,3 +133,6 @@ QWEN3_VL_CHAT_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
 """
+
+#: the templates by name (qwenvl.families.Family.chat_template)
+CHAT_TEMPLATES = {"qwen2.5-vl": QWEN25_VL_CHAT_TEMPLATE, "qwen3-vl": QWEN3_VL_CHAT_TEMPLATE}

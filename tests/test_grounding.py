@@ -13,7 +13,15 @@ import pytest
 from PIL import Image
 
 from qwenvl.data import formats
-from qwenvl.data.grounding import convert, render_texts, rendered_objects, smart_resize
+from qwenvl.data.grounding import (
+    BOX_TOKENS,
+    JSON_1000,
+    PIXELS,
+    convert,
+    render_texts,
+    rendered_objects,
+    smart_resize,
+)
 from qwenvl.data.sample import SampleBuilder, VisionBudget
 from qwenvl.data.sample_rules import record_problems
 
@@ -40,45 +48,45 @@ def test_smart_resize_worked_example_and_transformers_agree():
                                      ("norm1", [0.25, 0.25, 0.75, 0.75])])
 def test_each_declared_format_gives_the_same_family_values(fmt, box):
     # Qwen2.5-VL: 480*420/1920 = 105, 270*224/1080 = 56, 1440*420/1920 = 315, 810*224/1080 = 168
-    assert convert(box, FHD, R100K, fmt, "qwen2.5vl") == [105, 56, 315, 168]
-    assert convert(box, FHD, R100K, fmt, "qwen2vl") == [250, 250, 750, 750]
-    assert convert(box, FHD, R100K, fmt, "qwen3vl") == [250, 250, 750, 750]
+    assert convert(box, FHD, R100K, fmt, PIXELS) == [105, 56, 315, 168]
+    assert convert(box, FHD, R100K, fmt, BOX_TOKENS) == [250, 250, 750, 750]
+    assert convert(box, FHD, R100K, fmt, JSON_1000) == [250, 250, 750, 750]
 
 
 def test_rounding_half_up_and_clamped_at_the_edges():
     # 100*420/1920 = 21.875 -> 22; 50*224/1080 = 10.37 -> 10; the right/bottom edge is the resized size
-    assert convert([100, 50, 1920, 1080], FHD, R100K, "pixel", "qwen2.5vl") == [22, 10, 420, 224]
+    assert convert([100, 50, 1920, 1080], FHD, R100K, "pixel", PIXELS) == [22, 10, 420, 224]
     # 100/1920*1000 = 52.08 -> 52; 50/1080*1000 = 46.3 -> 46; 1919/1920*1000 = 999.48 -> 999
-    assert convert([100, 50, 1919, 1080], FHD, R100K, "pixel", "qwen2vl") == [52, 46, 999, 1000]
+    assert convert([100, 50, 1919, 1080], FHD, R100K, "pixel", BOX_TOKENS) == [52, 46, 999, 1000]
     # halves round up (Python's round() would give 2 and 0): 5 of 2000 px = 2.5 -> 3; 1 of 2000 = 0.5 -> 1
-    assert convert([5, 1], (2000, 2000), (2000, 2000), "pixel", "qwen3vl") == [3, 1]
-    assert convert([5, 1], (2000, 2000), (10, 10), "norm1000", "qwen2.5vl") == [0, 0]  # 0.05, 0.01
+    assert convert([5, 1], (2000, 2000), (2000, 2000), "pixel", JSON_1000) == [3, 1]
+    assert convert([5, 1], (2000, 2000), (10, 10), "norm1000", PIXELS) == [0, 0]  # 0.05, 0.01
     # beyond the image: clamped to it
-    assert convert([-4, 0, 1930, 1100], FHD, R100K, "pixel", "qwen2.5vl") == [0, 0, 420, 224]
-    assert convert([-4, 0, 1930, 1100], FHD, R100K, "pixel", "qwen3vl") == [0, 0, 1000, 1000]
+    assert convert([-4, 0, 1930, 1100], FHD, R100K, "pixel", PIXELS) == [0, 0, 420, 224]
+    assert convert([-4, 0, 1930, 1100], FHD, R100K, "pixel", JSON_1000) == [0, 0, 1000, 1000]
 
 
 def test_placeholder_texts_per_family():
     objs = [{"label": "cat", "bbox": [480, 270, 1440, 810]}, {"label": "eye", "point": [960, 540]}]
     texts = ["Where is the <ref>?", "<ref> <bbox>; <ref> <point>"]
     sizes = [(FHD, R100K)]
-    r25 = rendered_objects(objs, sizes, "pixel", "qwen2.5vl")
-    assert render_texts(texts, r25, "qwen2.5vl") == ["Where is the cat?", "cat [105, 56, 315, 168]; eye [210, 112]"]
-    r2 = rendered_objects(objs, sizes, "pixel", "qwen2vl")
-    assert render_texts(texts, r2, "qwen2vl")[1] == (
+    r25 = rendered_objects(objs, sizes, "pixel", PIXELS)
+    assert render_texts(texts, r25, PIXELS) == ["Where is the cat?", "cat [105, 56, 315, 168]; eye [210, 112]"]
+    r2 = rendered_objects(objs, sizes, "pixel", BOX_TOKENS)
+    assert render_texts(texts, r2, BOX_TOKENS)[1] == (
         "<|object_ref_start|>cat<|object_ref_end|> <|box_start|>(250,250),(750,750)<|box_end|>; "
         "<|object_ref_start|>eye<|object_ref_end|> <|box_start|>(500,500)<|box_end|>")
-    r3 = rendered_objects(objs, sizes, "pixel", "qwen3vl")
-    assert render_texts(["<objects>"], r3, "qwen3vl") == [
+    r3 = rendered_objects(objs, sizes, "pixel", JSON_1000)
+    assert render_texts(["<objects>"], r3, JSON_1000) == [
         '```json\n[\n  {"bbox_2d": [250, 250, 750, 750], "label": "cat"},\n  {"point_2d": [500, 500], "label": "eye"}\n]\n```']
 
 
 def test_multi_image_sample_takes_the_box_image():
     objs = [{"label": "a", "bbox": [0, 0, 100, 100], "image": 1}, {"label": "b", "bbox": [0, 0, 100, 100], "image": 0}]
     sizes = [((1000, 1000), (1000, 1000)), ((200, 100), (224, 112))]
-    r = rendered_objects(objs, sizes, "pixel", "qwen2.5vl")
+    r = rendered_objects(objs, sizes, "pixel", PIXELS)
     assert r[0]["values"] == [0, 0, 112, 112] and r[1]["values"] == [0, 0, 100, 100]
-    r = rendered_objects(objs, sizes, "pixel", "qwen3vl")
+    r = rendered_objects(objs, sizes, "pixel", JSON_1000)
     assert r[0]["values"] == [0, 0, 500, 1000] and r[1]["values"] == [0, 0, 100, 100]
 
 
@@ -128,8 +136,8 @@ def test_builder_renders_with_the_image_resize_and_every_format(tokenizer, tmp_p
     official = _rec([{"label": "cat", "bbox": [480, 270, 1440, 810]}])
     messages = {"images": ["a.png"], "objects": official["objects"],
                 "messages": [{"role": "user", "content": "<image><ref>?"}, {"role": "assistant", "content": "<bbox>"}]}
-    for model_type, want in (("qwen2.5vl", "[105, 56, 315, 168]"),
-                             ("qwen2vl", "<|box_start|>(250,250),(750,750)<|box_end|>")):
+    for model_type, want in (("qwen2_5_vl", "[105, 56, 315, 168]"),
+                             ("qwen2_vl", "<|box_start|>(250,250),(750,750)<|box_end|>")):
         b = SampleBuilder(tokenizer, VisionBudget(max_pixels=100352, min_pixels=3136), model_type=model_type)
         for rec, fmt in ((official, formats.OFFICIAL), (messages, formats.FormatSpec("messages"))):
             s = b.build(rec, str(tmp_path), fmt)
@@ -148,7 +156,7 @@ def test_prediction_boxes_parsed_per_family_and_mapped_back_to_original_pixels()
     from qwenvl.data.grounding import grounding_metrics, iou, match_ious, parse_boxes, to_original, to_pixels
 
     objs = [{"label": "cat", "bbox": [100, 50, 1919, 1080]}]
-    for family in ("qwen2vl", "qwen2.5vl", "qwen3vl"):
+    for family in (BOX_TOKENS, PIXELS, JSON_1000):
         r = rendered_objects(objs, [(FHD, R100K)], "pixel", family)
         for text in render_texts(["<objects>", "It is at <bbox>."], r, family):
             boxes = parse_boxes(text, family)
@@ -157,9 +165,9 @@ def test_prediction_boxes_parsed_per_family_and_mapped_back_to_original_pixels()
             # within half a unit of the family's grid: 1920/420/2 = 2.3 px (Qwen2.5-VL) or 1.92/2 px (0-1000)
             assert all(abs(a - b) <= 2.3 for a, b in zip(back, [100, 50, 1920, 1080], strict=True)), (family, back)
             assert iou(back, [100, 50, 1919, 1080]) > 0.99
-    assert parse_boxes("(10,20),(30,40) and <|box_start|>(1,2),(3,4)<|box_end|>", "qwen2vl") == [
+    assert parse_boxes("(10,20),(30,40) and <|box_start|>(1,2),(3,4)<|box_end|>", BOX_TOKENS) == [
         [10, 20, 30, 40], [1, 2, 3, 4]]
-    assert parse_boxes("no box here", "qwen2.5vl") == []
+    assert parse_boxes("no box here", PIXELS) == []
     assert to_pixels([0.25, 0.5], FHD, "norm1") == [480, 540] and to_pixels([250, 500], FHD, "norm1000") == [480, 540]
     # IoU by hand: [0,0,10,10] vs [5,0,15,10]: intersection 50, union 150
     assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)

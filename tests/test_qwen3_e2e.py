@@ -111,7 +111,7 @@ def test_trains_mixed_data_on_two_ranks_reloads_and_generates(family_run):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from qwenvl.model import MODEL_CLASSES
+    from qwenvl.families import family as family_record
 
     out, family, p = family_run["out"], family_run["family"], family_run["proc"]
     logs = [json.loads(x) for r in (0, 1) for x in (out / "logs" / f"samples-rank{r}.jsonl").read_text().splitlines()]
@@ -124,7 +124,7 @@ def test_trains_mixed_data_on_two_ranks_reloads_and_generates(family_run):
     saved = load_file(str(out / "model.safetensors"))
     assert set(base) <= set(saved) <= set(base) | {"lm_head.weight"}  # (a tied lm_head may be written too)
     model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
-    assert type(model).__name__ == MODEL_CLASSES[family]
+    assert type(model).__name__ == family_record(family).model_class
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     changed = {k for k in base if not torch.equal(base[k].float(), saved[k].float())}
     assert any("visual.merger" in k for k in changed) and any(".layers." in k and "visual" not in k for k in changed)
@@ -159,16 +159,16 @@ def test_moe_zero3_refused_in_one_line_at_the_front_door(tmp_path):
 
 
 def test_family_rules_are_torch_free_and_read_the_zero_stage(tmp_path):
-    from qwenvl.model import deepspeed_problem
-    from qwenvl.prechecks import family_limits, family_problems, zero_stage
+    from qwenvl.families import family
+    from qwenvl.prechecks import family_problems, zero_stage
 
     assert (zero_stage(REPO / "configs" / "zero3.json"), zero_stage(str(REPO / "configs" / "zero2.json"))) == (3, 2)
     assert zero_stage('{"zero_optimization": {"stage": 3}}') == 3 and zero_stage(tmp_path / "missing.json") is None
-    assert deepspeed_problem("qwen3_vl_moe", 3) and deepspeed_problem("qwen3_vl_moe", 2) is None
-    assert deepspeed_problem("qwen3_5_moe", 3) is None and deepspeed_problem("qwen3_vl", 3) is None
+    assert family("qwen3_vl_moe").deepspeed_problem(3) and family("qwen3_vl_moe").deepspeed_problem(2) is None
+    assert family("qwen3_5_moe").deepspeed_problem(3) is None and family("qwen3_vl").deepspeed_problem(3) is None
     found = family_problems("qwen3_vl_moe", data_flatten=True, data_packing=True, zero_stage=3)
     assert [k for k, _, _ in found] == ["distributed.deepspeed"] and found[0][2].startswith("use ZeRO-2")
-    assert family_limits("qwen2_5_vl") == [] and family_limits("qwen3_vl") == []
+    assert family("qwen2_5_vl").limits() == [] and family("qwen3_vl").limits() == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fla") is not None, reason="flash-linear-attention keeps rows apart")
@@ -190,7 +190,8 @@ def test_print_args_names_the_family_and_its_limits(tmp_path):
         rows[family] = [x for x in p.stdout.splitlines() if x.startswith("# Model family")]
     assert rows["qwen3_5"] and "qwen3_5" in rows["qwen3_5"][0] and "no data.packing" in rows["qwen3_5"][0]
     assert "no ZeRO-3" in rows["qwen3_vl_moe"][0]
-    assert rows["qwen3_vl"] == ["# Model family: qwen3_vl (config.json model_type)"]
+    assert rows["qwen3_vl"] == ["# Model family: Qwen3-VL (config.json model_type qwen3_vl; samples built as the "
+                                "official HEAD layout, boxes json-1000)"]
     # per dataset: the official pre-packed bins of tests/golden/official-qwen3vl-head, for a family that cannot pack
     golden = REPO / "tests" / "golden" / "official-qwen3vl-head"
     d = tmp_path / "dict.json"

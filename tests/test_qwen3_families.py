@@ -26,12 +26,12 @@ def test_head_video_arguments_map_per_family():
     vb = resolve_video_budget(VisionBudget(video_fps=8, video_max_pixels=16384), "qwen3_5_moe")
     assert (vb.video_fps, vb.max_pixels) == (8.0, 16384)
     # Qwen2/2.5-VL: the Qwen2.5-era defaults stay; the HEAD names map onto base_interval / per-frame pixels
-    vb = resolve_video_budget(VisionBudget(), "qwen2.5vl")
+    vb = resolve_video_budget(VisionBudget(), "qwen2_5_vl")
     assert not vb.head and (vb.base_interval, vb.max_pixels, vb.min_pixels) == (2, 25088, 3136)
     vb = resolve_video_budget(VisionBudget(video_fps=4, video_max_pixels=50176, video_min_pixels=784), "qwen2_vl")
     assert (vb.base_interval, vb.max_pixels, vb.min_pixels) == (0.25, 50176, 784)
     with pytest.raises(UserError, match="video_fps 2 and base_interval 4 disagree"):
-        resolve_video_budget(VisionBudget(video_fps=2, base_interval=4), "qwen2.5vl")
+        resolve_video_budget(VisionBudget(video_fps=2, base_interval=4), "qwen2_5_vl")
     with pytest.raises(UserError, match="video_fps must be above 0"):
         resolve_video_budget(VisionBudget(video_fps=0), "qwen3_vl")
 
@@ -50,12 +50,13 @@ def test_new_family_parts_and_freezing(family, experts):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from qwenvl.model import MODEL_CLASSES, apply_freezing, trainable_parameter_names
+    from qwenvl.families import family as family_record
+    from qwenvl.model import apply_freezing, trainable_parameter_names
     from qwenvl.tiny import tiny_config
 
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(tiny_config(family))
-    assert type(model).__name__ == MODEL_CLASSES[family]
+    assert type(model).__name__ == family_record(family).model_class
     counts = apply_freezing(model, tune_mm_vision=False, tune_mm_mlp=True, tune_mm_llm=False)
     names = trainable_parameter_names(model)
     assert counts["vision"] == counts["llm"] == 0 and counts["merger"] > 0
@@ -116,7 +117,10 @@ def test_qwen35_rows_of_several_samples_refused_without_a_separating_kernel():
     the trainer refuses flatten / packing for Qwen3.5 in one line before loading anything."""
     import importlib.util
 
-    from qwenvl.model import batching_problem
+    from qwenvl.families import family as family_record
+
+    def batching_problem(model_type, **kw):
+        return family_record(model_type).batching_problem(**kw)
 
     if importlib.util.find_spec("fla") is not None:
         pytest.skip("flash-linear-attention is installed: packed Qwen3.5 rows are kept apart")

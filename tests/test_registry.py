@@ -82,7 +82,7 @@ def test_make_data_module_end_to_end(dictionary, qwen_tokenizer_dir, caplog):
     args = DataArguments(dataset_use="pub_a%150,pub_b%100", dataset_dict=dictionary, max_pixels=50176,
                          min_pixels=784, data_flatten=True)
     with caplog.at_level("INFO"):
-        mod = make_data_module(tok, None, args, seed=3, model_type="qwen2.5vl")
+        mod = make_data_module(tok, None, args, seed=3, model_type="qwen2_5_vl")
     ds, coll, report = mod["train_dataset"], mod["data_collator"], mod["report"]
     n_a = len(json.loads(open(json.loads(open(dictionary).read())["pub_a"]["annotation_path"]).read()))
     assert report.to_dict()["datasets"]["pub_a"]["samples"] == n_a + round(n_a * 0.5)
@@ -99,10 +99,10 @@ def test_make_data_module_end_to_end(dictionary, qwen_tokenizer_dir, caplog):
     assert "sample_ids" not in batch
     assert batch["position_ids"].shape[0] == 4
     # same seed -> same dataset, different seed -> a different 50 % draw of pub_a
-    again = make_data_module(tok, None, args, seed=3, model_type="qwen2.5vl")["train_dataset"]
+    again = make_data_module(tok, None, args, seed=3, model_type="qwen2_5_vl")["train_dataset"]
     assert np.array_equal(again.rec_ids, ds.rec_ids)
     # (qwenvl.train passes --data_seed, else --seed, as `seed`: DataArguments holds no seed of its own)
-    other = make_data_module(tok, None, args, seed=4, model_type="qwen2.5vl")["train_dataset"]
+    other = make_data_module(tok, None, args, seed=4, model_type="qwen2_5_vl")["train_dataset"]
     assert not np.array_equal(other.rec_ids, ds.rec_ids)
 
 
@@ -132,7 +132,7 @@ def test_dataloader_workers_end_to_end(dictionary, qwen_tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
     args = DataArguments(dataset_use="pub_a,pub_b", dataset_dict=dictionary, max_pixels=50176, min_pixels=784,
                          data_packing=True, model_max_length=400)
-    mod = make_data_module(tok, None, args, seed=0, model_type="qwen2.5vl")
+    mod = make_data_module(tok, None, args, seed=0, model_type="qwen2_5_vl")
     loader = torch.utils.data.DataLoader(mod["train_dataset"], batch_size=8, num_workers=2,
                                          collate_fn=mod["data_collator"])
     monitor = BadSampleMonitor(max_ratio=0.5)

@@ -99,7 +99,7 @@ def collate_mode(data_args) -> str:
     return "padded"
 
 
-def make_builder(tokenizer, image_processor, data_args, model_type: str = "qwen2.5vl") -> SampleBuilder:
+def make_builder(tokenizer, image_processor, data_args, model_type: str = "qwen2_5_vl") -> SampleBuilder:
     return SampleBuilder(tokenizer=tokenizer, budget=VisionBudget.from_args(data_args),
                          spec=VisionSpec.from_processor(image_processor), model_type=model_type,
                          model_max_length=data_args.model_max_length)
@@ -117,11 +117,10 @@ def make_collator(tokenizer, builder: SampleBuilder, data_args, *, ensure_vision
                         token_ids={"vision_start": enc.vision_start, "vision_end": enc.vision_end,
                                    "image_pad": enc.image_pad, "video_pad": enc.video_pad},
                         rope=builder.rope,
-                        keep_second_per_grid_ts=builder.model_type.replace(".", "").replace("_", "").lower()
-                        in ("qwen25vl",))
+                        keep_second_per_grid_ts=builder.family.keeps_second_per_grid_ts)
 
 
-def make_data_module(tokenizer, image_processor, data_args, *, seed: int, model_type: str = "qwen2.5vl",
+def make_data_module(tokenizer, image_processor, data_args, *, seed: int, model_type: str = "qwen2_5_vl",
                      ensure_vision: bool = True) -> dict:
     """Build dataset + collator + sampling report (+ bad-sample monitor) from
     :class:`qwenvl.arguments.DataArguments` (which owns every default; ``seed`` is the sampling seed)."""

@@ -19,14 +19,16 @@ When ``<bbox>``/``<point>`` are used they must consume every object exactly once
 Conventions (:func:`convert`), computed with the resize the image gets (``smart_resize`` with the run's
 ``min_pixels``/``max_pixels``; at build time the processor's own grid, which is the same numbers):
 
-=============  ==============================================  ================================================
-family         coordinates                                     text of ``<ref>`` + ``<bbox>``
-=============  ==============================================  ================================================
-Qwen2-VL       0-1000 of the image                              ``<|object_ref_start|>cat<|object_ref_end|>``
-                                                               ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``
-Qwen2.5-VL     absolute pixels of the *resized* image           ``cat`` ``[x1, y1, x2, y2]``
-Qwen3-VL (+)   0-1000 of the image                              ``cat`` ``[x1, y1, x2, y2]``
-=============  ==============================================  ================================================
+=============  ===================  =========================================  ==========================================
+family         convention           coordinates                                text of ``<ref>`` + ``<bbox>``
+=============  ===================  =========================================  ==========================================
+Qwen2-VL       ``box-tokens-1000``  0-1000 of the image                        ``<|object_ref_start|>cat<|object_ref_end|>``
+                                                                               ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``
+Qwen2.5-VL     ``resized-pixels``   absolute pixels of the *resized* image     ``cat`` ``[x1, y1, x2, y2]``
+Qwen3-VL (+)   ``json-1000``        0-1000 of the image                        ``cat`` ``[x1, y1, x2, y2]``
+=============  ===================  =========================================  ==========================================
+
+(the family's convention is its :attr:`qwenvl.families.Family.grounding`)
 
 Rounding (stated, tested in ``tests/test_grounding.py``): each coordinate is mapped exactly (float), then rounded
 to the nearest integer with halves rounded up (``floor(v + 0.5)``; never Python's half-to-even), then clamped to
@@ -49,16 +51,8 @@ _PH_RE = re.compile(r"(<ref>|<bbox>|<point>|<objects>)")
 _LITERAL_BOX = re.compile(r'"bbox_2d"\s*:\s*\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]')
 
 
-def family_of(model_type: str) -> str:
-    """``qwen2vl`` | ``qwen2.5vl`` | ``qwen3vl`` (every Qwen3 family renders as Qwen3-VL)."""
-    t = model_type.replace(".", "").replace("_", "").replace("-", "").lower()
-    if t.startswith("qwen3"):
-        return "qwen3vl"
-    if t.startswith("qwen25") or t == "qwen2.5vl":
-        return "qwen2.5vl"
-    if t.startswith("qwen2"):
-        return "qwen2vl"
-    return "qwen2.5vl"
+# the conventions (qwenvl.families.Family.grounding)
+PIXELS, BOX_TOKENS, JSON_1000 = "resized-pixels", "box-tokens-1000", "json-1000"
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -169,7 +163,7 @@ def _half_up(v: float) -> int:
 
 
 def convert(values: list, orig: tuple[int, int], resized: tuple[int, int], bbox_format: str,
-            family: str) -> list[int]:
+            convention: str) -> list[int]:
     """Coordinates ``[x, y, ...]`` given in ``bbox_format`` on an image of ``orig`` = (width, height) as the
     family's integers (``resized`` = (width, height) the model sees). Rounding: see the module docstring."""
     ow, oh = orig
@@ -177,27 +171,27 @@ def convert(values: list, orig: tuple[int, int], resized: tuple[int, int], bbox_
     out = []
     for j, v in enumerate(values):
         size = ow if j % 2 == 0 else oh
-        top = (rw if j % 2 == 0 else rh) if family == "qwen2.5vl" else 1000
+        top = (rw if j % 2 == 0 else rh) if convention == PIXELS else 1000
         # multiply before dividing: 5 px of 2000 -> 5 * 1000 / 2000 = 2.5 exactly (then half up: 3)
         exact = v * top / size if bbox_format == "pixel" else v * top / 1000 if bbox_format == "norm1000" else v * top
         out.append(min(max(_half_up(exact), 0), top))
     return out
 
 
-def _box_text(vals: list[int], family: str) -> str:
-    if family == "qwen2vl":
+def _box_text(vals: list[int], convention: str) -> str:
+    if convention == BOX_TOKENS:
         pairs = ",".join(f"({vals[i]},{vals[i + 1]})" for i in range(0, len(vals), 2))
         return f"<|box_start|>{pairs}<|box_end|>"
     return "[" + ", ".join(str(v) for v in vals) + "]"
 
 
-def _ref_text(label: str, family: str) -> str:
-    return f"<|object_ref_start|>{label}<|object_ref_end|>" if family == "qwen2vl" else label
+def _ref_text(label: str, convention: str) -> str:
+    return f"<|object_ref_start|>{label}<|object_ref_end|>" if convention == BOX_TOKENS else label
 
 
 def rendered_objects(objs: list, sizes: list[tuple[tuple[int, int], tuple[int, int]]], bbox_format: str,
-                     family: str) -> list[dict]:
-    """Each object with its family coordinates: ``{"label", "kind" ("bbox"|"point"), "image", "values"}``.
+                     convention: str) -> list[dict]:
+    """Each object with its family's coordinates: ``{"label", "kind" ("bbox"|"point"), "image", "values"}``.
     ``sizes[k]`` = ((orig w, h), (resized w, h)) of image k."""
     out = []
     for o in objs:
@@ -205,14 +199,14 @@ def rendered_objects(objs: list, sizes: list[tuple[tuple[int, int], tuple[int, i
         img = o.get("image", 0)
         orig, resized = sizes[img]
         out.append({"label": o["label"], "kind": kind, "image": img,
-                    "values": convert(o[kind], orig, resized, bbox_format, family)})
+                    "values": convert(o[kind], orig, resized, bbox_format, convention)})
     return out
 
 
-def answer_form(rendered: list[dict], family: str) -> str:
+def answer_form(rendered: list[dict], convention: str) -> str:
     """Every object in the family's own answer form (the ``<objects>`` placeholder)."""
-    if family == "qwen2vl":
-        return "".join(_ref_text(r["label"], family) + _box_text(r["values"], family) for r in rendered)
+    if convention == BOX_TOKENS:
+        return "".join(_ref_text(r["label"], convention) + _box_text(r["values"], convention) for r in rendered)
     rows = []
     for r in rendered:
         key = "bbox_2d" if r["kind"] == "bbox" else "point_2d"
@@ -220,7 +214,7 @@ def answer_form(rendered: list[dict], family: str) -> str:
     return "```json\n[\n" + ",\n".join(rows) + "\n]\n```"
 
 
-def render_texts(texts: list[str], rendered: list[dict], family: str) -> list[str]:
+def render_texts(texts: list[str], rendered: list[dict], convention: str) -> list[str]:
     """The turns' texts with their placeholders replaced (objects checked by :func:`object_problems`)."""
     state = {"i": 0}
     form = None
@@ -231,12 +225,12 @@ def render_texts(texts: list[str], rendered: list[dict], family: str) -> list[st
         i = state["i"]
         if tag == "<objects>":
             if form is None:
-                form = answer_form(rendered, family)
+                form = answer_form(rendered, convention)
             return form
         if tag == "<ref>":
-            return _ref_text(rendered[i]["label"], family)
+            return _ref_text(rendered[i]["label"], convention)
         state["i"] = i + 1
-        return _box_text(rendered[i]["values"], family)
+        return _box_text(rendered[i]["values"], convention)
 
     return [_PH_RE.sub(sub, t) if "<" in t else t for t in texts]
 
@@ -337,9 +331,9 @@ def check_sample(rec: dict, sizes: list[tuple[int, int] | None], bbox_format: st
 
 
 # ---------------------------------------------------------------------------------------------- preview
-def to_resized_pixels(values: list[int], resized: tuple[int, int], family: str) -> list[float]:
+def to_resized_pixels(values: list[int], resized: tuple[int, int], convention: str) -> list[float]:
     """A family's coordinates back on the resized image (what ``preview --draw`` draws: the model's reading)."""
-    if family == "qwen2.5vl":
+    if convention == PIXELS:
         return [float(v) for v in values]
     rw, rh = resized
     return [v / 1000.0 * (rw if j % 2 == 0 else rh) for j, v in enumerate(values)]
@@ -351,10 +345,12 @@ def preview_objects(internal: dict, images: list, grids: list, patch_size: int, 
     PIL images (as the builder opens them), ``grids`` their ``image_grid_thw`` rows."""
     sizes = [(im.size, (int(g[2]) * patch_size, int(g[1]) * patch_size)) for im, g in zip(images, grids, strict=True)]
     objs = internal.get("objects") or []
-    return rendered_objects(objs, sizes, bbox_format, family_of(model_type)), sizes
+    from qwenvl.families import family
+
+    return rendered_objects(objs, sizes, bbox_format, family(model_type).grounding), sizes
 
 
-def draw(images: list, sizes: list, rendered: list[dict], family: str, out_path: str) -> None:
+def draw(images: list, sizes: list, rendered: list[dict], convention: str, out_path: str) -> None:
     """The images as the model sees them (resized, side by side) with each object drawn in red: a box outline
     (2 px) or a point (a filled dot), from the family's own coordinates. Writes a PNG to ``out_path``."""
     from PIL import Image, ImageDraw
@@ -370,7 +366,7 @@ def draw(images: list, sizes: list, rendered: list[dict], family: str, out_path:
     pen = ImageDraw.Draw(canvas)
     for obj in rendered:
         k = obj["image"]
-        vals = to_resized_pixels(obj["values"], sizes[k][1], family)
+        vals = to_resized_pixels(obj["values"], sizes[k][1], convention)
         dx = offsets[k]
         if obj["kind"] == "bbox":
             x1, y1, x2, y2 = vals
@@ -388,21 +384,21 @@ _JSON_BOX = re.compile(rf'"bbox_2d"\s*:\s*\[{_NUM},{_NUM},{_NUM},{_NUM}\]')
 _BARE_BOX = re.compile(rf"\[{_NUM},{_NUM},{_NUM},{_NUM}\]")
 
 
-def parse_boxes(text: str, family: str) -> list[list[float]]:
+def parse_boxes(text: str, convention: str) -> list[list[float]]:
     """The boxes of a generated answer, in the family's own numbers: Qwen2-VL ``(x1,y1),(x2,y2)`` (with or without
     the box tokens), else ``"bbox_2d": [...]`` entries, else bare ``[x1, y1, x2, y2]`` lists."""
-    if family == "qwen2vl":
+    if convention == BOX_TOKENS:
         found = _PAIR_BOX.findall(text)
     else:
         found = _JSON_BOX.findall(text) or _BARE_BOX.findall(text)
     return [[float(v) for v in m] for m in found]
 
 
-def to_original(values: list[float], orig: tuple[int, int], resized: tuple[int, int], family: str) -> list[float]:
+def to_original(values: list[float], orig: tuple[int, int], resized: tuple[int, int], convention: str) -> list[float]:
     """A family's coordinates mapped back to original-image pixels (the inverse of :func:`convert`, unrounded)."""
     ow, oh = orig
     rw, rh = resized
-    if family == "qwen2.5vl":
+    if convention == PIXELS:
         return [v * (ow / rw if j % 2 == 0 else oh / rh) for j, v in enumerate(values)]
     return [v / 1000.0 * (ow if j % 2 == 0 else oh) for j, v in enumerate(values)]
 
@@ -453,8 +449,8 @@ class PredictGrounding:
     its saved processor applies, sizes from image headers) and IoU of the predicted boxes against the ``objects``
     (both in original-image pixels; each sample's predictions are mapped back with its first object's image)."""
 
-    def __init__(self, family: str, bbox_format: str, min_pixels: int, max_pixels: int, factor: int):
-        self.family, self.bbox_format = family, bbox_format
+    def __init__(self, convention: str, bbox_format: str, min_pixels: int, max_pixels: int, factor: int):
+        self.convention, self.bbox_format = convention, bbox_format
         self.min_pixels, self.max_pixels, self.factor = min_pixels, max_pixels, factor
 
     @classmethod
@@ -462,15 +458,9 @@ class PredictGrounding:
         from pathlib import Path
 
         folder = Path(folder)
-        model_type = "qwen2_5_vl"
-        for f in (folder / "config.json", folder / "adapter_config.json"):
-            if f.is_file():
-                data = json.loads(f.read_text(encoding="utf-8"))
-                if "base_model_name_or_path" in data:
-                    base = Path(str(data["base_model_name_or_path"])) / "config.json"
-                    data = json.loads(base.read_text(encoding="utf-8")) if base.is_file() else {}
-                model_type = data.get("model_type", model_type)
-                break
+        from qwenvl.families import family_at
+
+        convention = family_at(folder).grounding
         pre = {}
         if (folder / "preprocessor_config.json").is_file():
             pre = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))
@@ -478,7 +468,7 @@ class PredictGrounding:
         lo = int(size.get("shortest_edge") or pre.get("min_pixels") or 56 * 56)
         hi = int(size.get("longest_edge") or pre.get("max_pixels") or 28 * 28 * 16384)
         factor = int(pre.get("patch_size") or 14) * int(pre.get("merge_size") or 2)
-        return cls(family_of(model_type), bbox_format or "pixel", lo, hi, factor)
+        return cls(convention, bbox_format or "pixel", lo, hi, factor)
 
     def _sizes(self, image_paths: list[str]) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
         out = []
@@ -496,8 +486,8 @@ class PredictGrounding:
         objs = internal.get("objects")
         if not sizes or type(objs) is not list or not objs:
             return
-        rendered = rendered_objects(objs, sizes, self.bbox_format, self.family)
-        texts = render_texts([str(t.get("content") or "") for t in conv], rendered, self.family)
+        rendered = rendered_objects(objs, sizes, self.bbox_format, self.convention)
+        texts = render_texts([str(t.get("content") or "") for t in conv], rendered, self.convention)
         for t, text in zip(conv, texts, strict=True):
             t["content"] = text
 
@@ -509,5 +499,5 @@ class PredictGrounding:
             return None
         refs = [to_pixels(o["bbox"], sizes[o.get("image", 0)][0], self.bbox_format) for o in objs]
         orig, resized = sizes[objs[0].get("image", 0)]
-        preds = [to_original(b, orig, resized, self.family) for b in parse_boxes(prediction, self.family)]
+        preds = [to_original(b, orig, resized, self.convention) for b in parse_boxes(prediction, self.convention)]
         return match_ious(refs, preds)

@@ -49,9 +49,11 @@ class RopeIndex:
         self._vision_ids = _vision_ids_fn()
 
     @classmethod
-    def for_model_type(cls, model_type: str, config=None) -> RopeIndex:
-        """``model_type``: ``qwen2.5vl`` (default), ``qwen2vl``, ``qwen3vl`` (also ``qwen3_vl_moe``, ``qwen3_5``,
-        ``qwen3_5_moe``); ids/merge read from ``config`` when given."""
+    def for_family(cls, model_type, config=None) -> RopeIndex:
+        """The temporal rule of a family (:attr:`qwenvl.families.Family.video_time`; ``model_type``: its
+        config.json spelling or the record); ids/merge read from ``config`` when given."""
+        from qwenvl.families import family
+
         kw = {}
         if config is not None:
             vc = getattr(config, "vision_config", None)
@@ -59,10 +61,8 @@ class RopeIndex:
             kw["tokens_per_second"] = getattr(vc, "tokens_per_second", 2) or 2
             kw["image_token_id"] = getattr(config, "image_token_id", IMAGE_TOKEN_ID)
             kw["video_token_id"] = getattr(config, "video_token_id", VIDEO_TOKEN_ID)
-        mt = model_type.replace("_", "").replace("-", "").replace(".", "").lower()
-        if mt.startswith("qwen3"):
-            return cls(scale_video_time=False, split_video_frames=True, **kw)
-        return cls(scale_video_time=mt not in ("qwen2vl",), **kw)
+        rule = family(model_type).video_time
+        return cls(scale_video_time=rule == "seconds", split_video_frames=rule == "frame-split", **kw)
 
     def __call__(self, input_ids, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None
                  ) -> torch.Tensor:

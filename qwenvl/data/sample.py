@@ -27,7 +27,7 @@ Media, decided (tested in ``tests/test_preprocess.py``; official = the Qwen2.5-e
 * Videos: decord, then PyAV (only the sampled frames are converted to RGB), then torchcodec; one-frame
   and odd-frame-count videos repeat the last frame up to the temporal patch; long videos are clamped
   to ``video_max_frames``; odd frame sizes are resized like images; a corrupt file is a bad sample.
-* Qwen2-VL (``model_type="qwen2vl"``): same tokens and pixels; the video temporal position is the
+* Qwen2-VL (``model_type="qwen2_vl"``): same tokens and pixels; the video temporal position is the
   patch index (no time scaling) and ``second_per_grid_ts`` is not passed to the model (see
   :mod:`qwenvl.data.rope` for the one place where we differ from transformers 5.24's rope index).
 * Qwen3-VL, Qwen3-VL MoE, Qwen3.5 (the "HEAD" families): as the official trainer's HEAD builds them (checked
@@ -57,17 +57,11 @@ from qwenvl.data import formats, grounding, sample_rules, vision
 from qwenvl.data.chat_head import HeadChatEncoder
 from qwenvl.data.preprocess import BadSample, ChatEncoder, Turn, problem_error
 from qwenvl.data.rope import RopeIndex
+from qwenvl.families import Family, family
 from qwenvl.problems import UserError
 
-#: model_type prefixes of the families built as the official HEAD builds Qwen3-VL (normalised: no ``_ . -``)
-HEAD_FAMILY_PREFIX = "qwen3"
 #: HEAD's DataArguments defaults for the video arguments it adds
 HEAD_VIDEO_DEFAULTS = {"video_fps": 2.0, "video_max_pixels": 1024 * 28 * 28, "video_min_pixels": 256 * 28 * 28}
-
-
-def is_head_family(model_type: str) -> bool:
-    """Qwen3-VL, Qwen3-VL MoE, Qwen3.5 (dense and MoE): built as the official HEAD builds Qwen3-VL."""
-    return model_type.replace(".", "").replace("_", "").replace("-", "").lower().startswith(HEAD_FAMILY_PREFIX)
 
 
 def _budget_class():
@@ -111,7 +105,7 @@ class VideoBudget:
                                            self.video_max_frames)
 
 
-def resolve_video_budget(budget, model_type: str) -> VideoBudget:
+def resolve_video_budget(budget, model_type: str | Family) -> VideoBudget:
     """One family's video limits from the Qwen2.5-era names and the official HEAD names.
 
     ============================  ===================================  ======================================
@@ -134,7 +128,8 @@ def resolve_video_budget(budget, model_type: str) -> VideoBudget:
     fps, vmax, vmin = (getattr(budget, k, None) for k in ("video_fps", "video_max_pixels", "video_min_pixels"))
     if fps is not None and not fps > 0:
         raise UserError(f"video_fps must be above 0, got {fps}: frames sampled per second (official default 2)")
-    if is_head_family(model_type):
+    fam = family(model_type)
+    if fam.head:
         if fps is None and budget.base_interval != default("base_interval"):
             fps = 1.0 / float(budget.base_interval)
         return VideoBudget(True, int(vmin if vmin is not None else HEAD_VIDEO_DEFAULTS["video_min_pixels"]),
@@ -152,7 +147,7 @@ def resolve_video_budget(budget, model_type: str) -> VideoBudget:
             continue
         mapped = conv(head_val)
         if old_val != default(old_name) and abs(float(old_val) - float(mapped)) > 1e-9 * abs(float(mapped)):
-            raise UserError(f"{head_name} {head_val:g} and {old_name} {old_val:g} disagree: for {model_type} "
+            raise UserError(f"{head_name} {head_val:g} and {old_name} {old_val:g} disagree: for {fam.title} "
                             f"{head_name} means {old_name} = {mapped:g}; set only one of them")
         got[old_name] = mapped
     return VideoBudget(False, int(got["video_min_frame_pixels"]), int(got["video_max_frame_pixels"]),
@@ -197,16 +192,18 @@ class SampleBuilder:
     tokenizer: object
     budget: VisionBudget = field(default_factory=VisionBudget)
     spec: vision.VisionSpec = field(default_factory=vision.VisionSpec)
-    model_type: str = "qwen2.5vl"
+    model_type: str = "qwen2_5_vl"  # config.json's spelling (qwenvl.families); a Family works too
     model_max_length: int | None = None
     rope: RopeIndex | None = None
 
     def __post_init__(self):
-        self.head = is_head_family(self.model_type)
+        self.family = family(self.model_type)
+        self.model_type = self.family.model_type
+        self.head = self.family.head
         self.encoder = HeadChatEncoder(self.tokenizer) if self.head else ChatEncoder(self.tokenizer)
-        self.video_budget = resolve_video_budget(self.budget, self.model_type)
+        self.video_budget = resolve_video_budget(self.budget, self.family)
         if self.rope is None:
-            self.rope = RopeIndex.for_model_type(self.model_type)
+            self.rope = RopeIndex.for_family(self.family)
             self.rope.image_token_id = self.encoder.image_pad
             self.rope.video_token_id = self.encoder.video_pad
             self.rope.merge = self.spec.merge_size
@@ -216,9 +213,10 @@ class SampleBuilder:
         (:mod:`qwenvl.data.grounding`): original size from the image, resized size from its grid."""
         p = self.spec.patch_size
         sizes = [(im.size, (int(g[2]) * p, int(g[1]) * p)) for im, g in zip(pil, grids, strict=True)]
-        family = grounding.family_of(self.model_type)
-        rendered = grounding.rendered_objects(objs, sizes, fmt.bbox_format if fmt is not None else "pixel", family)
-        texts = grounding.render_texts([t.content for t in turns], rendered, family)
+        convention = self.family.grounding
+        rendered = grounding.rendered_objects(objs, sizes, fmt.bbox_format if fmt is not None else "pixel",
+                                              convention)
+        texts = grounding.render_texts([t.content for t in turns], rendered, convention)
         return [Turn(t.role, text, t.train) for t, text in zip(turns, texts, strict=True)]
 
     def build(self, record: dict, data_path: str | None, fmt: formats.FormatSpec | None = None) -> dict:
@@ -239,7 +237,7 @@ class SampleBuilder:
         out: dict = {}
         image_tokens: list[int] = []
         if images:
-            pil = [vision.open_image(_media_path(data_path, p, "image"), exif=head) for p in images]
+            pil = [vision.open_image(_media_path(data_path, p, "image"), exif=self.family.exif) for p in images]
             pv, grid = vision.process_images(pil, self.spec, b.min_pixels, b.max_pixels,
                                              backend="torchvision" if head else "pil")
             out["pixel_values"] = torch.from_numpy(pv)

@@ -71,9 +71,14 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
     if plan.slurm:
         parts += ["", f"# From {plan.cluster or 'SLURM'}: {' '.join(plan.slurm)}"]
     parts += ["", "# Command:", format_command(plan.torchrun), ""]
-    if plan.family:  # torch-free: config.json's model_type; qwenvl.prechecks.family_limits for what it cannot do
+    if plan.family:  # config.json's model_type; qwenvl.families.Family.limits: what it cannot do here
         limits = "; cannot here: " + "; ".join(plan.family_limits) if plan.family_limits else ""
-        parts += [f"# Model family: {plan.family} (config.json model_type){limits}", ""]
+        from qwenvl.families import family
+
+        fam = family(plan.family)
+        built = "the official HEAD layout" if fam.head else "the official Qwen2.5-era layout"
+        parts += [f"# Model family: {fam.title} (config.json model_type {fam.model_type}; samples built as {built}, "
+                  f"boxes {fam.grounding}){limits}", ""]
     parts.append(f"# Datasets (--dataset_use {plan.dataset_use}):")
     width = max((len(s.name) for s in [*plan.datasets, *plan.eval_datasets]), default=4)
     for s in plan.datasets:
@@ -91,7 +96,7 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
     parts.append(f"steps per epoch = ceil({plan.samples_per_epoch} / {plan.effective_batch_size}) = "
                  f"{plan.steps_per_epoch}{estimate}")
     if plan.trainable is not None:
-        from qwenvl.lora import format_report
+        from qwenvl.lora_rules import format_report
 
         lora = cfg.model.lora
         how = (f"LoRA r={lora.r} alpha={lora.alpha} on {lora.target_modules or lora.targets or 'llm'}"

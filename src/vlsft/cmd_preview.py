@@ -31,9 +31,6 @@ from vlsft import render
 from vlsft.app import datasets_app
 from vlsft.keymap import owned_by, yaml_value
 
-_MODEL_TYPES = {"qwen2_5_vl": "qwen2.5vl", "qwen2_vl": "qwen2vl", "qwen3_vl": "qwen3vl", "qwen3_vl_moe": "qwen3_vl_moe",
-                "qwen3_5": "qwen3_5", "qwen3_5_moe": "qwen3_5_moe"}  # the Qwen3 ones: HEAD layout (is_head_family)
-
 
 def _fail(message: str, *, file: str | None = None, hint: str | None = None, code: int = 2) -> None:
     render.fail(Problem("error", message, file=file, hint=hint), code=code)
@@ -111,9 +108,9 @@ def _grounding(record, fmt, data_path, builder, sample, conversation) -> tuple[l
     for obj, src in zip(objects, internal.get("objects") or [], strict=True):
         obj["given"] = src.get("bbox") if src.get("bbox") is not None else src.get("point")
     if objects:
-        family = grounding.family_of(builder.model_type)
         lead = len(conversation) - len(sample_rules.turn_triples(internal["conversations"]))  # the added system turn
-        texts = grounding.render_texts([t["content"] for t in conversation[lead:]], objects, family)
+        texts = grounding.render_texts([t["content"] for t in conversation[lead:]], objects,
+                                       builder.family.grounding)
         for t, text in zip(conversation[lead:], texts, strict=True):
             t["content"] = text
     return objects, sizes, pil
@@ -204,10 +201,10 @@ def preview(
         image_processor = AutoImageProcessor.from_pretrained(model)
     except (OSError, ValueError):
         image_processor = None
-    model_type = "qwen2.5vl"
-    cfg_json = Path(model) / "config.json"
-    if cfg_json.exists():
-        model_type = _MODEL_TYPES.get(json.loads(cfg_json.read_text()).get("model_type", ""), model_type)
+    from qwenvl.families import TOKENIZER_ONLY_MODEL_TYPE, read_model_type
+
+    has_config = (Path(model) / "config.json").exists()  # else a tokenizer folder: built as Qwen2.5-VL
+    model_type = read_model_type(model) if has_config else TOKENIZER_ONLY_MODEL_TYPE
     builder = make_builder(tokenizer, image_processor, data_args, model_type)
     where = store.where(index)
     from qwenvl.data import formats
@@ -239,7 +236,7 @@ def preview(
 
         try:
             with atomic_file(draw, "--draw", mode="wb") as fh:  # temp + rename: no half-written PNG is left
-                grounding.draw(pil, sizes, objects, grounding.family_of(builder.model_type), fh)
+                grounding.draw(pil, sizes, objects, builder.family.grounding, fh)
         except UnsafeTarget as exc:
             render.fail(exc)
         except Interrupted as exc:

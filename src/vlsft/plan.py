@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import vlsft
+from qwenvl.families import family as fam_of
 from qwenvl.prechecks import (
     deepspeed_json_problem,
-    family_limits,
     family_problems,
     lora_problems,
     model_folder_problem,
@@ -117,7 +117,7 @@ class LaunchPlan:
     # trainable parameters per part (qwenvl.lora.parameter_report; None when the weights cannot be read)
     trainable: dict | None = None
     # model_type from the model folder's config.json (None before model.build_tiny builds it) and what that
-    # family cannot do here (qwenvl.prechecks.family_limits)
+    # family cannot do here (qwenvl.families.Family.limits)
     family: str | None = None
     family_limits: list[str] = field(default_factory=list)
     dataset_notes: dict[str, str] = field(default_factory=dict)  # per dataset: what the family does not do with it
@@ -356,16 +356,16 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         if found:
             problems.append(Problem("error", found[0], key="model.name_or_path", hint=found[1],
                                     **cfg.where("model", "name_or_path")))
-    family = None  # config.json's model_type (torch-free); a folder model.build_tiny fills is Qwen2.5-VL
+    family = None  # config.json's model_type (qwenvl.families); a folder model.build_tiny fills is Qwen2.5-VL
     if os.path.isfile(os.path.join(m.name_or_path, "config.json")):
-        from qwenvl.model import read_model_type
+        from qwenvl.families import read_model_type
 
         try:
             family = read_model_type(m.name_or_path)
         except UserError:
             pass  # reported above
     elif m.build_tiny:
-        family = "qwen2_5_vl"
+        family = "qwen2_5_vl"  # what model.build_tiny builds (qwenvl.tiny.ensure_tiny_model's default)
     if out.resume not in ("auto", "never"):
         typed_resume = out.resume
         out.resume = _resolve_path(base, typed_resume)
@@ -530,7 +530,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
                 deepspeed=ds_path is not None):
             problems.append(Problem("error", message, key=key, hint=hint, **cfg.where(*key.split("."))))
         if m.lora.target_modules:  # resolved against the model's module names (safetensors headers, no torch)
-            from qwenvl.lora import LoraConfigError, resolve_targets, target_modules_problem
+            from qwenvl.lora_rules import LoraConfigError, resolve_targets, target_modules_problem
 
             try:
                 lora_plan = resolve_targets(tune_mm_vision=m.tune_mm_vision, tune_mm_mlp=m.tune_mm_mlp,
@@ -594,7 +594,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     if problems:
         raise ProblemsError(problems)
     dataset_notes: dict[str, str] = {}
-    if family and family_problems(family, data_flatten=False, data_packing=True, zero_stage=None):
+    if family and fam_of(family).batching_problem(data_flatten=False, data_packing=True):
         for s in shares:  # the official pre-packed bins of a family that cannot pack: one sample per padded row
             path = dictionary.datasets[s.name].annotation_path
             if "://" not in path and _prepacked(path):
@@ -604,7 +604,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     return LaunchPlan(
         trainable=trainable,
         family=family,
-        family_limits=family_limits(family) if family else [],
+        family_limits=fam_of(family).limits() if family else [],
         dataset_notes=dataset_notes,
         torchrun=launcher + trainer_args,
         trainer_args=trainer_args,
@@ -631,7 +631,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
 def trainable_report(cfg: RunConfig) -> dict | None:
     """Trainable parameters per part (full and LoRA) from the model folder's safetensors headers (no torch), or
     None when the folder has no readable weights yet (e.g. model.build_tiny before the build)."""
-    from qwenvl.lora import parameter_report, resolve_targets
+    from qwenvl.lora_rules import parameter_report, resolve_targets
 
     m = cfg.model
     tune = {"vision": m.tune_mm_vision, "merger": m.tune_mm_mlp, "llm": m.tune_mm_llm}

@@ -99,7 +99,7 @@ class LoraSection(_Section):
     @field_validator("targets", mode="before", check_fields=False)  # targets: a keymap field
     @classmethod
     def _targets_list(cls, value: Any) -> Any:
-        from qwenvl.lora import LoraConfigError, parse_targets
+        from qwenvl.lora_rules import LoraConfigError, parse_targets
 
         if value is None:
             return None
