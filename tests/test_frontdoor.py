@@ -173,10 +173,10 @@ def test_child_environment_cannot_be_shadowed_and_caches_per_environment(tmp_pat
     from vlsft.plan import child_environment, extensions_cache, plan_from_file
 
     plan = plan_from_file(project(tmp_path / "p"), [], {})
-    env = child_environment(plan, {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    env = child_environment(plan.env, {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert env["PYTHONSAFEPATH"] == "1" and env["PYTHONUNBUFFERED"] == "1" and env["WANDB_MODE"] == "disabled"
     assert extensions_cache("/envs/a") != extensions_cache("/envs/b") and "/.cache/vlsft/" in extensions_cache()
-    mine = child_environment(plan, {"TORCH_EXTENSIONS_DIR": "/x"})
+    mine = child_environment(plan.env, {"TORCH_EXTENSIONS_DIR": "/x"})
     assert mine["TORCH_EXTENSIONS_DIR"] == "/x"  # the user's choice is kept
     official = tmp_path / "qwen-vl-finetune"  # an official checkout: its own qwenvl/ package, no train/__main__
     (official / "qwenvl" / "train").mkdir(parents=True)

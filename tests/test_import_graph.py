@@ -1,5 +1,6 @@
-"""Imports run one way: no cycle among the module-level imports of vlsft and qwenvl (function-level imports,
-used to keep torch out of the fast CLI paths, are not edges)."""
+"""Imports run one way: no cycle among the module-level imports of vlsft and qwenvl, those under
+``if TYPE_CHECKING:`` included (a type-only import is still a dependency; function-level imports, used to keep
+torch out of the fast CLI paths, are not edges)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,7 @@ def _modules() -> dict[str, Path]:
 def _edges(name: str, path: Path, known: set[str]) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     found: set[str] = set()
-    for node in tree.body:  # module level only
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            continue
+    for node in tree.body:  # module level only; imports under `if TYPE_CHECKING:` count too
         for sub in ast.walk(node) if isinstance(node, ast.If | ast.Try) else [node]:
             if isinstance(sub, ast.Import):
                 targets = [a.name for a in sub.names]
@@ -75,3 +74,8 @@ def test_the_check_sees_a_cycle(tmp_path):
     graph = {"vlsft.a": _edges("vlsft.a", tmp_path / "a.py", known), "vlsft.b": _edges("vlsft.b", tmp_path / "b.py", known)}
     assert find_cycle(graph) == ["vlsft.a", "vlsft.b", "vlsft.a"]
     assert find_cycle({"vlsft.a": {"vlsft.b"}, "vlsft.b": set()}) is None
+
+
+def test_type_checking_imports_are_edges(tmp_path):
+    (tmp_path / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from vlsft.b import X\n")
+    assert _edges("vlsft.a", tmp_path / "a.py", {"vlsft.a", "vlsft.b"}) == {"vlsft.b"}

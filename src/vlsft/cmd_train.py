@@ -195,7 +195,7 @@ def _resume_and_launch(plan, config: str, overrides: list[str], lock) -> int:
 
     from vlsft.plan import child_environment
 
-    env = child_environment(plan, os.environ)
+    env = child_environment(plan.env, os.environ)
     if lock is not None:
         env[LOCK_ENV] = str(lock.path)  # rank 0 sees that the run already holds the output lock
     if plan.env.get("WANDB_MODE", "disabled") != "disabled":

@@ -16,7 +16,6 @@ from qwenvl.problems import Problem
 
 if TYPE_CHECKING:
     from vlsft.config import RunConfig
-    from vlsft.plan import LaunchPlan
 
 STORAGE_ENV = {
     "endpoint_url": "AWS_ENDPOINT_URL",
@@ -168,13 +167,13 @@ def extensions_cache(prefix: str | None = None) -> str:
     return str(Path.home() / ".cache" / "vlsft" / "torch_extensions" / f"{Path(prefix).name}-{tag}")
 
 
-def child_environment(plan: LaunchPlan, environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment torchrun and every rank get: the caller's, then the plan's (W&B, storage), then defaults
-    for what neither set: a per-environment TORCH_EXTENSIONS_DIR, unbuffered output, and PYTHONSAFEPATH so a
-    folder named ``qwenvl`` in the working directory (an official qwen-vl-finetune checkout) cannot shadow
-    the installed trainer."""
+def child_environment(plan_env: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment torchrun and every rank get: the caller's (``environ``), then the plan's (``plan_env``:
+    :attr:`vlsft.plan.LaunchPlan.env`, W&B and storage), then defaults for what neither set: a per-environment
+    TORCH_EXTENSIONS_DIR, unbuffered output, and PYTHONSAFEPATH so a folder named ``qwenvl`` in the working
+    directory (an official qwen-vl-finetune checkout) cannot shadow the installed trainer."""
     env = dict(environ)
-    env.update(plan.env)
+    env.update(plan_env)
     env.setdefault("TORCH_EXTENSIONS_DIR", extensions_cache())
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["PYTHONSAFEPATH"] = "1"
