@@ -63,6 +63,17 @@ def wandb_can_log_in(environ: Mapping[str, str]) -> bool:
     return bool(auth and auth[2])
 
 
+#: the trainer's line for :func:`nothing_to_train` (the front door says it in run YAML keys: ``nothing is trainable``)
+NOTHING_TO_TRAIN = "nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True"
+
+
+def nothing_to_train(*, tune_mm_vision: bool, tune_mm_mlp: bool, tune_mm_llm: bool, lora: bool) -> bool:
+    """No part trained in full and no LoRA adapters: every parameter would stay frozen. The front door refuses it
+    before launching, the trainer before loading the model (and again if the loaded model has no trainable
+    parameter)."""
+    return not (lora or tune_mm_vision or tune_mm_mlp or tune_mm_llm)
+
+
 def deepspeed_json_problem(path: str) -> Found:
     """A DeepSpeed config that DeepSpeed would fail on in every rank: unreadable, not JSON, not an object."""
     try:

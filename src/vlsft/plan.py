@@ -49,6 +49,7 @@ from qwenvl.prechecks import (
     family_problems,
     lora_problems,
     model_folder_problem,
+    nothing_to_train,
     precision_problem,
     report_to_problem,
     wandb_can_log_in,
@@ -56,7 +57,7 @@ from qwenvl.prechecks import (
 )
 from qwenvl.problems import Problem, ProblemsError, UserError, did_you_mean
 from qwenvl.runpolicy import DEEPSPEED_PRESETS, deepspeed_path, run_markers
-from qwenvl.secrets import MASK, SECRET_ENV_VARS, is_secret_name
+from qwenvl.secrets import MASK, is_secret_name
 from vlsft.config import RunConfig, load_run_config
 from vlsft.environment import (  # noqa: F401 - re-exported: the launch environment's public names
     STORAGE_ENV,
@@ -73,7 +74,6 @@ from vlsft.environment import (  # noqa: F401 - re-exported: the launch environm
 from vlsft.keymap import KEYS, yaml_value
 
 REPO_CONFIGS = Path(vlsft.__file__).resolve().parents[2] / "configs"
-SECRET_ENV = frozenset(SECRET_ENV_VARS)  # the named secrets; any secret-looking name counts too (is_secret_name)
 IMAGE_TOKEN_PIXELS = 28 * 28  # one merged vision token per 28x28 pixels (14x14 patches, 2x2 merge)
 TEXT_TOKEN_ALLOWANCE = 30  # chat-template and prompt tokens around one image, roughly
 LOW_LR = 1e-6
@@ -225,9 +225,117 @@ def _media_kinds(path: str, limit: int = 16 << 20) -> set[str]:
     return kinds
 
 
-# --------------------------------------------------------------------------- topology
+# --------------------------------------------------------------------------- the builder: a table of contents
 
-# --------------------------------------------------------------------------- the builder
+def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> LaunchPlan:
+    """Resolve ``cfg`` into a :class:`LaunchPlan`. Raises ProblemsError listing every error found.
+
+    Each step below appends what it finds to ``problems`` (raised together at the end) and ``warnings``."""
+    environ = os.environ if environ is None else environ
+    cfg = _own_copy(cfg)
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    slurm = apply_slurm(cfg, environ)  # distributed.* from SLURM_* / PET_* where the YAML left them open
+    cluster = topology_source(environ) if slurm else None
+    check_topology(cfg, slurm, problems, warnings, cluster)
+    data = _plan_data(cfg, environ, problems, warnings)
+    family = _plan_paths(cfg, problems, warnings)
+    ds_path, ds_blocks = _plan_deepspeed(cfg, problems)
+    _family_rules(cfg, family, ds_path, problems)
+    _video_rate_rule(cfg, problems)
+    batch = _batch_math(cfg, data.samples)
+    eval_strategy, eval_every = _plan_eval(cfg, data.eval_shares, batch.total_steps, problems)
+    env = _plan_env(cfg, environ, problems, warnings)
+    trainer_args = _trainer_argv(cfg, {
+        "dataset_use": data.dataset_use, "deepspeed": ds_path, "gradient_accumulation_steps": batch.accumulation,
+        "report_to": env.report_to, "eval_dataset_use": data.eval_use, "eval_strategy": eval_strategy,
+        "per_device_eval_batch_size": cfg.training.per_device_eval_batch_size or (
+            cfg.training.per_device_train_batch_size if eval_strategy not in (None, "no") else None)})
+    _training_mode_rules(cfg, ds_path, problems)
+    _known_traps(cfg, data, ds_path, ds_blocks, env, warnings)
+    if problems:
+        raise ProblemsError(problems)
+    return LaunchPlan(
+        trainable=trainable_report(cfg),
+        family=family,
+        family_limits=fam_of(family).limits() if family else [],
+        dataset_notes=_dataset_notes(family, data),
+        torchrun=_launcher(cfg) + trainer_args,
+        trainer_args=trainer_args,
+        dataset_use=data.dataset_use,
+        env=env.env,
+        world_size=batch.world,
+        effective_batch_size=batch.effective,
+        samples_per_epoch=data.samples,
+        steps_per_epoch=batch.steps_per_epoch,
+        total_steps=batch.total_steps,
+        warnings=warnings,
+        config=cfg,
+        datasets=data.shares,
+        eval_datasets=data.eval_shares,
+        eval_samples=sum(s.samples for s in data.eval_shares),
+        eval_every=eval_every,
+        steps_are_estimate=cfg.data.packing,
+        slurm=slurm,
+        cluster=cluster,
+        secret_values=frozenset(env.secret_values),
+    )
+
+
+def _own_copy(cfg: RunConfig) -> RunConfig:
+    """A deep copy the steps may resolve in place (paths, distributed.*), keeping the YAML positions for errors."""
+    copy = cfg.model_copy(deep=True)
+    copy._source, copy._marks, copy._label = cfg._source, cfg._marks, cfg._label
+    return copy
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class _Data:
+    """What :func:`_plan_data` found: the dictionary, the shares of the mix and the trainer's selections."""
+
+    dictionary: Any
+    shares: list[DatasetShare]
+    eval_shares: list[DatasetShare]  # data.eval datasets, then the held-out shares (data.eval_split)
+    dataset_use: str
+    eval_use: str | None
+    samples: int
+
+
+def _plan_data(cfg: RunConfig, environ: Mapping[str, str], problems: list[Problem], warnings: list[str]) -> _Data:
+    """``data.use`` / ``data.eval`` against the dictionary: records per dataset, samples per epoch and the held-out
+    eval shares. Read with the run's storage.* settings applied (the dictionary may live on S3)."""
+    from qwenvl.data.dataset_use import format_dataset_use, held_out_count, sample_count
+
+    d = cfg.data
+    with storage_environment(cfg, environ):
+        chosen, dictionary = _select_datasets(cfg, problems)
+        counts = {c.name: _record_count(c.name, dictionary.datasets[c.name], dictionary, problems) for c in chosen}
+    shares: list[DatasetShare] = []
+    eval_shares: list[DatasetShare] = []
+    eval_use = _select_eval(cfg, dictionary, problems, eval_shares) if d.eval else None
+    for name, percent in ((c.name, c.percent) for c in chosen):
+        records = counts[name]
+        if records is None:
+            continue
+        held = held_out_count(records, d.eval_split or 0.0)  # the trainer draws from the records not held out
+        shares.append(DatasetShare(name, records, percent, sample_count(records - held, percent)))
+        if held:
+            eval_shares.append(DatasetShare(f"{name} (held out)", records, d.eval_split * 100, held))
+        if shares[-1].samples == 0:
+            warnings.append(f"dataset {name!r} yields 0 samples per epoch ({records} records at {percent:g} %)")
+    for p in getattr(dictionary, "warnings", []):
+        warnings.append(p.render())
+    # each entry as the trainer resolves it back: `docs%100` stays explicit when the dictionary gives docs a rate
+    dataset_use = format_dataset_use([c.entry for c in chosen if counts[c.name] is not None])
+    samples = sum(s.samples for s in shares)
+    if shares and samples == 0:
+        problems.append(Problem("error", "the selected datasets yield no samples per epoch", key="data.use",
+                                hint="raise the percents in data.use (or the dictionary's sampling_rate)",
+                                **cfg.where("data", "use")))
+    return _Data(dictionary, shares, eval_shares, dataset_use, eval_use, samples)
+
 
 def _select_datasets(cfg: RunConfig, problems: list[Problem]) -> tuple[list[Any], Any]:
     """``data.use`` against the dictionary -> (the chosen :class:`~qwenvl.data.dataset_use.SelectedDataset` s, the
@@ -293,50 +401,13 @@ def _record_count(name: str, spec: Any, dictionary: Any, problems: list[Problem]
         return None
 
 
-def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> LaunchPlan:
-    """Resolve ``cfg`` into a :class:`LaunchPlan`. Raises ProblemsError listing every error found."""
-    from qwenvl.data.dataset_use import format_dataset_use, held_out_count, sample_count
+# --------------------------------------------------------------------------- paths
 
-    environ = os.environ if environ is None else environ
-    original, cfg = cfg, cfg.model_copy(deep=True)
-    cfg._source, cfg._marks, cfg._label = original._source, original._marks, original._label
-    base = cfg.base_dir
-    problems: list[Problem] = []
-    warnings: list[str] = []
-    m, d, tr, dist, out = cfg.model, cfg.data, cfg.training, cfg.distributed, cfg.output
-    slurm = apply_slurm(cfg, environ)
-    cluster = topology_source(environ) if slurm else None
-    check_topology(cfg, slurm, problems, warnings, cluster)
-
-    # ---- data (read with the run's storage.* settings applied: the dictionary may live on S3)
-    with storage_environment(cfg, environ):
-        chosen, dictionary = _select_datasets(cfg, problems)
-        counts = {c.name: _record_count(c.name, dictionary.datasets[c.name], dictionary, problems) for c in chosen}
-    shares: list[DatasetShare] = []
-    eval_shares: list[DatasetShare] = []
-    eval_use = _select_eval(cfg, dictionary, problems, eval_shares) if d.eval else None
-    for name, percent in ((c.name, c.percent) for c in chosen):
-        records = counts[name]
-        if records is None:
-            continue
-        held = held_out_count(records, d.eval_split or 0.0)  # the trainer draws from the records not held out
-        shares.append(DatasetShare(name, records, percent, sample_count(records - held, percent)))
-        if held:
-            eval_shares.append(DatasetShare(f"{name} (held out)", records, d.eval_split * 100, held))
-        if shares[-1].samples == 0:
-            warnings.append(f"dataset {name!r} yields 0 samples per epoch ({records} records at {percent:g} %)")
-    for p in getattr(dictionary, "warnings", []):
-        warnings.append(p.render())
-    # each entry as the trainer resolves it back: `docs%100` stays explicit when the dictionary gives docs a rate
-    dataset_use = format_dataset_use([c.entry for c in chosen if counts[c.name] is not None])
-    samples = sum(s.samples for s in shares)
-    if shares and samples == 0:
-        problems.append(Problem("error", "the selected datasets yield no samples per epoch", key="data.use",
-                                hint="raise the percents in data.use (or the dictionary's sampling_rate)",
-                                **cfg.where("data", "use")))
-
-    # ---- paths
-    d.dictionary = _resolve_path(base, d.dictionary)
+def _plan_paths(cfg: RunConfig, problems: list[Problem], warnings: list[str]) -> str | None:
+    """Resolve the dictionary, output.dir, the model folder and output.resume against the run YAML's folder; return
+    the model's family (config.json's model_type; None when it cannot be read yet)."""
+    base, out = cfg.base_dir, cfg.output
+    cfg.data.dictionary = _resolve_path(base, cfg.data.dictionary)
     out.dir = _resolve_path(base, out.dir)
     if "://" in out.dir:
         problems.append(Problem("error", f"output.dir {out.dir} is a URL: checkpoints are written to a local or "
@@ -347,8 +418,17 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         if blocker is not None:
             problems.append(Problem("error", f"output.dir {out.dir} cannot be a folder: {blocker} is a file",
                                     key="output.dir", hint="choose another output.dir", **cfg.where("output", "dir")))
-    if _looks_local(m.name_or_path) or (base / m.name_or_path).is_dir():
-        m.name_or_path = _resolve_path(base, m.name_or_path)
+    family = _plan_model_folder(cfg, problems, warnings)
+    if out.resume not in ("auto", "never"):
+        _plan_resume_path(cfg, problems)
+    return family
+
+
+def _plan_model_folder(cfg: RunConfig, problems: list[Problem], warnings: list[str]) -> str | None:
+    """``model.name_or_path`` resolved and checked (model.build_tiny: built later by ``vlsft train``); its family."""
+    m = cfg.model
+    if _looks_local(m.name_or_path) or (cfg.base_dir / m.name_or_path).is_dir():
+        m.name_or_path = _resolve_path(cfg.base_dir, m.name_or_path)
     if m.build_tiny and not os.path.isfile(os.path.join(m.name_or_path, "config.json")):
         warnings.append(f"model.build_tiny: `vlsft train` builds a tiny random model in {m.name_or_path} first")
     else:
@@ -356,81 +436,120 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         if found:
             problems.append(Problem("error", found[0], key="model.name_or_path", hint=found[1],
                                     **cfg.where("model", "name_or_path")))
-    family = None  # config.json's model_type (qwenvl.families); a folder model.build_tiny fills is Qwen2.5-VL
     if os.path.isfile(os.path.join(m.name_or_path, "config.json")):
         from qwenvl.families import read_model_type
 
         try:
-            family = read_model_type(m.name_or_path)
+            return read_model_type(m.name_or_path)
         except UserError:
-            pass  # reported above
-    elif m.build_tiny:
-        family = "qwen2_5_vl"  # what model.build_tiny builds (qwenvl.tiny.ensure_tiny_model's default)
-    if out.resume not in ("auto", "never"):
-        typed_resume = out.resume
-        out.resume = _resolve_path(base, typed_resume)
-        inside = os.path.join(out.dir, typed_resume)  # `resume: checkpoint-1000` means the one in output.dir
-        if not os.path.isdir(out.resume) and not os.path.isabs(os.path.expanduser(typed_resume)) \
-                and "://" not in out.dir and os.path.isdir(inside):
-            out.resume = os.path.normpath(inside)
-        if "://" in out.resume:
-            problems.append(Problem("error", f"checkpoint {out.resume} is a URL: resume from a local or shared "
-                                    "folder", key="output.resume", hint="download the checkpoint first",
-                                    **cfg.where("output", "resume")))
-        elif not os.path.isdir(out.resume):
-            problems.append(Problem("error", f"checkpoint {out.resume} not found", key="output.resume",
-                                    hint="a checkpoint-N folder (relative paths start at the run YAML's folder, "
-                                    "then at output.dir); auto resumes from the newest one in output.dir; "
-                                    "never starts fresh", **cfg.where("output", "resume")))
-    typed = dist.deepspeed
-    ds_path = deepspeed_path(typed, base)
-    ds_blocks: set[str] = set()
-    if ds_path is not None:
-        dist.deepspeed = ds_path
-        if "://" not in ds_path and not os.path.isfile(ds_path):
-            guess = did_you_mean(typed.lower().replace("-", "_"), DEEPSPEED_PRESETS) if "/" not in typed else None
-            problems.append(Problem("error", f"DeepSpeed config {ds_path} not found", key="distributed.deepspeed",
-                                    hint=guess or "zero2, zero3, zero3_offload, none, or a path to a JSON file "
-                                    "(relative paths start at the run YAML's folder)",
-                                    **cfg.where("distributed", "deepspeed")))
-        elif "://" in ds_path:
-            problems.append(Problem("error", f"DeepSpeed config {ds_path} must be a local file", key="distributed.deepspeed",
-                                    hint="copy the JSON next to the run YAML", **cfg.where("distributed", "deepspeed")))
-        else:
-            found = deepspeed_json_problem(ds_path)
-            if found:
-                problems.append(Problem("error", found[0], key="distributed.deepspeed", hint=found[1],
-                                        **cfg.where("distributed", "deepspeed")))
-            ds_blocks = _deepspeed_blocks(ds_path)
-    else:
-        dist.deepspeed = "none"
-    if family is not None:  # what this model family cannot do (the trainer checks the same rules)
-        for key, message, hint in family_problems(
-                family, data_flatten=bool(d.flatten), data_packing=bool(d.packing),
-                zero_stage=zero_stage(ds_path) if ds_path is not None and "://" not in ds_path else None):
-            problems.append(Problem("error", message, key=key, hint=hint, **cfg.where(*key.split("."))))
+            return None  # reported above
+    if m.build_tiny:
+        return "qwen2_5_vl"  # what model.build_tiny builds (qwenvl.tiny.ensure_tiny_model's default)
+    return None
 
+
+def _plan_resume_path(cfg: RunConfig, problems: list[Problem]) -> None:
+    """``output.resume: PATH``: relative to the run YAML's folder, else to output.dir (``checkpoint-1000``)."""
+    out = cfg.output
+    typed_resume = out.resume
+    out.resume = _resolve_path(cfg.base_dir, typed_resume)
+    inside = os.path.join(out.dir, typed_resume)  # `resume: checkpoint-1000` means the one in output.dir
+    if not os.path.isdir(out.resume) and not os.path.isabs(os.path.expanduser(typed_resume)) \
+            and "://" not in out.dir and os.path.isdir(inside):
+        out.resume = os.path.normpath(inside)
+    if "://" in out.resume:
+        problems.append(Problem("error", f"checkpoint {out.resume} is a URL: resume from a local or shared "
+                                "folder", key="output.resume", hint="download the checkpoint first",
+                                **cfg.where("output", "resume")))
+    elif not os.path.isdir(out.resume):
+        problems.append(Problem("error", f"checkpoint {out.resume} not found", key="output.resume",
+                                hint="a checkpoint-N folder (relative paths start at the run YAML's folder, "
+                                "then at output.dir); auto resumes from the newest one in output.dir; "
+                                "never starts fresh", **cfg.where("output", "resume")))
+
+
+# --------------------------------------------------------------------------- DeepSpeed and the model family
+
+def _plan_deepspeed(cfg: RunConfig, problems: list[Problem]) -> tuple[str | None, set[str]]:
+    """``distributed.deepspeed`` (a preset name or a path) -> (the JSON path or None, its top-level blocks)."""
+    dist = cfg.distributed
+    typed = dist.deepspeed
+    ds_path = deepspeed_path(typed, cfg.base_dir)
+    if ds_path is None:
+        dist.deepspeed = "none"
+        return None, set()
+    dist.deepspeed = ds_path
+    if "://" not in ds_path and not os.path.isfile(ds_path):
+        guess = did_you_mean(typed.lower().replace("-", "_"), DEEPSPEED_PRESETS) if "/" not in typed else None
+        problems.append(Problem("error", f"DeepSpeed config {ds_path} not found", key="distributed.deepspeed",
+                                hint=guess or "zero2, zero3, zero3_offload, none, or a path to a JSON file "
+                                "(relative paths start at the run YAML's folder)",
+                                **cfg.where("distributed", "deepspeed")))
+        return ds_path, set()
+    if "://" in ds_path:
+        problems.append(Problem("error", f"DeepSpeed config {ds_path} must be a local file", key="distributed.deepspeed",
+                                hint="copy the JSON next to the run YAML", **cfg.where("distributed", "deepspeed")))
+        return ds_path, set()
+    found = deepspeed_json_problem(ds_path)
+    if found:
+        problems.append(Problem("error", found[0], key="distributed.deepspeed", hint=found[1],
+                                **cfg.where("distributed", "deepspeed")))
+    return ds_path, _deepspeed_blocks(ds_path)
+
+
+def _family_rules(cfg: RunConfig, family: str | None, ds_path: str | None, problems: list[Problem]) -> None:
+    """What this model family cannot do with these settings (the trainer checks the same rules)."""
+    if family is None:
+        return
+    d = cfg.data
+    for key, message, hint in family_problems(
+            family, data_flatten=bool(d.flatten), data_packing=bool(d.packing),
+            zero_stage=zero_stage(ds_path) if ds_path is not None and "://" not in ds_path else None):
+        problems.append(Problem("error", message, key=key, hint=hint, **cfg.where(*key.split("."))))
+
+
+def _video_rate_rule(cfg: RunConfig, problems: list[Problem]) -> None:
+    """``data.video_fps`` and ``data.base_interval`` are two spellings of the frame rate (base_interval =
+    1 / video_fps); the trainer refuses a disagreement for Qwen2/2.5-VL and, for the Qwen3 families, would sample
+    at video_fps and ignore base_interval."""
+    d = cfg.data
     if d.video_fps is not None and "base_interval" in d.model_fields_set and d.video_fps > 0 \
             and abs(d.base_interval - 1.0 / d.video_fps) > 1e-9 * d.base_interval:
-        # two spellings of the frame rate (base_interval = 1 / video_fps); the trainer refuses them for
-        # Qwen2/2.5-VL and, for the Qwen3 families, would sample at video_fps and ignore base_interval
         problems.append(Problem("error", f"data.video_fps {d.video_fps:g} and data.base_interval {d.base_interval:g} "
                                 f"disagree: video_fps {d.video_fps:g} means base_interval = 1 / video_fps = "
                                 f"{1.0 / d.video_fps:g} seconds", key="data.video_fps",
                                 hint="set only one of them (video_fps: frames per second, the official HEAD name; "
                                 "base_interval: seconds between frames)", **cfg.where("data", "video_fps")))
 
-    # ---- batch arithmetic
+
+# --------------------------------------------------------------------------- batch arithmetic and evaluation
+
+@dataclass
+class _Batch:
+    world: int
+    accumulation: int
+    effective: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _batch_math(cfg: RunConfig, samples: int) -> _Batch:
+    """The step arithmetic of the module docstring."""
+    tr, dist = cfg.training, cfg.distributed
     world = dist.nnodes * dist.nproc_per_node
     accum = tr.gradient_accumulation_steps or 1
     effective = tr.per_device_train_batch_size * accum * world
     steps_per_epoch = max(math.ceil(samples / effective), 1) if samples else 0
     total = tr.max_steps if tr.max_steps > 0 else math.ceil(tr.num_train_epochs * steps_per_epoch)
+    return _Batch(world, accum, effective, steps_per_epoch, total)
 
-    # ---- evaluation cadence (transformers: eval_steps defaults to logging_steps)
-    eval_samples = sum(s.samples for s in eval_shares)
+
+def _plan_eval(cfg: RunConfig, eval_shares: list[DatasetShare], total: int,
+               problems: list[Problem]) -> tuple[str | None, str | None]:
+    """The eval strategy the trainer gets and its cadence in words (transformers: eval_steps defaults to
+    logging_steps)."""
+    tr, d = cfg.training, cfg.data
     eval_strategy = tr.eval_strategy if tr.eval_strategy is not None else ("steps" if eval_shares else None)
-    eval_every = None
     if eval_strategy not in (None, "no") and not d.eval_split and not d.eval:
         # the trainer refuses it in every rank (qwenvl.train: "--eval_strategy ... needs eval data")
         problems.append(Problem("error", f"training.eval_strategy {eval_strategy} needs eval data, and there is none",
@@ -440,11 +559,25 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     if eval_strategy == "steps":
         every = tr.eval_steps if tr.eval_steps is not None else tr.logging_steps
         n_every = math.ceil(every * total) if every < 1 else int(every)
-        eval_every = f"every {n_every} steps ({total // max(n_every, 1)} times)"
-    elif eval_strategy == "epoch":
-        eval_every = "every epoch"
+        return eval_strategy, f"every {n_every} steps ({total // max(n_every, 1)} times)"
+    if eval_strategy == "epoch":
+        return eval_strategy, "every epoch"
+    return eval_strategy, None
 
-    # ---- environment
+
+# --------------------------------------------------------------------------- environment
+
+@dataclass
+class _Env:
+    env: dict[str, str]
+    secret_values: set[str]
+    wandb_mode: str
+    report_to: str
+
+
+def _plan_env(cfg: RunConfig, environ: Mapping[str, str], problems: list[Problem], warnings: list[str]) -> _Env:
+    """The variables torchrun gets beyond the caller's (W&B, storage.*; never argv), the secret values among them,
+    and where the trainer reports."""
     env: dict[str, str] = {}
     mode = cfg.wandb.mode_in(environ)
     env["WANDB_MODE"] = mode
@@ -467,7 +600,15 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         if (ref and is_secret_name(ref)) or is_secret_name(var):
             secret_values.add(resolved)
         env[var] = resolved
+    tr = cfg.training
     report_to = tr.report_to if tr.report_to is not None else ("wandb" if mode != "disabled" else "none")
+    _reporting_rules(cfg, environ, mode, report_to, problems)
+    return _Env(env, secret_values, mode, report_to)
+
+
+def _reporting_rules(cfg: RunConfig, environ: Mapping[str, str], mode: str, report_to: str,
+                     problems: list[Problem]) -> None:
+    """An unknown or uninstalled integration, W&B online without a key, bf16 with fp16 (the ranks refuse each)."""
     found = report_to_problem(report_to)
     if found:
         problems.append(Problem("error", found[0], key="training.report_to", hint=found[1],
@@ -476,20 +617,19 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         problems.append(Problem("error", "W&B is online but no API key is set (WANDB_API_KEY, or `wandb login`)",
                                 key="wandb.mode", hint="export WANDB_API_KEY, or wandb.mode: offline (sync later "
                                 "with `wandb sync`), or training.report_to: none", **cfg.where("wandb")))
-    found = precision_problem(tr.bf16, tr.extra)
+    found = precision_problem(cfg.training.bf16, cfg.training.extra)
     if found:
         problems.append(Problem("error", found[0], key="training.extra.fp16", hint=found[1],
                                 **cfg.where("training", "extra", "fp16", key=True)))
 
-    # ---- trainer arguments: one per keymap row, in its order (computed values replace the YAML's own)
-    computed: dict[str, Any] = {"dataset_use": dataset_use, "deepspeed": ds_path, "gradient_accumulation_steps": accum,
-                                "report_to": report_to, "eval_dataset_use": eval_use,
-                                "eval_strategy": eval_strategy,
-                                "per_device_eval_batch_size": tr.per_device_eval_batch_size or (
-                                    tr.per_device_train_batch_size if eval_strategy not in (None, "no") else None)}
+
+# --------------------------------------------------------------------------- trainer arguments and the launcher
+
+def _trainer_argv(cfg: RunConfig, computed: dict[str, Any]) -> list[str]:
+    """One flag per keymap row, in its order (``computed`` values replace the YAML's own), then training.extra."""
     args: list[tuple[str, Any]] = [(k.flag, computed[k.flag] if k.flag in computed else yaml_value(cfg, k))
                                    for k in KEYS]
-    args += list(tr.extra.items())
+    args += list(cfg.training.extra.items())
     trainer_args: list[str] = []
     for name, value in args:
         if value is None or value == []:
@@ -498,17 +638,70 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
             trainer_args += [f"--{name}", *(render_value(v) for v in value)]
         else:
             trainer_args += [f"--{name}", render_value(value)]
+    return trainer_args
 
+
+def _launcher(cfg: RunConfig) -> list[str]:
+    """The torchrun part of the command (the trainer's arguments follow it)."""
+    dist = cfg.distributed
     launcher = [torchrun_executable(), "--nnodes", str(dist.nnodes), "--nproc_per_node", str(dist.nproc_per_node)]
     if dist.rdzv_endpoint:
         launcher += ["--rdzv_backend", "c10d", "--rdzv_endpoint", dist.rdzv_endpoint,
-                     "--rdzv_id", out.run_name or "vlsft"]
+                     "--rdzv_id", cfg.output.run_name or "vlsft"]
     else:
         launcher += ["--node_rank", str(dist.node_rank), "--master_addr", dist.master_addr or "127.0.0.1",
                      "--master_port", str(dist.master_port)]
-    launcher += ["-m", "qwenvl.train"]
+    return launcher + ["-m", "qwenvl.train"]
 
-    # ---- known traps
+
+# --------------------------------------------------------------------------- the training mode and known traps
+
+def _training_mode_rules(cfg: RunConfig, ds_path: str | None, problems: list[Problem]) -> None:
+    """LoRA settings the ranks would refuse (targets, target_modules against the model, QLoRA), quantize without
+    LoRA, and nothing to train."""
+    m = cfg.model
+    if m.lora.enabled:
+        for key, message, hint in lora_problems(
+                tune_mm_vision=m.tune_mm_vision, tune_mm_mlp=m.tune_mm_mlp, tune_mm_llm=m.tune_mm_llm,
+                targets=m.lora.targets, target_modules=m.lora.target_modules, quantize=m.lora.quantize,
+                deepspeed=ds_path is not None):
+            problems.append(Problem("error", message, key=key, hint=hint, **cfg.where(*key.split("."))))
+        if m.lora.target_modules:
+            _target_modules_rule(cfg, problems)
+    elif m.lora.quantize is not None:
+        problems.append(Problem("error", f"model.lora.quantize is {m.lora.quantize} but model.lora.enabled is false: "
+                                "quantization is for LoRA (QLoRA) and would otherwise be ignored, leaving a full "
+                                "fine-tune", key="model.lora.quantize", hint="set model.lora.enabled: true for "
+                                "QLoRA, or remove model.lora.quantize for a full fine-tune",
+                                **cfg.where("model", "lora", "quantize")))
+    elif nothing_to_train(tune_mm_vision=m.tune_mm_vision, tune_mm_mlp=m.tune_mm_mlp, tune_mm_llm=m.tune_mm_llm,
+                          lora=False):
+        problems.append(Problem("error", "nothing is trainable: model.tune_mm_vision, tune_mm_mlp and tune_mm_llm are "
+                                "all false", key="model", hint="the recipes use tune_mm_mlp: true, tune_mm_llm: true",
+                                **cfg.where("model")))
+
+
+def _target_modules_rule(cfg: RunConfig, problems: list[Problem]) -> None:
+    """``model.lora.target_modules`` resolved against the model's module names (safetensors headers, no torch)."""
+    from qwenvl.lora_rules import LoraConfigError, resolve_targets, target_modules_problem
+
+    m = cfg.model
+    try:
+        lora_plan = resolve_targets(tune_mm_vision=m.tune_mm_vision, tune_mm_mlp=m.tune_mm_mlp,
+                                    tune_mm_llm=m.tune_mm_llm, targets=m.lora.targets,
+                                    target_modules=m.lora.target_modules)
+    except LoraConfigError:
+        return  # reported by lora_problems
+    found = target_modules_problem(m.name_or_path, lora_plan)
+    if found:
+        problems.append(Problem("error", found[0], key="model.lora.target_modules", hint=found[1],
+                                **cfg.where("model", "lora", "target_modules")))
+
+
+def _known_traps(cfg: RunConfig, data: _Data, ds_path: str | None, ds_blocks: set[str], env: _Env,
+                 warnings: list[str]) -> None:
+    """Settings that run but likely not as meant (warnings only)."""
+    m, d, tr = cfg.model, cfg.data, cfg.training
     attn = m.attn_implementation
     if attn is not None and attn not in ATTN_IMPLEMENTATIONS and "/" not in attn and "|" not in attn:  # hub kernels, paged|..
         guess = did_you_mean(attn, ATTN_IMPLEMENTATIONS)
@@ -523,39 +716,10 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     if tr.mm_projector_lr is not None and not m.tune_mm_mlp:
         warnings.append("training.mm_projector_lr is set but model.tune_mm_mlp is false: the merger is frozen, "
                         "so this learning rate is unused")
-    if m.lora.enabled:
-        for key, message, hint in lora_problems(
-                tune_mm_vision=m.tune_mm_vision, tune_mm_mlp=m.tune_mm_mlp, tune_mm_llm=m.tune_mm_llm,
-                targets=m.lora.targets, target_modules=m.lora.target_modules, quantize=m.lora.quantize,
-                deepspeed=ds_path is not None):
-            problems.append(Problem("error", message, key=key, hint=hint, **cfg.where(*key.split("."))))
-        if m.lora.target_modules:  # resolved against the model's module names (safetensors headers, no torch)
-            from qwenvl.lora_rules import LoraConfigError, resolve_targets, target_modules_problem
-
-            try:
-                lora_plan = resolve_targets(tune_mm_vision=m.tune_mm_vision, tune_mm_mlp=m.tune_mm_mlp,
-                                            tune_mm_llm=m.tune_mm_llm, targets=m.lora.targets,
-                                            target_modules=m.lora.target_modules)
-            except LoraConfigError:
-                lora_plan = None  # reported above
-            found = target_modules_problem(m.name_or_path, lora_plan) if lora_plan is not None else None
-            if found:
-                problems.append(Problem("error", found[0], key="model.lora.target_modules", hint=found[1],
-                                        **cfg.where("model", "lora", "target_modules")))
-    elif m.lora.quantize is not None:
-        problems.append(Problem("error", f"model.lora.quantize is {m.lora.quantize} but model.lora.enabled is false: "
-                                "quantization is for LoRA (QLoRA) and would otherwise be ignored, leaving a full "
-                                "fine-tune", key="model.lora.quantize", hint="set model.lora.enabled: true for "
-                                "QLoRA, or remove model.lora.quantize for a full fine-tune",
-                                **cfg.where("model", "lora", "quantize")))
-    elif not (m.tune_mm_vision or m.tune_mm_mlp or m.tune_mm_llm):
-        problems.append(Problem("error", "nothing is trainable: model.tune_mm_vision, tune_mm_mlp and tune_mm_llm are "
-                                "all false", key="model", hint="the recipes use tune_mm_mlp: true, tune_mm_llm: true",
-                                **cfg.where("model")))
-    if m.tune_mm_vision and shares:
+    if m.tune_mm_vision and data.shares:
         kinds: set[str] = set()
-        for s in shares:
-            path = dictionary.datasets[s.name].annotation_path
+        for s in data.shares:
+            path = data.dictionary.datasets[s.name].annotation_path
             if "://" not in path:
                 kinds |= _media_kinds(path)
         if kinds >= {"image", "video"}:
@@ -566,22 +730,14 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         warnings.append(f"data.model_max_length {d.model_max_length} is below the {image_tokens} tokens one image "
                         f"may take at max_pixels {d.max_pixels} (+~{TEXT_TOKEN_ALLOWANCE} text tokens): samples "
                         "with a large image will be skipped; raise model_max_length or lower max_pixels")
-    if "://" not in out.dir:
-        markers = run_markers(out.dir)
-        if markers and out.resume == "never" and not out.overwrite:
-            warnings.append(f"output.dir {out.dir} already holds a run ({', '.join(markers[:3])}) while "
-                            "output.resume is never and output.overwrite is false: the trainer will refuse to "
-                            "start; use a new output.dir for a fresh run (or resume: auto, or overwrite: true)")
-        elif markers and out.resume == "auto" and any(x.startswith("checkpoint-") for x in markers):
-            newest = [x for x in markers if x.startswith("checkpoint-")][-1]
-            warnings.append(f"output.dir {out.dir} already holds {newest}: resume auto continues that run; use a "
-                            "new output.dir for a fresh run")
+    _earlier_run_trap(cfg, warnings)
     if ds_blocks & {"optimizer"} and (tr.mm_projector_lr is not None or tr.vision_tower_lr is not None):
         warnings.append(f"{ds_path} defines its own optimizer: DeepSpeed builds it, so mm_projector_lr / "
                         "vision_tower_lr groups are ignored")
     if "scheduler" in ds_blocks:
         warnings.append(f"{ds_path} defines its own scheduler: it replaces training.lr_scheduler_type "
                         f"({tr.lr_scheduler_type})")
+    mode, report_to = env.wandb_mode, env.report_to
     if mode == "disabled" and report_to in ("wandb", "all"):
         warnings.append(f"training.report_to is {report_to!r} but W&B is disabled (WANDB_MODE=disabled): nothing "
                         "reaches W&B; set wandb.project (online) or wandb.mode: offline")
@@ -591,41 +747,35 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         warnings.append("data.packing is on: several samples share one row, so steps per epoch are an upper-bound "
                         "estimate")
 
-    if problems:
-        raise ProblemsError(problems)
-    dataset_notes: dict[str, str] = {}
+
+def _earlier_run_trap(cfg: RunConfig, warnings: list[str]) -> None:
+    """output.dir already holds a run: the trainer refuses a fresh start there, or resume auto continues it."""
+    out = cfg.output
+    if "://" in out.dir:
+        return
+    markers = run_markers(out.dir)
+    if markers and out.resume == "never" and not out.overwrite:
+        warnings.append(f"output.dir {out.dir} already holds a run ({', '.join(markers[:3])}) while "
+                        "output.resume is never and output.overwrite is false: the trainer will refuse to "
+                        "start; use a new output.dir for a fresh run (or resume: auto, or overwrite: true)")
+    elif markers and out.resume == "auto" and any(x.startswith("checkpoint-") for x in markers):
+        newest = [x for x in markers if x.startswith("checkpoint-")][-1]
+        warnings.append(f"output.dir {out.dir} already holds {newest}: resume auto continues that run; use a "
+                        "new output.dir for a fresh run")
+
+
+def _dataset_notes(family: str | None, data: _Data) -> dict[str, str]:
+    """Per dataset: what the family does not do with it (the official pre-packed bins of a family that cannot
+    pack are read one sample per padded row)."""
+    notes: dict[str, str] = {}
     if family and fam_of(family).batching_problem(data_flatten=False, data_packing=True):
-        for s in shares:  # the official pre-packed bins of a family that cannot pack: one sample per padded row
-            path = dictionary.datasets[s.name].annotation_path
+        for s in data.shares:
+            path = data.dictionary.datasets[s.name].annotation_path
             if "://" not in path and _prepacked(path):
-                dataset_notes[s.name] = f"pre-packed bins read as single samples, one per padded row ({family} " \
-                                        "cannot pack here)"
-    trainable = trainable_report(cfg)
-    return LaunchPlan(
-        trainable=trainable,
-        family=family,
-        family_limits=fam_of(family).limits() if family else [],
-        dataset_notes=dataset_notes,
-        torchrun=launcher + trainer_args,
-        trainer_args=trainer_args,
-        dataset_use=dataset_use,
-        env=env,
-        world_size=world,
-        effective_batch_size=effective,
-        samples_per_epoch=samples,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total,
-        warnings=warnings,
-        config=cfg,
-        datasets=shares,
-        eval_datasets=eval_shares,
-        eval_samples=eval_samples,
-        eval_every=eval_every,
-        steps_are_estimate=d.packing,
-        slurm=slurm,
-        cluster=cluster,
-        secret_values=frozenset(secret_values),
-    )
+                notes[s.name] = f"pre-packed bins read as single samples, one per padded row ({family} " \
+                                "cannot pack here)"
+    return notes
+
 
 
 def trainable_report(cfg: RunConfig) -> dict | None:
