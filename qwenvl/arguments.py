@@ -114,6 +114,10 @@ class ExtraTrainingArguments:
     lora_use_dora: bool = arg(False, "Weight-decomposed LoRA (PEFT use_dora).")
     lora_quantize: str | None = arg(None, "QLoRA: load the frozen base weights in 4bit or 8bit (bitsandbytes; "
                                     "needs a CUDA GPU).")
+    packing_rows: int | None = arg(None, "With data_packing: rows of model_max_length tokens per device per step, "
+                                   "i.e. a token budget of packing_rows x model_max_length per device per step, "
+                                   "filled from estimated sample lengths (per_device_train_batch_size is then unused "
+                                   "for training); unset: per_device_train_batch_size samples per step.")
     resume: str = arg("auto", "auto: continue from the newest complete checkpoint in the output dir (fresh start "
                       "if none); never: start fresh; PATH: continue from that checkpoint.")
     overwrite_output_dir: bool = arg(False, "Allow a fresh start (resume never) in an output dir that already "

@@ -28,6 +28,11 @@
 * :meth:`QwenVLTrainer.finish_run` (after ``train()``, before the final save): a run that trained on no sample
   is an error; rank 0 logs the summary (samples trained / skipped by kind, all ranks), ``qwenvl.train`` prints it.
 * HF's unused-column removal is off: the collator receives whole samples (skipped ones carry no model inputs).
+* ``--packing_rows R`` (with ``--data_packing``): steps sized by tokens, R rows of ``model_max_length`` per device,
+  instead of ``per_device_train_batch_size`` samples. Rank 0 estimates every sample's tokens without decoding media
+  (:mod:`qwenvl.data.length_estimate`) and sends them to the other ranks; the training DataLoader's batch sampler is
+  :class:`~qwenvl.data.length_sampler.TokenBudgetBatchSampler` (every sample once per epoch, the same number of
+  steps on every rank, seeded by ``data_seed`` / ``seed`` and the epoch). Evaluation batches are unchanged.
 * ``VLSFT_SAMPLE_LOG=1`` writes ``<output_dir>/logs/samples-rank<R>.jsonl``: per micro-batch the rank,
   world size, fingerprints of the samples and its image/video token counts (used by the tests to prove
   that ranks see different data).
@@ -50,8 +55,10 @@ from transformers import Trainer, TrainerCallback
 from qwenvl import loss as qloss
 from qwenvl import mfu
 from qwenvl.data.collate import BadSampleLimitExceeded, BadSampleMonitor, describe_kinds, pop_batch_stats
+from qwenvl.data.token_budget import budget_problem, tokens_per_step
 from qwenvl.loss import token_mean_loss
 from qwenvl.model import parameter_groups
+from qwenvl.problems import UserError
 
 __all__ = ["QwenVLTrainer", "dataset_loss_sums", "token_mean_loss"]
 
@@ -129,6 +136,11 @@ class QwenVLTrainer(Trainer):
             d.mkdir(parents=True, exist_ok=True)
             self._sample_log = open(d / f"samples-rank{self.args.process_index}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._flop_params = mfu.flop_params(self.model)  # matmul parameters per part, trained flags
+        self._token_sampler = None
+        rows = getattr(self.args, "packing_rows", None)
+        found = budget_problem(packing=getattr(self.data_collator, "mode", None) == "packing", packing_rows=rows)
+        if found:
+            raise UserError(f"{found[0]} ({found[1]})")
         self._peak = mfu.peak_flops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
     # ---- optimizer --------------------------------------------------------------------------------
@@ -156,6 +168,67 @@ class QwenVLTrainer(Trainer):
                                     "adamw_mode": True}
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    # ---- throughput-sized batches (--packing_rows) -----------------------------------------------------
+    def get_train_dataloader(self):
+        rows = getattr(self.args, "packing_rows", None)
+        if not rows:
+            return super().get_train_dataloader()
+        from functools import partial
+
+        from torch.utils.data import DataLoader
+        from transformers.trainer_utils import seed_worker
+
+        self._token_sampler = self._make_token_sampler(int(rows))
+        a = self.args
+        params = {"batch_sampler": self._token_sampler, "collate_fn": self.data_collator,
+                  "num_workers": a.dataloader_num_workers, "pin_memory": a.dataloader_pin_memory,
+                  "persistent_workers": a.dataloader_persistent_workers,
+                  "multiprocessing_context": a.dataloader_multiprocessing_context,
+                  "prefetch_factor": a.dataloader_prefetch_factor, "in_order": a.dataloader_in_order,
+                  "worker_init_fn": partial(seed_worker, num_workers=a.dataloader_num_workers, rank=a.process_index)}
+        # the sampler yields every rank's steps (step i is rank i % world): accelerate's BatchSamplerShard picks ours
+        return self.accelerator.prepare(DataLoader(self.train_dataset, **params))
+
+    def _make_token_sampler(self, rows: int):
+        from qwenvl.data.length_estimate import estimate_lengths
+        from qwenvl.data.length_sampler import TokenBudgetBatchSampler
+
+        ds = self.train_dataset
+        if not all(hasattr(ds, k) for k in ("sources", "ds_ids", "rec_ids", "builder")):
+            raise UserError("--packing_rows needs qwenvl's own training dataset (dataset_use / dataset_dict), whose "
+                            "records it reads to estimate sample lengths")
+        payload = [None]
+        if self.args.process_index == 0:  # one estimate, sent to every rank: all ranks must plan the same steps
+            payload = [estimate_lengths(ds)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.args.world_size > 1:
+            torch.distributed.broadcast_object_list(payload, src=0)
+        lengths, info = payload[0]
+        cap = int(self.data_collator.model_max_length)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        sampler = TokenBudgetBatchSampler(lengths, row_capacity=cap, rows_per_step=rows,
+                                          world_size=max(self.args.world_size, 1), seed=seed)
+        summary = sampler.summary()
+        if self.args.process_index == 0:
+            logger.info("token budget: %d rows x %d = %d tokens per device per step (packing_rows); estimated "
+                        "lengths of %d samples in %.1f s (%d image headers read, %d images and %d videos at their "
+                        "pixel bound, bytes per token %s): %d rows, %d steps per epoch per rank, %.1f samples per "
+                        "step, estimated fill %.1f %%", rows, cap, tokens_per_step(rows, cap), info["samples"],
+                        info["seconds"], info["image_headers"], info["images_at_bound"], info["videos_at_bound"],
+                        info["bytes_per_token"], summary["rows"], summary["steps_per_rank"],
+                        summary["samples_per_step"], 100 * summary["estimated_fill"])
+            if summary["rows"] < summary["steps"]:
+                logger.warning("token budget: %d samples make fewer rows than the %d steps every rank needs: some "
+                               "steps are empty (a masked dummy batch whose loss counts 0)", info["samples"],
+                               summary["steps"])
+        return sampler
+
+    def _run_epoch(self, *args, **kwargs):
+        # HF sets a batch sampler's epoch through accelerate's wrappers, but not once a resumed epoch is wrapped in
+        # a SkipBatchSampler: the epoch number, set here, decides the steps of the epoch (exact resume)
+        if self._token_sampler is not None and "epoch" in kwargs:
+            self._token_sampler.set_epoch(int(kwargs["epoch"]))
+        return super()._run_epoch(*args, **kwargs)
 
     def _get_collator_with_removed_columns(self, data_collator, description=None):
         # the collator needs whole samples: a skipped sample is a dict of bookkeeping keys only (no model inputs),

@@ -92,6 +92,12 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
             parts.append(f"#   {s.name:<{width}}  {s.records:>10,} records x {s.percent:g} % = {s.samples:,} samples")
         parts.append(f"eval samples = {plan.eval_samples:,}, evaluated {plan.eval_every or 'never (eval_strategy no)'}")
     parts.append(f"{plan.batch_formula}  (per-device x accumulation x nproc_per_node x nnodes)")
+    from qwenvl.data.token_budget import budget_lines  # tokens per step with packing (torch-free)
+
+    d, per_device = cfg.data, tr.per_device_train_batch_size
+    parts += budget_lines(packing=d.packing, packing_rows=d.packing_rows, model_max_length=d.model_max_length,
+                          per_device=per_device, world=plan.world_size,
+                          accumulation=plan.effective_batch_size // max(per_device * plan.world_size, 1))
     estimate = " (estimate: packing puts several samples in a row)" if plan.steps_are_estimate else ""
     parts.append(f"steps per epoch = ceil({plan.samples_per_epoch} / {plan.effective_batch_size}) = "
                  f"{plan.steps_per_epoch}{estimate}")

@@ -76,6 +76,7 @@ KEYS: tuple[Key, ...] = (
     Key("data.model_max_length", "model_max_length", D, {"gt": 0}),
     Key("data.flatten", "data_flatten", D),
     Key("data.packing", "data_packing", D),
+    Key("data.packing_rows", "packing_rows", X, {"ge": 1}),
     Key("data.max_bad_sample_ratio", "max_bad_sample_ratio", D, {"ge": 0, "le": 1}),
     Key("data.eval_split", "eval_split", D, {"ge": 0, "lt": 1}),
     Key("output.dir", "output_dir"),

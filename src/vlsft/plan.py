@@ -243,6 +243,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     ds_path, ds_blocks = _plan_deepspeed(cfg, problems)
     _family_rules(cfg, family, ds_path, problems)
     _video_rate_rule(cfg, problems)
+    _packing_rows_rule(cfg, problems)
     batch = _batch_math(cfg, data.samples)
     eval_strategy, eval_every = _plan_eval(cfg, data.eval_shares, batch.total_steps, problems)
     env = _plan_env(cfg, environ, problems, warnings)
@@ -520,6 +521,16 @@ def _video_rate_rule(cfg: RunConfig, problems: list[Problem]) -> None:
                                 f"{1.0 / d.video_fps:g} seconds", key="data.video_fps",
                                 hint="set only one of them (video_fps: frames per second, the official HEAD name; "
                                 "base_interval: seconds between frames)", **cfg.where("data", "video_fps")))
+
+
+def _packing_rows_rule(cfg: RunConfig, problems: list[Problem]) -> None:
+    """``data.packing_rows`` (a token budget per step) only means something with ``data.packing``."""
+    from qwenvl.data.token_budget import budget_problem
+
+    found = budget_problem(packing=bool(cfg.data.packing), packing_rows=cfg.data.packing_rows)
+    if found:
+        problems.append(Problem("error", found[0], key="data.packing_rows", hint=found[1],
+                                **cfg.where("data", "packing_rows")))
 
 
 # --------------------------------------------------------------------------- batch arithmetic and evaluation
