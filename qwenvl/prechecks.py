@@ -1,8 +1,10 @@
 """Checks of a run's inputs that need no torch: the front door (``vlsft print-args`` / ``train``) runs them
 before any rank starts, so a config that would fail inside the ranks fails here first, in one line.
 
-Each check returns ``None`` (fine) or a ``(message, hint)`` pair. The trainer keeps its own checks for
-standalone use (``python -m qwenvl.train``); these are the same rules, stated once for the front door.
+Each check returns ``None`` (fine) or a ``(message, hint)`` pair. The trainer (``python -m qwenvl.train``, also
+used standalone) calls the same rules where they need no more than its arguments (:func:`wandb_can_log_in`,
+:func:`nothing_to_train`, :func:`zero_stage`, :data:`REPORT_INTEGRATIONS`) and asks the installed libraries for
+the rest, in its own words (flag names instead of run YAML keys).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 
 from qwenvl.problems import did_you_mean
 
-# transformers 5.24 integrations (INTEGRATION_TO_CALLBACK; tests/test_prechecks.py compares) -> pip package
+# transformers' report_to integrations (its INTEGRATION_TO_CALLBACK; tests/test_prechecks.py compares) -> the pip
+# package each needs; the trainer's --report_to check names the same packages
 REPORT_INTEGRATIONS: dict[str, str] = {
     "azure_ml": "azureml-core", "clearml": "clearml", "codecarbon": "codecarbon", "comet_ml": "comet_ml",
     "dagshub": "dagshub", "dvclive": "dvclive", "flyte": "flytekit", "kubeflow": "kubeflow", "mlflow": "mlflow",

@@ -1,4 +1,5 @@
-"""Fine-tune Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense) with ``transformers.Trainer`` (+ DeepSpeed).
+"""Fine-tune the Qwen vision-language families of :mod:`qwenvl.families` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL and
+Qwen3-VL MoE, Qwen3.5 and Qwen3.5 MoE) with ``transformers.Trainer`` (+ DeepSpeed).
 
 Run on every rank by torchrun (``vlsft train`` builds this command from a run YAML)::
 
@@ -12,10 +13,9 @@ Run on every rank by torchrun (``vlsft train`` builds this command from a run YA
         --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --num_train_epochs 1 \\
         --save_steps 500 --logging_steps 10 --report_to wandb --run_name my-run
 
-(``python qwenvl/train.py ...`` works as well.) Arguments: the model arguments of
-:mod:`qwenvl.arguments`, the data arguments of :mod:`qwenvl.data.arguments` and every
-``transformers.TrainingArguments`` plus ``--mm_projector_lr``, ``--vision_tower_lr``,
-``--resume auto|never|PATH`` and ``--overwrite_output_dir`` (:mod:`qwenvl.train_args`).
+(``python qwenvl/train.py ...`` works as well.) Arguments: the model and data arguments of
+:mod:`qwenvl.arguments` and every ``transformers.TrainingArguments`` plus ``--mm_projector_lr``,
+``--vision_tower_lr``, ``--resume auto|never|PATH`` and ``--overwrite_output_dir`` (:mod:`qwenvl.train_args`).
 
 * The model class comes from ``config.json`` (``model_type``); freezing follows the three
   ``--tune_mm_*`` flags exactly (:mod:`qwenvl.model`). A model folder without
@@ -196,8 +196,35 @@ def unknown_arguments_message(rest: list[str], accepted: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# the run
+# the run: a table of contents, then its steps in order
 # ---------------------------------------------------------------------------------------------------
+def run(argv: list[str]) -> int:
+    """One rank's run: parse, refuse early, load the model and processor, apply the training mode (freezing, LoRA,
+    the speed path), read the data, build the trainer, train and save (see the module docstring)."""
+    argv = resolve_deepspeed_arg(argv)
+    _prepare_cpu(argv)
+    model_args, data_args, training_args = parse_args(argv)
+    _setup_logging(training_args)
+    logger.info("world size %d, process %d, device %s, distributed %s", training_args.world_size,
+                training_args.process_index, training_args.device, training_args.distributed_state.distributed_type)
+    lora_plan, eval_strategy = _refuse_early(model_args, data_args, training_args)
+    resume_from = _resume_point(training_args)
+    fam = _checked_family(model_args, data_args, training_args)
+    from transformers import set_seed
+
+    set_seed(training_args.seed)
+    model, processor = _load_model_and_processor(model_args, data_args, training_args, fam, lora_plan)
+    model = _apply_training_mode(model, model_args, training_args, lora_plan, fam.model_type)
+    _crash_if_a_test_asks(training_args.process_index)
+    data, eval_dataset = _load_data(processor, data_args, training_args, fam.model_type, eval_strategy)
+    trainer, save_lora = _build_trainer(model, processor, data, eval_dataset, model_args, training_args, lora_plan,
+                                        resume_from)
+    summary = _train_and_save(trainer, processor, training_args, resume_from, save_lora)
+    if training_args.process_index == 0:
+        print(summary, flush=True)  # samples trained / skipped by kind, summed over ranks
+    return 0
+
+
 def _setup_logging(training_args) -> None:
     import transformers
 
@@ -210,23 +237,40 @@ def _setup_logging(training_args) -> None:
     quiet_known_warnings(training_args.process_index)
 
 
-def _data_module(processor, data_args, training_args, model_type: str) -> dict:
-    from qwenvl.data.dataset import make_data_module
+# ---- refuse early: one line each, before anything heavy is loaded
+def _refuse_early(model_args, data_args, training_args):
+    """Input problems as one :class:`UserError` line each; returns (the LoRA plan or None, the eval strategy)."""
+    from qwenvl.prechecks import NOTHING_TO_TRAIN, nothing_to_train
 
-    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-    return make_data_module(processor.tokenizer, processor.image_processor, data_args, seed=seed,
-                            model_type=model_type)
-
-
-# extra package each reporting integration needs (pip name), checked before anything is loaded
-_REPORT_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
-                    "clearml": "clearml", "neptune": "neptune", "dvclive": "dvclive", "trackio": "trackio",
-                    "swanlab": "swanlab", "codecarbon": "codecarbon", "azure_ml": "azureml-core"}
+    _check_report_to(training_args.report_to)
+    eval_strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
+    wants_eval_data = bool(data_args.eval_split) or bool(str(data_args.eval_dataset_use or "").strip())
+    if eval_strategy != "no" and not wants_eval_data:
+        raise UserError(f"--eval_strategy {eval_strategy} needs eval data: set --eval_split (a held-out fraction, "
+                        "e.g. 0.02) or --eval_dataset_use NAME[,...] (run YAML: data.eval_split / data.eval), or "
+                        "use --eval_strategy no")
+    if wants_eval_data and eval_strategy == "no" and training_args.process_index == 0:
+        logger.warning("eval data is set (eval_split / eval_dataset_use) but --eval_strategy is no: it is never "
+                       "evaluated; use --eval_strategy steps (with --eval_steps) or epoch")
+    training_args.prediction_loss_only = True  # evaluation computes losses only (no logits gathered)
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise UserError(f"nothing to do: num_train_epochs {training_args.num_train_epochs:g} and no max_steps; "
+                        "set num_train_epochs > 0 (fractions such as 0.5 work) or max_steps")
+    lora_plan = _lora_plan(model_args, training_args)
+    if nothing_to_train(tune_mm_vision=model_args.tune_mm_vision, tune_mm_mlp=model_args.tune_mm_mlp,
+                        tune_mm_llm=model_args.tune_mm_llm, lora=lora_plan is not None):
+        raise UserError(NOTHING_TO_TRAIN)
+    model_args.model_name_or_path = os.path.expanduser(model_args.model_name_or_path)
+    if Path(training_args.output_dir).exists() and not Path(training_args.output_dir).is_dir():
+        raise UserError(f"output_dir {training_args.output_dir} is a file, not a folder: choose another output_dir")
+    return lora_plan, eval_strategy
 
 
 def _check_report_to(report_to) -> None:
     """``--report_to`` names an integration transformers knows and whose package is installed (else one line)."""
     from transformers import integrations
+
+    from qwenvl.prechecks import REPORT_INTEGRATIONS, wandb_can_log_in
 
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     known = getattr(getattr(integrations, "integration_utils", integrations), "INTEGRATION_TO_CALLBACK", {})
@@ -238,52 +282,12 @@ def _check_report_to(report_to) -> None:
                             + ", ".join(sorted(known)))
         available = getattr(integrations, f"is_{name}_available", None)
         if available is not None and not available():
-            raise UserError(f"report_to {name} needs the {_REPORT_PACKAGES.get(name, name)} package, which is not "
-                            f"installed: `pip install {_REPORT_PACKAGES.get(name, name)}`, or choose report_to none")
-        if name == "wandb" and not _wandb_can_log_in():
+            package = REPORT_INTEGRATIONS.get(name, name)
+            raise UserError(f"report_to {name} needs the {package} package, which is not "
+                            f"installed: `pip install {package}`, or choose report_to none")
+        if name == "wandb" and not wandb_can_log_in(os.environ):
             raise UserError("report_to wandb: no W&B API key (WANDB_API_KEY, or `wandb login`); set it, or "
                             "WANDB_MODE=offline (sync later with `wandb sync`), or report_to none")
-
-
-def _wandb_can_log_in() -> bool:
-    """An online W&B run needs a key: from WANDB_API_KEY or the netrc file `wandb login` writes."""
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get(
-            "WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
-        return True
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    try:
-        auth = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(auth and auth[2])
-
-
-def _check_dataset_size(n: int, training_args) -> None:
-    """At least one batch per rank (transformers would fail with an unrelated message about max_steps)."""
-    world = max(training_args.world_size, 1)
-    if n == 0:
-        raise UserError("the dataset selection has no samples: check dataset_use and the annotation files")
-    if training_args.dataloader_drop_last and -(-n // world) < training_args.per_device_train_batch_size:
-        raise UserError(f"the dataset has {n} samples, fewer than one batch on every rank "
-                        f"({training_args.per_device_train_batch_size} x {training_args.world_size} ranks) with "
-                        "dataloader_drop_last: lower per_device_train_batch_size or add data")
-
-
-def _load_run_config(output_dir: str) -> dict | None:
-    p = Path(output_dir) / "vlsft" / "run.yaml"
-    if not p.is_file():
-        return None
-    try:
-        import yaml
-
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
-    except Exception:  # noqa: BLE001 - extra W&B context only
-        return None
 
 
 def _lora_plan(model_args, training_args):
@@ -315,83 +319,47 @@ def _lora_plan(model_args, training_args):
     return plan
 
 
-def _lora_saver(model, plan, model_args, training_args):
-    from qwenvl import lora
-
-    settings = {"r": training_args.lora_r, "alpha": training_args.lora_alpha, "dropout": training_args.lora_dropout,
-                "use_rslora": training_args.lora_use_rslora, "use_dora": training_args.lora_use_dora,
-                "quantize": training_args.lora_quantize}
-
-    def save(folder: str) -> None:
-        lora.save_lora_extras(model, folder, should_save=training_args.should_save, plan=plan,
-                              base_model=os.path.abspath(model_args.model_name_or_path), settings=settings)
-    return save
-
-
-def run(argv: list[str]) -> int:
-    argv = resolve_deepspeed_arg(argv)
-    _prepare_cpu(argv)
-    model_args, data_args, training_args = parse_args(argv)
-    _setup_logging(training_args)
-
-    import torch
-    from transformers import set_seed
-
-    from qwenvl import stopsignal
-    from qwenvl.families import family_at
-    from qwenvl.model import ModelTypeError, apply_freezing, load_model, load_processor
-    from qwenvl.trainer import ExtraRunConfigCallback, QwenVLTrainer
-
-    rank = training_args.process_index
-    logger.info("world size %d, process %d, device %s, distributed %s", training_args.world_size, rank,
-                training_args.device, training_args.distributed_state.distributed_type)
-
-    _check_report_to(training_args.report_to)
-    eval_strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
-    wants_eval_data = bool(data_args.eval_split) or bool(str(data_args.eval_dataset_use or "").strip())
-    if eval_strategy != "no" and not wants_eval_data:
-        raise UserError(f"--eval_strategy {eval_strategy} needs eval data: set --eval_split (a held-out fraction, "
-                        "e.g. 0.02) or --eval_dataset_use NAME[,...] (run YAML: data.eval_split / data.eval), or "
-                        "use --eval_strategy no")
-    if wants_eval_data and eval_strategy == "no" and rank == 0:
-        logger.warning("eval data is set (eval_split / eval_dataset_use) but --eval_strategy is no: it is never "
-                       "evaluated; use --eval_strategy steps (with --eval_steps) or epoch")
-    training_args.prediction_loss_only = True  # evaluation computes losses only (no logits gathered)
-    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
-        raise UserError(f"nothing to do: num_train_epochs {training_args.num_train_epochs:g} and no max_steps; "
-                        "set num_train_epochs > 0 (fractions such as 0.5 work) or max_steps")
-    lora_plan = _lora_plan(model_args, training_args)  # one-line refusals before anything is loaded
-    if lora_plan is None and not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm):
-        raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
-
-    model_args.model_name_or_path = os.path.expanduser(model_args.model_name_or_path)
-    if Path(training_args.output_dir).exists() and not Path(training_args.output_dir).is_dir():
-        raise UserError(f"output_dir {training_args.output_dir} is a file, not a folder: choose another output_dir")
-
+def _resume_point(training_args) -> str | None:
+    """The checkpoint to continue from (None: a fresh start; old checkpoints set aside with overwrite), or one line
+    when ``output_dir`` holds a run that this start would silently replace (:func:`qwenvl.runpolicy.decide_resume`)."""
     resume = training_args.resume
     rfc = str(training_args.resume_from_checkpoint or "").strip()
     if rfc and resume == "auto":  # the HF flag: PATH, or True/False as some scripts pass it
         resume = {"true": "auto", "yes": "auto", "1": "auto", "false": "never", "no": "never", "0": "never",
                   "none": "auto"}.get(rfc.lower(), rfc)
     resume_from = decide_resume(training_args.output_dir, resume, training_args.overwrite_output_dir,
-                                warn=logger.warning if rank == 0 else (lambda _msg: None))
+                                warn=logger.warning if training_args.process_index == 0 else (lambda _msg: None))
     check_resumable(resume_from, training_args.deepspeed)
     if resume_from:
         logger.info("resuming from %s", resume_from)
     elif training_args.overwrite_output_dir and training_args.process_index == 0:
         set_aside_old_checkpoints(training_args.output_dir)
-    fam = family_at(model_args.model_name_or_path)
-    model_type = fam.model_type
+    return resume_from
+
+
+def _checked_family(model_args, data_args, training_args):
+    """The model folder's :class:`~qwenvl.families.Family`, refused in one line when it cannot run with these
+    batching / DeepSpeed settings here (the front door checks the same rules)."""
+    from qwenvl.families import family_at
     from qwenvl.prechecks import zero_stage
 
+    fam = family_at(model_args.model_name_or_path)
     found = (fam.batching_problem(data_flatten=data_args.data_flatten, data_packing=data_args.data_packing)
              or fam.deepspeed_problem(zero_stage(training_args.deepspeed) if training_args.deepspeed else None))
     if found:
         raise UserError(found)
-    set_seed(training_args.seed)
+    return fam
 
-    processor = load_processor(model_args.model_name_or_path, model_type)
-    # the processor's pixel limits follow the data arguments (saved with the model, used at inference)
+
+# ---- load the model and its processor
+def _load_model_and_processor(model_args, data_args, training_args, fam, lora_plan):
+    """The processor (pixel limits from the data arguments: saved with the model, used at inference) and the model
+    in the run's dtype (QLoRA: quantised), without a generation cache; an unloadable kernel is one line."""
+    import torch
+
+    from qwenvl.model import ModelTypeError, load_model, load_processor
+
+    processor = load_processor(model_args.model_name_or_path, fam.model_type)
     if getattr(processor.image_processor, "size", None) is not None:
         processor.image_processor.size = {"shortest_edge": data_args.min_pixels, "longest_edge": data_args.max_pixels}
 
@@ -412,6 +380,17 @@ def run(argv: list[str]) -> int:
     model.config.use_cache = False
     if getattr(model.config, "text_config", None) is not None:
         model.config.text_config.use_cache = False
+    return model, processor
+
+
+# ---- the training mode: freezing, LoRA, the speed path
+def _apply_training_mode(model, model_args, training_args, lora_plan, model_type: str):
+    """Freeze what ``--tune_mm_*`` (or the LoRA plan's fully trained parts) leaves out, add the LoRA adapters,
+    and prepare the vision tower's fast path; logs what trains. Returns the model (PEFT-wrapped with LoRA)."""
+    from qwenvl.attention import prepare_for_training
+    from qwenvl.model import apply_freezing, trainable_counts
+    from qwenvl.prechecks import NOTHING_TO_TRAIN
+
     full = set(lora_plan.full) if lora_plan is not None else None
     counts = apply_freezing(
         model, tune_mm_vision=model_args.tune_mm_vision if full is None else "vision" in full,
@@ -422,36 +401,50 @@ def run(argv: list[str]) -> int:
         # (the Trainer enables checkpointing itself, non-reentrant unless activation_checkpointing_kwargs says so)
         model.enable_input_require_grads()
     if lora_plan is not None:
-        from qwenvl import lora
-        from qwenvl.model import trainable_counts
-
-        if training_args.lora_quantize:
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=training_args.uses_activation_checkpointing)
-        model = lora.apply_lora(model, lora_plan, r=training_args.lora_r, alpha=training_args.lora_alpha,
-                                dropout=training_args.lora_dropout, use_rslora=training_args.lora_use_rslora,
-                                use_dora=training_args.lora_use_dora)
+        model = _add_lora(model, lora_plan, training_args)
         counts = trainable_counts(model)
-    from qwenvl.attention import prepare_for_training
-
     speed = prepare_for_training(model)  # vision attention in one call per layer; frozen blocks forward-only
     logger.info("trainable parameters: %s (model_type %s, %s)",
                 ", ".join(f"{k} {v:,}" for k, v in counts.items()), model_type, type(model).__name__)
     logger.info("speed: vision attention one call per layer %s, forward-only frozen vision blocks %d",
                 speed["vision_attention"], speed["forward_only_vision_blocks"])
     if not any(counts.values()):
-        raise UserError("nothing to train: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm to True")
+        raise UserError(NOTHING_TO_TRAIN)
+    return model
 
+
+def _add_lora(model, lora_plan, training_args):
+    from qwenvl import lora
+
+    if training_args.lora_quantize:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training_args.uses_activation_checkpointing)
+    return lora.apply_lora(model, lora_plan, r=training_args.lora_r, alpha=training_args.lora_alpha,
+                           dropout=training_args.lora_dropout, use_rslora=training_args.lora_use_rslora,
+                           use_dora=training_args.lora_use_dora)
+
+
+def _crash_if_a_test_asks(rank: int) -> None:
+    """Test hook: ``VLSFT_TEST_CRASH_RANK=R`` makes rank R exit with status 3 here (one dead rank ends the job)."""
     crash = os.environ.get("VLSFT_TEST_CRASH_RANK")
     if crash is not None and int(crash) == rank:
         logger.error("VLSFT_TEST_CRASH_RANK=%s: rank %d exits with status 3 (test hook)", crash, rank)
         os._exit(3)
 
-    data = _data_module(processor, data_args, training_args, model_type)
+
+# ---- the data
+def _load_data(processor, data_args, training_args, model_type: str, eval_strategy: str):
+    """The data module (:func:`qwenvl.data.dataset.make_data_module`) and the eval dataset (None: no evaluation);
+    the held-out records are listed in ``<output_dir>/logs/eval-split.json``."""
+    from qwenvl.data.dataset import make_data_module
+
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    data = make_data_module(processor.tokenizer, processor.image_processor, data_args, seed=seed,
+                            model_type=model_type)
     report = data.get("report")
-    if report is not None and rank == 0:
+    if report is not None and training_args.process_index == 0:
         logger.info("data: %s", report if isinstance(report, str) else json.dumps(report, default=str)[:2000])
 
     _check_dataset_size(len(data["train_dataset"]), training_args)
@@ -465,6 +458,28 @@ def run(argv: list[str]) -> int:
         (logs_dir / "eval-split.json").write_text(json.dumps(
             {"eval_split": data_args.eval_split, "seed": report.seed if hasattr(report, "seed") else None,
              "held_out": data["held_out"]}, indent=1), encoding="utf-8")
+    return data, eval_dataset
+
+
+def _check_dataset_size(n: int, training_args) -> None:
+    """At least one batch per rank (transformers would fail with an unrelated message about max_steps)."""
+    world = max(training_args.world_size, 1)
+    if n == 0:
+        raise UserError("the dataset selection has no samples: check dataset_use and the annotation files")
+    if training_args.dataloader_drop_last and -(-n // world) < training_args.per_device_train_batch_size:
+        raise UserError(f"the dataset has {n} samples, fewer than one batch on every rank "
+                        f"({training_args.per_device_train_batch_size} x {training_args.world_size} ranks) with "
+                        "dataloader_drop_last: lower per_device_train_batch_size or add data")
+
+
+# ---- the trainer
+def _build_trainer(model, processor, data, eval_dataset, model_args, training_args, lora_plan, resume_from):
+    """The :class:`~qwenvl.trainer.QwenVLTrainer` with its callbacks (W&B run config, stop on a signal, LoRA
+    extras); returns it and the LoRA saver (None without LoRA)."""
+    from qwenvl import stopsignal
+    from qwenvl.trainer import ExtraRunConfigCallback, QwenVLTrainer
+
+    report = data.get("report")
     cfg = model.config
     trainer = QwenVLTrainer(
         model=model, args=training_args, train_dataset=data["train_dataset"], eval_dataset=eval_dataset,
@@ -482,10 +497,46 @@ def run(argv: list[str]) -> int:
     trainer.add_callback(stopsignal.make_callback())  # SIGINT/SIGTERM/SIGHUP: checkpoint, then stop
     save_lora = None
     if lora_plan is not None:
+        from qwenvl import lora
+
         save_lora = _lora_saver(model, lora_plan, model_args, training_args)
         trainer.add_callback(lora.SaveExtrasCallback(save_lora))
         if resume_from and not training_args.deepspeed:  # DeepSpeed restores every module weight from its state
             lora.load_full_parts(model, resume_from)
+    return trainer, save_lora
+
+
+def _load_run_config(output_dir: str) -> dict | None:
+    p = Path(output_dir) / "vlsft" / "run.yaml"
+    if not p.is_file():
+        return None
+    try:
+        import yaml
+
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - extra W&B context only
+        return None
+
+
+def _lora_saver(model, plan, model_args, training_args):
+    from qwenvl import lora
+
+    settings = {"r": training_args.lora_r, "alpha": training_args.lora_alpha, "dropout": training_args.lora_dropout,
+                "use_rslora": training_args.lora_use_rslora, "use_dora": training_args.lora_use_dora,
+                "quantize": training_args.lora_quantize}
+
+    def save(folder: str) -> None:
+        lora.save_lora_extras(model, folder, should_save=training_args.should_save, plan=plan,
+                              base_model=os.path.abspath(model_args.model_name_or_path), settings=settings)
+    return save
+
+
+# ---- train and save
+def _train_and_save(trainer, processor, training_args, resume_from, save_lora) -> str:
+    """Train, then save the final model, tokenizer, processor and chat template (LoRA: adapter, trained parts and
+    manifest); returns the run's summary line. A stop by signal ends here with its checkpoint and no final model."""
+    from qwenvl import stopsignal
+
     trainer.train(resume_from_checkpoint=resume_from)
     if stopsignal.received() is not None:  # stopped by a signal: the checkpoint is saved, there is no final model
         raise stopsignal.Stopped(stopsignal.received())
@@ -498,9 +549,7 @@ def run(argv: list[str]) -> int:
     if training_args.should_save:
         processor.save_pretrained(training_args.output_dir)
         logger.info("final model, tokenizer, processor and chat template saved in %s", training_args.output_dir)
-    if rank == 0:
-        print(summary, flush=True)  # samples trained / skipped by kind, summed over ranks
-    return 0
+    return summary
 
 
 def _dump_stacks_on_sigusr1() -> None:
