@@ -4,7 +4,8 @@
   step is split into per-device batches, accumulation steps and ranks; computed by the chunked head of
   :mod:`qwenvl.loss` (no ``[tokens x vocabulary]`` logits) when the head is a plain linear layer.
 * Optimizer: :func:`qwenvl.model.parameter_groups` (merger / vision / llm learning rates, no weight
-  decay on biases and norms), the optimizer class from ``--optim`` as usual.
+  decay on biases and norms), the optimizer class from ``--optim`` as usual; the default ``adamw_torch_fused`` is
+  fused wherever torch has the kernel (CUDA and CPU), torch's own choice elsewhere (:mod:`qwenvl.optim`).
 * Per logging step, on top of HF's loss / grad_norm / learning_rate: ``lr/<group>`` for every group,
   ``samples_per_second``, ``tokens_per_second`` (real tokens, all ranks), ``tokens_per_second_per_device``,
   ``padding_fraction``, ``skipped_samples`` (cumulative, from the collator's ``num_skipped``) and, on
@@ -58,6 +59,8 @@ from qwenvl.data.collate import BadSampleLimitExceeded, BadSampleMonitor, descri
 from qwenvl.data.token_budget import budget_problem, tokens_per_step
 from qwenvl.loss import token_mean_loss
 from qwenvl.model import parameter_groups
+from qwenvl.optim import adamw_kwargs
+from qwenvl.optim import describe as describe_optimizer
 from qwenvl.problems import UserError
 
 __all__ = ["QwenVLTrainer", "dataset_loss_sums", "token_mean_loss"]
@@ -157,6 +160,9 @@ class QwenVLTrainer(Trainer):
                 logger.info("optimizer group %-16s lr %.3g weight_decay %.3g params %d", g["name"], g["lr"],
                             g["weight_decay"], sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in g["params"]))
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            if optimizer_cls is torch.optim.AdamW:  # fused where torch has the kernel (qwenvl.optim)
+                optimizer_kwargs = {**optimizer_kwargs,
+                                    **adamw_kwargs(self.args.optim, [p for g in groups for p in g["params"]])}
             if _offloads_optimizer(self.args):
                 # ZeRO-Offload steps the optimizer on the CPU and insists on DeepSpeed's CPU Adam (a C++ op
                 # JIT-built on first use, ~40 s, cached in TORCH_EXTENSIONS_DIR); our groups keep their lrs.
@@ -167,6 +173,8 @@ class QwenVLTrainer(Trainer):
                                     "eps": self.args.adam_epsilon, "weight_decay": self.args.weight_decay,
                                     "adamw_mode": True}
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            logger.info("optimizer: %s (--optim %s)", describe_optimizer(self.optimizer),
+                        getattr(self.args.optim, "value", self.args.optim))
         return self.optimizer
 
     # ---- throughput-sized batches (--packing_rows) -----------------------------------------------------
