@@ -377,6 +377,10 @@ def forward_only_frozen_blocks(model) -> int:
 
 
 def prepare_for_training(model) -> dict:
-    """Both speed-ups for a model about to train (after freezing and LoRA): returns what was done."""
+    """The speed-ups (and the packed-row path of linear attention) for a model about to train, after freezing
+    and LoRA: returns what was done."""
+    from qwenvl import linear_attention
+
     return {"vision_attention": install(model), "text_attention": install_text(model),
-            "forward_only_vision_blocks": forward_only_frozen_blocks(model)}
+            "forward_only_vision_blocks": forward_only_frozen_blocks(model),
+            "linear_attention_layers": linear_attention.install(model)}

@@ -13,7 +13,8 @@ What a record says:
   HEAD video sampling, EXIF applied, ``<X.Y seconds>`` per temporal patch);
 * ``grounding``: the coordinate convention of boxes and points (:mod:`qwenvl.data.grounding`);
 * ``video_time``: the temporal M-RoPE rule (:mod:`qwenvl.data.rope`);
-* ``exif``, ``moe``, ``linear_attention``, ``zero3``: what the pipeline applies and what the family can do here;
+* ``exif``, ``moe``, ``linear_attention``, ``packs``, ``zero3``: what the pipeline applies and what the family can do
+  here;
 * ``tokenizer``, ``chat_template``, ``processor``, ``video_processor``: what a model folder of the family carries
   (the tiny models of :mod:`qwenvl.tiny` are written from them, and a checkpoint without processor settings gets
   ``processor``);
@@ -25,7 +26,6 @@ new one); tests/test_families.py shows it with a test-only record.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections.abc import Mapping
@@ -72,7 +72,8 @@ class Family:
     processor: Mapping  # the published preprocessor_config.json
     video_processor: Mapping | None = None  # the published video_preprocessor_config.json, where one exists
     moe: bool = False  # router auxiliary loss (qwenvl.loss) when the config asks for router logits
-    linear_attention: bool = False  # Gated DeltaNet layers: packed rows need flash-linear-attention
+    linear_attention: bool = False  # Gated DeltaNet layers (packed rows: qwenvl.linear_attention)
+    packs: bool = True  # several samples in one row (data_flatten / data_packing) are kept apart
     zero3: bool = True  # loads under DeepSpeed ZeRO-3 with the installed transformers
     tiny: Mapping = field(default_factory=dict)  # {"text": {...}, "vision": {...}, "tie_word_embeddings": ...}
 
@@ -100,14 +101,11 @@ class Family:
 
     def batching_problem(self, *, data_flatten: bool, data_packing: bool) -> str | None:
         """Why ``data_flatten`` / ``data_packing`` cannot run for this family here, or None."""
-        if not self.linear_attention or not (data_flatten or data_packing):
-            return None
-        if importlib.util.find_spec("fla") is not None:
+        if self.packs or not (data_flatten or data_packing):
             return None
         which = "data_packing" if data_packing else "data_flatten"
-        return (f"{which} puts several samples in one row, and {self.model_type}'s linear-attention (Gated DeltaNet) "
-                "layers keep them apart only with flash-linear-attention, which is not installed: use padded batches "
-                "(data_flatten False, data_packing False) or `pip install flash-linear-attention`")
+        return (f"{which} puts several samples in one row, and {self.model_type} cannot keep them apart here: use "
+                "padded batches (data_flatten False, data_packing False)")
 
     def deepspeed_problem(self, zero_stage: int | None) -> str | None:
         """Why this family cannot run under this ZeRO stage here, or None.
@@ -128,7 +126,7 @@ class Family:
         """What this family cannot do in this environment, one short phrase each (print-args shows them)."""
         out = []
         if self.batching_problem(data_flatten=False, data_packing=True):
-            out.append("no data.packing / data.flatten (linear-attention layers need flash-linear-attention)")
+            out.append("no data.packing / data.flatten (padded rows only)")
         if self.deepspeed_problem(3):
             out.append("no ZeRO-3 (transformers 5.24 mis-loads its fused experts; ZeRO-2 as the official scripts)")
         return out

@@ -112,21 +112,18 @@ def test_official_sft_qwen3_4b_line_trains_every_sample_two_ranks(tmp_path):
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3_vl"
 
 
-def test_qwen35_rows_of_several_samples_refused_without_a_separating_kernel():
-    """transformers 5.24's PyTorch Gated DeltaNet cannot keep packed samples apart (it raises at the first forward);
-    the trainer refuses flatten / packing for Qwen3.5 in one line before loading anything."""
-    import importlib.util
+def test_every_family_packs_and_a_family_that_cannot_is_refused_in_one_line():
+    """Qwen3.5's Gated DeltaNet layers keep packed samples apart (qwenvl.linear_attention, any device), so no
+    shipped family refuses flatten / packing; the rule stays for a family whose record says it cannot."""
+    import dataclasses
 
-    from qwenvl.families import family as family_record
+    from qwenvl.families import FAMILIES
 
-    def batching_problem(model_type, **kw):
-        return family_record(model_type).batching_problem(**kw)
-
-    if importlib.util.find_spec("fla") is not None:
-        pytest.skip("flash-linear-attention is installed: packed Qwen3.5 rows are kept apart")
-    for family in ("qwen3_5", "qwen3_5_moe"):
-        msg = batching_problem(family, data_flatten=True, data_packing=False)
-        assert msg and msg.startswith("data_flatten puts several samples in one row") and "\n" not in msg
-        assert batching_problem(family, data_flatten=False, data_packing=True).startswith("data_packing")
-        assert batching_problem(family, data_flatten=False, data_packing=False) is None
-    assert batching_problem("qwen3_vl_moe", data_flatten=True, data_packing=True) is None
+    for fam in FAMILIES.values():
+        assert fam.packs and fam.batching_problem(data_flatten=True, data_packing=True) is None
+    padded_only = dataclasses.replace(FAMILIES["qwen3_5"], packs=False)
+    msg = padded_only.batching_problem(data_flatten=True, data_packing=False)
+    assert msg and msg.startswith("data_flatten puts several samples in one row") and "\n" not in msg
+    assert padded_only.batching_problem(data_flatten=False, data_packing=True).startswith("data_packing")
+    assert padded_only.batching_problem(data_flatten=False, data_packing=False) is None
+    assert padded_only.limits() == ["no data.packing / data.flatten (padded rows only)"]
