@@ -12,7 +12,6 @@ split into chunks checked by forked workers.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from collections.abc import Callable
@@ -31,12 +30,14 @@ from qwenvl.data.annotation_read import (
     _line_error,
     _load_json_document,
     _loads,
+    _no_gc,
     _read,
     _relative,
     _text,
     _utf16_jsonl,
     annotation_format,
     format_of,
+    jsonl_head,
     oneline,
 )
 from qwenvl.data.media_exist import check_http, check_local
@@ -354,77 +355,18 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
     media: dict[str, Any] | None = {} if (deep and check_media) else None
     data = _read(path)
     fmt_kind = annotation_format(path)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # millions of short-lived dicts: the cyclic GC would cost more than the parsing
-    try:
-        if fmt_kind == "jsonl":
-            wrong = _utf16_jsonl(data, path) or _json_list_in_jsonl(data, path)
-            if wrong is not None:
-                res.problems.append(wrong)
-                res.unusable = True
-                return res
-            items: Any = data
-            total = len(data) // 150  # an estimate is enough to choose the number of workers
-            bounds = _byte_chunks(data, chunk * 200)  # ~200 bytes per record
-            pairs = []
-            for line, raw in enumerate(data[:data.find(b"\n", min(len(data), formats.DETECT_RECORDS * 2000))
-                                       % (len(data) + 1)].split(b"\n"), 1):
-                if raw and not raw.isspace():
-                    try:
-                        pairs.append((line, _loads(raw)))
-                    except _JSONError:
-                        pass
-                if len(pairs) >= formats.DETECT_RECORDS:
-                    break
-            fmt = format_of(pairs, fmt, res.fmt_info, lambda loc: loc)
-        else:
-            try:
-                items = _load_json_document(data)
-            except (ValueError, RecursionError) as exc:
-                line, col, msg, hint = _json_error(exc, data)
-                res.problems.append(Problem("error", f"annotation file is not valid JSON: {msg}", path, line, col,
-                                            hint=hint))
-                res.unusable = True
-                return res
-            if not isinstance(items, list):
-                res.problems.append(Problem("error", "the top level of a .json annotation file must be a list of "
-                                            f"samples, found {kind_of(items)}", path, 1, 1, hint=_LIST_HINT))
-                res.unusable = True
-                return res
-            total = len(items)
-            res.packed = any(type(x) is list for x in items)
-            pairs = []
-            for i, item in enumerate(items[:formats.DETECT_RECORDS]):
-                pairs += [((i, j), r) for j, r in (enumerate(item) if type(item) is list else ((None, item),))]
-            fmt = format_of(pairs[:formats.DETECT_RECORDS], fmt, res.fmt_info, lambda loc: None if loc is None else
-                            _json_item_lines(_text(data), {loc}).get(loc))
-            bounds = [(lo, min(lo + chunk, total)) for lo in range(0, total, max(1, chunk))]
+    with _no_gc():  # millions of short-lived dicts: the cyclic GC would cost more than the parsing
+        prepared = _items_and_chunks(path, data, fmt_kind, fmt, chunk, res)
+        if prepared is None:
+            res.unusable = True
+            return res
+        items, total, bounds, fmt = prepared
         _JOB.update(path=path, fmt_kind=fmt_kind, fmt=fmt, items=items, deep=deep, media=media is not None, max_per_kind=max_per_kind,
                     decode=decode and media is not None)
-        roles: tuple[dict, dict] = ({}, {})  # (images, videos): path -> first locator, for --decode
-        n_workers = min(_workers(total, workers), len(bounds))
         try:
-            if n_workers > 1:
-                import multiprocessing
-
-                with multiprocessing.get_context("fork").Pool(n_workers) as pool:
-                    for part in pool.imap(_scan_chunk, bounds):
-                        _merge(res, sink, media, part)
-                        _merge_roles(roles, part)
-                        if progress is not None:
-                            progress(part.records)
-            else:
-                for b in bounds:
-                    part = _scan_chunk(b)
-                    _merge(res, sink, media, part)
-                    _merge_roles(roles, part)
-                    if progress is not None:
-                        progress(part.records)
+            roles = _scan_chunks(bounds, min(_workers(total, workers), len(bounds)), res, sink, media, progress)
         finally:
             _JOB.clear()
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     del items
     if media:
         gone = _check_media_exist(media, data_path, sink, res, list_progress)
@@ -432,7 +374,69 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
             _decode_media(roles, data_path, gone, sink, res, decode_progress)
     if res.grounded:
         _check_grounding(res, sink, data_path, fmt.bbox_format if fmt is not None else "pixel")
-    # resolve locators to lines
+    _sink_problems(res, sink, data, path)
+    return res
+
+
+def _items_and_chunks(path: str, data: bytes, fmt_kind: str, fmt: formats.FormatSpec | None, chunk: int,
+                      res: ScanResult):
+    """(the records: the JSONL bytes or the .json list, their number (estimated for JSONL), the chunks to check,
+    the settled format); None with the problem in ``res`` when the file is unusable."""
+    if fmt_kind == "jsonl":
+        wrong = _utf16_jsonl(data, path) or _json_list_in_jsonl(data, path)
+        if wrong is not None:
+            res.problems.append(wrong)
+            return None
+        total = len(data) // 150  # an estimate is enough to choose the number of workers
+        bounds = _byte_chunks(data, chunk * 200)  # ~200 bytes per record
+        return data, total, bounds, format_of(jsonl_head(data), fmt, res.fmt_info, lambda loc: loc)
+    try:
+        items = _load_json_document(data)
+    except (ValueError, RecursionError) as exc:
+        line, col, msg, hint = _json_error(exc, data)
+        res.problems.append(Problem("error", f"annotation file is not valid JSON: {msg}", path, line, col, hint=hint))
+        return None
+    if not isinstance(items, list):
+        res.problems.append(Problem("error", "the top level of a .json annotation file must be a list of "
+                                    f"samples, found {kind_of(items)}", path, 1, 1, hint=_LIST_HINT))
+        return None
+    total = len(items)
+    res.packed = any(type(x) is list for x in items)
+    pairs = []
+    for i, item in enumerate(items[:formats.DETECT_RECORDS]):
+        pairs += [((i, j), r) for j, r in (enumerate(item) if type(item) is list else ((None, item),))]
+    fmt = format_of(pairs[:formats.DETECT_RECORDS], fmt, res.fmt_info, lambda loc: None if loc is None else
+                    _json_item_lines(_text(data), {loc}).get(loc))
+    return items, total, [(lo, min(lo + chunk, total)) for lo in range(0, total, max(1, chunk))], fmt
+
+
+def _scan_chunks(bounds: list, n_workers: int, res: ScanResult, sink: _Sink, media: dict[str, Any] | None,
+                 progress: Callable[[int], None] | None) -> tuple[dict, dict]:
+    """Check every chunk of :data:`_JOB` (in forked workers when ``n_workers`` > 1) and merge the parts in order;
+    returns (images, videos): path -> first locator, for --decode."""
+    roles: tuple[dict, dict] = ({}, {})
+    if n_workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(n_workers) as pool:
+            for part in pool.imap(_scan_chunk, bounds):
+                _merge(res, sink, media, part)
+                _merge_roles(roles, part)
+                if progress is not None:
+                    progress(part.records)
+    else:
+        for b in bounds:
+            part = _scan_chunk(b)
+            _merge(res, sink, media, part)
+            _merge_roles(roles, part)
+            if progress is not None:
+                progress(part.records)
+    return roles
+
+
+def _sink_problems(res: ScanResult, sink: _Sink, data: bytes, path: str) -> None:
+    """The collected problems with their locators resolved to lines, in file order, each kind over the limit
+    closed by one '... and N more like' line."""
     locs = {loc for loc, *_ in sink.items if isinstance(loc, tuple)}
     first_media = res.first_media
     if isinstance(first_media, tuple):
@@ -456,7 +460,6 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
                                 ex.hint)
             res.problems.append(more_like)
             res.kinds[more_like] = res.kinds[ex]
-    return res
 
 
 def _check_grounding(res: ScanResult, sink: _Sink, data_path: str | None, bbox_format: str) -> None:
@@ -520,52 +523,13 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
     by_parent: dict[str, list[tuple[str, str, str]]] = {}
     if os.sep == "/" and (data_path is None or not storage.is_url(data_path)) and not any(
             "://" in rel for rel in media):
-        # local fast path (the common case): plain string work instead of os.path calls per file
-        prefix = None if data_path is None else (data_path if data_path.endswith("/") else data_path + "/")
-        if prefix is not None and not os.path.isdir(data_path):  # type: ignore[arg-type]
-            prefix = None  # reported once as a data_path problem, not once per media file
-        res.relative_media = sum(1 for rel in media if rel[0] != "/")
-        for rel in media:
-            if rel[0] == "/":
-                full = rel
-            elif prefix is None:
-                res.unresolved_media += 1  # relative path without data_path
-                continue
-            else:
-                full = prefix + rel
-            parent, _, name = full.rpartition("/")
-            members = by_parent.get(parent)
-            if members is None:
-                by_parent[parent] = members = []
-            members.append((name, full, rel))
+        _group_local(media, data_path, res, by_parent)
         check_local(by_parent, missing, case_twin)
     else:
-        remote: dict[str, str] = {}
-        http: dict[str, str] = {}
-        res.relative_media = sum(1 for rel in media if not (storage.is_url(rel) or os.path.isabs(rel)))
-        for rel in media:
-            if data_path is None and not (storage.is_url(rel) or os.path.isabs(rel)):
-                res.unresolved_media += 1
-                continue
-            full = storage.join(data_path, rel)
-            if storage.is_http_url(full):
-                http[full] = rel
-            elif storage.is_url(full):
-                remote[full] = rel
-            else:
-                parent, name = os.path.split(full)
-                by_parent.setdefault(parent, []).append((name, full, rel))
+        remote, http = _group_any(media, data_path, res, by_parent)
         check_local(by_parent, missing, case_twin)
         if remote:
-            try:
-                found = storage.existing(remote, progress=progress)
-                missing.extend((full, rel, None) for full, rel in remote.items() if full not in found)
-            except storage.StorageError as e:  # endpoint, bucket or credentials: one line at the first sample
-                full, rel = min(remote.items(), key=lambda item: _order(media[item[1]]))
-                sink.add(media[rel], "media_unreachable", "error", f"cannot check the {len(remote):,} media file(s) "
-                         f"on object storage, first {mask_url(full)}: {e}", key="image/video",
-                         hint="the trainer cannot read them either; fix the storage settings or the URLs",
-                         kind="media_unreachable")
+            _check_remote(media, remote, missing, sink, progress)
         if http:
             gone, down = check_http(http)
             missing.extend(gone)
@@ -575,7 +539,70 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
                          + (f"; {count - 1:,} more media file(s) there not checked" if count > 1 else ""),
                          key="image/video", hint="check the URL and that the server is up: the trainer skips "
                          "these samples", kind="media_unreachable")
+    _report_missing(media, missing, case_twin, sink, res)
+    return {rel for _, rel, _ in missing}
 
+
+def _group_local(media: dict[str, Any], data_path: str | None, res: ScanResult,
+                 by_parent: dict[str, list[tuple[str, str, str]]]) -> None:
+    """The local fast path (the common case): plain string work instead of os.path calls per file."""
+    prefix = None if data_path is None else (data_path if data_path.endswith("/") else data_path + "/")
+    if prefix is not None and not os.path.isdir(data_path):  # type: ignore[arg-type]
+        prefix = None  # reported once as a data_path problem, not once per media file
+    res.relative_media = sum(1 for rel in media if rel[0] != "/")
+    for rel in media:
+        if rel[0] == "/":
+            full = rel
+        elif prefix is None:
+            res.unresolved_media += 1  # relative path without data_path
+            continue
+        else:
+            full = prefix + rel
+        parent, _, name = full.rpartition("/")
+        members = by_parent.get(parent)
+        if members is None:
+            by_parent[parent] = members = []
+        members.append((name, full, rel))
+
+
+def _group_any(media: dict[str, Any], data_path: str | None, res: ScanResult,
+               by_parent: dict[str, list[tuple[str, str, str]]]) -> tuple[dict[str, str], dict[str, str]]:
+    """Local files into ``by_parent``; returns (object-storage URL -> annotation path, http(s) URL -> path)."""
+    remote: dict[str, str] = {}
+    http: dict[str, str] = {}
+    res.relative_media = sum(1 for rel in media if not (storage.is_url(rel) or os.path.isabs(rel)))
+    for rel in media:
+        if data_path is None and not (storage.is_url(rel) or os.path.isabs(rel)):
+            res.unresolved_media += 1
+            continue
+        full = storage.join(data_path, rel)
+        if storage.is_http_url(full):
+            http[full] = rel
+        elif storage.is_url(full):
+            remote[full] = rel
+        else:
+            parent, name = os.path.split(full)
+            by_parent.setdefault(parent, []).append((name, full, rel))
+    return remote, http
+
+
+def _check_remote(media: dict[str, Any], remote: dict[str, str], missing: list, sink: _Sink,
+                  progress: Callable[[int, int], None] | None) -> None:
+    """Object-storage media by prefix listings; a storage error is one line at the first sample."""
+    try:
+        found = storage.existing(remote, progress=progress)
+        missing.extend((full, rel, None) for full, rel in remote.items() if full not in found)
+    except storage.StorageError as e:  # endpoint, bucket or credentials: one line at the first sample
+        full, rel = min(remote.items(), key=lambda item: _order(media[item[1]]))
+        sink.add(media[rel], "media_unreachable", "error", f"cannot check the {len(remote):,} media file(s) "
+                 f"on object storage, first {mask_url(full)}: {e}", key="image/video",
+                 hint="the trainer cannot read them either; fix the storage settings or the URLs",
+                 kind="media_unreachable")
+
+
+def _report_missing(media: dict[str, Any], missing: list[tuple[str, str, str | None]], case_twin: dict[str, str],
+                    sink: _Sink, res: ScanResult) -> None:
+    """One problem per missing media file, in file order, with the likeliest reason as the hint."""
     missing.sort(key=lambda item: _order(media[item[1]]))  # report in file order
     for full, rel, why in missing:
         res.missing_media += 1
@@ -591,7 +618,6 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
             f"media file not found: {shown} ({why})" if why.startswith("HTTP") or why.startswith("no answer")
             or why.startswith("the server") else f"media file {shown} is {why}")
         sink.add(media[rel], "missing_media", "error", message, key="image/video", hint=hint, kind="missing_media")
-    return {rel for _, rel, _ in missing}
 
 
 def _merge_roles(roles: tuple[dict, dict], part: _Part) -> None:

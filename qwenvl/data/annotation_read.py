@@ -386,6 +386,22 @@ def format_of(pairs: list[tuple[Any, Any]], declared: formats.FormatSpec | None,
     return spec
 
 
+def jsonl_head(data: bytes) -> list[tuple[int, Any]]:
+    """``(line, record)`` of the first :data:`~qwenvl.data.formats.DETECT_RECORDS` records of a JSONL file's bytes
+    that parse (what :func:`format_of` settles the format from; a line that does not parse is skipped here and
+    reported by the checks)."""
+    head = data[: data.find(b"\n", min(len(data), formats.DETECT_RECORDS * 2000)) % (len(data) + 1)]
+    pairs = []
+    for line, raw in _nonblank_jsonl(head):
+        try:
+            pairs.append((line, _loads(raw)))
+        except _JSONError:
+            pass
+        if len(pairs) >= formats.DETECT_RECORDS:
+            break
+    return pairs
+
+
 @contextmanager
 def _no_gc() -> Iterator[None]:
     """Pause the cyclic GC while millions of short-lived containers are made (it would cost more than parsing)."""
@@ -419,16 +435,7 @@ def _probe(path: str, limit: int, fmt: formats.FormatSpec | None = None) -> Prob
             return info
         info.records = _count_jsonl(data)
         if limit:
-            pairs = []
-            for line, raw in _nonblank_jsonl(data[: data.find(b"\n", min(len(data), formats.DETECT_RECORDS * 2000))
-                                                  % (len(data) + 1)]):
-                try:
-                    pairs.append((line, _loads(raw)))
-                except _JSONError:
-                    pass
-                if len(pairs) >= formats.DETECT_RECORDS:
-                    break
-            fmt = format_of(pairs, fmt, info, lambda loc: loc)
+            fmt = format_of(jsonl_head(data), fmt, info, lambda loc: loc)
         head = data[: data.find(b"\n", min(len(data), limit * 400)) % (len(data) + 1)] if limit else b""
         for count, (line, raw) in enumerate(_nonblank_jsonl(head), 1):
             if count > limit:
