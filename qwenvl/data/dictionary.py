@@ -270,6 +270,38 @@ class _Loader:
 
     # ------------------------------------------------------------------------------------------
     def entry(self, key: JKey, node: JNode | None, seen: dict[str, JKey]) -> None:
+        """One dataset of the dictionary: its name, its keys, each key's value; the spec when all are valid."""
+        name = key.name
+        valid_name = self._check_name(key, seen)
+        if node is None:
+            return
+        if node.kind != "object":
+            self.add("error", f"the entry must be an object, found {_type_name(node)}", node.line, node.column, key=name,
+                     hint=f"write {EXAMPLE_ENTRY}")
+            return
+        pairs = node.value
+        if self.lf:
+            pairs = self.lf_pairs(name, node)
+            if pairs is None:
+                return
+        values, ok = self._entry_values(name, node, pairs)
+        parsed: dict[str, object] = {}
+        for k, v in values.items():
+            checker = getattr(self, f"check_{k}")
+            result = checker(name, k, v)
+            if result is INVALID:
+                ok = False
+            else:
+                parsed[k] = result
+        if parsed.get("sampling_rate") is not None and parsed.get("repeat_time") is not None:
+            v = values["repeat_time"]
+            self.add("error", f"dataset '{name}' sets both sampling_rate and repeat_time", v.line, v.column,
+                     key="repeat_time", hint="keep one: sampling_rate for a fraction (<= 1), repeat_time for copies")
+            ok = False
+        self._keep_entry(name, node, values, parsed, ok and valid_name)
+
+    def _check_name(self, key: JKey, seen: dict[str, JKey]) -> bool:
+        """A dataset name defined once, usable in --dataset_use (records its position); False when it is not."""
         res = self.result
         name = key.name
         where = (key.line, key.column)
@@ -299,21 +331,14 @@ class _Loader:
         elif any(not c.isprintable() for c in name):
             self.add("error", "dataset name contains control characters", *where, key=name, hint="use letters, digits, '_', '-', '.'")
             valid_name = False
-        if node is None:
-            return
-        if node.kind != "object":
-            self.add("error", f"the entry must be an object, found {_type_name(node)}", node.line, node.column, key=name,
-                     hint=f"write {EXAMPLE_ENTRY}")
-            return
+        return valid_name
+
+    def _entry_values(self, name: str, node: JNode, pairs) -> tuple[dict[str, JNode], bool]:
+        """The entry's known keys -> value nodes; False when a key is doubled, unknown, unreadable or missing."""
         values: dict[str, JNode] = {}
         ok = True
         seen_keys: dict[str, JKey] = {}
         suggested: set[str] = set()  # known keys that unknown keys were suggested as
-        pairs = node.value
-        if self.lf:
-            pairs = self.lf_pairs(name, node)
-            if pairs is None:
-                return
         for k, v in pairs:
             if k.name in seen_keys:
                 first = seen_keys[k.name]
@@ -323,7 +348,7 @@ class _Loader:
                 ok = False
                 continue
             seen_keys[k.name] = k
-            res.key_positions[(name, k.name)] = (k.line, k.column)
+            self.result.key_positions[(name, k.name)] = (k.line, k.column)
             if k.name not in KNOWN_KEYS and not (self.lf and k.name == "format_keys"):
                 hint = _key_hint(k.name)
                 suggested.add(hint.split("'")[1] if hint.startswith("did you mean") else "")
@@ -340,26 +365,19 @@ class _Loader:
                 self.add("error", f"dataset '{name}' has no '{req}'", node.line, node.column, key=req,
                          hint=f'add "{req}": "path/to/annotations.jsonl"')
                 ok = False
-        parsed: dict[str, object] = {}
-        for k, v in values.items():
-            checker = getattr(self, f"check_{k}")
-            result = checker(name, k, v)
-            if result is INVALID:
-                ok = False
-            else:
-                parsed[k] = result
-        if parsed.get("sampling_rate") is not None and parsed.get("repeat_time") is not None:
-            v = values["repeat_time"]
-            self.add("error", f"dataset '{name}' sets both sampling_rate and repeat_time", v.line, v.column,
-                     key="repeat_time", hint="keep one: sampling_rate for a fraction (<= 1), repeat_time for copies")
-            ok = False
-        if ok and valid_name:
+        return values, ok
+
+    def _keep_entry(self, name: str, node: JNode, values: dict[str, JNode], parsed: dict[str, object],
+                    valid: bool) -> None:
+        """The spec of a valid entry; the files of any entry with an annotation path (a broken one included:
+        everything is reported in one go)."""
+        res = self.result
+        if valid:
             try:
                 spec = DatasetSpec(**parsed)  # type: ignore[arg-type]
                 res.datasets[name] = spec
             except Exception as exc:  # a check above should have caught it; never crash on user input
                 self.add("error", f"invalid entry: {exc}".splitlines()[0], node.line, node.column, key=name)
-                ok = False
         if parsed.get("annotation_path") and name not in res.entries:
             res.entries[name] = DatasetSpec.model_construct(**{k: parsed.get(k) for k in (*KNOWN_KEYS, "format_keys")})
             res.raw_annotation_paths[name] = values["annotation_path"].value
@@ -602,34 +620,8 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
     """
     spec = d.entries[name]
     apath = spec.annotation_path
-
-    def add(severity: str, message: str, key: str, hint: str | None = None) -> None:
-        line, col = d.key_positions.get((name, key), d.positions.get(name, (None, None)))
-        problem = Problem(severity, ann.oneline(message) or "", d.path, line, col, key, hint)  # type: ignore[arg-type]
-        d.problems.append(problem)
-        d.dataset_of[problem] = name
-
     if isinstance(info, BaseException):
-        exc = info
-        if isinstance(exc, FileNotFoundError):
-            raw = d.raw_annotation_paths.get(name, "")
-            relative = not (storage.is_url(raw) or os.path.isabs(raw))
-            hint = "relative paths start at the dictionary's folder" if relative else None
-            if raw.startswith("~"):
-                hint = f"'~' was expanded to {os.path.expanduser('~')}"
-            if "\\" in raw:
-                hint = "write paths with / (this looks like a Windows path)"
-            if not storage.is_url(apath) and os.path.islink(apath):
-                hint = f"it is a symbolic link to {os.readlink(apath)}, which does not exist"
-            add("error", f"annotation file of dataset '{name}' not found: {apath}", "annotation_path", hint)
-        elif isinstance(exc, IsADirectoryError):
-            add("error", f"annotation_path of dataset '{name}' is a folder: {apath}", "annotation_path",
-                "point at the .json/.jsonl file")
-        elif isinstance(exc, PermissionError):
-            add("error", f"annotation file of dataset '{name}' is not readable: {apath}", "annotation_path",
-                "check the file permissions")
-        else:
-            add("error", f"cannot read annotation file of dataset '{name}': {exc}", "annotation_path")
+        _add(d, name, "error", *_unreadable(d, name, info), key="annotation_path")
         return
     for p in info.problems:
         d.problems.append(p)
@@ -653,32 +645,68 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
         reads = " / ".join(repr(k) for k in spec.format_spec.with_name(fmt).reads_media if k) or "no media keys"
         hint = {"official": f"the official format reads 'image' / 'video'{_rename_hint(key)}",
                 }.get(fmt, f"this dataset's format ({fmt}) reads {reads}")
-        add("error", f"dataset '{name}': key '{key}' holds media the {fmt} format does not read: "
-            f"{count} of the first samples would train without it (first at {base}:{line_no})", "annotation_path",
-            hint + (" (or set \"format\")" if not spec.format else ""))
+        _add(d, name, "error", f"dataset '{name}': key '{key}' holds media the {fmt} format does not read: "
+             f"{count} of the first samples would train without it (first at {base}:{line_no})",
+             hint + (" (or set \"format\")" if not spec.format else ""), key="annotation_path")
     if info.records == 0:
-        add("warning", f"dataset '{name}' has no records ({apath})", "annotation_path")
+        _add(d, name, "warning", f"dataset '{name}' has no records ({apath})", key="annotation_path")
     # a pre-packed .json may declare either its samples (what the trainer counts) or its packs
     if spec.length is not None and spec.length not in (info.records, info.top_level if info.packed else None):
         held = f"{info.records} {'record' if info.records == 1 else 'records'}"
         if info.packed:
             held = f"{info.records} samples in {info.top_level} packed lists"
-        add("warning", f"dataset '{name}' declares length {spec.length} but {posixpath.basename(apath)} holds "
-            f"{held}; the real count is used", "length", f'set "length": {info.records}')
-    if spec.data_path is None and info.media_line is not None:
+        _add(d, name, "warning", f"dataset '{name}' declares length {spec.length} but {posixpath.basename(apath)} "
+             f"holds {held}; the real count is used", f'set "length": {info.records}', key="length")
+    if info.media_line is not None:
+        _data_path_problem(d, name, info.media_line)
+
+
+def _add(d: DatasetDictionary, name: str, severity: str, message: str, hint: str | None = None, *,
+         key: str) -> None:
+    """A problem of dataset ``name`` at its ``key`` in the dictionary (else at the entry)."""
+    line, col = d.key_positions.get((name, key), d.positions.get(name, (None, None)))
+    problem = Problem(severity, ann.oneline(message) or "", d.path, line, col, key, hint)  # type: ignore[arg-type]
+    d.problems.append(problem)
+    d.dataset_of[problem] = name
+
+
+def _unreadable(d: DatasetDictionary, name: str, exc: BaseException) -> tuple[str, str | None]:
+    """(message, hint) for an annotation file that could not be read."""
+    apath = d.entries[name].annotation_path
+    if isinstance(exc, FileNotFoundError):
+        raw = d.raw_annotation_paths.get(name, "")
+        relative = not (storage.is_url(raw) or os.path.isabs(raw))
+        hint = "relative paths start at the dictionary's folder" if relative else None
+        if raw.startswith("~"):
+            hint = f"'~' was expanded to {os.path.expanduser('~')}"
+        if "\\" in raw:
+            hint = "write paths with / (this looks like a Windows path)"
+        if not storage.is_url(apath) and os.path.islink(apath):
+            hint = f"it is a symbolic link to {os.readlink(apath)}, which does not exist"
+        return f"annotation file of dataset '{name}' not found: {apath}", hint
+    if isinstance(exc, IsADirectoryError):
+        return f"annotation_path of dataset '{name}' is a folder: {apath}", "point at the .json/.jsonl file"
+    if isinstance(exc, PermissionError):
+        return f"annotation file of dataset '{name}' is not readable: {apath}", "check the file permissions"
+    return f"cannot read annotation file of dataset '{name}': {exc}", None
+
+
+def _data_path_problem(d: DatasetDictionary, name: str, media_line: int) -> None:
+    """Samples reference media (first at ``media_line``): data_path must be set and, when local, a folder."""
+    spec = d.entries[name]
+    if spec.data_path is None:
         line, col = d.positions.get(name, (None, None))
         problem = Problem("error", f"dataset '{ann.oneline(name)}' has no data_path but its samples reference media "
-                          f"(first at {posixpath.basename(apath)}:{info.media_line})", d.path, line, col, "data_path",
-                          'add "data_path": the folder the image/video paths are relative to')
+                          f"(first at {posixpath.basename(spec.annotation_path)}:{media_line})", d.path, line, col,
+                          "data_path", 'add "data_path": the folder the image/video paths are relative to')
         d.problems.append(problem)
         d.dataset_of[problem] = name
-    elif spec.data_path is not None and info.media_line is not None and not storage.is_url(spec.data_path):
-        if not os.path.isdir(spec.data_path):
-            what = "is not a folder" if os.path.exists(spec.data_path) else "does not exist"
-            hint = "relative paths start at the dictionary's folder"
-            if os.path.isabs(d.raw_data_paths.get(name, "")):
-                hint = "media paths in the annotations are relative to this folder"
-            add("error", f"data_path of dataset '{name}' {what}: {spec.data_path}", "data_path", hint)
+    elif not storage.is_url(spec.data_path) and not os.path.isdir(spec.data_path):
+        what = "is not a folder" if os.path.exists(spec.data_path) else "does not exist"
+        hint = "relative paths start at the dictionary's folder"
+        if os.path.isabs(d.raw_data_paths.get(name, "")):
+            hint = "media paths in the annotations are relative to this folder"
+        _add(d, name, "error", f"data_path of dataset '{name}' {what}: {spec.data_path}", hint, key="data_path")
 
 
 _SAMPLE_KEYS = {"conversations", "messages", "image", "video", "images", "videos"}
