@@ -125,19 +125,10 @@ def _bad_speaker(turn: dict, spk: Any) -> Item:
 def conversation_problems(conv: Any, out: list, rec: dict | None = None) -> tuple[int, int, Item | None]:
     """Append the problems of ``conversations`` to ``out``; returns the ``<image>``/``<video>`` tags
     that will be expanded (human turns; ``-1`` when the conversation is unusable) and the ``no_answer``
-    error when no assistant turn is left (appended by the caller after the tag checks, the trainer's order)."""
+    error when no assistant turn is left (appended by the caller after the tag checks, the trainer's order).
+    Runs a million times in ``datasets check --deep``: the clean path stays inline, problems are worded in helpers."""
     if type(conv) is not list or not conv:
-        if conv is None:
-            other = next((k for k in ("conversation", "messages", "Conversations", "conversations ", "dialog")
-                          if k in rec), None) if rec is not None else None
-            hint = (f"rename '{other}' to 'conversations'" if other else
-                    'add "conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]')
-            out.append(("error", "bad_conversation", "no_conversations", "sample has no 'conversations'",
-                        "conversations", hint))
-        else:
-            out.append(("error", "bad_conversation", "bad_conversations", "'conversations' must be a non-empty "
-                        "list of turns", "conversations",
-                        'write [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]'))
+        out.append(_no_conversation(conv, rec))
         return -1, -1, None
     start = 0
     first = conv[0]
@@ -151,36 +142,17 @@ def conversation_problems(conv: Any, out: list, rec: dict | None = None) -> tupl
     has_answer = broken = False
     for i in range(start, len(conv)):
         turn = conv[i]
-        if type(turn) is not dict:
-            out.append(("error", "bad_conversation", "bad_turn", f"a turn is {kind_of(turn)}, not an object",
-                        "conversations", 'write {"from": "human", "value": "..."}'))
+        side = val = None
+        if type(turn) is dict:
+            if "role" in turn and "content" in turn:  # turn_fields(), inlined
+                spk, val, vkey = turn["role"], turn["content"], "content"
+            else:
+                spk, val, vkey = turn.get("from", _MISS), turn.get("value", _MISS), "value"
+            side = SIDES.get(spk) if type(spk) is str else None
+        if side is None or type(val) is not str:
+            out.append(_unreadable_turn(turn))
             broken = True
             first_side = first_side if first_side >= 0 else 3  # no "first turn" warning after a broken one
-            continue
-        if "role" in turn and "content" in turn:  # turn_fields(), inlined
-            spk, val, vkey = turn["role"], turn["content"], "content"
-        else:
-            spk = turn.get("from", _MISS)
-            val = turn.get("value", _MISS)
-            vkey = "value"
-        if spk is _MISS or val is _MISS:
-            out.append(_missing_keys(turn))
-            broken = True
-            first_side = first_side if first_side >= 0 else 3
-            continue
-        side = SIDES.get(spk) if type(spk) is str else None
-        if side is None:
-            out.append(_bad_speaker(turn, spk))
-            broken = True
-            first_side = first_side if first_side >= 0 else 3
-            continue
-        if type(val) is not str:
-            hint = ("write the turn's text as one string, with an <image>/<video> tag where each media item goes"
-                    if type(val) is list else None)
-            out.append(("error", "bad_conversation", "value_type", f"'{vkey}' must be a string, found "
-                        f"{kind_of(val)}", vkey, hint))
-            broken = True
-            first_side = first_side if first_side >= 0 else 3
             continue
         if first_side < 0:
             first_side = side
@@ -195,12 +167,7 @@ def conversation_problems(conv: Any, out: list, rec: dict | None = None) -> tupl
         if side == 1:
             has_answer = True
         if not val or val.isspace():
-            if side == 1:
-                out.append(("warning", "empty_value", "empty_answer", "a gpt turn has an empty value: it trains an "
-                            "empty answer (only <|im_end|>)", vkey, "write the answer, or remove the turn"))
-            else:
-                out.append(("warning", "empty_value", "empty_value", "a turn has an empty value", vkey,
-                            "write the text or remove the turn"))
+            out.append(_empty_value(side, vkey))
             continue
         if "<" not in val:
             continue
@@ -228,6 +195,46 @@ def conversation_problems(conv: Any, out: list, rec: dict | None = None) -> tupl
             " once the leading gpt turn is dropped" if start else ""), "conversations",
             'add the answer: {"from": "gpt", "value": "..."}')
     return n_img, n_vid, no_answer
+
+
+def _no_conversation(conv: Any, rec: dict | None) -> Item:
+    """``conversations`` missing (perhaps under another name) or not a non-empty list."""
+    if conv is None:
+        other = next((k for k in ("conversation", "messages", "Conversations", "conversations ", "dialog")
+                      if k in rec), None) if rec is not None else None
+        hint = (f"rename '{other}' to 'conversations'" if other else
+                'add "conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]')
+        return ("error", "bad_conversation", "no_conversations", "sample has no 'conversations'", "conversations",
+                hint)
+    return ("error", "bad_conversation", "bad_conversations", "'conversations' must be a non-empty list of turns",
+            "conversations", 'write [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]')
+
+
+def _unreadable_turn(turn: Any) -> Item:
+    """A turn the trainer cannot read: not an object, a speaker or value key missing, an unknown speaker, or a
+    value that is not a string (checked in that order)."""
+    if type(turn) is not dict:
+        return ("error", "bad_conversation", "bad_turn", f"a turn is {kind_of(turn)}, not an object",
+                "conversations", 'write {"from": "human", "value": "..."}')
+    if "role" in turn and "content" in turn:
+        spk, val, vkey = turn["role"], turn["content"], "content"
+    else:
+        spk, val, vkey = turn.get("from", _MISS), turn.get("value", _MISS), "value"
+    if spk is _MISS or val is _MISS:
+        return _missing_keys(turn)
+    if (SIDES.get(spk) if type(spk) is str else None) is None:
+        return _bad_speaker(turn, spk)
+    hint = ("write the turn's text as one string, with an <image>/<video> tag where each media item goes"
+            if type(val) is list else None)
+    return ("error", "bad_conversation", "value_type", f"'{vkey}' must be a string, found {kind_of(val)}", vkey, hint)
+
+
+def _empty_value(side: int, vkey: str) -> Item:
+    if side == 1:
+        return ("warning", "empty_value", "empty_answer", "a gpt turn has an empty value: it trains an empty answer "
+                "(only <|im_end|>)", vkey, "write the answer, or remove the turn")
+    return ("warning", "empty_value", "empty_value", "a turn has an empty value", vkey,
+            "write the text or remove the turn")
 
 
 def record_problems(rec: Any) -> list[Item]:
