@@ -21,11 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenvl.problems import UserError
-from qwenvl.runpolicy import ADAPTER_CONFIG, list_checkpoints
+from qwenvl.runpolicy import ADAPTER_CONFIG, MODEL_FILES, list_checkpoints
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 class InferError(UserError):
@@ -39,7 +37,7 @@ def model_kind(path: str | os.PathLike) -> str:
         raise InferError(f"{p} is not a folder: give a run's output dir, a checkpoint-N folder or an export")
     if (p / ADAPTER_CONFIG).is_file():
         return "adapter"
-    if (p / "config.json").is_file() and any((p / w).is_file() for w in WEIGHT_FILES):
+    if (p / "config.json").is_file() and any((p / w).is_file() for w in MODEL_FILES):
         return "full"
     cps = list_checkpoints(p)
     hint = f" (its newest checkpoint is {cps[-1][1]})" if cps else ""

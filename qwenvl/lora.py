@@ -148,10 +148,6 @@ def base_name(peft_name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def full_part_names(peft_model) -> list[str]:
-    return [n for n, p in peft_model.named_parameters() if p.requires_grad and not is_lora_param(n)]
-
-
 def gather_full_parts(peft_model) -> dict:
     """The fully-trained parameters (ZeRO-3 shards gathered; a collective: call on every rank), keyed by their
     names in the transformers model, as CPU tensors."""

@@ -143,11 +143,6 @@ def url_scheme(path: str) -> str | None:
     return m.group()[:-3].lower() if m else None
 
 
-def is_s3_url(path: str) -> bool:
-    """An object-store URL in S3's dialect (``s3://``, ``s3a://``, ``s3n://``): listed, read through s3fs."""
-    return url_scheme(path) in S3_SCHEMES
-
-
 def is_http_url(path: str) -> bool:
     """An ``http://`` / ``https://`` URL: a plain web server, not S3 (no listing, no AWS settings)."""
     return url_scheme(path) in HTTP_SCHEMES
@@ -451,14 +446,22 @@ def translate_error(exc: BaseException, url: str, action: str = "reading") -> St
     if isinstance(exc, StorageError):
         return exc
     if is_http_url(url):  # a web server, not S3: no endpoint / credential advice
-        if isinstance(exc, FileNotFoundError) or "404" in str(exc)[:40]:
-            return StorageNotFound(f"not found on the web server: {url}", url=url, kind="not_found")
-        if _is_unreachable(exc):
-            return StorageError(f"cannot reach {url} ({type(exc).__name__}); check the address and that the "
-                                "server is up", url=url, kind="unreachable")
-        return StorageError(f"cannot read {url}: {type(exc).__name__}: {exc}", url=url)
+        return _http_error(exc, url)
     where = describe_endpoint()
-    bucket = bucket_of(url) if is_url(url) else ""
+    return _client_setup_error(exc, url, where) or _s3_error(exc, url, action, where)
+
+
+def _http_error(exc: BaseException, url: str) -> StorageError:
+    if isinstance(exc, FileNotFoundError) or "404" in str(exc)[:40]:
+        return StorageNotFound(f"not found on the web server: {url}", url=url, kind="not_found")
+    if _is_unreachable(exc):
+        return StorageError(f"cannot reach {url} ({type(exc).__name__}); check the address and that the "
+                            "server is up", url=url, kind="unreachable")
+    return StorageError(f"cannot read {url}: {type(exc).__name__}: {exc}", url=url)
+
+
+def _client_setup_error(exc: BaseException, url: str, where: str) -> StorageError | None:
+    """Missing or partial credentials, an unknown profile, an invalid client configuration or endpoint."""
     name = type(exc).__name__
     if name == "NoCredentialsError":
         return StorageError(
@@ -486,7 +489,14 @@ def translate_error(exc: BaseException, url: str, action: str = "reading") -> St
         return StorageError(
             f"invalid S3 endpoint URL {where}: {exc}; use e.g. http://host:7480", url=url, kind="config"
         )
+    return None
 
+
+def _s3_error(exc: BaseException, url: str, action: str, where: str) -> StorageError:
+    """What S3 answered (the client error's code, or the message of one without a code), or that it was not
+    reached."""
+    bucket = bucket_of(url) if is_url(url) else ""
+    name = type(exc).__name__
     ce = _client_error(exc)
     code = ""
     msg = ""
@@ -577,7 +587,7 @@ def check_access(url: str) -> None:
     if not is_url(url):
         return
     fs = filesystem(url)
-    if _split_url(url)[0].lower() in ("s3", "s3a", "s3n"):
+    if _split_url(url)[0].lower() in S3_SCHEMES:
         _check_bucket(fs, url)
 
 
@@ -596,7 +606,7 @@ def read_bytes(path: str) -> bytes:
         try:
             return fs.cat_file(path, start=0)
         except FileNotFoundError:
-            if _split_url(path)[0].lower() in ("s3", "s3a", "s3n"):
+            if _split_url(path)[0].lower() in S3_SCHEMES:
                 _check_bucket(fs, path, "reading")  # a missing bucket or refused key says so precisely
             raise
 
@@ -653,7 +663,7 @@ def exists(path: str) -> bool:
         return os.path.exists(path)
     path = _clean(path)
     fs = filesystem(path)
-    is_s3 = _split_url(path)[0].lower() in ("s3", "s3a", "s3n")
+    is_s3 = _split_url(path)[0].lower() in S3_SCHEMES
     with _translated(path, "checking"):
         try:
             fs.info(path)
@@ -682,7 +692,7 @@ def list_names(directory: str) -> set[str]:
     directory = _clean(directory)
     fs = filesystem(directory)
     with _translated(directory, "listing"):
-        if _split_url(directory)[0].lower() in ("s3", "s3a", "s3n"):
+        if _split_url(directory)[0].lower() in S3_SCHEMES:
             return _s3_list_names(fs, directory)
         try:
             entries = fs.ls(directory, detail=False)

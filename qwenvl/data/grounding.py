@@ -45,7 +45,6 @@ import re
 from typing import Any
 
 BBOX_FORMATS = ("pixel", "norm1000", "norm1")
-PLACEHOLDERS = ("<ref>", "<bbox>", "<point>", "<objects>")
 _PH_RE = re.compile(r"(<ref>|<bbox>|<point>|<objects>)")
 # literal boxes a Qwen2.5-VL answer text holds: "bbox_2d": [x1, y1, x2, y2]
 _LITERAL_BOX = re.compile(r'"bbox_2d"\s*:\s*\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]')
