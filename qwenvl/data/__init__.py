@@ -1,6 +1,8 @@
 """qwenvl data layer.
 
-Torch-free modules (safe to import from the fast vlsft CLI): ``dataset_use``, ``dictionary``,
-``annotations``. Everything that needs torch/transformers lives in other modules of this package
-and must not be imported from here.
+Torch-free modules (no torch, transformers or PIL at import: safe to import from the fast vlsft CLI):
+``annotation_check``, ``annotation_read``, ``annotations``, ``arguments``, ``dataset_use``, ``dictionary``,
+``formats``, ``grounding``, ``jsonloc``, ``media_decode``, ``media_exist``, ``sample_rules``
+(tests/test_torch_free_modules.py imports each and checks). The others need torch, PIL or numpy and must not be
+imported from here.
 """
