@@ -22,7 +22,7 @@ VLSFT = [sys.executable, "-m", "vlsft"]
 JSON_TYPES = {"torchrun": list, "trainer_args": list, "dataset_use": str, "env": dict, "world_size": int,
               "effective_batch_size": int, "samples_per_epoch": int, "steps_per_epoch": int, "total_steps": int,
               "eval_samples": int, "eval_every": type(None), "family": str, "family_limits": list,
-              "warnings": list}
+              "memory_gib": type(None), "warnings": list}
 
 
 def command_block(text: str) -> str:

@@ -109,6 +109,8 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
                if lora.enabled else "full fine-tuning")
         parts.append(f"# Trainable parameters ({how}):")
         parts += format_report(plan.trainable)
+    if plan.memory is not None:
+        parts += ["# " + line for line in plan.memory.lines()]
     if tr.max_steps > 0:
         parts.append(f"total steps = {plan.total_steps} (training.max_steps)")
     else:
@@ -124,6 +126,9 @@ def print_args(
     config: Path = typer.Option(..., "--config", "-c", help="Run YAML (see configs/qwen2.5-vl-7b.yaml).",
                                 dir_okay=False),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object (secrets masked)."),
+    gpu_memory: str = typer.Option(None, "--gpu-memory", metavar="SIZE",
+                                   help="Memory of the GPUs it will run on (e.g. 80GiB): a run whose estimate does "
+                                        "not fit is refused. For planning on a machine without those GPUs."),
 ) -> None:
     """Print the torchrun command, environment, batch and step arithmetic of a run YAML; start nothing."""
     from qwenvl.problems import UserError
@@ -137,6 +142,7 @@ def print_args(
         if why:  # OSError 36 (File name too long) as one line, before the plan looks at the folder
             raise UserError(why)
         plan = build_plan(cfg)
+        memory_check(plan, gpu_memory)
     except UserError as exc:
         from vlsft.render import fail
 
@@ -147,3 +153,21 @@ def print_args(
     typer.echo(render_text(plan, str(config), list(overrides or [])))
     for warning in plan.warnings:
         typer.secho(f"warning: {warning}", fg="yellow")
+
+
+def memory_check(plan, gpu_memory: str | None) -> None:
+    """Refuse (one line) a plan whose memory estimate does not fit ``gpu_memory`` (``80GiB``; None: no check)."""
+    if not gpu_memory:
+        return
+    from qwenvl import memory
+    from qwenvl.problems import UserError
+
+    try:
+        size = memory.parse_size(gpu_memory)
+    except ValueError:
+        raise UserError(f"--gpu-memory {gpu_memory!r} is not a size: write e.g. 80GiB, 141GB or 81920MiB") from None
+    if plan.memory is None:
+        return
+    why = memory.refusal(plan.memory, size)
+    if why:
+        raise UserError(why)

@@ -106,17 +106,39 @@ def build_tiny_if_asked(cfg) -> None:
     ensure_tiny_model(path)
 
 
+def gpu_memory_here() -> str | None:
+    """The smallest GPU memory on this machine as ``NMiB`` (``nvidia-smi``; torch-free), None without GPUs."""
+    import shutil
+    import subprocess
+
+    from qwenvl.prechecks import cuda_visible
+
+    smi = shutil.which("nvidia-smi")
+    if not smi or not cuda_visible():
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"], capture_output=True,
+                             text=True, timeout=10).stdout
+        sizes = [int(x) for x in out.split() if x.strip().isdigit()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return f"{min(sizes)}MiB" if sizes else None
+
+
 @app.command("train")
 def train(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help=OVERRIDES_HELP, show_default=False),
     config: Path = typer.Option(..., "--config", "-c", help="Run YAML (start from configs/demo.yaml or "
                                 "configs/qwen2.5-vl-7b.yaml).", dir_okay=False),
+    gpu_memory: str = typer.Option(None, "--gpu-memory", metavar="SIZE",
+                                   help="Memory per GPU to check the plan's estimate against (default: what "
+                                        "nvidia-smi reports for this machine's GPUs; none on a CPU machine)."),
 ) -> None:
     """Train: print the launch plan of a run YAML, save it in the output dir, run torchrun, return its status."""
     from qwenvl.problems import UserError
     from qwenvl.runpolicy import OutputLock
     from qwenvl.safe_write import name_problem
-    from vlsft.cmd_plan import render_text
+    from vlsft.cmd_plan import memory_check, render_text
     from vlsft.config import load_run_config
     from vlsft.plan import build_plan
 
@@ -132,6 +154,7 @@ def train(
         if why:  # OSError 36 (File name too long) as one line, before anything looks at the folder
             raise UserError(why)
         plan = build_plan(cfg, environ)
+        memory_check(plan, gpu_memory or gpu_memory_here())
     except UserError as exc:
         _fail(exc)
 

@@ -116,6 +116,8 @@ class LaunchPlan:
     cluster: str | None = None  # where `slurm` came from: "SLURM" or "PyTorchJob (PET_*)"
     # trainable parameters per part (qwenvl.lora.parameter_report; None when the weights cannot be read)
     trainable: dict | None = None
+    # GPU memory per rank (qwenvl.memory.MemoryEstimate; None when the model folder cannot be read yet)
+    memory: Any = None
     # model_type from the model folder's config.json (None before model.build_tiny builds it) and what that
     # family cannot do here (qwenvl.families.Family.limits)
     family: str | None = None
@@ -154,8 +156,15 @@ class LaunchPlan:
             "eval_every": self.eval_every,
             "family": self.family,
             "family_limits": list(self.family_limits),
+            "memory_gib": self.memory_json(),
             "warnings": list(self.warnings),
         }
+
+    def memory_json(self) -> dict[str, float] | None:
+        if self.memory is None:
+            return None
+        return {**{k: round(v / 2**30, 2) for k, v in self.memory.terms.items()},
+                "total": round(self.memory.total / 2**30, 2)}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -258,6 +267,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         raise ProblemsError(problems)
     return LaunchPlan(
         trainable=trainable_report(cfg),
+        memory=memory_report(cfg, ds_path, batch.world),
         family=family,
         family_limits=fam_of(family).limits() if family else [],
         dataset_notes=_dataset_notes(family, data),
@@ -803,6 +813,61 @@ def trainable_report(cfg: RunConfig) -> dict | None:
         return parameter_report(m.name_or_path, plan=plan, tune=tune, r=m.lora.r, use_dora=m.lora.use_dora)
     except (OSError, ValueError, KeyError):
         return None
+
+
+def memory_report(cfg: RunConfig, ds_path: str | None, world: int):
+    """GPU memory per rank (:func:`qwenvl.memory.estimate`) for this run, or None when the model folder has no
+    readable weights or config yet. Rows: the longest the data can make (``model_max_length`` per sample, or
+    ``packing_rows`` rows of it); images: one at ``max_pixels`` per sample."""
+    from qwenvl import memory
+    from qwenvl.lora_rules import resolve_targets
+    from qwenvl.prechecks import zero_stage
+
+    m, d, tr = cfg.model, cfg.data, cfg.training
+    stage = zero_stage(ds_path) if ds_path and "://" not in ds_path else None
+    offload = _offload(ds_path) if stage is not None else set()
+    samples = tr.per_device_train_batch_size
+    rows = d.packing_rows if d.packing and d.packing_rows else samples
+    patch = 14 if not os.path.isfile(os.path.join(m.name_or_path, "config.json")) else _patch_size(m.name_or_path)
+    setup = memory.Setup(
+        bytes_per_value=2 if (tr.bf16 or tr.extra.get("fp16") in (True, "true", "True")) else 4,
+        zero_stage=stage, offload_optimizer="optimizer" in offload, offload_param="param" in offload,
+        world_size=world, quantize=m.lora.quantize if m.lora.enabled and m.lora.quantize not in (None, "none") else None,
+        tokens=rows * d.model_max_length, image_patches=samples * (d.max_pixels // (patch * patch)),
+        checkpointing=bool(tr.gradient_checkpointing), vision_trains=bool(m.tune_mm_vision))
+    tune = {"vision": m.tune_mm_vision, "merger": m.tune_mm_mlp, "llm": m.tune_mm_llm}
+    try:
+        lora = (resolve_targets(tune_mm_vision=m.tune_mm_vision, tune_mm_mlp=m.tune_mm_mlp, tune_mm_llm=m.tune_mm_llm,
+                                targets=m.lora.targets, target_modules=m.lora.target_modules)
+                if m.lora.enabled else None)
+        return memory.estimate(m.name_or_path, setup=setup, tune=tune, lora=lora, r=m.lora.r,
+                               use_dora=m.lora.use_dora)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _patch_size(model_dir: str) -> int:
+    import json
+
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            vision = json.load(f).get("vision_config") or {}
+        return int(vision.get("patch_size") or 14)
+    except (OSError, ValueError, TypeError):
+        return 14
+
+
+def _offload(ds_path: str) -> set[str]:
+    """What a DeepSpeed JSON offloads to the CPU: ``optimizer`` and/or ``param``."""
+    import json
+
+    try:
+        with open(ds_path, encoding="utf-8") as f:
+            zero = json.load(f).get("zero_optimization") or {}
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {k for k in ("optimizer", "param")
+            if str((zero.get(f"offload_{k}") or {}).get("device", "none")).lower() == "cpu"}
 
 
 def _prepacked(path: str) -> bool:
