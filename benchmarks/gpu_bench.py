@@ -3,6 +3,8 @@
     bash scripts/gpu_bench.sh                       # = python benchmarks/gpu_bench.py (GPU, 3B shape, 30 steps)
     python benchmarks/gpu_bench.py --modes padded,flatten,packed --length-mix realistic --json bench.json
     python benchmarks/gpu_bench.py --modes packed --length-mix realistic --lora --json bench_lora.json
+    python benchmarks/gpu_bench.py --modes packed --token-budgets 4096,8192,16384,32768 --json budgets.json
+    python benchmarks/gpu_bench.py --modes packed --compile --json compiled.json
     python benchmarks/gpu_bench.py --tiny --steps 3 --warmup 1 --json out.json     # CPU smoke run (tests)
 
 No download and no DeepSpeed / flash-attn needed: the model is built from a config in code with random
@@ -23,6 +25,13 @@ causal attention; the convention of the published Qwen2.5-VL SFT anchors) and ``
 vision tower and merger. ``--lora``: adapters on every language-model linear layer (``qwenvl.lora``, peft), merger
 trained in full, vision frozen; the base language-model weights get no weight gradient, so they count 4 N per
 token, not 6 N. ``--peak-tflops`` replaces the device table (a nominal peak for CPU smoke runs). Steps after ``--warmup`` are timed (``torch.cuda.synchronize`` around each step).
+``--token-budgets B1,B2,...``: after the modes, one packed point per budget - tokens per device per step, sized as
+the trainer sizes steps with ``packing_rows`` (:class:`qwenvl.data.length_sampler.TokenBudgetBatchSampler` over the
+samples' lengths, rows of ``min(B, --pack-length)`` tokens); each point's result carries ``token_budget``,
+``row_capacity``, ``packing_rows`` and ``samples_per_step`` and is written to ``--json`` as soon as it ends.
+``--compile``: ``torch.compile`` each language-model decoder layer and each vision block (``nn.Module.compile``,
+dynamic shapes; ``--compile-backend``, default inductor) - off by default until a GPU measurement says it wins.
+The optimizer is the trainer's (:mod:`qwenvl.optim`: fused AdamW where torch has the kernel).
 """
 
 from __future__ import annotations
@@ -130,7 +139,9 @@ def llm_only(counts: dict, lora: bool = False) -> dict:
 
 
 def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, device, pad_id: int, lr: float,
-             counts: dict, peak: float | None, pack_length: int = 8192, lora: bool = False) -> dict:
+             counts: dict, peak: float | None, pack_length: int = 8192, lora: bool = False,
+             step_indices: list[list[int]] | None = None) -> dict:
+    """``step_indices``: the samples of each step (cycled; the token-budget sweep), else ``batch`` samples a step."""
     import torch
 
     from qwenvl import loss as qloss
@@ -146,8 +157,9 @@ def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, 
     whole = dict(counts, train_llm=False) if lora else counts
     llm = llm_only(counts, lora)
     groups = parameter_groups(model, learning_rate=lr, weight_decay=0.0)
-    kw = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(groups, lr=lr, **kw)
+    from qwenvl.optim import adamw_kwargs
+
+    opt = torch.optim.AdamW(groups, lr=lr, **adamw_kwargs("adamw_torch_fused", [p for g in groups for p in g["params"]]))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -156,7 +168,10 @@ def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, 
     flops = flops_llm = 0.0
     losses = []
     for step in range(warmup + steps):
-        chunk = [samples[(step * batch + j) % len(samples)] for j in range(batch)]
+        if step_indices is not None:
+            chunk = [samples[i] for i in step_indices[step % len(step_indices)]]
+        else:
+            chunk = [samples[(step * batch + j) % len(samples)] for j in range(batch)]
         b = collate(chunk)
         pop_batch_stats(b)
         b = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in b.items()}
@@ -187,7 +202,12 @@ def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, 
             flops += mfu.step_flops(**whole, **kw)
             flops_llm += mfu.step_flops(**llm, **kw)
     del opt
-    res = {
+    graphs = None
+    if getattr(model, "_vlsft_compiled", False):  # how many graphs dynamo built so far (recompile churn)
+        from torch._dynamo.utils import counters
+
+        graphs = int(counters["stats"]["unique_graphs"])
+    res = {"compiled_graphs": graphs,
         "mode": mode, "steps": steps, "batch": batch, "seconds": round(timed_s, 3),
         "tokens_per_s_per_gpu": round(real / timed_s, 1), "samples_per_s": round(n_samples / timed_s, 3),
         "padding_fraction": round(1 - real / total, 4), "mfu": round(flops / timed_s / peak, 4) if peak else None,
@@ -195,10 +215,49 @@ def run_mode(model, samples, mode: str, *, batch: int, steps: int, warmup: int, 
         "mfu_llm": round(flops_llm / timed_s / peak, 4) if peak else None,
         "tflops_per_s_whole": round(flops / timed_s / 1e12, 3), "tflops_per_s_llm": round(flops_llm / timed_s / 1e12, 3),
         "rows_per_step": round(rows / steps, 2), "tokens_per_step": round(real / steps, 1),
+        "samples_per_step": round(n_samples / steps, 2),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
     }
     return res
+
+
+def budget_steps(samples: list[dict], budget: int, pack_length: int, n_steps: int, seed: int
+                 ) -> tuple[int, int, list[list[int]]]:
+    """``(row capacity, rows per step, the samples of n_steps steps)`` for a token budget per device per step: rows of
+    ``min(budget, pack_length)`` tokens, as many as the budget holds, filled by the trainer's sampler (epochs
+    follow each other until there are enough steps)."""
+    from qwenvl.data.length_sampler import TokenBudgetBatchSampler
+
+    cap = min(int(budget), int(pack_length))
+    rows = max(1, int(budget) // cap)
+    sampler = TokenBudgetBatchSampler([len(s["input_ids"]) for s in samples], row_capacity=cap, rows_per_step=rows,
+                                      seed=seed)
+    steps: list[list[int]] = []
+    epoch = 0
+    while len(steps) < n_steps:
+        steps += [st for st in sampler.steps(epoch) if st]
+        epoch += 1
+    return cap, rows, steps[:n_steps]
+
+
+def compile_layers(model, backend: str = "inductor") -> dict:
+    """``torch.compile`` each language-model decoder layer and each vision block in place (``nn.Module.compile``:
+    names and weights unchanged), with dynamic shapes (every packed step has its own length)."""
+    import torch
+
+    # every layer class shares transformers' checkpointing wrapper (one code object), and the frozen vision blocks
+    # run without grad: more graphs per code object than dynamo's default limit of 8 before it falls back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    text = getattr(getattr(inner, "language_model", None), "layers", None) or []
+    vision = getattr(getattr(inner, "visual", None), "blocks", None) or []
+    for layer in [*text, *vision]:
+        layer.compile(backend=backend, dynamic=True)
+    model._vlsft_compiled = True
+    return {"backend": backend, "decoder_layers": len(text), "vision_blocks": len(vision)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,9 +280,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-grad-ckpt", action="store_true")
     p.add_argument("--stock", action="store_true",
                    help="transformers' stock vision attention and a back-propagated frozen tower (before issue 18)")
+    p.add_argument("--token-budgets", default="",
+                   help="comma list of tokens per device per step: one packed point each, sized as packing_rows does")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every decoder layer and vision block (off by default: not yet measured)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    try:
+        budgets = [int(x) for x in a.token_budgets.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"gpu_bench: --token-budgets {a.token_budgets!r}: comma-separated integers") from None
+    if any(b < 1 for b in budgets):
+        raise SystemExit("gpu_bench: every --token-budgets value must be positive")
 
     import torch
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -263,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
         speed = prepare_for_training(model)
         speed["chunked_loss"] = qloss.install(model)
+    compiled = compile_layers(model, a.compile_backend) if a.compile else None
     model.train()
     build_s = time.perf_counter() - t0
     counts = count_parameters(model)
@@ -286,25 +357,37 @@ def main(argv: list[str] | None = None) -> int:
         "peak_source": "--peak-tflops" if a.peak_tflops else ("table" if peak else None),
         "dtype": str(dtype).replace("torch.", ""),
         "grad_ckpt": not a.no_grad_ckpt and not a.tiny, "speed": speed, "build_s": round(build_s, 1), "data_s": round(data_s, 1),
+        "compiled": compiled, "token_budgets": budgets or None,
         "torch": torch.__version__, "peak_tflops": peak / 1e12 if peak else None,
         "mean_tokens_per_sample": round(sum(len(s["input_ids"]) for s in samples) / len(samples), 1)}
     print(json.dumps(header), flush=True)
     results = []
-    for mode in a.modes.split(","):
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 151643
+    for mode in [m for m in a.modes.split(",") if m]:
         r = run_mode(model, samples, mode, batch=a.batch, steps=a.steps, warmup=a.warmup, device=device,
-                     pad_id=tok.pad_token_id if tok.pad_token_id is not None else 151643, lr=a.lr,
-                     counts=counts_flops, peak=peak, pack_length=a.pack_length, lora=a.lora)
+                     pad_id=pad_id, lr=a.lr, counts=counts_flops, peak=peak, pack_length=a.pack_length, lora=a.lora)
         results.append(r)
         print(json.dumps(r), flush=True)
         if a.json:  # after every mode: a run cut by its time box still reports the modes it finished
             Path(a.json).write_text(json.dumps({"header": header, "results": results}, indent=2))
-    print(f"\n{'mode':<8} {'tokens/s/GPU':>13} {'samples/s':>10} {'padding':>8} {'MFU':>7} {'MFU LLM':>8} "
+    for budget in budgets:  # the packed step sized by tokens, as the trainer's packing_rows sizes it
+        cap, rows, steps_idx = budget_steps(samples, budget, a.pack_length, a.warmup + a.steps, a.seed)
+        r = run_mode(model, samples, "packed", batch=a.batch, steps=a.steps, warmup=a.warmup, device=device,
+                     pad_id=pad_id, lr=a.lr, counts=counts_flops, peak=peak, pack_length=cap, lora=a.lora,
+                     step_indices=steps_idx)
+        r.update(batch=None, token_budget=budget, row_capacity=cap, packing_rows=rows)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        if a.json:  # after every point, for the same reason
+            Path(a.json).write_text(json.dumps({"header": header, "results": results}, indent=2))
+    print(f"\n{'mode':<14} {'tokens/s/GPU':>13} {'samples/s':>10} {'padding':>8} {'MFU':>7} {'MFU LLM':>8} "
           f"{'peak GiB':>9}")
     for r in results:
+        label = f"packed@{r['token_budget']}" if r.get("token_budget") else r["mode"]
         mfu_s = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "n/a"
         llm_s = f"{r['mfu_llm'] * 100:.1f}%" if r["mfu_llm"] is not None else "n/a"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
-        print(f"{r['mode']:<8} {r['tokens_per_s_per_gpu']:>13,.0f} {r['samples_per_s']:>10.2f} "
+        print(f"{label:<14} {r['tokens_per_s_per_gpu']:>13,.0f} {r['samples_per_s']:>10.2f} "
               f"{r['padding_fraction'] * 100:>7.1f}% {mfu_s:>7} {llm_s:>8} {mem:>9}")
     if a.json:
         Path(a.json).write_text(json.dumps({"header": header, "results": results}, indent=2))
