@@ -131,15 +131,48 @@ def preview(
 ) -> None:
     """Show exactly what the model sees for one sample (tokens, trained spans, grids, pixel statistics)."""
     if draw is not None:
-        from qwenvl.safe_write import target_problem
+        _check_draw_target(draw)
+    model, dictionary, data_args = _sources(config, overrides, model, dictionary)
+    spec, store = _annotations(dictionary, dataset, index)
+    if not Path(model).is_dir() or not (Path(model) / "tokenizer_config.json").exists():
+        _fail(f"model directory {model} has no tokenizer", hint="model.name_or_path must be a local model directory")
+    tokenizer, builder = _builder(model, data_args)
+    where = store.where(index)
+    from qwenvl.data import formats
 
-        why = target_problem(draw, "--draw")  # a link, a path under a file, an unwritable folder, a too-long name
-        if why:
-            _fail(why)
-    if draw is not None and (draw.exists() or draw.is_symlink()):
+    fmt = formats.settle(spec.format_spec, formats.store_head(store))  # as the trainer settles it (registry)
+    sample = _build_or_fail(builder, store[index], spec.data_path, fmt, where, as_json)
+    from qwenvl.data.preprocess import SYSTEM_MESSAGE
+
+    conversation = _conversation(store[index], fmt, None if getattr(builder, "head", False) else SYSTEM_MESSAGE)
+    objects, sizes, pil = _grounding(store[index], fmt, spec.data_path, builder, sample, conversation)
+    if draw is not None:
+        _draw(draw, pil, sizes, objects, builder, where)
+    shown = {"dataset": dataset, "index": index, "where": where, "format": fmt.name, "conversation": conversation,
+             "objects": objects, "sizes": sizes}
+    if as_json:
+        _print_json(shown, sample)
+        return
+    _print_text(shown, sample, tokenizer, builder, data_args, fmt, draw)
+
+
+def _check_draw_target(draw: Path) -> None:
+    """``--draw FILE``: a new file in an existing folder (a link, a path under a file, an unwritable folder or a
+    too-long name is one line)."""
+    from qwenvl.safe_write import target_problem
+
+    why = target_problem(draw, "--draw")
+    if why:
+        _fail(why)
+    if draw.exists() or draw.is_symlink():
         _fail(f"--draw {draw} exists", hint="vlsft never overwrites a file: give a new path")
-    if draw is not None and not draw.parent.is_dir():
+    if not draw.parent.is_dir():
         _fail(f"--draw {draw}: folder {draw.parent} does not exist", hint="create it or give another path")
+
+
+def _sources(config: Path | None, overrides: list[str] | None, model: str | None, dictionary: str | None):
+    """(model folder, dictionary path, data arguments): from the run YAML (its data.* settings and storage.*),
+    else from ``--model`` / ``--dictionary`` (a run folder's saved pixel budget)."""
     from qwenvl.data.arguments import DataArguments
 
     data_args = DataArguments()
@@ -169,7 +202,11 @@ def preview(
                 setattr(data_args, key, value)
         except (OSError, ValueError, TypeError, KeyError):  # an unreadable processor file: the defaults, as before
             pass
+    return model, dictionary, data_args
 
+
+def _annotations(dictionary: str, dataset: str, index: int):
+    """The dataset's dictionary entry and its annotation records, with ``index`` among them (else one line)."""
     from qwenvl.data.dictionary import load_dictionary
 
     d = load_dictionary(dictionary, check_files=False)
@@ -187,31 +224,34 @@ def preview(
         _fail(f"cannot read annotations: {exc}", file=spec.annotation_path)
     if not 0 <= index < len(store):
         _fail(f"index {index} out of range: {dataset} has {len(store)} records", hint=f"use 0..{len(store) - 1}")
-    if not Path(model).is_dir() or not (Path(model) / "tokenizer_config.json").exists():
-        _fail(f"model directory {model} has no tokenizer", hint="model.name_or_path must be a local model directory")
+    return spec, store
 
+
+def _builder(model: str, data_args):
+    """The tokenizer and the trainer's sample builder for the model folder (a tokenizer-only folder is built as
+    :data:`~qwenvl.families.TOKENIZER_ONLY_MODEL_TYPE`)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from qwenvl.data.dataset import make_builder
-    from qwenvl.data.preprocess import BadSample
-    from qwenvl.data.vision import MediaError
+    from qwenvl.families import TOKENIZER_ONLY_MODEL_TYPE, read_model_type
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     try:
         image_processor = AutoImageProcessor.from_pretrained(model)
     except (OSError, ValueError):
         image_processor = None
-    from qwenvl.families import TOKENIZER_ONLY_MODEL_TYPE, read_model_type
-
     has_config = (Path(model) / "config.json").exists()  # else a tokenizer folder: built as Qwen2.5-VL
     model_type = read_model_type(model) if has_config else TOKENIZER_ONLY_MODEL_TYPE
-    builder = make_builder(tokenizer, image_processor, data_args, model_type)
-    where = store.where(index)
-    from qwenvl.data import formats
+    return tokenizer, make_builder(tokenizer, image_processor, data_args, model_type)
 
-    fmt = formats.settle(spec.format_spec, formats.store_head(store))  # as the trainer settles it (registry)
+
+def _build_or_fail(builder, record, data_path, fmt, where, as_json: bool) -> dict:
+    """The sample as the trainer builds it; a bad one is one line and exit 1 (the trainer skips it)."""
+    from qwenvl.data.preprocess import BadSample
+    from qwenvl.data.vision import MediaError
+
     try:
-        sample = builder.build(store[index], spec.data_path, fmt)
+        return builder.build(record, data_path, fmt)
     except Exception as exc:  # the trainer skips a sample on any error; so does preview (one line, exit 1)
         if not isinstance(exc, (BadSample, MediaError, ValueError)):
             exc = f"{type(exc).__name__}: {exc}"
@@ -220,56 +260,78 @@ def preview(
             raise typer.Exit(1) from None
         _fail(f"bad sample (skipped in training): {exc}", file=where, code=1)
 
-    ids = sample["input_ids"].tolist()
-    labels = sample["labels"].tolist()
-    grid = lambda k: sample[k].tolist() if k in sample else None  # noqa: E731
-    from qwenvl.data.preprocess import SYSTEM_MESSAGE
 
-    conversation = _conversation(store[index], fmt, None if getattr(builder, "head", False) else SYSTEM_MESSAGE)
-    objects, sizes, pil = _grounding(store[index], fmt, spec.data_path, builder, sample, conversation)
-    if draw is not None:
-        from qwenvl.data import grounding
+def _draw(draw: Path, pil, sizes, objects, builder, where) -> None:
+    """``--draw``: the image(s) as the model sees them with the boxes, written by temp + rename."""
+    from qwenvl.data import grounding
 
-        if not pil:
-            _fail("--draw: the sample has no image", file=where, hint="preview a sample with an image")
-        from qwenvl.safe_write import Interrupted, UnsafeTarget, atomic_file
+    if not pil:
+        _fail("--draw: the sample has no image", file=where, hint="preview a sample with an image")
+    from qwenvl.safe_write import Interrupted, UnsafeTarget, atomic_file
 
-        try:
-            with atomic_file(draw, "--draw", mode="wb") as fh:  # temp + rename: no half-written PNG is left
-                grounding.draw(pil, sizes, objects, builder.family.grounding, fh)
-        except UnsafeTarget as exc:
-            render.fail(exc)
-        except Interrupted as exc:
-            render.fail(exc.message(str(draw)), code=128 + exc.signum)
-    if as_json:
-        spg = sample.get("second_per_grid_ts")
-        print(json.dumps({
-            "dataset": dataset, "index": index, "where": where, "format": fmt.name, "conversation": conversation,
-            "input_ids": ids, "labels": labels, "position_ids": sample["position_ids"].tolist(),
-            "image_grid_thw": grid("image_grid_thw"), "video_grid_thw": grid("video_grid_thw"),
-            "second_per_grid_ts": spg.tolist() if spg is not None else None,
-            "frame_idx": sample.get("frame_idx"), "video_timestamps": sample.get("video_timestamps"),
-            "pixel_values": _stats(sample.get("pixel_values")),
-            "pixel_values_videos": _stats(sample.get("pixel_values_videos")),
-            "objects": objects, "image_sizes": [{"original": list(o), "resized": list(r)} for o, r in sizes],
-        }))
-        return
+    try:
+        with atomic_file(draw, "--draw", mode="wb") as fh:  # temp + rename: no half-written PNG is left
+            grounding.draw(pil, sizes, objects, builder.family.grounding, fh)
+    except UnsafeTarget as exc:
+        render.fail(exc)
+    except Interrupted as exc:
+        render.fail(exc.message(str(draw)), code=128 + exc.signum)
+
+
+def _grid(sample: dict, key: str) -> list | None:
+    return sample[key].tolist() if key in sample else None
+
+
+def _print_json(shown: dict, sample: dict) -> None:
+    spg = sample.get("second_per_grid_ts")
+    print(json.dumps({
+        "dataset": shown["dataset"], "index": shown["index"], "where": shown["where"], "format": shown["format"],
+        "conversation": shown["conversation"],
+        "input_ids": sample["input_ids"].tolist(), "labels": sample["labels"].tolist(),
+        "position_ids": sample["position_ids"].tolist(),
+        "image_grid_thw": _grid(sample, "image_grid_thw"), "video_grid_thw": _grid(sample, "video_grid_thw"),
+        "second_per_grid_ts": spg.tolist() if spg is not None else None,
+        "frame_idx": sample.get("frame_idx"), "video_timestamps": sample.get("video_timestamps"),
+        "pixel_values": _stats(sample.get("pixel_values")),
+        "pixel_values_videos": _stats(sample.get("pixel_values_videos")),
+        "objects": shown["objects"],
+        "image_sizes": [{"original": list(o), "resized": list(r)} for o, r in shown["sizes"]],
+    }))
+
+
+def _print_text(shown: dict, sample: dict, tokenizer, builder, data_args, fmt, draw: Path | None) -> None:
     out = render.stdout()
     enc = builder.encoder
-    out.print(f"[bold]{dataset}[/bold] #{index} ({render.markup(where)}), format {fmt.name}")
-    for turn in conversation:
+    ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
+    out.print(f"[bold]{shown['dataset']}[/bold] #{shown['index']} ({render.markup(shown['where'])}), "
+              f"format {shown['format']}")
+    for turn in shown["conversation"]:
         note = "" if turn["trained"] or turn["role"] != "assistant" else " [dim](not trained)[/dim]"
         out.print(f"[dim]{turn['role']}:[/dim] {render.markup(repr(turn['content']))}{note}", highlight=False)
     _render_text(out, tokenizer, ids, labels, {enc.image_pad: "<|image_pad|>", enc.video_pad: "<|video_pad|>"})
     trained = sum(1 for x in labels if x != -100)
     out.print(f"tokens: {len(ids)} (trained {trained}, masked {len(ids) - trained}); "
               f"model_max_length {data_args.model_max_length}")
+    _print_media(out, sample, builder)
+    sizes = shown["sizes"]
+    for obj in shown["objects"]:
+        o, r = sizes[obj["image"]]
+        out.print(f"object {obj['label']!r}: {obj['kind']} {obj['values']} ({builder.model_type}, image "
+                  f"{obj['image']} {o[0]}x{o[1]} -> {r[0]}x{r[1]}, from {fmt.bbox_format} {_given(obj)})",
+                  highlight=False)
+    if draw is not None:
+        out.print(f"drawn: {render.markup(str(draw))}", highlight=False)
+    out.print("[dim]legend: dim = masked (context), [/dim][bold green]green = trained[/bold green]")
+
+
+def _print_media(out, sample: dict, builder) -> None:
+    """One line per image and per video: grid, tokens, pixels, frames (and time stamps or second_per_grid_ts)."""
     m2 = builder.spec.merge_size ** 2
-    for k, g in enumerate(grid("image_grid_thw") or []):
+    for k, g in enumerate(_grid(sample, "image_grid_thw") or []):
         out.print(f"image {k}: grid t,h,w = {g} -> {g[0] * g[1] * g[2] // m2} tokens "
                   f"({g[1] * builder.spec.patch_size}x{g[2] * builder.spec.patch_size} px)")
     stamps = sample.get("video_timestamps")  # the Qwen3 families (HEAD layout): <X.Y seconds> per temporal patch
-    for k, g in enumerate(grid("video_grid_thw") or []):
+    for k, g in enumerate(_grid(sample, "video_grid_thw") or []):
         frames = sample["frame_idx"][k]
         if stamps is not None:
             from qwenvl.data.chat_head import timestamp_text
@@ -280,11 +342,3 @@ def preview(
             continue
         out.print(f"video {k}: grid t,h,w = {g} -> {g[0] * g[1] * g[2] // m2} tokens; frames "
                   f"{frames}; second_per_grid_ts {float(sample['second_per_grid_ts'][k]):.4g}")
-    for obj in objects:
-        o, r = sizes[obj["image"]]
-        out.print(f"object {obj['label']!r}: {obj['kind']} {obj['values']} ({builder.model_type}, image "
-                  f"{obj['image']} {o[0]}x{o[1]} -> {r[0]}x{r[1]}, from {fmt.bbox_format} {_given(obj)})",
-                  highlight=False)
-    if draw is not None:
-        out.print(f"drawn: {render.markup(str(draw))}", highlight=False)
-    out.print("[dim]legend: dim = masked (context), [/dim][bold green]green = trained[/bold green]")
