@@ -95,90 +95,22 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None,
         report.problems.extend(d.problems)
         return report
     err_console = render.stderr()
-    show_progress = progress if progress is not None else err_console.is_terminal
-    scans: dict[tuple[str, str | None], ScanResult | BaseException] = {}
-    scan_owner: dict[tuple[str, str | None], str] = {}
-
-    def scan_for(name: str, spec: DatasetSpec, records: int | None) -> ScanResult | BaseException:
-        key = (spec.annotation_path, spec.data_path)
-        if key not in scans:
-            scans[key] = _scan_one(name, spec, records, deep, show_progress, err_console, decode)
-            scan_owner[key] = name
-        return scans[key]
-
+    scans = _Scans(deep, progress if progress is not None else err_console.is_terminal, err_console, decode)
     if deep:
         for name, spec in d.entries.items():
-            result = scan_for(name, spec, None)
+            result = scans.of(name, spec, None)
             apply_file_info(d, name, result.as_probe() if isinstance(result, ScanResult) else result)
-        d.problems.sort(key=lambda p: (p.file != d.path, p.file or "", p.line or 0, p.column or 0))
+        d.problems.sort(key=_file_order(d))
     report.problems.extend(d.problems)
-
-    late: list[Problem] = []  # dictionary-level warnings found while counting
-    for name in d.names:
-        spec = d.datasets.get(name)
-        row = DatasetRow(name=name, spec=spec)
-        report.rows.append(row)
-        if spec is None:
-            continue
-        row.declared_length = spec.length
-        # the rate as written (percent / 100 would add float noise: 56.7 / 100 = 0.5670000000000001)
-        raw_rate = spec.sampling_rate if spec.sampling_rate is not None else spec.repeat_time
-        row.rate = 1.0 if raw_rate is None else float(raw_rate)
-        row.actual_length = d.record_counts.get(name)
-        row.format = d.formats.get(name)
-        if row.actual_length is None:
-            continue
-        result = None
-        if deep or row.actual_length <= CHEAP_COUNT_LIMIT:
-            got = scan_for(name, spec, row.actual_length)
-            result = got if isinstance(got, ScanResult) else None
-        if result is not None:
-            # (for a packed .json these count the samples inside the packs)
-            row.images, row.videos, row.text_only = result.images, result.videos, result.text_only
-            if result.boxes:
-                row.grounding = (result.boxes, result.boxes_rescaled, result.boxes_suspicious)
-        row.samples_per_epoch = sample_count(row.actual_length, spec.percent)
-        if row.samples_per_epoch == 0 and row.actual_length > 0:
-            key = "sampling_rate" if spec.sampling_rate is not None else "repeat_time"
-            line, col = d.key_positions.get((name, key), d.positions.get(name, (None, None)))
-            problem = Problem("warning", f"dataset '{name}' contributes no samples: {format_percent(spec.percent)}% "
-                              f"of {render.plural(row.actual_length, 'record')} rounds to 0", d.path, line, col, key,
-                              f"raise {key} to at least {_min_rate(row.actual_length)} or remove the dataset")
-            late.append(problem)
-            d.dataset_of[problem] = name
+    late = [p for name in d.names if (p := _add_row(report, d, name, scans)) is not None]  # found while counting
     if late:
-        report.problems = sorted(report.problems + late,
-                                 key=lambda p: (p.file != d.path, p.file or "", p.line or 0, p.column or 0))
+        report.problems = sorted(report.problems + late, key=_file_order(d))
     total = sum(r.samples_per_epoch or 0 for r in report.rows)
     for r in report.rows:
         if r.samples_per_epoch is not None and total:
             r.share = r.samples_per_epoch / total
-    for key, result in scans.items():
-        if isinstance(result, ScanResult) and not result.unusable:  # unusable: reported via apply_file_info
-            for p in result.problems:
-                d.dataset_of[p] = scan_owner[key]
-            report.problems.extend(result.problems)
-        elif not deep and isinstance(result, BaseException):  # vanished between the load and the scan
-            problem = Problem("error", f"dataset '{scan_owner[key]}': cannot read annotations: {result}", key[0])
-            report.problems.append(problem)
-            d.dataset_of[problem] = scan_owner[key]
-    # every media file missing: the data_path itself is most likely wrong; say so once, at data_path
-    extra: list[Problem] = []
-    for key, result in scans.items():
-        name = scan_owner[key]
-        spec = d.datasets.get(name)
-        if (deep and isinstance(result, ScanResult) and spec is not None and spec.data_path is not None
-                and result.relative_media >= 10 and result.missing_media == result.media_files):
-            line, col = d.key_positions.get((name, "data_path"), d.positions.get(name, (None, None)))
-            problem = Problem("error", f"none of the {result.media_files:,} media files of dataset '{name}' exist "
-                              f"under data_path {spec.data_path}", d.path, line, col, "data_path",
-                              "check data_path: media paths in the annotations are relative to it")
-            extra.append(problem)
-            d.dataset_of[problem] = name
-    if extra:
-        cut = next((i for i, p in enumerate(report.problems) if p.file != d.path), len(report.problems))
-        head = sorted(report.problems[:cut] + extra, key=lambda p: (p.line or 0, p.column or 0))
-        report.problems = head + report.problems[cut:]
+    _add_scan_problems(report, scans)
+    _add_wrong_data_path(report, scans)
     # two entries may share an annotation file: list each problem once
     report.problems = list(dict.fromkeys(report.problems))
     by_name = {r.name: r for r in report.rows}
@@ -190,6 +122,100 @@ def build_report(path: str, *, deep: bool = False, progress: bool | None = None,
             else:
                 by_name[owner].warnings += 1
     return report
+
+
+def _file_order(d: DatasetDictionary):
+    """Sort key: the dictionary's own problems first, then by file, line and column."""
+    return lambda p: (p.file != d.path, p.file or "", p.line or 0, p.column or 0)
+
+
+class _Scans:
+    """Each annotation file scanned once (two entries may share one), owned by the first dataset that asked."""
+
+    def __init__(self, deep: bool, show_progress: bool, console, decode: bool) -> None:
+        self.deep, self.show_progress, self.console, self.decode = deep, show_progress, console, decode
+        self.results: dict[tuple[str, str | None], ScanResult | BaseException] = {}
+        self.owner: dict[tuple[str, str | None], str] = {}
+
+    def of(self, name: str, spec: DatasetSpec, records: int | None) -> ScanResult | BaseException:
+        key = (spec.annotation_path, spec.data_path)
+        if key not in self.results:
+            self.results[key] = _scan_one(name, spec, records, self.deep, self.show_progress, self.console,
+                                          self.decode)
+            self.owner[key] = name
+        return self.results[key]
+
+
+def _add_row(report: CheckReport, d: DatasetDictionary, name: str, scans: _Scans) -> Problem | None:
+    """The table row of dataset ``name`` (counts, media kinds, samples per epoch); a warning when it contributes no
+    samples."""
+    spec = d.datasets.get(name)
+    row = DatasetRow(name=name, spec=spec)
+    report.rows.append(row)
+    if spec is None:
+        return None
+    row.declared_length = spec.length
+    # the rate as written (percent / 100 would add float noise: 56.7 / 100 = 0.5670000000000001)
+    raw_rate = spec.sampling_rate if spec.sampling_rate is not None else spec.repeat_time
+    row.rate = 1.0 if raw_rate is None else float(raw_rate)
+    row.actual_length = d.record_counts.get(name)
+    row.format = d.formats.get(name)
+    if row.actual_length is None:
+        return None
+    result = None
+    if scans.deep or row.actual_length <= CHEAP_COUNT_LIMIT:
+        got = scans.of(name, spec, row.actual_length)
+        result = got if isinstance(got, ScanResult) else None
+    if result is not None:
+        # (for a packed .json these count the samples inside the packs)
+        row.images, row.videos, row.text_only = result.images, result.videos, result.text_only
+        if result.boxes:
+            row.grounding = (result.boxes, result.boxes_rescaled, result.boxes_suspicious)
+    row.samples_per_epoch = sample_count(row.actual_length, spec.percent)
+    if row.samples_per_epoch == 0 and row.actual_length > 0:
+        key = "sampling_rate" if spec.sampling_rate is not None else "repeat_time"
+        line, col = d.key_positions.get((name, key), d.positions.get(name, (None, None)))
+        problem = Problem("warning", f"dataset '{name}' contributes no samples: {format_percent(spec.percent)}% "
+                          f"of {render.plural(row.actual_length, 'record')} rounds to 0", d.path, line, col, key,
+                          f"raise {key} to at least {_min_rate(row.actual_length)} or remove the dataset")
+        d.dataset_of[problem] = name
+        return problem
+    return None
+
+
+def _add_scan_problems(report: CheckReport, scans: _Scans) -> None:
+    """The problems each scan found (each owned by the dataset that asked for the scan)."""
+    d = report.dictionary
+    for key, result in scans.results.items():
+        if isinstance(result, ScanResult) and not result.unusable:  # unusable: reported via apply_file_info
+            for p in result.problems:
+                d.dataset_of[p] = scans.owner[key]
+            report.problems.extend(result.problems)
+        elif not scans.deep and isinstance(result, BaseException):  # vanished between the load and the scan
+            problem = Problem("error", f"dataset '{scans.owner[key]}': cannot read annotations: {result}", key[0])
+            report.problems.append(problem)
+            d.dataset_of[problem] = scans.owner[key]
+
+
+def _add_wrong_data_path(report: CheckReport, scans: _Scans) -> None:
+    """Every media file missing: the data_path itself is most likely wrong; say so once, at data_path."""
+    d = report.dictionary
+    extra: list[Problem] = []
+    for key, result in scans.results.items():
+        name = scans.owner[key]
+        spec = d.datasets.get(name)
+        if (scans.deep and isinstance(result, ScanResult) and spec is not None and spec.data_path is not None
+                and result.relative_media >= 10 and result.missing_media == result.media_files):
+            line, col = d.key_positions.get((name, "data_path"), d.positions.get(name, (None, None)))
+            problem = Problem("error", f"none of the {result.media_files:,} media files of dataset '{name}' exist "
+                              f"under data_path {spec.data_path}", d.path, line, col, "data_path",
+                              "check data_path: media paths in the annotations are relative to it")
+            extra.append(problem)
+            d.dataset_of[problem] = name
+    if extra:
+        cut = next((i for i, p in enumerate(report.problems) if p.file != d.path), len(report.problems))
+        head = sorted(report.problems[:cut] + extra, key=lambda p: (p.line or 0, p.column or 0))
+        report.problems = head + report.problems[cut:]
 
 
 def _min_rate(n: int) -> str:
@@ -449,9 +475,38 @@ def convert(
     temporary folder beside it, renamed into place; removed on an error or a stop signal). Exit 0 when every
     sample was written, 1 when some were left out, 2 for unusable input.
     """
-    from qwenvl.data import formats
-    from qwenvl.data.annotations import iter_records
-    from qwenvl.safe_write import Interrupted, UnsafeTarget, atomic_folder, target_problem
+    d = _convert_inputs(path, to, out)
+    entries: dict[str, dict] = {}
+    written: dict[str, list[str]] = {}
+    err = render.stderr()
+    left_out = 0
+    for name, spec in d.datasets.items():
+        fmt, samples, skipped = _official_samples(name, spec, err)
+        prompts = {own for _, own in samples}
+        per_sample = len(prompts) > 1  # a system prompt of some samples only: it stays in those samples
+        system = None if per_sample or not prompts else next(iter(prompts))
+        lines = [json.dumps(_sharegpt(off, own) if per_sample else off, ensure_ascii=False) for off, own in samples]
+        if skipped > CONVERT_SHOWN:
+            err.print(f"[yellow]warning[/yellow]: {name}: ... and {skipped - CONVERT_SHOWN:,} more left out")
+        left_out += skipped
+        file_name = _file_name(name, written)
+        entries[name] = _converted_entry(spec, file_name, len(lines), per_sample, system)
+        written[file_name] = lines
+        target = ("sharegpt (its samples' system prompts differ, which the official format cannot say per "
+                  "sample)" if per_sample else "official")
+        sys.stdout.write(f"{name}: {fmt.name} -> {target}, {len(lines):,} sample(s) written"
+                         + (f", {skipped:,} left out" if skipped else "") + "\n")
+    _write_converted(out, written, entries)
+    sys.stdout.write(f"wrote {os.path.join(out, 'Dataset-Dictionary.json')} ({render.plural(len(entries), 'dataset')})"
+                     + ("; a dataset 'system' prompt is vlsft's: the official trainer always uses its default"
+                        if any("system" in e for e in entries.values()) else "") + "\n")
+    raise typer.Exit(1 if left_out else 0)
+
+
+def _convert_inputs(path: str, to: str, out: str) -> DatasetDictionary:
+    """The dictionary to convert, or one line: another target, an unusable dictionary, an ``--out`` that is not a
+    new (or empty) folder."""
+    from qwenvl.safe_write import target_problem
 
     if to != "official":
         render.fail(Problem("error", f"--to {to!r}: the only target is 'official'", hint="write --to official"))
@@ -464,58 +519,64 @@ def convert(
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         render.fail(Problem("error", f"--out {out} exists and is not an empty folder: nothing is overwritten",
                             hint="give a new folder"))
-    entries: dict[str, dict] = {}
-    written: dict[str, list[str]] = {}
-    err = render.stderr()
-    left_out = 0
-    for name, spec in d.datasets.items():
-        try:
-            records = list(iter_records(spec.annotation_path))
-        except (OSError, ValueError) as exc:
-            render.fail(Problem("error", f"dataset '{name}': cannot read annotations: {exc}",
-                                file=spec.annotation_path))
-        fmt = formats.settle(spec.format_spec, [(line, r) for line, r in records[:formats.DETECT_RECORDS]])
-        samples: list[tuple[dict, str | None]] = []
-        skipped = 0
-        for line, rec in records:
-            why = "not valid JSON" if isinstance(rec, ValueError) else ""
-            off, own, why = (None, None, why) if why else formats.to_official(rec, fmt)
-            if off is None:
-                skipped += 1
-                if skipped <= CONVERT_SHOWN:
-                    err.print(render.problem_text(Problem("warning", f"left out: {why}", spec.annotation_path,
-                                                          line)), highlight=False)
-                continue
-            samples.append((off, own))
-        prompts = {own for _, own in samples}
-        per_sample = len(prompts) > 1  # a system prompt of some samples only: it stays in those samples
-        system = None if per_sample or not prompts else next(iter(prompts))
-        lines = [json.dumps(_sharegpt(off, own) if per_sample else off, ensure_ascii=False) for off, own in samples]
-        if skipped > CONVERT_SHOWN:
-            err.print(f"[yellow]warning[/yellow]: {name}: ... and {skipped - CONVERT_SHOWN:,} more left out")
-        left_out += skipped
-        stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).lstrip(".") or "dataset"
-        file_name = f"{stem}.jsonl"
-        k = 2
-        while file_name in written:
-            file_name, k = f"{stem}-{k}.jsonl", k + 1
-        entry: dict = {"annotation_path": file_name, "length": len(lines)}
-        if spec.data_path is not None:
-            entry["data_path"] = spec.data_path
-        for key in ("sampling_rate", "repeat_time", "train_on", "bbox_format"):
-            if getattr(spec, key) is not None:
-                entry[key] = getattr(spec, key)
-        entry["format"] = "sharegpt" if per_sample else "official"
-        if system is not None or spec.system is not None:
-            entry["system"] = system if system is not None else spec.system
-        entries[name] = entry
-        written[file_name] = lines
-        target = ("sharegpt (its samples' system prompts differ, which the official format cannot say per "
-                  "sample)" if per_sample else "official")
-        sys.stdout.write(f"{name}: {fmt.name} -> {target}, {len(lines):,} sample(s) written"
-                         + (f", {skipped:,} left out" if skipped else "") + "\n")
+    return d
+
+
+def _official_samples(name: str, spec: DatasetSpec, err):
+    """(the dataset's format, its samples in the official format with their own system prompt, how many were left
+    out - the first CONVERT_SHOWN of them listed on stderr)."""
+    from qwenvl.data import formats
+    from qwenvl.data.annotations import iter_records
+
     try:
-        with atomic_folder(out, "--out") as tmp:  # whole or nothing: renamed into place when complete
+        records = list(iter_records(spec.annotation_path))
+    except (OSError, ValueError) as exc:
+        render.fail(Problem("error", f"dataset '{name}': cannot read annotations: {exc}", file=spec.annotation_path))
+    fmt = formats.settle(spec.format_spec, [(line, r) for line, r in records[:formats.DETECT_RECORDS]])
+    samples: list[tuple[dict, str | None]] = []
+    skipped = 0
+    for line, rec in records:
+        why = "not valid JSON" if isinstance(rec, ValueError) else ""
+        off, own, why = (None, None, why) if why else formats.to_official(rec, fmt)
+        if off is None:
+            skipped += 1
+            if skipped <= CONVERT_SHOWN:
+                err.print(render.problem_text(Problem("warning", f"left out: {why}", spec.annotation_path,
+                                                      line)), highlight=False)
+            continue
+        samples.append((off, own))
+    return fmt, samples, skipped
+
+
+def _file_name(name: str, taken: dict[str, list[str]]) -> str:
+    """``<name>.jsonl`` made safe as a file name, numbered when two names fold to the same one."""
+    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).lstrip(".") or "dataset"
+    file_name = f"{stem}.jsonl"
+    k = 2
+    while file_name in taken:
+        file_name, k = f"{stem}-{k}.jsonl", k + 1
+    return file_name
+
+
+def _converted_entry(spec: DatasetSpec, file_name: str, length: int, per_sample: bool, system: str | None) -> dict:
+    entry: dict = {"annotation_path": file_name, "length": length}
+    if spec.data_path is not None:
+        entry["data_path"] = spec.data_path
+    for key in ("sampling_rate", "repeat_time", "train_on", "bbox_format"):
+        if getattr(spec, key) is not None:
+            entry[key] = getattr(spec, key)
+    entry["format"] = "sharegpt" if per_sample else "official"
+    if system is not None or spec.system is not None:
+        entry["system"] = system if system is not None else spec.system
+    return entry
+
+
+def _write_converted(out: str, written: dict[str, list[str]], entries: dict[str, dict]) -> None:
+    """The folder whole or not at all: written in a temporary folder, renamed into place when complete."""
+    from qwenvl.safe_write import Interrupted, UnsafeTarget, atomic_folder
+
+    try:
+        with atomic_folder(out, "--out") as tmp:
             for file_name, lines in written.items():
                 with open(tmp / file_name, "x", encoding="utf-8") as f:
                     f.write("".join(line + "\n" for line in lines))
@@ -526,7 +587,3 @@ def convert(
         render.fail(exc)
     except Interrupted as exc:
         render.fail(exc.message(out), code=128 + exc.signum)
-    sys.stdout.write(f"wrote {os.path.join(out, 'Dataset-Dictionary.json')} ({render.plural(len(entries), 'dataset')})"
-                     + ("; a dataset 'system' prompt is vlsft's: the official trainer always uses its default"
-                        if any("system" in e for e in entries.values()) else "") + "\n")
-    raise typer.Exit(1 if left_out else 0)
