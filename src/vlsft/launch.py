@@ -172,19 +172,7 @@ def launch(argv: Sequence[str], env: Mapping[str, str] | None = None, *, grace_s
     import sys
     import threading
 
-    log = None
-    if log_path is not None:
-        try:
-            # never through a link (a user's file put there): O_NOFOLLOW fails on one, and the run goes on unlogged
-            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-            log = os.fdopen(fd, "ab")  # noqa: SIM115 - closed below
-            log.write(f"=== {' '.join(argv)}\n".encode())
-        except OSError as exc:
-            import errno
-
-            if exc.errno == errno.ENOSPC:
-                raise
-            log, log_path = None, None
+    log, log_path = _open_log(log_path, argv)
     piped = filter_stderr or log is not None
     proc = subprocess.Popen(list(argv), env=dict(env) if env is not None else None, cwd=cwd,
                             start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
@@ -192,21 +180,7 @@ def launch(argv: Sequence[str], env: Mapping[str, str] | None = None, *, grace_s
     received: list[int] = []
     killer: list[threading.Timer] = []
     filt = StderrFilter(sys.stderr.buffer if filter_stderr else _Null(), log) if piped else None
-    reader = None
-    if filt is not None:
-        def pump() -> None:
-            fd = proc.stderr.fileno()
-            while True:
-                try:
-                    chunk = os.read(fd, 65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                filt.feed(chunk)
-
-        reader = threading.Thread(target=pump, name="stderr-filter", daemon=True)
-        reader.start()
+    reader = _pump_stderr(proc, filt) if filt is not None else None
 
     def _kill_group() -> None:
         _signal_group(proc, signal.SIGKILL)
@@ -245,6 +219,51 @@ def launch(argv: Sequence[str], env: Mapping[str, str] | None = None, *, grace_s
                 signal.signal(s, h)
         if log is not None:
             log.close()
+    return _result(rc, filt, received, log_path)
+
+
+def _open_log(log_path: str | os.PathLike | None, argv: Sequence[str]):
+    """(the log file opened for appending, its path), or (None, None) when it cannot be opened (the run goes on
+    unlogged); a full disk is raised."""
+    if log_path is None:
+        return None, None
+    try:
+        # never through a link (a user's file put there): O_NOFOLLOW fails on one, and the run goes on unlogged
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        log = os.fdopen(fd, "ab")  # noqa: SIM115 - closed by launch
+        log.write(f"=== {' '.join(argv)}\n".encode())
+    except OSError as exc:
+        import errno
+
+        if exc.errno == errno.ENOSPC:
+            raise
+        return None, None
+    return log, log_path
+
+
+def _pump_stderr(proc, filt: StderrFilter):
+    """A daemon thread feeding the child's stderr to ``filt`` until it closes."""
+    import threading
+
+    def pump() -> None:
+        fd = proc.stderr.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            filt.feed(chunk)
+
+    reader = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    reader.start()
+    return reader
+
+
+def _result(rc: int, filt: StderrFilter | None, received: list[int], log_path) -> LaunchResult:
+    """The exit status: 128 + N after forwarding signal N; 0 for a clean exit; on a failure the failing rank's own
+    status when the launcher's output named one, else the launcher's."""
     child = 128 - rc if rc < 0 else rc
     rank = filt.rank_status if filt is not None else None
     if received:
