@@ -250,23 +250,7 @@ def predict_cmd(
     from vlsft.render import fail
 
     try:
-        if not os.path.isfile(out):  # a new file: a link, a path under a file, an unwritable folder, a long name
-            from qwenvl.safe_write import check_target
-
-            check_target(out, "--out")
-        from qwenvl import infer
-
-        infer.model_kind(model_dir)
-        dict_path = dictionary or _dictionary_of(model_dir)
-        if dict_path is None:
-            raise UserError(f"no dataset dictionary saved with {model_dir}: pass --dictionary PATH")
-        if out.exists() and not resume:
-            raise UserError(f"--out {out} exists: pass --resume to append only what is missing, or choose a new "
-                            "file (nothing was overwritten)")
-        done: list[dict] = []
-        cut, note = None, None
-        if out.exists():  # before anything else: a file that is not ours is refused untouched
-            done, cut, note = _read_resume(out)
+        done, cut, note, dict_path = _predict_inputs(model_dir, out, dictionary, resume)
         sources = _sources(dataset, dict_path, saved=dictionary is None)
         src = sources[0]
         from qwenvl.data.grounding import PredictGrounding
@@ -277,33 +261,9 @@ def predict_cmd(
             items = items[:limit]
         have = {(x.get("dataset"), x.get("index")) for x in done}
         todo = [it for it in items if (src.name, it[0]) not in have]
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if cut is not None:  # the cut last row: dropped, so that the next row starts on a line of its own
-                os.truncate(out, cut)
-                print(f"warning: {note}", file=sys.stderr)
-            out.touch()
-        except OSError as e:
-            from qwenvl.safe_write import os_error_line
-
-            raise UserError(os_error_line(e, out, "--out")) from None
+        _prepare_out(out, cut, note)
         if todo:
-            engine = infer.load(model_dir)
-            warning = engine.budget_warning()
-            if warning:
-                print(warning, file=sys.stderr)
-            with open(out, "a", encoding="utf-8") as fh:
-                for s in range(0, len(todo), batch_size):
-                    chunk = todo[s:s + batch_size]
-                    answers = engine.generate_batch([engine.messages(t, images=im, videos=vi)
-                                                     for _i, _w, t, im, vi, _r in chunk], max_new_tokens=max_new_tokens)
-                    for (i, where, text, _im, _vi, ref), pred in zip(chunk, answers, strict=True):
-                        row = {"dataset": src.name, "index": i, "where": where, "prompt": text, "reference": ref,
-                               "prediction": pred}
-                        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                        done.append(row)
-                    fh.flush()
-                    print(f"predict: {min(s + batch_size, len(todo))}/{len(todo)} new samples", file=sys.stderr)
+            _generate(model_dir, src.name, todo, out, done, batch_size, max_new_tokens)
         metrics = summarise(done)
         metrics.update(_grounding_metrics(src, done, ground))
         from qwenvl.safe_write import atomic_file
@@ -314,3 +274,66 @@ def predict_cmd(
             f"{k} {v}" for k, v in metrics.items() if k != "samples"))
     except UserError as exc:
         fail(exc)
+
+
+def _predict_inputs(model_dir: Path, out: Path, dictionary: Path | None, resume: bool):
+    """(the rows --out already holds, where to cut a torn last row and the note saying so, the dictionary path);
+    one line for an unusable --out, model folder or dictionary, and for an existing --out without --resume."""
+    from qwenvl import infer
+    from qwenvl.problems import UserError
+
+    if not os.path.isfile(out):  # a new file: a link, a path under a file, an unwritable folder, a long name
+        from qwenvl.safe_write import check_target
+
+        check_target(out, "--out")
+    infer.model_kind(model_dir)
+    dict_path = dictionary or _dictionary_of(model_dir)
+    if dict_path is None:
+        raise UserError(f"no dataset dictionary saved with {model_dir}: pass --dictionary PATH")
+    if out.exists() and not resume:
+        raise UserError(f"--out {out} exists: pass --resume to append only what is missing, or choose a new "
+                        "file (nothing was overwritten)")
+    done: list[dict] = []
+    cut, note = None, None
+    if out.exists():  # before anything else: a file that is not ours is refused untouched
+        done, cut, note = _read_resume(out)
+    return done, cut, note, dict_path
+
+
+def _prepare_out(out: Path, cut: int | None, note: str | None) -> None:
+    """--out exists (and ends on a whole row) before the model is loaded; an OS error is one line."""
+    from qwenvl.problems import UserError
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if cut is not None:  # the cut last row: dropped, so that the next row starts on a line of its own
+            os.truncate(out, cut)
+            print(f"warning: {note}", file=sys.stderr)
+        out.touch()
+    except OSError as e:
+        from qwenvl.safe_write import os_error_line
+
+        raise UserError(os_error_line(e, out, "--out")) from None
+
+
+def _generate(model_dir: Path, name: str, todo: list, out: Path, done: list[dict], batch_size: int,
+              max_new_tokens: int) -> None:
+    """Answer ``todo`` in batches, appending one row per sample to --out (and to ``done``) as each batch ends."""
+    from qwenvl import infer
+
+    engine = infer.load(model_dir)
+    warning = engine.budget_warning()
+    if warning:
+        print(warning, file=sys.stderr)
+    with open(out, "a", encoding="utf-8") as fh:
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s:s + batch_size]
+            answers = engine.generate_batch([engine.messages(t, images=im, videos=vi)
+                                             for _i, _w, t, im, vi, _r in chunk], max_new_tokens=max_new_tokens)
+            for (i, where, text, _im, _vi, ref), pred in zip(chunk, answers, strict=True):
+                row = {"dataset": name, "index": i, "where": where, "prompt": text, "reference": ref,
+                       "prediction": pred}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done.append(row)
+            fh.flush()
+            print(f"predict: {min(s + batch_size, len(todo))}/{len(todo)} new samples", file=sys.stderr)
