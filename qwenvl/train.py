@@ -256,6 +256,11 @@ def _refuse_early(model_args, data_args, training_args):
     if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
         raise UserError(f"nothing to do: num_train_epochs {training_args.num_train_epochs:g} and no max_steps; "
                         "set num_train_epochs > 0 (fractions such as 0.5 work) or max_steps")
+    from qwenvl.data.token_budget import budget_problem
+
+    found = budget_problem(packing=data_args.data_packing, packing_rows=training_args.packing_rows)
+    if found:  # a token budget needs packing (the trainer checks it too)
+        raise UserError(f"{found[0]} ({found[1]})")
     lora_plan = _lora_plan(model_args, training_args)
     if nothing_to_train(tune_mm_vision=model_args.tune_mm_vision, tune_mm_mlp=model_args.tune_mm_mlp,
                         tune_mm_llm=model_args.tune_mm_llm, lora=lora_plan is not None):
