@@ -155,6 +155,12 @@ def train(
             raise UserError(why)
         plan = build_plan(cfg, environ)
         memory_check(plan, gpu_memory or gpu_memory_here())
+        if plan.config.distributed.nnodes > 1:  # every node reaches node 0 and runs the same plan, or one line
+            from vlsft import preflight
+
+            typer.echo(f"# pre-flight: node {plan.config.distributed.node_rank} of {plan.config.distributed.nnodes} "
+                       f"meets node 0 at {plan.config.distributed.master_addr}:{plan.config.distributed.master_port}")
+            preflight.run(plan, environ)
     except UserError as exc:
         _fail(exc)
 
