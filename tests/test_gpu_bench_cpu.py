@@ -22,7 +22,7 @@ def test_gpu_bench_tiny_cpu(repo_root, tmp_path, qwen_tokenizer_dir):
     assert data["header"]["device"] == "cpu"
     # the trainer's speed path (issue 18): one vision-attention call per layer, the frozen tower forward-only
     assert data["header"]["speed"] == {"vision_attention": True, "text_attention": True, "forward_only_vision_blocks": 2,
-                                       "chunked_loss": True}
+                                       "linear_attention_layers": 0, "chunked_loss": True}  # Qwen2.5-VL: no DeltaNet
     by = {r["mode"]: r for r in data["results"]}
     assert set(by) == {"padded", "flatten"}
     for r in by.values():
