@@ -159,6 +159,9 @@ _QWEN35_TEXT = {"head_dim": 16, "layer_types": ["linear_attention", "full_attent
                 "linear_num_value_heads": 4,
                 "rope_parameters": {**_MROPE, "rope_theta": 1e7, "mrope_interleaved": True,
                                     "partial_rotary_factor": 1.0}}
+#: the Qwen3.5 architecture (Qwen3.5, 3.6, 3.8 checkpoints): the Qwen3-VL media rules, the Qwen3.5 chat template (a
+#: model folder carrying the Qwen3.6 or Qwen3.8 one is rendered as that: qwenvl.templates.choices / rendering_of)
+_QWEN35_COMMON = {**_QWEN3_COMMON, "chat_template": "qwen3.5"}
 _MOE_TEXT = {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True,
              "router_aux_loss_coef": 0.001}
 
@@ -183,10 +186,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            tiny={"text": {"head_dim": 16, **_MOE_TEXT, "decoder_sparse_step": 1,
                           "rope_parameters": {**_MROPE, "rope_theta": 5e6, "mrope_interleaved": True}},
                  "vision": {**_QWEN3_VISION, "deepstack_visual_indexes": [1]}}),
-    Family("qwen3_5", "Qwen3.5", "Qwen3_5ForConditionalGeneration", "Qwen3_5Config", **_QWEN3_COMMON,
+    Family("qwen3_5", "Qwen3.5", "Qwen3_5ForConditionalGeneration", "Qwen3_5Config", **_QWEN35_COMMON,
            linear_attention=True, tiny={"text": _QWEN35_TEXT, "vision": _QWEN3_VISION}),
     Family("qwen3_5_moe", "Qwen3.5 MoE", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeConfig",
-           **_QWEN3_COMMON, moe=True, linear_attention=True,
+           **_QWEN35_COMMON, moe=True, linear_attention=True,
            tiny={"text": {**_QWEN35_TEXT, **_MOE_TEXT, "shared_expert_intermediate_size": 32,
                           "intermediate_size": None},
                  "vision": _QWEN3_VISION}),

@@ -213,12 +213,16 @@ def run(argv: list[str]) -> int:
     from transformers import set_seed
 
     set_seed(training_args.seed)
+    PHASE["now"] = "loading the model"
     model, processor = _load_model_and_processor(model_args, data_args, training_args, fam, lora_plan)
     model = _apply_training_mode(model, model_args, training_args, lora_plan, fam.model_type)
     _crash_if_a_test_asks(training_args.process_index)
+    PHASE["now"] = "reading the data"
     data, eval_dataset = _load_data(processor, data_args, training_args, fam.model_type, eval_strategy)
+    PHASE["now"] = "building the trainer"
     trainer, save_lora = _build_trainer(model, processor, data, eval_dataset, model_args, training_args, lora_plan,
                                         resume_from)
+    PHASE["now"] = "training"
     summary = _train_and_save(trainer, processor, training_args, resume_from, save_lora)
     if training_args.process_index == 0:
         print(summary, flush=True)  # samples trained / skipped by kind, summed over ranks
@@ -337,6 +341,9 @@ def _resume_point(training_args) -> str | None:
     check_resumable(resume_from, training_args.deepspeed)
     if resume_from:
         logger.info("resuming from %s", resume_from)
+        from qwenvl.reshard import prepare_resume
+
+        resume_from = prepare_resume(resume_from, training_args)  # another world size: a universal conversion
     elif training_args.overwrite_output_dir and training_args.process_index == 0:
         set_aside_old_checkpoints(training_args.output_dir)
     return resume_from
@@ -500,6 +507,7 @@ def _build_trainer(model, processor, data, eval_dataset, model_args, training_ar
                                                     report if isinstance(report, dict) else None))
 
     trainer.add_callback(stopsignal.make_callback())  # SIGINT/SIGTERM/SIGHUP: checkpoint, then stop
+    trainer.add_callback(_phase_callback())  # the lost-peer line names the step a hang or a dead rank stopped
     save_lora = None
     if lora_plan is not None:
         from qwenvl import lora
@@ -626,9 +634,26 @@ def _print_error(line: str) -> None:
     print(("\n" if bar_active else "") + line, file=sys.stderr, flush=True)
 
 
-#: what a collective raises on a surviving rank when another rank died (gloo / NCCL / the c10d store)
+#: what a collective raises on a surviving rank when another rank died or hangs past the collective timeout
+#: (``ddp_timeout``; gloo / NCCL / the c10d store)
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
-              "NCCL communicator was aborted", "remote process exited", "Socket Timeout", "ProcessGroup abort")
+              "NCCL communicator was aborted", "remote process exited", "Socket Timeout", "ProcessGroup abort",
+              "collective operation timeout", "Timed out", "timed out")
+#: what this rank is doing (the lost-peer line names it): set by run()'s steps, "training" then per step
+PHASE = {"now": "starting"}  # "... stopped or hung while <PHASE>"
+
+
+def _phase_callback():
+    from transformers import TrainerCallback
+
+    class PhaseCallback(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            PHASE["now"] = f"in training step {state.global_step + 1}"
+
+        def on_save(self, args, state, control, **kwargs):
+            PHASE["now"] = f"after saving checkpoint-{state.global_step}"
+
+    return PhaseCallback()
 
 
 def lost_peer(e: BaseException) -> str | None:
@@ -683,8 +708,11 @@ def main(argv: list[str] | None = None) -> int:
         if why is None:
             raise
         if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node; the launcher names the rank that died
-            _print_error(f"error: [rank {os.environ.get('RANK', '0')}] another rank stopped mid-step ({why}): this "
-                         "rank stops too; the cause is the failing rank's own message or the launcher's last line")
+            import socket
+
+            _print_error(f"error: [rank {os.environ.get('RANK', '0')}, node {socket.gethostname()}] another rank "
+                         f"stopped or hung while {PHASE['now']} ({why}): this rank stops too; the cause is the "
+                         "failing rank's own message or the launcher's last line")
         return 1
     finally:
         if lock is not None:

@@ -214,10 +214,12 @@ def test_killed_rank_survivors_print_one_line_no_traceback(tmp_path, env, tiny_m
     assert rc != 0
     assert "Traceback" not in stderr, stderr[-4000:]
     lines = [x for x in stderr.splitlines() if "another rank stopped" in x]
-    assert len(lines) == 1 and lines[0].startswith("error: [rank 0]"), stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: [rank 0, node "), stderr[-3000:]
+    assert "while in training step " in lines[0], lines  # the phase the survivor was in
     assert stderr.rstrip().splitlines()[-1].startswith("error: training exited with status")
     log = (out / "vlsft" / "torchrun.log").read_text()
-    assert any(x.startswith("error: [rank 0] another rank stopped") for x in log.splitlines())  # not glued
+    assert any(x.startswith("error: [rank 0, node ") and "another rank stopped" in x
+               for x in log.splitlines())  # not glued
 
 
 def test_lost_peer_only_names_collective_failures():
@@ -229,6 +231,10 @@ def test_lost_peer_only_names_collective_failures():
     assert lost_peer(RuntimeError("Connection reset by peer")) is None  # not from a collective: keep the traceback
     assert lost_peer(ValueError("NCCL Connection reset by peer")) is None
     assert lost_peer(RuntimeError("gloo: shapes do not match")) is None
+    # a hung peer: the collective timeout (ddp_timeout) ends the wait, named like a dead one
+    assert lost_peer(RuntimeError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, "
+                                  "OpType=ALLREDUCE) ran for 1800012 milliseconds before timing out.")) == \
+        "collective operation timeout"
 
 
 @pytest.fixture()
