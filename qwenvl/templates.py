@@ -196,6 +196,45 @@ def choices(default: str) -> tuple[str, ...]:
     return ALTERNATIVES.get(default, (default,))
 
 
+def resolve(default: str, explicit: str | None, text: str | None) -> tuple[str, str]:
+    """``(rendering, why)`` of a model whose family's template is ``default``: ``explicit`` (``model.chat_template``)
+    when the family can use it (a ValueError when it cannot), else the one the folder's template ``text`` is, else
+    ``default``; ``why`` says which (print-args)."""
+    allowed = choices(default)
+    if explicit is not None:
+        if explicit not in allowed:
+            raise ValueError(f"chat_template {explicit!r} is not one this family can be trained with: "
+                             f"{', '.join(allowed)}")
+        return explicit, "model.chat_template"
+    found = rendering_of(text)
+    if found in allowed:
+        published = hashlib.sha256(text.encode("utf-8")).hexdigest() in SHA256.values()
+        return found, "the model folder's chat template (" + ("the published text)" if published else
+                                                            "recognised by its features)")
+    if text and len(allowed) > 1:
+        return default, "the family's (the model folder's chat template is not one vlsft knows)"
+    return default, "the family's"
+
+
+def describe(name: str, fmt=None) -> str:
+    """One line on how a dataset's samples are rendered as ``name`` (print-args, the trainer's log); ``fmt``: the
+    dataset's :class:`qwenvl.data.formats.FormatSpec` (``thinking_loss``, ``reasoning_effort``)."""
+    r = RENDERINGS[name]
+    loss = getattr(fmt, "thinking_loss", "train") or "train"
+    effort = getattr(fmt, "reasoning_effort", None)
+    if not r.thinking:
+        return (f"{r.title} chat template (no thinking: reasoning fields are not rendered, <think> text stays text"
+                + ("; thinking_loss and reasoning_effort unused)" if loss != "train" or effort else ")"))
+    out = [f"{r.title} chat template", "earlier turns' thinking " + ("kept" if r.keeps_history else "dropped"),
+           "thinking " + ("trained" if loss == "train" else "masked")]
+    if r.effort:
+        out.append("thinking off (reasoning_effort none)" if effort == "none" else
+                   f"reasoning_effort {effort or 'xhigh (the default)'}")
+    elif effort:
+        out.append(f"reasoning_effort {effort} unused (the template has none)")
+    return ", ".join(out)
+
+
 def rendering_of(text: str | None) -> str | None:
     """The rendering a chat template text is: a published text by its sha256, else a Qwen3.5-line template by its
     features (``reasoning_effort``: Qwen3.8; ``preserve_thinking``: Qwen3.6; else Qwen3.5); None: not known."""

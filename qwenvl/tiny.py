@@ -33,7 +33,8 @@ from qwenvl.problems import UserError
 from qwenvl.templates import CHAT_TEMPLATES
 
 MARKER = "vlsft-tiny.json"  # written into every folder build_tiny_model makes
-RECIPE = 2  # bumped when what build_tiny_model writes changes; an older folder of ours is rebuilt
+RECIPE = 3  # bumped when what build_tiny_model writes changes; an older folder of ours is rebuilt (3: the
+# Qwen3.5 families carry the Qwen3.5 chat template)
 QWEN3_ONLY_TOKEN_IDS = {151665, 151666, 151667, 151668}
 VOCAB_SIZE = 151936  # the padded embedding size of the released Qwen2/2.5-VL checkpoints
 
@@ -68,8 +69,8 @@ def preprocessor_config(model_type: str = "qwen2_5_vl") -> dict:
 def build_tokenizer_dir(out_dir: str | os.PathLike, family: str = "qwen2_5_vl") -> Path:
     """Write the family's tokenizer + image (and video) processor config into ``out_dir``: Qwen2/2.5-VL: the
     Qwen2.5-VL tokenizer; the Qwen3 families: the Qwen3 tokenizer files unchanged (151,669 tokens, ``<think>`` one
-    token) with the Qwen3-VL chat template and the published Qwen3-VL processor files (the recipe of
-    ``tests/golden/official-qwen3vl-head/README.md``)."""
+    token) with the family's chat template (Qwen3-VL's, or Qwen3.5's for the Qwen3.5 families) and the published
+    Qwen3-VL processor files (the recipe of ``tests/golden/official-qwen3vl-head/README.md``)."""
     fam = families.family(family)
     src = tokenizer_source_dir()
     out = Path(out_dir)

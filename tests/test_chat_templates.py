@@ -24,6 +24,7 @@ def test_every_family_names_a_kept_template_and_its_choices():
     for fam in FAMILIES.values():
         assert fam.chat_template in templates.CHAT_TEMPLATES
         assert fam.chat_template in templates.choices(fam.chat_template)
+    assert FAMILIES["qwen3_5"].chat_template == FAMILIES["qwen3_5_moe"].chat_template == "qwen3.5"
     assert templates.choices("qwen3.5") == ("qwen3.5", "qwen3.6", "qwen3.8")
     assert templates.choices("qwen3-vl") == ("qwen3-vl",)
 

@@ -156,8 +156,8 @@ def test_frame_list_video(builder, media):
 
 
 @pytest.mark.parametrize("rec, kind, words", [
-    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "a"}]}, "bad_conversation",
-     "unknown role 'tool' (tool and function turns are not trained by vlsft)"),
+    ({"messages": [{"role": "function", "content": "x"}, {"role": "assistant", "content": "a"}]}, "bad_conversation",
+     "unknown role 'function' (function turns are read as 'tool' results and 'function_call' calls)"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}, {"role": "assistant", "content": "a"}]},
      "bad_conversation", "content part type 'input_audio' is not read"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]},

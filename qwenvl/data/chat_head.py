@@ -1,4 +1,4 @@
-"""Chat tokens and labels for Qwen3-VL (and Qwen3-VL MoE, Qwen3.5) as the official trainer's HEAD builds them.
+"""Chat tokens and labels for Qwen3-VL (and Qwen3-VL MoE) as the official trainer's HEAD builds them.
 
 HEAD = ``QwenLM/Qwen3-VL`` ``qwen-vl-finetune`` at 9658872 (2026-01-30); checked token for token against
 ``tests/golden/official-qwen3vl-head`` (``tests/test_golden_qwen3vl_head.py``). What HEAD does, and we do:

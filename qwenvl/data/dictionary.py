@@ -45,7 +45,7 @@ from qwenvl.problems import Problem, did_you_mean
 log = logging.getLogger(__name__)
 
 KNOWN_KEYS = ("data_path", "annotation_path", "length", "sampling_rate", "repeat_time", "format", "system", "train_on",
-              "bbox_format")
+              "bbox_format", "thinking_loss", "reasoning_effort")
 # keys of a LLaMA-Factory dataset_info.json entry (read as a dictionary: see _Loader.lf_pairs)
 LF_KEYS = ("file_name", "formatting", "columns", "tags", "ranking", "subset", "split", "folder", "num_samples",
            "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
@@ -82,6 +82,11 @@ class DatasetSpec(BaseModel):
                                     "(original image pixels, default), norm1000 (0-1000) or norm1 (0-1).")
     format_keys: dict | None = Field(None, description="Record keys and speaker tags (from a LLaMA-Factory "
                                      "dataset_info.json entry's columns/tags).")
+    thinking_loss: str | None = Field(None, description="Loss on the reasoning inside an answer's <think> block: "
+                                      "'train' (default) or 'mask' (the answer after it is trained either way).")
+    reasoning_effort: str | None = Field(None, description="Qwen3.8's reasoning effort for this dataset's samples: "
+                                         "xhigh (the template's default), medium, low, or none (thinking off); a "
+                                         "record's chat_template_kwargs win.")
 
     @property
     def format_spec(self):
@@ -89,7 +94,8 @@ class DatasetSpec(BaseModel):
         from qwenvl.data.formats import FormatSpec
 
         return FormatSpec(name=self.format, system=self.system, train_on=self.train_on or "all",
-                          bbox_format=self.bbox_format or "pixel",
+                          bbox_format=self.bbox_format or "pixel", thinking_loss=self.thinking_loss or "train",
+                          reasoning_effort=self.reasoning_effort,
                           declared=self.format is not None, **(self.format_keys or {}))
 
     @property
@@ -517,6 +523,16 @@ class _Loader:
         from qwenvl.data.grounding import BBOX_FORMATS
 
         return self._choice(name, k, v, BBOX_FORMATS)
+
+    def check_thinking_loss(self, name: str, k: str, v: JNode) -> object:
+        from qwenvl.data.formats import THINKING_LOSS
+
+        return self._choice(name, k, v, THINKING_LOSS)
+
+    def check_reasoning_effort(self, name: str, k: str, v: JNode) -> object:
+        from qwenvl.data.formats import REASONING_EFFORTS
+
+        return self._choice(name, k, v, REASONING_EFFORTS)
 
     def check_system(self, name: str, k: str, v: JNode) -> object:
         if v.kind == "null":

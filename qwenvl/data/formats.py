@@ -20,6 +20,13 @@ Formats (``FORMATS``; a dictionary entry's ``"format"`` overrides the detection)
 * ``sharegpt`` (LLaMA-Factory): ``conversations`` of ``from``/``value`` with ``human``/``gpt``/``system``
   speakers and media in ``images`` / ``videos``; otherwise as ``messages``.
 
+Thinking and tools (messages and sharegpt; rendered by the Qwen3.5 / 3.6 / 3.8 templates, :mod:`qwenvl.data.chat_qwen35`):
+an assistant message's reasoning in ``reasoning_content``, ``reasoning`` or ``thinking`` (``REASONING_KEYS``; or
+``<think>...</think>`` at the start of its text, in every format); ``tool_calls`` (OpenAI's shape; JSON-string
+arguments parsed), ``tool`` / ``observation`` results and LLaMA-Factory's ``function_call`` messages; a record's
+``tools`` (a list or a JSON string of one) and ``chat_template_kwargs`` (``reasoning_effort``, ``enable_thinking``,
+``preserve_thinking``; or a top-level ``reasoning_effort``) as ms-swift reads them.
+
 Detection (:func:`detect`) looks at the first ``DETECT_RECORDS`` records: ``messages`` records in the majority
 -> ``messages``; ``conversations`` with ``images``/``videos`` and none with ``image``/``video`` -> ``sharegpt``;
 other ``conversations`` -> ``official``. Anything else (alpaca, query/response, ...) is an unknown shape, named.
@@ -27,6 +34,7 @@ other ``conversations`` -> ``official``. Anything else (alpaca, query/response, 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,6 +42,17 @@ from qwenvl.data.sample_rules import kind_of, record_problems
 
 FORMATS = ("official", "messages", "sharegpt")
 TRAIN_ON = ("all", "last")
+#: the loss on the reasoning inside an assistant turn's think block (dictionary "thinking_loss")
+THINKING_LOSS = ("train", "mask")
+#: Qwen3.8's reasoning_effort (dictionary "reasoning_effort", per sample "chat_template_kwargs"); none = thinking off
+REASONING_EFFORTS = ("xhigh", "medium", "low", "none")
+#: an assistant message's reasoning field, in the order they are looked for (OpenAI-style APIs, ms-swift, HF)
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+#: message roles of tool results (OpenAI "tool", LLaMA-Factory "observation"); "function_call" is a call
+TOOL_ROLES = ("tool", "observation")
+#: the chat template arguments a record may set for itself (``chat_template_kwargs``) and their values
+TEMPLATE_KWARGS = {"reasoning_effort": REASONING_EFFORTS, "enable_thinking": (True, False),
+                   "preserve_thinking": (True, False)}
 DETECT_RECORDS = 200
 ACCEPTED = ("official (conversations + image/video), messages (messages of role/content + images/videos), "
             "sharegpt (conversations of from/value + images/videos)")
@@ -63,6 +82,8 @@ class FormatSpec:
     train_on: str = "all"  # "all" assistant turns, or only the "last"
     declared: bool = False  # name came from the dictionary, not from detection
     bbox_format: str = "pixel"  # coordinates of the records' "objects" (qwenvl.data.grounding): pixel|norm1000|norm1
+    thinking_loss: str = "train"  # THINKING_LOSS: the loss on reasoning in think blocks
+    reasoning_effort: str | None = None  # REASONING_EFFORTS (Qwen3.8); None: the template's default
 
     def with_name(self, name: str) -> FormatSpec:
         return replace(self, name=name)
@@ -93,6 +114,8 @@ class Extras:
 
     system: str | None = None  # the sample's own system prompt (replaces the default)
     untrained: set = field(default_factory=set)  # indices of conversation turns with loss: false
+    template_kwargs: dict = field(default_factory=dict)  # the sample's own chat_template_kwargs (TEMPLATE_KWARGS)
+    tools: list | None = None  # the sample's tool definitions (JSON objects)
 
 
 _PLAIN = Extras()
@@ -296,10 +319,12 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
             role = "assistant"
         elif role in f.system_tags:
             role = "system"
+        elif role in TOOL_ROLES or role == "function_call":  # a tool result / a LLaMA-Factory call (_internal_turn)
+            role, content = ("tool", content) if role in TOOL_ROLES else ("assistant", "")
         else:
-            allowed = ", ".join(repr(t) for t in (*f.user_tags, *f.assistant_tags, *f.system_tags))
-            what = ("tool and function turns are not trained by vlsft" if role in (
-                "tool", "function", "observation", "function_call", "ipython") else "")
+            allowed = ", ".join(repr(t) for t in (*f.user_tags, *f.assistant_tags, *f.system_tags, *TOOL_ROLES))
+            what = ("function turns are read as 'tool' results and 'function_call' calls" if role in (
+                "function", "ipython") else "")
             out.append(_err("bad_speaker", f"unknown {rkey} {role!r}" + (f" ({what})" if what else ""), rkey,
                             f"use {allowed}"))
             return None, _PLAIN, out
@@ -333,8 +358,13 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
             continue
         if loss is False and role == "assistant":
             extras.untrained.add(len(turns))
-        turns.append({"role": role, "content": content})
+        turn = _internal_turn(m, role, content, out, m.get(ckey) if m.get(rkey) == "function_call" else None)
+        if turn is None:
+            return None, _PLAIN, out
+        turns.append(turn)
     extras.system = sys_prompt
+    if not _sample_options(rec, extras, out):
+        return None, _PLAIN, out
     if not turns:
         out.append(_err("no_answer", "no assistant turn to train on (only a system prompt)", mkey, None, "no_answer"))
         return None, _PLAIN, out
@@ -359,6 +389,96 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
                         "set 'loss': true (or drop the key) on at least one answer", "no_answer"))
         return None, _PLAIN, out
     return internal, extras, out
+
+
+def _internal_turn(m: dict, role: str, content: str, out: list, call: Any = None) -> dict | None:
+    """The internal turn of a message: role and text, and an assistant's reasoning (``REASONING_KEYS``) and
+    ``tool_calls`` (``call``: the content of a LLaMA-Factory ``function_call`` message, a JSON call or list of
+    calls); None after an error."""
+    turn: dict = {"role": role, "content": content}
+    if role != "assistant":
+        return turn
+    key = next((k for k in REASONING_KEYS if m.get(k) is not None), None)
+    if key is not None:
+        if type(m[key]) is not str:
+            out.append(_err("bad_reasoning", f"'{key}' must be a string, found {kind_of(m[key])}", key,
+                            "write the reasoning as one string (or put it in the text as <think>...</think>)"))
+            return None
+        turn["reasoning_content"] = m[key]
+    if call is not None:
+        try:
+            call = json.loads(call) if type(call) is str else call
+        except ValueError:
+            pass
+    raw = m.get("tool_calls") if call is None else (call if type(call) is list else [call])
+    if raw is not None:
+        calls = parse_tool_calls(raw, out)
+        if calls is None:
+            return None
+        if calls:
+            turn["tool_calls"] = calls
+    return turn
+
+
+def parse_tool_calls(value: Any, out: list) -> list | None:
+    """OpenAI-style ``tool_calls`` as ``[{"name": ..., "arguments": {...}}]`` (JSON-string arguments parsed, as
+    vLLM does before the chat template runs); None after an error."""
+    hint = 'write [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]'
+    if type(value) is not list:
+        out.append(_err("bad_tool_call", f"'tool_calls' must be a list, found {kind_of(value)}", "tool_calls", hint))
+        return None
+    calls = []
+    for call in value:
+        call = call.get("function", call) if type(call) is dict else call
+        args = call.get("arguments") if type(call) is dict else None
+        if type(args) is str:
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                pass  # not JSON: refused below
+        if type(call) is not dict or type(call.get("name")) is not str or type(args) not in (dict, type(None)):
+            out.append(_err("bad_tool_call", "a tool call needs a string 'name' and JSON-object 'arguments', found "
+                            f"{json.dumps(call, ensure_ascii=False)[:80]}", "tool_calls", hint))
+            return None
+        calls.append({"name": call["name"]} if args is None else {"name": call["name"], "arguments": args})
+    return calls
+
+
+def _sample_options(rec: dict, extras: Extras, out: list) -> bool:
+    """A record's own chat template arguments (``chat_template_kwargs``, as ms-swift reads them; a top-level
+    ``reasoning_effort``) and tool definitions (``tools``: a list of JSON objects, or a JSON string of one as
+    LLaMA-Factory writes it); False after an error."""
+    kwargs = rec.get("chat_template_kwargs")
+    kwargs = dict(kwargs) if type(kwargs) is dict else {} if kwargs is None else kwargs
+    if rec.get("reasoning_effort") is not None and type(kwargs) is dict:
+        kwargs.setdefault("reasoning_effort", rec["reasoning_effort"])
+    if type(kwargs) is not dict:
+        out.append(_err("bad_template_kwargs", f"'chat_template_kwargs' must be an object, found {kind_of(kwargs)}",
+                        "chat_template_kwargs", 'write {"reasoning_effort": "low"}'))
+        return False
+    for key, value in kwargs.items():
+        allowed = TEMPLATE_KWARGS.get(key)
+        if allowed is None:
+            out.append(("warning", "template_kwarg_unread", "template_kwarg_unread", f"chat_template_kwargs '{key}' "
+                        "is not read by vlsft", "chat_template_kwargs", f"read: {', '.join(TEMPLATE_KWARGS)}"))
+        elif value not in allowed or type(value) is not type(allowed[0]):
+            out.append(_err("bad_template_kwargs", f"{key} must be one of {', '.join(map(str, allowed))}, found "
+                            f"{value!r}", key, None))
+            return False
+        else:
+            extras.template_kwargs[key] = value
+    tools = rec.get("tools")
+    if type(tools) is str:
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except ValueError:
+            pass
+    if tools is not None and (type(tools) is not list or not all(type(t) is dict for t in tools)):
+        out.append(_err("bad_tools", f"'tools' must be a list of tool definitions, found {kind_of(tools)}", "tools",
+                        'write [{"type": "function", "function": {"name": ..., "parameters": {...}}}]'))
+        return False
+    extras.tools = tools or None
+    return True
 
 
 def sample_problems(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
@@ -433,6 +553,9 @@ def to_official(rec: Any, fmt: FormatSpec | None) -> tuple[dict | None, str | No
     video = internal.get("video")
     if type(video) is list and any(type(v) is tuple for v in video):
         return None, None, "a video given as frame images, which the official format cannot say"
+    if extras.tools or extras.template_kwargs or any("reasoning_content" in t or "tool_calls" in t
+                                                     for t in internal["conversations"]):
+        return None, None, "reasoning fields, tools or chat_template_kwargs, which the official format cannot say"
     conv = []
     for i, t in enumerate(internal["conversations"]):
         if i == 0 and t["role"] == "assistant":  # kept and trained as here (a first 'from: gpt' would be dropped)

@@ -91,6 +91,8 @@ class Turn:
     role: str
     content: str
     train: bool = True  # False: an assistant turn that is masked (``loss: false``, ``train_on: last``)
+    reasoning: str | None = None  # an assistant turn's reasoning field (rendered by the thinking templates)
+    tool_calls: list | None = None  # an assistant turn's tool calls (``{"name": ..., "arguments": {...}}``)
 
 
 def problem_error(problem) -> BadSample:

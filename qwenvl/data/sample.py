@@ -30,7 +30,10 @@ Media, decided (tested in ``tests/test_preprocess.py``; official = the Qwen2.5-e
 * Qwen2-VL (``model_type="qwen2_vl"``): same tokens and pixels; the video temporal position is the
   patch index (no time scaling) and ``second_per_grid_ts`` is not passed to the model (see
   :mod:`qwenvl.data.rope` for the one place where we differ from transformers 5.24's rope index).
-* Qwen3-VL, Qwen3-VL MoE, Qwen3.5 (the "HEAD" families): as the official trainer's HEAD builds them (checked
+* Qwen3.5 / 3.6 / 3.8 (model_type qwen3_5, qwen3_5_moe): the media as for Qwen3-VL below; the chat as the model's
+  published chat template renders it (:mod:`qwenvl.data.chat_qwen35`: thinking, tools; which template is
+  :func:`resolve_rendering`'s answer), checked against ``apply_chat_template`` in tests/test_golden_chat_templates.py.
+* Qwen3-VL, Qwen3-VL MoE (the "HEAD" families): as the official trainer's HEAD builds them (checked
   against ``tests/golden/official-qwen3vl-head``): chat layout of :mod:`qwenvl.data.chat_head` (no system prompt,
   text around tags stripped, a timestamp before each temporal patch of a video), images with their EXIF
   orientation applied and resized by the torchvision processor, videos sampled at ``video_fps`` with
@@ -48,13 +51,14 @@ byte and take several videos.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from qwenvl import storage
+from qwenvl import storage, templates
 from qwenvl.data import formats, grounding, sample_rules, vision
 from qwenvl.data.chat_head import HeadChatEncoder
+from qwenvl.data.chat_qwen35 import ChatOptions, TemplateChatEncoder
 from qwenvl.data.preprocess import BadSample, ChatEncoder, Turn, problem_error
 from qwenvl.data.rope import RopeIndex
 from qwenvl.families import Family, family
@@ -187,6 +191,46 @@ def _frame_list_video(paths: list[str], vb) -> vision.DecodedVideo:
     return vision.DecodedVideo(arr, keep, total, FRAME_LIST_FPS, "frames")
 
 
+def resolve_rendering(fam: Family, explicit: str | None, template_text: str | None) -> str:
+    """The rendering of a model of family ``fam``: ``explicit`` (run YAML ``model.chat_template``) when the family
+    can use it, else the one its tokenizer's template is (:func:`qwenvl.templates.rendering_of`), else the
+    family's own."""
+    try:
+        return templates.resolve(fam.chat_template, explicit, template_text)[0]
+    except ValueError as e:
+        raise UserError(f"{fam.title}: {e}") from None
+
+
+def chat_options(fmt: formats.FormatSpec | None, extras: formats.Extras) -> ChatOptions:
+    """The sample's chat template arguments: the dataset's (``thinking_loss``, ``reasoning_effort``), then the
+    record's own ``chat_template_kwargs``; a ``reasoning_effort`` of ``none`` is ``enable_thinking`` false."""
+    kw = extras.template_kwargs
+    effort = kw.get("reasoning_effort", fmt.reasoning_effort if fmt is not None else None)
+    enable = kw.get("enable_thinking")
+    if effort == "none":
+        effort, enable = None, False
+    return ChatOptions(thinking_loss=fmt.thinking_loss if fmt is not None else "train", reasoning_effort=effort,
+                       enable_thinking=enable, preserve_thinking=kw.get("preserve_thinking"),
+                       tools=tuple(extras.tools) if extras.tools else None)
+
+
+def _turns(conv: list, extras: formats.Extras) -> list[Turn]:
+    """The turns the trainer tokenizes, with each assistant turn's reasoning field and tool calls."""
+    start = 1 if sample_rules.drops_first(conv) else 0
+    out = []
+    for i, (role, content, train) in enumerate(sample_rules.turn_triples(conv, extras.untrained), start):
+        turn, problems = conv[i], []
+        reasoning = next((turn[k] for k in formats.REASONING_KEYS if turn.get(k) is not None), None)
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise BadSample(f"an assistant turn's reasoning is {sample_rules.kind_of(reasoning)}, not a string",
+                            "bad_conversation")
+        calls = turn.get("tool_calls")
+        if calls is not None and (calls := formats.parse_tool_calls(calls, problems)) is None:
+            raise problem_error(problems[0])
+        out.append(Turn(role, content, train, reasoning, calls or None))
+    return out
+
+
 @dataclass
 class SampleBuilder:
     tokenizer: object
@@ -195,12 +239,19 @@ class SampleBuilder:
     model_type: str = "qwen2_5_vl"  # config.json's spelling (qwenvl.families); a Family works too
     model_max_length: int | None = None
     rope: RopeIndex | None = None
+    # the chat template samples are rendered as (qwenvl.templates.RENDERINGS): None = the tokenizer's own template
+    # when it is one the family can use, else the family's (qwenvl.families.Family.chat_template)
+    rendering: str | None = None
 
     def __post_init__(self):
         self.family = family(self.model_type)
         self.model_type = self.family.model_type
         self.head = self.family.head
-        self.encoder = HeadChatEncoder(self.tokenizer) if self.head else ChatEncoder(self.tokenizer)
+        self.rendering = resolve_rendering(self.family, self.rendering, getattr(self.tokenizer, "chat_template", None))
+        if templates.RENDERINGS[self.rendering].thinking:
+            self.encoder = TemplateChatEncoder(self.tokenizer, self.rendering)
+        else:
+            self.encoder = HeadChatEncoder(self.tokenizer) if self.head else ChatEncoder(self.tokenizer)
         self.video_budget = resolve_video_budget(self.budget, self.family)
         if self.rope is None:
             self.rope = RopeIndex.for_family(self.family)
@@ -217,7 +268,51 @@ class SampleBuilder:
         rendered = grounding.rendered_objects(objs, sizes, fmt.bbox_format if fmt is not None else "pixel",
                                               convention)
         texts = grounding.render_texts([t.content for t in turns], rendered, convention)
-        return [Turn(t.role, text, t.train) for t, text in zip(turns, texts, strict=True)]
+        return [replace(t, content=text) for t, text in zip(turns, texts, strict=True)]
+
+    def _videos(self, videos: list, data_path: str | None, out: dict) -> tuple[list[int], list]:
+        """Decode and process the sample's videos into ``out``; ``(pads per video, HEAD (timestamps, pads per
+        temporal patch) per video)``."""
+        import torch
+
+        vb, m2, head = self.video_budget, self.spec.merge_size ** 2, self.head
+        pvs, grids, spgs, fidx, head_videos = [], [], [], [], []
+        for p in videos:
+            if isinstance(p, tuple):  # a video given as its frame images (messages / sharegpt formats)
+                dv = _frame_list_video([_media_path(data_path, f, "video frame") for f in p], vb)
+            else:
+                dv = vision.decode_video(_media_path(data_path, p, "video"), vb)
+            if head:
+                pv, grid, stamps = vision.process_video_head(dv, self.spec, vb.min_pixels, vb.max_pixels)
+                head_videos.append((stamps, int(grid[1] * grid[2]) // m2))
+            else:
+                pv, grid, spg = vision.process_video(dv, self.spec, vb.min_pixels, vb.max_pixels)
+                spgs.append(spg)
+            pvs.append(pv)
+            grids.append(grid)
+            fidx.append(dv.frame_idx)
+        out["pixel_values_videos"] = torch.from_numpy(np.concatenate(pvs))
+        out["video_grid_thw"] = torch.from_numpy(np.stack(grids))
+        if not head:
+            out["second_per_grid_ts"] = torch.tensor(spgs, dtype=torch.float64)
+        else:
+            out["video_timestamps"] = [s for s, _ in head_videos]
+        out["frame_idx"] = fidx
+        return [int(g.prod()) // m2 for g in grids], head_videos
+
+    def _chat_tokens(self, turns: list[Turn], system: str | None, image_tokens: list[int], video_tokens: list[int],
+                     head_videos: list, opts: ChatOptions) -> tuple[np.ndarray, np.ndarray]:
+        """``input_ids`` and ``labels`` in the sample's rendering (module docstring; qwenvl.data.chat_qwen35)."""
+        lead = [Turn("system", system)] if system is not None else []
+        if isinstance(self.encoder, TemplateChatEncoder):
+            return self.encoder.encode_template(lead + turns, image_tokens, head_videos, opts)
+        if opts.tools or any(t.role == "tool" or t.tool_calls for t in turns):
+            raise BadSample(f"tool definitions, calls or results: vlsft renders them for the Qwen3.5 / 3.6 / 3.8 chat "
+                            f"templates only, not {templates.RENDERINGS[self.rendering].title}'s",
+                            "bad_conversation")
+        if self.head:
+            return self.encoder.encode_head(lead + turns, image_tokens, head_videos)
+        return self.encoder.encode(turns, image_tokens, video_tokens, system)
 
     def build(self, record: dict, data_path: str | None, fmt: formats.FormatSpec | None = None) -> dict:
         """``fmt``: the dataset's annotation format (:mod:`qwenvl.data.formats`; None = official)."""
@@ -230,8 +325,7 @@ class SampleBuilder:
             raise problem_error(bad)
         images = _as_list(record.get("image"))
         videos = _as_list(record.get("video"))
-        turns = [Turn(role, content, train) for role, content, train in
-                 sample_rules.turn_triples(record["conversations"], extras.untrained)]
+        turns = _turns(record["conversations"], extras)
         system = extras.system if extras.system is not None else (fmt.system if fmt is not None else None)
         b, m2, head = self.budget, self.spec.merge_size ** 2, self.head
         out: dict = {}
@@ -243,40 +337,11 @@ class SampleBuilder:
             out["pixel_values"] = torch.from_numpy(pv)
             out["image_grid_thw"] = torch.from_numpy(grid)
             image_tokens = [int(g.prod()) // m2 for g in grid]
-        video_tokens: list[int] = []
-        head_videos: list[tuple[list[float], int]] = []
-        if videos:
-            vb = self.video_budget
-            pvs, grids, spgs, fidx = [], [], [], []
-            for p in videos:
-                if isinstance(p, tuple):  # a video given as its frame images (messages / sharegpt formats)
-                    dv = _frame_list_video([_media_path(data_path, f, "video frame") for f in p], vb)
-                else:
-                    dv = vision.decode_video(_media_path(data_path, p, "video"), vb)
-                if head:
-                    pv, grid, stamps = vision.process_video_head(dv, self.spec, vb.min_pixels, vb.max_pixels)
-                    head_videos.append((stamps, int(grid[1] * grid[2]) // m2))
-                else:
-                    pv, grid, spg = vision.process_video(dv, self.spec, vb.min_pixels, vb.max_pixels)
-                    spgs.append(spg)
-                pvs.append(pv)
-                grids.append(grid)
-                fidx.append(dv.frame_idx)
-            out["pixel_values_videos"] = torch.from_numpy(np.concatenate(pvs))
-            out["video_grid_thw"] = torch.from_numpy(np.stack(grids))
-            if not head:
-                out["second_per_grid_ts"] = torch.tensor(spgs, dtype=torch.float64)
-            else:
-                out["video_timestamps"] = [s for s, _ in head_videos]
-            out["frame_idx"] = fidx
-            video_tokens = [int(g.prod()) // m2 for g in grids]
+        video_tokens, head_videos = self._videos(videos, data_path, out) if videos else ([], [])
         if record.get("objects"):  # grounding: placeholders rendered with each image's own resize
             turns = self._render_objects(record["objects"], turns, pil, out["image_grid_thw"].tolist(), fmt)
-        if head:
-            lead = [Turn("system", system)] if system is not None else []
-            ids, labels = self.encoder.encode_head(lead + turns, image_tokens, head_videos)
-        else:
-            ids, labels = self.encoder.encode(turns, image_tokens, video_tokens, system)
+        ids, labels = self._chat_tokens(turns, system, image_tokens, video_tokens, head_videos,
+                                        chat_options(fmt, extras))
         if self.model_max_length is not None and len(ids) > self.model_max_length:
             raise BadSample(f"{len(ids)} tokens > model_max_length {self.model_max_length} (skipped whole: "
                             "vision tokens are never cut; raise model_max_length or lower max_pixels)", "too_long")

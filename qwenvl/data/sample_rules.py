@@ -42,8 +42,9 @@ from typing import Any
 
 Item = tuple[str, str, str, str, "str | None", "str | None"]
 
-SIDES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1, "system": 2}
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SIDES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1, "system": 2, "tool": 3}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+         "tool": "tool"}
 PAD_TEXTS = ("<|image_pad|>", "<|video_pad|>")
 MISSPELT = {"images": "image", "videos": "video"}
 _NONE: list = []  # returned for a clean record (never appended to)
@@ -160,13 +161,13 @@ def conversation_problems(conv: Any, out: list, rec: dict | None = None) -> tupl
             out.append(("warning", "system_turn", "system_turn", "a system turn inside the conversation is kept as a "
                         "second system turn after the default system prompt (as the official code does)", vkey,
                         'to replace the default, use the messages format or a dataset-level "system"'))
-        if side == prev and side != 2:
+        if side == prev and side < 2:
             out.append(("warning", "no_alternation", "no_alternation", "two turns in a row from the same speaker",
                         "conversations", "alternate human and gpt turns"))
         prev = side
         if side == 1:
             has_answer = True
-        if not val or val.isspace():
+        if (not val or val.isspace()) and "tool_calls" not in turn:  # a call alone: no text needed
             out.append(_empty_value(side, vkey))
             continue
         if "<" not in val:
@@ -181,7 +182,7 @@ def conversation_problems(conv: Any, out: list, rec: dict | None = None) -> tupl
             n_img += val.count("<image>")
             n_vid += val.count("<video>")
         elif "<image>" in val or "<video>" in val:
-            who = "gpt" if side == 1 else "system"
+            who = ("gpt", "system", "tool")[side - 1]
             out.append(("warning", f"tag_in_{who}", f"tag_in_{who}", f"a {who} turn contains an <image>/<video> "
                         "tag; it is not replaced", vkey, "media tags belong in human turns (elsewhere they stay "
                         "plain text)"))
