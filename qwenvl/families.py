@@ -18,7 +18,9 @@ What a record says:
 * ``tokenizer``, ``chat_template``, ``processor``, ``video_processor``: what a model folder of the family carries
   (the tiny models of :mod:`qwenvl.tiny` are written from them, and a checkpoint without processor settings gets
   ``processor``);
-* ``tiny``: the family's part of the tiny test config (:func:`qwenvl.tiny.tiny_config`).
+* ``tiny``: the family's part of the tiny test config (:func:`qwenvl.tiny.tiny_config`);
+* ``hub_names``: the hub repository names published as this family (``Qwen2.5-VL-.*``), for a hub id whose
+  ``config.json`` is not downloaded yet (:func:`family_from_hub_id`).
 
 Adding a family is one record in :data:`FAMILIES` (plus its chat template in :mod:`qwenvl.templates` if it brings a
 new one); tests/test_families.py shows it with a test-only record.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +79,9 @@ class Family:
     packs: bool = True  # several samples in one row (data_flatten / data_packing) are kept apart
     zero3: bool = True  # loads under DeepSpeed ZeRO-3 with the installed transformers
     tiny: Mapping = field(default_factory=dict)  # {"text": {...}, "vision": {...}, "tie_word_embeddings": ...}
+    # hub repository names published as this family (regexes, case-insensitive, any namespace): print-args' guess
+    # for a hub id not yet downloaded (family_from_hub_id); the downloaded config.json decides
+    hub_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, allowed in (("layout", LAYOUTS), ("grounding", GROUNDINGS), ("video_time", VIDEO_TIMES)):
@@ -162,6 +168,7 @@ _QWEN35_TEXT = {"head_dim": 16, "layer_types": ["linear_attention", "full_attent
 #: the Qwen3.5 architecture (Qwen3.5, 3.6, 3.8 checkpoints): the Qwen3-VL media rules, the Qwen3.5 chat template (a
 #: model folder carrying the Qwen3.6 or Qwen3.8 one is rendered as that: qwenvl.templates.choices / rendering_of)
 _QWEN35_COMMON = {**_QWEN3_COMMON, "chat_template": "qwen3.5"}
+_ACTIVE = r"-A\d+(\.\d+)?B\b.*"  # a MoE's active parameters in its hub name: Qwen3-VL-30B-A3B-Instruct
 _MOE_TEXT = {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True,
              "router_aux_loss_coef": 0.001}
 
@@ -171,28 +178,29 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            chat_template="qwen2.5-vl", processor={**_QWEN25_PROCESSOR, "processor_class": "Qwen2VLProcessor"},
            tiny={"text": {"rope_parameters": {**_MROPE, "rope_theta": 1e6}},
                  "vision": {"intermediate_size": None, "embed_dim": 32, "mlp_ratio": 2, "hidden_size": 64},
-                 "tie_word_embeddings": False}),
+                 "tie_word_embeddings": False}, hub_names=(r"Qwen2-VL-.+", r"QVQ-.+")),
     Family("qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", layout="qwen2.5",
            grounding="resized-pixels", video_time="seconds", exif=False, tokenizer="qwen2.5",
            chat_template="qwen2.5-vl", processor=_QWEN25_PROCESSOR,
            tiny={"text": {"rope_parameters": {**_MROPE, "rope_theta": 1e6}},
                  "vision": {"window_size": 112, "out_hidden_size": 64, "fullatt_block_indexes": [1],
-                            "tokens_per_second": 2}}),
+                            "tokens_per_second": 2}}, hub_names=(r"Qwen2\.5-VL-.+",)),
     Family("qwen3_vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig", **_QWEN3_COMMON,
            tiny={"text": {"head_dim": 16, "rope_parameters": {**_MROPE, "rope_theta": 5e6, "mrope_interleaved": True}},
-                 "vision": {**_QWEN3_VISION, "deepstack_visual_indexes": [1]}}),
+                 "vision": {**_QWEN3_VISION, "deepstack_visual_indexes": [1]}}, hub_names=(r"Qwen3-VL-.+",)),
     Family("qwen3_vl_moe", "Qwen3-VL MoE", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeConfig",
            **_QWEN3_COMMON, moe=True, zero3=False,
            tiny={"text": {"head_dim": 16, **_MOE_TEXT, "decoder_sparse_step": 1,
                           "rope_parameters": {**_MROPE, "rope_theta": 5e6, "mrope_interleaved": True}},
-                 "vision": {**_QWEN3_VISION, "deepstack_visual_indexes": [1]}}),
+                 "vision": {**_QWEN3_VISION, "deepstack_visual_indexes": [1]}}, hub_names=(rf"Qwen3-VL-.+{_ACTIVE}",)),
     Family("qwen3_5", "Qwen3.5", "Qwen3_5ForConditionalGeneration", "Qwen3_5Config", **_QWEN35_COMMON,
-           linear_attention=True, tiny={"text": _QWEN35_TEXT, "vision": _QWEN3_VISION}),
+           linear_attention=True, tiny={"text": _QWEN35_TEXT, "vision": _QWEN3_VISION},
+           hub_names=(r"Qwen3\.[5-9]-.+",)),
     Family("qwen3_5_moe", "Qwen3.5 MoE", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeConfig",
            **_QWEN35_COMMON, moe=True, linear_attention=True,
            tiny={"text": {**_QWEN35_TEXT, **_MOE_TEXT, "shared_expert_intermediate_size": 32,
                           "intermediate_size": None},
-                 "vision": _QWEN3_VISION}),
+                 "vision": _QWEN3_VISION}, hub_names=(rf"Qwen3\.[5-9]-.+{_ACTIVE}",)),
 )}
 
 
@@ -226,6 +234,16 @@ def read_model_type(name_or_path: str | os.PathLike) -> str:
     if model_type not in FAMILIES:
         raise ModelTypeError(f"{cfg}: model_type {model_type!r} is not supported; supported: {supported()}")
     return model_type
+
+
+def family_from_hub_id(repo_id: str) -> Family | None:
+    """The family a hub id's name says (``Qwen/Qwen3-VL-30B-A3B-Instruct`` -> Qwen3-VL MoE) by the records'
+    ``hub_names`` (any namespace, case-insensitive; the longest matching pattern wins, so a MoE's ``...-A3B...``
+    beats the dense family's ``Qwen3-VL-.+``); None for a name no record claims. A guess made before the download,
+    for print-args: the downloaded config.json's model_type decides."""
+    name = repo_id.rsplit("/", 1)[-1]
+    found = [(len(p), f) for f in FAMILIES.values() for p in f.hub_names if re.fullmatch(p, name, flags=re.IGNORECASE)]
+    return max(found, key=lambda t: t[0])[1] if found else None
 
 
 def family_at(folder: str | os.PathLike) -> Family:

@@ -112,9 +112,8 @@ def model_folder_problem(path: str) -> Found:
     from qwenvl.problems import UserError
 
     if not os.path.isdir(path):
-        return (f"{path} is not a local directory: vlsft trains from a downloaded model folder (no hub download)",
-                "download it first, e.g. `hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir "
-                "/models/Qwen2.5-VL-7B-Instruct`, and set model.name_or_path to that folder")
+        return (f"{path} is not a local directory", "a model folder, or a hub id such as Qwen/Qwen2.5-VL-7B-Instruct "
+                "(`vlsft train` downloads it into the Hugging Face cache)")
     try:
         read_model_type(path)
     except UserError as exc:

@@ -51,7 +51,7 @@ CASES = {
     "report_to_typo": (lambda r: ["training.report_to=wandbb"], "[training.report_to] report_to 'wandbb' is not a "
                        "known integration (hint: did you mean 'wandb'?)"),
     "model_missing": (lambda r: [f"model.name_or_path={r / 'nowhere'}"], "is not a local directory"),
-    "hub_id": (lambda r: ["model.name_or_path=Qwen/Qwen2.5-VL-3B-Instruct"], "(no hub download)"),
+    "revision_of_a_folder": (lambda r: ["model.revision=main"], "model.revision main names a hub revision"),
     "model_without_config": (_no_config_json, "no config.json"),
     "model_unsupported": (_unsupported_family, "model_type 'llama' is not supported"),
     "nothing_trainable": (lambda r: ["model.tune_mm_mlp=false", "model.tune_mm_llm=false"], "nothing is trainable"),

@@ -15,7 +15,7 @@ from vlsft.schema import SUBSECTIONS, section_model
 from vlsft.training_args import OWNED_BY_YAML
 
 # YAML keys with no trainer flag of their own (vlsft-only, or solved into another flag by the plan).
-YAML_ONLY = {"model.build_tiny", "training.global_batch_size", "training.extra"}
+YAML_ONLY = {"model.build_tiny", "model.revision", "training.global_batch_size", "training.extra"}
 
 
 def test_owned_keys_take_type_default_and_help_from_the_trainer_dataclass():

@@ -113,16 +113,6 @@ def normalize_conversation(conversations) -> list[Turn]:
     return [Turn(role, content) for role, content in sample_rules.turn_pairs(conversations)]
 
 
-def count_tags(turns: list[Turn]) -> tuple[int, int]:
-    """Number of ``<image>`` and ``<video>`` tags that will be expanded (user turns only)."""
-    ni = nv = 0
-    for t in turns:
-        if t.role == "user":
-            ni += t.content.count(IMAGE_TAG)
-            nv += t.content.count(VIDEO_TAG)
-    return ni, nv
-
-
 class ChatEncoder:
     """Builds ``input_ids`` and ``labels`` for one sample; holds the tokenizer (never copies it)."""
 

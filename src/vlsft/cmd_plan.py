@@ -61,6 +61,27 @@ def _env_lines(env: dict[str, str], is_secret) -> list[str]:
     return out
 
 
+def _model_lines(plan) -> list[str]:
+    """The hub id and what the HF cache holds of it; the family (config.json's model_type, or the id's name before
+    a download) and what it cannot do here (qwenvl.families.Family.limits)."""
+    parts = []
+    hub = plan.hub
+    if hub is not None:
+        parts.append(f"# Model: hub id {hub.repo_id}, revision {hub.revision}: {hub.state()} ({hub.cache}); "
+                     f"{hub.source()}")
+    if plan.family:
+        from qwenvl.families import family
+
+        fam = family(plan.family)
+        limits = "; cannot here: " + "; ".join(plan.family_limits) if plan.family_limits else ""
+        built = "the official HEAD layout" if fam.head else "the official Qwen2.5-era layout"
+        source = (f"family read from the id, not from a config.json: {hub.repo_id} reads as {fam.title}; `vlsft "
+                  "train` checks the downloaded config.json" if plan.family_from_id else
+                  f"config.json model_type {fam.model_type}")
+        parts.append(f"# Model family: {fam.title} ({source}; samples built as {built}, boxes {fam.grounding}){limits}")
+    return parts + [""] if parts else []
+
+
 def render_text(plan, config_path: str, overrides: list[str] | None = None) -> str:  # plan: vlsft.plan.LaunchPlan
     cfg = plan.config
     tr = cfg.training
@@ -71,14 +92,7 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
     if plan.slurm:
         parts += ["", f"# From {plan.cluster or 'SLURM'}: {' '.join(plan.slurm)}"]
     parts += ["", "# Command:", format_command(plan.torchrun), ""]
-    if plan.family:  # config.json's model_type; qwenvl.families.Family.limits: what it cannot do here
-        limits = "; cannot here: " + "; ".join(plan.family_limits) if plan.family_limits else ""
-        from qwenvl.families import family
-
-        fam = family(plan.family)
-        built = "the official HEAD layout" if fam.head else "the official Qwen2.5-era layout"
-        parts += [f"# Model family: {fam.title} (config.json model_type {fam.model_type}; samples built as {built}, "
-                  f"boxes {fam.grounding}){limits}", ""]
+    parts += _model_lines(plan)
     parts.append(f"# Datasets (--dataset_use {plan.dataset_use}):")
     width = max((len(s.name) for s in [*plan.datasets, *plan.eval_datasets]), default=4)
     for s in plan.datasets:
@@ -111,6 +125,9 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
         parts += format_report(plan.trainable)
     if plan.memory is not None:
         parts += ["# " + line for line in plan.memory.lines()]
+    elif plan.hub is not None and not plan.hub.complete:
+        parts.append(f"# Trainable parameters and GPU memory per rank: unknown until downloaded (no weights of "
+                     f"{plan.hub.repo_id} in the cache yet)")
     if tr.max_steps > 0:
         parts.append(f"total steps = {plan.total_steps} (training.max_steps)")
     else:

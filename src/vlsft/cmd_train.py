@@ -10,7 +10,9 @@ Steps:
    ``master_addr`` not set in the YAML come from ``SLURM_NNODES`` / ``SLURM_NODEID`` / the first host of
    ``SLURM_JOB_NODELIST``. With ``model.build_tiny: true`` a missing model folder is filled with a tiny
    random Qwen2.5-VL first (demo).
-2. Build the same plan as ``vlsft print-args`` and print it (secrets masked).
+2. Build the same plan as ``vlsft print-args`` and print it (secrets masked). A hub id in ``model.name_or_path``
+   is first downloaded into this node's Hugging Face cache (:func:`fetch_hub_model`; ``HF_HUB_OFFLINE``: the cache
+   only) and the plan is built again from the snapshot folder, which the ranks get.
 3. On node rank 0, take the output lock ``<output.dir>/vlsft/lock`` (one writer per output folder; a second
    run is refused in one line naming the holder; a lock left by a dead process on this host is taken over
    with a warning). It is held until torchrun has ended.
@@ -64,7 +66,7 @@ def save_run_files(plan, out_dir: Path, config_path: str, overrides: list[str]) 
 
     d = out_dir / "vlsft"
     d.mkdir(parents=True, exist_ok=True)
-    write("run.yaml", plan.config.to_saveable_yaml())
+    write("run.yaml", saved_config(plan).to_saveable_yaml())
     dictionary = plan.config.data.dictionary
     from vlsft.plan import storage_environment
 
@@ -85,6 +87,34 @@ def save_run_files(plan, out_dir: Path, config_path: str, overrides: list[str]) 
     lines.append(shlex.join(plan.torchrun))
     write("launch.sh", "\n".join(lines) + "\n")
     return d
+
+
+def saved_config(plan):
+    """The run config for run.yaml: a hub id stays the hub id, pinned to the commit trained from (the cache path is
+    in launch.sh), so the saved file re-runs the same weights on any machine."""
+    cfg = plan.config
+    if plan.hub is None:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.name_or_path, cfg.model.revision = plan.hub.repo_id, plan.hub.commit or plan.hub.revision
+    return cfg
+
+
+def fetch_hub_model(hub, environ) -> str:
+    """Download (or, offline, find) ``hub`` (a :class:`qwenvl.hub.HubModel`) in the HF cache of this node, with
+    huggingface_hub's progress bars; the snapshot folder. Each node's ``vlsft train`` does it before starting its
+    torchrun, so the ranks get a local folder and need no network or token; HubError (one line) otherwise."""
+    from qwenvl.hub import HubError, download
+
+    what = f"{hub.repo_id} (revision {hub.revision})"
+    typer.secho(f"# model: {what}: {hub.state()} ({hub.cache}); "
+                + ("HF_HUB_OFFLINE is on: using the cache" if hub.offline else f"checking {hub.endpoint} for "
+                   "what is missing"), err=True)
+    folder = download(hub.repo_id, hub.revision, environ)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise HubError(f"{what} has no config.json: it is not a transformers model (its files are in {folder})")
+    typer.secho(f"# model: {what} is in {folder}", err=True)
+    return folder
 
 
 def build_tiny_if_asked(cfg) -> None:
@@ -154,6 +184,9 @@ def train(
         if why:  # OSError 36 (File name too long) as one line, before anything looks at the folder
             raise UserError(why)
         plan = build_plan(cfg, environ)
+        if plan.hub is not None:  # a hub id: into this node's HF cache first, then the plan of those files
+            fetch_hub_model(plan.hub, environ)
+            plan = build_plan(cfg, environ)
         memory_check(plan, gpu_memory or gpu_memory_here())
         if plan.config.distributed.nnodes > 1:  # every node reaches node 0 and runs the same plan, or one line
             from vlsft import preflight

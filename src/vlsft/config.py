@@ -50,7 +50,8 @@ def _model_at(path: tuple) -> type[BaseModel] | None:
 _MISSING_EXAMPLES = {
     ("model",): "a model section, e.g. model: {name_or_path: /models/Qwen2.5-VL-7B-Instruct, tune_mm_mlp: true, "
                 "tune_mm_llm: true}",
-    ("model", "name_or_path"): "name_or_path: /models/Qwen2.5-VL-7B-Instruct (a local model folder)",
+    ("model", "name_or_path"): "name_or_path: /models/Qwen2.5-VL-7B-Instruct (a local model folder) or "
+                                  "Qwen/Qwen2.5-VL-7B-Instruct (a hub id)",
     ("data",): "a data section, e.g. data: {dictionary: Dataset-Dictionary.json}",
     ("data", "dictionary"): "dictionary: Dataset-Dictionary.json (path relative to this YAML's folder)",
     ("output",): "an output section, e.g. output: {dir: runs/my-first-run} (a new folder for every fresh run)",

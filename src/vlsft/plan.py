@@ -44,6 +44,7 @@ from typing import Any
 
 import vlsft
 from qwenvl.families import family as fam_of
+from qwenvl.hub import is_hub_id
 from qwenvl.prechecks import (
     deepspeed_json_problem,
     family_problems,
@@ -123,8 +124,15 @@ class LaunchPlan:
     family: str | None = None
     family_limits: list[str] = field(default_factory=list)
     dataset_notes: dict[str, str] = field(default_factory=dict)  # per dataset: what the family does not do with it
+    # model.name_or_path as a hub id: what the HF cache holds of it (qwenvl.hub.HubModel); None for a folder
+    hub: Any = None
     # values that must never be shown: of secret-named variables, and reached through a secret-named ${VAR}
     secret_values: frozenset[str] = field(default_factory=frozenset, repr=False)
+
+    @property
+    def family_from_id(self) -> bool:
+        """The family was read from the hub id's name (no config.json cached yet), not from a config.json."""
+        return self.hub is not None and self.hub.config_json is None and self.family is not None
 
     def is_secret(self, key: str, value: str) -> bool:
         return bool(value) and (is_secret_name(key) or value in self.secret_values)
@@ -156,6 +164,8 @@ class LaunchPlan:
             "eval_every": self.eval_every,
             "family": self.family,
             "family_limits": list(self.family_limits),
+            "family_from_id": self.family_from_id,
+            "model": self.hub.to_json() if self.hub is not None else None,
             "memory_gib": self.memory_json(),
             "warnings": list(self.warnings),
         }
@@ -248,7 +258,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     cluster = topology_source(environ) if slurm else None
     check_topology(cfg, slurm, problems, warnings, cluster)
     data = _plan_data(cfg, environ, problems, warnings)
-    family = _plan_paths(cfg, problems, warnings)
+    family, hub = _plan_paths(cfg, environ, problems, warnings)
     ds_path, ds_blocks = _plan_deepspeed(cfg, problems)
     _family_rules(cfg, family, ds_path, problems)
     _video_rate_rule(cfg, problems)
@@ -269,6 +279,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         trainable=trainable_report(cfg),
         memory=memory_report(cfg, ds_path, batch.world),
         family=family,
+        hub=hub,
         family_limits=fam_of(family).limits() if family else [],
         dataset_notes=_dataset_notes(family, data),
         torchrun=_launcher(cfg) + trainer_args,
@@ -414,9 +425,11 @@ def _record_count(name: str, spec: Any, dictionary: Any, problems: list[Problem]
 
 # --------------------------------------------------------------------------- paths
 
-def _plan_paths(cfg: RunConfig, problems: list[Problem], warnings: list[str]) -> str | None:
+def _plan_paths(cfg: RunConfig, environ: Mapping[str, str], problems: list[Problem],
+                warnings: list[str]) -> tuple[str | None, Any]:
     """Resolve the dictionary, output.dir, the model folder and output.resume against the run YAML's folder; return
-    the model's family (config.json's model_type; None when it cannot be read yet)."""
+    the model's family (config.json's model_type; None when it cannot be read yet) and, for a hub id, what the HF
+    cache holds of it (:func:`_plan_hub_model`)."""
     base, out = cfg.base_dir, cfg.output
     cfg.data.dictionary = _resolve_path(base, cfg.data.dictionary)
     out.dir = _resolve_path(base, out.dir)
@@ -429,10 +442,15 @@ def _plan_paths(cfg: RunConfig, problems: list[Problem], warnings: list[str]) ->
         if blocker is not None:
             problems.append(Problem("error", f"output.dir {out.dir} cannot be a folder: {blocker} is a file",
                                     key="output.dir", hint="choose another output.dir", **cfg.where("output", "dir")))
-    family = _plan_model_folder(cfg, problems, warnings)
+    m = cfg.model
+    if not _looks_local(m.name_or_path) and not (cfg.base_dir / m.name_or_path).is_dir() \
+            and is_hub_id(m.name_or_path) and not m.build_tiny:  # build_tiny: a folder it builds
+        family, hub = _plan_hub_model(cfg, environ, problems, warnings)
+    else:
+        family, hub = _plan_model_folder(cfg, problems, warnings), None
     if out.resume not in ("auto", "never"):
         _plan_resume_path(cfg, problems)
-    return family
+    return family, hub
 
 
 def _plan_model_folder(cfg: RunConfig, problems: list[Problem], warnings: list[str]) -> str | None:
@@ -440,6 +458,11 @@ def _plan_model_folder(cfg: RunConfig, problems: list[Problem], warnings: list[s
     m = cfg.model
     if _looks_local(m.name_or_path) or (cfg.base_dir / m.name_or_path).is_dir():
         m.name_or_path = _resolve_path(cfg.base_dir, m.name_or_path)
+    if m.revision is not None:
+        problems.append(Problem("error", f"model.revision {m.revision} names a hub revision, but model.name_or_path "
+                                f"{m.name_or_path} is a local folder", key="model.revision", hint="remove "
+                                "model.revision, or set name_or_path to a hub id such as Qwen/Qwen2.5-VL-7B-Instruct",
+                                **cfg.where("model", "revision")))
     if m.build_tiny and not os.path.isfile(os.path.join(m.name_or_path, "config.json")):
         warnings.append(f"model.build_tiny: `vlsft train` builds a tiny random model in {m.name_or_path} first")
     else:
@@ -457,6 +480,33 @@ def _plan_model_folder(cfg: RunConfig, problems: list[Problem], warnings: list[s
     if m.build_tiny:
         return "qwen2_5_vl"  # what model.build_tiny builds (qwenvl.tiny.ensure_tiny_model's default)
     return None
+
+
+def _plan_hub_model(cfg: RunConfig, environ: Mapping[str, str], problems: list[Problem],
+                    warnings: list[str]) -> tuple[str | None, Any]:
+    """``model.name_or_path`` as a hub id, without a download: a cached snapshot of the revision stands in for the
+    model folder (its config.json gives the family; its weights, if all there, the memory estimate); otherwise the
+    id stays, and its name gives the family (qwenvl.families.family_from_hub_id). ``vlsft train`` downloads first
+    (qwenvl.hub.download), so its plan always has the snapshot."""
+    from qwenvl.families import family_from_hub_id, read_model_type
+    from qwenvl.hub import locate
+
+    m = cfg.model
+    hub = locate(m.name_or_path, m.revision, environ)
+    if hub.config_json is not None:
+        m.name_or_path = hub.folder
+        found = model_folder_problem(hub.folder)
+        if found:
+            problems.append(Problem("error", f"{hub.repo_id}: {found[0]}", key="model.name_or_path", hint=found[1],
+                                    **cfg.where("model", "name_or_path")))
+            return None, hub
+        return read_model_type(hub.folder), hub
+    fam = family_from_hub_id(hub.repo_id)
+    if fam is None:
+        warnings.append(f"model.name_or_path {hub.repo_id} is not a folder ({cfg.base_dir / hub.repo_id} does not "
+                        f"exist), so it is read as a hub id: its family is unknown until `vlsft train` downloads its "
+                        "config.json (a local folder is written as ./path or /path)")
+    return (fam.model_type if fam else None), hub
 
 
 def _plan_resume_path(cfg: RunConfig, problems: list[Problem]) -> None:

@@ -132,9 +132,12 @@ class ModelSection(_Section):
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters (see the model.lora.* keys); "
                               "off unless model.lora.enabled is true.")
 
-    name_or_path: str = Field(description="Local directory of the model to fine-tune (Qwen2-VL, Qwen2.5-VL or "
-                              "Qwen3-VL; the family is read from its config.json). Relative paths resolve against "
-                              "the YAML folder. A hub id is refused: download the model first (`hf download ID --local-dir DIR`).")
+    name_or_path: str = Field(description="The model to fine-tune (Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5; the "
+                              "family is read from its config.json): a local folder (relative paths resolve against "
+                              "the YAML folder) or a Hugging Face hub id such as Qwen/Qwen2.5-VL-7B-Instruct, which "
+                              "`vlsft train` downloads into the standard HF cache (HF_HOME) first.")
+    revision: str | None = Field(None, description="With a hub id in name_or_path: the branch, tag or commit to "
+                                 "train from (default main). The saved run.yaml pins the commit trained from.")
     build_tiny: bool = Field(False, description="Demo/tests only: when name_or_path does not exist yet, `vlsft train` "
                              "first builds a tiny random Qwen2.5-VL there (real Qwen tokenizer, no download).")
 
