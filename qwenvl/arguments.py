@@ -71,6 +71,10 @@ class DataArguments:
     video_min_pixels: int | None = arg(None, "Official HEAD name: video pixel floor. Qwen3-VL family: frames x H "
                                        "x W together (default 256*28*28 = 200704); Qwen2/2.5-VL: per frame, the "
                                        "same as video_min_frame_pixels.", budget=True)
+    chat_template: str | None = arg(None, "The published chat template samples are rendered as, for a model folder "
+                                    "whose template vlsft does not recognise: qwen3.5, qwen3.6 or qwen3.8 (Qwen3.5-"
+                                    "architecture models; default: detected from the folder's chat template, else "
+                                    "the family's).")
     model_max_length: int = arg(8192, "Longest token sequence per sample (or per packed row). Longer samples are "
                                 "skipped and counted; vision tokens are never cut.")
     data_flatten: bool = arg(False, "Concatenate each per-device batch into one row without padding (varlen "

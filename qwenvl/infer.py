@@ -149,6 +149,8 @@ class Inference:
     max_pixels: int | None = None
     run_limits: dict = field(default_factory=dict)
     exif: bool = False  # Qwen3 families: EXIF orientation applied, as their training pipeline does
+    # chat template arguments of every prompt (qwenvl.templates.generation_kwargs: reasoning_effort, enable_thinking)
+    template_kwargs: dict = field(default_factory=dict)
 
     def budget_warning(self) -> str | None:
         """One line when the inference pixel budget is not the run's (None when they agree or are unknown)."""
@@ -176,6 +178,18 @@ class Inference:
         msgs = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
         return msgs + [{"role": "user", "content": content}]
 
+    @staticmethod
+    def reply_turn(reply: str) -> dict:
+        """The assistant turn a generated reply adds to a chat history: the text after ``</think>`` as the answer and
+        the reasoning before it in ``reasoning_content``, as training reads a turn (Qwen3.8's template keeps it in
+        the history, Qwen3.5 / 3.6 drop it; a reply without ``</think>`` stays as it is)."""
+        from qwenvl.data.chat_qwen35 import split_reasoning
+
+        reasoning, answer = split_reasoning(reply)
+        if reasoning is None:
+            return {"role": "assistant", "content": [{"type": "text", "text": reply}]}
+        return {"role": "assistant", "content": [{"type": "text", "text": answer}], "reasoning_content": reasoning}
+
     def image_part(self, ref: str) -> dict:
         """A chat content part for one image, opened and converted to RGB exactly as the training pipeline does
         (:func:`qwenvl.data.vision.open_image`: an RGBA image loses its alpha; qwen-vl-utils' own loader would
@@ -196,7 +210,8 @@ class Inference:
         assistant turn; media are loaded and resized by ``qwen_vl_utils.process_vision_info``."""
         from qwen_vl_utils import process_vision_info
 
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  **self.template_kwargs)
         try:
             images, videos = process_vision_info(messages)
         except Exception as e:  # noqa: BLE001 - qwen-vl-utils' readers fail in many ways on a bad file: user input
@@ -236,8 +251,8 @@ class Inference:
         import torch
         from qwen_vl_utils import process_vision_info
 
-        texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-                 for m in conversations]
+        texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True,
+                                                    **self.template_kwargs) for m in conversations]
         flat = [turn for m in conversations for turn in m]
         try:
             images, videos = process_vision_info(flat)

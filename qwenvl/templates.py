@@ -209,11 +209,22 @@ def resolve(default: str, explicit: str | None, text: str | None) -> tuple[str, 
     found = rendering_of(text)
     if found in allowed:
         published = hashlib.sha256(text.encode("utf-8")).hexdigest() in SHA256.values()
-        return found, "the model folder's chat template (" + ("the published text)" if published else
-                                                            "recognised by its features)")
+        return found, "the model folder's chat template, " + ("the published text" if published else
+                                                             "recognised by its features")
     if text and len(allowed) > 1:
-        return default, "the family's (the model folder's chat template is not one vlsft knows)"
+        return default, "the family's; the model folder's chat template is not one vlsft knows"
     return default, "the family's"
+
+
+def generation_kwargs(effort: str | None) -> dict:
+    """The chat template arguments of a prompt rendered for generation (``vlsft chat`` / ``predict``) with a
+    dataset-style ``reasoning_effort``: ``none`` turns thinking off (the Qwen3.5-line templates then close an empty
+    think block, as training renders an answer without reasoning), xhigh / medium / low set Qwen3.8's effort."""
+    if effort is None:
+        return {}
+    if effort not in ("xhigh", "medium", "low", "none"):
+        raise ValueError(f"reasoning effort {effort!r}: one of xhigh, medium, low, none")
+    return {"enable_thinking": False} if effort == "none" else {"reasoning_effort": effort}
 
 
 def describe(name: str, fmt=None) -> str:

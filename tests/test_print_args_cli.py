@@ -23,7 +23,7 @@ JSON_TYPES = {"torchrun": list, "trainer_args": list, "dataset_use": str, "env":
               "effective_batch_size": int, "samples_per_epoch": int, "steps_per_epoch": int, "total_steps": int,
               "eval_samples": int, "eval_every": type(None), "family": str, "family_limits": list,
               "family_from_id": bool, "model": type(None),
-              "memory_gib": type(None), "warnings": list}
+              "memory_gib": type(None), "chat": dict, "warnings": list}
 
 
 def command_block(text: str) -> str:

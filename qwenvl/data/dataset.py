@@ -35,6 +35,7 @@ from qwenvl.data.sample import SampleBuilder, VisionBudget
 from qwenvl.data.vision import VisionSpec
 from qwenvl.secrets import mask_urls
 from qwenvl.storage import StorageError
+from qwenvl.templates import describe
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ def collate_mode(data_args) -> str:
 def make_builder(tokenizer, image_processor, data_args, model_type: str = "qwen2_5_vl") -> SampleBuilder:
     return SampleBuilder(tokenizer=tokenizer, budget=VisionBudget.from_args(data_args),
                          spec=VisionSpec.from_processor(image_processor), model_type=model_type,
-                         model_max_length=data_args.model_max_length)
+                         model_max_length=data_args.model_max_length,
+                         rendering=getattr(data_args, "chat_template", None))
 
 
 def make_collator(tokenizer, builder: SampleBuilder, data_args, *, ensure_vision: bool = True) -> DataCollator:
@@ -135,6 +137,8 @@ def make_data_module(tokenizer, image_processor, data_args, *, seed: int, model_
         raise RegistryError("no samples to train on (" + "; ".join(line.strip() for line in report.lines()) + "): "
                             "check the annotation files and the --dataset_use percents")
     builder = make_builder(tokenizer, image_processor, data_args, model_type)
+    for src in sources:  # what print-args says per dataset (qwenvl.templates.describe)
+        log.info("chat: %s: %s", src.name, describe(builder.rendering, src.fmt))
     eval_sources, eval_ds, eval_rec, eval_lines = _eval_index(sources, held, data_args, data_seed)
     names = list(dict.fromkeys([s.name for s in sources] + [s.name for s in eval_sources]))
     dataset = SupervisedDataset(sources, ds_ids, rec_ids, builder, names)

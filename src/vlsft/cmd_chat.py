@@ -35,6 +35,9 @@ def chat_cmd(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature)."),
     min_pixels: int = typer.Option(None, "--min-pixels", min=1, help="Image pixel floor (default: the run's)."),
     max_pixels: int = typer.Option(None, "--max-pixels", min=1, help="Image pixel budget (default: the run's)."),
+    reasoning_effort: str = typer.Option(None, "--reasoning-effort", metavar="EFFORT", help="Qwen3.5 / 3.6 / 3.8 "
+                                         "chat templates: none = thinking off (as a dataset's reasoning_effort "
+                                         "none); xhigh, medium, low = Qwen3.8's effort (default: the template's)."),
 ) -> None:
     """Chat with a trained model (one answer, or a prompt loop without PROMPT)."""
     from qwenvl.problems import UserError
@@ -45,7 +48,14 @@ def chat_cmd(
 
         infer.model_kind(model_dir)  # one line for a folder that is not a model, before loading anything
         infer.check_inputs(model_dir, min_pixels=min_pixels, max_pixels=max_pixels, videos=video)
+        from qwenvl.templates import generation_kwargs
+
+        try:
+            kwargs = generation_kwargs(reasoning_effort)
+        except ValueError as e:
+            raise UserError(f"--reasoning-effort: {e}") from None
         engine = infer.load(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
+        engine.template_kwargs = kwargs
         warning = engine.budget_warning()
         if warning:
             print(warning, file=sys.stderr)
@@ -63,7 +73,7 @@ def chat_cmd(
                                     stream=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
             sys.stdout.write("\n")
             sys.stdout.flush()
-            history.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+            history.append(engine.reply_turn(reply))
 
         if prompt is not None:
             answer(prompt, True)

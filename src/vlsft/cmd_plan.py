@@ -93,12 +93,21 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
         parts += ["", f"# From {plan.cluster or 'SLURM'}: {' '.join(plan.slurm)}"]
     parts += ["", "# Command:", format_command(plan.torchrun), ""]
     parts += _model_lines(plan)
+    if plan.chat:  # qwenvl.templates.resolve / describe: the template and, per dataset, thinking and effort
+        from qwenvl.templates import RENDERINGS
+
+        r = RENDERINGS[plan.chat["template"]]
+        if r.thinking:  # the Qwen2.5-VL / Qwen3-VL layouts are named on the family line
+            parts.append(f"# Chat template: {r.title}, samples rendered as it renders them ({plan.chat['why']})")
     parts.append(f"# Datasets (--dataset_use {plan.dataset_use}):")
     width = max((len(s.name) for s in [*plan.datasets, *plan.eval_datasets]), default=4)
+    chat = plan.chat.get("datasets", {})
     for s in plan.datasets:
         parts.append(f"#   {s.name:<{width}}  {s.records:>10,} records x {s.percent:g} % = {s.samples:,} samples")
         if s.name in plan.dataset_notes:
             parts.append(f"#   {'':<{width}}  note: {plan.dataset_notes[s.name]}")
+        if s.name in chat:
+            parts.append(f"#   {'':<{width}}  chat: {chat[s.name]}")
     parts.append(f"samples per epoch = {plan.samples_per_epoch:,}")
     if plan.eval_datasets:
         parts.append("# Eval datasets (never trained on when held out):")

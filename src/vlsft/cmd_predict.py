@@ -203,7 +203,12 @@ def _items(src, data_path: str | None, ground=None):
         if ground is not None and internal.get("objects"):  # grounding: <ref>/<bbox>/... in the model's convention
             ground.render(conv, internal, media["image"])
         text = re.sub(r"<(image|video)>\n?", "", str(user.get("content") or "")).strip()
-        yield i, src.store.where(i), text, media["image"], media["video"], str((answer or {}).get("content") or "")
+        reference = str((answer or {}).get("content") or "")
+        if "</think>" in reference:  # thinking data: the answer after the reasoning is what is compared
+            from qwenvl.data.chat_qwen35 import split_reasoning
+
+            reference = split_reasoning(reference)[1].strip()
+        yield i, src.store.where(i), text, media["image"], media["video"], reference
 
 
 def _grounding_metrics(src, rows: list[dict], ground) -> dict:
@@ -244,6 +249,9 @@ def predict_cmd(
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Samples per generate call."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Most tokens per answer."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N samples."),
+    reasoning_effort: str = typer.Option(None, "--reasoning-effort", metavar="EFFORT", help="Qwen3.5 / 3.6 / 3.8 "
+                                         "chat templates: none = thinking off, xhigh / medium / low = Qwen3.8's "
+                                         "effort (default: the dataset's reasoning_effort, else the template's)."),
 ) -> None:
     """Generate answers over a dataset: JSONL rows and a metrics summary (exact match, normalised EM, token F1)."""
     from qwenvl.problems import UserError
@@ -263,7 +271,13 @@ def predict_cmd(
         todo = [it for it in items if (src.name, it[0]) not in have]
         _prepare_out(out, cut, note)
         if todo:
-            _generate(model_dir, src.name, todo, out, done, batch_size, max_new_tokens)
+            from qwenvl.templates import generation_kwargs
+
+            try:  # the prompt as training rendered the dataset (its reasoning_effort), unless told otherwise
+                kwargs = generation_kwargs(reasoning_effort or getattr(src.fmt, "reasoning_effort", None))
+            except ValueError as e:
+                raise UserError(f"--reasoning-effort: {e}") from None
+            _generate(model_dir, src.name, todo, out, done, batch_size, max_new_tokens, kwargs)
         metrics = summarise(done)
         metrics.update(_grounding_metrics(src, done, ground))
         from qwenvl.safe_write import atomic_file
@@ -317,11 +331,14 @@ def _prepare_out(out: Path, cut: int | None, note: str | None) -> None:
 
 
 def _generate(model_dir: Path, name: str, todo: list, out: Path, done: list[dict], batch_size: int,
-              max_new_tokens: int) -> None:
-    """Answer ``todo`` in batches, appending one row per sample to --out (and to ``done``) as each batch ends."""
+              max_new_tokens: int, template_kwargs: dict | None = None) -> None:
+    """Answer ``todo`` in batches, appending one row per sample to --out (and to ``done``) as each batch ends; a
+    generated ``...</think>`` reasoning goes to the row's ``reasoning``, the answer after it is the prediction."""
     from qwenvl import infer
+    from qwenvl.data.chat_qwen35 import split_reasoning
 
     engine = infer.load(model_dir)
+    engine.template_kwargs = dict(template_kwargs or {})
     warning = engine.budget_warning()
     if warning:
         print(warning, file=sys.stderr)
@@ -331,8 +348,11 @@ def _generate(model_dir: Path, name: str, todo: list, out: Path, done: list[dict
             answers = engine.generate_batch([engine.messages(t, images=im, videos=vi)
                                              for _i, _w, t, im, vi, _r in chunk], max_new_tokens=max_new_tokens)
             for (i, where, text, _im, _vi, ref), pred in zip(chunk, answers, strict=True):
+                reasoning, pred = split_reasoning(pred)
                 row = {"dataset": name, "index": i, "where": where, "prompt": text, "reference": ref,
-                       "prediction": pred}
+                       "prediction": pred.strip() if reasoning is not None else pred}
+                if reasoning is not None:
+                    row["reasoning"] = reasoning.strip()
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 done.append(row)
             fh.flush()

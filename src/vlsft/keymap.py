@@ -51,6 +51,7 @@ KEYS: tuple[Key, ...] = (
     Key("model.tune_mm_mlp", "tune_mm_mlp", M),
     Key("model.tune_mm_llm", "tune_mm_llm", M),
     Key("model.attn_implementation", "attn_implementation", M),
+    Key("model.chat_template", "chat_template", D),
     Key("model.lora.enabled", "lora_enable", X, when="model.lora.enabled"),
     Key("model.lora.r", "lora_r", X, {"ge": 1}, when="model.lora.enabled"),
     Key("model.lora.alpha", "lora_alpha", X, {"gt": 0}, when="model.lora.enabled"),

@@ -124,6 +124,8 @@ class LaunchPlan:
     family: str | None = None
     family_limits: list[str] = field(default_factory=list)
     dataset_notes: dict[str, str] = field(default_factory=dict)  # per dataset: what the family does not do with it
+    # the chat template samples are rendered as: {"template": name, "why": ..., "datasets": {name: how}}
+    chat: dict[str, Any] = field(default_factory=dict)
     # model.name_or_path as a hub id: what the HF cache holds of it (qwenvl.hub.HubModel); None for a folder
     hub: Any = None
     # values that must never be shown: of secret-named variables, and reached through a secret-named ${VAR}
@@ -167,6 +169,7 @@ class LaunchPlan:
             "family_from_id": self.family_from_id,
             "model": self.hub.to_json() if self.hub is not None else None,
             "memory_gib": self.memory_json(),
+            "chat": self.chat,
             "warnings": list(self.warnings),
         }
 
@@ -261,6 +264,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     family, hub = _plan_paths(cfg, environ, problems, warnings)
     ds_path, ds_blocks = _plan_deepspeed(cfg, problems)
     _family_rules(cfg, family, ds_path, problems)
+    chat = _plan_chat(cfg, family, data, problems, warnings)
     _video_rate_rule(cfg, problems)
     _packing_rows_rule(cfg, problems)
     batch = _batch_math(cfg, data.samples)
@@ -282,6 +286,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         hub=hub,
         family_limits=fam_of(family).limits() if family else [],
         dataset_notes=_dataset_notes(family, data),
+        chat=chat,
         torchrun=_launcher(cfg) + trainer_args,
         trainer_args=trainer_args,
         dataset_use=data.dataset_use,
@@ -833,6 +838,37 @@ def _earlier_run_trap(cfg: RunConfig, warnings: list[str]) -> None:
         newest = [x for x in markers if x.startswith("checkpoint-")][-1]
         warnings.append(f"output.dir {out.dir} already holds {newest}: resume auto continues that run; use a "
                         "new output.dir for a fresh run")
+
+
+def _plan_chat(cfg: RunConfig, family: str | None, data: _Data, problems: list[Problem],
+               warnings: list[str]) -> dict[str, Any]:
+    """The chat template the samples are rendered as (model.chat_template, else the model folder's template, else the
+    family's; :func:`qwenvl.templates.resolve`, as the trainer's sample builder) and per dataset how: thinking kept or
+    dropped, trained or masked, Qwen3.8's reasoning_effort (:func:`qwenvl.templates.describe`)."""
+    from qwenvl import templates
+
+    if family is None:
+        return {}
+    default, text = fam_of(family).chat_template, templates.folder_template(cfg.model.name_or_path)
+    try:
+        name, why = templates.resolve(default, cfg.model.chat_template, text)
+    except ValueError:
+        allowed = templates.choices(default)
+        problems.append(Problem("error", f"model.chat_template {cfg.model.chat_template!r} is not a chat template "
+                                f"{fam_of(family).title} can be trained with", key="model.chat_template",
+                                hint=did_you_mean(str(cfg.model.chat_template), allowed) or
+                                f"one of: {', '.join(allowed)}", **cfg.where("model", "chat_template")))
+        return {}
+    allowed = templates.choices(default)
+    if text and cfg.model.chat_template is None and len(allowed) > 1 and templates.rendering_of(text) is None:
+        warnings.append(f"{cfg.model.name_or_path}: its chat template is not one vlsft knows (neither a published "
+                        f"text nor recognised by its features): samples are rendered as "
+                        f"{templates.RENDERINGS[name].title}'s; set model.chat_template ({', '.join(allowed)}) if "
+                        "the model was trained with another")
+    specs = data.dictionary.datasets if data.dictionary is not None else {}
+    shown = {s.name: templates.describe(name, specs[s.name].format_spec) for s in [*data.shares, *data.eval_shares]
+             if s.name in specs}
+    return {"template": name, "why": why, "datasets": shown}
 
 
 def _dataset_notes(family: str | None, data: _Data) -> dict[str, str]:
