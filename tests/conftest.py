@@ -60,3 +60,19 @@ def trained_run(tmp_path_factory, tiny_model_dir) -> dict:
     from eval_fixtures import make_trained_run
 
     return make_trained_run(tmp_path_factory.mktemp("evalrun"), tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def e2e_run(tmp_path_factory, tiny_model_dir) -> dict:
+    """One 8-step 2-rank ZeRO-3 full fine-tuning run over the demo data (runs.py), shared by every test reading it."""
+    from runs import make_e2e_run
+
+    return make_e2e_run(tmp_path_factory.mktemp("e2e"), tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, tiny_model_dir) -> dict:
+    """One 6-step 2-rank ZeRO-3 LoRA run over the demo data (runs.py), shared by every test reading it."""
+    from runs import make_lora_run
+
+    return make_lora_run(tmp_path_factory.mktemp("lora-e2e"), tiny_model_dir)

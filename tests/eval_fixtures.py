@@ -12,15 +12,14 @@ Data (written into a temporary folder; images are the demo's):
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from plan_fixtures import write_run_yaml
+from runs import VLSFT, train  # noqa: F401  (VLSFT: imported from here by test_eval)
+
 REPO = Path(__file__).resolve().parents[1]
-VLSFT = str(Path(sys.executable).with_name("vlsft"))
 DEMO = REPO / "configs" / "demo"
 WORDS = ("amber basil cedar delta ember fjord gravel harbor iris juniper kelp lumen maple nectar onyx pepper quartz "
          "raven sage tundra umber velvet willow xenon yarrow zephyr").split()
@@ -51,60 +50,14 @@ def write_data(d: Path) -> Path:
 
 
 def write_yaml(path: Path, model: Path, dictionary: Path, out: Path, *, steps: int, port: int) -> Path:
-    path.write_text(f"""
-model:
-  name_or_path: {model}
-  tune_mm_vision: false
-  tune_mm_mlp: true
-  tune_mm_llm: true
-  attn_implementation: sdpa
-data:
-  dictionary: {dictionary}
-  use: [mem, noise, shapes]
-  eval: [facts]
-  eval_split: 0.25
-  max_pixels: 12544
-  min_pixels: 3136
-  model_max_length: 256
-  packing: true
-training:
-  learning_rate: 1.0e-2
-  per_device_train_batch_size: 3
-  per_device_eval_batch_size: 4
-  gradient_accumulation_steps: 1
-  max_steps: {steps}
-  bf16: true
-  save_steps: 6
-  logging_steps: 1
-  eval_steps: 3
-  lr_scheduler_type: constant
-  report_to: none
-distributed:
-  nproc_per_node: 2
-  master_port: {port}
-  deepspeed: zero3
-output:
-  dir: {out}
-  run_name: eval
-  resume: auto
-wandb:
-  mode: disabled
-""")
-    return path
-
-
-def cli_env() -> dict:
-    e = dict(os.environ)
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    e["WANDB_MODE"] = "disabled"
-    e["VLSFT_SAMPLE_LOG"] = "1"
-    e.pop("VLSFT_TEST_CRASH_RANK", None)
-    return e
-
-
-def train(cfg: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([VLSFT, "train", "--config", str(cfg), *extra], env=cli_env(), capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
+    return write_run_yaml(
+        path, model, out,
+        data={"dictionary": dictionary, "use": ["mem", "noise", "shapes"], "eval": ["facts"], "eval_split": 0.25,
+              "video_max_frames": None, "video_min_frames": None, "video_max_frame_pixels": None,
+              "video_min_frame_pixels": None, "model_max_length": 256, "packing": True},
+        training={"learning_rate": 1.0e-2, "per_device_train_batch_size": 3, "per_device_eval_batch_size": 4,
+                  "max_steps": steps, "save_steps": 6, "eval_steps": 3},
+        distributed={"master_port": port}, output={"run_name": "eval", "resume": "auto"})
 
 
 def make_trained_run(root: Path, tiny_model_dir: Path) -> dict:
@@ -112,6 +65,6 @@ def make_trained_run(root: Path, tiny_model_dir: Path) -> dict:
     out = root / "out"
     cfg = write_yaml(root / "run.yaml", tiny_model_dir, dictionary, out, steps=6, port=29671)
     t0 = time.time()
-    p = train(cfg)
+    p = train(cfg, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return {"root": root, "out": out, "cfg": cfg, "dictionary": dictionary, "proc": p, "seconds": time.time() - t0}

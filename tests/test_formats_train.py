@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from plan_fixtures import write_run_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -51,23 +52,11 @@ def _records(img: str, frames: list[str]) -> dict[str, list[dict]]:
 
 
 def _run_yaml(path: Path, model: Path, dictionary: Path, out: Path, port: int) -> Path:
-    path.write_text(f"""
-model: {{name_or_path: {model}, tune_mm_mlp: true, tune_mm_llm: true, attn_implementation: sdpa}}
-data:
-  dictionary: {dictionary}
-  max_pixels: 12544
-  min_pixels: 3136
-  video_max_frames: 4
-  video_min_frames: 2
-  video_max_frame_pixels: 3136
-  video_min_frame_pixels: 3136
-  model_max_length: 512
-training: {{learning_rate: 1.0e-3, per_device_train_batch_size: 2, num_train_epochs: 1, logging_steps: 1,
-           save_steps: 100, report_to: none}}
-distributed: {{nproc_per_node: 2, master_port: {port}, deepspeed: none}}
-output: {{dir: {out}}}
-""")
-    return path
+    return write_run_yaml(
+        path, model, out, model={"tune_mm_vision": None}, data={"dictionary": dictionary},
+        training={"learning_rate": 1.0e-3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": None,
+                  "num_train_epochs": 1, "bf16": None, "lr_scheduler_type": None, "save_steps": 100},
+        distributed={"master_port": port, "deepspeed": "none"}, wandb=None)
 
 
 @pytest.fixture(scope="module")

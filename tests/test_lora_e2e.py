@@ -1,91 +1,40 @@
 """LoRA end to end through the real CLI: `vlsft train` -> torchrun -> qwenvl.train, 2 CPU ranks.
 
-One shared 6-step ZeRO-3 run (module fixture: LoRA on the language model + fully trained merger, demo data with
-images, a video and text-only samples) feeds most assertions; its resume to a new max_steps, a short ZeRO-2 +
-packing + gradient-checkpointing run and the official LoRA script's argument line (one process, no DeepSpeed)
-are separate, small runs.
+The suite's shared 6-step ZeRO-3 LoRA run (conftest ``lora_run``, runs.py: LoRA on the language model + fully
+trained merger, demo data with images, a video and text-only samples) feeds most assertions; its resume to a new
+max_steps (on a copy), a short ZeRO-2 + packing + gradient-checkpointing run and the official LoRA script's argument
+line (one process, no DeepSpeed) are separate, small runs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from plan_fixtures import DEMO_DICT as DICT
+from runs import VLSFT, cli_env, copy_run, lora_yaml
 
 pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
 
 REPO = Path(__file__).resolve().parents[1]
-VLSFT = str(Path(sys.executable).with_name("vlsft"))
-DICT = REPO / "configs" / "demo" / "Dataset-Dictionary.json"
-
-
-def write_yaml(path: Path, model: Path, out: Path, *, steps: int, port: int, deepspeed: str = "zero3",
-               extra_data: str = "", extra_training: str = "") -> Path:
-    path.write_text(f"""
-model:
-  name_or_path: {model}
-  tune_mm_mlp: true
-  attn_implementation: sdpa
-  lora: {{enabled: true, r: 16, alpha: 32, targets: [llm]}}
-data:
-  dictionary: {DICT}
-  max_pixels: 12544
-  min_pixels: 3136
-  video_max_frames: 4
-  video_min_frames: 2
-  video_max_frame_pixels: 3136
-  video_min_frame_pixels: 3136
-  model_max_length: 512
-{extra_data}
-training:
-  learning_rate: 5.0e-2
-  per_device_train_batch_size: 1
-  max_steps: {steps}
-  bf16: true
-  save_steps: 3
-  logging_steps: 1
-  lr_scheduler_type: constant
-  report_to: none
-{extra_training}
-distributed:
-  nproc_per_node: 2
-  master_port: {port}
-  deepspeed: {deepspeed}
-output:
-  dir: {out}
-wandb:
-  mode: disabled
-""")
-    return path
 
 
 @pytest.fixture(scope="module")
 def env():
-    e = dict(os.environ)
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    e["WANDB_MODE"] = "disabled"
-    e["VLSFT_SAMPLE_LOG"] = "1"
-    e.pop("VLSFT_TEST_CRASH_RANK", None)
-    return e
+    return cli_env()
 
 
 def train(args: list[str], env: dict, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run([VLSFT, "train", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir, env):
-    d = tmp_path_factory.mktemp("lora-e2e")
-    out = d / "out"
-    cfg = write_yaml(d / "run.yaml", tiny_model_dir, out, steps=6, port=29681)
-    p = train(["--config", str(cfg)], env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    return {"dir": d, "out": out, "cfg": cfg, "proc": p}
+@pytest.fixture()
+def run(lora_run):
+    return lora_run
 
 
 def losses(out: Path) -> list[float]:
@@ -147,18 +96,20 @@ def test_only_adapters_and_the_merger_changed_base_bit_identical(run, tiny_model
     assert all(not torch.equal(merged[f"{m}.weight"], base[f"{m}.weight"]) for m in linears)
 
 
-def test_resume_continues_to_a_new_max_steps(run, env):
-    p = train(["--config", str(run["cfg"]), "training.max_steps=8", "distributed.master_port=29683"], env)
+def test_resume_continues_to_a_new_max_steps(run, env, tmp_path):
+    out = copy_run(run, tmp_path)  # the shared run stays as it is
+    p = train(["--config", str(run["cfg"]), f"output.dir={out}", "training.max_steps=8",
+               "distributed.master_port=29683"], env)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "continuing from" in p.stdout and "checkpoint-6" in p.stdout
-    state = json.loads((run["out"] / "trainer_state.json").read_text())
-    assert state["global_step"] == 8 and len(losses(run["out"])) == 8
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 8 and len(losses(out)) == 8
 
 
 def test_zero2_with_packing_and_gradient_checkpointing(tmp_path, tiny_model_dir, env):
     out = tmp_path / "out"
-    cfg = write_yaml(tmp_path / "run.yaml", tiny_model_dir, out, steps=2, port=29685, deepspeed="zero2",
-                     extra_data="  packing: true", extra_training="  gradient_checkpointing: true")
+    cfg = lora_yaml(tmp_path / "run.yaml", tiny_model_dir, out, steps=2, port=29685, deepspeed="zero2",
+                    data={"packing": True}, training={"gradient_checkpointing": True})
     p = train(["--config", str(cfg)], env)
     assert p.returncode == 0, p.stderr[-4000:]
     assert len(losses(out)) == 2 and (out / "adapter_model.safetensors").is_file()

@@ -22,28 +22,22 @@ from pathlib import Path
 
 import psutil
 import pytest
+from plan_fixtures import write_run_yaml
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 VLSFT = str(Path(sys.executable).with_name("vlsft"))
-DICT = REPO / "configs" / "demo" / "Dataset-Dictionary.json"
 
 
 def write_yaml(path: Path, model: Path, out: Path, *, steps: int, port: int, save_steps: int = 100000,
                build_tiny: bool = False) -> Path:
-    path.write_text(f"""
-model: {{name_or_path: {model}, tune_mm_vision: false, tune_mm_mlp: true, tune_mm_llm: true,
-         build_tiny: {str(build_tiny).lower()}}}
-data: {{dictionary: {DICT}, max_pixels: 12544, min_pixels: 3136, video_max_frames: 4, video_min_frames: 2,
-        video_max_frame_pixels: 3136, video_min_frame_pixels: 3136, model_max_length: 512}}
-training: {{max_steps: {steps}, save_steps: {save_steps}, logging_steps: 1, learning_rate: 1.0e-4,
-            per_device_train_batch_size: 1, bf16: false, report_to: none}}
-distributed: {{nproc_per_node: 1, deepspeed: none, master_port: {port}}}
-output: {{dir: {out}, resume: auto}}
-wandb: {{mode: disabled}}
-""")
-    return path
+    """One process, no DeepSpeed, full fine-tuning at a small learning rate."""
+    return write_run_yaml(
+        path, model, out, model={"attn_implementation": None, "build_tiny": build_tiny},
+        training={"max_steps": steps, "save_steps": save_steps, "learning_rate": 1.0e-4, "bf16": False,
+                  "gradient_accumulation_steps": None, "lr_scheduler_type": None},
+        distributed={"nproc_per_node": 1, "deepspeed": "none", "master_port": port}, output={"resume": "auto"})
 
 
 @pytest.fixture()

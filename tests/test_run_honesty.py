@@ -4,25 +4,25 @@
   `error:` line, no "# done", no final model;
 * 15 % bad in a 20-sample set with max_bad_sample_ratio 0.01: stopped (before the old rule's 100 samples per
   rank) with the by-kind line, exit 2, no final model, the skipped samples listed with their file:line;
-* a clean run prints the summary line with the trained count summed over both ranks.
+* a clean run (the suite's shared ``e2e_run``) prints the summary line with the trained count summed over both
+  ranks.
 The statistical rule itself is unit-tested in tests/test_batch_stats.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from plan_fixtures import write_run_yaml
+from runs import train
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-VLSFT = str(Path(sys.executable).with_name("vlsft"))
 IMAGES = REPO / "configs" / "demo" / "images"
 
 
@@ -46,44 +46,16 @@ def _run(tmp_path: Path, model: Path, records: list[dict], *, port: int, ratio: 
     d = tmp_path / "dict.json"
     d.write_text(json.dumps({"mix": {"data_path": str(IMAGES), "annotation_path": str(ann)}}))
     out = tmp_path / "out"
-    length = f"max_steps: {steps}" if steps else "num_train_epochs: 1"
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"""
-model:
-  name_or_path: {model}
-  tune_mm_vision: false
-  tune_mm_mlp: true
-  tune_mm_llm: false
-data:
-  dictionary: {d}
-  max_pixels: 3136
-  min_pixels: 3136
-  model_max_length: 256
-  max_bad_sample_ratio: {ratio}
-training:
-  per_device_train_batch_size: {batch}
-  {length}
-  logging_steps: 1
-  save_steps: 1000
-  report_to: none
-distributed:
-  nproc_per_node: 2
-  master_port: {port}
-  deepspeed: none
-output:
-  dir: {out}
-  resume: never
-wandb:
-  mode: disabled
-""")
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    env["WANDB_MODE"] = "disabled"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "VLSFT_TEST_CRASH_RANK"):
-        env.pop(k, None)
-    p = subprocess.run([VLSFT, "train", "--config", str(cfg)], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=REPO)
-    return p, out
+    length = {"max_steps": steps} if steps else {"num_train_epochs": 1}
+    cfg = write_run_yaml(
+        tmp_path / "run.yaml", model, out, model={"tune_mm_llm": False, "attn_implementation": None},
+        data={"dictionary": d, "max_pixels": 3136, "min_pixels": 3136, "video_max_frames": None,
+              "video_min_frames": None, "video_max_frame_pixels": None, "video_min_frame_pixels": None,
+              "model_max_length": 256, "max_bad_sample_ratio": ratio},
+        training={"learning_rate": None, "gradient_accumulation_steps": None, "bf16": None, "lr_scheduler_type": None,
+                  "per_device_train_batch_size": batch, **length, "save_steps": 1000},
+        distributed={"master_port": port, "deepspeed": "none"}, output={"resume": "never"})
+    return train(cfg, timeout=300), out
 
 
 def _errors(p: subprocess.CompletedProcess) -> list[str]:
@@ -131,9 +103,9 @@ def test_fifteen_percent_bad_in_a_tiny_set_stops_with_counts_by_kind(tmp_path, t
     assert _final_model(out) == []
 
 
-def test_clean_run_summary_counts_trained_samples_over_ranks(tmp_path, tiny_model_dir):
-    p, out = _run(tmp_path, tiny_model_dir, _records(8, {}), port=29685, ratio=0.01, steps=2)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    # 2 steps x 2 ranks x batch 2 = 8 samples
-    assert "# samples: 8 trained, 0 skipped as bad, 8 read on 2 rank(s)" in p.stdout.splitlines(), p.stdout[-3000:]
+def test_clean_run_summary_counts_trained_samples_over_ranks(e2e_run):
+    """On the suite's shared clean run (conftest ``e2e_run``: 2 ranks, 8 steps, batch 1, nothing bad)."""
+    p, out = e2e_run["proc"], e2e_run["out"]
+    # 8 steps x 2 ranks x batch 1 = 16 samples
+    assert "# samples: 16 trained, 0 skipped as bad, 16 read on 2 rank(s)" in p.stdout.splitlines(), p.stdout[-3000:]
     assert "# done" in p.stdout and "model.safetensors" in _final_model(out)

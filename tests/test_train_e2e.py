@@ -1,67 +1,27 @@
 """End to end through the real CLI: `vlsft train` -> torchrun -> qwenvl.train, 2 ranks, DeepSpeed ZeRO-3, CPU.
 
-One shared 8-step run (module fixture) over the bundled demo data (images, a video, text-only samples) feeds
-most assertions; a resumed continuation, a refused fresh start, a crashing rank and the batch x accumulation
-invariance (single process, no DeepSpeed) are separate, small runs.
+The suite's shared 8-step run (conftest ``e2e_run``, runs.py) over the bundled demo data (images, a video,
+text-only samples) feeds most assertions; a resumed continuation (on a copy of the run), a refused fresh start, a
+crashing rank and one single-process run without DeepSpeed (W&B offline, and one half of the batch x accumulation
+invariance; the trainer alone runs the other half) are separate, small runs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from plan_fixtures import DEMO_DICT as DICT
+from plan_fixtures import write_run_yaml
+from runs import VLSFT, cli_env, copy_run
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-VLSFT = str(Path(sys.executable).with_name("vlsft"))
-DICT = REPO / "configs" / "demo" / "Dataset-Dictionary.json"
-
-
-def write_yaml(path: Path, model: Path, out: Path, *, steps: int, port: int) -> Path:
-    path.write_text(f"""
-model:
-  name_or_path: {model}
-  tune_mm_vision: false
-  tune_mm_mlp: true
-  tune_mm_llm: true
-  attn_implementation: sdpa
-data:
-  dictionary: {DICT}
-  max_pixels: 12544
-  min_pixels: 3136
-  video_max_frames: 4
-  video_min_frames: 2
-  video_max_frame_pixels: 3136
-  video_min_frame_pixels: 3136
-  model_max_length: 512
-training:
-  learning_rate: 5.0e-3
-  per_device_train_batch_size: 1
-  gradient_accumulation_steps: 1
-  max_steps: {steps}
-  bf16: true
-  save_steps: 4
-  logging_steps: 1
-  lr_scheduler_type: constant
-  report_to: none
-distributed:
-  nproc_per_node: 2
-  master_port: {port}
-  deepspeed: zero3
-output:
-  dir: {out}
-  run_name: e2e
-  resume: auto
-wandb:
-  mode: disabled
-""")
-    return path
 
 
 def run_cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -71,23 +31,12 @@ def run_cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.Comp
 
 @pytest.fixture(scope="module")
 def env():
-    e = dict(os.environ)
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    e["WANDB_MODE"] = "disabled"
-    e["VLSFT_SAMPLE_LOG"] = "1"
-    e.pop("VLSFT_TEST_CRASH_RANK", None)
-    return e
+    return cli_env()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir, env):
-    d = tmp_path_factory.mktemp("e2e")
-    out = d / "out"
-    cfg = write_yaml(d / "run.yaml", tiny_model_dir, out, steps=8, port=29641)
-    t0 = time.time()
-    p = run_cli(["--config", str(cfg)], env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    return {"dir": d, "out": out, "cfg": cfg, "proc": p, "seconds": time.time() - t0}
+@pytest.fixture()
+def run(e2e_run):
+    return e2e_run
 
 
 def sample_log(out: Path, rank: int) -> list[dict]:
@@ -212,8 +161,8 @@ def test_fresh_run_into_used_dir_is_refused(run, env):
     assert sorted(p.name for p in run["out"].iterdir()) == before
 
 
-def test_resume_auto_skips_incomplete_and_continues(run, env):
-    out = run["out"]
+def test_resume_auto_skips_incomplete_and_continues(run, env, tmp_path):
+    out = copy_run(run, tmp_path)  # the shared run stays as it is
     import shutil
 
     broken = out / "checkpoint-10"  # a half-written checkpoint: newest by number, no trainer_state.json
@@ -223,7 +172,8 @@ def test_resume_auto_skips_incomplete_and_continues(run, env):
     shutil.copytree(out / "checkpoint-8", cut, ignore=shutil.ignore_patterns("global_step*"))
     state_text = (cut / "trainer_state.json").read_text()
     (cut / "trainer_state.json").write_text(state_text[: len(state_text) // 2])
-    p = run_cli(["--config", str(run["cfg"]), "training.max_steps=10", "distributed.master_port=29643"], env)
+    p = run_cli(["--config", str(run["cfg"]), f"output.dir={out}", "training.max_steps=10",
+                 "distributed.master_port=29643"], env)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "continuing from" in p.stdout and "checkpoint-8" in p.stdout
     assert "checkpoint-9" in p.stdout + p.stderr and "truncated" in p.stdout + p.stderr  # skipped, and why
@@ -235,50 +185,62 @@ def test_resume_auto_skips_incomplete_and_continues(run, env):
     assert [x["global_step"] for x in r0[8:]] == [8, 9]
 
 
-def test_crashing_rank_ends_the_job(run, env):
+def test_crashing_rank_ends_the_job(run, env, tmp_path):
     e = dict(env, VLSFT_TEST_CRASH_RANK="1", VLSFT_SAMPLE_LOG="0")
     t0 = time.time()
-    p = run_cli(["--config", str(run["cfg"]), f"output.dir={run['dir'] / 'crash'}",
+    p = run_cli(["--config", str(run["cfg"]), f"output.dir={tmp_path / 'crash'}",
                  "distributed.master_port=29645"], e, timeout=240)
     assert p.returncode != 0
     assert time.time() - t0 < 180
     assert "training exited with status" in p.stderr
 
 
-def test_batch_times_accumulation_invariance(tmp_path, tiny_model_dir, env):
-    """Per-device 2 x accumulation 1 and 1 x 2 (single process, no DeepSpeed): same first-step loss and grad norm."""
-    results = []
-    for bs, ga in ((2, 1), (1, 2)):
-        out = tmp_path / f"bs{bs}ga{ga}"
-        cmd = [sys.executable, "-m", "qwenvl.train", "--model_name_or_path", str(tiny_model_dir),
-               "--dataset_dict", str(DICT), "--dataset_use", "shapes,facts,clips", "--tune_mm_mlp", "True",
-               "--tune_mm_llm", "True", "--output_dir", str(out), "--max_steps", "1",
-               "--per_device_train_batch_size", str(bs), "--gradient_accumulation_steps", str(ga),
-               "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
-               "--max_pixels", "12544", "--min_pixels", "3136", "--video_max_frame_pixels", "3136",
-               "--video_min_frame_pixels", "3136", "--video_max_frames", "4", "--video_min_frames", "2"]
-        e = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=240, cwd=REPO)
-        assert p.returncode == 0, p.stderr[-3000:]
-        state = json.loads((out / "trainer_state.json").read_text())
-        log = [h for h in state["log_history"] if "loss" in h][0]
-        results.append((log["loss"], log["grad_norm"]))
-    (l1, g1), (l2, g2) = results
-    assert l1 == pytest.approx(l2, rel=1e-4)
-    assert g1 == pytest.approx(g2, rel=1e-3)
-
-
-def test_wandb_offline_single_process_without_deepspeed(tmp_path, tiny_model_dir, env):
-    """W&B from the run YAML (offline): rank 0 logs into <output>/wandb with the run name, the resolved run
-    config and the per-dataset sample counts; also covers distributed.deepspeed=none with one process."""
-    out = tmp_path / "out"
-    cfg = write_yaml(tmp_path / "run.yaml", tiny_model_dir, out, steps=2, port=29647)
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, tiny_model_dir, env):
+    """`vlsft train` with one process, no DeepSpeed and W&B offline: 2 steps of per-device batch 2 x accumulation 1
+    over shapes, facts, clips (the invariance test's other half is the trainer alone at 1 x 2 on the same data)."""
+    d = tmp_path_factory.mktemp("one-process")
+    out = d / "out"
+    cfg = write_run_yaml(d / "run.yaml", tiny_model_dir, out, data={"use": ["shapes", "facts", "clips"]},
+                         training={"max_steps": 2, "save_steps": 4, "per_device_train_batch_size": 2,
+                                   "learning_rate": 1.0e-3},
+                         distributed={"master_port": 29647}, output={"run_name": "e2e", "resume": "auto"})
     e = {k: v for k, v in env.items() if not k.startswith("WANDB_")}
     p = run_cli(["--config", str(cfg), "wandb.mode=offline", "wandb.project=vlsft-test",
                  "training.report_to=wandb", "distributed.nproc_per_node=1", "distributed.deepspeed=none",
                  "training.bf16=false"], e)
     assert p.returncode == 0, p.stderr[-3000:]
-    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    return {"out": out, "proc": p}
+
+
+def test_batch_times_accumulation_invariance(one_process_run, tmp_path, tiny_model_dir, env):
+    """Per-device 2 x accumulation 1 (the one-process `vlsft train` run) and 1 x 2 (the trainer alone, same
+    settings; single process, no DeepSpeed): same first-step loss and grad norm."""
+    def first_step(out: Path) -> tuple[float, float]:
+        log = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h][0]
+        return log["loss"], log["grad_norm"]
+
+    out = tmp_path / "bs1ga2"
+    cmd = [sys.executable, "-m", "qwenvl.train", "--model_name_or_path", str(tiny_model_dir),
+           "--dataset_dict", str(DICT), "--dataset_use", "shapes,facts,clips", "--tune_mm_vision", "False",
+           "--tune_mm_mlp", "True", "--tune_mm_llm", "True", "--attn_implementation", "sdpa",
+           "--model_max_length", "512", "--output_dir", str(out), "--max_steps", "1",
+           "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+           "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+           "--max_pixels", "12544", "--min_pixels", "3136", "--video_max_frame_pixels", "3136",
+           "--video_min_frame_pixels", "3136", "--video_max_frames", "4", "--video_min_frames", "2"]
+    e = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (l1, g1), (l2, g2) = first_step(one_process_run["out"]), first_step(out)
+    assert l1 == pytest.approx(l2, rel=1e-4)
+    assert g1 == pytest.approx(g2, rel=1e-3)
+
+
+def test_wandb_offline_single_process_without_deepspeed(one_process_run):
+    """W&B from the run YAML (offline): rank 0 logs into <output>/wandb with the run name, the resolved run
+    config and the per-dataset sample counts; also covers distributed.deepspeed=none with one process."""
+    runs = list((one_process_run["out"] / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     blob = runs[0].read_bytes()
     assert b"total_samples" in blob and b'"name_or_path"' in blob and b"e2e" in blob
