@@ -1,12 +1,13 @@
 """The front door stays light: `datasets check`, `datasets use` and `print-args --help` never import
-torch or transformers, and answer in well under a second on small inputs."""
+torch or transformers, and answer in well under a second of CPU time on small inputs (CPU time, not wall time:
+a loaded box stretches the wall clock, not the work; importing torch alone costs about 2 s of CPU)."""
 
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -26,14 +27,20 @@ sys.stderr.write("\nPROBE " + json.dumps({"code": code, "heavy": heavy, "inside"
 """
 
 
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_probe(*args: str) -> tuple[int, list[str], float, float, str]:
-    t0 = time.perf_counter()
+    """Exit code, heavy modules imported, seconds inside main(), CPU seconds of the whole process, stdout."""
+    c0 = _children_cpu()
     r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60)
-    wall = time.perf_counter() - t0
+    cpu = _children_cpu() - c0  # the interpreter's start, the imports and the command: user + system time
     lines = [x for x in r.stderr.splitlines() if x.startswith("PROBE ")]
     assert lines, r.stderr
     probe = json.loads(lines[-1][len("PROBE "):])
-    return probe["code"], probe["heavy"], probe["inside"], wall, r.stdout
+    return probe["code"], probe["heavy"], probe["inside"], cpu, r.stdout
 
 
 @pytest.fixture()
@@ -58,11 +65,11 @@ def small_dict(tmp_path):
 def test_no_torch_and_fast(small_dict, args, want_code):
     argv = [a.format(d=small_dict) for a in args]
     best = None
-    for _ in range(2):  # the better of two runs: a shared CI box has hiccups
-        code, heavy, inside, wall, out = run_probe(*argv)
+    for _ in range(2):  # the better of two runs
+        code, heavy, inside, cpu, out = run_probe(*argv)
         assert code == want_code, out
         assert heavy == [], f"{' '.join(argv)} imported {heavy}"
-        best = min(best or wall, wall)
+        best = min(best or cpu, cpu)
         if best < 1.0:
             break
-    assert best < 1.0, f"vlsft {' '.join(argv)} took {best:.2f} s (import + run)"
+    assert best < 1.0, f"vlsft {' '.join(argv)} used {best:.2f} s of CPU (import + run)"
