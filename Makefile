@@ -24,6 +24,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# The inner loop: everything but the tests marked slow (end-to-end runs, model loads, servers); CI runs `make test`.
+.PHONY: test-fast
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
 lint: setup
 	$(VENV)/bin/ruff check src qwenvl tests benchmarks
 
