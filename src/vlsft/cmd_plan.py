@@ -71,10 +71,13 @@ def _model_lines(plan) -> list[str]:
                      f"{hub.source()}")
     if plan.family:
         from qwenvl.families import family
+        from qwenvl.templates import RENDERINGS
 
         fam = family(plan.family)
         limits = "; cannot here: " + "; ".join(plan.family_limits) if plan.family_limits else ""
         built = "the official HEAD layout" if fam.head else "the official Qwen2.5-era layout"
+        if RENDERINGS[fam.chat_template].thinking:  # the Qwen3.5 line: its own chat template, HEAD's media
+            built = "the chat template below, media as the official HEAD layout"
         source = (f"family read from the id, not from a config.json: {hub.repo_id} reads as {fam.title}; `vlsft "
                   "train` checks the downloaded config.json" if plan.family_from_id else
                   f"config.json model_type {fam.model_type}")
