@@ -67,6 +67,8 @@ def test_every_trainer_data_and_model_argument_is_passed(tmp_path):
         for f in dataclasses.fields(dc):
             if f.name in ("eval_dataset_use", "eval_split") and f.name not in args:
                 continue  # eval arguments are passed only with eval data (tests/test_eval.py)
+            if f.name == "chat_template" and f.name not in args:
+                continue  # passed when model.chat_template is set, else detected (tests/test_print_args_chat.py)
             assert f.name in args, f"--{f.name} missing from the trainer argv"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -85,7 +86,8 @@ def _model_lines(plan) -> list[str]:
     return parts + [""] if parts else []
 
 
-def render_text(plan, config_path: str, overrides: list[str] | None = None) -> str:  # plan: vlsft.plan.LaunchPlan
+def render_text(plan, config_path: str, overrides: list[str] | None = None,
+                gpu: str | None = None) -> str:  # plan: vlsft.plan.LaunchPlan
     cfg = plan.config
     tr = cfg.training
     train = " ".join(shlex.quote(t) for t in ["vlsft", "train", "--config", config_path, *(overrides or [])])
@@ -140,6 +142,8 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None) -> s
     elif plan.hub is not None and not plan.hub.complete:
         parts.append(f"# Trainable parameters and GPU memory per rank: unknown until downloaded (no weights of "
                      f"{plan.hub.repo_id} in the cache yet)")
+    if gpu:
+        parts.append(time_line(plan, gpu)[0])
     if tr.max_steps > 0:
         parts.append(f"total steps = {plan.total_steps} (training.max_steps)")
     else:
@@ -158,6 +162,8 @@ def print_args(
     gpu_memory: str = typer.Option(None, "--gpu-memory", metavar="SIZE",
                                    help="Memory of the GPUs it will run on (e.g. 80GiB): a run whose estimate does "
                                         "not fit is refused. For planning on a machine without those GPUs."),
+    gpu: str = typer.Option(None, "--gpu", metavar="KIND",
+                            help="The GPU kind it will run on (e.g. H100, A100): adds the expected time per epoch."),
 ) -> None:
     """Print the torchrun command, environment, batch and step arithmetic of a run YAML; start nothing."""
     from qwenvl.problems import UserError
@@ -179,7 +185,7 @@ def print_args(
     if as_json:
         sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
         return
-    typer.echo(render_text(plan, str(config), list(overrides or [])))
+    typer.echo(render_text(plan, str(config), list(overrides or []), gpu=gpu))
     for warning in plan.warnings:
         typer.secho(f"warning: {warning}", fg="yellow")
 
@@ -200,3 +206,32 @@ def memory_check(plan, gpu_memory: str | None) -> None:
     why = memory.refusal(plan.memory, size)
     if why:
         raise UserError(why)
+
+
+def time_line(plan, gpu: str | None) -> tuple[str, float | None]:
+    """``(the "time per epoch" line, the planned tokens/s per GPU or None)`` (:mod:`qwenvl.timing`)."""
+    import json as _json
+
+    from qwenvl import timing
+
+    cfg = plan.config
+    d = cfg.data
+    factor = 28
+    try:
+        with open(os.path.join(cfg.model.name_or_path, "config.json"), encoding="utf-8") as f:
+            vision = _json.load(f).get("vision_config") or {}
+        factor = int(vision.get("patch_size") or 14) * int(vision.get("spatial_merge_size") or 2)
+        from qwenvl.lora_rules import weight_shapes
+
+        n_llm = timing.llm_matmul_params(weight_shapes(cfg.model.name_or_path))
+    except (OSError, ValueError, TypeError):
+        n_llm = 0
+    image = max(1, d.max_pixels // factor**2)
+    video = max(1, (d.video_max_pixels or d.video_max_frame_pixels * max(d.video_max_frames // 2, 1)) // factor**2)
+    total = 0.0
+    for share in plan.datasets:
+        mean = timing.mean_sample_tokens(plan.annotation_paths.get(share.name, ""), image_tokens=image,
+                                         video_tokens=video)
+        total += share.samples * (mean or 0.0)
+    rate, source = timing.tokens_per_second(gpu, n_llm, bool(cfg.model.tune_mm_llm or cfg.model.lora.enabled))
+    return timing.epoch_line(total, plan.world_size, rate, source), rate

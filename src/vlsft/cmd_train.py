@@ -188,16 +188,11 @@ def train(
             fetch_hub_model(plan.hub, environ)
             plan = build_plan(cfg, environ)
         memory_check(plan, gpu_memory or gpu_memory_here())
-        if plan.config.distributed.nnodes > 1:  # every node reaches node 0 and runs the same plan, or one line
-            from vlsft import preflight
-
-            typer.echo(f"# pre-flight: node {plan.config.distributed.node_rank} of {plan.config.distributed.nnodes} "
-                       f"meets node 0 at {plan.config.distributed.master_addr}:{plan.config.distributed.master_port}")
-            preflight.run(plan, environ)
     except UserError as exc:
         _fail(exc)
 
     typer.echo(render_text(plan, str(config), overrides))
+    planned = _time_estimate(plan)
     for warning in plan.warnings:
         typer.secho(f"warning: {warning}", fg="yellow")
 
@@ -220,14 +215,54 @@ def train(
         for w in lock.warnings:
             typer.secho(f"warning: {w}", err=True, fg="yellow")
     try:
-        rc = _resume_and_launch(plan, str(config), overrides, lock)
+        _preflight(plan, environ)  # after this node's own checks (output folder, lock), before any rank starts
+        rc = _resume_and_launch(plan, str(config), overrides, lock, planned)
     finally:
         if lock is not None:
             lock.release()
     raise typer.Exit(rc)
 
 
-def _resume_and_launch(plan, config: str, overrides: list[str], lock) -> int:
+def _preflight(plan, environ) -> None:
+    """Multi-node: every node reaches node 0 and runs the same plan (src/vlsft/preflight.py), or one line."""
+    from qwenvl.problems import UserError
+
+    dist = plan.config.distributed
+    if dist.nnodes <= 1:
+        return
+    from vlsft import preflight
+
+    typer.echo(f"# pre-flight: node {dist.node_rank} of {dist.nnodes} meets node 0 at {dist.master_addr}:"
+               f"{dist.master_port}")
+    try:
+        preflight.run(plan, environ)
+    except UserError as exc:
+        _fail(exc)
+
+
+def _time_estimate(plan) -> float | None:
+    """The expected time per epoch on this machine's GPU kind (``nvidia-smi``), printed; the planned tokens/s per
+    GPU the trainer's log compares with (None on a machine without GPUs)."""
+    import shutil
+    import subprocess
+
+    from qwenvl.prechecks import cuda_visible
+    from vlsft.cmd_plan import time_line
+
+    smi = shutil.which("nvidia-smi")
+    if not smi or not cuda_visible():
+        return None
+    try:
+        name = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=10).stdout.splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+    line, rate = time_line(plan, name)
+    typer.echo(line)
+    return rate
+
+
+def _resume_and_launch(plan, config: str, overrides: list[str], lock, planned: float | None = None) -> int:
     """Steps 4-6 of the module docstring, with the output lock held; the exit status."""
     from qwenvl.problems import UserError
     from qwenvl.runpolicy import LOCK_ENV, decide_resume
@@ -258,6 +293,10 @@ def _resume_and_launch(plan, config: str, overrides: list[str], lock) -> int:
     from vlsft.plan import child_environment
 
     env = child_environment(plan.env, os.environ)
+    if planned:
+        from qwenvl.timing import PLANNED_ENV
+
+        env[PLANNED_ENV] = f"{planned:.1f}"  # the trainer logs tokens_per_second_vs_plan
     if lock is not None:
         env[LOCK_ENV] = str(lock.path)  # rank 0 sees that the run already holds the output lock
     if plan.env.get("WANDB_MODE", "disabled") != "disabled":

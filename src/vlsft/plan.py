@@ -119,6 +119,7 @@ class LaunchPlan:
     trainable: dict | None = None
     # GPU memory per rank (qwenvl.memory.MemoryEstimate; None when the model folder cannot be read yet)
     memory: Any = None
+    annotation_paths: dict[str, str] = field(default_factory=dict)  # dataset -> annotation file (time estimate)
     # model_type from the model folder's config.json (None before model.build_tiny builds it) and what that
     # family cannot do here (qwenvl.families.Family.limits)
     family: str | None = None
@@ -282,6 +283,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
     return LaunchPlan(
         trainable=trainable_report(cfg),
         memory=memory_report(cfg, ds_path, batch.world),
+        annotation_paths={s.name: str(data.dictionary.datasets[s.name].annotation_path) for s in data.shares},
         family=family,
         hub=hub,
         family_limits=fam_of(family).limits() if family else [],
