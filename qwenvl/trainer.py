@@ -340,6 +340,9 @@ class QwenVLTrainer(Trainer):
         logs["samples_per_second"] = round(w["samples"] / dt, 3)
         logs["tokens_per_second"] = round(w["real"] / dt, 1)
         logs["tokens_per_second_per_device"] = round(w["real"] / dt / world, 1)
+        planned = _planned_rate()
+        if planned:  # vlsft print-args / train's estimate (qwenvl.timing): measured / planned
+            logs["tokens_per_second_vs_plan"] = round(w["real"] / dt / world / planned, 3)
         logs["padding_fraction"] = round(1.0 - w["real"] / w["total"], 4) if w["total"] else 0.0
         logs["skipped_samples"] = self._skipped_total
         if self._peak:
@@ -616,6 +619,15 @@ def _fix_key(k: str, expected: set[str]) -> str:
         if c in expected:
             return c
     return k
+
+
+def _planned_rate() -> float | None:
+    from qwenvl.timing import PLANNED_ENV
+
+    try:
+        return float(os.environ.get(PLANNED_ENV, "")) or None
+    except ValueError:
+        return None
 
 
 class LogLastStepCallback(TrainerCallback):
