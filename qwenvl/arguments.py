@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-_BUDGET: list[str] = []  # filled by arg(..., budget=True) while DataArguments is defined
+_BUDGET: list = []  # the Field objects of the budget arguments, filled by arg(..., budget=True)
 
 
 def arg(default: Any, help: str, *, budget: bool = False) -> Any:  # noqa: A002 - the dataclass metadata name
@@ -126,9 +126,6 @@ class ExtraTrainingArguments:
                       "if none); never: start fresh; PATH: continue from that checkpoint.")
     overwrite_output_dir: bool = arg(False, "Allow a fresh start (resume never) in an output dir that already "
                                      "holds a run (nothing is deleted; earlier checkpoints are set aside).")
-
-
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, ExtraTrainingArguments)
 
 
 def owner_field(owner: type, name: str):
