@@ -12,8 +12,6 @@ ROOTS = (REPO / "src" / "vlsft", REPO / "qwenvl")
 MAX_LINES = 80
 #: "path::name" -> why it may stay longer for now; an entry that is no longer needed fails the test
 ALLOWED: dict[str, str] = {
-    "qwenvl/data/formats.py::normalise": "formats.py is being reworked in parallel into one Format object per "
-                                         "name (code review 3, section 6), which splits normalise per format",
 }
 
 

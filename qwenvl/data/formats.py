@@ -282,105 +282,28 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
         return rec, _PLAIN, []
     f = fmt.keys()
     out: list = []
-    mkey, rkey, ckey = f.messages_key, f.role_key, f.content_key
-    msgs = rec.get(mkey)
-    if type(msgs) is not list or not msgs:
-        if msgs is None:
-            other = next((k for k in ("messages", "conversations", "conversation", "dialog") if k in rec and k != mkey),
-                         None)
-            out.append(_err("no_conversations", f"sample has no '{mkey}'", mkey,
-                            f"rename '{other}' to '{mkey}'" if other else
-                            f'add "{mkey}": [{{"{rkey}": "{f.user_tags[0]}", "{ckey}": ...}}, ...]'))
-        else:
-            out.append(_err("bad_conversations", f"'{mkey}' must be a non-empty list of turns", mkey, None))
-        return None, _PLAIN, out
-    extras = Extras()
+    msgs = _message_list(rec, f, out)
     sys_prompt = rec.get(f.system_key) if f.system_key else None
-    if sys_prompt is not None and type(sys_prompt) is not str:
+    if msgs is not None and sys_prompt is not None and type(sys_prompt) is not str:
         out.append(_err("bad_system", f"'{f.system_key}' must be a string, found {kind_of(sys_prompt)}",
                         f.system_key, None))
+        msgs = None
+    if msgs is None:
         return None, _PLAIN, out
+    extras = Extras()
     inline = {"image": [], "video": [], "bare_image": 0, "bare_video": 0}
-    turns: list = []
-    for i, m in enumerate(msgs):
-        if type(m) is not dict:
-            out.append(_err("bad_turn", f"a turn is {kind_of(m)}, not an object", mkey,
-                            f'write {{"{rkey}": "{f.user_tags[0]}", "{ckey}": "..."}}'))
-            return None, _PLAIN, out
-        role, content = m.get(rkey), m.get(ckey)
-        if role is None or ckey not in m:
-            missing = rkey if role is None else ckey
-            out.append(_err("no_speaker" if role is None else "no_value", f"a turn has no '{missing}'", missing,
-                            f"turns of this dataset are {{\"{rkey}\": ..., \"{ckey}\": ...}}"))
-            return None, _PLAIN, out
-        if role in f.user_tags:
-            role = "user"
-        elif role in f.assistant_tags:
-            role = "assistant"
-        elif role in f.system_tags:
-            role = "system"
-        elif role in TOOL_ROLES or role == "function_call":  # a tool result / a LLaMA-Factory call (_internal_turn)
-            role, content = ("tool", content) if role in TOOL_ROLES else ("assistant", "")
-        else:
-            allowed = ", ".join(repr(t) for t in (*f.user_tags, *f.assistant_tags, *f.system_tags, *TOOL_ROLES))
-            what = ("function turns are read as 'tool' results and 'function_call' calls" if role in (
-                "function", "ipython") else "")
-            out.append(_err("bad_speaker", f"unknown {rkey} {role!r}" + (f" ({what})" if what else ""), rkey,
-                            f"use {allowed}"))
-            return None, _PLAIN, out
-        if type(content) is list:
-            content = _parts(content, ckey, out, inline)
-            if content is None:
-                return None, _PLAIN, out
-            if role != "user" and ("<image>" in content or "<video>" in content) and any(
-                    type(p) is dict and p.get("type") in ("image", "image_url", "video", "video_url") for p in m[ckey]):
-                out.append(_err("media_not_user", f"an {role} turn holds an image/video part: only user turns take "
-                                "media", ckey, "move the media into the user turn before it"))
-                return None, _PLAIN, out
-        elif type(content) is not str:
-            out.append(_err("value_type", f"'{ckey}' must be a string or a list of parts, found {kind_of(content)}",
-                            ckey, None))
-            return None, _PLAIN, out
-        loss = m.get("loss")
-        if loss is not None and type(loss) is not bool:
-            out.append(_err("bad_loss", f"'loss' must be true, false or null, found {kind_of(loss)} {loss!r}",
-                            "loss", "write true to train the turn, false to mask it"))
-            return None, _PLAIN, out
-        if loss is True and role != "assistant":
-            out.append(("warning", "loss_not_assistant", "loss_not_assistant", f"'loss': true on a {role} turn is "
-                        "ignored: only assistant turns are trained", "loss", None))
-        if role == "system" and not turns and i == 0:
-            if sys_prompt is not None and sys_prompt != content:
-                out.append(_err("two_systems", f"the sample has a top-level '{f.system_key}' and a different system "
-                                "turn", f.system_key, "keep one system prompt"))
-                return None, _PLAIN, out
-            sys_prompt = content
-            continue
-        if loss is False and role == "assistant":
-            extras.untrained.add(len(turns))
-        turn = _internal_turn(m, role, content, out, m.get(ckey) if m.get(rkey) == "function_call" else None)
-        if turn is None:
-            return None, _PLAIN, out
-        turns.append(turn)
-    extras.system = sys_prompt
-    if not _sample_options(rec, extras, out):
+    turns = _read_turns(msgs, f, out, inline, extras, sys_prompt)
+    if turns is None or not _sample_options(rec, extras, out):
         return None, _PLAIN, out
     if not turns:
-        out.append(_err("no_answer", "no assistant turn to train on (only a system prompt)", mkey, None, "no_answer"))
+        out.append(_err("no_answer", "no assistant turn to train on (only a system prompt)", f.messages_key, None,
+                        "no_answer"))
         return None, _PLAIN, out
     internal: dict = {"conversations": turns}
     if "objects" in rec:  # grounding (qwenvl.data.grounding): the same field in every format
         internal["objects"] = rec["objects"]
-    for media, key in (("image", f.images_key), ("video", f.videos_key)):
-        listed = rec.get(key)
-        if inline[media]:
-            if listed is not None or inline["bare_" + media]:
-                out.append(_err("mixed_media", f"{media}s are given both inline in the parts and in '{key}'", key,
-                                f"name each {media} in one place", "bad_media_field"))
-                return None, _PLAIN, out
-            internal[media] = inline[media]
-        elif listed is not None:
-            internal[media] = _media_list(listed, media == "video")
+    if not _media_fields(rec, f, inline, internal, out):
+        return None, _PLAIN, out
     if fmt.train_on == "last":
         _last_only(turns, extras)
     answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
@@ -389,6 +312,125 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
                         "set 'loss': true (or drop the key) on at least one answer", "no_answer"))
         return None, _PLAIN, out
     return internal, extras, out
+
+
+def _message_list(rec: dict, f, out: list) -> list | None:
+    """The record's non-empty list of messages, or None after an error."""
+    mkey, rkey, ckey = f.messages_key, f.role_key, f.content_key
+    msgs = rec.get(mkey)
+    if type(msgs) is list and msgs:
+        return msgs
+    if msgs is None:
+        other = next((k for k in ("messages", "conversations", "conversation", "dialog") if k in rec and k != mkey),
+                     None)
+        out.append(_err("no_conversations", f"sample has no '{mkey}'", mkey,
+                        f"rename '{other}' to '{mkey}'" if other else
+                        f'add "{mkey}": [{{"{rkey}": "{f.user_tags[0]}", "{ckey}": ...}}, ...]'))
+    else:
+        out.append(_err("bad_conversations", f"'{mkey}' must be a non-empty list of turns", mkey, None))
+    return None
+
+
+def _read_turns(msgs: list, f, out: list, inline: dict, extras: Extras, sys_prompt) -> list | None:
+    """The internal turns of the messages (a leading system turn becomes ``extras.system``), or None after an
+    error."""
+    turns: list = []
+    for i, m in enumerate(msgs):
+        read = _read_message(m, f, out, inline)
+        if read is None:
+            return None
+        role, content, loss = read
+        if role == "system" and not turns and i == 0:
+            if sys_prompt is not None and sys_prompt != content:
+                out.append(_err("two_systems", f"the sample has a top-level '{f.system_key}' and a different system "
+                                "turn", f.system_key, "keep one system prompt"))
+                return None
+            sys_prompt = content
+            continue
+        if loss is False and role == "assistant":
+            extras.untrained.add(len(turns))
+        ckey, rkey = f.content_key, f.role_key
+        turn = _internal_turn(m, role, content, out, m.get(ckey) if m.get(rkey) == "function_call" else None)
+        if turn is None:
+            return None
+        turns.append(turn)
+    extras.system = sys_prompt
+    return turns
+
+
+def _role_of(m: dict, f, out: list) -> tuple[str, Any] | None:
+    """``(internal role, content)`` of a message, or None after an error."""
+    rkey, ckey = f.role_key, f.content_key
+    role, content = m.get(rkey), m.get(ckey)
+    if role is None or ckey not in m:
+        missing = rkey if role is None else ckey
+        out.append(_err("no_speaker" if role is None else "no_value", f"a turn has no '{missing}'", missing,
+                        f"turns of this dataset are {{\"{rkey}\": ..., \"{ckey}\": ...}}"))
+        return None
+    if role in f.user_tags:
+        return "user", content
+    if role in f.assistant_tags:
+        return "assistant", content
+    if role in f.system_tags:
+        return "system", content
+    if role in TOOL_ROLES or role == "function_call":  # a tool result / a LLaMA-Factory call (_internal_turn)
+        return ("tool", content) if role in TOOL_ROLES else ("assistant", "")
+    allowed = ", ".join(repr(t) for t in (*f.user_tags, *f.assistant_tags, *f.system_tags, *TOOL_ROLES))
+    what = "function turns are read as 'tool' results and 'function_call' calls" if role in (
+        "function", "ipython") else ""
+    out.append(_err("bad_speaker", f"unknown {rkey} {role!r}" + (f" ({what})" if what else ""), rkey,
+                    f"use {allowed}"))
+    return None
+
+
+def _read_message(m: Any, f, out: list, inline: dict) -> tuple[str, str, Any] | None:
+    """``(role, text, loss)`` of one message (list content flattened into text + inline media), or None."""
+    mkey, rkey, ckey = f.messages_key, f.role_key, f.content_key
+    if type(m) is not dict:
+        out.append(_err("bad_turn", f"a turn is {kind_of(m)}, not an object", mkey,
+                        f'write {{"{rkey}": "{f.user_tags[0]}", "{ckey}": "..."}}'))
+        return None
+    got = _role_of(m, f, out)
+    if got is None:
+        return None
+    role, content = got
+    if type(content) is list:
+        content = _parts(content, ckey, out, inline)
+        if content is None:
+            return None
+        if role != "user" and ("<image>" in content or "<video>" in content) and any(
+                type(p) is dict and p.get("type") in ("image", "image_url", "video", "video_url") for p in m[ckey]):
+            out.append(_err("media_not_user", f"an {role} turn holds an image/video part: only user turns take "
+                            "media", ckey, "move the media into the user turn before it"))
+            return None
+    elif type(content) is not str:
+        out.append(_err("value_type", f"'{ckey}' must be a string or a list of parts, found {kind_of(content)}",
+                        ckey, None))
+        return None
+    loss = m.get("loss")
+    if loss is not None and type(loss) is not bool:
+        out.append(_err("bad_loss", f"'loss' must be true, false or null, found {kind_of(loss)} {loss!r}",
+                        "loss", "write true to train the turn, false to mask it"))
+        return None
+    if loss is True and role != "assistant":
+        out.append(("warning", "loss_not_assistant", "loss_not_assistant", f"'loss': true on a {role} turn is "
+                    "ignored: only assistant turns are trained", "loss", None))
+    return role, content, loss
+
+
+def _media_fields(rec: dict, f, inline: dict, internal: dict, out: list) -> bool:
+    """The record's images / videos into ``internal``: inline parts or the format's media keys (never both)."""
+    for media, key in (("image", f.images_key), ("video", f.videos_key)):
+        listed = rec.get(key)
+        if inline[media]:
+            if listed is not None or inline["bare_" + media]:
+                out.append(_err("mixed_media", f"{media}s are given both inline in the parts and in '{key}'", key,
+                                f"name each {media} in one place", "bad_media_field"))
+                return False
+            internal[media] = inline[media]
+        elif listed is not None:
+            internal[media] = _media_list(listed, media == "video")
+    return True
 
 
 def _internal_turn(m: dict, role: str, content: str, out: list, call: Any = None) -> dict | None:
