@@ -341,13 +341,17 @@ def _no_grad_call(self, *args, **kwargs):
         return nn.Module.__call__(self, *args, **kwargs)  # skips GradientCheckpointingLayer's checkpoint wrapper
 
 
-def _no_grad_class(cls: type) -> type:
-    sub = _NO_GRAD_CLASSES.get(cls)
+def subclass_once(cache: dict, cls: type, members: dict) -> type:
+    """``cls`` with ``members`` overridden: one subclass per class (same name and module, so reprs, pickling and
+    state-dict keys are unchanged), built once and kept in ``cache``; a module is switched to it by class swap."""
+    sub = cache.get(cls)
     if sub is None:
-        sub = type(cls.__name__, (cls,), {"__call__": _no_grad_call, "__module__": cls.__module__,
-                                          "_vlsft_forward_only": True})
-        _NO_GRAD_CLASSES[cls] = sub
+        sub = cache[cls] = type(cls.__name__, (cls,), {**members, "__module__": cls.__module__})
     return sub
+
+
+def _no_grad_class(cls: type) -> type:
+    return subclass_once(_NO_GRAD_CLASSES, cls, {"__call__": _no_grad_call, "_vlsft_forward_only": True})
 
 
 def forward_only_frozen_blocks(model) -> int:

@@ -151,12 +151,9 @@ def _forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
 
 
 def _varlen_class(cls: type) -> type:
-    sub = _CLASSES.get(cls)
-    if sub is None:
-        sub = type(cls.__name__, (cls,), {"forward": _forward, "__module__": cls.__module__,
-                                          "_vlsft_varlen": True})
-        _CLASSES[cls] = sub
-    return sub
+    from qwenvl.attention import subclass_once
+
+    return subclass_once(_CLASSES, cls, {"forward": _forward, "_vlsft_varlen": True})
 
 
 def is_linear_attention_layer(module) -> bool:

@@ -14,6 +14,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from equivalence import max_rel_grad as _max_rel
 
 from qwenvl import linear_attention
 from qwenvl.data.collate import pop_batch_stats
@@ -105,17 +106,6 @@ def _one_by_one(model, builder, tok, items, args) -> tuple[float, dict]:
         loss.backward()
         total += float(loss.detach())
     return total, _grads(model)
-
-
-def _max_rel(a: dict, b: dict) -> float:
-    worst = 0.0
-    for n, ga in a.items():
-        gb = b[n]
-        if ga is None or gb is None:
-            assert (ga is None or not ga.any()) and (gb is None or not gb.any()), n
-            continue
-        worst = max(worst, float((ga - gb).abs().max()) / max(float(ga.abs().max()), 1e-12))
-    return worst
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])

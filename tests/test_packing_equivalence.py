@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from equivalence import max_rel_grad as _max_rel_grad
 
 from qwenvl.data.collate import DataCollator, pop_batch_stats
 from qwenvl.data.sample import SampleBuilder, VisionBudget
@@ -80,18 +81,6 @@ def _reference(model, items: list[dict]) -> tuple[float, dict]:
         loss.backward()
         total += float(loss.detach())
     return total, _grads(model)
-
-
-def _max_rel_grad(a: dict, b: dict) -> float:
-    worst = 0.0
-    for n, ga in a.items():
-        gb = b[n]
-        if ga is None or gb is None:
-            assert (ga is None or not ga.any()) and (gb is None or not gb.any()), n
-            continue
-        scale = max(float(ga.abs().max()), 1e-12)
-        worst = max(worst, float((ga - gb).abs().max()) / scale)
-    return worst
 
 
 ORDER = ["si_01", "txt_01", "vid_01", "mi_02", "q_01"]
