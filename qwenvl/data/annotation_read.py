@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenvl import storage
-from qwenvl.data import formats
+from qwenvl.data import formats, hf_source
 from qwenvl.data.sample_rules import kind_of as _kind_of
 from qwenvl.problems import Problem
 
@@ -55,7 +55,10 @@ def oneline(text: str | None) -> str | None:
 
 
 def annotation_format(path: str) -> str | None:
-    """``"jsonl"``, ``"json"`` or None (by extension, case-insensitive)."""
+    """``"jsonl"``, ``"json"`` or None (by extension, case-insensitive). A Hugging Face dataset (parquet / arrow /
+    a folder, :mod:`qwenvl.data.hf_source`) reads as ``"jsonl"``: :func:`_read` gives its rows as JSON lines."""
+    if hf_source.is_arrow_source(path):
+        return "jsonl"
     ext = os.path.splitext(posixpath.basename(str(path)))[1].lower()
     return {".jsonl": "jsonl", ".json": "json"}.get(ext)
 
@@ -92,7 +95,10 @@ _BOM = b"\xef\xbb\xbf"
 
 
 def _read(path: str) -> bytes:
-    """The bytes of an annotation file, without a UTF-8 byte order mark (the trainer's json reads past it)."""
+    """The bytes of an annotation file, without a UTF-8 byte order mark (the trainer's json reads past it).
+    A Hugging Face dataset gives its rows as JSON lines (row N = line N)."""
+    if hf_source.is_arrow_source(path):
+        return hf_source.jsonl_bytes(path)
     data = storage.read_bytes(path)
     return data[3:] if data.startswith(_BOM) else data
 
@@ -343,13 +349,13 @@ class ProbeInfo:
 def _relative(paths: Any) -> bool:
     """Whether ``paths`` (a path or a list) holds a path that resolves against data_path."""
     for p in (paths,) if type(paths) is str else (paths if type(paths) in (list, tuple) else ()):
-        if type(p) is str and p and p[0] != "/" and "://" not in p:
+        if type(p) is str and p and p[0] != "/" and "://" not in p and p[:5] != "data:":
             return True
     return False
 
 
 def _references_media(rec: Any, fmt: formats.FormatSpec | None = None) -> bool:
-    """Whether a sample names a media file relative to data_path (absolute paths and URLs need none)."""
+    """Whether a sample names a media file relative to data_path (absolute paths, URLs and data: URLs need none)."""
     if fmt is not None and fmt.name not in (None, "official"):
         rec = formats.normalise(rec, fmt)[0]
         return type(rec) is dict and (_relative(rec.get("image")) or any(
@@ -484,7 +490,10 @@ def _probe(path: str, limit: int, fmt: formats.FormatSpec | None = None) -> Prob
 
 def count_records(path: str) -> int:
     """Samples the trainer reads: non-blank lines of a ``.jsonl``; items of a ``.json`` list, the samples
-    inside official pre-packed lists counted one by one (the trainer flattens them)."""
+    inside official pre-packed lists counted one by one (the trainer flattens them); rows of a Hugging Face
+    dataset (from the parquet footers / Arrow batches, no row converted)."""
+    if hf_source.is_arrow_source(path):
+        return hf_source.count_rows(path)
     info = probe(path, limit=0)
     if info.records is None:
         raise ValueError(info.problems[0].render() if info.problems else f"{path}: unreadable annotation file")

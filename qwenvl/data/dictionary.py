@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qwenvl import storage
 from qwenvl.data import annotations as ann
-from qwenvl.data import formats
+from qwenvl.data import formats, hf_source
 from qwenvl.data.jsonloc import INVALID, JKey, JNode, parse
 from qwenvl.problems import Problem, did_you_mean
 
@@ -424,6 +424,8 @@ class _Loader:
         if path is INVALID:
             return path
         ext = os.path.splitext(posixpath.basename(str(path)))[1].lower()
+        if ext in hf_source.EXTENSIONS or hf_source.is_arrow_source(str(path)):
+            return path  # a Hugging Face dataset: parquet / arrow, a folder of shards, a save_to_disk folder
         if ext not in ANNOTATION_EXTENSIONS:
             hint = "use a .json list of samples or a .jsonl file with one sample per line"
             if ext.strip() in ANNOTATION_EXTENSIONS:

@@ -7,7 +7,8 @@ of one contiguous byte array; workers only read it, so the pages stay shared aft
 A record is decoded (``json.loads``) when its sample is built.
 
 Accepted files: ``.jsonl`` (one object per line; blank lines ignored), ``.json`` (a list of records,
-or the official pre-packed list of lists, which is flattened: packing is done online here).
+or the official pre-packed list of lists, which is flattened: packing is done online here), and Hugging
+Face datasets (parquet / arrow / folders, :mod:`qwenvl.data.hf_source`: one JSON line per row).
 A ``.jsonl`` line is stored as is and parsed on use, so a broken line becomes a bad sample (with
 its line number) instead of failing the whole run.
 """
@@ -59,7 +60,17 @@ class AnnotationStore:
 
     @classmethod
     def from_file(cls, path: str) -> AnnotationStore:
+        from qwenvl.data import hf_source
+
+        if hf_source.is_arrow_source(path):
+            return cls.from_lines(hf_source.iter_lines(path), path)
         return cls.from_bytes(storage.read_bytes(path), path)
+
+    @classmethod
+    def from_lines(cls, lines, source: str = "") -> AnnotationStore:
+        """A store of JSON lines (bytes) given one by one: a Hugging Face dataset's rows (row N = line N)."""
+        chunks = list(lines)
+        return cls._from_chunks(chunks, np.arange(1, len(chunks) + 1, dtype=np.int32), source)
 
     @classmethod
     def _from_chunks(cls, chunks: list[bytes], lines: np.ndarray, source: str) -> AnnotationStore:

@@ -1,0 +1,174 @@
+"""Hugging Face datasets as dictionary entries (qwenvl.data.hf_source): parquet with embedded image bytes, a
+save_to_disk folder, a folder of shards, a LLaMA-Factory file_name - check, check --deep, preview and the store
+see the same samples. Fixtures are written here with pyarrow (no network, no ``datasets`` library)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from qwenvl.data import annotations as ann  # noqa: E402
+from qwenvl.data import hf_source  # noqa: E402
+from qwenvl.data.dictionary import load_dictionary  # noqa: E402
+from qwenvl.data.store import AnnotationStore  # noqa: E402
+from vlsft.cli import app  # noqa: E402
+
+runner = CliRunner()
+HF_FEATURES = {"messages": [{"role": {"dtype": "string", "_type": "Value"},
+                             "content": {"dtype": "string", "_type": "Value"}}],
+               "images": {"feature": {"_type": "Image"}, "_type": "Sequence"}}
+
+
+def _png(colour: tuple[int, int, int], size: int = 56) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _rows(n: int, start: int = 0) -> list[dict]:
+    """messages records; every third one text-only (``images: []``), the others one embedded PNG."""
+    rows = []
+    for i in range(start, start + n):
+        imgs = [{"bytes": _png((i * 7 % 256, 40, 90)), "path": None}] if i % 3 else []
+        rows.append({"messages": [{"role": "user", "content": ("<image>" if imgs else "") + f"What is {i}?"},
+                                  {"role": "assistant", "content": f"It is {i}."}], "images": imgs})
+    return rows
+
+
+def _table(rows: list[dict], hf_meta: bool = True):
+    t = pa.Table.from_pylist(rows)
+    if hf_meta:
+        t = t.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": HF_FEATURES}})})
+    return t
+
+
+def _dictionary(tmp_path: Path, entries: dict) -> Path:
+    p = tmp_path / "dict.json"
+    p.write_text(json.dumps({k: {"data_path": None, "annotation_path": v} for k, v in entries.items()}))
+    return p
+
+
+def _save_to_disk(folder: Path, rows: list[dict]) -> None:
+    """The layout ``Dataset.save_to_disk`` writes: Arrow IPC *stream* shards + state.json + dataset_info.json."""
+    folder.mkdir(parents=True)
+    t = _table(rows)
+    names = []
+    for i, part in enumerate((t.slice(0, len(rows) // 2), t.slice(len(rows) // 2))):
+        name = f"data-{i:05d}-of-00002.arrow"
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, t.schema) as w:
+            w.write_table(part)
+        names.append({"filename": name})
+    (folder / "state.json").write_text(json.dumps({"_data_files": names, "_split": "train"}))
+    (folder / "dataset_info.json").write_text(json.dumps({"features": HF_FEATURES}))
+
+
+@pytest.fixture()
+def sources(tmp_path: Path) -> dict[str, str]:
+    pq.write_table(_table(_rows(9)), tmp_path / "one.parquet", row_group_size=4)
+    _save_to_disk(tmp_path / "saved", _rows(9))
+    shards = tmp_path / "hub" / "data"
+    shards.mkdir(parents=True)
+    pq.write_table(_table(_rows(5)), shards / "train-00000-of-00002.parquet")
+    pq.write_table(_table(_rows(4, 5)), shards / "train-00001-of-00002.parquet")
+    pq.write_table(_table(_rows(3, 100)), shards / "test-00000-of-00001.parquet")  # another split: not read
+    with pa.OSFile(str(tmp_path / "file.arrow"), "wb") as sink, pa.ipc.new_file(sink, _table(_rows(9)).schema) as w:
+        w.write_table(_table(_rows(9)))
+    return {"parquet": str(tmp_path / "one.parquet"), "saved": str(tmp_path / "saved"),
+            "shards": str(tmp_path / "hub"), "arrow_file": str(tmp_path / "file.arrow")}
+
+
+def test_every_layout_reads_the_same_records(sources):
+    want = [json.loads(line) for line in hf_source.iter_lines(sources["parquet"])]
+    assert len(want) == 9
+    for name, path in sources.items():
+        assert hf_source.count_rows(path) == 9, name
+        assert ann.count_records(path) == 9, name
+        store = AnnotationStore.from_file(path)
+        assert [store[i] for i in range(len(store))] == want, name
+        assert store.where(3) == f"{path}:4"  # row N (1-based) is line N
+    first = want[1]["images"][0]
+    assert first.startswith("data:image/png;base64,")
+    assert base64.b64decode(first.split(",", 1)[1]) == _png((7, 40, 90))
+    assert want[0]["images"] == []  # text-only rows of a List(Image) column
+
+
+def test_media_columns_without_hf_metadata_and_paths(tmp_path):
+    rows = [{"image": {"bytes": None, "path": "a.jpg"}, "conversations": [
+        {"from": "human", "value": "<image>hi"}, {"from": "gpt", "value": "yo"}]}]
+    pq.write_table(_table(rows, hf_meta=False), tmp_path / "p.parquet")
+    assert hf_source.media_columns(pq.read_schema(tmp_path / "p.parquet")) == {"image": "image"}
+    rec = next(hf_source.iter_rows(str(tmp_path / "p.parquet")))
+    assert rec["image"] == "a.jpg"  # a path stays a path, relative to data_path
+    info = ann.probe(str(tmp_path / "p.parquet"))
+    assert info.records == 1 and info.format == "official" and info.media_line == 1
+
+
+@pytest.mark.parametrize("deep", [(), ("--deep",), ("--deep", "--decode")])
+def test_check_counts(sources, tmp_path, deep):
+    p = _dictionary(tmp_path, sources)
+    r = runner.invoke(app, ["datasets", "check", str(p), "--json", *deep])
+    assert r.exit_code == 0, r.stdout
+    report = json.loads(r.stdout)
+    assert report["ok"] is True, report["problems"]
+    for row in report["datasets"]:
+        assert (row["format"], row["actual_length"], row["images"], row["text_only"]) == ("messages", 9, 6, 3), row
+
+
+def test_dictionary_accepts_folders_and_llamafactory_file_name(sources, tmp_path):
+    d = load_dictionary(_dictionary(tmp_path, sources))
+    assert not d.errors, [e.render() for e in d.errors]
+    assert d.record_counts == {k: 9 for k in sources}
+    lf = tmp_path / "lf"
+    lf.mkdir()
+    pq.write_table(_table(_rows(6)), lf / "mllm.parquet")
+    (lf / "dataset_info.json").write_text(json.dumps({"mllm_demo": {
+        "file_name": "mllm.parquet", "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
+    d = load_dictionary(lf / "dataset_info.json")
+    assert not d.errors, [e.render() for e in d.errors]
+    assert d.record_counts == {"mllm_demo": 6}
+    r = runner.invoke(app, ["datasets", "check", str(lf / "dataset_info.json"), "--deep", "--json"])
+    assert r.exit_code == 0, r.stdout
+    (row,) = json.loads(r.stdout)["datasets"]
+    assert (row["images"], row["text_only"]) == (4, 2)
+
+
+def test_folder_without_data_is_one_problem(tmp_path):
+    (tmp_path / "empty").mkdir()
+    d = load_dictionary(_dictionary(tmp_path, {"e": str(tmp_path / "empty")}))
+    assert len(d.errors) == 1 and "no .parquet / .arrow files" in d.errors[0].render()
+
+
+def test_preview_embedded_png_matches_jsonl(sources, tmp_path, qwen_tokenizer_dir, cli_env):
+    """The builder opens the data URL from memory: the parquet's sample = the same record as a .jsonl line."""
+    vision = Path(__file__).resolve().parents[1] / "qwenvl/data/vision.py"
+    if "data_url_bytes" not in vision.read_text():  # the builder's data: URL decoding lands separately
+        pytest.skip("the sample builder does not decode data: URL images yet")
+    jl = tmp_path / "same.jsonl"
+    jl.write_bytes(hf_source.jsonl_bytes(sources["parquet"]))
+    p = _dictionary(tmp_path, {"pq": sources["parquet"], "saved": sources["saved"], "jl": str(jl)})
+    got = {}
+    for name in ("pq", "saved", "jl"):
+        r = subprocess.run([sys.executable, "-m", "vlsft", "datasets", "preview", "--model", str(qwen_tokenizer_dir),
+                            "--dictionary", str(p), "--dataset", name, "--index", "4", "--json"],
+                           capture_output=True, text=True, env=cli_env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        got[name] = json.loads(r.stdout)
+    assert got["pq"]["image_grid_thw"] == [[1, 8, 8]]
+    for name in ("saved", "jl"):
+        for key in ("input_ids", "labels", "image_grid_thw", "pixel_values"):
+            assert got[name][key] == got["pq"][key], (name, key)
