@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_inprocess import vlsft as vlsft_in_process
 from PIL import Image
 
 Q, A = "\nWhat colour is it?", "Green."
@@ -52,8 +53,9 @@ def data(tmp_path) -> Path:
 
 
 def _preview(model: Path, dictionary: Path, name: str, env) -> dict:
-    r = vlsft("datasets", "preview", "--model", str(model), "--dictionary", str(dictionary), "--dataset", name,
-              "--index", "0", "--json", env=env)
+    """The preview JSON of sample 0 (in process: cli_inprocess; the subprocess form is test_preview_cli's)."""
+    r = vlsft_in_process("datasets", "preview", "--model", str(model), "--dictionary", str(dictionary), "--dataset",
+                         name, "--index", "0", "--json")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
     return json.loads(r.stdout)
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_inprocess import vlsft as vlsft_in_process
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +55,9 @@ def _run_yaml(folder: Path, model: Path, max_pixels: int) -> Path:
 
 
 def _preview(folder, model, max_pixels, env, *extra):
-    r = _vlsft("datasets", "preview", "--config", str(_run_yaml(folder, model, max_pixels)), "--dataset", "g",
-               "--index", "0", *extra, env=env)
+    """A successful preview of sample 0 (in process: cli_inprocess; the refusals below stay subprocesses)."""
+    r = vlsft_in_process("datasets", "preview", "--config", str(_run_yaml(folder, model, max_pixels)), "--dataset",
+                         "g", "--index", "0", *extra)
     assert r.returncode == 0, r.stderr
     return r
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_inprocess import vlsft as vlsft_in_process
 from PIL import Image
 
 from qwenvl.safe_write import Interrupted, atomic_folder
@@ -45,8 +46,9 @@ def mixed(tmp_path) -> Path:
 
 
 def _preview(model: Path, dictionary: Path, index: int, env) -> dict:
-    r = vlsft("datasets", "preview", "--model", str(model), "--dictionary", str(dictionary), "--dataset", "m",
-              "--index", str(index), "--json", env=env)
+    """The preview JSON of one sample (in process: cli_inprocess; the subprocess form is test_preview_cli's)."""
+    r = vlsft_in_process("datasets", "preview", "--model", str(model), "--dictionary", str(dictionary), "--dataset",
+                         "m", "--index", str(index), "--json")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
     return json.loads(r.stdout)
 
