@@ -76,7 +76,20 @@ def builder(qwen_tokenizer_dir):
 
 # ---- generated records --------------------------------------------------------------------------------------
 
-IMAGES = ["good.png", "link.png", "missing.jpg", "folder.png", "dangling.jpg", "loop.jpg", " good.png"]
+def _data_url(data: bytes) -> str:
+    import base64
+    import io
+
+    if not data:
+        b = io.BytesIO()
+        Image.new("RGB", (30, 20), (10, 200, 30)).save(b, "PNG")
+        data = b.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+# inline base64 images (issue 23): a good one, invalid base64, bytes that are no image, not an image type
+DATA_URLS = [_data_url(b""), "data:image/png;base64,AA", _data_url(b"plain text"), "data:text/plain;base64,aGk="]
+IMAGES = ["good.png", "link.png", "missing.jpg", "folder.png", "dangling.jpg", "loop.jpg", " good.png", *DATA_URLS]
 VIDEOS = ["clip.mp4", "missing.mp4", "folder.mp4", "dangling.mp4"]
 ODD = [None, "", "  ", 5, [], [5], [""], {"path": "good.png"}]
 TEXTS = ["q", "Describe.", "", "   ", "<image>", "<video>", "<image>\n<image>", "<image> and <video>",
@@ -217,7 +230,7 @@ def _part(kind: str, draw) -> object:
     if kind == "audio":
         return {"type": "input_audio", "input_audio": {"data": "x"}}
     if kind == "data_url":
-        return {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}
+        return {"type": "image_url", "image_url": {"url": draw(st.sampled_from(DATA_URLS))}}
     return draw(st.sampled_from(["raw", 5, {"text": "no type"}]))
 
 

@@ -161,7 +161,7 @@ def test_frame_list_video(builder, media):
     ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}, {"role": "assistant", "content": "a"}]},
      "bad_conversation", "content part type 'input_audio' is not read"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]},
-                   {"role": "assistant", "content": "a"}]}, "bad_media_field", "inline data: URL image"),
+                   {"role": "assistant", "content": "a"}]}, "media_unreadable", "inline data: URL image is not valid base64"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]},
                    {"role": "assistant", "content": "a"}], "images": ["a.png"]}, "bad_media_field", "both inline"),
     ({"messages": [{"role": "user", "content": "<image><image>"}, {"role": "assistant", "content": "a"}],

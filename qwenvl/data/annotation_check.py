@@ -41,7 +41,7 @@ from qwenvl.data.annotation_read import (
     oneline,
 )
 from qwenvl.data.media_exist import check_http, check_local
-from qwenvl.data.sample_rules import is_path, kind_of, record_problems
+from qwenvl.data.sample_rules import is_path, kind_of, record_problems, shown
 from qwenvl.problems import Problem
 from qwenvl.secrets import mask_url
 
@@ -135,7 +135,7 @@ def _check_formatted(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[st
             res.text_only += 1
         if deep and media is not None:
             for p in (*imgs, *[v for v in vids if type(v) is str], *frames):
-                if p.__class__ is str and p not in media and is_path(p):
+                if p.__class__ is str and p not in media and is_path(p) and p[:5] != "data:":  # inline: no file
                     media[p] = loc
             if res.video_paths is not None:
                 for p in vids:
@@ -201,7 +201,7 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
             return
         if media is not None:
             for p in imgs:
-                if p.__class__ is str and p not in media and is_path(p):
+                if p.__class__ is str and p not in media and is_path(p) and p[:5] != "data:":  # inline: no file
                     media[p] = loc
             for p in vids:
                 if p.__class__ is str and p not in media and is_path(p):
@@ -368,10 +368,9 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
         finally:
             _JOB.clear()
     del items
-    if media:
-        gone = _check_media_exist(media, data_path, sink, res, list_progress)
-        if decode:
-            _decode_media(roles, data_path, gone, sink, res, decode_progress)
+    gone = _check_media_exist(media, data_path, sink, res, list_progress) if media else set()
+    if decode and media is not None:  # (inline data: URL images are decoded even when no file is named)
+        _decode_media(roles, data_path, gone, sink, res, decode_progress)
     if res.grounded:
         _check_grounding(res, sink, data_path, fmt.bbox_format if fmt is not None else "pixel")
     _sink_problems(res, sink, data, path)
@@ -635,6 +634,9 @@ def _decode_media(roles: tuple[dict, dict], data_path: str | None, gone: set[str
     todo: dict[tuple[str, bool], Any] = {}  # (full path, is video) -> locator of the first sample naming it so
     for is_video, paths in enumerate(roles):
         for rel, loc in paths.items():
+            if rel[:5] == "data:" and not is_video:  # an inline image: decoded from the record itself
+                todo[(rel, False)] = loc
+                continue
             if rel in gone or not is_path(rel) or storage.is_url(rel) or (data_path is None and not os.path.isabs(rel)):
                 continue
             full = storage.join(data_path, rel)
@@ -645,7 +647,7 @@ def _decode_media(roles: tuple[dict, dict], data_path: str | None, gone: set[str
     for full, is_video in sorted(bad, key=lambda k: _order(todo[k])):
         res.undecodable_media += 1
         sink.add(todo[(full, is_video)], "media_unreadable", "error", f"cannot decode {'video' if is_video else 'image'} "
-                 f"{full}: {bad[(full, is_video)]}", key="video" if is_video else "image",
+                 f"{shown(full)}: {bad[(full, is_video)]}", key="video" if is_video else "image",
                  hint="replace or re-encode the file, or drop the sample: the trainer skips it", kind="media_unreadable")
 
 

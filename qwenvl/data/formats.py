@@ -38,7 +38,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qwenvl.data.sample_rules import kind_of, record_problems
+from qwenvl.data.sample_rules import data_url_bytes, kind_of, record_problems, shown
 
 FORMATS = ("official", "messages", "sharegpt")
 TRAIN_ON = ("all", "last")
@@ -253,10 +253,14 @@ def _parts(parts: list, ckey: str, out: list, inline: dict) -> str | None:
         if src is None:
             inline["bare_" + media] += 1
         else:
-            if type(src) is str and src.startswith("data:"):
-                out.append(_err("data_url", f"an inline data: URL {media} is not read", ckey,
-                                f"save the {media} to a file and give its path", "bad_media_field"))
-                return None
+            if type(src) is str and src[:5] == "data:":  # base64 bytes in the record: decoded in memory
+                why = "is not read" if media == "video" else data_url_bytes(src)[1]
+                if why is not None:
+                    out.append(_err("data_url", f"an inline data: URL {media} {why}: {shown(src)}", ckey,
+                                    f"save the {media} to a file and give its path" if media == "video" else
+                                    "re-encode the image as base64 (data:image/png;base64,...) or give a file path",
+                                    "bad_media_field" if media == "video" else "media_unreadable"))
+                    return None
             if media == "video" and type(src) is list:
                 src = tuple(src)
             inline[media].append(src)
@@ -422,6 +426,8 @@ def _media_fields(rec: dict, f, inline: dict, internal: dict, out: list) -> bool
     """The record's images / videos into ``internal``: inline parts or the format's media keys (never both)."""
     for media, key in (("image", f.images_key), ("video", f.videos_key)):
         listed = rec.get(key)
+        if listed == []:  # a text-only row of a List(Image) column (HF datasets, LLaMA-Factory): no media
+            listed = None
         if inline[media]:
             if listed is not None or inline["bare_" + media]:
                 out.append(_err("mixed_media", f"{media}s are given both inline in the parts and in '{key}'", key,
@@ -557,7 +563,18 @@ def remap(problems: list, fmt: FormatSpec | None) -> list:
     f = fmt.keys()
     names = {"conversations": f.messages_key, "image": f.images_key, "video": f.videos_key,
              "content": f.content_key, "value": f.content_key}
-    return [(s, k, c, m, names.get(key, key), h) for s, k, c, m, key, h in problems]
+    return [(s, k, c, _own_words(m, names), names.get(key, key), _own_words(h, names))
+            for s, k, c, m, key, h in problems]
+
+
+def _own_words(text: str | None, names: dict) -> str | None:
+    """A rule's message or hint with the quoted internal keys (``'image'``) in the dataset's words."""
+    if not text or "'" not in text:
+        return text
+    for ours, theirs in names.items():
+        if ours != theirs:
+            text = text.replace(f"'{ours}'", f"'{theirs}'")
+    return text
 
 
 def settle(declared: FormatSpec | None, records) -> FormatSpec:

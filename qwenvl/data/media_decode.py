@@ -21,19 +21,30 @@ BATCH = 32  # files per unit of work (and per progress update)
 
 
 def _image_problem(path: str) -> str | None:
+    import io
+
     from PIL import Image
 
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        if size >= 2:
-            f.seek(-2, os.SEEK_END)
-        tail = f.read(2)
+    if path[:5] == "data:":  # an inline base64 image: its bytes, decoded in memory (as the trainer does)
+        from qwenvl.data.sample_rules import data_url_bytes
+
+        data, why = data_url_bytes(path)
+        if data is None:
+            return f"the data: URL {why}"
+        head, size, tail, src = data[:4], len(data), data[-2:], io.BytesIO(data)
+    else:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size >= 2:
+                f.seek(-2, os.SEEK_END)
+            tail = f.read(2)
+        src = path
     if size == 0:
         return "an empty file (0 bytes)"
     try:
-        with Image.open(path) as im:
+        with Image.open(src) as im:
             w, h = im.size
             fmt = im.format
             limit = Image.MAX_IMAGE_PIXELS

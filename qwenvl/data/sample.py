@@ -166,7 +166,10 @@ def _as_list(value) -> list[str]:
 
 def _media_path(data_path: str | None, rel: str, key: str) -> str:
     """``rel`` resolved against ``data_path``; a relative path with no ``data_path`` is a bad sample
-    (it would otherwise be looked up in whatever folder the trainer was started from)."""
+    (it would otherwise be looked up in whatever folder the trainer was started from). An inline ``data:`` URL
+    stays as it is: :func:`qwenvl.data.vision.open_image` decodes it in memory."""
+    if rel[:5] == "data:":
+        return rel
     if not data_path and not (storage.is_url(rel) or os.path.isabs(rel)):
         raise BadSample(f"{key} path {rel!r} is relative but the dataset has no data_path: set data_path in the "
                         "dataset dictionary, or use absolute paths / URLs", "no_data_path")

@@ -62,12 +62,68 @@ def is_path(p: Any) -> bool:
     return p.__class__ is str and bool(p) and not p.isspace()
 
 
+#: the image formats a ``data:`` URL may hold, by their first bytes (what PIL opens; WebP is checked apart)
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+          (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def is_data_url(p: Any) -> bool:
+    """An inline ``data:`` URL (base64 image bytes in the annotation itself: OpenAI vision JSONL, ms-swift)."""
+    return p.__class__ is str and p[:5] == "data:"
+
+
+def shown(p: Any) -> str:
+    """A media entry as a message shows it: a ``data:`` URL by its head and length, never its whole payload."""
+    if is_data_url(p) and len(p) > 48:
+        return f"{p[:40]}... ({len(p):,} characters)"
+    return str(p)
+
+
+def data_url_bytes(url: str) -> tuple[bytes | None, str | None]:
+    """``(image bytes, None)`` of a base64 ``data:image/...`` URL, or ``(None, why not)``. The one reading of an
+    inline image: the rule below, the builder (:func:`qwenvl.data.vision.open_image`) and ``--decode`` use it."""
+    import base64
+    import binascii
+
+    head, comma, payload = url.partition(",")
+    params = head[5:].split(";")
+    if not comma or params[-1].strip().lower() != "base64":
+        return None, "is not a base64 data: URL (data:image/png;base64,...)"
+    if not params[0].lower().startswith("image/"):
+        return None, f"holds {params[0] or 'no media type'!r}, not an image"
+    if any(c in payload for c in " \n\r\t"):
+        payload = "".join(payload.split())
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        return None, f"is not valid base64 ({e})"
+    if not data:
+        return None, "holds no bytes"
+    if not any(data.startswith(m) for m, _ in _MAGIC) and not (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return None, "holds no PNG, JPEG, GIF, WebP, BMP or TIFF bytes (by its first bytes)"
+    return data, None
+
+
+def _data_url_problem(key: str, p: str, out: list) -> None:
+    """An inline ``data:`` URL entry of ``key``: a video is not read; an image must decode as base64 image bytes."""
+    if key == "video":
+        out.append(("error", "bad_media_field", "data_url", f"a data: URL video is not read: {shown(p)}", key,
+                    "save the video to a file and give its path"))
+        return
+    why = data_url_bytes(p)[1]
+    if why is not None:
+        out.append(("error", "media_unreadable", "data_url", f"an inline data: URL image {why}: {shown(p)}", key,
+                    "re-encode the image as base64 (data:image/png;base64,...) or give a file path"))
+
+
 def _media_field(key: str, value: Any, out: list) -> int:
     """Problems of an ``image``/``video`` value that is not None; returns its number of entries."""
     if type(value) is str:
         if not value or value.isspace():
             out.append(("error", "bad_media_field", "media_type", f"{key} entry {value!r} is not a path", key,
                         "an empty path: drop the key for a sample without media"))
+        elif value[:5] == "data:":
+            _data_url_problem(key, value, out)
         return 1
     if type(value) is list:
         if not value:
@@ -78,10 +134,15 @@ def _media_field(key: str, value: Any, out: list) -> int:
                 if not p or not all(is_path(x) for x in p):
                     out.append(("error", "bad_media_field", "media_type", f"a frame-list video must be a non-empty "
                                 f"list of image paths, found {list(p)!r}", key, "list the frame image files in order"))
+                for x in p:
+                    if x[:5] == "data:" if x.__class__ is str else False:
+                        _data_url_problem("image", x, out)
                 continue
             if p.__class__ is not str or not p or p.isspace():
                 out.append(("error", "bad_media_field", "media_type", f"{key} entry {p!r} is not a path", key,
                             "each entry is a file path string, relative to data_path or absolute"))
+            elif p[:5] == "data:":
+                _data_url_problem(key, p, out)
         return len(value)
     out.append(("error", "bad_media_field", "media_type", f"'{key}' must be a path or a list of paths, found "
                 f"{kind_of(value)}", key, None))
@@ -246,8 +307,9 @@ def record_problems(rec: Any) -> list[Item]:
         return [("error", "not_object", "not_object", f"sample is {kind_of(rec)}, not a JSON object", None,
                  'each sample is {"image": ..., "conversations": [...]}')]
     out: list[Item] = []
-    if "images" in rec or "videos" in rec:
-        bad = "images" if "images" in rec else "videos"
+    if ("images" in rec and rec["images"] != []) or ("videos" in rec and rec["videos"] != []):
+        # an empty list holds no media to lose (a text-only row of a List(Image) column): not a problem
+        bad = "images" if "images" in rec and rec["images"] != [] else "videos"
         if MISSPELT[bad] in rec:
             out.append(("warning", "misspelt_media_key", "misspelt_media_key", f"key '{bad}' is ignored: the "
                         f"sample uses '{MISSPELT[bad]}'", bad, f"delete '{bad}'"))
@@ -256,10 +318,10 @@ def record_problems(rec: Any) -> list[Item]:
                         "the sample would silently train as text-only", bad, f"rename '{bad}' to '{MISSPELT[bad]}'"))
     img = rec.get("image")
     vid = rec.get("video")
-    n_images = 0 if img is None else (1 if type(img) is str and img and not img.isspace() else
-                                      _media_field("image", img, out))
-    n_videos = 0 if vid is None else (1 if type(vid) is str and vid and not vid.isspace() else
-                                      _media_field("video", vid, out))
+    n_images = 0 if img is None else (1 if type(img) is str and img and not img.isspace() and img[:5] != "data:"
+                                      else _media_field("image", img, out))
+    n_videos = 0 if vid is None else (1 if type(vid) is str and vid and not vid.isspace() and vid[:5] != "data:"
+                                      else _media_field("video", vid, out))
     n_img, n_vid, no_answer = conversation_problems(rec.get("conversations"), out, rec)
     if n_img >= 0:
         if n_img != n_images:

@@ -35,7 +35,7 @@ from PIL import Image
 
 from qwenvl import storage
 from qwenvl.data.preprocess import BadSample
-from qwenvl.data.sample_rules import local_media_problem
+from qwenvl.data.sample_rules import data_url_bytes, local_media_problem, shown
 from qwenvl.secrets import mask_url, mask_urls
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,12 @@ def open_image(path: str, exif: bool = False) -> Image.Image:
     """Open an image (local path or URL) and convert it to RGB the way the official code does (``exif=True``:
     apply the EXIF orientation first, as HEAD's ``load_image`` does for Qwen3-VL)."""
     try:
-        if storage.is_url(path):
+        if path[:5] == "data:":  # an inline base64 image (OpenAI vision JSONL, ms-swift): decoded in memory
+            data, why = data_url_bytes(path)
+            if data is None:
+                raise MediaError(f"an inline data: URL image {why}: {shown(path)}")
+            img = Image.open(io.BytesIO(data))
+        elif storage.is_url(path):
             img = Image.open(io.BytesIO(storage.read_bytes(path)))
         else:
             bad = _missing(path, "image")
@@ -140,7 +145,7 @@ def open_image(path: str, exif: bool = False) -> Image.Image:
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         raise MediaError(f"image not found: {path}", "missing_media") from e
     except Exception as e:  # PIL raises many types for corrupt files
-        raise MediaError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        raise MediaError(f"cannot read image {shown(path)}: {type(e).__name__}: {e}") from e
 
 
 def process_images(images: list[Image.Image], spec: VisionSpec, min_pixels: int, max_pixels: int,

@@ -1,0 +1,204 @@
+"""Issue 23 items 2-3: the remaining record shapes, one verdict per sample across check, --deep, preview, trainer.
+
+* ``"images": []`` on a text-only row (every text-only row of a ``List(Image)`` column) is a text-only sample;
+* base64 ``data:`` URL images (OpenAI vision JSONL parts, ms-swift ``images``) are decoded in memory, counted as
+  images, and a corrupt one is one line naming the key the user wrote.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from qwenvl.data import formats, sample_rules
+from qwenvl.data.annotations import scan
+from qwenvl.data.preprocess import BadSample
+from qwenvl.data.sample import SampleBuilder, VisionBudget
+
+
+def _png(color=(20, 120, 220), size=(40, 30), fmt="PNG") -> bytes:
+    b = io.BytesIO()
+    Image.new("RGB", size, color).save(b, fmt)
+    return b.getvalue()
+
+
+def _url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+GOOD = _url(_png())
+BAD_B64 = "data:image/png;base64,AAA*"
+NOT_IMAGE = _url(b"hello, this is text")
+TRUNCATED = _url(_png()[:60])
+
+
+@pytest.fixture(scope="module")
+def builder(qwen_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return SampleBuilder(AutoTokenizer.from_pretrained(qwen_tokenizer_dir), VisionBudget(max_pixels=50176,
+                                                                                         min_pixels=784))
+
+
+def _msg(images=None, content="<image>What colour?", **extra) -> dict:
+    rec = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "Blue."}], **extra}
+    if images is not None:
+        rec["images"] = images
+    return rec
+
+
+def _sharegpt(images) -> dict:
+    return {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], "images": images}
+
+
+def _openai(url: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "What colour?"}]},
+                         {"role": "assistant", "content": "Blue."}]}
+
+
+def _scan(tmp_path: Path, records: list, deep=True, decode=False):
+    p = tmp_path / "a.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return scan(str(p), str(tmp_path), deep=deep, workers=1, decode=decode)
+
+
+def _build(builder, rec, data_path, fmt=None):
+    fmt = fmt or formats.settle(None, [(1, rec)])
+    try:
+        return builder.build(rec, str(data_path), fmt), None
+    except BadSample as e:
+        return None, e
+
+
+# ---- item 1: "images": [] -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rec", [_sharegpt([]), _msg([], content="Hi"), _msg([], content="Hi", videos=[]),
+                                 {**_sharegpt([]), "videos": []}])
+def test_empty_images_list_is_text_only_everywhere(tmp_path, builder, rec):
+    for deep in (False, True):
+        res = _scan(tmp_path, [rec], deep=deep)
+        assert (res.text_only, res.images, [p.render() for p in res.problems]) == (1, 0, [])
+    out, err = _build(builder, rec, tmp_path)
+    assert err is None and "pixel_values" not in out
+
+
+def test_empty_images_list_in_an_official_dataset_is_no_problem(tmp_path, builder):
+    """A text-only row of an official dataset that also carries an empty ``images`` column."""
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}]},
+            {"images": [], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]
+    res = _scan(tmp_path, rows)
+    assert (res.images, res.text_only, [p.render() for p in res.problems]) == (1, 1, [])
+    assert _build(builder, rows[1], tmp_path, formats.OFFICIAL)[1] is None
+
+
+def test_rule_messages_name_the_users_key(tmp_path):
+    """A problem of the internal record is worded with the dataset's keys: 'images', never 'image'."""
+    res = _scan(tmp_path, [_msg([""])])
+    (p,) = [p for p in res.problems if p.is_error]
+    assert p.key == "images" and "'image'" not in p.render()
+    res = _scan(tmp_path, [_msg(["x.png"], content="What colour?")])
+    assert "'image'" not in " ".join(p.render() for p in res.problems)
+
+
+# ---- item 2: data: URLs ----------------------------------------------------------------------------------------
+
+def test_data_url_bytes():
+    assert sample_rules.data_url_bytes(GOOD)[0] == _png()
+    assert sample_rules.data_url_bytes(_url(_png(fmt="JPEG"), "image/jpeg"))[1] is None
+    assert sample_rules.data_url_bytes(GOOD[:30] + "\n" + GOOD[30:])[1] is None  # MIME line breaks
+    for url, why in ((BAD_B64, "not valid base64"), (NOT_IMAGE, "holds no PNG"),
+                     ("data:image/png," + "x", "not a base64 data: URL"), ("data:text/plain;base64,aGk=", "not an image"),
+                     ("data:image/png;base64,", "holds no bytes")):
+        assert why in sample_rules.data_url_bytes(url)[1], url
+    assert sample_rules.shown(GOOD).endswith(f"({len(GOOD):,} characters)") and len(sample_rules.shown(GOOD)) < 80
+
+
+@pytest.mark.parametrize("shape", ["openai", "swift", "official"])
+def test_data_url_image_is_decoded_in_memory_like_the_file(tmp_path, builder, shape):
+    (tmp_path / "blue.png").write_bytes(_png())
+    rec = {"openai": _openai(GOOD), "swift": _msg([GOOD]),
+           "official": {"image": GOOD, "conversations": [{"from": "human", "value": "<image>What colour?"},
+                                                         {"from": "gpt", "value": "Blue."}]}}[shape]
+    twin = {"openai": _openai("blue.png"), "swift": _msg(["blue.png"]),
+            "official": {**rec, "image": "blue.png"}}[shape]
+    before = sorted(os.listdir(tmp_path))
+    got, err = _build(builder, rec, tmp_path)
+    assert err is None
+    want, _ = _build(builder, twin, tmp_path)
+    for key in ("input_ids", "labels", "pixel_values", "image_grid_thw"):
+        assert got[key].tolist() == want[key].tolist(), key
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written next to the user's data
+    for deep in (False, True):
+        res = _scan(tmp_path, [rec], deep=deep)
+        assert (res.images, res.text_only, res.media_files, [p.render() for p in res.problems]) == (1, 0, 0, [])
+
+
+@pytest.mark.parametrize("url,kind", [(BAD_B64, "media_unreadable"), (NOT_IMAGE, "media_unreadable"),
+                                      ("data:text/plain;base64,aGk=", "media_unreadable")])
+@pytest.mark.parametrize("shape", ["openai", "swift"])
+def test_corrupt_data_url_is_one_line_and_the_same_verdict(tmp_path, builder, url, kind, shape):
+    rec = _openai(url) if shape == "openai" else _msg([url])
+    res = _scan(tmp_path, [rec])
+    errors = [p for p in res.problems if p.is_error]
+    assert len(errors) == 1 and res.kinds[errors[0]] == kind, [p.render() for p in res.problems]
+    assert errors[0].key == ("content" if shape == "openai" else "images")
+    assert "data: URL" in errors[0].message and len(errors[0].render()) < 400
+    _, err = _build(builder, rec, tmp_path)
+    assert err is not None and err.kind == kind
+
+
+def test_truncated_data_url_is_found_by_decode_and_skipped_by_the_trainer(tmp_path, builder):
+    rec = _msg([TRUNCATED])
+    assert [p for p in _scan(tmp_path, [rec]).problems if p.is_error] == []  # the bytes look like a PNG ...
+    res = _scan(tmp_path, [rec], decode=True)  # ... --decode opens them, as it opens files
+    (p,) = [p for p in res.problems if p.is_error]
+    assert res.kinds[p] == "media_unreadable" and len(p.render()) < 400
+    _, err = _build(builder, rec, tmp_path)
+    assert err is not None and err.kind == "media_unreadable" and len(str(err)) < 400
+
+
+def test_data_url_video_is_refused_in_one_line(tmp_path, builder):
+    rec = _msg(None, content="<video>What happens?", videos=["data:video/mp4;base64,AAAA"])
+    (p,) = [p for p in _scan(tmp_path, [rec]).problems if p.is_error]
+    assert p.key == "videos" and "data: URL video" in p.message
+    assert _build(builder, rec, tmp_path)[1].kind == "bad_media_field"
+
+
+def test_cli_check_and_preview_agree_on_data_urls_and_empty_images(tmp_path, qwen_tokenizer_dir, builder):
+    rows = [_openai(GOOD), _msg([GOOD]), _msg([], content="Hello"), _msg([], content="Hi"), _msg([NOT_IMAGE])]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps({"t": {"annotation_path": "t.jsonl"}}))
+    (tmp_path / "run.yaml").write_text(f"model:\n  name_or_path: {qwen_tokenizer_dir}\ndata:\n  dictionary: d.json\n"
+                                       "  max_pixels: 50176\n  min_pixels: 784\noutput:\n  dir: out\n")
+    run = [sys.executable, "-m", "vlsft", "datasets"]
+    plain = json.loads(subprocess.run([*run, "check", str(tmp_path / "d.json"), "--json"], capture_output=True,
+                                      text=True, timeout=120).stdout)
+    deep = subprocess.run([*run, "check", str(tmp_path / "d.json"), "--deep", "--json"], capture_output=True,
+                          text=True, timeout=120)
+    (ds,) = plain["datasets"]
+    assert (ds["images"], ds["text_only"]) == (3, 2), ds
+    problems = json.loads(deep.stdout)["problems"]
+    assert [(p["line"], p["key"]) for p in problems if p["severity"] == "error"] == [(5, "images")], problems
+    fmt = formats.settle(None, [(1, rows[0])])
+    for i, rec in enumerate(rows):
+        if i in (1, 3):  # (the same shapes as 0 and 2: one preview run each is enough)
+            continue
+        r = subprocess.run([*run, "preview", "--config", str(tmp_path / "run.yaml"), "--dataset", "t", "--index",
+                            str(i), "--json"], capture_output=True, text=True, timeout=120)
+        built, err = _build(builder, rec, tmp_path, fmt)
+        if err is not None:
+            assert r.returncode == 1 and "data: URL" in r.stdout + r.stderr and "Traceback" not in r.stderr, r.stderr
+            continue
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = json.loads(r.stdout)
+        assert got["input_ids"] == built["input_ids"].tolist() and got["labels"] == built["labels"].tolist()
