@@ -34,6 +34,9 @@
   (:mod:`qwenvl.data.length_estimate`) and sends them to the other ranks; the training DataLoader's batch sampler is
   :class:`~qwenvl.data.length_sampler.TokenBudgetBatchSampler` (every sample once per epoch, the same number of
   steps on every rank, seeded by ``data_seed`` / ``seed`` and the epoch). Evaluation batches are unchanged.
+* Data position (:class:`~qwenvl.trainer_position.DataPositionMixin`): every checkpoint carries
+  ``vlsft-position.json`` (geometry, epoch, samples of it trained); a resume places the run by samples, so a new
+  world size, batch, accumulation or ``packing_rows`` trains each sample of the epoch once.
 * ``VLSFT_SAMPLE_LOG=1`` writes ``<output_dir>/logs/samples-rank<R>.jsonl``: per micro-batch the rank,
   world size, fingerprints of the samples and its image/video token counts (used by the tests to prove
   that ranks see different data).
@@ -62,6 +65,7 @@ from qwenvl.model import parameter_groups
 from qwenvl.optim import adamw_kwargs
 from qwenvl.optim import describe as describe_optimizer
 from qwenvl.problems import UserError
+from qwenvl.trainer_position import DataPositionMixin
 
 __all__ = ["QwenVLTrainer", "dataset_loss_sums", "token_mean_loss"]
 
@@ -102,7 +106,7 @@ def _segments(inputs: dict) -> list[torch.Tensor]:
     return out
 
 
-class QwenVLTrainer(Trainer):
+class QwenVLTrainer(DataPositionMixin, Trainer):
     def __init__(self, *args, image_token_id: int | None = None, video_token_id: int | None = None,
                  data_report: dict | None = None, bad_sample_monitor=None, dataset_names: list[str] | None = None,
                  **kwargs):
@@ -189,7 +193,7 @@ class QwenVLTrainer(Trainer):
 
         self._token_sampler = self._make_token_sampler(int(rows))
         a = self.args
-        params = {"batch_sampler": self._token_sampler, "collate_fn": self.data_collator,
+        params = {"batch_sampler": self.data_order(self._token_sampler), "collate_fn": self.data_collator,
                   "num_workers": a.dataloader_num_workers, "pin_memory": a.dataloader_pin_memory,
                   "persistent_workers": a.dataloader_persistent_workers,
                   "multiprocessing_context": a.dataloader_multiprocessing_context,
