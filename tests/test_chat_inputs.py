@@ -78,6 +78,7 @@ def test_video_problem_accepts_a_real_video():
     assert infer.pixel_limits_problem(VIDEO.parent, 3136, 3136) is None
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_the_models_positions_is_refused(tiny_model_dir):
     limit = json.loads((tiny_model_dir / "config.json").read_text())["text_config"]["max_position_embeddings"]
     prompt = "7" * (limit + 10)  # one token per digit in the Qwen tokenizers

@@ -81,6 +81,7 @@ def test_per_dataset_training_losses_sum_to_the_loss_and_separate(trained_run):
     assert last["loss/mem"] < last["loss/noise"] - 0.3, (last["loss/mem"], last["loss/noise"])
 
 
+@pytest.mark.slow
 def test_dataset_tags_survive_padded_flatten_and_packing(tiny_model_dir):
     """Per-dataset loss sums of one forward are the same whether the batch is padded, flattened or packed."""
     import torch

@@ -60,6 +60,7 @@ def _preview(model: Path, dictionary: Path, name: str, env) -> dict:
     return json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_preview_is_identical_in_every_format(data, qwen_tokenizer_dir, cli_env):
     ref = _preview(qwen_tokenizer_dir, data / "d.json", "official", cli_env)
     assert ref["format"] == "official" and ref["image_grid_thw"] == [[1, 10, 8]]

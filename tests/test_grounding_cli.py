@@ -62,6 +62,7 @@ def _preview(folder, model, max_pixels, env, *extra):
     return r
 
 
+@pytest.mark.slow
 def test_same_annotation_each_family_convention_and_only_qwen25_moves_with_max_pixels(ground, models, cli_env):
     from transformers import AutoTokenizer
 
@@ -210,6 +211,7 @@ def test_deep_check_of_a_messages_dataset_reads_its_objects(tmp_path, cli_env):
     assert "grounding m: 2 boxes, 2 rescaled for Qwen2.5-VL (default max_pixels), 1 suspicious" in r.stdout
 
 
+@pytest.mark.slow
 def test_predict_renders_grounding_and_reports_iou(tmp_path, tiny_model_dir, cli_env):
     """``vlsft predict`` on a grounding dataset: the prompt and reference in the model's convention (tiny Qwen2.5-VL,
     its processor's limits: 1000x500 -> 1008x504), and IoU@0.5 / mean IoU of parsed boxes in original pixels."""

@@ -149,6 +149,7 @@ def test_quantize_refused_without_cuda_and_its_config():
     assert lora.quantization_kwargs(None, torch.float32) == {}
 
 
+@pytest.mark.slow
 def test_trainer_refuses_qlora_on_cpu_in_one_line_before_loading(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the refusal is for CPU-only machines")

@@ -42,6 +42,7 @@ def _batch(rows=2, length=150, seed=0):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}, labels, datasets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("num_items", [None, 300])
 def test_equal_to_the_models_own_loss_and_gradients(family, num_items, monkeypatch):

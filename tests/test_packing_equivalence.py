@@ -17,6 +17,8 @@ from equivalence import max_rel_grad as _max_rel_grad
 from qwenvl.data.collate import DataCollator, pop_batch_stats
 from qwenvl.data.sample import SampleBuilder, VisionBudget
 
+pytestmark = pytest.mark.slow
+
 MODEL_KEYS = ("input_ids", "labels", "position_ids", "attention_mask", "pixel_values", "image_grid_thw",
               "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "cu_seq_lens_q", "cu_seq_lens_k",
               "max_length_q", "max_length_k", "use_cache")

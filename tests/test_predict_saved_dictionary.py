@@ -13,6 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
 VLSFT = str(Path(sys.executable).with_name("vlsft"))

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture()
 def run_yaml(tmp_path, golden_dir, qwen_tokenizer_dir):

@@ -208,6 +208,7 @@ output: {{dir: {path.parent / "out"}}}
     return path
 
 
+@pytest.mark.slow
 def test_preview_of_s3_sample_equals_local(s3_dataset, env, tiny_model_dir, tmp_path):
     """`vlsft datasets preview --json` of the S3 video sample equals the same sample on local disk.
 

@@ -120,6 +120,7 @@ storage: {{endpoint_url: "${{S3_TEST_ENDPOINT}}"}}
     assert elapsed < 15
 
 
+@pytest.mark.slow
 def test_trainer_alone_reports_storage_errors_in_one_line(s3_server, cli_env, tiny_model_dir, tmp_path):  # noqa: F811
     """`python -m qwenvl.train` (no vlsft front door) with a wrong secret: one error line, exit 2, no traceback."""
     ds = upload_dataset(s3_server, tmp_path / "data")

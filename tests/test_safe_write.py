@@ -53,6 +53,7 @@ def _preview(model: Path, dictionary: Path, index: int, env) -> dict:
     return json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_convert_keeps_a_system_prompt_of_some_samples_in_those_samples(mixed, qwen_tokenizer_dir, cli_env):
     out = mixed / "conv"
     r = vlsft("datasets", "convert", str(mixed / "d.json"), "--out", str(out))
@@ -152,6 +153,7 @@ def test_print_args_and_train_with_a_too_long_output_dir_are_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_preview_draw_into_bad_destinations_is_one_line(mixed, qwen_tokenizer_dir, cli_env):
     dests = {**_bad_destinations(mixed), "unwritable": Path("/proc/vlsft-seen.png")}
     for case, dest in dests.items():

@@ -81,6 +81,7 @@ def _step(model, batch, counter):
     return float(out.loss.detach()), grads, counter.result()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_images", [1, 12])
 def test_step_cost_bounds_and_exactness(step_cost, qwen_tokenizer_dir, n_images):
     batch = _batch(qwen_tokenizer_dir, n_images)
