@@ -67,7 +67,7 @@ def _final_model(out: Path) -> list[str]:
 
 
 def test_every_sample_bad_is_an_error_not_a_done_run(tmp_path, tiny_model_dir):
-    p, out = _run(tmp_path, tiny_model_dir, _records(8, {i: "missing_media" for i in range(8)}), port=29681,
+    p, out = _run(tmp_path, tiny_model_dir, _records(8, {i: "missing_media" for i in range(8)}), port=29691,
                   ratio=1.0, steps=2)
     text = p.stdout + p.stderr
     assert p.returncode == 2, text[-4000:]
@@ -85,7 +85,7 @@ def test_every_sample_bad_is_an_error_not_a_done_run(tmp_path, tiny_model_dir):
 
 def test_fifteen_percent_bad_in_a_tiny_set_stops_with_counts_by_kind(tmp_path, tiny_model_dir):
     bad = {3: "missing_media", 9: "too_long", 16: "missing_media"}  # 3 of 20 = 15 %
-    p, out = _run(tmp_path, tiny_model_dir, _records(20, bad), port=29683, ratio=0.01)
+    p, out = _run(tmp_path, tiny_model_dir, _records(20, bad), port=29693, ratio=0.01)
     text = p.stdout + p.stderr
     assert p.returncode == 2, text[-4000:]
     assert "Traceback" not in text and "# done" not in p.stdout
