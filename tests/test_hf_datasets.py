@@ -172,3 +172,73 @@ def test_preview_embedded_png_matches_jsonl(sources, tmp_path, qwen_tokenizer_di
     for name in ("saved", "jl"):
         for key in ("input_ids", "labels", "image_grid_thw", "pixel_values"):
             assert got[name][key] == got["pq"][key], (name, key)
+
+
+def psutil_process():
+    import psutil
+
+    return psutil.Process()
+
+
+def _measure_workers(path: str, warm: str) -> dict:
+    """Run in a fresh interpreter (a clean baseline): load the store from ``path`` and run one epoch with 4 forked
+    workers; the copies of the store the process tree then holds, as tests/test_worker_memory.py counts them."""
+    import gc
+
+    import torch
+    from test_worker_memory import WORKERS, _tree_pss, _TrivialBuilder
+
+    from qwenvl.data.dataset import SupervisedDataset
+    from qwenvl.data.registry import DatasetSource, build_index
+
+    # pyarrow's code pages (libarrow / libparquet, shared by every process, whatever the data size) are no copy
+    # of the annotations: touch them before the baseline by reading a small parquet once
+    AnnotationStore.from_file(warm)
+    gc.collect()
+    me = psutil_process()
+    before = me.memory_info().rss
+    src = DatasetSource("big", str(Path(path).parent), path, 100.0)
+    ds_ids, rec_ids, report = build_index([src], seed=0)
+    ds = SupervisedDataset([src], ds_ids, rec_ids, _TrivialBuilder())
+    gc.collect()
+    gc.freeze()
+    loader = torch.utils.data.DataLoader(ds, batch_size=500, num_workers=WORKERS, collate_fn=len,
+                                         persistent_workers=True, multiprocessing_context="fork")
+    seen = sum(loader)
+    _, worker_uss = _tree_pss()
+    store_bytes = src.store.nbytes
+    # the main process's resident growth (the store counted whole) + what each worker holds privately (a copy
+    # of the store would show there): an upper bound that does not depend on how PSS splits shared pages
+    grown = me.memory_info().rss - before + sum(worker_uss) - WORKERS * 8 * 2**20
+    return {"seen": seen, "last_id": src.store[len(src.store) - 1]["id"], "store_mib": store_bytes / 2**20,
+            "copies": grown / store_bytes,
+            "worker_share": max(worker_uss) / store_bytes}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="PSS needs Linux /proc")
+def test_parquet_store_is_shared_by_workers(tmp_path, cli_env):
+    """tests/test_worker_memory.py's measurement, from a 200,000-row parquet: the rows fill the same compact
+    store (batch by batch, no list of dicts), and 4 forked DataLoader workers share it."""
+    from test_worker_memory import N
+
+    path = tmp_path / "big.parquet"
+    with pq.ParquetWriter(path, pa.schema([("id", pa.string()), ("image", pa.string()), ("conversations", pa.list_(
+            pa.struct([("from", pa.string()), ("value", pa.string())])))])) as w:
+        for lo in range(0, N, 20_000):
+            w.write_table(pa.Table.from_pylist([{
+                "id": f"sample-{i:07d}", "image": f"images/{i % 977:04d}/img_{i:07d}.jpg",
+                "conversations": [{"from": "human", "value": f"<image>\nWhat is in picture {i}? Describe it."},
+                                  {"from": "gpt", "value": "A photo of " + "something " * (i % 7 + 3) + "."}]}
+                for i in range(lo, lo + 20_000)], schema=w.schema))
+    pq.write_table(pa.Table.from_pylist(_rows(3)), tmp_path / "warm.parquet")
+    tests = str(Path(__file__).resolve().parent)
+    code = (f"import json, sys; sys.path[:0] = [{tests!r}]; import test_hf_datasets as t; "
+            f"print(json.dumps(t._measure_workers({str(path)!r}, {str(tmp_path / 'warm.parquet')!r})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"parquet store {got['store_mib']:.1f} MiB; {got['copies']:.2f} copies; "
+          f"largest worker private {got['worker_share']:.3f} of the store")
+    assert got["seen"] == N and got["last_id"] == f"sample-{N - 1:07d}"
+    assert got["copies"] <= 1.5 and got["worker_share"] <= 0.2

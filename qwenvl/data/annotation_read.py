@@ -433,13 +433,14 @@ def probe(path: str, limit: int | None = None, fmt: formats.FormatSpec | None = 
 def _probe(path: str, limit: int, fmt: formats.FormatSpec | None = None) -> ProbeInfo:
     info = ProbeInfo()
     fmt_kind = annotation_format(path)
-    data = _read(path)
+    arrow = hf_source.is_arrow_source(path)  # a Hugging Face dataset: its first rows only, the count from metadata
+    data = hf_source.jsonl_bytes(path, rows=limit) if arrow else _read(path)
     if fmt_kind == "jsonl":
         wrong = _utf16_jsonl(data, path) or _json_list_in_jsonl(data, path)
         if wrong is not None:
             info.problems.append(wrong)
             return info
-        info.records = _count_jsonl(data)
+        info.records = hf_source.count_rows(path) if arrow else _count_jsonl(data)
         if limit:
             fmt = format_of(jsonl_head(data), fmt, info, lambda loc: loc)
         head = data[: data.find(b"\n", min(len(data), limit * 400)) % (len(data) + 1)] if limit else b""

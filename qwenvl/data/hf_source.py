@@ -218,29 +218,78 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def iter_rows(path: str) -> Iterator[dict]:
-    """Every row of a source as a record dict (media columns as data URLs / paths), batch by batch."""
-    for file in source_files(path):
-        it = _batches(file)
-        media = media_columns(next(it))
-        for batch in it:
-            for row in batch.to_pylist():
-                for col, kind in media.items():
-                    if col in row:
-                        row[col] = _media_value(row[col], kind)
-                yield row
+def iter_rows(path: str, rows: int | None = None) -> Iterator[dict]:
+    """Every row (or the first ``rows``) of a source as a record dict (media columns as data URLs / paths),
+    record batch by record batch."""
+    import pyarrow as pa
+
+    left = -1 if rows is None else rows
+    pool = pa.default_memory_pool()
+    # the system allocator gives the batches' memory back (malloc_trim); mimalloc / jemalloc would keep tens of
+    # MiB that every forked DataLoader worker then inherits
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        for file in source_files(path):
+            it = _batches(file)
+            media = media_columns(next(it))
+            for batch in it:
+                if left == 0:
+                    return
+                if left > 0:
+                    batch = batch.slice(0, left)
+                    left -= batch.num_rows
+                for row in batch.to_pylist():
+                    for col, kind in media.items():
+                        if col in row:
+                            row[col] = _media_value(row[col], kind)
+                    yield row
+            if left == 0:
+                return
+    finally:
+        pa.set_memory_pool(pool)
 
 
-def iter_lines(path: str) -> Iterator[bytes]:
-    """Every row as one JSON line (UTF-8, no newline)."""
+def iter_blocks(path: str, rows: int | None = None) -> Iterator[tuple[bytes, list[int]]]:
+    """``(JSON lines joined by newlines, each line's length)`` per record batch: a few hundred Python objects
+    for the whole source, not one per row."""
     dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_jsonable).encode
-    for row in iter_rows(path):
-        yield dumps(row).encode("utf-8")
+    block: list[bytes] = []
+    for row in iter_rows(path, rows):
+        block.append(dumps(row).encode("utf-8"))
+        if len(block) == BATCH_ROWS:
+            yield b"\n".join(block), [len(x) for x in block]
+            block = []
+    if block:
+        yield b"\n".join(block), [len(x) for x in block]
 
 
-def jsonl_bytes(path: str) -> bytes:
-    """The source as JSONL bytes (one row a line): what a ``.jsonl`` file would hold."""
-    return b"\n".join(iter_lines(path)) + b"\n"
+def iter_lines(path: str, rows: int | None = None) -> Iterator[bytes]:
+    """Every row (or the first ``rows``) as one JSON line (UTF-8, no newline)."""
+    for blob, lengths in iter_blocks(path, rows):
+        pos = 0
+        for n in lengths:
+            yield blob[pos:pos + n]
+            pos += n + 1
+
+
+def jsonl_bytes(path: str, rows: int | None = None) -> bytes:
+    """The source (or its first ``rows``) as JSONL bytes, one row a line: what a ``.jsonl`` file would hold."""
+    blobs = [blob for blob, _ in iter_blocks(path, rows)]
+    return b"\n".join(blobs) + b"\n" if blobs else b""
+
+
+def release_memory() -> None:
+    """Hand the memory of the conversion back to the system (pyarrow's pool, then glibc's free lists), so that
+    forked DataLoader workers do not inherit (and the memory accounting does not count) a dead copy."""
+    import ctypes
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
 
 
 def count_rows(path: str) -> int:

@@ -63,14 +63,26 @@ class AnnotationStore:
         from qwenvl.data import hf_source
 
         if hf_source.is_arrow_source(path):
-            return cls.from_lines(hf_source.iter_lines(path), path)
+            store = cls.from_blocks(hf_source.iter_blocks(path), path)
+            hf_source.release_memory()
+            return store
         return cls.from_bytes(storage.read_bytes(path), path)
 
     @classmethod
-    def from_lines(cls, lines, source: str = "") -> AnnotationStore:
-        """A store of JSON lines (bytes) given one by one: a Hugging Face dataset's rows (row N = line N)."""
-        chunks = list(lines)
-        return cls._from_chunks(chunks, np.arange(1, len(chunks) + 1, dtype=np.int32), source)
+    def from_blocks(cls, blocks, source: str = "") -> AnnotationStore:
+        """A store of ``(lines joined by b"\\n", each line's length)`` blocks: a Hugging Face dataset's rows,
+        record batch by record batch (row N = line N); each record keeps its newline (JSON reads past it)."""
+        blobs: list[bytes] = []
+        sizes: list[np.ndarray] = []
+        for blob, lengths in blocks:
+            blobs.append(blob + b"\n")
+            sizes.append(np.asarray(lengths, dtype=np.int64) + 1)
+        lengths = np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        buf = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        del blobs
+        return cls(buf, offsets, np.arange(1, len(lengths) + 1, dtype=np.int32), source)
 
     @classmethod
     def _from_chunks(cls, chunks: list[bytes], lines: np.ndarray, source: str) -> AnnotationStore:
