@@ -167,11 +167,27 @@ def test_truncated_data_url_is_found_by_decode_and_skipped_by_the_trainer(tmp_pa
     assert err is not None and err.kind == "media_unreadable" and len(str(err)) < 400
 
 
-def test_data_url_video_is_refused_in_one_line(tmp_path, builder):
-    rec = _msg(None, content="<video>What happens?", videos=["data:video/mp4;base64,AAAA"])
-    (p,) = [p for p in _scan(tmp_path, [rec]).problems if p.is_error]
-    assert p.key == "videos" and "data: URL video" in p.message
-    assert _build(builder, rec, tmp_path)[1].kind == "bad_media_field"
+def test_data_url_video_is_decoded_in_memory_like_the_file(tmp_path, builder):
+    """HF datasets' embedded videos arrive as data:video/... URLs: decoded from the bytes, as the file would be."""
+    from test_check_vs_builder import _write_video
+
+    _write_video(tmp_path / "clip.mp4")
+    url = _url((tmp_path / "clip.mp4").read_bytes(), "video/mp4")
+    rec = _msg(None, content="<video>What happens?", videos=[url])
+    got, err = _build(builder, rec, tmp_path)
+    assert err is None
+    want, _ = _build(builder, {**rec, "videos": ["clip.mp4"]}, tmp_path)
+    for key in ("input_ids", "labels", "pixel_values_videos", "video_grid_thw"):
+        assert got[key].tolist() == want[key].tolist(), key
+    res = _scan(tmp_path, [rec], decode=True)
+    assert (res.videos, res.media_files, [p.render() for p in res.problems]) == (1, 0, [])
+    for bad in ("data:video/mp4;base64,AAA*", "data:image/png;base64,AAAA", _url(b"not a video", "video/mp4")):
+        rec = _msg(None, content="<video>What happens?", videos=[bad])
+        res = _scan(tmp_path, [rec], decode=True)
+        (p,) = [p for p in res.problems if p.is_error]
+        assert p.key == "videos" and "video" in p.message and res.kinds[p] == "media_unreadable", p.render()
+        _, err = _build(builder, rec, tmp_path)
+        assert err is not None and err.kind == "media_unreadable" and len(str(err)) < 600
 
 
 def test_cli_check_and_preview_agree_on_data_urls_and_empty_images(tmp_path, qwen_tokenizer_dir, builder):
@@ -202,3 +218,84 @@ def test_cli_check_and_preview_agree_on_data_urls_and_empty_images(tmp_path, qwe
         assert r.returncode == 0, r.stderr[-2000:]
         got = json.loads(r.stdout)
         assert got["input_ids"] == built["input_ids"].tolist() and got["labels"] == built["labels"].tolist()
+
+
+# ---- item 3: LLaMA-Factory v1 content parts and loss_weight -----------------------------------------------------
+
+def _v1(*turns, **extra) -> dict:
+    return {"messages": [{"role": r, "content": c, **({"loss_weight": w} if w is not None else {})}
+                         for r, c, w in turns], **extra}
+
+
+def _t(value: str) -> list:
+    return [{"type": "text", "value": value}]
+
+
+def test_llamafactory_v1_parts_read_as_the_same_conversation(tmp_path, builder):
+    """LF v1's own multimodal demo shape against the same content written with tags."""
+    (tmp_path / "1.png").write_bytes(_png())
+    v1 = _v1(("system", _t("Be brief."), 0.0),
+             ("user", [{"type": "text", "value": "Who are they?"}, {"type": "image_url", "value": "1.png"}], 0.0),
+             ("assistant", _t("Two players."), 1.0))
+    tags = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are they?<image>"},
+                         {"role": "assistant", "content": "Two players."}], "images": ["1.png"]}
+    got, err = _build(builder, v1, tmp_path)
+    assert err is None
+    want, _ = _build(builder, tags, tmp_path)
+    for key in ("input_ids", "labels", "pixel_values"):
+        assert got[key].tolist() == want[key].tolist(), key
+    res = _scan(tmp_path, [v1])
+    assert (res.format, res.images, [p.render() for p in res.problems]) == ("messages", 1, [])
+
+
+def test_loss_weight_zero_masks_like_loss_false(tmp_path, builder):
+    def rec(first):
+        return {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", **first},
+                             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
+
+    w0, _ = _build(builder, rec({"loss_weight": 0.0}), tmp_path)
+    f, _ = _build(builder, rec({"loss": False}), tmp_path)
+    w1, _ = _build(builder, rec({"loss_weight": 1}), tmp_path)
+    plain, _ = _build(builder, rec({}), tmp_path)
+    assert w0["labels"].tolist() == f["labels"].tolist() != plain["labels"].tolist()
+    assert w1["labels"].tolist() == plain["labels"].tolist()
+
+
+@pytest.mark.parametrize("weight", [0.5, 2, True, "1", None])
+def test_other_loss_weights_are_one_line(tmp_path, builder, weight):
+    rec = _v1(("user", _t("q"), 0.0), ("assistant", _t("a"), weight))
+    res = _scan(tmp_path, [rec])
+    errors = [p for p in res.problems if p.is_error]
+    _, err = _build(builder, rec, tmp_path)
+    if weight is None:  # (not said: trained, as LLaMA-Factory does)
+        assert errors == [] and err is None
+        return
+    assert len(errors) == 1 and errors[0].key == "loss_weight" and "0 (not trained) or 1 (trained)" in errors[0].message
+    assert err is not None and err.kind == res.kinds[errors[0]] == "bad_conversation"
+
+
+def test_every_answer_at_loss_weight_zero_names_loss_weight(tmp_path):
+    res = _scan(tmp_path, [_v1(("user", _t("q"), 0.0), ("assistant", _t("a"), 0.0))])
+    (p,) = [p for p in res.problems if p.is_error]
+    assert p.key == "loss_weight" and "'loss_weight': 0" in p.message
+
+
+def test_v1_reasoning_and_tool_call_parts():
+    call = {"name": "multiply", "arguments": {"a": 6, "b": 8}}
+    v1 = _v1(("user", _t("6*8?"), None),
+             ("assistant", [{"type": "reasoning", "value": "Multiply."}, {"type": "tool_call", "value": json.dumps(call)}],
+              0.0), ("tool", _t("48"), None), ("assistant", _t("48."), None))
+    oai = {"messages": [{"role": "user", "content": "6*8?"},
+                        {"role": "assistant", "content": "", "reasoning_content": "Multiply.", "loss": False,
+                         "tool_calls": [{"type": "function", "function": call}]},
+                        {"role": "tool", "content": "48"}, {"role": "assistant", "content": "48."}]}
+    fmt = formats.FormatSpec("messages")
+    a, ea, pa = formats.sample_problems(v1, fmt)
+    b, eb, pb = formats.sample_problems(oai, fmt)
+    assert (a, ea.untrained, pa) == (b, eb.untrained, pb) and pa == []
+    bad = _v1(("user", _t("q"), None), ("assistant", [{"type": "tool_call", "value": "{not json"}], None))
+    (p,) = formats.sample_problems(bad, fmt)[2]
+    assert p[2] == "bad_tool_call" and "not JSON" in p[3]
+    bad = _v1(("user", [{"type": "reasoning", "value": "x"}, *_t("q")], None), ("assistant", _t("a"), None))
+    (p,) = formats.sample_problems(bad, fmt)[2]
+    assert "only answers have them" in p[3]

@@ -204,7 +204,7 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
                 if p.__class__ is str and p not in media and is_path(p) and p[:5] != "data:":  # inline: no file
                     media[p] = loc
             for p in vids:
-                if p.__class__ is str and p not in media and is_path(p):
+                if p.__class__ is str and p not in media and is_path(p) and p[:5] != "data:":
                     media[p] = loc
             if res.video_paths is not None:  # --decode opens each as what the sample names it
                 for p in vids:
@@ -370,7 +370,7 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
     del items
     gone = _check_media_exist(media, data_path, sink, res, list_progress) if media else set()
     if decode and media is not None:  # (inline data: URL images are decoded even when no file is named)
-        _decode_media(roles, data_path, gone, sink, res, decode_progress)
+        _decode_media(roles, data_path, gone, sink, res, decode_progress, fmt)
     if res.grounded:
         _check_grounding(res, sink, data_path, fmt.bbox_format if fmt is not None else "pixel")
     _sink_problems(res, sink, data, path)
@@ -626,7 +626,8 @@ def _merge_roles(roles: tuple[dict, dict], part: _Part) -> None:
 
 
 def _decode_media(roles: tuple[dict, dict], data_path: str | None, gone: set[str], sink: _Sink,
-                  res: ScanResult, progress: Callable[[int, int], None] | None) -> None:
+                  res: ScanResult, progress: Callable[[int, int], None] | None,
+                  fmt: formats.FormatSpec | None = None) -> None:
     """``--decode``: open every existing local image / video header (:mod:`qwenvl.data.media_decode`), each as
     what its sample names it (a file named both as an image and as a video is opened both ways)."""
     from qwenvl.data.media_decode import decode_all
@@ -634,8 +635,8 @@ def _decode_media(roles: tuple[dict, dict], data_path: str | None, gone: set[str
     todo: dict[tuple[str, bool], Any] = {}  # (full path, is video) -> locator of the first sample naming it so
     for is_video, paths in enumerate(roles):
         for rel, loc in paths.items():
-            if rel[:5] == "data:" and not is_video:  # an inline image: decoded from the record itself
-                todo[(rel, False)] = loc
+            if rel[:5] == "data:":  # inline media: decoded from the record itself
+                todo[(rel, bool(is_video))] = loc
                 continue
             if rel in gone or not is_path(rel) or storage.is_url(rel) or (data_path is None and not os.path.isabs(rel)):
                 continue
@@ -643,11 +644,13 @@ def _decode_media(roles: tuple[dict, dict], data_path: str | None, gone: set[str
             if not storage.is_url(full):
                 todo[(full, bool(is_video))] = loc
     bad = decode_all(todo, progress)
+    f = fmt.keys() if fmt is not None and fmt.name not in (None, "official") else None
+    keys = (f.images_key, f.videos_key) if f is not None else ("image", "video")  # named as the file names them
     res.decoded_media = len(todo)
     for full, is_video in sorted(bad, key=lambda k: _order(todo[k])):
         res.undecodable_media += 1
         sink.add(todo[(full, is_video)], "media_unreadable", "error", f"cannot decode {'video' if is_video else 'image'} "
-                 f"{shown(full)}: {bad[(full, is_video)]}", key="video" if is_video else "image",
+                 f"{shown(full)}: {bad[(full, is_video)]}", key=keys[is_video],
                  hint="replace or re-encode the file, or drop the sample: the trainer skips it", kind="media_unreadable")
 
 

@@ -16,7 +16,10 @@ Formats (``FORMATS``; a dictionary entry's ``"format"`` overrides the detection)
   "video", "video": path | [frame paths]}``, or a bare ``{"type": "image"}`` that takes the next ``images``
   item); media in ``images`` / ``videos`` or inline in the parts (not both); a leading ``system`` message or a
   top-level ``system`` replaces the default system prompt; ``"loss": false`` on a turn masks it; a ``videos``
-  item may be a list of frame image paths (one video).
+  item may be a list of frame image paths (one video). LLaMA-Factory v1: parts keep their text / path in
+  ``value`` (``reasoning`` and ``tool_call`` parts too, a call as a JSON string), ``"loss_weight"`` 0 masks a turn
+  and 1 trains it (any other weight is an error). ``images: []`` / ``videos: []`` = no media (a text-only row of a
+  List(Image) column); a media item may be a base64 ``data:`` URL (decoded in memory, never written to disk).
 * ``sharegpt`` (LLaMA-Factory): ``conversations`` of ``from``/``value`` with ``human``/``gpt``/``system``
   speakers and media in ``images`` / ``videos``; otherwise as ``messages``.
 
@@ -217,8 +220,11 @@ def _url(value: Any) -> Any:
     return value
 
 
-_IMAGE_PARTS = {"image": ("image", "url", "path", "image_url"), "image_url": ("image_url", "url")}
-_VIDEO_PARTS = {"video": ("video", "url", "path", "video_url"), "video_url": ("video_url", "url")}
+# where a media part keeps its source (LLaMA-Factory v1 parts keep everything in "value")
+_IMAGE_PARTS = {"image": ("image", "url", "path", "image_url", "value"), "image_url": ("image_url", "url", "value")}
+_VIDEO_PARTS = {"video": ("video", "url", "path", "video_url", "value"), "video_url": ("video_url", "url", "value")}
+#: LLaMA-Factory v1 parts that are not text or media: an answer's reasoning and its tool calls (JSON strings)
+_TURN_PARTS = ("reasoning", "tool_call")
 
 
 def _parts(parts: list, ckey: str, out: list, inline: dict) -> str | None:
@@ -236,16 +242,23 @@ def _parts(parts: list, ckey: str, out: list, inline: dict) -> str | None:
             return None
         kind = part["type"]
         if kind == "text":
-            t = part.get("text")
+            tkey = "text" if "text" in part or "value" not in part else "value"  # LLaMA-Factory v1: "value"
+            t = part.get(tkey)
             if type(t) is not str:
-                out.append(_err("bad_part", f"a text part's 'text' must be a string, found {kind_of(t)}", ckey, None))
+                out.append(_err("bad_part", f"a text part's '{tkey}' must be a string, found {kind_of(t)}", ckey,
+                                None))
                 return None
             text.append(t)
+            continue
+        if kind in _TURN_PARTS:
+            if not _turn_part(kind, part, ckey, out, inline):
+                return None
             continue
         table = _IMAGE_PARTS if kind in _IMAGE_PARTS else _VIDEO_PARTS if kind in _VIDEO_PARTS else None
         if table is None:
             out.append(_err("bad_part", f"content part type {kind!r} is not read (accepted: text, image, image_url, "
-                            "video, video_url)", ckey, "audio and files are not supported; drop the part"))
+                            "video, video_url, reasoning, tool_call)", ckey,
+                            "audio and files are not supported; drop the part"))
             return None
         media = "image" if table is _IMAGE_PARTS else "video"
         src = next((part[k] for k in table[kind] if k in part), None)
@@ -254,18 +267,36 @@ def _parts(parts: list, ckey: str, out: list, inline: dict) -> str | None:
             inline["bare_" + media] += 1
         else:
             if type(src) is str and src[:5] == "data:":  # base64 bytes in the record: decoded in memory
-                why = "is not read" if media == "video" else data_url_bytes(src)[1]
+                why = data_url_bytes(src, media)[1]
                 if why is not None:
                     out.append(_err("data_url", f"an inline data: URL {media} {why}: {shown(src)}", ckey,
-                                    f"save the {media} to a file and give its path" if media == "video" else
-                                    "re-encode the image as base64 (data:image/png;base64,...) or give a file path",
-                                    "bad_media_field" if media == "video" else "media_unreadable"))
+                                    f"re-encode the {media} as base64 (data:{media}/...;base64,...) or give a file "
+                                    "path", "media_unreadable"))
                     return None
             if media == "video" and type(src) is list:
                 src = tuple(src)
             inline[media].append(src)
         text.append("<image>" if media == "image" else "<video>")
     return "".join(text)
+
+
+def _turn_part(kind: str, part: dict, ckey: str, out: list, inline: dict) -> bool:
+    """A LLaMA-Factory v1 ``reasoning`` / ``tool_call`` part (``value``: the reasoning text / a JSON call) into
+    ``inline["reasoning"|"calls"]`` (the current message's); False after an error."""
+    value = part.get("value", part.get("text"))
+    if type(value) is not str:
+        out.append(_err("bad_part", f"a {kind} part's 'value' must be a string, found {kind_of(value)}", ckey, None))
+        return False
+    if kind == "reasoning":
+        inline["reasoning"].append(value)
+        return True
+    try:
+        inline["calls"].append(json.loads(value))
+    except ValueError:
+        out.append(_err("bad_tool_call", f"a tool_call part's 'value' is not JSON: {value[:60]!r}", ckey,
+                        'write {"type": "tool_call", "value": "{\\"name\\": \\"f\\", \\"arguments\\": {...}}"}'))
+        return False
+    return True
 
 
 def _media_list(value: Any, video: bool) -> Any:
@@ -295,7 +326,7 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
     if msgs is None:
         return None, _PLAIN, out
     extras = Extras()
-    inline = {"image": [], "video": [], "bare_image": 0, "bare_video": 0}
+    inline = {"image": [], "video": [], "bare_image": 0, "bare_video": 0, "reasoning": [], "calls": []}
     turns = _read_turns(msgs, f, out, inline, extras, sys_prompt)
     if turns is None or not _sample_options(rec, extras, out):
         return None, _PLAIN, out
@@ -312,8 +343,10 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
         _last_only(turns, extras)
     answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
     if answers and extras.untrained.issuperset(answers):
-        out.append(_err("all_masked", "every assistant turn has 'loss': false: nothing to train on", "loss",
-                        "set 'loss': true (or drop the key) on at least one answer", "no_answer"))
+        key = "loss_weight" if any(type(m) is dict and "loss_weight" in m and "loss" not in m for m in msgs) else "loss"
+        out.append(_err("all_masked", f"every assistant turn has '{key}': {'0' if key != 'loss' else 'false'}: "
+                        "nothing to train on", key, f"set '{key}': {'1' if key != 'loss' else 'true'} (or drop the "
+                        "key) on at least one answer", "no_answer"))
         return None, _PLAIN, out
     return internal, extras, out
 
@@ -354,9 +387,16 @@ def _read_turns(msgs: list, f, out: list, inline: dict, extras: Extras, sys_prom
         if loss is False and role == "assistant":
             extras.untrained.add(len(turns))
         ckey, rkey = f.content_key, f.role_key
-        turn = _internal_turn(m, role, content, out, m.get(ckey) if m.get(rkey) == "function_call" else None)
+        if (inline["reasoning"] or inline["calls"]) and role != "assistant":
+            out.append(_err("bad_part", f"a {role} turn holds a reasoning / tool_call part: only answers have them",
+                            ckey, "move the part into the assistant turn"))
+            return None
+        turn = _internal_turn(m, role, content, out, inline["calls"] or (
+            m.get(ckey) if m.get(rkey) == "function_call" else None))
         if turn is None:
             return None
+        if inline["reasoning"] and "reasoning_content" not in turn:
+            turn["reasoning_content"] = "\n".join(inline["reasoning"])
         turns.append(turn)
     extras.system = sys_prompt
     return turns
@@ -394,6 +434,7 @@ def _read_message(m: Any, f, out: list, inline: dict) -> tuple[str, str, Any] | 
         out.append(_err("bad_turn", f"a turn is {kind_of(m)}, not an object", mkey,
                         f'write {{"{rkey}": "{f.user_tags[0]}", "{ckey}": "..."}}'))
         return None
+    inline["reasoning"], inline["calls"] = [], []  # this message's reasoning / tool_call parts (LLaMA-Factory v1)
     got = _role_of(m, f, out)
     if got is None:
         return None
@@ -411,15 +452,33 @@ def _read_message(m: Any, f, out: list, inline: dict) -> tuple[str, str, Any] | 
         out.append(_err("value_type", f"'{ckey}' must be a string or a list of parts, found {kind_of(content)}",
                         ckey, None))
         return None
-    loss = m.get("loss")
+    loss = _loss_of(m, role, out)
+    return None if loss is _BAD else (role, content, loss)
+
+
+_BAD = object()
+
+
+def _loss_of(m: dict, role: str, out: list) -> Any:
+    """A message's ``loss`` (ms-swift: true / false) or LLaMA-Factory v1's ``loss_weight`` (0: not trained, 1:
+    trained) as True / False / None (not said); ``_BAD`` after an error."""
+    key = "loss" if "loss" in m or "loss_weight" not in m else "loss_weight"
+    loss = m.get(key)
+    if key == "loss_weight" and loss is not None:
+        if type(loss) not in (int, float) or loss not in (0, 1):
+            out.append(_err("bad_loss", f"'loss_weight' must be 0 (not trained) or 1 (trained), found "
+                            f"{kind_of(loss)} {loss!r}", key, "a turn is trained or masked, weighted losses are not "
+                            "read: write 0 or 1"))
+            return _BAD
+        loss = loss == 1
     if loss is not None and type(loss) is not bool:
         out.append(_err("bad_loss", f"'loss' must be true, false or null, found {kind_of(loss)} {loss!r}",
                         "loss", "write true to train the turn, false to mask it"))
-        return None
+        return _BAD
     if loss is True and role != "assistant":
-        out.append(("warning", "loss_not_assistant", "loss_not_assistant", f"'loss': true on a {role} turn is "
-                    "ignored: only assistant turns are trained", "loss", None))
-    return role, content, loss
+        out.append(("warning", "loss_not_assistant", "loss_not_assistant", f"'{key}': {json.dumps(m[key])} on a {role} turn "
+                    "is ignored: only assistant turns are trained", key, None))
+    return loss
 
 
 def _media_fields(rec: dict, f, inline: dict, internal: dict, out: list) -> bool:

@@ -30,7 +30,7 @@ def _image_problem(path: str) -> str | None:
 
         data, why = data_url_bytes(path)
         if data is None:
-            return f"the data: URL {why}"
+            return None  # not base64 media at all: the sample rule already reported it (one line per sample)
         head, size, tail, src = data[:4], len(data), data[-2:], io.BytesIO(data)
     else:
         with open(path, "rb") as f:
@@ -66,13 +66,23 @@ def _image_problem(path: str) -> str | None:
 
 
 def _video_problem(path: str) -> str | None:
-    if os.path.getsize(path) == 0:
+    import io
+
+    src = path
+    if path[:5] == "data:":  # inline base64 bytes: decoded in memory (as the trainer does)
+        from qwenvl.data.sample_rules import data_url_bytes
+
+        data, why = data_url_bytes(path, "video")
+        if data is None:
+            return None  # not base64 media at all: the sample rule already reported it (one line per sample)
+        src = io.BytesIO(data)
+    elif os.path.getsize(path) == 0:
         return "an empty file (0 bytes)"
     errors = []
     try:
         import decord
 
-        vr = decord.VideoReader(path, num_threads=1)
+        vr = decord.VideoReader(src, num_threads=1)
         frames, fps = len(vr), float(vr.get_avg_fps())
         if frames > 0 and fps > 0:
             return None
@@ -84,7 +94,9 @@ def _video_problem(path: str) -> str | None:
     try:
         import av
 
-        with av.open(path) as container:
+        if not isinstance(src, str):
+            src.seek(0)
+        with av.open(src) as container:
             if not container.streams.video:
                 return "not a readable video (no video stream in the file)"
             stream = container.streams.video[0]

@@ -79,9 +79,11 @@ def shown(p: Any) -> str:
     return str(p)
 
 
-def data_url_bytes(url: str) -> tuple[bytes | None, str | None]:
-    """``(image bytes, None)`` of a base64 ``data:image/...`` URL, or ``(None, why not)``. The one reading of an
-    inline image: the rule below, the builder (:func:`qwenvl.data.vision.open_image`) and ``--decode`` use it."""
+def data_url_bytes(url: str, kind: str = "image") -> tuple[bytes | None, str | None]:
+    """``(bytes, None)`` of a base64 ``data:image/...`` (``kind`` video: ``data:video/...``) URL, or ``(None, why
+    not)``. The one reading of inline media: the rule below, the builder (:func:`qwenvl.data.vision.open_image`,
+    :func:`~qwenvl.data.vision.decode_video`) and ``--decode`` use it. Image bytes must start as an image format
+    PIL reads; video bytes are left to the decoders (``--decode`` opens them, as it opens files)."""
     import base64
     import binascii
 
@@ -89,8 +91,8 @@ def data_url_bytes(url: str) -> tuple[bytes | None, str | None]:
     params = head[5:].split(";")
     if not comma or params[-1].strip().lower() != "base64":
         return None, "is not a base64 data: URL (data:image/png;base64,...)"
-    if not params[0].lower().startswith("image/"):
-        return None, f"holds {params[0] or 'no media type'!r}, not an image"
+    if not params[0].lower().startswith(kind + "/"):
+        return None, f"holds {params[0] or 'no media type'!r}, not {'an image' if kind == 'image' else 'a video'}"
     if any(c in payload for c in " \n\r\t"):
         payload = "".join(payload.split())
     try:
@@ -99,21 +101,20 @@ def data_url_bytes(url: str) -> tuple[bytes | None, str | None]:
         return None, f"is not valid base64 ({e})"
     if not data:
         return None, "holds no bytes"
+    if kind == "video":
+        return data, None
     if not any(data.startswith(m) for m, _ in _MAGIC) and not (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
         return None, "holds no PNG, JPEG, GIF, WebP, BMP or TIFF bytes (by its first bytes)"
     return data, None
 
 
 def _data_url_problem(key: str, p: str, out: list) -> None:
-    """An inline ``data:`` URL entry of ``key``: a video is not read; an image must decode as base64 image bytes."""
-    if key == "video":
-        out.append(("error", "bad_media_field", "data_url", f"a data: URL video is not read: {shown(p)}", key,
-                    "save the video to a file and give its path"))
-        return
-    why = data_url_bytes(p)[1]
+    """An inline ``data:`` URL entry of ``key`` (image or video): base64 bytes of that kind of media."""
+    why = data_url_bytes(p, key)[1]
     if why is not None:
-        out.append(("error", "media_unreadable", "data_url", f"an inline data: URL image {why}: {shown(p)}", key,
-                    "re-encode the image as base64 (data:image/png;base64,...) or give a file path"))
+        mime = "image/png" if key == "image" else "video/mp4"
+        out.append(("error", "media_unreadable", "data_url", f"an inline data: URL {key} {why}: {shown(p)}", key,
+                    f"re-encode the {key} as base64 (data:{mime};base64,...) or give a file path"))
 
 
 def _media_field(key: str, value: Any, out: list) -> int:

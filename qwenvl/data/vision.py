@@ -274,7 +274,11 @@ def _decode_torchcodec(path: str, args, data: bytes | None = None) -> DecodedVid
 def decode_video(path: str, args) -> DecodedVideo:
     """Decode the sampled frames of a video: decord, then PyAV, then torchcodec."""
     data = None
-    if storage.is_url(path):
+    if path[:5] == "data:":  # inline base64 bytes (HF datasets' embedded videos): decoded in memory
+        data, why = data_url_bytes(path, "video")
+        if data is None:
+            raise MediaError(f"an inline data: URL video {why}: {shown(path)}")
+    elif storage.is_url(path):
         try:
             data = storage.read_bytes(path)  # once, shared by every backend (not one download per try)
         except storage.StorageError as e:
@@ -295,8 +299,8 @@ def decode_video(path: str, args) -> DecodedVideo:
             errors.append(f"{name}: not installed ({e})")
         except Exception as e:  # decoders raise assorted types
             errors.append(f"{name}: {type(e).__name__}: {e}")
-            log.debug("video backend %s failed on %s: %s", name, mask_url(path), mask_urls(str(e)))
-    raise MediaError(f"cannot decode video {path} ({'; '.join(errors)})")
+            log.debug("video backend %s failed on %s: %s", name, mask_url(shown(path)), mask_urls(str(e)))
+    raise MediaError(f"cannot decode video {shown(path)} ({'; '.join(errors)})")
 
 
 def process_video(video: DecodedVideo, spec: VisionSpec, min_pixels: int, max_pixels: int
