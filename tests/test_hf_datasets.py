@@ -116,6 +116,22 @@ def test_media_columns_without_hf_metadata_and_paths(tmp_path):
     assert info.records == 1 and info.format == "official" and info.media_line == 1
 
 
+def test_arrow_nulls_are_absent_keys(tmp_path):
+    """Arrow gives every struct all its fields: a message without 'loss' reads back without it, not 'loss': None;
+    an image part has no 'text' key."""
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "yo"}], "loss": True}],
+             "system": None},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "b"}]}], "system": "Be brief."}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "n.parquet")
+    got = list(hf_source.iter_rows(str(tmp_path / "n.parquet")))
+    assert got[0] == {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]},
+                                   {"role": "assistant", "content": [{"type": "text", "text": "yo"}], "loss": True}]}
+    assert got[1]["messages"][1] == {"role": "assistant", "content": [{"type": "text", "text": "b"}]}
+    assert got[1]["system"] == "Be brief."
+
+
 @pytest.mark.parametrize("deep", [(), ("--deep",), ("--deep", "--decode")])
 def test_check_counts(sources, tmp_path, deep):
     p = _dictionary(tmp_path, sources)

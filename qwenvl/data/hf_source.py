@@ -212,6 +212,30 @@ def _media_value(value: Any, kind: str) -> Any:
     return value
 
 
+def _drop_nulls(value: Any) -> Any:
+    """Arrow gives every struct all its fields (a message without ``loss`` gets ``"loss": None``, an image part
+    ``"text": None``): a null is an absent key, as in the JSON the row came from. List items stay."""
+    if type(value) is dict:
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if type(value) is list:
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _has_nulls(array) -> bool:
+    """Whether an Arrow array holds a null at any depth (then its values need :func:`_drop_nulls`)."""
+    import pyarrow as pa
+
+    if array.null_count:
+        return True
+    typ = array.type
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        return _has_nulls(array.flatten())
+    if pa.types.is_struct(typ):
+        return any(_has_nulls(array.field(i)) for i in range(typ.num_fields))
+    return False
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode("ascii")
@@ -238,11 +262,15 @@ def iter_rows(path: str, rows: int | None = None) -> Iterator[dict]:
                 if left > 0:
                     batch = batch.slice(0, left)
                     left -= batch.num_rows
+                nulls = [name for name, col in zip(batch.schema.names, batch.columns, strict=True)
+                         if name not in media and _has_nulls(col)]
                 for row in batch.to_pylist():
                     for col, kind in media.items():
                         if col in row:
                             row[col] = _media_value(row[col], kind)
-                    yield row
+                    for col in nulls:
+                        row[col] = _drop_nulls(row[col])
+                    yield {k: v for k, v in row.items() if v is not None}
             if left == 0:
                 return
     finally:
