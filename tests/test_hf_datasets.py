@@ -262,16 +262,21 @@ def test_parquet_store_is_shared_by_workers(tmp_path, cli_env):
 
 @pytest.mark.slow
 def test_parquet_on_s3(tmp_path, sources):
-    """A .parquet on S3 (moto) reads through the storage layer: counts and records as the local file."""
+    """A .parquet, a save_to_disk folder and a folder of shards on S3 (moto; a folder is named with a trailing
+    '/') read through the storage layer: counts as the local ones."""
     sys.path.insert(0, str(Path(__file__).parent))
     from s3server import get_server
 
     server = get_server()
     bucket = server.make_bucket()
     server.put(bucket, "hf/one.parquet", Path(sources["parquet"]).read_bytes())
-    server.put(bucket, "hf/dict.json", json.dumps({"pq": {"data_path": None, "annotation_path": "one.parquet"}}).encode())
+    server.upload_dir(Path(sources["saved"]), bucket, "hf/saved")
+    server.upload_dir(Path(sources["shards"]), bucket, "hf/hub")
+    server.put(bucket, "hf/dict.json", json.dumps({k: {"data_path": None, "annotation_path": v} for k, v in (
+        ("pq", "one.parquet"), ("saved", "saved/"), ("shards", "hub/"))}).encode())
     r = subprocess.run([sys.executable, "-m", "vlsft", "datasets", "check", f"s3://{bucket}/hf/dict.json", "--deep",
                         "--json"], capture_output=True, text=True, timeout=120, env=server.subprocess_env())
     assert r.returncode == 0, r.stdout + r.stderr
-    (row,) = json.loads(r.stdout)["datasets"]
-    assert (row["actual_length"], row["images"], row["text_only"]) == (9, 6, 3)
+    rows = json.loads(r.stdout)["datasets"]
+    assert [(row["name"], row["actual_length"], row["images"], row["text_only"]) for row in rows] == [
+        ("pq", 9, 6, 3), ("saved", 9, 6, 3), ("shards", 9, 6, 3)]

@@ -43,7 +43,7 @@ def is_arrow_source(path: str) -> bool:
     """Whether ``path`` is read by this module: a .parquet / .arrow file, or a local folder (of shards or a
     ``save_to_disk`` folder)."""
     p = str(path)
-    if p.lower().endswith(EXTENSIONS):
+    if p.lower().endswith(EXTENSIONS) or (storage.is_url(p) and p.endswith("/")):  # s3://bucket/dataset/: a folder
         return True
     # a folder named like a JSON file is a mistake the dictionary reports as such ("is a folder")
     return not p.lower().endswith((".json", ".jsonl")) and not storage.is_url(p) and os.path.isdir(p)
@@ -77,21 +77,38 @@ def _split_of(rel: str) -> str | None:
     return None
 
 
+def _join(folder: str, name: str) -> str:
+    return folder.rstrip("/") + "/" + name if storage.is_url(folder) else os.path.join(folder, name)
+
+
 def _save_to_disk_files(folder: str) -> list[str] | None:
     """The ``data-*.arrow`` files of a ``save_to_disk`` folder (a ``DatasetDict``: its train split), or None."""
-    if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
-        with open(os.path.join(folder, "dataset_dict.json"), encoding="utf-8") as f:
-            splits = json.load(f).get("splits") or []
+    names = storage.list_names(folder) if storage.is_url(folder) else set(os.listdir(folder))
+    if "dataset_dict.json" in names:
+        splits = json.loads(storage.read_bytes(_join(folder, "dataset_dict.json"))).get("splits") or []
         split = "train" if "train" in splits else (splits[0] if splits else None)
         if split is None:
             raise ValueError(f"{folder}: dataset_dict.json names no splits")
-        return _save_to_disk_files(os.path.join(folder, split))
-    state = os.path.join(folder, "state.json")
-    if not os.path.isfile(state):
+        return _save_to_disk_files(_join(folder, split))
+    if "state.json" not in names:
         return None
-    with open(state, encoding="utf-8") as f:
-        files = [d["filename"] for d in json.load(f).get("_data_files") or []]
-    return [os.path.join(folder, name) for name in files]
+    state = json.loads(storage.read_bytes(_join(folder, "state.json")))
+    return [_join(folder, d["filename"]) for d in state.get("_data_files") or []]
+
+
+def _all_files(folder: str) -> list[str]:
+    """Every .parquet / .arrow file under a folder (local, or a URL prefix listed once), no hidden ones."""
+    if storage.is_url(folder):
+        scheme = folder.split("://", 1)[0]
+        fs = storage.filesystem(folder)
+        keys = fs.find(folder.split("://", 1)[1].rstrip("/") + "/")
+        found = [f"{scheme}://{k}" for k in keys]
+    else:
+        found = []
+        for root, dirs, names in os.walk(folder):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            found += [os.path.join(root, n) for n in names]
+    return sorted(f for f in found if f.lower().endswith(EXTENSIONS) and "/." not in f[len(folder.rstrip("/")):])
 
 
 def source_files(path: str) -> list[str]:
@@ -102,14 +119,10 @@ def source_files(path: str) -> list[str]:
     saved = _save_to_disk_files(p)
     if saved is not None:
         return saved
-    found = []
-    for root, dirs, names in os.walk(p):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, n) for n in names if n.lower().endswith(EXTENSIONS) and not n.startswith(".")]
-    found.sort()
+    found = _all_files(p)
     if not found:
         raise ValueError(f"{p} is a folder with no .parquet / .arrow files (and no save_to_disk state.json)")
-    splits = {f: _split_of(os.path.relpath(f, p)) for f in found}
+    splits = {f: _split_of(f[len(p.rstrip("/")):]) for f in found}
     if any(s == "train" for s in splits.values()) and any(s == "other" for s in splits.values()):
         found = [f for f in found if splits[f] != "other"]
     return found
