@@ -114,6 +114,10 @@ def test_media_columns_without_hf_metadata_and_paths(tmp_path):
     assert rec["image"] == "a.jpg"  # a path stays a path, relative to data_path
     info = ann.probe(str(tmp_path / "p.parquet"))
     assert info.records == 1 and info.format == "official" and info.media_line == 1
+    raw = [{"image": _png((1, 2, 3)), "conversations": rows[0]["conversations"]}]  # plain binary column
+    pq.write_table(pa.Table.from_pylist(raw), tmp_path / "b.parquet")
+    rec = next(hf_source.iter_rows(str(tmp_path / "b.parquet")))
+    assert rec["image"] == hf_source.data_url(_png((1, 2, 3)))
 
 
 def test_arrow_nulls_are_absent_keys(tmp_path):

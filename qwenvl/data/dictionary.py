@@ -427,7 +427,8 @@ class _Loader:
         if ext in hf_source.EXTENSIONS or hf_source.is_arrow_source(str(path)):
             return path  # a Hugging Face dataset: parquet / arrow, a folder of shards, a save_to_disk folder
         if ext not in ANNOTATION_EXTENSIONS:
-            hint = "use a .json list of samples or a .jsonl file with one sample per line"
+            hint = ("use a .json list of samples or a .jsonl file with one sample per line (or a Hugging Face "
+                    ".parquet / .arrow file or dataset folder)")
             if ext.strip() in ANNOTATION_EXTENSIONS:
                 hint = f"remove the whitespace at the end: \"{v.value.strip()}\""
             elif ext in (".gz", ".bz2", ".xz", ".zst", ".zip"):

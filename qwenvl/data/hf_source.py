@@ -13,7 +13,7 @@ which the sample builder opens from memory — nothing is written next to the us
 a ``path`` becomes that path (relative paths resolve against ``data_path`` as usual). A list of such structs
 (``Sequence(Image)`` / ``List(Image)``) becomes a list. The columns are found from the ``huggingface`` schema
 metadata the ``datasets`` library writes (``Image`` / ``Video`` features), or else from their Arrow type
-(a struct of exactly ``bytes`` + ``path``).
+(a struct of exactly ``bytes`` + ``path``, or raw bytes in a column named like ``image`` / ``video``).
 
 Sources (:func:`is_arrow_source`): a ``.parquet`` or ``.arrow`` file (local or ``s3://``, through
 :mod:`qwenvl.storage`); a local folder holding ``.parquet`` / ``.arrow`` shards (searched recursively, sorted;
@@ -193,11 +193,15 @@ def _media_kind_of_feature(feat: Any) -> str | None:
     return None
 
 
-def _is_media_struct(typ) -> bool:
+def _is_media_struct(typ, name: str = "") -> bool:
+    """A ``{bytes, path}`` struct (or a list of them); or raw bytes in a column named like media (``image``,
+    ``images``, ``video_bytes``, ...)."""
     import pyarrow as pa
 
     if pa.types.is_list(typ) or pa.types.is_large_list(typ):
-        return _is_media_struct(typ.value_type)
+        return _is_media_struct(typ.value_type, name)
+    if (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)) and ("image" in name or "video" in name):
+        return True
     return pa.types.is_struct(typ) and sorted(typ.field(i).name for i in range(typ.num_fields)) == ["bytes", "path"]
 
 
@@ -207,7 +211,7 @@ def media_columns(schema) -> dict[str, str]:
     out = {}
     for name in schema.names:
         kind = _media_kind_of_feature(feats.get(name)) if name in feats else None
-        if kind is None and _is_media_struct(schema.field(name).type):
+        if kind is None and _is_media_struct(schema.field(name).type, name.lower()):
             kind = "video" if "video" in name.lower() else "image"
         if kind:
             out[name] = kind
@@ -217,6 +221,8 @@ def media_columns(schema) -> dict[str, str]:
 def _media_value(value: Any, kind: str) -> Any:
     if isinstance(value, list):
         return [_media_value(v, kind) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return data_url(bytes(value), kind) if value else None
     if isinstance(value, dict):
         data = value.get("bytes")
         if data:
