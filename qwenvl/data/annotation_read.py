@@ -434,7 +434,7 @@ def _probe(path: str, limit: int, fmt: formats.FormatSpec | None = None) -> Prob
     info = ProbeInfo()
     fmt_kind = annotation_format(path)
     arrow = hf_source.is_arrow_source(path)  # a Hugging Face dataset: its first rows only, the count from metadata
-    data = hf_source.jsonl_bytes(path, rows=limit) if arrow else _read(path)
+    data = hf_source.jsonl_bytes(path, rows=min(limit, hf_source.PROBE_ROWS)) if arrow else _read(path)
     if fmt_kind == "jsonl":
         wrong = _utf16_jsonl(data, path) or _json_list_in_jsonl(data, path)
         if wrong is not None:

@@ -33,6 +33,9 @@ from qwenvl import storage
 
 EXTENSIONS = (".parquet", ".arrow")
 BATCH_ROWS = 1024
+# rows converted by a probe (format, media paths relative to data_path): embedded images make rows large, and
+# the full checks (datasets check's scan, --deep) read every row anyway
+PROBE_ROWS = 2000
 _MEDIA_FEATURES = {"Image": "image", "Video": "video"}
 _MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
           (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
