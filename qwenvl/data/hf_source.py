@@ -299,13 +299,30 @@ def iter_rows(path: str, rows: int | None = None) -> Iterator[dict]:
         pa.set_memory_pool(pool)
 
 
+def _dumps():
+    """Row -> compact UTF-8 JSON bytes: orjson (several times faster on long base64 strings), else json."""
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover - orjson is in requirements.txt
+        enc = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_jsonable).encode
+        return lambda row: enc(row).encode("utf-8")
+
+    def dumps(row: dict) -> bytes:
+        try:
+            return orjson.dumps(row, default=_jsonable)
+        except TypeError:  # an integer beyond 64 bits, a non-string key: json writes those
+            return json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=_jsonable).encode("utf-8")
+
+    return dumps
+
+
 def iter_blocks(path: str, rows: int | None = None) -> Iterator[tuple[bytes, list[int]]]:
     """``(JSON lines joined by newlines, each line's length)`` per record batch: a few hundred Python objects
     for the whole source, not one per row."""
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_jsonable).encode
+    dumps = _dumps()
     block: list[bytes] = []
     for row in iter_rows(path, rows):
-        block.append(dumps(row).encode("utf-8"))
+        block.append(dumps(row))
         if len(block) == BATCH_ROWS:
             yield b"\n".join(block), [len(x) for x in block]
             block = []
