@@ -282,6 +282,10 @@ def chat_records(draw):
         rec["system"] = draw(st.sampled_from(["Be brief.", "Other.", 3]))
     if sharegpt and "images" not in rec and "videos" not in rec:
         rec["images"] = ["good.png"]  # (what makes a conversations file sharegpt)
+    if not sharegpt and type(rec["messages"]) is list and draw(st.integers(0, 3)) == 0:  # TRL prompt-completion
+        msgs = rec.pop("messages")
+        cut = draw(st.integers(0, len(msgs)))
+        rec["prompt"], rec["completion"] = msgs[:cut], msgs[cut:]
     return rec
 
 

@@ -299,3 +299,70 @@ def test_v1_reasoning_and_tool_call_parts():
     bad = _v1(("user", [{"type": "reasoning", "value": "x"}, *_t("q")], None), ("assistant", _t("a"), None))
     (p,) = formats.sample_problems(bad, fmt)[2]
     assert "only answers have them" in p[3]
+
+
+# ---- item 4: TRL prompt-completion --------------------------------------------------------------------------------
+
+TRL = {"prompt": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+                  {"role": "assistant", "content": "Blue?"}, {"role": "user", "content": "Sure?"}],
+       "completion": [{"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}], "images": ["1.png"]}
+
+
+def test_trl_prompt_completion_reads_as_messages_with_the_prompt_untrained(tmp_path, builder):
+    (tmp_path / "1.png").write_bytes(_png())
+    same = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>What colour?"},
+                         {"role": "assistant", "content": "Blue?", "loss": False}, {"role": "user", "content": "Sure?"},
+                         {"role": "assistant", "content": "Blue."}], "images": ["1.png"]}
+    assert formats.detect([(1, TRL)]).name == "prompt_completion"
+    got, err = _build(builder, TRL, tmp_path)
+    assert err is None
+    want, _ = _build(builder, same, tmp_path)
+    for key in ("input_ids", "labels", "pixel_values"):
+        assert got[key].tolist() == want[key].tolist(), key
+    res = _scan(tmp_path, [TRL])
+    assert (res.format, res.images, [p.render() for p in res.problems]) == ("prompt_completion", 1, [])
+
+
+@pytest.mark.parametrize("rec,key,words", [
+    ({"prompt": "The sky is", "completion": " blue."}, "prompt", "plain-text prompt/completion"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": []}, "completion", "found an empty list"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "q2"}]}, "completion",
+     "no assistant message"),
+    ({"prompt": [{"role": "user", "content": "<image>q"}], "completion": [{"role": "assistant", "content": "a"}],
+      "image": ["1.png"]}, "images", "1 <image> tag(s) for 0 image(s)"),
+])
+def test_trl_refusals_are_one_line_with_one_advice(tmp_path, builder, rec, key, words):
+    res = _scan(tmp_path, [rec])
+    errors = [p for p in res.problems if p.is_error]
+    assert len(errors) == 1 and errors[0].key == key and words in errors[0].message, [p.render() for p in errors]
+    _, err = _build(builder, rec, tmp_path, formats.FormatSpec("prompt_completion"))
+    assert err is not None and err.kind == res.kinds[errors[0]] and words in str(err)
+    assert "rename 'images' to 'image'" not in errors[0].render() and "add conversations" not in errors[0].render()
+
+
+# ---- item 6: no format claimed on a minority's evidence -------------------------------------------------------
+
+def test_detection_names_a_majority_of_unknown_records():
+    conv = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    alpaca = {"instruction": "q", "input": "", "output": "a"}
+    d = formats.detect([(1, conv), (2, alpaca), (3, alpaca)])
+    assert d.name is None and d.line == 2 and d.found.startswith("2 of the first 3 records are alpaca")
+    assert formats.detect([(1, conv), (2, conv), (3, alpaca)]).name == "official"  # the rest: bad samples (--deep)
+    assert formats.detect([(1, alpaca)]).found.startswith("alpaca")
+
+
+def test_plain_check_says_which_format_it_read_and_never_ok_on_unknown_records(tmp_path):
+    conv = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    (tmp_path / "mix.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [conv, {"query": "q", "response": "a"},
+                                                                               {"query": "q", "response": "a"}]))
+    (tmp_path / "trl.jsonl").write_text(json.dumps(TRL) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps({"mix": {"annotation_path": "mix.jsonl"},
+                                                 "trl": {"annotation_path": "trl.jsonl", "data_path": "."}}))
+    r = subprocess.run([sys.executable, "-m", "vlsft", "datasets", "check", str(tmp_path / "d.json"), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    out = json.loads(r.stdout)
+    fmt = {d["name"]: d.get("format") for d in out["datasets"]}
+    assert fmt == {"mix": None, "trl": "prompt_completion"}, out["datasets"]
+    assert r.returncode != 0 and any("2 of the first 3 records are query/response" in p["message"]
+                                     for p in out["problems"])

@@ -22,6 +22,9 @@ Formats (``FORMATS``; a dictionary entry's ``"format"`` overrides the detection)
   List(Image) column); a media item may be a base64 ``data:`` URL (decoded in memory, never written to disk).
 * ``sharegpt`` (LLaMA-Factory): ``conversations`` of ``from``/``value`` with ``human``/``gpt``/``system``
   speakers and media in ``images`` / ``videos``; otherwise as ``messages``.
+* ``prompt_completion`` (TRL): ``prompt`` and ``completion`` lists of messages, read as the messages of both (media
+  in ``images``); answers inside the prompt are not trained (TRL's completion-only loss). The plain-text form is
+  refused in one line (language modelling without a chat template).
 
 Thinking and tools (messages and sharegpt; rendered by the Qwen3.5 / 3.6 / 3.8 templates, :mod:`qwenvl.data.chat_qwen35`):
 an assistant message's reasoning in ``reasoning_content``, ``reasoning`` or ``thinking`` (``REASONING_KEYS``; or
@@ -43,7 +46,7 @@ from typing import Any
 
 from qwenvl.data.sample_rules import data_url_bytes, kind_of, record_problems, shown
 
-FORMATS = ("official", "messages", "sharegpt")
+FORMATS = ("official", "messages", "sharegpt", "prompt_completion")
 TRAIN_ON = ("all", "last")
 #: the loss on the reasoning inside an assistant turn's think block (dictionary "thinking_loss")
 THINKING_LOSS = ("train", "mask")
@@ -58,7 +61,8 @@ TEMPLATE_KWARGS = {"reasoning_effort": REASONING_EFFORTS, "enable_thinking": (Tr
                    "preserve_thinking": (True, False)}
 DETECT_RECORDS = 200
 ACCEPTED = ("official (conversations + image/video), messages (messages of role/content + images/videos), "
-            "sharegpt (conversations of from/value + images/videos)")
+            "sharegpt (conversations of from/value + images/videos), prompt_completion (TRL: prompt and completion "
+            "message lists + images)")
 # top-level keys that look like media: a format that does not read them would silently train text-only
 MEDIA_WORDS = ("image", "img", "video", "audio", "frame", "picture", "photo", "media")
 # known foreign shapes: key that identifies them -> name
@@ -95,6 +99,9 @@ class FormatSpec:
         """This spec with the format's default keys and tags filled in."""
         if self.name == "messages":
             d = dict(messages_key="messages", role_key="role", content_key="content",
+                     user_tags=("user",), assistant_tags=("assistant",), system_tags=("system",))
+        elif self.name == "prompt_completion":  # TRL: read as the messages of prompt + completion
+            d = dict(messages_key="prompt", role_key="role", content_key="content",
                      user_tags=("user",), assistant_tags=("assistant",), system_tags=("system",))
         elif self.name == "sharegpt":
             d = dict(messages_key="conversations", role_key="from", content_key="value",
@@ -138,6 +145,8 @@ def classify(rec: Any) -> str | None:
         return None
     if "messages" in rec:
         return "messages"
+    if "prompt" in rec and "completion" in rec:
+        return "prompt_completion"
     if "conversations" in rec:
         if "image" in rec or "video" in rec:
             return "official"
@@ -148,19 +157,27 @@ def classify(rec: Any) -> str | None:
 
 
 def detect(records) -> Detection:
-    """The format of a dataset from ``(locator, record)`` pairs of its first records."""
+    """The format of a dataset from ``(locator, record)`` pairs of its first records. Records of no known shape
+    in the majority make the dataset an unknown shape (a format is never claimed on a minority's evidence)."""
     votes: dict[str, int] = {}
     first: dict[str, Any] = {}
     unknown: tuple[Any, Any] | None = None
+    n_unknown = 0
     for loc, rec in records:
         c = classify(rec)
         if c is None:
-            if unknown is None and type(rec) is dict:
-                unknown = (loc, rec)
+            if type(rec) is dict:
+                n_unknown += 1
+                unknown = unknown or (loc, rec)
             continue
         votes[c] = votes.get(c, 0) + 1
         first.setdefault(c, loc)
     conv = votes.get("official", 0) + votes.get("sharegpt", 0) + votes.get("neutral", 0)
+    known = sum(votes.values())
+    if unknown is not None and n_unknown > known:
+        return _unknown(unknown, f"{n_unknown} of the first {n_unknown + known} records are " if known else "")
+    if votes.get("prompt_completion", 0) > max(conv, votes.get("messages", 0)):
+        return Detection("prompt_completion", line=first["prompt_completion"])
     if votes.get("messages", 0) > conv:
         return Detection("messages", line=first["messages"])
     if conv:
@@ -169,10 +186,15 @@ def detect(records) -> Detection:
         return Detection("sharegpt", line=first["sharegpt"])
     if unknown is None:
         return Detection("official")  # nothing to go by (empty file, broken lines): the official reader decides
+    return _unknown(unknown, "")
+
+
+def _unknown(unknown: tuple[Any, Any], share: str) -> Detection:
+    """An unknown shape, named by the first such record (``share``: how many of the sniffed records are)."""
     loc, rec = unknown
     keys = list(rec)
     shape = next((name for key, name in _FOREIGN if key in rec), None)
-    found = (f"{shape} records" if shape else "records") + f" with keys {', '.join(map(repr, keys[:6]))}" + (
+    found = share + (f"{shape} records" if shape else "records") + f" with keys {', '.join(map(repr, keys[:6]))}" + (
         ", ..." if len(keys) > 6 else "")
     return Detection(None, found, loc)
 
@@ -315,6 +337,8 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
         if fmt is not None and fmt.train_on == "last" and type(rec) is dict:
             return rec, _last_only(rec.get("conversations"), Extras()), []
         return rec, _PLAIN, []
+    if fmt.name == "prompt_completion":
+        return _prompt_completion(rec, fmt)
     f = fmt.keys()
     out: list = []
     msgs = _message_list(rec, f, out)
@@ -348,6 +372,34 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
                         "nothing to train on", key, f"set '{key}': {'1' if key != 'loss' else 'true'} (or drop the "
                         "key) on at least one answer", "no_answer"))
         return None, _PLAIN, out
+    return internal, extras, out
+
+
+def _prompt_completion(rec: dict, fmt: FormatSpec) -> tuple[Any, Extras, list]:
+    """A TRL prompt-completion record (conversational: ``prompt`` and ``completion`` lists of messages, media in
+    ``images``) read as the messages of prompt + completion; as TRL's SFT trains the completion only, answers inside
+    the prompt are not trained. The standard (plain-text) form is language modelling without a chat template,
+    which vlsft does not train: one line."""
+    prompt, completion = rec.get("prompt"), rec.get("completion")
+    hint = ('write "prompt": [{"role": "user", "content": "..."}], "completion": [{"role": "assistant", '
+            '"content": "..."}] (TRL\'s conversational form)')
+    if type(prompt) is str and type(completion) is str:
+        return None, _PLAIN, [_err("plain_prompt", "a plain-text prompt/completion is trained without a chat "
+                                   "template, which vlsft does not do", "prompt", hint)]
+    for key, value in (("prompt", prompt), ("completion", completion)):
+        if type(value) is not list or not value:
+            return None, _PLAIN, [_err("bad_conversations", f"'{key}' must be a non-empty list of messages, found "
+                                       f"{'an empty list' if value == [] else kind_of(value)}", key, hint)]
+    internal, extras, out = normalise({**rec, "prompt": prompt + completion},
+                                      replace(fmt, name="messages", messages_key="prompt"))
+    if internal is None:
+        return internal, extras, out
+    turns = internal["conversations"]
+    first = len(turns) - len(completion)  # the completion's turns are the last ones
+    if not any(t["role"] == "assistant" for t in turns[first:]):
+        return None, _PLAIN, out + [_err("no_answer", "the completion holds no assistant message to train on",
+                                         "completion", hint, "no_answer")]
+    extras.untrained.update(i for i in range(first) if turns[i]["role"] == "assistant")
     return internal, extras, out
 
 
