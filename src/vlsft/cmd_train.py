@@ -215,7 +215,6 @@ def train(
         for w in lock.warnings:
             typer.secho(f"warning: {w}", err=True, fg="yellow")
     try:
-        _preflight(plan, environ)  # after this node's own checks (output folder, lock), before any rank starts
         rc = _resume_and_launch(plan, str(config), overrides, lock, planned)
     finally:
         if lock is not None:
@@ -292,6 +291,7 @@ def _resume_and_launch(plan, config: str, overrides: list[str], lock, planned: f
 
     from vlsft.plan import child_environment
 
+    _preflight(plan, os.environ)  # after this node's own checks (output folder, lock, run files), before any rank
     env = child_environment(plan.env, os.environ)
     if planned:
         from qwenvl.timing import PLANNED_ENV
