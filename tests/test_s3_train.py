@@ -47,7 +47,7 @@ data:
   num_workers: 1
 training: {{per_device_train_batch_size: 1, gradient_accumulation_steps: 1, max_steps: 2, logging_steps: 1,
            save_steps: 1000, learning_rate: 1.0e-4}}
-distributed: {{nproc_per_node: 2, deepspeed: none}}
+distributed: {{nproc_per_node: 2, deepspeed: none, master_port: 29757}}
 output: {{dir: {out}}}
 wandb: {{mode: offline, project: vlsft-s3-test}}
 {STORAGE_YAML}"""
