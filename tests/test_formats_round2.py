@@ -190,6 +190,7 @@ def test_data_url_video_is_decoded_in_memory_like_the_file(tmp_path, builder):
         assert err is not None and err.kind == "media_unreadable" and len(str(err)) < 600
 
 
+@pytest.mark.slow
 def test_cli_check_and_preview_agree_on_data_urls_and_empty_images(tmp_path, qwen_tokenizer_dir, builder):
     rows = [_openai(GOOD), _msg([GOOD]), _msg([], content="Hello"), _msg([], content="Hi"), _msg([NOT_IMAGE])]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -173,6 +173,7 @@ def test_folder_without_data_is_one_problem(tmp_path):
     assert len(d.errors) == 1 and "no .parquet / .arrow files" in d.errors[0].render()
 
 
+@pytest.mark.slow
 def test_preview_embedded_png_matches_jsonl(sources, tmp_path, qwen_tokenizer_dir, cli_env):
     """The builder opens the data URL from memory: the parquet's sample = the same record as a .jsonl line."""
     vision = Path(__file__).resolve().parents[1] / "qwenvl/data/vision.py"

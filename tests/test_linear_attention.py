@@ -108,6 +108,7 @@ def _one_by_one(model, builder, tok, items, args) -> tuple[float, dict]:
     return total, _grads(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
 @pytest.mark.parametrize("mode", ["packing", "flatten"])
 def test_packed_rows_equal_one_by_one(samples, family, mode):
@@ -130,6 +131,7 @@ def test_packed_rows_equal_one_by_one(samples, family, mode):
     assert grads[next(n for n, p in model.named_parameters() if p is layer.conv1d.weight)].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_the_stock_layer_leaks_across_samples(samples):
     """Negative control: transformers' own layer on the packed row, boundaries hidden (its PyTorch path refuses
     them), lets later samples read earlier ones - the gradients differ from one by one."""

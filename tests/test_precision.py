@@ -164,6 +164,7 @@ def test_bf16_step_multiplies_in_bf16(family):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_bf16_packed_step_through_the_collator(qwen_tokenizer_dir, lora):
     """Qwen2.5-VL, the trainer's packed batch (real samples from the sample builder, the collator's packing mode
