@@ -441,22 +441,6 @@ def use(
     sys.stdout.write(text + "\n")
 
 
-CONVERT_SHOWN = 20  # skipped samples listed per dataset (the rest are counted)
-
-
-def _sharegpt(off: dict, system: str | None) -> dict:
-    """An official record from :func:`qwenvl.data.formats.to_official` in the sharegpt layout, its own system
-    prompt (if any) as the first turn: how vlsft reads a system prompt per sample."""
-    conv = [{"from": "gpt", "value": t["content"]} if "role" in t else t for t in off["conversations"]]
-    out: dict = {"conversations": ([{"from": "system", "value": system}] if system is not None else []) + conv}
-    for key in ("image", "video"):
-        if off.get(key) is not None:
-            out[key + "s"] = off[key] if type(off[key]) is list else [off[key]]
-    if off.get("objects") is not None:
-        out["objects"] = off["objects"]
-    return out
-
-
 @datasets_app.command("convert")
 def convert(
     path: str = typer.Argument(..., help="The dataset dictionary (a vlsft dictionary or LLaMA-Factory's "
@@ -465,7 +449,8 @@ def convert(
     out: str = typer.Option(..., "--out", help="New (or empty) folder for <name>.jsonl files and "
                             "Dataset-Dictionary.json; nothing existing is overwritten."),
 ) -> None:
-    """Write every dataset as official-format JSONL plus a dataset dictionary (media stay where they are).
+    """Write every dataset as official-format JSONL plus a dataset dictionary (media files stay where they are;
+    embedded media - data: URLs, a parquet dataset's image bytes - are written once each to <out>/<name>-media/).
 
     A sample that is bad, or that says what the official format cannot (``loss: false`` turns, videos given as
     frame images), is left out and listed. A system prompt shared by every sample of a dataset becomes the
@@ -475,115 +460,7 @@ def convert(
     temporary folder beside it, renamed into place; removed on an error or a stop signal). Exit 0 when every
     sample was written, 1 when some were left out, 2 for unusable input.
     """
-    d = _convert_inputs(path, to, out)
-    entries: dict[str, dict] = {}
-    written: dict[str, list[str]] = {}
-    err = render.stderr()
-    left_out = 0
-    for name, spec in d.datasets.items():
-        fmt, samples, skipped = _official_samples(name, spec, err)
-        prompts = {own for _, own in samples}
-        per_sample = len(prompts) > 1  # a system prompt of some samples only: it stays in those samples
-        system = None if per_sample or not prompts else next(iter(prompts))
-        lines = [json.dumps(_sharegpt(off, own) if per_sample else off, ensure_ascii=False) for off, own in samples]
-        if skipped > CONVERT_SHOWN:
-            err.print(f"[yellow]warning[/yellow]: {name}: ... and {skipped - CONVERT_SHOWN:,} more left out")
-        left_out += skipped
-        file_name = _file_name(name, written)
-        entries[name] = _converted_entry(spec, file_name, len(lines), per_sample, system)
-        written[file_name] = lines
-        target = ("sharegpt (its samples' system prompts differ, which the official format cannot say per "
-                  "sample)" if per_sample else "official")
-        sys.stdout.write(f"{name}: {fmt.name} -> {target}, {len(lines):,} sample(s) written"
-                         + (f", {skipped:,} left out" if skipped else "") + "\n")
-    _write_converted(out, written, entries)
-    sys.stdout.write(f"wrote {os.path.join(out, 'Dataset-Dictionary.json')} ({render.plural(len(entries), 'dataset')})"
-                     + ("; a dataset 'system' prompt is vlsft's: the official trainer always uses its default"
-                        if any("system" in e for e in entries.values()) else "") + "\n")
+    from vlsft import convert as conversion
+
+    left_out = conversion.convert(conversion.inputs(path, to, out), out)
     raise typer.Exit(1 if left_out else 0)
-
-
-def _convert_inputs(path: str, to: str, out: str) -> DatasetDictionary:
-    """The dictionary to convert, or one line: another target, an unusable dictionary, an ``--out`` that is not a
-    new (or empty) folder."""
-    from qwenvl.safe_write import target_problem
-
-    if to != "official":
-        render.fail(Problem("error", f"--to {to!r}: the only target is 'official'", hint="write --to official"))
-    d = load_dictionary(path)
-    if not d.ok:
-        render.fail(*d.errors)
-    why = target_problem(out, "--out", folder=True)  # a link, a path under a file, unwritable, a too-long name
-    if why:
-        render.fail(why)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        render.fail(Problem("error", f"--out {out} exists and is not an empty folder: nothing is overwritten",
-                            hint="give a new folder"))
-    return d
-
-
-def _official_samples(name: str, spec: DatasetSpec, err):
-    """(the dataset's format, its samples in the official format with their own system prompt, how many were left
-    out - the first CONVERT_SHOWN of them listed on stderr)."""
-    from qwenvl.data import formats
-    from qwenvl.data.annotations import iter_records
-
-    try:
-        records = list(iter_records(spec.annotation_path))
-    except (OSError, ValueError) as exc:
-        render.fail(Problem("error", f"dataset '{name}': cannot read annotations: {exc}", file=spec.annotation_path))
-    fmt = formats.settle(spec.format_spec, [(line, r) for line, r in records[:formats.DETECT_RECORDS]])
-    samples: list[tuple[dict, str | None]] = []
-    skipped = 0
-    for line, rec in records:
-        why = "not valid JSON" if isinstance(rec, ValueError) else ""
-        off, own, why = (None, None, why) if why else formats.to_official(rec, fmt)
-        if off is None:
-            skipped += 1
-            if skipped <= CONVERT_SHOWN:
-                err.print(render.problem_text(Problem("warning", f"left out: {why}", spec.annotation_path,
-                                                      line)), highlight=False)
-            continue
-        samples.append((off, own))
-    return fmt, samples, skipped
-
-
-def _file_name(name: str, taken: dict[str, list[str]]) -> str:
-    """``<name>.jsonl`` made safe as a file name, numbered when two names fold to the same one."""
-    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).lstrip(".") or "dataset"
-    file_name = f"{stem}.jsonl"
-    k = 2
-    while file_name in taken:
-        file_name, k = f"{stem}-{k}.jsonl", k + 1
-    return file_name
-
-
-def _converted_entry(spec: DatasetSpec, file_name: str, length: int, per_sample: bool, system: str | None) -> dict:
-    entry: dict = {"annotation_path": file_name, "length": length}
-    if spec.data_path is not None:
-        entry["data_path"] = spec.data_path
-    for key in ("sampling_rate", "repeat_time", "train_on", "bbox_format"):
-        if getattr(spec, key) is not None:
-            entry[key] = getattr(spec, key)
-    entry["format"] = "sharegpt" if per_sample else "official"
-    if system is not None or spec.system is not None:
-        entry["system"] = system if system is not None else spec.system
-    return entry
-
-
-def _write_converted(out: str, written: dict[str, list[str]], entries: dict[str, dict]) -> None:
-    """The folder whole or not at all: written in a temporary folder, renamed into place when complete."""
-    from qwenvl.safe_write import Interrupted, UnsafeTarget, atomic_folder
-
-    try:
-        with atomic_folder(out, "--out") as tmp:
-            for file_name, lines in written.items():
-                with open(tmp / file_name, "x", encoding="utf-8") as f:
-                    f.write("".join(line + "\n" for line in lines))
-            with open(tmp / "Dataset-Dictionary.json", "x", encoding="utf-8") as f:  # the dictionary last
-                json.dump(entries, f, indent=2, ensure_ascii=False)
-                f.write("\n")
-    except UnsafeTarget as exc:
-        render.fail(exc)
-    except Interrupted as exc:
-        render.fail(exc.message(out), code=128 + exc.signum)
