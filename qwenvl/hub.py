@@ -85,6 +85,7 @@ class HubModel:
     endpoint: str = DEFAULT_ENDPOINT  # where `vlsft train` would download from (HF_ENDPOINT)
     offline: bool = False  # HF_HUB_OFFLINE: the cache only
     token_var: str | None = None  # the variable holding the token (its name only)
+    repo_type: str = "model"  # or "dataset" (a LLaMA-Factory hf_hub_url entry: qwenvl.data.hub_datasets)
 
     @property
     def config_json(self) -> str | None:
@@ -96,6 +97,8 @@ class HubModel:
     def complete(self) -> bool:
         """Every file of the snapshot is cached (judged by the listing snapshot_download keeps, else by a
         config.json next to whole-looking weights)."""
+        if self.repo_type != "model":  # a dataset: its files, by the listing when there is one
+            return self.folder is not None and self.missing in (0, None)
         if self.config_json is None:
             return False
         if self.missing is not None:
@@ -124,16 +127,18 @@ class HubModel:
                 "offline": self.offline, "token": self.token_var}
 
 
-def repo_folder(cache: str, repo_id: str) -> str:
-    return os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+def repo_folder(cache: str, repo_id: str, repo_type: str = "model") -> str:
+    return os.path.join(cache, f"{repo_type}s--" + repo_id.replace("/", "--"))
 
 
-def locate(repo_id: str, revision: str | None, environ: Mapping[str, str]) -> HubModel:
-    """What the cache of ``environ`` holds of ``repo_id`` at ``revision`` (no network, no huggingface_hub)."""
+def locate(repo_id: str, revision: str | None, environ: Mapping[str, str], repo_type: str = "model") -> HubModel:
+    """What the cache of ``environ`` holds of ``repo_id`` (a ``repo_type`` repository) at ``revision`` (no network,
+    no huggingface_hub)."""
     revision = revision or DEFAULT_REVISION
     cache = cache_dir(environ)
-    how = {"endpoint": endpoint(environ), "offline": offline(environ), "token_var": token_source(environ)}
-    storage = repo_folder(cache, repo_id)
+    how = {"endpoint": endpoint(environ), "offline": offline(environ), "token_var": token_source(environ),
+           "repo_type": repo_type}
+    storage = repo_folder(cache, repo_id, repo_type)
     commit = revision if COMMIT.fullmatch(revision) else None
     if commit is None:
         try:
@@ -180,7 +185,7 @@ def _weights_present(folder: str) -> bool:
 
 # --------------------------------------------------------------------------------------------------- the download
 
-def download(repo_id: str, revision: str | None, environ: Mapping[str, str]) -> str:
+def download(repo_id: str, revision: str | None, environ: Mapping[str, str], repo_type: str = "model") -> str:
     """``snapshot_download`` of ``repo_id`` at ``revision`` into the standard cache (progress bars on stderr; the
     files already cached are not fetched again); the local snapshot folder. Offline: the cached snapshot, if whole.
     Every failure is a one-line :class:`HubError`."""
@@ -188,23 +193,25 @@ def download(repo_id: str, revision: str | None, environ: Mapping[str, str]) -> 
 
     revision = revision or DEFAULT_REVISION
     try:
-        return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir(environ),
+        return snapshot_download(repo_id, repo_type=repo_type, revision=revision, cache_dir=cache_dir(environ),
                                  endpoint=endpoint(environ), local_files_only=offline(environ),
                                  token=next((environ[n] for n in TOKEN_VARS if environ.get(n)), None))
     except Exception as exc:  # noqa: BLE001 - each kind is one line below; anything else too, never a traceback
-        raise HubError(download_failure(repo_id, revision, environ, exc)) from None
+        raise HubError(download_failure(repo_id, revision, environ, exc, repo_type)) from None
 
 
-def download_failure(repo_id: str, revision: str, environ: Mapping[str, str], exc: Exception) -> str:
+def download_failure(repo_id: str, revision: str, environ: Mapping[str, str], exc: Exception,
+                     repo_type: str = "model") -> str:
     """One line for a failed download: what happened and the fix."""
     from huggingface_hub import errors
 
     from qwenvl.secrets import redact
 
     where, cache = endpoint(environ), cache_dir(environ)
-    what = f"{repo_id} (revision {revision})"
+    what = f"{'' if repo_type == 'model' else repo_type + ' '}{repo_id} (revision {revision})"
     token = f"the token in {token_source(environ)}" if token_source(environ) else "no token (set HF_TOKEN)"
-    fetch = f"`hf download {repo_id}{'' if revision == DEFAULT_REVISION else f' --revision {revision}'}`"
+    fetch = (f"`hf download {repo_id}{'' if repo_type == 'model' else f' --repo-type {repo_type}'}"
+             f"{'' if revision == DEFAULT_REVISION else f' --revision {revision}'}`")
     if isinstance(exc, errors.IncompleteSnapshotError):
         line = (f"{what}: the Hugging Face cache {cache} holds an incomplete snapshot and HF_HUB_OFFLINE is on; "
                 f"complete it with {fetch} where the hub is reachable (same HF_HOME), or unset HF_HUB_OFFLINE")
@@ -215,10 +222,12 @@ def download_failure(repo_id: str, revision: str, environ: Mapping[str, str], ex
         line = (f"{what} on {where} is gated: accept its terms on its hub page, then export HF_TOKEN with a token "
                 f"of that account (sent: {token})")
     elif isinstance(exc, errors.RepositoryNotFoundError):
-        line = (f"{what} was not found on {where} (sent: {token}): check the id, or for a private model export "
-                "HF_TOKEN; a local folder is written as a path (./models/x or /models/x)")
+        line = (f"{what} was not found on {where} (sent: {token}): check the id, or for a private {repo_type} "
+                "export HF_TOKEN" + ("; a local folder is written as a path (./models/x or /models/x)"
+                                     if repo_type == "model" else ""))
     elif isinstance(exc, errors.RevisionNotFoundError):
-        line = f"{what}: {where} has no revision {revision!r}; check model.revision (a branch, tag or commit)"
+        line = f"{what}: {where} has no revision {revision!r}; check " + (
+            "model.revision (a branch, tag or commit)" if repo_type == "model" else "the revision")
     elif isinstance(exc, errors.LocalEntryNotFoundError):  # no connection and nothing cached
         line = (f"cannot reach {where} to download {what}, and it is not in the Hugging Face cache {cache}: check "
                 "the network (or HF_ENDPOINT), or download it elsewhere with " + fetch + " and set HF_HUB_OFFLINE=1")

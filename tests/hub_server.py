@@ -59,12 +59,13 @@ class LoopbackHub:
         self._server.shutdown()
         self._server.server_close()
 
-    def add(self, repo_id: str, folder: Path, branches: tuple[str, ...] = ("main",)) -> str:
-        """Serve ``folder`` as ``repo_id`` at one commit (derived from its files), reachable by ``branches``."""
+    def add(self, repo_id: str, folder: Path, branches: tuple[str, ...] = ("main",), repo_type: str = "model") -> str:
+        """Serve ``folder`` as ``repo_id`` (a model, or a ``repo_type="dataset"`` repository) at one commit (derived
+        from its files), reachable by ``branches``."""
         files = {p.relative_to(folder).as_posix(): (p.stat().st_size, _blob_id(p))
                  for p in sorted(folder.rglob("*")) if p.is_file()}
         commit = hashlib.sha1(json.dumps(files, sort_keys=True).encode()).hexdigest()
-        self.repos[repo_id.lower()] = Repo(folder, commit, dict.fromkeys(branches, commit), files)
+        self.repos[("" if repo_type == "model" else "datasets/") + repo_id.lower()] = Repo(folder, commit, dict.fromkeys(branches, commit), files)
         return commit
 
 
@@ -87,11 +88,14 @@ def _handler(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
             authorized = hub.token is None or self.headers.get("Authorization") == f"Bearer {hub.token}"
             hub.requests.append((self.command, path, authorized))
             parts = [unquote(p) for p in path.strip("/").split("/")]
-            api = parts[:2] == ["api", "models"]
+            api = parts[:1] == ["api"] and parts[1:2] in (["models"], ["datasets"])
+            dataset = parts[1:2] == ["datasets"] if api else parts[:1] == ["datasets"]
+            if dataset and not api:
+                parts = parts[1:]
             if len(parts) < (6 if api else 5):
                 return self._error(404, "RepoNotFound", body)
             repo_id = "/".join(parts[2:4] if api else parts[0:2])
-            repo = hub.repos.get(repo_id.lower())
+            repo = hub.repos.get(("datasets/" if dataset else "") + repo_id.lower())
             if repo is None or not authorized:
                 return self._error(401 if not authorized else 404, "RepoNotFound", body)
             kind, revision, rest = (parts[4], parts[5], parts[6:]) if api else (parts[2], parts[3], parts[4:])

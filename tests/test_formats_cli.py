@@ -161,7 +161,7 @@ def test_llamafactory_dataset_info_is_a_dictionary(data, qwen_tokenizer_dir, cli
     r = vlsft("datasets", "check", str(lf / "dataset_info.json"))
     errors = [line for line in r.stdout.splitlines() if ": error: " in line]
     assert r.returncode == 1 and len(errors) == 3, r.stdout
-    assert "dataset 'hub' is loaded from 'hf_hub_url': vlsft reads local annotation files only" in errors[0]
+    assert "dataset 'hub': hf_hub_url llamafactory/demo is not in the Hugging Face cache" in errors[0]  # not here
     assert "dataset 'alp' uses LLaMA-Factory's 'alpaca' formatting, which vlsft does not read" in errors[1]
     assert "dataset 'noimg': key 'images' holds media the sharegpt format does not read" in errors[2]
 

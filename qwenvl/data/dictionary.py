@@ -49,6 +49,12 @@ KNOWN_KEYS = ("data_path", "annotation_path", "length", "sampling_rate", "repeat
 # keys of a LLaMA-Factory dataset_info.json entry (read as a dictionary: see _Loader.lf_pairs)
 LF_KEYS = ("file_name", "formatting", "columns", "tags", "ranking", "subset", "split", "folder", "num_samples",
            "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+# keys of an InternVL meta JSON entry (read as a dictionary: see _Loader.internvl_pairs): root -> data_path,
+# annotation -> annotation_path, repeat_time and length as vlsft's; INTERNVL_UNUSED are InternVL's image tiling /
+# augmentation settings, which do not apply to a Qwen model (a warning, once per file)
+INTERNVL_KEYS = ("root", "annotation", "repeat_time", "length")
+INTERNVL_UNUSED = ("data_augment", "max_dynamic_patch", "min_dynamic_patch", "dynamic_image_size", "use_thumbnail",
+                   "split_anno_by_rank")
 LF_TAGS = {"role_tag": "role_key", "content_tag": "content_key", "user_tag": "user_tags",
            "assistant_tag": "assistant_tags", "system_tag": "system_tags"}
 REQUIRED_KEYS = ("annotation_path",)
@@ -125,6 +131,7 @@ class DatasetDictionary:
     media_referenced: dict[str, bool] = field(default_factory=dict)
     formats: dict[str, str | None] = field(default_factory=dict)  # dataset -> its annotation format (checked files)
     llamafactory: bool = False  # the file is a LLaMA-Factory dataset_info.json
+    internvl: bool = False  # the file is an InternVL meta JSON (root / annotation entries)
     unusable: bool = False  # the file could not be read / holds no dictionary at all
     dataset_of: dict[Problem, str] = field(default_factory=dict)  # problem -> dataset it belongs to
     # every entry whose annotation_path could be read, valid or not (unvalidated; for file checks)
@@ -181,8 +188,7 @@ class _Loader:
 
     def add(self, severity: str, message: str, line: int | None = None, column: int | None = None,
             key: str | None = None, hint: str | None = None, file: str | None = None) -> None:
-        problem = Problem(severity, ann.oneline(message), file or self.path, line, column,  # type: ignore[arg-type]
-                          ann.oneline(key), ann.oneline(hint))
+        problem = _problem(self.result, severity, message, file or self.path, line, column, key, hint)
         self.result.problems.append(problem)
         if self.current is not None:
             self.result.dataset_of[problem] = self.current
@@ -260,6 +266,8 @@ class _Loader:
             return res
         self.base_dir = self._base_dir()
         self.lf = res.llamafactory = _is_llamafactory(root)
+        self.internvl = res.internvl = not self.lf and _is_internvl(root)
+        self.unused: set[str] = set()  # InternVL keys already warned about
         seen: dict[str, JKey] = {}
         for key, node in root.value:
             self.current = key.name
@@ -286,8 +294,8 @@ class _Loader:
                      hint=f"write {EXAMPLE_ENTRY}")
             return
         pairs = node.value
-        if self.lf:
-            pairs = self.lf_pairs(name, node)
+        if self.lf or self.internvl:
+            pairs = self.lf_pairs(name, node) if self.lf else self.internvl_pairs(name, node)
             if pairs is None:
                 return
         values, ok = self._entry_values(name, node, pairs)
@@ -562,10 +570,9 @@ class _Loader:
         hub = next((key for key in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
                     if key in got), None)
         if hub and "file_name" not in got:
-            k, v = got[hub]
-            self.add("error", f"dataset '{name}' is loaded from '{hub}': vlsft reads local annotation files only",
-                     k.line, k.column, key=hub, hint="download it and name the file with \"file_name\"")
-            return None
+            got = self.lf_hub(name, hub, got)
+            if got is None:
+                return None
         if "file_name" not in got:
             self.add("error", f"dataset '{name}' has no 'file_name'", node.line, node.column, key="file_name",
                      hint='add "file_name": "my_data.json" (relative to the folder of dataset_info.json)')
@@ -613,12 +620,69 @@ class _Loader:
                          if skipped == "num_samples" else None)
         k, v = got["file_name"]
         out = [(JKey("annotation_path", k.line, k.column), v),
-               (JKey("data_path", node.line, node.column), JNode("string", ".", node.line, node.column, '"."')),
+               (JKey("data_path", node.line, node.column), JNode("string", got.get("media_dir", "."), node.line,
+                                                                node.column, '"."')),
                (JKey("format", fm[0].line, fm[0].column), JNode("string", "sharegpt", fm[0].line, fm[0].column,
                                                                '"sharegpt"')),
                (JKey("format_keys", node.line, node.column), JNode("lf", keys, node.line, node.column))]
         out += [(k2, v2) for k2, v2 in node.value if k2.name in KNOWN_KEYS and k2.name not in ("format",)]
         return out
+
+    def lf_hub(self, name: str, hub: str, got: dict) -> dict | None:
+        """An ``hf_hub_url`` entry read from the Hugging Face cache (:mod:`qwenvl.data.hub_datasets`): ``got`` with
+        the snapshot folder as its ``file_name``; None after an error (another hub, not cached)."""
+        from qwenvl.data import hub_datasets
+
+        k, v = got[hub]
+        if hub != hub_datasets.KEY or v.kind != "string":
+            self.add("error", f"dataset '{name}' is loaded from '{hub}': vlsft reads local files and the Hugging Face "
+                     "hub (hf_hub_url)", k.line, k.column, key=hub, hint="download it and name the file with "
+                     "\"file_name\"")
+            return None
+        subset, folder = (got[key][1].value if key in got and got[key][1].kind == "string" else None
+                          for key in ("subset", "folder"))
+        path, why, hint = hub_datasets.snapshot(v.value, subset, folder, os.environ)
+        if path is None:
+            self.add("error", f"dataset '{name}': {why}", k.line, k.column, key=hub, hint=hint)
+            return None
+        got = {key: kv for key, kv in got.items() if key not in ("subset", "folder")}  # applied
+        import json
+
+        got["file_name"] = (k, JNode("string", path, v.line, v.column, json.dumps(path)))
+        got["media_dir"] = path  # media paths inside the repository are relative to it
+        return got
+
+    # ---- InternVL meta JSON ---------------------------------------------------------------------
+    def internvl_pairs(self, name: str, node: JNode) -> list | None:
+        """An InternVL meta JSON entry as vlsft keys: ``root`` -> data_path (empty: none, a text-only dataset),
+        ``annotation`` -> annotation_path, ``repeat_time`` and ``length`` as vlsft reads them (a repeat_time below
+        1 keeps that fraction, as sampling_rate does), format ``internvl`` (the records' implicit ``<image>``)
+        unless the entry sets a vlsft ``format``; InternVL's tiling / augmentation keys are not applied (a warning
+        once per key and file; ``data_augment: false`` is what vlsft does anyway). None after an unknown key."""
+        out, bad = [], False
+        for k, v in node.value:
+            if k.name == "root" and v is not None and v.kind == "string" and not v.value.strip():
+                v = JNode("null", None, v.line, v.column, "null")
+            if k.name in INTERNVL_UNUSED:
+                if k.name not in self.unused and not (k.name == "data_augment" and v is not None and v.value is False):
+                    self.unused.add(k.name)
+                    what = "image augmentation" if k.name == "data_augment" else "image tiling"
+                    self.add("warning", f"InternVL's '{k.name}' ({what}) is not applied by vlsft (said once, at "
+                             f"dataset '{name}', for the whole file)", k.line, k.column, key=k.name,
+                             hint="vlsft does not augment images" if k.name == "data_augment" else
+                             "vlsft sizes images by data.min_pixels / data.max_pixels of the run YAML")
+            elif k.name in INTERNVL_KEYS or k.name in KNOWN_KEYS:
+                new = {"root": "data_path", "annotation": "annotation_path"}.get(k.name, k.name)
+                out.append((JKey(new, k.line, k.column), v))
+            else:
+                hint = did_you_mean(k.name, INTERNVL_KEYS + INTERNVL_UNUSED + KNOWN_KEYS) or (
+                    f"InternVL meta keys read: {', '.join(INTERNVL_KEYS)}")
+                self.add("error", f"unknown key '{k.name}' in dataset '{name}'", k.line, k.column, key=k.name, hint=hint)
+                bad = True
+        if not any(k.name == "format" for k, _ in out):
+            out.append((JKey("format", node.line, node.column), JNode("string", "internvl", node.line, node.column,
+                                                                      '"internvl"')))
+        return None if bad else out
 
     # ---- annotation files --------------------------------------------------------------------
     def files(self, name: str, spec: DatasetSpec, values: dict[str, JNode]) -> None:
@@ -653,10 +717,10 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
     base = posixpath.basename(apath)
     if info.format is None:
         line, col = d.key_positions.get((name, "format"), d.positions.get(name, (None, None)))
-        problem = Problem("error", f"dataset '{ann.oneline(name)}': unknown annotation format: "
-                          f"{ann.oneline(info.format_found)} (first at {base}:{info.format_line}); vlsft reads "
-                          f"{formats.ACCEPTED}", d.path, line, col, "format",
-                          "convert the records to one of these, or set \"format\" in the dictionary entry")
+        problem = _problem(d, "error", f"dataset '{ann.oneline(name)}': unknown annotation format: "
+                           f"{ann.oneline(info.format_found)} (first at {base}:{info.format_line}); vlsft reads "
+                           f"{formats.ACCEPTED}", d.path, line, col, "format",
+                           "convert the records to one of these, or set \"format\" in the dictionary entry")
         d.problems.append(problem)
         d.dataset_of[problem] = name
     for key, (count, line_no) in info.unread.items():
@@ -684,9 +748,22 @@ def _add(d: DatasetDictionary, name: str, severity: str, message: str, hint: str
          key: str) -> None:
     """A problem of dataset ``name`` at its ``key`` in the dictionary (else at the entry)."""
     line, col = d.key_positions.get((name, key), d.positions.get(name, (None, None)))
-    problem = Problem(severity, ann.oneline(message) or "", d.path, line, col, key, hint)  # type: ignore[arg-type]
+    problem = _problem(d, severity, message, d.path, line, col, key, hint)
     d.problems.append(problem)
     d.dataset_of[problem] = name
+
+
+_INTERNVL_WORDS = re.compile(r"\b(data_path|annotation_path)\b")
+
+
+def _problem(d: DatasetDictionary, severity: str, message: str | None, file: str | None, line: int | None,
+             column: int | None, key: str | None, hint: str | None) -> Problem:
+    """A one-line problem of dictionary ``d``, in the words of its file: an InternVL meta JSON's ``root`` and
+    ``annotation`` for data_path and annotation_path."""
+    texts = [ann.oneline(t) for t in (message, key, hint)]
+    if d.internvl:
+        texts = [t and _INTERNVL_WORDS.sub(lambda m: {"data_path": "root"}.get(m[1], "annotation"), t) for t in texts]
+    return Problem(severity, texts[0] or "", file, line, column, texts[1], texts[2])  # type: ignore[arg-type]
 
 
 def _unreadable(d: DatasetDictionary, name: str, exc: BaseException) -> tuple[str, str | None]:
@@ -715,9 +792,9 @@ def _data_path_problem(d: DatasetDictionary, name: str, media_line: int) -> None
     spec = d.entries[name]
     if spec.data_path is None:
         line, col = d.positions.get(name, (None, None))
-        problem = Problem("error", f"dataset '{ann.oneline(name)}' has no data_path but its samples reference media "
-                          f"(first at {posixpath.basename(spec.annotation_path)}:{media_line})", d.path, line, col,
-                          "data_path", 'add "data_path": the folder the image/video paths are relative to')
+        problem = _problem(d, "error", f"dataset '{ann.oneline(name)}' has no data_path but its samples reference "
+                           f"media (first at {posixpath.basename(spec.annotation_path)}:{media_line})", d.path, line,
+                           col, "data_path", 'add "data_path": the folder the image/video paths are relative to')
         d.problems.append(problem)
         d.dataset_of[problem] = name
     elif not storage.is_url(spec.data_path) and not os.path.isdir(spec.data_path):
@@ -743,6 +820,13 @@ def _is_llamafactory(root: JNode) -> bool:
     keys = {k.name for v in entries for k, _ in v.value}
     return bool(entries) and "annotation_path" not in keys and bool(keys & {"file_name", "formatting",
                                                                             "hf_hub_url", "ms_hub_url"})
+
+
+def _is_internvl(root: JNode) -> bool:
+    """An InternVL meta JSON: its entries name ``annotation`` (and ``root``), never vlsft's ``annotation_path`` /
+    ``data_path`` (so a misspelt key in a vlsft dictionary still gets its did-you-mean)."""
+    keys = {k.name for _, v in root.value if v is not None and v.kind == "object" for k, _ in v.value}
+    return "annotation" in keys and not keys & {"annotation_path", "data_path", "file_name"}
 
 
 def _looks_like_samples(root: JNode) -> bool:

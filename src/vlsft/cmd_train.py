@@ -117,6 +117,23 @@ def fetch_hub_model(hub, environ) -> str:
     return folder
 
 
+def fetch_hub_datasets(cfg, environ) -> None:
+    """The LLaMA-Factory ``hf_hub_url`` datasets the run uses, into this node's Hugging Face cache before the plan
+    reads them (:mod:`qwenvl.data.hub_datasets`); HubError (one line) otherwise."""
+    from qwenvl import storage
+    from qwenvl.data import hub_datasets
+
+    path = cfg.data.dictionary
+    if storage.is_url(path):
+        return
+    path = os.path.expanduser(path)
+    if not os.path.isabs(path):
+        path = str(cfg.base_dir / path)
+    entries = hub_datasets.used_entries(path, [*(cfg.data.use or []), *(cfg.data.eval or [])])
+    if entries:
+        hub_datasets.fetch(entries, environ, lambda line: typer.secho(line, err=True))
+
+
 def build_tiny_if_asked(cfg) -> None:
     m = cfg.model
     if not m.build_tiny:
@@ -183,6 +200,7 @@ def train(
         why = "://" not in cfg.output.dir and name_problem(cfg.output.dir, "output.dir")
         if why:  # OSError 36 (File name too long) as one line, before anything looks at the folder
             raise UserError(why)
+        fetch_hub_datasets(cfg, environ)
         plan = build_plan(cfg, environ)
         if plan.hub is not None:  # a hub id: into this node's HF cache first, then the plan of those files
             fetch_hub_model(plan.hub, environ)

@@ -374,6 +374,8 @@ def _select_datasets(cfg: RunConfig, problems: list[Problem]) -> tuple[list[Any]
 
     dict_path = _resolve_path(cfg.base_dir, cfg.data.dictionary)
     dictionary = load_dictionary(dict_path)
+    if getattr(dictionary, "llamafactory", False):
+        _spare_unused_entries(cfg, dictionary)
     if not dictionary.ok:
         if getattr(dictionary, "unusable", False):
             problems.append(Problem("error", f"cannot use the dataset dictionary {dict_path}", key="data.dictionary",
@@ -388,6 +390,24 @@ def _select_datasets(cfg: RunConfig, problems: list[Problem]) -> tuple[list[Any]
         problems.append(Problem("error", p.message, key="data.use" if p.index is None else f"data.use[{p.index}]",
                                 hint=p.hint, **cfg.where(*at)))
     return selection.datasets, dictionary
+
+
+def _spare_unused_entries(cfg: RunConfig, dictionary: Any) -> None:
+    """A LLaMA-Factory ``dataset_info.json`` is a catalogue (its own lists dozens of hub and alpaca datasets):
+    as LLaMA-Factory does, only the entries ``data.use`` / ``data.eval`` name must be readable; the errors of the
+    others become one warning."""
+    names = {u.split("%", 1)[0].strip() for u in [*(cfg.data.use or []), *(cfg.data.eval or [])]}
+    if not names:
+        return
+    spared = {p for p in dictionary.errors if dictionary.dataset_of.get(p, next(iter(names))) not in names}
+    if not spared:
+        return
+    dictionary.problems = [p for p in dictionary.problems if p not in spared]
+    unused = sorted({dictionary.dataset_of[p] for p in spared})
+    shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+    dictionary.problems.append(Problem("warning", f"{len(unused)} dataset(s) of {dictionary.path} that data.use does "
+                                       f"not name cannot be read by vlsft ({shown}): not used",
+                                       hint=f"vlsft datasets check {dictionary.path} says why"))
 
 
 def _select_eval(cfg: RunConfig, dictionary: Any, problems: list[Problem], shares: list[DatasetShare]) -> str | None:
