@@ -77,65 +77,43 @@ def _num(v: Any) -> bool:
     return type(v) in (int, float) and math.isfinite(v)
 
 
+def _turn_texts(rec: dict):
+    """The text of each turn of an official-shaped record (``from``/``value`` or ``role``/``content``)."""
+    for t in rec.get("conversations") or ():
+        if type(t) is dict:
+            v = t.get("content") if "role" in t and "content" in t else t.get("value")
+            if type(v) is str:
+                yield v
+
+
 def object_problems(rec: dict, out: list, n_images: int) -> None:
     """Problems of ``rec["objects"]`` that need no image (structure, placeholders, x2 < x1, zero area), appended
-    as sample-rule items ``(severity, kind, code, message, key, hint)``; errors are of kind ``bad_objects``."""
+    as sample-rule items ``(severity, kind, code, message, key, hint)``; errors are of kind ``bad_objects``.
+    ms-swift's ``{"ref", "bbox", ...}`` dict: :func:`swift_problems`."""
     objs = rec.get("objects")
     if objs is None:
         return
 
-    def err(code: str, message: str, hint: str) -> None:
-        out.append(("error", "bad_objects", code, message, "objects", hint))
+    def err(code: str, message: str, hint: str, key: str = "objects") -> None:
+        out.append(("error", "bad_objects", code, message, key, hint))
 
+    if type(objs) is dict:
+        return swift_problems(rec, objs, err, n_images)
     if type(objs) is not list:
-        return err("objects_type", "'objects' must be a list of {\"label\", \"bbox\"|\"point\"}", 'write "objects": '
-                   '[{"label": "cat", "bbox": [x1, y1, x2, y2]}]')
+        return err("objects_type", "'objects' must be a list of {\"label\", \"bbox\"|\"point\"} (or ms-swift's "
+                   "{\"ref\", \"bbox\"})", 'write "objects": [{"label": "cat", "bbox": [x1, y1, x2, y2]}]')
     if not objs:
         return
     if n_images == 0:
         return err("objects_no_image", "'objects' in a sample without an image", "boxes are positions in an "
                    "image: add the image, or drop 'objects'")
-    kinds = []
-    for k, o in enumerate(objs):
-        if type(o) is not dict or type(o.get("label")) is not str:
-            return err("object_shape", f"object {k} must be an object with a string 'label'",
-                       '{"label": "cat", "bbox": [x1, y1, x2, y2]} or {"label": "cat", "point": [x, y]}')
-        box, pt = o.get("bbox"), o.get("point")
-        if (box is None) == (pt is None):
-            return err("object_shape", f"object {k} ({o['label']!r}) needs exactly one of 'bbox' and 'point'",
-                       '"bbox": [x1, y1, x2, y2] or "point": [x, y]')
-        if box is not None and (type(box) is not list or len(box) != 4 or not all(_num(v) for v in box)):
-            return err("object_shape", f"object {k} ({o['label']!r}): 'bbox' must be 4 numbers [x1, y1, x2, y2]",
-                       "write the box as its top-left and bottom-right corners")
-        if pt is not None and (type(pt) is not list or len(pt) != 2 or not all(_num(v) for v in pt)):
-            return err("object_shape", f"object {k} ({o['label']!r}): 'point' must be 2 numbers [x, y]", "write [x, y]")
-        far = next((v for v in (box if box is not None else pt) if abs(v) > MAX_COORD), None)
-        if far is not None:  # e.g. 1e308: the conversion would overflow (the trainer crashed on it)
-            return err("object_range", f"object {k} ({o['label']!r}): coordinate {far!r} is out of range (more "
-                       f"than {MAX_COORD:.0e} in size)", "write the coordinate in the dictionary's bbox_format "
-                       "(pixel, norm1000 or norm1)")
-        img = o.get("image", 0)
-        if type(img) is not int or not 0 <= img < n_images:
-            return err("object_image", f"object {k} ({o['label']!r}): 'image' {img!r} is not an image index of "
-                       f"this sample (0..{n_images - 1})", "name the 0-based index of the image the object is on")
-        if n_images > 1 and "image" not in o:
-            return err("object_image", f"object {k} ({o['label']!r}) has no 'image' in a sample with {n_images} "
-                       "images", "add \"image\": <0-based index> so the box is converted with its image's size")
-        if box is not None:
-            x1, y1, x2, y2 = box
-            if x2 < x1 or y2 < y1:
-                return err("box_order", f"object {k} ({o['label']!r}): box {box} has x2 < x1 or y2 < y1",
-                           "write [x1, y1, x2, y2] = top-left then bottom-right (swapped corners?)")
-            if x2 == x1 or y2 == y1:
-                return err("box_degenerate", f"object {k} ({o['label']!r}): box {box} has zero width or height",
-                           "a box needs an area; use \"point\" for a single position")
-        kinds.append("<bbox>" if box is not None else "<point>")
+    kinds = _each_object(objs, err, n_images, lambda k: f"object {k} ({objs[k]['label']!r})", "objects")
+    if kinds is None:
+        return
     seq = []
-    for t in rec.get("conversations") or ():
-        if type(t) is dict:
-            v = t.get("content") if "role" in t and "content" in t else t.get("value")
-            if type(v) is str and "<" in v:
-                seq += _PH_RE.findall(v)
+    for v in _turn_texts(rec):
+        if "<" in v:
+            seq += _PH_RE.findall(v)
     if not any(s != "<ref>" for s in seq):
         return err("objects_unplaced", f"{len(objs)} object(s) but no <bbox>, <point> or <objects> placeholder in "
                    "the text", "write <ref>/<bbox>/<point> where each object goes, or <objects> for all of them")
@@ -155,6 +133,146 @@ def object_problems(rec: dict, out: list, n_images: int) -> None:
                        "object the next <bbox>/<point> renders")
         if s in ("<bbox>", "<point>"):
             i += 1
+
+
+def _each_object(objs: list, err, n_images: int, who, key: str) -> list[str] | None:
+    """Each object's own problems (``who(k)`` names object k, ``key`` the user's key); the placeholder each takes
+    (``<bbox>`` / ``<point>``), or None after an error."""
+    def bad(code: str, message: str, hint: str) -> None:
+        return err(code, message, hint, key)
+
+    kinds = []
+    for k, o in enumerate(objs):
+        if type(o) is not dict or type(o.get("label")) is not str:
+            return bad("object_shape", f"object {k} must be an object with a string 'label'",
+                       '{"label": "cat", "bbox": [x1, y1, x2, y2]} or {"label": "cat", "point": [x, y]}')
+        box, pt = o.get("bbox"), o.get("point")
+        if (box is None) == (pt is None):
+            return bad("object_shape", f"{who(k)} needs exactly one of 'bbox' and 'point'",
+                       '"bbox": [x1, y1, x2, y2] or "point": [x, y]')
+        if box is not None and (type(box) is not list or len(box) != 4 or not all(_num(v) for v in box)):
+            return bad("object_shape", f"{who(k)}: 'bbox' must be 4 numbers [x1, y1, x2, y2]",
+                       "write the box as its top-left and bottom-right corners")
+        if pt is not None and (type(pt) is not list or len(pt) != 2 or not all(_num(v) for v in pt)):
+            return bad("object_shape", f"{who(k)}: 'point' must be 2 numbers [x, y]", "write [x, y]")
+        if o.get("bbox_format", "pixel") not in BBOX_FORMATS:
+            return bad("object_shape", f"{who(k)}: unknown 'bbox_format' {o['bbox_format']!r}",
+                       f"write one of {', '.join(BBOX_FORMATS)} (or drop it: the dataset's bbox_format applies)")
+        far = next((v for v in (box if box is not None else pt) if abs(v) > MAX_COORD), None)
+        if far is not None:  # e.g. 1e308: the conversion would overflow (the trainer crashed on it)
+            return bad("object_range", f"{who(k)}: coordinate {far!r} is out of range (more than {MAX_COORD:.0e} "
+                       "in size)", "write the coordinate in the dictionary's bbox_format (pixel, norm1000 or norm1)")
+        img = o.get("image", 0)
+        if type(img) is not int or not 0 <= img < n_images:
+            return bad("object_image", f"{who(k)}: 'image' {img!r} is not an image index of this sample "
+                       f"(0..{n_images - 1})", "name the 0-based index of the image the object is on")
+        if n_images > 1 and "image" not in o:
+            return bad("object_image", f"{who(k)} has no 'image' in a sample with {n_images} images",
+                       "add \"image\": <0-based index> so the box is converted with its image's size")
+        if box is not None:
+            x1, y1, x2, y2 = box
+            if x2 < x1 or y2 < y1:
+                return bad("box_order", f"{who(k)}: box {box} has x2 < x1 or y2 < y1",
+                           "write [x1, y1, x2, y2] = top-left then bottom-right (swapped corners?)")
+            if x2 == x1 or y2 == y1:
+                return bad("box_degenerate", f"{who(k)}: box {box} has zero width or height",
+                           "a box needs an area; use \"point\" for a single position" if key == "objects" else
+                           "a box needs an area; write a single position as [x, y]")
+        kinds.append("<bbox>" if box is not None else "<point>")
+    return kinds
+
+
+# ---------------------------------------------------------------------------------------------- ms-swift
+#: ms-swift's grounding "objects": {"ref": [texts], "bbox": [[x1, y1, x2, y2] | [x, y]], "bbox_type", "image_id"}
+SWIFT_KEYS = ("ref", "bbox", "bbox_type", "image_id")
+#: ms-swift's bbox_type -> vlsft's bbox_format (no bbox_type: the dataset's bbox_format, by default pixel = 'real')
+SWIFT_BBOX_TYPES = {"real": "pixel", "norm1": "norm1"}
+_SWIFT_RE = re.compile(r"(<ref-object>|<bbox>)")
+
+
+class Objects(list):
+    """A sample's objects in vlsft's shape; ``refs``: the texts of ms-swift's ``ref``, which its ``<ref-object>``
+    placeholders take in order, independently of the boxes (None: vlsft's own placeholders)."""
+
+    refs: list | None = None
+
+
+def read_swift(d: dict) -> tuple[Objects | None, tuple[str, str, str, str] | None]:
+    """ms-swift's objects dict as vlsft objects (``(objects, None)``) or ``(None, (code, message, key, hint))``.
+    Each ``bbox`` item becomes an object (2 numbers: a point) on image ``image_id[k]`` (default 0), its label the
+    ``ref`` of the same index (only shown); reversed corners are swapped, as ms-swift does."""
+    extra = next((k for k in d if k not in SWIFT_KEYS), None)
+    if extra is not None:
+        return None, ("objects_type", f"'objects' is ms-swift's {{ref, bbox, bbox_type, image_id}} or vlsft's list, "
+                      f"found the key {extra!r} in it", "objects", 'write [{"label": "cat", "bbox": [x1, y1, x2, y2]}] or '
+                      '{"ref": ["cat"], "bbox": [[x1, y1, x2, y2]]}')
+    refs, boxes, btype, ids = (d.get(k) for k in SWIFT_KEYS)
+    refs, boxes, ids = refs or [], boxes or [], ids or []
+    if type(refs) is not list or not all(type(r) is str for r in refs):
+        return None, ("object_shape", "'objects.ref' must be a list of strings", "objects.ref",
+                      'write "ref": ["cat", "dog"]: the texts the <ref-object> placeholders take, in order')
+    if type(boxes) is not list:
+        return None, ("object_shape", "'objects.bbox' must be a list of boxes", "objects.bbox",
+                      'write "bbox": [[x1, y1, x2, y2], ...] ([x, y] for a point)')
+    for k, b in enumerate(boxes):
+        if type(b) is not list or len(b) not in (2, 4) or not all(_num(v) for v in b):
+            return None, ("object_shape", f"'objects.bbox' item {k} must be 4 numbers [x1, y1, x2, y2] or 2 [x, y], found "
+                          f"{json.dumps(b)[:60]}", "objects.bbox", "write each box as two corners, a point as [x, y]")
+    if btype not in (None, "", *SWIFT_BBOX_TYPES):
+        return None, ("bbox_type", f"unknown 'objects.bbox_type' {btype!r} (ms-swift reads 'real' and 'norm1')",
+                      "objects.bbox_type", "'real' = pixels of the original image, 'norm1' = 0-1; for 0-1000 drop it "
+                      "and set the dataset's \"bbox_format\": \"norm1000\"")
+    if type(ids) is not list or not all(type(i) is int for i in ids) or (ids and len(ids) != len(boxes)):
+        return None, ("object_image", f"'objects.image_id' must be a list of {len(boxes)} integers (one per bbox), found "
+                      f"{json.dumps(ids)[:60]}", "objects.image_id", "name the 0-based image of each bbox, in order "
+                      "(or drop image_id: every bbox is then on image 0)")
+    out = Objects()
+    out.refs = refs
+    for k, b in enumerate(boxes):
+        o: dict = {"label": refs[k] if k < len(refs) else "", "image": ids[k] if ids else 0}
+        if len(b) == 4:
+            o["bbox"] = [min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])]
+        else:
+            o["point"] = list(b)
+        if btype:
+            o["bbox_format"] = SWIFT_BBOX_TYPES[btype]
+        out.append(o)
+    return out, None
+
+
+def as_objects(value: Any) -> list:
+    """A record's ``objects`` as vlsft's list (ms-swift's dict mapped; an unreadable dict or value: no objects)."""
+    if type(value) is dict:
+        return read_swift(value)[0] or []
+    return value if type(value) is list else []
+
+
+def swift_problems(rec: dict, d: dict, err, n_images: int) -> None:
+    """ms-swift's objects dict: its shape, each box (as vlsft's objects), ``image_id`` against the images and the
+    placeholders: as many ``<ref-object>`` as ``ref`` items and ``<bbox>`` as ``bbox`` items."""
+    objs, bad = read_swift(d)
+    if bad is not None:
+        code, message, key, hint = bad
+        return err(code, message, hint, key)
+    if not objs and not objs.refs:  # {"ref": [], "bbox": []}: a text-only row of a dataset with an objects column
+        return
+    if n_images == 0:
+        return err("objects_no_image", "'objects' in a sample without an image", "boxes are positions in an "
+                   "image: add the image, or drop 'objects'")
+    far = next((o["image"] for o in objs if not 0 <= o["image"] < n_images), None)
+    if far is not None:
+        return err("object_image", f"'objects.image_id' {far} is not an image index of this sample (0..{n_images - 1})",
+                   "name the 0-based index of the image each bbox is on", "objects.image_id")
+    if _each_object(objs, err, n_images, lambda k: f"'objects.bbox' item {k}", "objects.bbox") is None:
+        return
+    seq = [s for v in _turn_texts(rec) if "<" in v for s in _SWIFT_RE.findall(v)]
+    n_ref, n_box = seq.count("<ref-object>"), seq.count("<bbox>")
+    if n_ref != len(objs.refs):
+        return err("objects_count", f"'objects.ref' has {len(objs.refs)} item(s) for {n_ref} <ref-object> placeholder(s)",
+                   "each <ref-object> takes the next 'ref', in order: one per ref", "objects.ref")
+    if n_box != len(objs):
+        return err("objects_count", f"'objects.bbox' has {len(objs)} item(s) for {n_box} <bbox> placeholder(s)",
+                   "each <bbox> takes the next 'bbox', in order: one per bbox", "objects.bbox")
 
 
 def _half_up(v: float) -> int:
@@ -188,17 +306,20 @@ def _ref_text(label: str, convention: str) -> str:
     return f"<|object_ref_start|>{label}<|object_ref_end|>" if convention == BOX_TOKENS else label
 
 
-def rendered_objects(objs: list, sizes: list[tuple[tuple[int, int], tuple[int, int]]], bbox_format: str,
-                     convention: str) -> list[dict]:
+def rendered_objects(objs: list | dict, sizes: list[tuple[tuple[int, int], tuple[int, int]]], bbox_format: str,
+                     convention: str) -> Objects:
     """Each object with its family's coordinates: ``{"label", "kind" ("bbox"|"point"), "image", "values"}``.
-    ``sizes[k]`` = ((orig w, h), (resized w, h)) of image k."""
-    out = []
+    ``sizes[k]`` = ((orig w, h), (resized w, h)) of image k; an object's own ``bbox_format`` (ms-swift's
+    ``bbox_type``) before the dataset's. ms-swift's objects keep their ``refs`` (for :func:`render_texts`)."""
+    objs = as_objects(objs)
+    out = Objects()
+    out.refs = getattr(objs, "refs", None)
     for o in objs:
         kind = "bbox" if o.get("bbox") is not None else "point"
         img = o.get("image", 0)
         orig, resized = sizes[img]
         out.append({"label": o["label"], "kind": kind, "image": img,
-                    "values": convert(o[kind], orig, resized, bbox_format, convention)})
+                    "values": convert(o[kind], orig, resized, o.get("bbox_format", bbox_format), convention)})
     return out
 
 
@@ -214,7 +335,11 @@ def answer_form(rendered: list[dict], convention: str) -> str:
 
 
 def render_texts(texts: list[str], rendered: list[dict], convention: str) -> list[str]:
-    """The turns' texts with their placeholders replaced (objects checked by :func:`object_problems`)."""
+    """The turns' texts with their placeholders replaced (objects checked by :func:`object_problems`); ms-swift's
+    objects (``rendered.refs`` set): ``<ref-object>`` takes the next ref, ``<bbox>`` the next box or point."""
+    refs = getattr(rendered, "refs", None)
+    if refs is not None:
+        return _render_swift(texts, rendered, refs, convention)
     state = {"i": 0}
     form = None
 
@@ -232,6 +357,23 @@ def render_texts(texts: list[str], rendered: list[dict], convention: str) -> lis
         return _box_text(rendered[i]["values"], convention)
 
     return [_PH_RE.sub(sub, t) if "<" in t else t for t in texts]
+
+
+def _render_swift(texts: list[str], rendered: list[dict], refs: list[str], convention: str) -> list[str]:
+    """ms-swift's placeholders, each kind taken in its own order (a placeholder past the last item stays text, as
+    in ms-swift; the checks refuse such samples)."""
+    at = {"<ref-object>": 0, "<bbox>": 0}
+
+    def sub(m: re.Match) -> str:
+        tag = m.group(0)
+        i = at[tag]
+        items = refs if tag == "<ref-object>" else rendered
+        if i >= len(items):
+            return tag
+        at[tag] = i + 1
+        return _ref_text(refs[i], convention) if tag == "<ref-object>" else _box_text(rendered[i]["values"], convention)
+
+    return [_SWIFT_RE.sub(sub, t) if "<" in t else t for t in texts]
 
 
 # ---------------------------------------------------------------------------------------------- deep check
@@ -259,7 +401,8 @@ def check_sample(rec: dict, sizes: list[tuple[int, int] | None], bbox_format: st
     counts)``; counts = boxes, rescaled (Qwen2.5-VL coordinates differ from the given ones), suspicious."""
     out: list[tuple[str, str, str, str]] = []
     counts = {"boxes": 0, "rescaled": 0, "suspicious": 0}
-    objs = rec.get("objects") if type(rec.get("objects")) is list else []
+    objs = as_objects(rec.get("objects"))
+    swift = getattr(objs, "refs", None) is not None
     resized_of = {}
     for k, s in enumerate(sizes):
         if s is not None:
@@ -276,32 +419,13 @@ def check_sample(rec: dict, sizes: list[tuple[int, int] | None], bbox_format: st
         size = sizes[img] if type(img) is int and 0 <= img < len(sizes) else None
         if size is None:
             continue
-        w, h = size
-        lim = (w, h) if bbox_format == "pixel" else (1000, 1000) if bbox_format == "norm1000" else (1, 1)
-        bad = [v for j, v in enumerate(vals) if v < 0 or v > lim[j % 2]]
-        flagged = False
-        if bad:
-            flagged = True
-            what = f"the {w}x{h} image" if bbox_format == "pixel" else f"the {bbox_format} range"
-            hint = "check the coordinates and the dataset's \"bbox_format\""
-            if bbox_format == "pixel" and max(vals) <= 1000 and max(w, h) < 1000:
-                hint = 'these look like 0-1000 coordinates: set "bbox_format": "norm1000"'
-            out.append(("warning", "box_outside", f"object {k} ({o.get('label')!r}): {vals} lies outside {what} "
-                        "(it is clamped to the edge)", hint))
-        if bbox_format == "pixel" and max(vals) <= 1 and max(w, h) > 1:
-            flagged = True
-            out.append(("warning", "box_convention", f"object {k} ({o.get('label')!r}): {vals} are all <= 1 with "
-                        "bbox_format pixel", 'these look like 0-1 coordinates: set "bbox_format": "norm1"'))
-        elif bbox_format == "norm1" and max(vals) > 1:
-            flagged = True
-            out.append(("warning", "box_convention", f"object {k} ({o.get('label')!r}): {vals} exceed 1 with "
-                        "bbox_format norm1", 'set "bbox_format": "pixel" or "norm1000" to match the data'))
+        fmt = o.get("bbox_format", bbox_format)
+        found = _box_warnings(f"'objects.bbox' item {k}" if swift else f"object {k} ({o.get('label')!r})", vals, size, fmt, swift)
+        out += found
         resized = resized_of.get(img if type(img) is int else 0)
-        if resized is not None and bbox_format == "pixel" and resized != (w, h):
+        if resized is not None and (fmt != "pixel" or resized != size):
             counts["rescaled"] += 1
-        elif resized is not None and bbox_format != "pixel":
-            counts["rescaled"] += 1
-        counts["suspicious"] += flagged
+        counts["suspicious"] += bool(found)
     # boxes written literally in the answer text (Qwen2.5-VL: pixels of the resized image)
     resized0 = resized_of.get(0)
     if resized0 is not None:
@@ -327,6 +451,32 @@ def check_sample(rec: dict, sizes: list[tuple[int, int] | None], bbox_format: st
                                 "them (0-1000 would be right for Qwen3-VL)"))
                     break
     return out, counts
+
+
+def _box_warnings(who: str, vals: list, size: tuple[int, int], fmt: str, swift: bool) -> list[tuple]:
+    """The deep check's warnings about one box / point given in ``fmt`` on an image of ``size`` (``swift``: the
+    hints name ms-swift's ``bbox_type``)."""
+    w, h = size
+    out = []
+    said = ("bbox_type " + {"pixel": "real"}.get(fmt, fmt)) if swift else f"bbox_format {fmt}"
+    norm1 = '"bbox_type": "norm1" in objects' if swift else '"bbox_format": "norm1"'
+    norm1000 = 'drop bbox_type and set the dataset\'s "bbox_format": "norm1000"' if swift else \
+        'set "bbox_format": "norm1000"'
+    lim = (w, h) if fmt == "pixel" else (1000, 1000) if fmt == "norm1000" else (1, 1)
+    if any(v < 0 or v > lim[j % 2] for j, v in enumerate(vals)):
+        what = f"the {w}x{h} image" if fmt == "pixel" else f"the {fmt} range"
+        hint = "check the coordinates and " + ("'bbox_type'" if swift else "the dataset's \"bbox_format\"")
+        if fmt == "pixel" and max(vals) <= 1000 and max(w, h) < 1000:
+            hint = "these look like 0-1000 coordinates: " + norm1000
+        out.append(("warning", "box_outside", f"{who}: {vals} lies outside {what} (it is clamped to the edge)", hint))
+    if fmt == "pixel" and max(vals) <= 1 and max(w, h) > 1:
+        out.append(("warning", "box_convention", f"{who}: {vals} are all <= 1 with {said}",
+                    "these look like 0-1 coordinates: set " + norm1))
+    elif fmt == "norm1" and max(vals) > 1:
+        out.append(("warning", "box_convention", f"{who}: {vals} exceed 1 with {said}",
+                    ("drop 'bbox_type' (pixels)" if swift else 'set "bbox_format": "pixel" or "norm1000"') +
+                    " to match the data"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- preview
@@ -482,8 +632,8 @@ class PredictGrounding:
     def render(self, conv: list[dict], internal: dict, image_paths: list[str]) -> None:
         """Render the placeholders of ``conv`` (``{"role", "content"}`` turns) in place."""
         sizes = self._sizes(image_paths)
-        objs = internal.get("objects")
-        if not sizes or type(objs) is not list or not objs:
+        objs = as_objects(internal.get("objects"))
+        if not sizes or not (objs or getattr(objs, "refs", None)):
             return
         rendered = rendered_objects(objs, sizes, self.bbox_format, self.convention)
         texts = render_texts([str(t.get("content") or "") for t in conv], rendered, self.convention)
@@ -492,11 +642,11 @@ class PredictGrounding:
 
     def ious(self, internal: dict, image_paths: list[str], prediction: str) -> list[float] | None:
         """Per reference box of the sample, the IoU of its matched predicted box (None: no boxes to score)."""
-        objs = [o for o in internal.get("objects") or [] if type(o) is dict and o.get("bbox") is not None]
+        objs = [o for o in as_objects(internal.get("objects")) if type(o) is dict and o.get("bbox") is not None]
         sizes = self._sizes(image_paths) if objs else None
         if not objs or not sizes:
             return None
-        refs = [to_pixels(o["bbox"], sizes[o.get("image", 0)][0], self.bbox_format) for o in objs]
+        refs = [to_pixels(o["bbox"], sizes[o.get("image", 0)][0], o.get("bbox_format", self.bbox_format)) for o in objs]
         orig, resized = sizes[objs[0].get("image", 0)]
         preds = [to_original(b, orig, resized, self.convention) for b in parse_boxes(prediction, self.convention)]
         return match_ious(refs, preds)

@@ -105,9 +105,11 @@ def _grounding(record, fmt, data_path, builder, sample, conversation) -> tuple[l
     grids = sample["image_grid_thw"].tolist()
     objects, sizes = grounding.preview_objects(internal, pil, grids, builder.spec.patch_size, fmt.bbox_format,
                                                builder.model_type)
-    for obj, src in zip(objects, internal.get("objects") or [], strict=True):
+    for obj, src in zip(objects, grounding.as_objects(internal.get("objects")), strict=True):
         obj["given"] = src.get("bbox") if src.get("bbox") is not None else src.get("point")
-    if objects:
+        if "bbox_format" in src:  # ms-swift's bbox_type, the object's own
+            obj["bbox_format"] = src["bbox_format"]
+    if objects or objects.refs:  # (ms-swift's refs are rendered without boxes too)
         lead = len(conversation) - len(sample_rules.turn_triples(internal["conversations"]))  # the added system turn
         texts = grounding.render_texts([t["content"] for t in conversation[lead:]], objects,
                                        builder.family.grounding)
@@ -317,7 +319,8 @@ def _print_text(shown: dict, sample: dict, tokenizer, builder, data_args, fmt, d
     for obj in shown["objects"]:
         o, r = sizes[obj["image"]]
         out.print(f"object {obj['label']!r}: {obj['kind']} {obj['values']} ({builder.model_type}, image "
-                  f"{obj['image']} {o[0]}x{o[1]} -> {r[0]}x{r[1]}, from {fmt.bbox_format} {_given(obj)})",
+                  f"{obj['image']} {o[0]}x{o[1]} -> {r[0]}x{r[1]}, from {obj.get('bbox_format', fmt.bbox_format)} "
+                  f"{_given(obj)})",
                   highlight=False)
     if draw is not None:
         out.print(f"drawn: {render.markup(str(draw))}", highlight=False)
