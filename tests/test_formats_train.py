@@ -2,7 +2,9 @@
 over a dictionary whose datasets are written in every supported format (official, messages with tags, messages
 with part lists, OpenAI image_url parts, LLaMA-Factory sharegpt, ms-swift with system / loss:false / frame-list
 video), and one over LLaMA-Factory's own dataset_info.json used as `data.dictionary`. Every sample of every
-format must be trained (the summary counts them), none skipped."""
+format must be trained (the summary counts them), none skipped. Round 2 adds a Hugging Face parquet dataset
+(embedded image bytes, a text-only row with ``images: []``), base64 data: URL images and TRL prompt/completion
+records to the same run."""
 
 from __future__ import annotations
 
@@ -79,6 +81,36 @@ def _train(cfg: Path) -> subprocess.CompletedProcess:
                           timeout=480, cwd=REPO)
 
 
+def _round2(folder: Path, media: Path, entries: dict) -> int:
+    """A parquet file with an embedded PNG and a text-only row, a data: URL image, TRL prompt/completion records:
+    their entries added to ``entries``; how many records."""
+    import base64
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    png = (media / "red.png").read_bytes()
+    turns = [{"role": "user", "content": "<image>" + Q}, {"role": "assistant", "content": A}]
+    rows = [{"messages": turns, "images": [{"bytes": png, "path": None}]},
+            {"messages": [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "4"}],
+             "images": []}] * 2  # 20 records in all: each rank reads 10, none repeated to even them out
+    features = {"messages": [{"role": {"dtype": "string", "_type": "Value"},
+                              "content": {"dtype": "string", "_type": "Value"}}],
+                "images": {"feature": {"_type": "Image"}, "_type": "Sequence"}}
+    table = pa.Table.from_pylist(rows).replace_schema_metadata(
+        {"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, folder / "hf.parquet")
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    more = {"dataurl": [{"messages": turns, "images": [url]}] * 2,
+            "trl": [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": Q}]}],
+                     "completion": [{"role": "assistant", "content": A}], "images": ["red.png"]}] * 2}
+    entries["parquet"] = {"annotation_path": "hf.parquet"}
+    for name, records in more.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        entries[name] = {"data_path": str(media), "annotation_path": f"{name}.jsonl"}
+    return len(rows) + sum(len(r) for r in more.values())
+
+
 def test_every_format_trains_in_one_two_rank_run(tmp_path, media, tiny_model_dir):
     frames = json.loads((media / "frames.json").read_text())
     entries = {}
@@ -87,11 +119,12 @@ def test_every_format_trains_in_one_two_rank_run(tmp_path, media, tiny_model_dir
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         entries[name] = {"data_path": str(media), "annotation_path": f"{name}.jsonl"}
         total += len(records)
+    total += _round2(tmp_path, media, entries)
     (tmp_path / "d.json").write_text(json.dumps(entries, indent=2))
     check = subprocess.run([VLSFT, "datasets", "check", str(tmp_path / "d.json"), "--deep"], capture_output=True,
                            text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
-    for fmt in ("official", "messages", "sharegpt"):
+    for fmt in ("official", "messages", "sharegpt", "prompt_completion"):
         assert fmt in check.stdout
     p = _train(_run_yaml(tmp_path / "run.yaml", tiny_model_dir, tmp_path / "d.json", tmp_path / "out", 29741))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
