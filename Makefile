@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/vlsft train --config configs/demo.yaml
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The inner loop: everything but the tests marked slow (end-to-end runs, model loads, servers); CI runs `make test`.
 .PHONY: test-fast
