@@ -254,19 +254,18 @@ def swift_problems(rec: dict, d: dict, err, n_images: int) -> None:
     if bad is not None:
         code, message, key, hint = bad
         return err(code, message, hint, key)
-    if not objs and not objs.refs:  # {"ref": [], "bbox": []}: a text-only row of a dataset with an objects column
-        return
-    if n_images == 0:
-        return err("objects_no_image", "'objects' in a sample without an image", "boxes are positions in an "
-                   "image: add the image, or drop 'objects'")
-    far = next((o["image"] for o in objs if not 0 <= o["image"] < n_images), None)
-    if far is not None:
-        return err("object_image", f"'objects.image_id' {far} is not an image index of this sample (0..{n_images - 1})",
-                   "name the 0-based index of the image each bbox is on", "objects.image_id")
-    if _each_object(objs, err, n_images, lambda k: f"'objects.bbox' item {k}", "objects.bbox") is None:
-        return
     seq = [s for v in _turn_texts(rec) if "<" in v for s in _SWIFT_RE.findall(v)]
     n_ref, n_box = seq.count("<ref-object>"), seq.count("<bbox>")
+    if objs or objs.refs:  # (none: a text-only row of a dataset with an objects column, {"ref": [], "bbox": []})
+        if n_images == 0:
+            return err("objects_no_image", "'objects' in a sample without an image", "boxes are positions in an "
+                       "image: add the image, or drop 'objects'")
+        far = next((o["image"] for o in objs if not 0 <= o["image"] < n_images), None)
+        if far is not None:
+            return err("object_image", f"'objects.image_id' {far} is not an image index of this sample "
+                       f"(0..{n_images - 1})", "name the 0-based index of the image each bbox is on", "objects.image_id")
+        if _each_object(objs, err, n_images, lambda k: f"'objects.bbox' item {k}", "objects.bbox") is None:
+            return
     if n_ref != len(objs.refs):
         return err("objects_count", f"'objects.ref' has {len(objs.refs)} item(s) for {n_ref} <ref-object> placeholder(s)",
                    "each <ref-object> takes the next 'ref', in order: one per ref", "objects.ref")
