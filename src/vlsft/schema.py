@@ -148,7 +148,8 @@ class DataSection(_Section):
     """What to train on and how samples become tokens and pixels."""
 
     dictionary: str = Field(description="Path (or s3:// URL) of the dataset dictionary JSON "
-                            "(name -> data_path, annotation_path, length, sampling_rate | repeat_time). "
+                            "(name -> data_path, annotation_path, length, sampling_rate | repeat_time; a "
+                            "LLaMA-Factory dataset_info.json or an InternVL meta JSON is read too). "
                             "Relative paths resolve against the YAML folder.")
     use: list[str] | None = Field(None, description="Datasets to train on, as names or 'name%percent' "
                                   "('docs%50', 'charts%250' = 2.5 copies). Default: every dataset in the "
