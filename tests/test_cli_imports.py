@@ -73,3 +73,37 @@ def test_no_torch_and_fast(small_dict, args, want_code):
         if best < 1.0:
             break
     assert best < 1.0, f"vlsft {' '.join(argv)} used {best:.2f} s of CPU (import + run)"
+
+
+COUNT_PROBE = r"""
+import sys, json
+sys.argv = ["vlsft"] + sys.argv[1:]
+from vlsft.cli import main
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+ours = sorted(m for m in sys.modules if m.split(".")[0] in ("vlsft", "qwenvl"))
+sys.stderr.write("\nCOUNT " + json.dumps({"total": len(sys.modules), "ours": ours, "all": sorted(sys.modules)}) + "\n")
+"""
+# What print-args must not load (issue 23 item 5: <= 0.25 s): Typer and its pydantic adapters (vlsft.print_args runs
+# plain command lines itself), rich (errors only), the dataset scanner and its pool, the trainer's stack.
+PRINT_ARGS_NEVER = ("typer", "click", "rich", "jinja2", "qwenvl.data.annotation_check", "qwenvl.data.media_exist",
+                    "multiprocessing", "concurrent", "asyncio", "torch", "transformers", "numpy", "PIL", "pyarrow")
+
+
+def test_print_args_imports_a_bounded_set_of_modules():
+    """Counts, not seconds: what print-args imports decides its time on any machine (today 288 modules, 35 of them
+    vlsft's / qwenvl's; before issue 23 item 5: 328 with Typer, its pydantic adapters and the dataset scanner)."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    r = subprocess.run([sys.executable, "-c", COUNT_PROBE, "print-args", "--config", str(demo)], capture_output=True,
+                       text=True, timeout=60)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("COUNT ")]
+    assert lines, r.stderr
+    got = json.loads(lines[-1][len("COUNT "):])
+    loaded = [m for m in got["all"] if m.split(".")[0] in PRINT_ARGS_NEVER or m in PRINT_ARGS_NEVER]
+    assert loaded == [], loaded
+    assert len(got["ours"]) <= 38, got["ours"]
+    assert got["total"] <= 310, got["total"]

@@ -9,6 +9,7 @@ help always lists every command. ``from vlsft.cli import app`` (tests, embedding
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -42,6 +43,12 @@ def __getattr__(name: str) -> Any:  # `from vlsft.cli import app`: every command
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "print-args":  # a dry run that starts nothing: no pydantic plugins (their entry-point
+        os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")  # scan over every installed package costs ~10 ms)
+        from vlsft.print_args import fast_main
+
+        if fast_main(args[1:]):  # the plain command lines without Typer; the rest (help, mistakes) with it
+            return
     # `vlsft`, `vlsft --help`, or an unknown word: load every command so help and errors list them all.
     app = _register(COMMAND_MODULES.get(args[0], ALL_MODULES) if args else ALL_MODULES)
     app(args=args)

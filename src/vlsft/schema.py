@@ -59,8 +59,10 @@ def _text_only(annotation: Any) -> bool:
 
 
 class _Section(BaseModel):
+    # defer_build: a section class is built twice (here, then with its keymap fields by create_model); only the
+    # models validation reaches are ever built, once, when print-args / train first validates (the front door's time)
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=False,
-                              allow_inf_nan=False)
+                              allow_inf_nan=False, defer_build=True)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -83,11 +85,14 @@ def _with_keymap_fields(cls: type[_Section], section: str | None = None) -> type
     ``section``: the dotted section (``model.lora``); default: the class name (``DataSection`` -> ``data``)."""
     section = section or cls.__name__.removesuffix("Section").lower()
     fields: dict[str, Any] = {}
+    hints: dict[type, dict[str, Any]] = {}  # typing.get_type_hints once per trainer dataclass, not once per key
     for key in KEYS:
         if key.owner is None or key.section != section:
             continue
         f = owner_field(key.owner, key.flag)
-        annotation = typing.get_type_hints(key.owner)[key.flag]
+        if key.owner not in hints:
+            hints[key.owner] = typing.get_type_hints(key.owner)
+        annotation = hints[key.owner][key.flag]
         help_text = f.metadata["help"] + ("" if key.flag == key.name else f" Trainer flag --{key.flag}.")
         fields[key.name] = (annotation, Field(f.default, description=help_text, **key.constraints))
     return create_model(cls.__name__, __base__=cls, __module__=__name__, __doc__=cls.__doc__, **fields)
