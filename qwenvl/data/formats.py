@@ -22,6 +22,11 @@ Formats (``FORMATS``; a dictionary entry's ``"format"`` overrides the detection)
   List(Image) column); a media item may be a base64 ``data:`` URL (decoded in memory, never written to disk).
 * ``sharegpt`` (LLaMA-Factory): ``conversations`` of ``from``/``value`` with ``human``/``gpt``/``system``
   speakers and media in ``images`` / ``videos``; otherwise as ``messages``.
+* ``internvl`` (InternVL's records; never detected: set by an InternVL meta JSON dictionary or ``"format":
+  "internvl"``): official records, except that a single image (a path string) or video without its tag in the first
+  turn (after a system turn) gets ``<image>\n`` / ``<video>\n`` put before that turn's text, as InternVL's trainer
+  does; an empty ``image`` / ``video`` (``""``, ``[]``) is none. An image list keeps its tags as written (no tag is
+  an error, as in InternVL).
 * ``prompt_completion`` (TRL): ``prompt`` and ``completion`` lists of messages, read as the messages of both (media
   in ``images``); answers inside the prompt are not trained (TRL's completion-only loss). The plain-text form is
   refused in one line (language modelling without a chat template).
@@ -46,7 +51,9 @@ from typing import Any
 
 from qwenvl.data.sample_rules import data_url_bytes, kind_of, record_problems, shown
 
-FORMATS = ("official", "messages", "sharegpt", "prompt_completion")
+FORMATS = ("official", "messages", "sharegpt", "prompt_completion", "internvl")
+#: formats whose records are official-shaped (read by the official rules, named with the official keys)
+OFFICIAL_SHAPED = (None, "official", "internvl")
 TRAIN_ON = ("all", "last")
 #: the loss on the reasoning inside an assistant turn's think block (dictionary "thinking_loss")
 THINKING_LOSS = ("train", "mask")
@@ -106,13 +113,15 @@ class FormatSpec:
         elif self.name == "sharegpt":
             d = dict(messages_key="conversations", role_key="from", content_key="value",
                      user_tags=("human", "user"), assistant_tags=("gpt", "assistant"), system_tags=("system",))
+        elif self.name == "internvl":  # official-shaped: its media keys are the official ones
+            return replace(self, messages_key="conversations", images_key="image", videos_key="video")
         else:
             return self
         return replace(self, **{k: getattr(self, k) or v for k, v in d.items()})
 
     @property
     def reads_media(self) -> tuple[str, ...]:
-        return ("image", "video") if self.name in (None, "official") else (self.images_key, self.videos_key)
+        return ("image", "video") if self.name in OFFICIAL_SHAPED else (self.images_key, self.videos_key)
 
 
 OFFICIAL = FormatSpec("official")
@@ -339,6 +348,8 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
         return rec, _PLAIN, []
     if fmt.name == "prompt_completion":
         return _prompt_completion(rec, fmt)
+    if fmt.name == "internvl":
+        return normalise(internvl_record(rec), replace(fmt, name="official"))
     f = fmt.keys()
     out: list = []
     msgs = _message_list(rec, f, out)
@@ -373,6 +384,27 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
                         "key) on at least one answer", "no_answer"))
         return None, _PLAIN, out
     return internal, extras, out
+
+
+def internvl_record(rec: dict) -> dict:
+    """InternVL's record as the official format reads it (a new dict; ``rec`` is left as it is): a single image
+    (a path string) or video whose tag is missing from the first turn (a system turn aside) gets ``<image>\n`` /
+    ``<video>\n`` put before that turn's text, as InternVL's trainer does; an empty ``image`` / ``video`` (``""``, ``[]``, null) is
+    none (InternVL reads such a record as text-only). A tag elsewhere does not count: InternVL looks at the first
+    turn only, so the record then holds one tag too many, an error here as it is a skipped sample there."""
+    out = {k: v for k, v in rec.items() if not (k in ("image", "video") and v in ("", [], None))}
+    conv = out.get("conversations")
+    if type(conv) is not list:
+        return out
+    first = next((i for i, t in enumerate(conv) if type(t) is dict and t.get("from", t.get("role")) != "system"),
+                 None)
+    for key, tag in (("image", "<image>"), ("video", "<video>")):
+        turn = conv[first] if first is not None and type(out.get(key)) is str else None
+        text_key = "value" if turn is not None and "value" in turn else "content"
+        if turn is not None and type(turn.get(text_key)) is str and tag not in turn[text_key]:
+            conv = [*conv[:first], {**turn, text_key: f"{tag}\n{turn[text_key]}"}, *conv[first + 1:]]
+    out["conversations"] = conv
+    return out
 
 
 def _prompt_completion(rec: dict, fmt: FormatSpec) -> tuple[Any, Extras, list]:
@@ -648,7 +680,7 @@ def sample_problems(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list
     if internal is None and problems:
         return None, extras, problems
     rule = record_problems(internal)
-    if fmt is None or fmt.name in (None, "official"):
+    if fmt is None or fmt.name in OFFICIAL_SHAPED:
         return internal, extras, (problems + rule) if problems else rule
     return internal, extras, problems + remap(rule, fmt)
 
@@ -669,7 +701,7 @@ def _last_only(conv: Any, extras: Extras) -> Extras:
 
 def remap(problems: list, fmt: FormatSpec | None) -> list:
     """Problems of an internal record named with the dataset's own keys (``images`` for ``image``, ...)."""
-    if fmt is None or fmt.name in (None, "official") or not problems:
+    if fmt is None or fmt.name in OFFICIAL_SHAPED or not problems:
         return problems
     f = fmt.keys()
     names = {"conversations": f.messages_key, "image": f.images_key, "video": f.videos_key,
@@ -716,7 +748,7 @@ def to_official(rec: Any, fmt: FormatSpec | None) -> tuple[dict | None, str | No
     bad = next((p for p in problems if p[0] == "error"), None)
     if bad is not None:
         return None, None, f"bad sample: {bad[3]}"
-    if fmt is None or fmt.name in (None, "official"):
+    if fmt is None or fmt.name in OFFICIAL_SHAPED:  # InternVL's implicit tags are written out
         return internal, None, ""
     if extras.untrained and fmt.train_on != "last":
         return None, None, "a turn has 'loss': false, which the official format cannot say"
