@@ -14,6 +14,9 @@ The file maps dataset names to where their data lives and how much of it to use:
 * ``sampling_rate`` (0 < r ≤ 1, the fraction kept) **or** ``repeat_time`` (> 0; 2.5 = two copies plus a
   random half). Neither means 100 %.
 
+A LLaMA-Factory ``dataset_info.json`` and an InternVL meta JSON (``{"name": {"root": ..., "annotation": ...,
+"repeat_time": 1, "length": ...}}``, its datasets read in the ``internvl`` format) are read as dictionaries too.
+
 Relative paths resolve against the dictionary file's folder; a leading ``~`` is expanded to the home
 folder (as a shell would). Media paths inside the annotations are not expanded: they are relative
 to ``data_path`` unless absolute (or URLs), and a dataset whose media are all absolute needs no
@@ -80,8 +83,9 @@ class DatasetSpec(BaseModel):
     repeat_time: float | None = Field(
         None, gt=0, description="Copies per epoch (> 0); 2.5 = two full copies plus a random half."
     )
-    format: str | None = Field(None, description="Annotation format: official, messages or sharegpt "
-                               "(default: detected from the first records).")
+    format: str | None = Field(None, description="Annotation format: official, messages, sharegpt, "
+                               "prompt_completion or internvl (default: detected from the first records; internvl "
+                               "is never detected: an InternVL meta JSON sets it).")
     system: str | None = Field(None, description="System prompt of this dataset (replaces the default one).")
     train_on: str | None = Field(None, description="Assistant turns trained: 'all' (default) or 'last'.")
     bbox_format: str | None = Field(None, description="Coordinates of the records' 'objects' (grounding): pixel "
@@ -185,6 +189,8 @@ class _Loader:
         self.given_base = base_dir
         self.result = DatasetDictionary(path=self.path)
         self.current: str | None = None
+        self.internvl = False
+        self.unused: set[str] = set()  # InternVL meta keys already warned about (once per file)
 
     def add(self, severity: str, message: str, line: int | None = None, column: int | None = None,
             key: str | None = None, hint: str | None = None, file: str | None = None) -> None:
@@ -267,7 +273,6 @@ class _Loader:
         self.base_dir = self._base_dir()
         self.lf = res.llamafactory = _is_llamafactory(root)
         self.internvl = res.internvl = not self.lf and _is_internvl(root)
-        self.unused: set[str] = set()  # InternVL keys already warned about
         seen: dict[str, JKey] = {}
         for key, node in root.value:
             self.current = key.name
