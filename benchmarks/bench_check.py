@@ -87,7 +87,8 @@ def run_check(dictionary: Path, workers: int | None = None) -> tuple[float, floa
     env = dict(os.environ)
     if workers:
         env["VLSFT_CHECK_WORKERS"] = str(workers)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=dictionary.parent)  # (PYTHONPATH=OTHER/src:OTHER
+    # from outside the repository times another checkout: the repository as the working folder would shadow it)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -105,7 +106,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="generate into this folder and keep it")
     args = ap.parse_args()
 
-    root = args.keep or Path(tempfile.mkdtemp(prefix="vlsft-bench-check-"))
+    root = (args.keep or Path(tempfile.mkdtemp(prefix="vlsft-bench-check-"))).resolve()
     root.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
