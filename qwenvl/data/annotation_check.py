@@ -16,10 +16,11 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from qwenvl import storage
-from qwenvl.data import formats
+from qwenvl.data import formats, hf_source
 from qwenvl.data.annotation_read import (
     _LIST_HINT,
     ProbeInfo,
@@ -41,7 +42,7 @@ from qwenvl.data.annotation_read import (
     oneline,
 )
 from qwenvl.data.media_exist import check_http, check_local
-from qwenvl.data.sample_rules import is_path, kind_of, record_problems, shown
+from qwenvl.data.sample_rules import PLAIN_AWAY, is_path, kind_of, plain_media, plain_tags, record_problems, shown
 from qwenvl.problems import Problem
 from qwenvl.secrets import mask_url
 
@@ -167,6 +168,105 @@ def _answer_boxes(rec: dict) -> bool:
     return False
 
 
+def _plain_official(rec: dict, loc: Any, media: dict[str, Any] | None, res: Any) -> bool:
+    """The fast path of ``--deep`` for an official record: when it is plainly clean (:func:`plain_tags` and
+    :func:`plain_media` agree, no key of :data:`PLAIN_AWAY`), count it, note its media and return True
+    (:func:`record_problems` would find nothing); otherwise do nothing and return False (the full path judges it)."""
+    tags = plain_tags(rec.get("conversations"))
+    if tags is None or not rec.keys().isdisjoint(PLAIN_AWAY):  # images/videos/objects/a frame rate: the full rule
+        return False
+    return _note_plain(rec.get("image"), rec.get("video"), tags, loc, media, res)
+
+
+def _plain_formatted(rec: dict, loc: Any, media: dict[str, Any] | None, res: Any, f: formats.FormatSpec,
+                     keys: frozenset) -> bool:
+    """:func:`_plain_official` for a messages / sharegpt / prompt_completion record (``f``: the dataset's spec with
+    its keys filled in): only the keys in ``keys`` (messages, media, ``id``), messages of exactly role + content
+    alternating from the first user tag to the first assistant tag, no ``bbox_2d`` (answer boxes: the grounding
+    check's); :func:`qwenvl.data.formats.sample_problems` would then find nothing and read the media as listed."""
+    if not rec.keys() <= keys:
+        return False
+    if f.name == "prompt_completion":  # TRL: read as prompt + completion; the completion must hold an answer
+        prompt, completion = rec.get("prompt"), rec.get("completion")
+        if prompt.__class__ is not list or completion.__class__ is not list or not prompt or not completion or not (
+                len(completion) > 1 or len(prompt) % 2):
+            return False
+        conv = prompt + completion
+    else:
+        conv = rec.get(f.messages_key)
+    ckey = f.content_key
+    tags = plain_tags(conv, f.role_key, ckey, f.user_tags[0], f.assistant_tags[0])
+    if tags is None:
+        return False
+    for m in conv:
+        if "bbox_2d" in m[ckey]:
+            return False
+    img = rec.get(f.images_key)
+    vid = rec.get(f.videos_key)
+    return _note_plain(None if img == [] else img, None if vid == [] else vid, tags, loc, media, res)
+
+
+def _plain_keys(fmt: formats.FormatSpec | None) -> tuple[formats.FormatSpec, frozenset] | None:
+    """(the spec with its keys, the keys a plain record may hold) of a format :func:`_plain_formatted` reads."""
+    if fmt is None or fmt.name not in ("messages", "sharegpt", "prompt_completion") or fmt.train_on != "all":
+        return None
+    f = fmt.keys()
+    if f.role_key == f.content_key or f.assistant_tags[0] in f.user_tags:
+        return None
+    msgs = ("prompt", "completion") if f.name == "prompt_completion" else (f.messages_key,)
+    return f, frozenset((*msgs, f.images_key, f.videos_key, "id"))
+
+
+def _note_plain(img: Any, vid: Any, tags: tuple[int, int], loc: Any, media: dict[str, Any] | None, res: Any) -> bool:
+    """A plainly clean sample counted and its media noted (True), when its media are plain paths as many as its
+    tags; else False, nothing done."""
+    if vid is None and img.__class__ is str:  # one image (the common case), by the shortest path
+        if tags[0] != 1 or tags[1] or not img or img.isspace() or img[:5] == "data:":
+            return False
+        res.images += 1
+        if res.first_media is None and img[0] != "/" and "://" not in img:  # relative (annotation_read._relative)
+            res.first_media = loc
+        if media is not None:
+            if img not in media:
+                media[img] = loc
+            if res.image_paths is not None:
+                res.image_paths.setdefault(img, loc)
+        return True
+    if img is None:
+        if vid is None:
+            if tags[0] or tags[1]:
+                return False
+            res.text_only += 1
+            return True
+        if tags[0]:
+            return False
+    elif (1 if img.__class__ is str and img and not img.isspace() and img[:5] != "data:" else plain_media(img)) != tags[0]:
+        return False  # (a path inline: the common case)
+    if (0 if vid is None else plain_media(vid)) != tags[1]:
+        return False
+    imgs = () if img is None else (img,) if img.__class__ is str else img
+    vids = () if vid is None else (vid,) if vid.__class__ is str else vid
+    if imgs:
+        res.images += 1
+    if vids:
+        res.videos += 1
+    if res.first_media is None and (_relative(imgs) or _relative(vids)):
+        res.first_media = loc
+    if media is not None:
+        for p in imgs:
+            if p not in media:
+                media[p] = loc
+        for p in vids:
+            if p not in media:
+                media[p] = loc
+        if res.video_paths is not None:  # --decode opens each as what the sample names it
+            for p in vids:
+                res.video_paths.setdefault(p, loc)
+            for p in imgs:
+                res.image_paths.setdefault(p, loc)
+    return True
+
+
 def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, Any] | None,
                   res: Any, fmt: formats.FormatSpec | None = None) -> None:
     """Count one sample and (``deep``) check it with the trainer's rule. Kept flat: this runs a million times."""
@@ -224,7 +324,7 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
             sink.add(loc, code, severity, message, key, hint, None, kind)
 
 
-PARALLEL_MIN_RECORDS = 200_000  # files at least this long are checked by several processes (fork, Linux)
+PARALLEL_MIN_RECORDS = 50_000  # files at least this long are checked by several processes (fork, Linux)
 CHUNK = 65_536  # records per unit of work (and per progress update)
 
 # The job of the current scan, read by _scan_chunk in this process or in forked workers (inherited, not pickled).
@@ -245,6 +345,7 @@ class _Part:
     video_paths: dict | None = None  # media path -> first locator, under 'video' (only for --decode)
     image_paths: dict | None = None  # ... under 'image' (a file may be named under both)
     grounded: list = field(default_factory=list)  # (locator, internal record) of samples with 'objects'
+    newlines: int = 0  # JSONL: the newlines of the chunk (its lines are counted from 1: see _shift)
 
 
 def _scan_chunk(bounds: tuple) -> _Part:
@@ -259,14 +360,21 @@ def _scan_chunk(bounds: tuple) -> _Part:
     fmt = job.get("fmt")
     if fmt is not None and fmt.name == "official" and fmt.train_on == "all":
         fmt = None  # the official format as it is: the fast path
+    plain = _plain_official if deep and fmt is None else None  # plainly clean records: counted, nothing to report
+    keyed = _plain_keys(fmt) if deep else None
+    if keyed is not None:
+        plain = partial(_plain_formatted, f=keyed[0], keys=keyed[1])
     items = job["items"]
     if job["fmt_kind"] == "jsonl":
-        # bounds are (first byte, end byte, line number of the first byte): each worker splits its own bytes
-        first_line = bounds[2]  # type: ignore[misc]
+        # bounds are (first byte, end byte): each worker splits its own bytes and counts lines from 1 (the lines
+        # before its chunk are added when the parts are merged, in order: nobody counts a file's lines twice)
+        first_line = 1
         loads = _loads
         blank = 0
         line = first_line - 1
-        for line, raw in enumerate(items[lo:hi].split(b"\n"), first_line):
+        data = items[lo:hi]
+        boxes = deep and fmt is None and b"bbox_2d" in data  # literal answer boxes: searched per line only if any
+        for line, raw in enumerate(data.split(b"\n"), first_line):
             if not raw:
                 blank += 1
                 continue
@@ -280,10 +388,12 @@ def _scan_chunk(bounds: tuple) -> _Part:
                 if msg:
                     sink.add(line, "json", "error", msg, hint=hint, column=col)
                     continue
-            check(rec, line, sink, deep, media, part, fmt)
-            if deep and b"bbox_2d" in raw and fmt is None and type(rec) is dict and "objects" not in rec:
+            if plain is None or rec.__class__ is not dict or not plain(rec, line, media, part):
+                check(rec, line, sink, deep, media, part, fmt)
+            if boxes and b"bbox_2d" in raw and type(rec) is dict and "objects" not in rec:
                 part.grounded.append((line, rec))
         part.records = part.samples = line - first_line + 1 - blank
+        part.newlines = line - first_line
     else:
         for i in range(lo, hi):
             item = items[i]
@@ -294,7 +404,8 @@ def _scan_chunk(bounds: tuple) -> _Part:
                     check(rec, (i, j), sink, deep, media, part, fmt)
             else:
                 part.samples += 1
-                check(item, (i, None), sink, deep, media, part, fmt)
+                if plain is None or item.__class__ is not dict or not plain(item, (i, None), media, part):
+                    check(item, (i, None), sink, deep, media, part, fmt)
                 if deep and fmt is None and type(item) is dict and "objects" not in item and _answer_boxes(item):
                     part.grounded.append(((i, None), item))
     part.items = sink.items
@@ -303,19 +414,86 @@ def _scan_chunk(bounds: tuple) -> _Part:
 
 
 
-def _byte_chunks(data: bytes, size: int) -> list[tuple[int, int, int]]:
-    """``(start, end, first line)`` byte ranges of about ``size`` bytes, cut after a newline."""
+def _byte_chunks(data: bytes, size: int) -> list[tuple[int, int]]:
+    """``(start, end)`` byte ranges of about ``size`` bytes, cut after a newline."""
     out = []
     start = 0
-    line = 1
     n = len(data)
     while start < n:
         end = data.find(b"\n", min(n, start + max(1, size)))
         end = n if end < 0 else end + 1
-        out.append((start, end, line))
-        line += data.count(b"\n", start, end)
+        out.append((start, end))
         start = end
     return out
+
+
+class _FileBytes:
+    """A local file's bytes, read on demand (``os.pread``): a JSONL scan slices its chunks from it in the forked
+    workers, in parallel, and this process never reads the whole file. Slicing gives bytes; ``find`` reads windows."""
+
+    WINDOW = 1 << 20
+
+    def __init__(self, path: str, size: int):
+        self.path = path
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, cut: slice) -> bytes:
+        lo, hi, _ = cut.indices(self.size)
+        if hi <= lo:
+            return b""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            parts = []
+            while lo < hi:  # (pread may return less than asked)
+                got = os.pread(fd, hi - lo, lo)
+                if not got:
+                    break  # the file shrank while being checked: what is there
+                parts.append(got)
+                lo += len(got)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
+
+    def find(self, sub: bytes, start: int = 0) -> int:
+        while start < self.size:
+            window = self[start:start + self.WINDOW + len(sub)]
+            at = window.find(sub)
+            if at >= 0:
+                return start + at
+            start += self.WINDOW
+        return -1
+
+
+def _local_jsonl(path: str) -> _FileBytes | None:
+    """A local JSON Lines file of 1 MiB or more that starts as one (``{``, no NUL: no BOM, not UTF-16, not a JSON
+    list), to be read by the workers (:class:`_FileBytes`); None for anything else, which :func:`_read` reads."""
+    if storage.is_url(path) or hf_source.is_arrow_source(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(4)
+    except OSError:
+        return None  # _read raises what there is to say
+    if size < (1 << 20) or head[:1] != b"{" or b"\x00" in head:
+        return None
+    return _FileBytes(path, size)
+
+
+def _shift(part: _Part, lines: int) -> None:
+    """A JSONL part's locators (lines counted from its chunk's first line) as lines of the file, ``lines`` before it."""
+    if not lines:
+        return
+    part.items = [(item[0] + lines, *item[1:]) for item in part.items]
+    if part.first_media is not None:
+        part.first_media += lines
+    part.grounded = [(loc + lines, rec) for loc, rec in part.grounded]
+    for located in (part.media, part.video_paths, part.image_paths):
+        for key in located or ():
+            located[key] += lines
 
 
 def _workers(total: int, requested: int | None) -> int:
@@ -326,11 +504,15 @@ def _workers(total: int, requested: int | None) -> int:
         elif total < PARALLEL_MIN_RECORDS:
             return 1
         else:
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            requested = min(cpus, 8)
+            requested = _cpus()
     if requested <= 1 or sys.platform != "linux":
         return 1
     return requested
+
+
+def _cpus() -> int:
+    """The CPUs this process may use (at most 8): the default number of workers."""
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
 
 
 def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bool = True,
@@ -353,8 +535,8 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
     res = ScanResult(path=path)
     sink = _Sink(path, max_per_kind)
     media: dict[str, Any] | None = {} if (deep and check_media) else None
-    data = _read(path)
     fmt_kind = annotation_format(path)
+    data = (_local_jsonl(path) if fmt_kind == "jsonl" else None) or _read(path)
     with _no_gc():  # millions of short-lived dicts: the cyclic GC would cost more than the parsing
         prepared = _items_and_chunks(path, data, fmt_kind, fmt, chunk, res)
         if prepared is None:
@@ -367,7 +549,7 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
             roles = _scan_chunks(bounds, min(_workers(total, workers), len(bounds)), res, sink, media, progress)
         finally:
             _JOB.clear()
-    del items
+        del prepared, items  # a .json's records freed while the GC still sleeps (else its first pass walks them all)
     gone = _check_media_exist(media, data_path, sink, res, list_progress) if media else set()
     if decode and media is not None:  # (inline data: URL images are decoded even when no file is named)
         _decode_media(roles, data_path, gone, sink, res, decode_progress, fmt)
@@ -382,12 +564,15 @@ def _items_and_chunks(path: str, data: bytes, fmt_kind: str, fmt: formats.Format
     """(the records: the JSONL bytes or the .json list, their number (estimated for JSONL), the chunks to check,
     the settled format); None with the problem in ``res`` when the file is unusable."""
     if fmt_kind == "jsonl":
-        wrong = _utf16_jsonl(data, path) or _json_list_in_jsonl(data, path)
+        # (a file read by the workers starts with '{' and holds no NUL: neither can be wrong in these ways)
+        wrong = None if isinstance(data, _FileBytes) else _utf16_jsonl(data, path) or _json_list_in_jsonl(data, path)
         if wrong is not None:
             res.problems.append(wrong)
             return None
         total = len(data) // 150  # an estimate is enough to choose the number of workers
-        bounds = _byte_chunks(data, chunk * 200)  # ~200 bytes per record
+        pieces = max(1, -(-len(data) // max(1, chunk * 200)))  # ~200 bytes per record; a multiple of the CPUs, so
+        pieces = -(-pieces // _cpus()) * _cpus()  # that no worker idles through the last chunk while another works
+        bounds = _byte_chunks(data, -(-len(data) // pieces))
         return data, total, bounds, format_of(jsonl_head(data), fmt, res.fmt_info, lambda loc: loc)
     try:
         items = _load_json_document(data)
@@ -400,13 +585,15 @@ def _items_and_chunks(path: str, data: bytes, fmt_kind: str, fmt: formats.Format
                                     f"samples, found {kind_of(items)}", path, 1, 1, hint=_LIST_HINT))
         return None
     total = len(items)
-    res.packed = any(type(x) is list for x in items)
+    res.packed = list in set(map(type, items))
     pairs = []
     for i, item in enumerate(items[:formats.DETECT_RECORDS]):
         pairs += [((i, j), r) for j, r in (enumerate(item) if type(item) is list else ((None, item),))]
     fmt = format_of(pairs[:formats.DETECT_RECORDS], fmt, res.fmt_info, lambda loc: None if loc is None else
                     _json_item_lines(_text(data), {loc}).get(loc))
-    return items, total, [(lo, min(lo + chunk, total)) for lo in range(0, total, max(1, chunk))], fmt
+    pieces = max(1, -(-total // max(1, chunk)))
+    size = -(-total // (-(-pieces // _cpus()) * _cpus()))  # equal chunks, a multiple of the CPUs (as for JSONL)
+    return items, total, [(lo, min(lo + size, total)) for lo in range(0, total, max(1, size))], fmt
 
 
 def _scan_chunks(bounds: list, n_workers: int, res: ScanResult, sink: _Sink, media: dict[str, Any] | None,
@@ -414,22 +601,25 @@ def _scan_chunks(bounds: list, n_workers: int, res: ScanResult, sink: _Sink, med
     """Check every chunk of :data:`_JOB` (in forked workers when ``n_workers`` > 1) and merge the parts in order;
     returns (images, videos): path -> first locator, for --decode."""
     roles: tuple[dict, dict] = ({}, {})
+    lines = 0  # JSONL: the lines before the next part
+    jsonl = _JOB["fmt_kind"] == "jsonl"
+    pool = None
     if n_workers > 1:
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(n_workers) as pool:
-            for part in pool.imap(_scan_chunk, bounds):
-                _merge(res, sink, media, part)
-                _merge_roles(roles, part)
-                if progress is not None:
-                    progress(part.records)
-    else:
-        for b in bounds:
-            part = _scan_chunk(b)
+        pool = multiprocessing.get_context("fork").Pool(n_workers)
+    try:
+        for part in pool.imap(_scan_chunk, bounds) if pool is not None else map(_scan_chunk, bounds):
+            if jsonl:
+                _shift(part, lines)
+                lines += part.newlines
             _merge(res, sink, media, part)
             _merge_roles(roles, part)
             if progress is not None:
                 progress(part.records)
+    finally:
+        if pool is not None:
+            pool.terminate()
     return roles
 
 

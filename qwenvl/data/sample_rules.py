@@ -340,6 +340,58 @@ def record_problems(rec: Any) -> list[Item]:
     return out or _NONE
 
 
+# ------------------------------------------------------------------------------------------ the plain fast path
+#: keys of an official record that the full rule reads beside image / video / conversations: a record holding one
+#: is never judged plain (a new rule in record_problems reading another key must add it here)
+PLAIN_AWAY = ("images", "videos", "objects")
+
+
+def plain_media(value: Any) -> int:
+    """The number of entries of a media value that is plainly fine (absent: 0, a path: 1, a non-empty list of
+    paths; no ``data:`` URL), else -1."""
+    if value is None:
+        return 0
+    if value.__class__ is str:
+        return 1 if value and not value.isspace() and value[:5] != "data:" else -1
+    if value.__class__ is not list or not value:
+        return -1
+    for p in value:
+        if p.__class__ is not str or not p or p.isspace() or p[:5] == "data:":
+            return -1
+    return len(value)
+
+
+def plain_tags(conv: Any, rkey: str = "from", ckey: str = "value", user: str = "human",
+               assistant: str = "gpt") -> tuple[int, int] | None:
+    """``(<image> tags, <video> tags)`` of a plainly clean conversation, else None (undecided: the full rule
+    judges it). Plainly clean: a list of at least 2 turns of exactly ``{rkey, ckey}``, speakers alternating from
+    ``user`` to ``assistant``, non-blank string values, no ``<|`` anywhere, no ``<image>``/``<video>`` in answers.
+    With :func:`plain_media` counts equal to the tags, :func:`record_problems` finds nothing in such a record
+    (``tests/test_check_vs_builder.py`` pins it): the deep check's fast path (one Python loop, no problem list)."""
+    if conv.__class__ is not list or len(conv) < 2:
+        return None
+    n_img = n_vid = 0
+    speaker = user
+    for t in conv:
+        if t.__class__ is not dict or len(t) != 2 or t.get(rkey) != speaker:
+            return None
+        v = t.get(ckey)
+        if v.__class__ is not str or not v or v.isspace():
+            return None
+        if speaker is user:
+            if "<" in v:
+                if "<|" in v:
+                    return None
+                n_img += v.count("<image>")
+                n_vid += v.count("<video>")
+            speaker = assistant
+        else:
+            if "<" in v and ("<|" in v or "<image>" in v or "<video>" in v):
+                return None
+            speaker = user
+    return n_img, n_vid
+
+
 def first_error(problems: list[Item]) -> Item | None:
     return next((p for p in problems if p[0] == "error"), None)
 
