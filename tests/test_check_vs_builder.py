@@ -53,6 +53,11 @@ def _plant_media(media: Path) -> None:
     _write_video(media / "clip.mp4")
     for name in ("folder.png", "folder.mp4"):
         (media / name).mkdir()
+    (media / "frames").mkdir()  # a video given as a folder of frames (issue 23 item 6); junk/ holds no image
+    for i in (2, 10):
+        Image.new("RGB", (56, 56), (20 * i, 30, 30)).save(media / "frames" / f"f{i}.png")
+    (media / "junk").mkdir()
+    (media / "junk" / "notes.txt").write_text("x")
     (media / "dangling.jpg").symlink_to(media / "nowhere.jpg")
     (media / "dangling.mp4").symlink_to(media / "nowhere.mp4")
     (media / "loop.jpg").symlink_to(media / "loop.jpg")
@@ -90,7 +95,7 @@ def _data_url(data: bytes) -> str:
 # inline base64 images (issue 23): a good one, invalid base64, bytes that are no image, not an image type
 DATA_URLS = [_data_url(b""), "data:image/png;base64,AA", _data_url(b"plain text"), "data:text/plain;base64,aGk="]
 IMAGES = ["good.png", "link.png", "missing.jpg", "folder.png", "dangling.jpg", "loop.jpg", " good.png", *DATA_URLS]
-VIDEOS = ["clip.mp4", "missing.mp4", "folder.mp4", "dangling.mp4"]
+VIDEOS = ["clip.mp4", "missing.mp4", "folder.mp4", "dangling.mp4", "frames", "frames/", "junk/"]
 ODD = [None, "", "  ", 5, [], [5], [""], {"path": "good.png"}]
 TEXTS = ["q", "Describe.", "", "   ", "<image>", "<video>", "<image>\n<image>", "<image> and <video>",
          "a <|image_pad|> b", "x <|video_pad|>", "<|vision_start|>", None, 5, ["q"], {"text": "q"}]
@@ -367,7 +372,8 @@ def test_cli_folders_and_broken_symlinks_are_not_media(tmp_path):
     got = [(p["line"], p["message"]) for p in json.loads(r.stdout)["problems"]]
     m = tmp_path / "media"
     assert got == [(2, f"media file {m}/folder.png is a folder, not a file"),
-                   (3, f"media file {m}/folder.mp4 is a folder, not a file"),
+                   (3, f"media file {m}/folder.mp4 is an empty folder (a video given as frames needs its image "
+                       "files)"),
                    (4, f"media file {m}/dangling.jpg is a broken symbolic link (its target does not exist)"),
                    (5, f"media file {m}/loop.jpg is a symbolic link loop")]
 

@@ -41,7 +41,7 @@ from qwenvl.data.annotation_read import (
     jsonl_head,
     oneline,
 )
-from qwenvl.data.media_exist import check_http, check_local
+from qwenvl.data.media_exist import check_http, check_local, frame_folder_missing
 from qwenvl.data.sample_rules import PLAIN_AWAY, is_path, kind_of, plain_media, plain_tags, record_problems, shown
 from qwenvl.problems import Problem
 from qwenvl.secrets import mask_url
@@ -78,6 +78,7 @@ class ScanResult:
     boxes_rescaled: int = 0
     boxes_suspicious: int = 0
     grounded: list = field(default_factory=list, repr=False, compare=False)  # (locator, record) with objects
+    video_media: set = field(default_factory=set, repr=False, compare=False)  # media paths named as videos (internal)
 
     @property
     def format(self) -> str | None:
@@ -138,6 +139,7 @@ def _check_formatted(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[st
             for p in (*imgs, *[v for v in vids if type(v) is str], *frames):
                 if p.__class__ is str and p not in media and is_path(p) and p[:5] != "data:":  # inline: no file
                     media[p] = loc
+            res.video_media.update(v for v in vids if type(v) is str)  # a folder of frames is a video's only
             if res.video_paths is not None:
                 for p in vids:
                     if p.__class__ is str:
@@ -259,6 +261,7 @@ def _note_plain(img: Any, vid: Any, tags: tuple[int, int], loc: Any, media: dict
         for p in vids:
             if p not in media:
                 media[p] = loc
+            res.video_media.add(p)  # a folder of frames is a video's only
         if res.video_paths is not None:  # --decode opens each as what the sample names it
             for p in vids:
                 res.video_paths.setdefault(p, loc)
@@ -306,6 +309,8 @@ def _check_record(rec: Any, loc: Any, sink: _Sink, deep: bool, media: dict[str, 
             for p in vids:
                 if p.__class__ is str and p not in media and is_path(p) and p[:5] != "data:":
                     media[p] = loc
+                if p.__class__ is str:
+                    res.video_media.add(p)  # a folder of frames is a video's only
             if res.video_paths is not None:  # --decode opens each as what the sample names it
                 for p in vids:
                     if p.__class__ is str:
@@ -345,6 +350,7 @@ class _Part:
     video_paths: dict | None = None  # media path -> first locator, under 'video' (only for --decode)
     image_paths: dict | None = None  # ... under 'image' (a file may be named under both)
     grounded: list = field(default_factory=list)  # (locator, internal record) of samples with 'objects'
+    video_media: set = field(default_factory=set)  # media paths named as videos
     newlines: int = 0  # JSONL: the newlines of the chunk (its lines are counted from 1: see _shift)
 
 
@@ -688,6 +694,7 @@ def _merge(res: ScanResult, sink: _Sink, media: dict | None, part: _Part) -> Non
     if res.first_media is None:
         res.first_media = part.first_media
     res.grounded += part.grounded
+    res.video_media |= part.video_media
     for item in part.items:
         sink.keep(item)
     for kind, count in part.counts.items():
@@ -728,6 +735,8 @@ def _check_media_exist(media: dict[str, Any], data_path: str | None, sink: _Sink
                          + (f"; {count - 1:,} more media file(s) there not checked" if count > 1 else ""),
                          key="image/video", hint="check the URL and that the server is up: the trainer skips "
                          "these samples", kind="media_unreachable")
+    if res.video_media:  # a video may be a folder of frame images: judged by its frames
+        missing[:] = frame_folder_missing(missing, res.video_media)
     _report_missing(media, missing, case_twin, sink, res)
     return {rel for _, rel, _ in missing}
 

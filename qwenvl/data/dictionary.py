@@ -48,7 +48,7 @@ from qwenvl.problems import Problem, did_you_mean
 log = logging.getLogger(__name__)
 
 KNOWN_KEYS = ("data_path", "annotation_path", "length", "sampling_rate", "repeat_time", "format", "system", "train_on",
-              "bbox_format", "thinking_loss", "reasoning_effort")
+              "bbox_format", "thinking_loss", "reasoning_effort", "frame_fps")
 # keys of a LLaMA-Factory dataset_info.json entry (read as a dictionary: see _Loader.lf_pairs)
 LF_KEYS = ("file_name", "formatting", "columns", "tags", "ranking", "subset", "split", "folder", "num_samples",
            "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
@@ -97,6 +97,8 @@ class DatasetSpec(BaseModel):
     reasoning_effort: str | None = Field(None, description="Qwen3.8's reasoning effort for this dataset's samples: "
                                          "xhigh (the template's default), medium, low, or none (thinking off); a "
                                          "record's chat_template_kwargs win.")
+    frame_fps: float | None = Field(None, gt=0, description="Frames per second of this dataset's videos given as "
+                                    "frame images (a folder or a list; default 2); a record's sample_fps / fps wins.")
 
     @property
     def format_spec(self):
@@ -105,7 +107,7 @@ class DatasetSpec(BaseModel):
 
         return FormatSpec(name=self.format, system=self.system, train_on=self.train_on or "all",
                           bbox_format=self.bbox_format or "pixel", thinking_loss=self.thinking_loss or "train",
-                          reasoning_effort=self.reasoning_effort,
+                          reasoning_effort=self.reasoning_effort, frame_fps=self.frame_fps,
                           declared=self.format is not None, **(self.format_keys or {}))
 
     @property
@@ -511,6 +513,13 @@ class _Loader:
         return value
 
     def check_repeat_time(self, name: str, k: str, v: JNode) -> object:
+        return self._rate(name, k, v)
+
+    def check_frame_fps(self, name: str, k: str, v: JNode) -> object:
+        if v.kind == "number" and not float(v.value) > 0:
+            self.add("error", f"'{k}' of dataset '{name}' must be > 0, got {v.raw}", v.line, v.column, key=k,
+                     hint="the rate the frames were taken from the video at, e.g. 1 or 2")
+            return INVALID
         return self._rate(name, k, v)
 
     def _choice(self, name: str, k: str, v: JNode, allowed: tuple[str, ...]) -> object:

@@ -49,7 +49,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qwenvl.data.sample_rules import data_url_bytes, kind_of, record_problems, shown
+from qwenvl.data.sample_rules import FPS_KEYS, data_url_bytes, kind_of, record_problems, shown
 
 FORMATS = ("official", "messages", "sharegpt", "prompt_completion", "internvl")
 #: formats whose records are official-shaped (read by the official rules, named with the official keys)
@@ -98,6 +98,7 @@ class FormatSpec:
     bbox_format: str = "pixel"  # coordinates of the records' "objects" (qwenvl.data.grounding): pixel|norm1000|norm1
     thinking_loss: str = "train"  # THINKING_LOSS: the loss on reasoning in think blocks
     reasoning_effort: str | None = None  # REASONING_EFFORTS (Qwen3.8); None: the template's default
+    frame_fps: float | None = None  # frames per second of videos given as frame images (None: a record's, else 2)
 
     def with_name(self, name: str) -> FormatSpec:
         return replace(self, name=name)
@@ -372,6 +373,9 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
     internal: dict = {"conversations": turns}
     if "objects" in rec:  # grounding (qwenvl.data.grounding): the same field in every format
         internal["objects"] = rec["objects"]
+    for key in FPS_KEYS:  # the frame rate of videos given as frame images (qwenvl.data.sample.frame_fps)
+        if key in rec:
+            internal[key] = rec[key]
     if not _media_fields(rec, f, inline, internal, out):
         return None, _PLAIN, out
     if fmt.train_on == "last":

@@ -4,7 +4,8 @@ What the trainer would trip over, found before it starts: zero-byte files, files
 videos or are corrupt, truncated images (PIL ``verify`` checks the PNG/GIF chunk structure and CRCs; a
 JPEG must end with its end-of-image marker), images above PIL's decompression-bomb limit
 (``PIL.Image.MAX_IMAGE_PIXELS``: the trainer refuses them), and videos whose header gives no frames or no
-frame rate (decord, else PyAV: frame count and duration from the container, no frame decoded).
+frame rate (decord, else PyAV: frame count and duration from the container, no frame decoded); a video given as
+a folder of frames has each of its frame images opened.
 
 PIL, decord and PyAV are imported only here and only when ``--decode`` is given. The files are shared out
 to a pool of forked processes, one per CPU (``VLSFT_CHECK_WORKERS`` overrides). Local files only: media on
@@ -65,9 +66,28 @@ def _image_problem(path: str) -> str | None:
     return None
 
 
+def _frames_problem(folder: str) -> str | None:
+    """A video given as a folder of frames: its frame images (:func:`qwenvl.data.media_exist.frame_files`), each
+    opened as an image."""
+    from qwenvl.data.media_exist import frame_files
+
+    paths, why = frame_files(folder)
+    if why is not None:
+        return why
+    for p in paths:
+        bad = _image_problem(p)
+        if bad is not None:
+            return f"a folder of frames whose frame {os.path.basename(p)} is {bad}"
+    return None
+
+
 def _video_problem(path: str) -> str | None:
     import io
 
+    from qwenvl.data.media_exist import is_frame_folder
+
+    if path[:5] != "data:" and is_frame_folder(path):
+        return _frames_problem(path)
     src = path
     if path[:5] == "data:":  # inline base64 bytes: decoded in memory (as the trainer does)
         from qwenvl.data.sample_rules import data_url_bytes

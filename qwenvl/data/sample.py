@@ -24,6 +24,8 @@ Media, decided (tested in ``tests/test_preprocess.py``; official = the Qwen2.5-e
   truncated/corrupt file or a non-image are bad samples (:class:`~qwenvl.data.vision.MediaError`);
   so are images above PIL's decompression-bomb limit (~179 MP). A huge image is decoded in full
   before the resize (an 8000x8000 JPEG takes ~2 s): draft decoding would change the pixels.
+* Videos given as frame images (a list, or a folder of them: :func:`qwenvl.data.vision.read_video`) are taken at
+  the record's ``sample_fps`` / ``fps``, else the dataset's ``frame_fps``, else 2 per second (:func:`frame_fps`).
 * Videos: decord, then PyAV (only the sampled frames are converted to RGB), then torchcodec; one-frame
   and odd-frame-count videos repeat the last frame up to the temporal patch; long videos are clamped
   to ``video_max_frames``; odd frame sizes are resized like images; a corrupt file is a bad sample.
@@ -176,22 +178,18 @@ def _media_path(data_path: str | None, rel: str, key: str) -> str:
     return storage.join(data_path, rel)
 
 
-FRAME_LIST_FPS = 2.0  # a video given as frame images is taken as 2 frames per second (qwen-vl-utils' default)
+FRAME_LIST_FPS = vision.FRAME_FPS  # a video given as frame images, unless said: 2 frames per second (qwen-vl-utils)
 
 
-def _frame_list_video(paths: list[str], vb) -> vision.DecodedVideo:
-    """A video given as a list of frame images: every frame (evenly thinned to ``video_max_frames``), each
-    converted to RGB and, when sizes differ, resized to the first frame's size; taken at FRAME_LIST_FPS."""
-    from PIL import Image
-
-    total = len(paths)
-    keep = list(range(total))
-    if total > vb.video_max_frames:
-        keep = [int(i) for i in np.unique(np.linspace(0, total - 1, vb.video_max_frames, dtype=int))]
-    frames = [vision.open_image(paths[i]) for i in keep]
-    size = frames[0].size
-    arr = np.stack([np.asarray(f if f.size == size else f.resize(size, Image.Resampling.BICUBIC)) for f in frames])
-    return vision.DecodedVideo(arr, keep, total, FRAME_LIST_FPS, "frames")
+def frame_fps(record: dict, fmt: formats.FormatSpec | None) -> float:
+    """Frames per second of the sample's videos given as frame images (a list or a folder): the record's
+    ``sample_fps`` / ``fps``, else the dataset's ``frame_fps``, else FRAME_LIST_FPS (a video file keeps its own)."""
+    for key in sample_rules.FPS_KEYS:
+        value = record.get(key)
+        if value is not None:
+            return float(value)
+    value = getattr(fmt, "frame_fps", None)
+    return float(value) if value is not None else FRAME_LIST_FPS
 
 
 def resolve_rendering(fam: Family, explicit: str | None, template_text: str | None) -> str:
@@ -273,18 +271,20 @@ class SampleBuilder:
         texts = grounding.render_texts([t.content for t in turns], rendered, convention)
         return [replace(t, content=text) for t, text in zip(turns, texts, strict=True)]
 
-    def _videos(self, videos: list, data_path: str | None, out: dict) -> tuple[list[int], list]:
-        """Decode and process the sample's videos into ``out``; ``(pads per video, HEAD (timestamps, pads per
-        temporal patch) per video)``."""
+    def _videos(self, videos: list, data_path: str | None, out: dict, fps: float = FRAME_LIST_FPS
+                ) -> tuple[list[int], list]:
+        """Decode and process the sample's videos into ``out`` (``fps``: the rate of those given as frame images);
+        ``(pads per video, HEAD (timestamps, pads per temporal patch) per video)``."""
         import torch
 
         vb, m2, head = self.video_budget, self.spec.merge_size ** 2, self.head
         pvs, grids, spgs, fidx, head_videos = [], [], [], [], []
         for p in videos:
             if isinstance(p, tuple):  # a video given as its frame images (messages / sharegpt formats)
-                dv = _frame_list_video([_media_path(data_path, f, "video frame") for f in p], vb)
-            else:
-                dv = vision.decode_video(_media_path(data_path, p, "video"), vb)
+                dv = vision.frames_video([_media_path(data_path, f, "video frame") for f in p], vb.video_max_frames,
+                                         fps)
+            else:  # a video file, or a folder of frame images (LLaVA-Video, ShareGPTVideo, InternVL)
+                dv = vision.read_video(_media_path(data_path, p, "video"), vb, fps)
             if head:
                 pv, grid, stamps = vision.process_video_head(dv, self.spec, vb.min_pixels, vb.max_pixels)
                 head_videos.append((stamps, int(grid[1] * grid[2]) // m2))
@@ -340,8 +340,8 @@ class SampleBuilder:
             out["pixel_values"] = torch.from_numpy(pv)
             out["image_grid_thw"] = torch.from_numpy(grid)
             image_tokens = [int(g.prod()) // m2 for g in grid]
-        video_tokens, head_videos = self._videos(videos, data_path, out) if videos else ([], [])
-        if record.get("objects"):  # grounding: placeholders rendered with each image's own resize
+        video_tokens, head_videos = self._videos(videos, data_path, out, frame_fps(record, fmt)) if videos else ([], [])
+        if record.get("objects") and images:  # grounding: placeholders rendered with each image's own resize
             turns = self._render_objects(record["objects"], turns, pil, out["image_grid_thw"].tolist(), fmt)
         ids, labels = self._chat_tokens(turns, system, image_tokens, video_tokens, head_videos,
                                         chat_options(fmt, extras))

@@ -47,6 +47,9 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
          "tool": "tool"}
 PAD_TEXTS = ("<|image_pad|>", "<|video_pad|>")
 MISSPELT = {"images": "image", "videos": "video"}
+#: a record's frames per second of its videos given as frame images (a list or a folder), first found wins:
+#: qwen-vl-utils' ``sample_fps``, then ``fps``
+FPS_KEYS = ("sample_fps", "fps")
 _NONE: list = []  # returned for a clean record (never appended to)
 _MISS = object()
 
@@ -300,6 +303,16 @@ def _empty_value(side: int, vkey: str) -> Item:
             "write the text or remove the turn")
 
 
+def _fps_problem(rec: dict, out: list) -> None:
+    """The record's frame rate (:data:`FPS_KEYS`) must be a positive number."""
+    key = next(k for k in FPS_KEYS if rec.get(k) is not None)
+    v = rec[key]
+    if type(v) not in (int, float) or not 0 < v < float("inf"):
+        out.append(("error", "bad_media_field", "bad_fps", f"'{key}' must be a positive number (frames per second "
+                    f"of the video's frame images), found {kind_of(v)} {v!r}", key,
+                    "the rate the frames were taken from the video at, e.g. 1 or 2 (2 when not given)"))
+
+
 def record_problems(rec: Any) -> list[Item]:
     """Every problem of one annotation record, errors in the order the trainer meets them (the first
     error is the reason it skips the sample); an empty list for a clean record. Kept flat: the deep
@@ -323,6 +336,8 @@ def record_problems(rec: Any) -> list[Item]:
                                       else _media_field("image", img, out))
     n_videos = 0 if vid is None else (1 if type(vid) is str and vid and not vid.isspace() and vid[:5] != "data:"
                                       else _media_field("video", vid, out))
+    if vid is not None and (rec.get("sample_fps") is not None or rec.get("fps") is not None):
+        _fps_problem(rec, out)
     n_img, n_vid, no_answer = conversation_problems(rec.get("conversations"), out, rec)
     if n_img >= 0:
         if n_img != n_images:
@@ -343,7 +358,7 @@ def record_problems(rec: Any) -> list[Item]:
 # ------------------------------------------------------------------------------------------ the plain fast path
 #: keys of an official record that the full rule reads beside image / video / conversations: a record holding one
 #: is never judged plain (a new rule in record_problems reading another key must add it here)
-PLAIN_AWAY = ("images", "videos", "objects")
+PLAIN_AWAY = ("images", "videos", "objects", *FPS_KEYS)
 
 
 def plain_media(value: Any) -> int:

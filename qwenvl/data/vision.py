@@ -11,6 +11,10 @@
   truncated to int; each frame is resized within the per-frame pixel bounds by the same PIL
   processor, then pairs of frames form temporal patches (an odd count repeats the last frame).
   ``second_per_grid_ts = temporal_patch_size / (n_sampled / duration)``.
+* Videos given as frame images, a list of them or a folder of them (:func:`read_video`, :func:`frames_video`):
+  every frame, evenly thinned to ``video_max_frames``, taken at the rate the sample gives (``fps``, else the
+  dictionary's ``frame_fps``, else :data:`FRAME_FPS`, qwen-vl-utils' default for frame lists); a folder's frames
+  are its image files in natural order (:func:`qwenvl.data.media_exist.frame_files`).
 
 No tokenizer or processor is deep-copied per sample (the official code spends ~335 ms/sample on
 that); processors are built once per bounds and cached.
@@ -34,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from qwenvl import storage
+from qwenvl.data.media_exist import frame_files, is_frame_folder
 from qwenvl.data.preprocess import BadSample
 from qwenvl.data.sample_rules import data_url_bytes, local_media_problem, shown
 from qwenvl.secrets import mask_url, mask_urls
@@ -301,6 +306,62 @@ def decode_video(path: str, args) -> DecodedVideo:
             errors.append(f"{name}: {type(e).__name__}: {e}")
             log.debug("video backend %s failed on %s: %s", name, mask_url(shown(path)), mask_urls(str(e)))
     raise MediaError(f"cannot decode video {shown(path)} ({'; '.join(errors)})")
+
+
+FRAME_FPS = 2.0  # frames per second of a video given as frame images, unless said (qwen-vl-utils' sample_fps default)
+
+
+def frames_video(paths: list[str], max_frames: int, fps: float = FRAME_FPS) -> DecodedVideo:
+    """A video given as its frame images (full paths, in order): every frame (evenly thinned to ``max_frames``),
+    each converted to RGB and, when sizes differ, resized to the first frame's size; taken at ``fps``."""
+    total = len(paths)
+    keep = list(range(total))
+    if total > max_frames:
+        keep = [int(i) for i in np.unique(np.linspace(0, total - 1, max_frames, dtype=int))]
+    frames = [open_image(paths[i]) for i in keep]
+    size = frames[0].size
+    arr = np.stack([np.asarray(f if f.size == size else f.resize(size, Image.Resampling.BICUBIC)) for f in frames])
+    return DecodedVideo(arr, keep, total, fps, "frames")
+
+
+def folder_frames(path: str) -> list[str] | None:
+    """The frame paths of a video path that names a folder of frames (:func:`is_frame_folder`), None for a video
+    file; a folder without image files is a :class:`MediaError` (``missing_media``) naming it."""
+    if path[:5] == "data:" or not is_frame_folder(path):
+        return None
+    try:
+        paths, why = frame_files(path)
+    except storage.StorageError as e:
+        if e.fatal:
+            raise
+        raise MediaError(f"cannot list the video folder {path}: {e}", "media_unreachable") from e
+    if why is not None:
+        raise MediaError(f"video not found: {path}" if why == "not found" else f"video folder {path} is {why}",
+                         "missing_media")
+    return paths
+
+
+def read_video(path: str, args, fps: float = FRAME_FPS) -> DecodedVideo:
+    """A video path's sampled frames: a folder of frame images (:func:`folder_frames`; an object-storage prefix
+    named without its trailing ``/`` too) through :func:`frames_video` at ``fps``, a video file through
+    :func:`decode_video`. ``args``: the video budget (``video_max_frames``, the frame picker)."""
+    paths = folder_frames(path)
+    if paths is not None:
+        return frames_video(paths, args.video_max_frames, fps)
+    try:
+        return decode_video(path, args)
+    except MediaError as e:
+        if e.kind != "missing_media" or not storage.is_url(path) or storage.is_http_url(path):
+            raise
+        try:  # no such object: a prefix of frames named without its trailing slash?
+            paths, why = frame_files(path + "/")
+        except storage.StorageError:
+            raise e from None
+        if why is None:
+            return frames_video(paths, args.video_max_frames, fps)
+        if why.startswith("an empty folder or not found"):  # no such prefix either
+            raise
+        raise MediaError(f"video folder {path} is {why}", "missing_media") from None
 
 
 def process_video(video: DecodedVideo, spec: VisionSpec, min_pixels: int, max_pixels: int
