@@ -42,7 +42,7 @@ def test_parquet_images_become_files(tmp_path, qwen_tokenizer_dir):
     files = sorted(p.name for p in (out / "pq-media").iterdir())
     assert len(files) == 5 and all(f.endswith(".png") for f in files)
     originals = [json.loads(line) for line in hf_source.iter_lines(str(tmp_path / "train.parquet"))]
-    for got, want in zip(_records(out / "pq.jsonl"), originals):
+    for got, want in zip(_records(out / "pq.jsonl"), originals, strict=True):
         if not want["images"]:
             assert "image" not in got
             continue

@@ -97,9 +97,9 @@ def test_check_reads_the_cache_and_never_downloads(hub, env, tmp_path):
 def test_a_run_uses_what_it_names_and_downloads_it_first(hub, env, tmp_path):
     """What `vlsft train` does before its plan: the used hub dataset downloaded, the plan counting its rows; the
     catalogue's unreadable entries that data.use does not name are one warning, not an error."""
+    from qwenvl.problems import ProblemsError
     from vlsft.cmd_train import fetch_hub_datasets
     from vlsft.config import load_run_config
-    from qwenvl.problems import ProblemsError
     from vlsft.plan import build_plan
 
     yaml_path = make_project(tmp_path)
