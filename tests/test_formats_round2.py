@@ -342,6 +342,29 @@ def test_trl_refusals_are_one_line_with_one_advice(tmp_path, builder, rec, key, 
     assert "rename 'images' to 'image'" not in errors[0].render() and "add conversations" not in errors[0].render()
 
 
+@pytest.mark.parametrize("deep", [False, True])
+def test_whole_datasets_that_do_not_train_are_one_line_in_plain_check_too(tmp_path, deep):
+    """TRL's plain-text form and preference pairs are of a known key shape: plain check must not call them OK."""
+    from cli_inprocess import vlsft
+
+    conv = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    data = {"plain": [{"prompt": "The sky is", "completion": " blue."}] * 3,
+            "pref": [{"conversations": conv, "chosen": {"from": "gpt", "value": "a"},
+                      "rejected": {"from": "gpt", "value": "b"}}] * 2 + [{"conversations": conv}],
+            "fine": [{"conversations": conv}] * 2 + [{"prompt": "x", "completion": "y"}]}  # a minority: per sample
+    for name, recs in data.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "d.json").write_text(json.dumps({n: {"annotation_path": f"{n}.jsonl"} for n in data}))
+    r = vlsft("datasets", "check", str(tmp_path / "d.json"), *(["--deep"] if deep else []))
+    assert r.returncode == 1
+    lines = [x for x in r.stdout.splitlines() if ": error: " in x and "d.json:" in x]
+    assert len(lines) == 2, r.stdout
+    assert "dataset 'plain': 3 of the first 3 records are TRL's plain-text prompt/completion" in lines[0]
+    assert "(first at plain.jsonl:1)" in lines[0] and "TRL's conversational form" in lines[0]
+    assert "dataset 'pref': 2 of the first 3 records are preference pairs ('chosen' / 'rejected')" in lines[1]
+    assert "DPOTrainer" in lines[1]
+
+
 # ---- item 6: no format claimed on a minority's evidence -------------------------------------------------------
 
 def test_detection_names_a_majority_of_unknown_records():

@@ -91,7 +91,8 @@ class ScanResult:
         f = self.fmt_info
         return ProbeInfo(records=self.samples, media_line=self.media_line, packed=self.packed,
                          top_level=self.records if annotation_format(self.path) == "json" else None,
-                         format=f.format, format_found=f.format_found, format_line=f.format_line, unread=f.unread)
+                         format=f.format, format_found=f.format_found, format_line=f.format_line, unread=f.unread,
+                         refused=f.refused)
 
 
 class _Sink:

@@ -344,6 +344,34 @@ class ProbeInfo:
     format_line: int | None = None  # line of the record that showed the unknown shape
     # media-looking keys the format does not read: key -> (records among the first ones, line of the first)
     unread: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    # records of a known key shape that vlsft cannot train as a whole dataset (TRL plain text, preference pairs),
+    # most of the first ones: (what they are, line of the first, the way out); None when they train
+    refused: tuple[str, int | None, str] | None = None
+
+
+#: whole-dataset shapes that look like a format but do not train: (test on a record, what it is, the way out)
+_REFUSED_SHAPES = (
+    (lambda r: "chosen" in r and "rejected" in r,
+     "preference pairs ('chosen' / 'rejected'), which supervised fine-tuning does not train",
+     "train them with a preference trainer (TRL's DPOTrainer), or keep the chosen answer as the assistant turn "
+     "and drop 'rejected'"),
+    (lambda r: "completion" in r and type(r.get("prompt")) is str,
+     "TRL's plain-text prompt/completion (strings): language modelling without a chat template, which vlsft does "
+     "not train",
+     'write "prompt": [{"role": "user", "content": "..."}], "completion": [{"role": "assistant", "content": '
+     '"..."}] (TRL\'s conversational form)'),
+)
+
+
+def refused_shape(pairs: list[tuple[Any, Any]], line_of: Callable[[Any], int | None]) \
+        -> tuple[str, int | None, str] | None:
+    """A whole-dataset shape vlsft does not train, when most of the first records have it (else None)."""
+    records = [(loc, rec) for loc, rec in pairs if type(rec) is dict]
+    for test, what, fix in _REFUSED_SHAPES:
+        hits = [loc for loc, rec in records if test(rec)]
+        if hits and 2 * len(hits) > len(records):
+            return f"{len(hits)} of the first {len(records)} records are {what}", line_of(hits[0]), fix
+    return None
 
 
 def _relative(paths: Any) -> bool:
@@ -369,6 +397,7 @@ def format_of(pairs: list[tuple[Any, Any]], declared: formats.FormatSpec | None,
     """Settle a dataset's format from ``(locator, record)`` pairs of its first records (the declared name wins)
     and note in ``info`` an unknown shape and the media-looking keys the format does not read."""
     spec = declared or formats.FormatSpec()
+    info.refused = refused_shape(pairs, line_of)
     if spec.name is None:
         found = formats.detect(pairs)
         if found.name is None:

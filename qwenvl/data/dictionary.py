@@ -737,6 +737,9 @@ def apply_file_info(d: DatasetDictionary, name: str, info: ann.ProbeInfo | BaseE
                            "convert the records to one of these, or set \"format\" in the dictionary entry")
         d.problems.append(problem)
         d.dataset_of[problem] = name
+    if info.refused is not None:
+        what, line_no, fix = info.refused
+        _add(d, name, "error", f"dataset '{name}': {what} (first at {base}:{line_no})", fix, key="annotation_path")
     for key, (count, line_no) in info.unread.items():
         fmt = info.format or "official"
         reads = " / ".join(repr(k) for k in spec.format_spec.with_name(fmt).reads_media if k) or "no media keys"
