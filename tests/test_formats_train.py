@@ -3,8 +3,9 @@ over a dictionary whose datasets are written in every supported format (official
 with part lists, OpenAI image_url parts, LLaMA-Factory sharegpt, ms-swift with system / loss:false / frame-list
 video), and one over LLaMA-Factory's own dataset_info.json used as `data.dictionary`. Every sample of every
 format must be trained (the summary counts them), none skipped. Round 2 adds a Hugging Face parquet dataset
-(embedded image bytes, a text-only row with ``images: []``), base64 data: URL images and TRL prompt/completion
-records to the same run."""
+(embedded image bytes, a text-only row with ``images: []``), base64 data: URL images, TRL prompt/completion
+records, InternVL records (no ``<image>`` tag), ms-swift grounding objects and a video given as a folder of frames
+to the same run."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def _round2(folder: Path, media: Path, entries: dict) -> int:
     turns = [{"role": "user", "content": "<image>" + Q}, {"role": "assistant", "content": A}]
     rows = [{"messages": turns, "images": [{"bytes": png, "path": None}]},
             {"messages": [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "4"}],
-             "images": []}] * 2  # 20 records in all: each rank reads 10, none repeated to even them out
+             "images": []}] * 2  # 24 records in all: each rank reads 12, none repeated to even them out
     features = {"messages": [{"role": {"dtype": "string", "_type": "Value"},
                               "content": {"dtype": "string", "_type": "Value"}}],
                 "images": {"feature": {"_type": "Image"}, "_type": "Sequence"}}
@@ -104,10 +105,22 @@ def _round2(folder: Path, media: Path, entries: dict) -> int:
     more = {"dataurl": [{"messages": turns, "images": [url]}] * 2,
             "trl": [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": Q}]}],
                      "completion": [{"role": "assistant", "content": A}], "images": ["red.png"]}] * 2}
+    frames = folder / "clip_0001"  # a video as a folder of frames (LLaVA-Video)
+    frames.mkdir()
+    for i, colour in enumerate(("red", "green", "blue", "yellow")):
+        shutil.copy(DEMO / "images" / f"{colour}_square.png", frames / f"frame_{i + 1}.png")
+    more["internvl"] = [{"id": 0, "image": "red.png", "conversations": [{"from": "human", "value": Q.strip()},
+                                                                         {"from": "gpt", "value": A}]}] * 2
+    more["grounding"] = [{"messages": [{"role": "user", "content": "<image>Find <ref-object>."},
+                                       {"role": "assistant", "content": "<bbox>"}], "images": ["red.png"],
+                          "objects": {"ref": ["the square"], "bbox": [[4, 4, 24, 24]], "bbox_type": "real"}}]
+    more["frames"] = [{"video": str(frames), "fps": 1, "conversations": [
+        {"from": "human", "value": "<video>\nWhat changes?"}, {"from": "gpt", "value": "The colour."}]}]
     entries["parquet"] = {"annotation_path": "hf.parquet"}
     for name, records in more.items():
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        entries[name] = {"data_path": str(media), "annotation_path": f"{name}.jsonl"}
+        entries[name] = {"data_path": str(media), "annotation_path": f"{name}.jsonl",
+                         **({"format": "internvl"} if name == "internvl" else {})}
     return len(rows) + sum(len(r) for r in more.values())
 
 
