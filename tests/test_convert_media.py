@@ -92,3 +92,17 @@ def test_mixed_media_and_a_broken_data_url(tmp_path):
     assert recs[0]["image"] == ["a.png", extracted] and recs[1]["image"] == [extracted, extracted]
     r = vlsft("datasets", "check", str(out / "Dataset-Dictionary.json"), "--deep", "--decode")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dictionary_keys_the_trainer_reads_are_kept(tmp_path):
+    conv = [{"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "A square."}]
+    (tmp_path / "clip").mkdir()
+    for i in range(2):
+        (tmp_path / "clip" / f"f{i}.png").write_bytes(_png((i, 0, 0)))
+    (tmp_path / "v.jsonl").write_text(json.dumps({"video": "clip", "conversations": conv}) + "\n")
+    entry = {"data_path": ".", "annotation_path": "v.jsonl", "frame_fps": 1.5, "repeat_time": 2}
+    (tmp_path / "dict.json").write_text(json.dumps({"v": entry}))
+    r = vlsft("datasets", "convert", str(tmp_path / "dict.json"), "--to", "official", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "out" / "Dataset-Dictionary.json").read_text())["v"]
+    assert (got["frame_fps"], got["repeat_time"], got["data_path"]) == (1.5, 2, str(tmp_path))

@@ -178,7 +178,7 @@ def _entry(spec: DatasetSpec, file_name: str, length: int, per_sample: bool, sys
     entry: dict = {"annotation_path": file_name, "length": length}
     if data_path is not None or spec.data_path is not None:
         entry["data_path"] = data_path if data_path is not None else spec.data_path
-    for key in ("sampling_rate", "repeat_time", "train_on", "bbox_format"):
+    for key in ("sampling_rate", "repeat_time", "train_on", "bbox_format", "frame_fps"):
         if getattr(spec, key) is not None:
             entry[key] = getattr(spec, key)
     entry["format"] = "sharegpt" if per_sample else "official"
