@@ -240,3 +240,22 @@ def test_training_run_with_a_token_budget(tmp_path, tiny_model_dir):
     p = subprocess.run(bad, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert p.returncode == 2
     assert "error: packing_rows sets a token budget for packed rows, but packing is off" in p.stderr
+
+
+def test_grounding_objects_are_counted_in_either_shape(tmp_path):
+    """vlsft's objects list and ms-swift's {ref, bbox} dict: one object per box, each costing OBJECT_TOKENS."""
+    from qwenvl.data import formats
+    from qwenvl.data.length_estimate import _read_record
+    from qwenvl.data.registry import DatasetSource, build_index
+
+    turns = [{"role": "user", "content": "<image>Find <ref-object> and <ref-object>."},
+             {"role": "assistant", "content": "<bbox> <bbox>"}]
+    recs = [{"messages": turns, "images": ["a.png"],
+             "objects": {"ref": ["cat", "dog"], "bbox": [[1, 2, 30, 40], [5, 6, 50, 60]], "bbox_type": "real"}},
+            {"messages": [{"role": "user", "content": "<image>Where?"}, {"role": "assistant", "content": "Here."}],
+             "images": ["a.png"], "objects": [{"label": "cat", "bbox": [1, 2, 30, 40]}]}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    src = DatasetSource("g", str(tmp_path), str(tmp_path / "a.jsonl"), 100.0, fmt=formats.FormatSpec("messages"))
+    build_index([src], seed=0)
+    assert all(_read_record(src, i, False).ok for i in range(2))
+    assert [_read_record(src, i, False).objects for i in range(2)] == [2, 1]

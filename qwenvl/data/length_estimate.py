@@ -139,7 +139,10 @@ def _read_record(src, r: int, keep_text: bool) -> _Record:
             p = str(p)
             local = not storage.is_url(p) and (os.path.isabs(p) or src.data_path)
             out.images.append(storage.join(src.data_path, p) if local else None)
-    out.objects = len(rec.get("objects") or []) if isinstance(rec.get("objects"), list) else 0
+    objs = rec.get("objects")
+    if type(objs) is dict:  # ms-swift's {ref, bbox, ...}: one object per bbox item (qwenvl.data.grounding)
+        objs = objs.get("bbox")
+    out.objects = len(objs) if isinstance(objs, list) else 0
     return out
 
 
