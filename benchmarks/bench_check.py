@@ -26,25 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
+# the same media tree as deep_check_bench (run as benchmarks/bench_check.py: its folder is on sys.path)
+from deep_check_bench import media_files
+
 OFFICIAL_SAMPLES_PER_S = 28_000
 TARGET_SAMPLES_PER_S = 280_000
 
 
 def generate(root: Path, samples: int, files: int, json_share: float = 0.1) -> Path:
-    media = root / "media"
-    folders = 40
-    images = []
-    for i in range(files):
-        sub = media / f"d{i % folders:02d}"
-        seed = root / f"seed{i % folders:02d}.jpg"  # one seed per folder: file systems cap links per inode
-        if i < folders:
-            sub.mkdir(parents=True, exist_ok=True)
-            seed.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 60)
-        name = f"img_{i:06d}.jpg" if i % 10 else f"clip_{i:06d}.mp4"
-        os.link(seed, sub / name)
-        images.append(f"d{i % folders:02d}/{name}")
-    videos = [p for p in images if p.endswith(".mp4")]
-    images = [p for p in images if p.endswith(".jpg")]
+    images, videos = media_files(root, files)
     q = "Describe this image in detail."
     a = "A photo of a cat sitting on a red sofa next to a window, with a plant on the left."
 
