@@ -63,8 +63,9 @@ def test_cli_main_takes_the_fast_path_and_hands_help_to_typer(tmp_path, capsys, 
     monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "1")  # (main sets it for print-args: restored after the test)
     from vlsft.cli import main
 
-    main(["print-args", "--config", cfg])
-    assert len(calls) == 1
+    with pytest.raises(SystemExit) as e:  # main() always exits, as Typer's app does (code 0 here)
+        main(["print-args", "--config", cfg])
+    assert e.value.code == 0 and len(calls) == 1
     with pytest.raises(SystemExit) as e:
         main(["print-args", "--help"])
     assert e.value.code == 0 and "--config" in capsys.readouterr().out and len(calls) == 1

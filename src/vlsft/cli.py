@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         from vlsft.print_args import fast_main
 
         if fast_main(args[1:]):  # the plain command lines without Typer; the rest (help, mistakes) with it
-            return
+            raise SystemExit(0)  # as Typer's app ends: main() always exits
     # `vlsft`, `vlsft --help`, or an unknown word: load every command so help and errors list them all.
     app = _register(COMMAND_MODULES.get(args[0], ALL_MODULES) if args else ALL_MODULES)
     app(args=args)
