@@ -197,11 +197,10 @@ def test_cli_check_and_preview_agree_on_data_urls_and_empty_images(tmp_path, qwe
     (tmp_path / "d.json").write_text(json.dumps({"t": {"annotation_path": "t.jsonl"}}))
     (tmp_path / "run.yaml").write_text(f"model:\n  name_or_path: {qwen_tokenizer_dir}\ndata:\n  dictionary: d.json\n"
                                        "  max_pixels: 50176\n  min_pixels: 784\noutput:\n  dir: out\n")
-    run = [sys.executable, "-m", "vlsft", "datasets"]
-    plain = json.loads(subprocess.run([*run, "check", str(tmp_path / "d.json"), "--json"], capture_output=True,
-                                      text=True, timeout=120).stdout)
-    deep = subprocess.run([*run, "check", str(tmp_path / "d.json"), "--deep", "--json"], capture_output=True,
-                          text=True, timeout=120)
+    from cli_inprocess import vlsft  # in process: the same command code, the imports paid once per session
+
+    plain = json.loads(vlsft("datasets", "check", str(tmp_path / "d.json"), "--json").stdout)
+    deep = vlsft("datasets", "check", str(tmp_path / "d.json"), "--deep", "--json")
     (ds,) = plain["datasets"]
     assert (ds["images"], ds["text_only"]) == (3, 2), ds
     problems = json.loads(deep.stdout)["problems"]
@@ -210,8 +209,8 @@ def test_cli_check_and_preview_agree_on_data_urls_and_empty_images(tmp_path, qwe
     for i, rec in enumerate(rows):
         if i in (1, 3):  # (the same shapes as 0 and 2: one preview run each is enough)
             continue
-        r = subprocess.run([*run, "preview", "--config", str(tmp_path / "run.yaml"), "--dataset", "t", "--index",
-                            str(i), "--json"], capture_output=True, text=True, timeout=120)
+        r = vlsft("datasets", "preview", "--config", str(tmp_path / "run.yaml"), "--dataset", "t", "--index", str(i),
+                  "--json")
         built, err = _build(builder, rec, tmp_path, fmt)
         if err is not None:
             assert r.returncode == 1 and "data: URL" in r.stdout + r.stderr and "Traceback" not in r.stderr, r.stderr
