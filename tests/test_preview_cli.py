@@ -1,4 +1,6 @@
-"""`vlsft datasets preview` (the real command in a subprocess) against the golden records."""
+"""`vlsft datasets preview` against the golden records: in process (the same command code; torch, transformers and
+the processor are imported once per session instead of once per call), and one refusal in a real subprocess (its
+exit status, one stderr line, no traceback)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,11 @@ def run_yaml(tmp_path, golden_dir, qwen_tokenizer_dir):
     return tmp_path / "run.yaml"
 
 
-def _vlsft(*args, env):
+def _vlsft(*args, env, process: bool = False):
+    if not process:
+        from cli_inprocess import vlsft
+
+        return vlsft("datasets", "preview", *args)
     return subprocess.run([sys.executable, "-m", "vlsft", "datasets", "preview", *args], capture_output=True,
                           text=True, env=env, timeout=120)
 
@@ -70,7 +76,7 @@ def test_preview_text_and_errors(run_yaml, golden_dir, cli_env, qwen_tokenizer_d
     name, idx = _index_of(golden_dir, "q_05")
     r = _vlsft("--config", str(run_yaml), "--dataset", name, "--index", str(idx), env=cli_env)
     assert r.returncode == 1 and "'images'" in r.stderr and "Traceback" not in r.stderr
-    r = _vlsft("--config", str(run_yaml), "--dataset", "pub_c", env=cli_env)
+    r = _vlsft("--config", str(run_yaml), "--dataset", "pub_c", env=cli_env, process=True)
     assert r.returncode == 2 and "pub_c" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     # direct use without a run YAML
