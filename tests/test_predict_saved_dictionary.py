@@ -47,15 +47,24 @@ def _project(root: Path, model: Path) -> Path:
     return run
 
 
-def _predict(run: Path, out: Path, cwd: Path) -> subprocess.CompletedProcess:
+def _predict(run: Path, out: Path, cwd: Path, monkeypatch=None) -> subprocess.CompletedProcess:
+    """``vlsft predict`` from ``cwd``: in process when ``monkeypatch`` is given (the model imports paid once per
+    session), else a real subprocess (exit status and stderr of the process itself)."""
+    args = ["predict", str(run), "--dataset", "shapes", "--out", str(out), "--limit", "2", "--max-new-tokens", "2"]
+    if monkeypatch is not None:
+        from cli_inprocess import vlsft
+
+        monkeypatch.chdir(cwd)
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+        return vlsft(*args)
     return subprocess.run([VLSFT, "predict", str(run), "--dataset", "shapes", "--out", str(out), "--limit", "2",
                            "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300, cwd=cwd,
                           env={**os.environ, "WANDB_MODE": "disabled"})
 
 
-def test_predict_resolves_the_saved_dictionary_as_the_original(tmp_path, tiny_model_dir):
+def test_predict_resolves_the_saved_dictionary_as_the_original(tmp_path, tiny_model_dir, monkeypatch):
     run = _project(tmp_path / "proj", tiny_model_dir)
-    p = _predict(run, tmp_path / "p.jsonl", cwd=REPO)
+    p = _predict(run, tmp_path / "p.jsonl", cwd=REPO, monkeypatch=monkeypatch)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1]
@@ -63,7 +72,7 @@ def test_predict_resolves_the_saved_dictionary_as_the_original(tmp_path, tiny_mo
 
     # the project moved whole (dictionary, data and run together): the copy follows the original's new place
     shutil.move(tmp_path / "proj", tmp_path / "moved")
-    p = _predict(tmp_path / "moved" / "runs" / "demo", tmp_path / "q.jsonl", cwd=tmp_path)
+    p = _predict(tmp_path / "moved" / "runs" / "demo", tmp_path / "q.jsonl", cwd=tmp_path, monkeypatch=monkeypatch)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["where"] == f"{tmp_path / 'moved' / 'data' / 'shapes.json'}[0]"
