@@ -254,9 +254,11 @@ def test_preview_shows_frames_timestamps_and_vision_tokens_per_video_for_qwen3_v
     model = tiny("qwen3_vl")
     args = ("datasets", "preview", "--model", str(model), "--dictionary", str(DICT), "--dataset", "clips",
             "--index", "0")
-    p = vlsft(*args, timeout=240)
+    from cli_inprocess import vlsft as in_process  # the same command; torch and the processor imported once
+
+    p = in_process(*args)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    doc = json.loads(vlsft(*args, "--json", timeout=240).stdout)
+    doc = json.loads(in_process(*args, "--json").stdout)
     frames, stamps, g = doc["frame_idx"][0], doc["video_timestamps"][0], doc["video_grid_thw"][0]
     assert len(stamps) == g[0] == len(frames) // 2 and stamps == sorted(stamps)  # one timestamp per temporal patch
     line = next(x for x in p.stdout.splitlines() if x.startswith("video 0:"))
