@@ -645,6 +645,8 @@ class _Loader:
     def lf_hub(self, name: str, hub: str, got: dict) -> dict | None:
         """An ``hf_hub_url`` entry read from the Hugging Face cache (:mod:`qwenvl.data.hub_datasets`): ``got`` with
         the snapshot folder as its ``file_name``; None after an error (another hub, not cached)."""
+        import json
+
         from qwenvl.data import hub_datasets
 
         k, v = got[hub]
@@ -660,8 +662,6 @@ class _Loader:
             self.add("error", f"dataset '{name}': {why}", k.line, k.column, key=hub, hint=hint)
             return None
         got = {key: kv for key, kv in got.items() if key not in ("subset", "folder")}  # applied
-        import json
-
         got["file_name"] = (k, JNode("string", path, v.line, v.column, json.dumps(path)))
         got["media_dir"] = path  # media paths inside the repository are relative to it
         return got

@@ -399,7 +399,8 @@ def _spare_unused_entries(cfg: RunConfig, dictionary: Any) -> None:
     names = {u.split("%", 1)[0].strip() for u in [*(cfg.data.use or []), *(cfg.data.eval or [])]}
     if not names:
         return
-    spared = {p for p in dictionary.errors if dictionary.dataset_of.get(p, next(iter(names))) not in names}
+    spared = {p for p in dictionary.errors  # (a problem of no dataset, e.g. of the file itself, is never spared)
+              if dictionary.dataset_of.get(p) is not None and dictionary.dataset_of[p] not in names}
     if not spared:
         return
     dictionary.problems = [p for p in dictionary.problems if p not in spared]
