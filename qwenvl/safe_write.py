@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,14 +160,17 @@ def atomic_file(path: str | os.PathLike, what: str, *, mode: str = "w", exclusiv
     p = Path(os.path.abspath(path))
     if exclusive and os.path.lexists(p):
         raise UnsafeTarget(f"{what} {path} exists: vlsft never overwrites a file; give a new path")
-    try:
-        if mkdir:
-            p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name[:100]}{_TMP_MARK}", dir=p.parent)
-    except OSError as exc:
-        raise UnsafeTarget(os_error_line(exc, path, what)) from None
-    with signals_raise():
+    with signals_raise():  # before the temporary exists: a stop signal right after it is made still removes it
+        tmp = ""
         try:
+            if mkdir:
+                p.parent.mkdir(parents=True, exist_ok=True)
+            while not tmp:  # the name is known before the file exists: a stop signal at any instant removes it
+                tmp = f"{p.parent / ('.' + p.name[:100])}{_TMP_MARK}{os.getpid()}-{next(_made)}"
+                try:
+                    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+                except FileExistsError:  # left by an earlier process with this pid: not ours, the next name
+                    tmp = ""
             with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
                 yield fh
                 fh.flush()
@@ -186,12 +189,17 @@ def atomic_file(path: str | os.PathLike, what: str, *, mode: str = "w", exclusiv
                 os.replace(tmp, p)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                if tmp:
+                    os.unlink(tmp)
             raise UnsafeTarget(os_error_line(exc, path, what)) from None
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                if tmp:
+                    os.unlink(tmp)
             raise
+
+
+_made = itertools.count()  # atomic_file's temporaries in this process
 
 
 def _umask() -> int:
@@ -234,15 +242,12 @@ def atomic_folder(out: str | os.PathLike, what: str) -> Iterator[Path]:
         raise UnsafeTarget(f"{what} {out} exists and is not an empty folder: nothing is overwritten; give a new "
                            "folder")
     tmp = p.parent / f".{p.name}{_TMP_MARK}{os.getpid()}"
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(p)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as exc:
-        raise UnsafeTarget(os_error_line(exc, out, what)) from None
-    with signals_raise():
+    with signals_raise():  # before the folder exists: a stop signal right after mkdir still removes it
         try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(p)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
             yield tmp
             _fsync_tree(tmp)
             if os.path.isdir(p) and not os.path.islink(p):

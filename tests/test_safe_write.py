@@ -136,6 +136,40 @@ def test_atomic_folder_removes_its_temporary_on_a_signal(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and (tmp_path / "empty/a.jsonl").is_file()
 
 
+STOP_RIGHT_AFTER_CREATE = """
+import os, pathlib, signal, sys
+from qwenvl import safe_write as sw
+kind, out = sys.argv[1], sys.argv[2]
+real_mkdir, real_open = pathlib.Path.mkdir, os.open
+def mkdir(self, *a, **k):  # the temporary folder exists, the next instruction is interrupted
+    real_mkdir(self, *a, **k)
+    if sw._TMP_MARK in self.name:
+        os.kill(os.getpid(), signal.SIGTERM)
+def open_(path, *a, **k):  # the same for the temporary file
+    fd = real_open(path, *a, **k)
+    if sw._TMP_MARK in str(path):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return fd
+pathlib.Path.mkdir, os.open = mkdir, open_
+try:
+    with (sw.atomic_folder(out, "--out") if kind == "folder" else sw.atomic_file(out, "--out")):
+        pass
+except sw.Interrupted:
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_a_stop_signal_the_instant_the_temporary_exists_still_removes_it(tmp_path, kind):
+    """The handlers are in place before the temporary is made: SIGTERM right after it exists (a busy machine
+    makes this instant reachable) ends in Interrupted and removes it, instead of killing the process and leaving
+    a hidden half-written folder or file beside the destination."""
+    r = subprocess.run([sys.executable, "-c", STOP_RIGHT_AFTER_CREATE, kind, str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_predict_into_bad_destinations_is_one_line(tmp_path):
     (tmp_path / "run").mkdir()
     for case, dest in _bad_destinations(tmp_path).items():
