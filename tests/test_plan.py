@@ -246,7 +246,12 @@ def test_round2_multinode_needs_master_addr_unless_slurm(tmp_path):
     (line,) = [p.render() for p in info.value.problems]
     assert "[distributed.master_addr] nnodes is 2 but distributed.master_addr is not set" in line
     assert "hint: set distributed.master_addr=" in line
-    assert plan_from_file(path, [], {}).torchrun[7:9] == ["--master_addr", "127.0.0.1"]  # one machine: loopback
+    # one machine, no port or address chosen: torchrun --standalone takes a free port (two runs never collide)
+    assert plan_from_file(path, [], {}).torchrun[1:7] == ["--nnodes", "1", "--nproc_per_node", "8", "--standalone",
+                                                          "-m"]
+    for chosen, port in (("distributed.master_port=29533", "29533"), ("distributed.master_addr=127.0.0.1", "29500")):
+        assert plan_from_file(path, [chosen], {}).torchrun[5:11] == [  # a choice is kept: the static launch
+            "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", port]
     plan = plan_from_file(path, [], SLURM)  # print-args shows what `vlsft train` runs under SLURM
     assert plan.torchrun[1:11] == ["--nnodes", "4", "--nproc_per_node", "8", "--node_rank", "3",
                                    "--master_addr", "gpu01", "--master_port", "29500"]

@@ -198,18 +198,27 @@ def test_crashing_rank_ends_the_job(run, env, tmp_path):
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, tiny_model_dir, env):
     """`vlsft train` with one process, no DeepSpeed and W&B offline: 2 steps of per-device batch 2 x accumulation 1
-    over shapes, facts, clips (the invariance test's other half is the trainer alone at 1 x 2 on the same data)."""
+    over shapes, facts, clips (the invariance test's other half is the trainer alone at 1 x 2 on the same data).
+    No port in the YAML while 29500 is taken (another run on this machine): torchrun --standalone takes a free one."""
+    import contextlib
+    import socket
+
     d = tmp_path_factory.mktemp("one-process")
     out = d / "out"
     cfg = write_run_yaml(d / "run.yaml", tiny_model_dir, out, data={"use": ["shapes", "facts", "clips"]},
                          training={"max_steps": 2, "save_steps": 4, "per_device_train_batch_size": 2,
                                    "learning_rate": 1.0e-3},
-                         distributed={"master_port": 29647}, output={"run_name": "e2e", "resume": "auto"})
+                         output={"run_name": "e2e", "resume": "auto"})
     e = {k: v for k, v in env.items() if not k.startswith("WANDB_")}
-    p = run_cli(["--config", str(cfg), "wandb.mode=offline", "wandb.project=vlsft-test",
-                 "training.report_to=wandb", "distributed.nproc_per_node=1", "distributed.deepspeed=none",
-                 "training.bf16=false"], e)
+    with socket.socket() as busy:
+        with contextlib.suppress(OSError):  # already taken by someone else: busy all the same
+            busy.bind(("", 29500))
+            busy.listen()
+        p = run_cli(["--config", str(cfg), "wandb.mode=offline", "wandb.project=vlsft-test",
+                     "training.report_to=wandb", "distributed.nproc_per_node=1", "distributed.deepspeed=none",
+                     "training.bf16=false"], e)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert " --standalone " in (out / "vlsft" / "launch.sh").read_text()
     return {"out": out, "proc": p}
 
 

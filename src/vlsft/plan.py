@@ -747,6 +747,8 @@ def _launcher(cfg: RunConfig) -> list[str]:
     if dist.rdzv_endpoint:
         launcher += ["--rdzv_backend", "c10d", "--rdzv_endpoint", dist.rdzv_endpoint,
                      "--rdzv_id", cfg.output.run_name or "vlsft"]
+    elif dist.nnodes == 1 and not {"master_addr", "master_port"} & dist.model_fields_set:
+        launcher += ["--standalone"]  # one machine, no port chosen: a free one, never 29500 twice on one machine
     else:
         launcher += ["--node_rank", str(dist.node_rank), "--master_addr", dist.master_addr or "127.0.0.1",
                      "--master_port", str(dist.master_port)]

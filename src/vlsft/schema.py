@@ -264,7 +264,9 @@ class DistributedSection(_Section):
     master_addr: str | None = Field(None, description="Address (host name or IP) of the rank-0 machine. Default "
                                     "127.0.0.1 on one machine; required when nnodes > 1 unless SLURM supplies it "
                                     "(first host of SLURM_JOB_NODELIST) or rdzv_endpoint is set.")
-    master_port: int = Field(29500, ge=1, le=65535, description="Free TCP port on the rank-0 machine.")
+    master_port: int = Field(29500, ge=1, le=65535, description="Free TCP port on the rank-0 machine. Left unset "
+                             "on one machine (with master_addr unset too), torchrun runs --standalone and takes a "
+                             "free port itself, so two runs on one machine never collide.")
     rdzv_endpoint: str | None = Field(None, description="host:port of a c10d rendezvous; when set it replaces "
                                       "node_rank/master_addr/master_port (elastic launch, e.g. on SLURM).")
     deepspeed: str = Field("zero3", description="zero2 | zero3 | zero3_offload (the JSON files shipped in "
