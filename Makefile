@@ -21,13 +21,16 @@ $(STAMP): requirements.txt pyproject.toml
 demo: setup
 	$(VENV)/bin/vlsft train --config configs/demo.yaml
 
+# Two pytest-xdist workers, a test file per worker at a time; the runs several files share are trained once
+# (tests/runs.py). TEST_WORKERS=0 runs serially (for a debugger), more suits a machine with more cores.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # The inner loop: everything but the tests marked slow (end-to-end runs, model loads, servers); CI runs `make test`.
 .PHONY: test-fast
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check src qwenvl tests benchmarks

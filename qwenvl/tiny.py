@@ -198,11 +198,17 @@ def ensure_tiny_model(out_dir: str | os.PathLike, family: str = "qwen2_5_vl", se
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         build_tiny_model(tmp, family=family, seed=seed)
+        if _complete(out, family):  # another process finished the same build meanwhile: keep its folder
+            return out
         if out.is_dir() and is_tiny_model(out):  # an older, incomplete build of ours
             shutil.rmtree(out)
         elif out.is_dir():
             out.rmdir()  # empty (checked above); fails rather than deleting anything
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not _complete(out, family):  # not a concurrent twin's finished folder: a real failure
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN_ROOT = REPO / "tests" / "golden"  # in the repository: the suite needs nothing beside the checkout
 GOLDEN = GOLDEN_ROOT / "official-qwen25"
 CACHE = REPO / ".cache"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on the cores: one OpenMP thread per
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # process (and its children) instead of threads spinning on both
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +44,13 @@ def qwen_tokenizer_dir() -> Path:
     from qwenvl.tiny import build_tokenizer_dir
 
     out = CACHE / "qwen25vl-tokenizer"
-    if not (out / "tokenizer.json").exists():
-        build_tokenizer_dir(out)
+    if not (out / "chat_template.jinja").exists():  # its last file: a folder with it is complete
+        tmp = CACHE / f".qwen25vl-tokenizer-{os.getpid()}"  # built aside, then renamed: a parallel worker never
+        build_tokenizer_dir(tmp)                           # reads a half-written tokenizer.json
+        try:
+            tmp.rename(out)
+        except OSError:  # another worker's finished folder is already there
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -58,21 +67,22 @@ def cli_env(tmp_path) -> dict:
 def trained_run(tmp_path_factory, tiny_model_dir) -> dict:
     """One 2-rank ZeRO-3 packing run with eval data, shared by test_eval and test_chat_predict (eval_fixtures)."""
     from eval_fixtures import make_trained_run
+    from runs import shared_run
 
-    return make_trained_run(tmp_path_factory.mktemp("evalrun"), tiny_model_dir)
+    return shared_run(tmp_path_factory, "evalrun", lambda root: make_trained_run(root, tiny_model_dir))
 
 
 @pytest.fixture(scope="session")
 def e2e_run(tmp_path_factory, tiny_model_dir) -> dict:
     """One 8-step 2-rank ZeRO-3 full fine-tuning run over the demo data (runs.py), shared by every test reading it."""
-    from runs import make_e2e_run
+    from runs import make_e2e_run, shared_run
 
-    return make_e2e_run(tmp_path_factory.mktemp("e2e"), tiny_model_dir)
+    return shared_run(tmp_path_factory, "e2e", lambda root: make_e2e_run(root, tiny_model_dir))
 
 
 @pytest.fixture(scope="session")
 def lora_run(tmp_path_factory, tiny_model_dir) -> dict:
     """One 6-step 2-rank ZeRO-3 LoRA run over the demo data (runs.py), shared by every test reading it."""
-    from runs import make_lora_run
+    from runs import make_lora_run, shared_run
 
-    return make_lora_run(tmp_path_factory.mktemp("lora-e2e"), tiny_model_dir)
+    return shared_run(tmp_path_factory, "lora-e2e", lambda root: make_lora_run(root, tiny_model_dir))

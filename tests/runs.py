@@ -10,10 +10,15 @@ A test never writes into a shared run's folder: one that resumes a run, or adds 
 * ``lora_run``: the same launch with LoRA on the language model + a fully trained merger, 6 steps, checkpoints
   at 3 and 6;
 * ``trained_run``: the eval / chat / predict run of ``eval_fixtures`` (packing, held-out split, eval data).
+
+Under pytest-xdist (``make test`` runs two workers) each worker is a session of its own: :func:`shared_run` makes
+the first worker that needs a run train it, under a file lock in the folder the workers share, and the others read
+what it recorded, so each run is still trained once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +56,54 @@ def _trained(root: Path, cfg: Path, out: Path) -> dict:
     p = train(cfg)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return {"dir": root, "out": out, "cfg": cfg, "proc": p, "seconds": time.time() - t0}
+
+
+def shared_run(tmp_path_factory, name: str, make) -> dict:
+    """``make(root)``'s run, trained once for all the session's workers (the module docstring)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the folder above every worker's own
+    root = base / f"shared-{name}"
+    record = base / f"shared-{name}.json"
+    with FileLock(str(record) + ".lock"):
+        if record.exists():
+            return _loaded(json.loads(record.read_text(encoding="utf-8")))
+        root.mkdir()
+        try:
+            run = make(root)
+        except BaseException as e:  # the other workers fail with the same message instead of training again
+            record.write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}), encoding="utf-8")
+            raise
+        record.write_text(json.dumps(_saved(run)), encoding="utf-8")
+        return run
+
+
+def _saved(run: dict) -> dict:
+    out = {}
+    for k, v in run.items():
+        if isinstance(v, Path):
+            v = {"path": str(v)}
+        elif isinstance(v, subprocess.CompletedProcess):
+            v = {"proc": [v.args, v.returncode, v.stdout, v.stderr]}
+        out[k] = v
+    return out
+
+
+def _loaded(saved: dict) -> dict:
+    import pytest
+
+    if "error" in saved:
+        pytest.fail(f"the shared run failed in another worker: {saved['error'][:3000]}")
+    out = {}
+    for k, v in saved.items():
+        if isinstance(v, dict) and "path" in v:
+            v = Path(v["path"])
+        elif isinstance(v, dict) and "proc" in v:
+            v = subprocess.CompletedProcess(*v["proc"])
+        out[k] = v
+    return out
 
 
 def make_e2e_run(root: Path, model: Path) -> dict:
