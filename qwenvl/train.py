@@ -582,6 +582,7 @@ def _teardown() -> None:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            _EXIT["had_group"] = True
             dist.barrier()
             dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001
@@ -721,21 +722,39 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def _exit_now(rc: int) -> None:
-    """End a failed rank without running C++ destructors: a process group left alive on an error path (a barrier
-    there could hang when the other ranks are elsewhere) otherwise aborts now and then at interpreter exit
-    ("terminate called without an active exception", status 134), which would hide the error's own status."""
-    try:
-        import torch.distributed as dist
+_EXIT = {"had_group": False}
 
-        alive = dist.is_available() and dist.is_initialized()
-    except ImportError:
-        alive = False
-    if rc != 0 and alive:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+
+def _exit_now(rc: int) -> None:
+    """End a rank that had a process group without running C++ destructors.
+
+    A failed rank: a process group left alive on an error path (a barrier there could hang when the other ranks
+    are elsewhere) otherwise aborts now and then at interpreter exit ("terminate called without an active
+    exception", status 134), which would hide the error's own status. A finished rank: even after
+    ``destroy_process_group()`` the collective library's threads can still hold work objects whose destruction
+    during interpreter finalization aborts the same way (seen now and then in two-rank runs on a loaded machine),
+    turning a run that saved everything into "training exited with status 134"; so once the group is destroyed a
+    rank joins its threads and runs the exit handlers as a normal exit would, flushes, and leaves with
+    ``os._exit``."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    alive = dist.is_available() and dist.is_initialized()
+    if not alive and not _EXIT["had_group"]:
+        return
+    if not alive:  # the group is gone: nothing left to hang on, so the exit handlers run as they would
+        import atexit
+        import threading
+
+        for t in threading.enumerate():  # what the interpreter's own shutdown does first: non-daemon threads end
+            if t is not threading.current_thread() and not t.daemon:
+                t.join()
+        atexit._run_exitfuncs()  # W&B, logging, multiprocessing: every handler a normal exit would run
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
