@@ -107,7 +107,7 @@ def test_first_slurm_host(nodelist, first):
 def test_slurm_topology_and_yaml_precedence(tmp_path):
     assert slurm_topology({}) == {}
     env = {"SLURM_JOB_ID": "42", "SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[10-13]"}
-    assert slurm_topology(env) == {"nnodes": 4, "node_rank": 2, "master_addr": "gpu10"}
+    assert slurm_topology(env) == {"nnodes": 4, "node_rank": 2, "master_addr": "gpu10", "master_port": 29542}
 
     from vlsft.cmd_train import apply_slurm
     from vlsft.config import load_run_config
@@ -120,9 +120,9 @@ def test_slurm_topology_and_yaml_precedence(tmp_path):
     # nnodes and node_rank come from SLURM; master_addr set in the YAML wins
     assert (cfg.distributed.nnodes, cfg.distributed.node_rank) == (4, 2)
     assert cfg.distributed.master_addr == "head.example"
-    assert taken == ["distributed.nnodes=4", "distributed.node_rank=2"]
+    assert taken == ["distributed.nnodes=4", "distributed.node_rank=2", "distributed.master_port=29542"]
     cfg = load_run_config(y, ["distributed.nnodes=4", "distributed.node_rank=3"])
-    assert apply_slurm(cfg, env) == []  # explicit overrides win
+    assert apply_slurm(cfg, env) == ["distributed.master_port=29542"]  # explicit overrides win; the port was open
     assert cfg.distributed.node_rank == 3
 
 
@@ -167,7 +167,10 @@ def test_resume_decisions(tmp_path):
 def test_slurm_topology_variants():
     base = {"SLURM_JOB_ID": "7"}
     assert slurm_topology({**base, "SLURM_JOB_NUM_NODES": "2", "SLURM_NODELIST": "x[3-4]"}) == {
-        "nnodes": 2, "master_addr": "x3"}
+        "nnodes": 2, "master_addr": "x3", "master_port": 29507}
+    # the port follows the job: two jobs whose first node is the same machine do not collide
+    assert slurm_topology({"SLURM_JOB_ID": "1234567", "SLURM_NNODES": "2"})["master_port"] == 30067
+    assert "master_port" not in slurm_topology({"SLURM_JOB_ID": "x1", "SLURM_NNODES": "2"})  # not a number: 29500
     assert slurm_topology({**base, "SLURM_NNODES": "0", "SLURM_NODEID": " 1 ", "SLURM_JOB_NODELIST": " "}) == {
         "node_rank": 1}
     assert slurm_topology({"SLURM_NNODES": "4"}) == {}  # not inside a job

@@ -254,8 +254,17 @@ def test_round2_multinode_needs_master_addr_unless_slurm(tmp_path):
             "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", port]
     plan = plan_from_file(path, [], SLURM)  # print-args shows what `vlsft train` runs under SLURM
     assert plan.torchrun[1:11] == ["--nnodes", "4", "--nproc_per_node", "8", "--node_rank", "3",
-                                   "--master_addr", "gpu01", "--master_port", "29500"]
-    assert plan.slurm == ["distributed.nnodes=4", "distributed.node_rank=3", "distributed.master_addr=gpu01"]
+                                   "--master_addr", "gpu01", "--master_port", "29509"]
+    assert plan.slurm == ["distributed.nnodes=4", "distributed.node_rank=3", "distributed.master_addr=gpu01",
+                          "distributed.master_port=29509"]
+    # a one-node SLURM job is one machine: --standalone, so two jobs sharing a node never fight over a port
+    one = {"SLURM_JOB_ID": "9", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "gpu07"}
+    assert plan_from_file(path, [], one).torchrun[1:7] == ["--nnodes", "1", "--nproc_per_node", "8",
+                                                           "--standalone", "-m"]
+    assert plan_from_file(path, ["distributed.master_port=29533"], one).torchrun[5:11] == [
+        "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", "29533"]  # a chosen port is kept
+    assert plan_from_file(path, ["distributed.master_port=29533"], SLURM).torchrun[9:11] == ["--master_port",
+                                                                                            "29533"]
     assert plan.world_size == 32 and plan.effective_batch_size == 4 * 4 * 8 * 4
     # explicit YAML/override values win over SLURM; an inconsistent result is an error, not a hang
     with pytest.raises(ProblemsError, match=r"node_rank 3 must be below nnodes 2 \(from SLURM\)"):

@@ -37,14 +37,20 @@ def apply_slurm(cfg: RunConfig, environ: Mapping[str, str]) -> list[str]:
     """Fill ``distributed.*`` from ``SLURM_*`` where the YAML/overrides did not set them (in place).
 
     Returns what was taken, as ``distributed.key=value`` strings. Keys set in the YAML or by an override
-    win; with ``rdzv_endpoint`` set only ``nnodes`` is taken (the rendezvous assigns ranks).
+    win; with ``rdzv_endpoint`` set only ``nnodes`` is taken (the rendezvous assigns ranks). A one-node SLURM job
+    takes no address or port, so it launches ``torchrun --standalone`` like any single machine.
     """
     from vlsft.launch import slurm_topology
 
     dist = cfg.distributed
     explicit = dist.model_fields_set
     taken = []
-    for key, value in (slurm_topology(environ) or pytorchjob_topology(environ)).items():
+    topology = slurm_topology(environ)
+    if topology:
+        nnodes = dist.nnodes if "nnodes" in explicit else topology.get("nnodes", dist.nnodes)
+        if nnodes == 1:  # a one-node job launches --standalone (a free port): two jobs sharing a node never collide
+            topology = {k: v for k, v in topology.items() if k not in ("master_addr", "master_port")}
+    for key, value in (topology or pytorchjob_topology(environ)).items():
         if dist.rdzv_endpoint and key != "nnodes":
             continue
         current = getattr(dist, key)

@@ -19,7 +19,8 @@
   (an input error), 128 + N when ``vlsft`` got signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP), the
   failing rank's own status otherwise.
 * Under SLURM, :func:`slurm_topology` supplies ``nnodes`` / ``node_rank`` / ``master_addr`` from
-  ``SLURM_NNODES`` / ``SLURM_NODEID`` / the first host of ``SLURM_JOB_NODELIST``.
+  ``SLURM_NNODES`` / ``SLURM_NODEID`` / the first host of ``SLURM_JOB_NODELIST``, and for several nodes a
+  ``master_port`` derived from ``SLURM_JOB_ID`` (:func:`slurm_port`).
 """
 
 from __future__ import annotations
@@ -317,7 +318,8 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def slurm_topology(environ: Mapping[str, str]) -> dict[str, object]:
-    """``nnodes`` / ``node_rank`` / ``master_addr`` derived from SLURM variables (empty outside SLURM)."""
+    """``nnodes`` / ``node_rank`` / ``master_addr`` (and ``master_port`` for several nodes) derived from SLURM
+    variables (empty outside SLURM)."""
     out: dict[str, object] = {}
     if not environ.get("SLURM_JOB_ID") and not environ.get("SLURM_NODEID"):
         return out
@@ -329,4 +331,14 @@ def slurm_topology(environ: Mapping[str, str]) -> dict[str, object]:
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     if nodelist and nodelist.strip() and first_slurm_host(nodelist):
         out["master_addr"] = first_slurm_host(nodelist)
+    job = (environ.get("SLURM_JOB_ID") or "").strip()
+    if out.get("nnodes", 1) > 1 and job.isdigit():
+        out["master_port"] = slurm_port(int(job))
     return out
+
+
+def slurm_port(job_id: int) -> int:
+    """The rendezvous port of a multi-node SLURM job: 29500 + job id mod 1000, the same on every node of the job
+    and, unlike a fixed 29500, different for two jobs whose first node is the same machine (below the Linux
+    ephemeral range, which starts at 32768)."""
+    return 29500 + job_id % 1000

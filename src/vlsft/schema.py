@@ -266,7 +266,8 @@ class DistributedSection(_Section):
                                     "(first host of SLURM_JOB_NODELIST) or rdzv_endpoint is set.")
     master_port: int = Field(29500, ge=1, le=65535, description="Free TCP port on the rank-0 machine. Left unset "
                              "on one machine (with master_addr unset too), torchrun runs --standalone and takes a "
-                             "free port itself, so two runs on one machine never collide.")
+                             "free port itself, so two runs on one machine never collide (also for a one-node SLURM job); a "
+                             "SLURM job over several nodes takes 29500 + SLURM_JOB_ID mod 1000.")
     rdzv_endpoint: str | None = Field(None, description="host:port of a c10d rendezvous; when set it replaces "
                                       "node_rank/master_addr/master_port (elastic launch, e.g. on SLURM).")
     deepspeed: str = Field("zero3", description="zero2 | zero3 | zero3_offload (the JSON files shipped in "
