@@ -163,15 +163,27 @@ class Inference:
         return ("warning: inference pixel budget differs from training: " + ", ".join(diffs)
                 + "; images are resized differently than in training, so answers can differ")
 
-    def messages(self, prompt: str, *, images: list[str] = (), videos: list[str] = (),
-                 system: str | None = None) -> list[dict]:
+    def messages(self, prompt: str, *, images: list[str] = (), videos: list[str | list[str]] = (),
+                 system: str | None = None, frame_fps: float | None = None) -> list[dict]:
         """A Qwen chat conversation: optional system turn, one user turn with the media first, then the text, which
-        starts with a newline after media as in the official training format (``<image>\nQuestion``)."""
+        starts with a newline after media as in the official training format (``<image>\nQuestion``). A video is a
+        file, a folder of frame images or a list of frame images; frames are taken at ``frame_fps`` (default: the
+        2 per second training uses)."""
+        from qwenvl.data.vision import FRAME_FPS, MediaError, folder_frames
+
         content: list[dict] = []
         for img in images:
             content.append(self.image_part(img))
         for vid in videos:
-            content.append({"type": "video", "video": _media_ref(vid)})
+            try:
+                frames = list(vid) if isinstance(vid, (list, tuple)) else folder_frames(vid)
+            except MediaError as e:
+                raise InferError(str(e)) from None
+            if frames is None:
+                content.append({"type": "video", "video": _media_ref(vid)})
+            else:
+                content.append({"type": "video", "video": [_media_ref(f) for f in frames],
+                                "sample_fps": frame_fps or FRAME_FPS})
         if (images or videos) and not prompt.startswith("\n"):
             prompt = "\n" + prompt  # the official training format: "<image>\nQuestion" (a newline after the media)
         content.append({"type": "text", "text": prompt})
@@ -334,7 +346,9 @@ class Inference:
 
 
 def _media_ref(ref: str) -> str:
-    if "://" in ref:
+    """A media reference as qwen-vl-utils takes it: URLs and inline ``data:`` URLs as they are, a local file as a
+    ``file://`` URL (one line when it does not exist)."""
+    if "://" in ref or ref[:5] == "data:":
         return ref
     p = Path(ref).expanduser()
     if not p.is_file():

@@ -177,10 +177,11 @@ def _clean(path: str) -> str:
 def join(base: str | None, rel: str) -> str:
     """Resolve a media path from an annotation against the dataset's ``data_path``.
 
-    Absolute paths and URLs in the annotation win over ``data_path`` (as in the official code).
+    Absolute paths and URLs in the annotation win over ``data_path`` (as in the official code); an inline
+    ``data:`` URL (base64 media) stays as it is.
     """
     rel = str(rel)
-    if is_url(rel) or os.path.isabs(rel) or not base:
+    if is_url(rel) or os.path.isabs(rel) or not base or rel[:5] == "data:":
         return rel
     base = str(base)
     if is_url(base):

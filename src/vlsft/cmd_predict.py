@@ -177,9 +177,11 @@ def _sources(dataset: str, dict_path: Path, saved: bool):
 
 
 def _items(src, data_path: str | None, ground=None):
-    """(index, where, prompt text, images, videos, reference) for every usable record of ``src``."""
+    """(index, where, prompt text, images, videos, reference, frames per second of frame-image videos) for every
+    usable record of ``src``; a video given as frame images is a list of their paths."""
     from qwenvl import storage
     from qwenvl.data import formats
+    from qwenvl.data.sample import frame_fps
 
     for i in range(len(src.store)):
         internal, _extras, problems = formats.sample_problems(src.store[i], src.fmt)
@@ -198,8 +200,9 @@ def _items(src, data_path: str | None, ground=None):
         for key in ("image", "video"):
             v = internal.get(key)
             vals = [] if v is None else (v if isinstance(v, list) else [v])
-            media[key] = [storage.join(data_path, x) if data_path and not storage.is_url(x) and not Path(x).is_absolute()
-                          else x for x in vals if isinstance(x, str)]
+            # a video given as frame images (a tuple) stays one video: its frames, each resolved
+            media[key] = [[storage.join(data_path, f) for f in x] if isinstance(x, tuple) else storage.join(data_path, x)
+                          for x in vals if isinstance(x, (str, tuple))]
         if ground is not None and internal.get("objects"):  # grounding: <ref>/<bbox>/... in the model's convention
             ground.render(conv, internal, media["image"])
         text = re.sub(r"<(image|video)>\n?", "", str(user.get("content") or "")).strip()
@@ -208,7 +211,7 @@ def _items(src, data_path: str | None, ground=None):
             from qwenvl.data.chat_qwen35 import split_reasoning
 
             reference = split_reasoning(reference)[1].strip()
-        yield i, src.store.where(i), text, media["image"], media["video"], reference
+        yield i, src.store.where(i), text, media["image"], media["video"], reference, frame_fps(internal, src.fmt)
 
 
 def _grounding_metrics(src, rows: list[dict], ground) -> dict:
@@ -228,8 +231,7 @@ def _grounding_metrics(src, rows: list[dict], ground) -> dict:
             continue
         img = internal.get("image")
         paths = [x for x in ([] if img is None else img if isinstance(img, list) else [img]) if isinstance(x, str)]
-        paths = [storage.join(src.data_path, x) if src.data_path and not storage.is_url(x) and not Path(x).is_absolute()
-                 else x for x in paths]
+        paths = [storage.join(src.data_path, x) for x in paths]
         got = ground.ious(internal, paths, str(row.get("prediction") or ""))
         if got is not None:
             per_box += got
@@ -345,9 +347,9 @@ def _generate(model_dir: Path, name: str, todo: list, out: Path, done: list[dict
     with open(out, "a", encoding="utf-8") as fh:
         for s in range(0, len(todo), batch_size):
             chunk = todo[s:s + batch_size]
-            answers = engine.generate_batch([engine.messages(t, images=im, videos=vi)
-                                             for _i, _w, t, im, vi, _r in chunk], max_new_tokens=max_new_tokens)
-            for (i, where, text, _im, _vi, ref), pred in zip(chunk, answers, strict=True):
+            answers = engine.generate_batch([engine.messages(t, images=im, videos=vi, frame_fps=fps)
+                                             for _i, _w, t, im, vi, _r, fps in chunk], max_new_tokens=max_new_tokens)
+            for (i, where, text, _im, _vi, ref, _fps), pred in zip(chunk, answers, strict=True):
                 reasoning, pred = split_reasoning(pred)
                 row = {"dataset": name, "index": i, "where": where, "prompt": text, "reference": ref,
                        "prediction": pred.strip() if reasoning is not None else pred}

@@ -101,7 +101,7 @@ def _grounding(record, fmt, data_path, builder, sample, conversation) -> tuple[l
     paths = [] if img is None else [img] if isinstance(img, str) else list(img)
     if not paths:
         return [], [], []
-    pil = [vision.open_image(storage.join(data_path, p) if data_path else p, exif=builder.head) for p in paths]
+    pil = [vision.open_image(storage.join(data_path, p), exif=builder.head) for p in paths]
     grids = sample["image_grid_thw"].tolist()
     objects, sizes = grounding.preview_objects(internal, pil, grids, builder.spec.patch_size, fmt.bbox_format,
                                                builder.model_type)
