@@ -271,8 +271,9 @@ def chat_records(draw):
             turn = {rkey: role, ckey: content}
             if draw(st.integers(0, 3)) == 0:
                 turn["loss"] = draw(st.sampled_from([True, False, None, "no"]))
-            elif draw(st.integers(0, 3)) == 0:  # LLaMA-Factory v1
-                turn["loss_weight"] = draw(st.sampled_from([0.0, 1.0, 0, 1, 0.5, None, True]))
+            elif draw(st.integers(0, 3)) == 0:  # LLaMA-Factory v1, OpenAI fine-tuning
+                turn[draw(st.sampled_from(["loss_weight", "weight"]))] = draw(
+                    st.sampled_from([0.0, 1.0, 0, 1, 0.5, None, True]))
             turns.append(turn)
     rec: dict = {"conversations" if sharegpt else "messages": turns}
     if not sharegpt and draw(st.integers(0, 6)) == 0:

@@ -171,7 +171,7 @@ def test_convert_to_official(data, qwen_tokenizer_dir, cli_env):
     r = vlsft("datasets", "convert", str(data / "d.json"), "--to", "official", "--out", str(out))
     # the swift sample has a 'loss': false turn, which the official format cannot say: left out, listed
     assert r.returncode == 1, r.stdout + r.stderr
-    assert f"{data / 'swift.jsonl'}:1: warning: left out: a turn has 'loss': false" in r.stderr
+    assert f"{data / 'swift.jsonl'}:1: warning: left out: a turn is masked ('loss': false" in r.stderr
     assert "tags: messages -> official, 1 sample(s) written" in r.stdout
     conv = json.loads((out / "Dataset-Dictionary.json").read_text())
     assert json.loads((out / "tags.jsonl").read_text()) == {**RECORDS["official"], "image": ["a.png"]}

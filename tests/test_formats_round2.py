@@ -253,12 +253,30 @@ def test_loss_weight_zero_masks_like_loss_false(tmp_path, builder):
         return {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", **first},
                              {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
 
-    w0, _ = _build(builder, rec({"loss_weight": 0.0}), tmp_path)
     f, _ = _build(builder, rec({"loss": False}), tmp_path)
-    w1, _ = _build(builder, rec({"loss_weight": 1}), tmp_path)
     plain, _ = _build(builder, rec({}), tmp_path)
-    assert w0["labels"].tolist() == f["labels"].tolist() != plain["labels"].tolist()
-    assert w1["labels"].tolist() == plain["labels"].tolist()
+    for key in ("loss_weight", "weight"):  # LLaMA-Factory v1's, OpenAI fine-tuning's
+        w0, _ = _build(builder, rec({key: 0.0 if key == "loss_weight" else 0}), tmp_path)
+        w1, _ = _build(builder, rec({key: 1}), tmp_path)
+        assert w0["labels"].tolist() == f["labels"].tolist() != plain["labels"].tolist()
+        assert w1["labels"].tolist() == plain["labels"].tolist()
+    res = _scan(tmp_path, [rec({"weight": 0})])
+    assert [p.render() for p in res.problems if p.is_error] == []
+
+
+def test_openai_weight_masks_in_convert_and_only_0_or_1(tmp_path):
+    from qwenvl.data.formats import to_official
+
+    rec = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "Wrong.", "weight": 0},
+                        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "Right.", "weight": 1}]}
+    official, _system, why = to_official(rec, formats.settle(None, [(1, rec)]))
+    assert official is None and "masked" in why  # left out, as a 'loss': false turn is
+    bad = dict(rec, messages=rec["messages"][:3] + [dict(rec["messages"][3], weight=0.3)])
+    (p,) = [p for p in _scan(tmp_path, [bad]).problems if p.is_error]
+    assert p.key == "weight" and "'weight' must be 0 (not trained) or 1 (trained)" in p.message
+    every = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}
+    (p,) = [p for p in _scan(tmp_path, [every]).problems if p.is_error]
+    assert p.key == "weight" and "'weight': 0" in p.message and "'weight': 1" in p.hint
 
 
 @pytest.mark.parametrize("weight", [0.5, 2, True, "1", None])

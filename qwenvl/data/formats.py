@@ -15,7 +15,8 @@ Formats (``FORMATS``; a dictionary entry's ``"format"`` overrides the detection)
   ``{"type": "image", "image": path}``, ``{"type": "image_url", "image_url": {"url": ...}}``, ``{"type":
   "video", "video": path | [frame paths]}``, or a bare ``{"type": "image"}`` that takes the next ``images``
   item); media in ``images`` / ``videos`` or inline in the parts (not both); a leading ``system`` message or a
-  top-level ``system`` replaces the default system prompt; ``"loss": false`` on a turn masks it; a ``videos``
+  top-level ``system`` replaces the default system prompt; ``"loss": false`` on a turn masks it (OpenAI
+  fine-tuning's ``"weight": 0`` too, ``1`` trains it); a ``videos``
   item may be a list of frame image paths (one video). LLaMA-Factory v1: parts keep their text / path in
   ``value`` (``reasoning`` and ``tool_call`` parts too, a call as a JSON string), ``"loss_weight"`` 0 masks a turn
   and 1 trains it (any other weight is an error). ``images: []`` / ``videos: []`` = no media (a text-only row of a
@@ -382,7 +383,8 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
         _last_only(turns, extras)
     answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
     if answers and extras.untrained.issuperset(answers):
-        key = "loss_weight" if any(type(m) is dict and "loss_weight" in m and "loss" not in m for m in msgs) else "loss"
+        key = next((k for k in _WEIGHT_KEYS if any(type(m) is dict and k in m and "loss" not in m for m in msgs)),
+                   "loss")
         out.append(_err("all_masked", f"every assistant turn has '{key}': {'0' if key != 'loss' else 'false'}: "
                         "nothing to train on", key, f"set '{key}': {'1' if key != 'loss' else 'true'} (or drop the "
                         "key) on at least one answer", "no_answer"))
@@ -547,14 +549,17 @@ def _read_message(m: Any, f, out: list, inline: dict) -> tuple[str, str, Any] | 
 _BAD = object()
 
 
+_WEIGHT_KEYS = ("loss_weight", "weight")  # LLaMA-Factory v1's and OpenAI fine-tuning's: 0 masked, 1 trained
+
+
 def _loss_of(m: dict, role: str, out: list) -> Any:
-    """A message's ``loss`` (ms-swift: true / false) or LLaMA-Factory v1's ``loss_weight`` (0: not trained, 1:
-    trained) as True / False / None (not said); ``_BAD`` after an error."""
-    key = "loss" if "loss" in m or "loss_weight" not in m else "loss_weight"
+    """A message's ``loss`` (ms-swift: true / false), LLaMA-Factory v1's ``loss_weight`` or OpenAI fine-tuning's
+    ``weight`` (0: not trained, 1: trained) as True / False / None (not said); ``_BAD`` after an error."""
+    key = "loss" if "loss" in m else next((k for k in _WEIGHT_KEYS if k in m), "loss")
     loss = m.get(key)
-    if key == "loss_weight" and loss is not None:
+    if key != "loss" and loss is not None:
         if type(loss) not in (int, float) or loss not in (0, 1):
-            out.append(_err("bad_loss", f"'loss_weight' must be 0 (not trained) or 1 (trained), found "
+            out.append(_err("bad_loss", f"'{key}' must be 0 (not trained) or 1 (trained), found "
                             f"{kind_of(loss)} {loss!r}", key, "a turn is trained or masked, weighted losses are not "
                             "read: write 0 or 1"))
             return _BAD
@@ -755,7 +760,7 @@ def to_official(rec: Any, fmt: FormatSpec | None) -> tuple[dict | None, str | No
     if fmt is None or fmt.name in OFFICIAL_SHAPED:  # InternVL's implicit tags are written out
         return internal, None, ""
     if extras.untrained and fmt.train_on != "last":
-        return None, None, "a turn has 'loss': false, which the official format cannot say"
+        return None, None, "a turn is masked ('loss': false, or a weight of 0), which the official format cannot say"
     video = internal.get("video")
     if type(video) is list and any(type(v) is tuple for v in video):
         return None, None, "a video given as frame images, which the official format cannot say"
