@@ -90,6 +90,24 @@ def test_an_empty_answer_with_a_tool_call_is_no_warning():
     assert problems == []
 
 
+@pytest.mark.parametrize("answer", [{}, {"content": None}], ids=["no-content", "null-content"])
+def test_an_openai_answer_that_only_calls_tools_needs_no_content(answer):
+    """OpenAI's function-calling data (and TRL's) leave 'content' out, or null, on an answer that only calls tools:
+    read as an empty text, the same turn as with "content": ""."""
+    call = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]
+    def rec(extra):
+        return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": call, **extra},
+                             {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+                             {"role": "assistant", "content": "42."}]}
+    got, _, errors = _norm(rec(answer))
+    want, _, _ = _norm(rec({"content": ""}))
+    assert errors == [] and got == want
+    # without a call (or reasoning) a missing / null content is still an error
+    for bad in ({"role": "assistant"}, {"role": "assistant", "content": None}):
+        _, _, errors = _norm({"messages": [{"role": "user", "content": "q"}, bad]})
+        assert errors and errors[0][2] in ("no_value", "value_type"), errors
+
+
 def test_convert_refuses_what_the_official_format_cannot_say():
     rec = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning": "r"}]}
     assert formats.to_official(rec, MSG)[2].startswith("reasoning fields, tools")

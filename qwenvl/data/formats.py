@@ -496,7 +496,9 @@ def _role_of(m: dict, f, out: list) -> tuple[str, Any] | None:
     """``(internal role, content)`` of a message, or None after an error."""
     rkey, ckey = f.role_key, f.content_key
     role, content = m.get(rkey), m.get(ckey)
-    if role is None or ckey not in m:
+    if content is None and role in f.assistant_tags and (m.get("tool_calls") or any(m.get(k) for k in REASONING_KEYS)):
+        content = ""  # OpenAI: an answer that only calls tools has no content, or null
+    elif role is None or ckey not in m:
         missing = rkey if role is None else ckey
         out.append(_err("no_speaker" if role is None else "no_value", f"a turn has no '{missing}'", missing,
                         f"turns of this dataset are {{\"{rkey}\": ..., \"{ckey}\": ...}}"))
