@@ -59,7 +59,8 @@ INTERNVL_KEYS = ("root", "annotation", "repeat_time", "length")
 INTERNVL_UNUSED = ("data_augment", "max_dynamic_patch", "min_dynamic_patch", "dynamic_image_size", "use_thumbnail",
                    "split_anno_by_rank")
 LF_TAGS = {"role_tag": "role_key", "content_tag": "content_key", "user_tag": "user_tags",
-           "assistant_tag": "assistant_tags", "system_tag": "system_tags"}
+           "assistant_tag": "assistant_tags", "system_tag": "system_tags", "observation_tag": "tool_tags",
+           "function_tag": "call_tags"}
 REQUIRED_KEYS = ("annotation_path",)
 ANNOTATION_EXTENSIONS = (".json", ".jsonl")
 EXAMPLE_ENTRY = '{"data_path": "images/", "annotation_path": "train.jsonl", "sampling_rate": 0.5}'
@@ -612,10 +613,10 @@ class _Loader:
                 if cv is None or cv.kind != "string":
                     continue
                 target = {"messages": "messages_key", "images": "images_key", "videos": "videos_key",
-                          "system": "system_key"}.get(ck.name)
+                          "system": "system_key", "tools": "tools_key"}.get(ck.name)
                 if target:
                     keys[target] = cv.value
-                elif ck.name in ("audios", "tools", "chosen", "rejected", "kto_tag"):
+                elif ck.name in ("audios", "chosen", "rejected", "kto_tag"):
                     self.add("error", f"column '{ck.name}' of dataset '{name}' is not read by vlsft", ck.line,
                              ck.column, key=ck.name, hint="vlsft trains text, images and videos; drop the column")
                     return None
@@ -634,11 +635,12 @@ class _Loader:
                          if skipped == "num_samples" else None)
         k, v = got["file_name"]
         out = [(JKey("annotation_path", k.line, k.column), v),
-               (JKey("data_path", node.line, node.column), JNode("string", got.get("media_dir", "."), node.line,
-                                                                node.column, '"."')),
                (JKey("format", fm[0].line, fm[0].column), JNode("string", "sharegpt", fm[0].line, fm[0].column,
                                                                '"sharegpt"')),
                (JKey("format_keys", node.line, node.column), JNode("lf", keys, node.line, node.column))]
+        if not any(k2.name == "data_path" for k2, _ in node.value):  # the entry's own data_path wins over
+            out.insert(1, (JKey("data_path", node.line, node.column),  # LLaMA-Factory's default media_dir: the
+                           JNode("string", ".", node.line, node.column, '"."')))  # folder of dataset_info.json
         out += [(k2, v2) for k2, v2 in node.value if k2.name in KNOWN_KEYS and k2.name not in ("format",)]
         return out
 

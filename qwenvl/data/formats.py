@@ -62,8 +62,10 @@ THINKING_LOSS = ("train", "mask")
 REASONING_EFFORTS = ("xhigh", "medium", "low", "none")
 #: an assistant message's reasoning field, in the order they are looked for (OpenAI-style APIs, ms-swift, HF)
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
-#: message roles of tool results (OpenAI "tool", LLaMA-Factory "observation"); "function_call" is a call
-TOOL_ROLES = ("tool", "observation")
+#: message roles of tool results (OpenAI "tool", LLaMA-Factory "observation", ms-swift "tool_response")
+TOOL_ROLES = ("tool", "observation", "tool_response")
+#: message roles whose content is a tool call of the assistant (LLaMA-Factory "function_call", ms-swift "tool_call")
+CALL_ROLES = ("function_call", "tool_call")
 #: the chat template arguments a record may set for itself (``chat_template_kwargs``) and their values
 TEMPLATE_KWARGS = {"reasoning_effort": REASONING_EFFORTS, "enable_thinking": (True, False),
                    "preserve_thinking": (True, False)}
@@ -90,7 +92,10 @@ class FormatSpec:
     user_tags: tuple[str, ...] = ()
     assistant_tags: tuple[str, ...] = ()
     system_tags: tuple[str, ...] = ()
+    tool_tags: tuple[str, ...] = ()  # more tool-result roles (LLaMA-Factory's observation_tag)
+    call_tags: tuple[str, ...] = ()  # more tool-call roles (LLaMA-Factory's function_tag)
     system_key: str | None = "system"  # top-level system prompt column
+    tools_key: str = "tools"  # the record's tool definitions (LLaMA-Factory's columns.tools)
     images_key: str = "images"
     videos_key: str = "videos"
     system: str | None = None  # the dataset's default system prompt (dictionary "system")
@@ -365,7 +370,7 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
     extras = Extras()
     inline = {"image": [], "video": [], "bare_image": 0, "bare_video": 0, "reasoning": [], "calls": []}
     turns = _read_turns(msgs, f, out, inline, extras, sys_prompt)
-    if turns is None or not _sample_options(rec, extras, out):
+    if turns is None or not _sample_options(rec, extras, out, f.tools_key):
         return None, _PLAIN, out
     if not turns:
         out.append(_err("no_answer", "no assistant turn to train on (only a system prompt)", f.messages_key, None,
@@ -474,17 +479,23 @@ def _read_turns(msgs: list, f, out: list, inline: dict, extras: Extras, sys_prom
                 return None
             sys_prompt = content
             continue
-        if loss is False and role == "assistant":
-            extras.untrained.add(len(turns))
         ckey, rkey = f.content_key, f.role_key
         if (inline["reasoning"] or inline["calls"]) and role != "assistant":
             out.append(_err("bad_part", f"a {role} turn holds a reasoning / tool_call part: only answers have them",
                             ckey, "move the part into the assistant turn"))
             return None
-        turn = _internal_turn(m, role, content, out, inline["calls"] or (
-            m.get(ckey) if m.get(rkey) == "function_call" else None))
+        call_role = m.get(rkey) in CALL_ROLES or m.get(rkey) in f.call_tags
+        turn = _internal_turn(m, role, content, out, inline["calls"] or (m.get(ckey) if call_role else None))
         if turn is None:
             return None
+        prev = turns[-1] if turns else None
+        if (call_role and prev is not None and prev["role"] == "assistant" and "reasoning_content" not in turn
+                and not inline["reasoning"] and (loss is False) == (len(turns) - 1 in extras.untrained)):
+            # ms-swift: an answer's text then its tool_call messages (or several calls in a row) are ONE answer
+            prev["tool_calls"] = prev.get("tool_calls", []) + turn.get("tool_calls", [])
+            continue
+        if loss is False and role == "assistant":
+            extras.untrained.add(len(turns))
         if inline["reasoning"] and "reasoning_content" not in turn:
             turn["reasoning_content"] = "\n".join(inline["reasoning"])
         turns.append(turn)
@@ -509,9 +520,12 @@ def _role_of(m: dict, f, out: list) -> tuple[str, Any] | None:
         return "assistant", content
     if role in f.system_tags:
         return "system", content
-    if role in TOOL_ROLES or role == "function_call":  # a tool result / a LLaMA-Factory call (_internal_turn)
-        return ("tool", content) if role in TOOL_ROLES else ("assistant", "")
-    allowed = ", ".join(repr(t) for t in (*f.user_tags, *f.assistant_tags, *f.system_tags, *TOOL_ROLES))
+    if role in TOOL_ROLES or role in f.tool_tags:  # a tool result
+        return "tool", content
+    if role in CALL_ROLES or role in f.call_tags:  # a call given as the message's content (_internal_turn)
+        return "assistant", ""
+    allowed = ", ".join(repr(t) for t in dict.fromkeys((*f.user_tags, *f.assistant_tags, *f.system_tags, *TOOL_ROLES,
+                                                        *f.tool_tags, *CALL_ROLES, *f.call_tags)))
     what = "function turns are read as 'tool' results and 'function_call' calls" if role in (
         "function", "ipython") else ""
     out.append(_err("bad_speaker", f"unknown {rkey} {role!r}" + (f" ({what})" if what else ""), rkey,
@@ -646,10 +660,10 @@ def parse_tool_calls(value: Any, out: list) -> list | None:
     return calls
 
 
-def _sample_options(rec: dict, extras: Extras, out: list) -> bool:
+def _sample_options(rec: dict, extras: Extras, out: list, tools_key: str = "tools") -> bool:
     """A record's own chat template arguments (``chat_template_kwargs``, as ms-swift reads them; a top-level
-    ``reasoning_effort``) and tool definitions (``tools``: a list of JSON objects, or a JSON string of one as
-    LLaMA-Factory writes it); False after an error."""
+    ``reasoning_effort``) and tool definitions (``tools``, or the column ``tools_key`` names: a list of JSON
+    objects, or a JSON string of one as LLaMA-Factory writes it); False after an error."""
     kwargs = rec.get("chat_template_kwargs")
     kwargs = dict(kwargs) if type(kwargs) is dict else {} if kwargs is None else kwargs
     if rec.get("reasoning_effort") is not None and type(kwargs) is dict:
@@ -669,14 +683,15 @@ def _sample_options(rec: dict, extras: Extras, out: list) -> bool:
             return False
         else:
             extras.template_kwargs[key] = value
-    tools = rec.get("tools")
+    tools = rec.get(tools_key)
     if type(tools) is str:
         try:
             tools = json.loads(tools) if tools.strip() else None
         except ValueError:
             pass
     if tools is not None and (type(tools) is not list or not all(type(t) is dict for t in tools)):
-        out.append(_err("bad_tools", f"'tools' must be a list of tool definitions, found {kind_of(tools)}", "tools",
+        out.append(_err("bad_tools", f"'{tools_key}' must be a list of tool definitions, found {kind_of(tools)}",
+                        tools_key,
                         'write [{"type": "function", "function": {"name": ..., "parameters": {...}}}]'))
         return False
     extras.tools = tools or None
