@@ -27,6 +27,7 @@ from qwenvl.data.annotations import ScanResult, oneline, scan
 from qwenvl.data.dataset_use import format_percent, sample_count
 from qwenvl.data.dictionary import DatasetDictionary, DatasetSpec, apply_file_info, load_dictionary
 from qwenvl.problems import Problem
+from qwenvl.secrets import mask_urls
 from vlsft import render
 from vlsft.app import datasets_app
 
@@ -430,7 +431,7 @@ def use(
         err = render.stderr()
         render.print_problems(err, d.problems)
         err.print(f"refusing to build --dataset_use: {render.summary_text(d.problems)} "
-                  f"(details: vlsft datasets check {path})")
+                  f"(details: vlsft datasets check {mask_urls(str(path))})")
         raise typer.Exit(2 if d.unusable else 1)
     text, warnings = dataset_use_string(d, integer=integer_percent_)
     err = render.stderr()
