@@ -36,6 +36,8 @@ class Problem:
 
     def __post_init__(self) -> None:  # a URL's password / signature never reaches a display or a report
         object.__setattr__(self, "message", mask_urls(self.message))
+        if self.file:  # a dictionary or annotation given as a URL, an override echoed as typed
+            object.__setattr__(self, "file", mask_urls(self.file))
         if self.hint:
             object.__setattr__(self, "hint", mask_urls(self.hint))
 

@@ -74,6 +74,8 @@ URL_SECRET_PARAMS = frozenset({
     "id_token", "session_token", "sessiontoken",
 })
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
+# scheme://user:password@ where the password may hold '/' (a host has no ':' before its first '/')
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@?#\s]*:[^@\s]*@")
 
 
 def _secret_param(name: str) -> bool:
@@ -105,6 +107,9 @@ def mask_url(url: str) -> str:
     text = str(url)
     if "://" not in text and "?" not in text and "#" not in text:
         return text
+    m = _USERINFO.match(text)
+    if m:  # user:password@ even when the password holds a '/' (AWS secret keys do), which urllib reads as a path
+        text = f"{m.group(1)}{MASK}@{text[m.end():]}"
     try:
         parts = urlsplit(text)
     except ValueError:  # e.g. an unbalanced [ in the host

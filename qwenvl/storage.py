@@ -55,6 +55,7 @@ from typing import IO, Any
 
 from qwenvl.problems import UserError
 from qwenvl.secrets import (  # noqa: F401 - re-exported (storage.redact & co. predate qwenvl.secrets)
+    _USERINFO,
     MASK,
     SECRET_ENV_VARS,
     is_secret_name,
@@ -339,8 +340,15 @@ def _quiet_client_loggers() -> None:
 
 
 def filesystem(path: str):
-    """The fsspec filesystem for ``path``'s scheme, created lazily once per process and config."""
+    """The fsspec filesystem for ``path``'s scheme, created lazily once per process and config. An ``s3://``
+    URL with credentials in it (``s3://KEY:SECRET@bucket/...``) is refused before any client sees it: S3 takes
+    credentials from the environment only, and the client would quote them in its errors."""
     scheme = _split_url(path)[0].lower() if is_url(path) else "file"
+    if scheme in S3_SCHEMES and ("@" in _split_url(path)[1].split("/", 1)[0] or _USERINFO.match(path)):
+        raise StorageError(f"{path}: an {scheme}:// URL does not carry credentials (they would be shown and "
+                           "logged): write s3://bucket/key and export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or "
+                           "set storage.access_key_id / secret_access_key to ${VAR} in the run YAML",
+                           url=mask_url(path), kind="config")
     if scheme in ("s3a", "s3n"):
         scheme = "s3"
     key = (os.getpid(), scheme, _fingerprint())

@@ -126,3 +126,52 @@ def test_trainer_bad_sample_log_masks_the_url(caplog):
                                    "media_unreadable")
     assert not any(s in caplog.text + rec["bad_sample"] for s in SECRETS), caplog.text
     assert "http://***@h/x?sig=***" in rec["bad_sample"]
+
+
+# ---- credentials in s3:// URLs and in the endpoint (bad-input audit, round 3) ------------------------------------
+AK, SK = "AKIAIOSFODNN7SECRETX", "wJalrXUtnFEMIK7MDENG/bPxRfiCYSECRETKEY"  # an AWS secret key may hold '/'
+REPO = Path(__file__).resolve().parents[1]
+MINIMAL = str(REPO / "docs" / "examples" / "minimal.yaml")
+
+
+@pytest.mark.parametrize("url", [f"s3://{AK}:{SK}@bucket/k.json", f"s3://{AK}:{SK.replace('/', '')}@bucket/k.json",
+                                 f"s3://{AK}@bucket/k.json"])
+def test_an_s3_url_with_credentials_is_refused_before_any_client_sees_it(url):
+    from qwenvl import storage
+
+    assert mask_url(url) == "s3://***@bucket/k.json"
+    with pytest.raises(StorageError) as info:
+        storage.filesystem(url)
+    assert info.value.kind == "config" and AK not in str(info.value) and "does not carry credentials" in str(info.value)
+    storage.filesystem("s3://bucket/user@example.com/a.jpg")  # an '@' in a key is no credential: no refusal
+
+
+def _no_secret(r):
+    text = r.stdout + r.stderr
+    assert AK not in text and SK not in text and SK.split("/")[0] not in text, text
+    assert "Traceback" not in text, text
+
+
+def test_credentials_in_urls_never_reach_any_output(tmp_path, monkeypatch):
+    from cli_inprocess import vlsft
+
+    url = f"s3://{AK}:{SK}@bucket/dict.json"
+    (tmp_path / "d.json").write_text(json.dumps({"a": {"annotation_path": f"s3://{AK}:{SK}@bucket/a.jsonl"}}))
+    for args in (["datasets", "check", url], ["datasets", "check", url, "--json"], ["datasets", "use", url],
+                 ["datasets", "check", "--deep", str(tmp_path / "d.json")],
+                 ["print-args", "--config", MINIMAL, f"data.dictionary={url}"],
+                 ["print-args", "--config", MINIMAL, f"storage.endpoint_url=https://{AK}:{SK}@rgw.example.com"]):
+        r = vlsft(*args)
+        assert r.returncode != 0, (args, r.stdout)
+        _no_secret(r)
+    # a ${VAR} endpoint whose value carries credentials, an HF mirror with them: masked in the plan and its JSON
+    monkeypatch.setenv("EP", f"https://{AK}:{SK}@rgw.example.com")
+    monkeypatch.setenv("HF_ENDPOINT", f"https://u:{SK}@hf-mirror.example.com")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for extra in ([], ["--json"]):
+        r = vlsft("print-args", "--config", MINIMAL, "storage.endpoint_url=${EP}", *extra)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "https://***@rgw.example.com" in r.stdout
+        _no_secret(r)
+        r = vlsft("print-args", "--config", MINIMAL, "model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct", *extra)
+        _no_secret(r)

@@ -58,6 +58,7 @@ def save_run_files(plan, out_dir: Path, config_path: str, overrides: list[str]) 
     """Write run.yaml / dataset dictionary copy / dataset_use.txt / launch.sh into ``<out_dir>/vlsft``."""
     from qwenvl import storage
     from qwenvl.safe_write import atomic_file
+    from qwenvl.secrets import mask_urls
 
     def write(name: str, data: str | bytes) -> None:  # temp + rename; a link there (a user's file) is refused
         with atomic_file(d / name, f"run file {d / name}", mode="wb" if isinstance(data, bytes) else "w",
@@ -81,7 +82,7 @@ def save_run_files(plan, out_dir: Path, config_path: str, overrides: list[str]) 
     write("dataset_use.txt", plan.dataset_use + "\n")
     env = plan.display_env()
     lines = ["#!/usr/bin/env bash",
-             f"# made by: {shlex.join(['vlsft', 'train', '--config', config_path, *overrides])}",
+             mask_urls(f"# made by: {shlex.join(['vlsft', 'train', '--config', config_path, *overrides])}"),
              "# secrets are masked (***): export them yourself before re-running this file"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines.append(shlex.join(plan.torchrun))

@@ -58,7 +58,7 @@ from qwenvl.prechecks import (
 )
 from qwenvl.problems import Problem, ProblemsError, UserError, did_you_mean
 from qwenvl.runpolicy import DEEPSPEED_PRESETS, deepspeed_path, run_markers
-from qwenvl.secrets import MASK, is_secret_name
+from qwenvl.secrets import MASK, is_secret_name, mask_url, mask_urls
 from vlsft.config import RunConfig, load_run_config
 from vlsft.environment import (  # noqa: F401 - re-exported: the launch environment's public names
     STORAGE_ENV,
@@ -143,7 +143,7 @@ class LaunchPlan:
     def display_env(self) -> dict[str, str]:
         """``env`` with secret values replaced by ``***``: secret-named variables, any variable holding a
         secret's value (``storage.endpoint_url: ${AWS_SECRET_ACCESS_KEY}`` included)."""
-        return {k: (MASK if self.is_secret(k, v) else v) for k, v in self.env.items()}
+        return {k: (MASK if self.is_secret(k, v) else mask_url(v)) for k, v in self.env.items()}
 
     @property
     def batch_formula(self) -> str:
@@ -152,8 +152,9 @@ class LaunchPlan:
                 f"{dist.nproc_per_node} × {dist.nnodes} = {self.effective_batch_size}")
 
     def to_json(self) -> dict[str, Any]:
-        """The ``print-args --json`` document (secrets masked)."""
-        return {
+        """The ``print-args --json`` document (secrets masked, and credentials in any URL: an endpoint's
+        ``user:password@``)."""
+        return _masked({
             "torchrun": list(self.torchrun),
             "trainer_args": list(self.trainer_args),
             "dataset_use": self.dataset_use,
@@ -172,7 +173,7 @@ class LaunchPlan:
             "memory_gib": self.memory_json(),
             "chat": self.chat,
             "warnings": list(self.warnings),
-        }
+        })
 
     def memory_json(self) -> dict[str, float] | None:
         if self.memory is None:
@@ -182,6 +183,17 @@ class LaunchPlan:
 
 
 # --------------------------------------------------------------------------- helpers
+
+def _masked(value: Any) -> Any:
+    """``value`` with :func:`qwenvl.secrets.mask_urls` applied to every string in it (dicts and lists walked)."""
+    if isinstance(value, str):
+        return mask_urls(value)
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(v) for v in value]
+    return value
+
 
 def render_value(value: Any) -> str:
     """A config value as one trainer argv token: ``True``/``False``, ``2e-05``, ``1000`` (not ``1000.0``)."""

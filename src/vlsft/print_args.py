@@ -15,6 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from qwenvl.secrets import mask_url, mask_urls
+
 OVERRIDES_HELP = "Dotted overrides applied on top of the YAML, typed like YAML: training.learning_rate=2e-5"
 
 
@@ -49,7 +51,7 @@ def _env_lines(env: dict[str, str], is_secret) -> list[str]:
         if is_secret(key, value):
             out.append(f"# {key}=***  (secret, masked; vlsft train passes the real value)")
         else:
-            out.append(f"export {key}={shlex.quote(value)}")
+            out.append(f"export {key}={shlex.quote(mask_url(value))}")
     return out
 
 
@@ -141,7 +143,7 @@ def render_text(plan, config_path: str, overrides: list[str] | None = None,
         epochs = tr.num_train_epochs
         parts.append(f"total steps = ceil({epochs:g} x {plan.steps_per_epoch}) = {plan.total_steps}"
                      + ("" if math.isclose(epochs, round(epochs)) else " (fractional epochs)"))
-    return "\n".join(parts)
+    return mask_urls("\n".join(parts))  # no URL credentials (an endpoint's user:password@) in the plan
 
 
 

@@ -33,6 +33,7 @@ from vlsft.keymap import KEYS
 from vlsft.yamlmarks import Marks, location
 
 ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_URL_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@|[A-Za-z][A-Za-z0-9+.-]*://[^/@?#\s]*:[^@\s]*@")
 SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
 
 # Values accepted by transformers' SchedulerType (5.24); tests/test_config.py compares with transformers.
@@ -365,6 +366,15 @@ class StorageSection(_Section):
                                           "Literal secrets are rejected.")
     session_token: str | None = Field(None, description="Only a ${ENV_VAR} reference (AWS_SESSION_TOKEN). "
                                       "Literal secrets are rejected.")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials_in_the_url(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_REF.match(value.strip()) and _URL_CREDENTIALS.match(value.strip()):
+            raise ValueError("credentials in the endpoint URL (user:password@) would be shown in the plan and saved "
+                             "with the run: write the URL without them and set storage.access_key_id / "
+                             "secret_access_key to \"${VAR}\" references")
+        return value
 
     @field_validator(*SECRET_FIELDS)
     @classmethod
