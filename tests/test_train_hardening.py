@@ -216,6 +216,26 @@ def test_the_official_sft_script_argument_line_parses(tmp_path):
     assert lora_args.lora_enable and (lora_args.lora_r, lora_args.lora_alpha) == (64, 128)
 
 
+def test_names_starting_with_a_dash_reach_the_trainer_as_values(tmp_path):
+    """A dataset or run name starting with '-' passes the checks; the plan writes it as --flag=value, which the
+    trainer's parser reads as the value (as --flag value it died in every rank: 'expected one argument')."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from plan_fixtures import make_project
+
+    from vlsft.plan import plan_from_file
+
+    path = make_project(tmp_path, sizes={"-shapes": (20, None)})
+    plan = plan_from_file(path, ["output.run_name=-exp1", "training.max_steps=-1", "data.use=[-shapes]"], {})
+    assert "--dataset_use=-shapes" in plan.trainer_args and "--run_name=-exp1" in plan.trainer_args
+    assert plan.trainer_args[plan.trainer_args.index("--max_steps") + 1] == "-1"  # a number stays as it was
+    m, d, ta = _parse(plan.trainer_args, mode="single")
+    assert (d.dataset_use, ta.run_name, ta.max_steps) == ("-shapes", "-exp1", -1)
+    rdzv = plan_from_file(path, ["output.run_name=-exp1", "distributed.rdzv_endpoint=head:29400"], {}).torchrun
+    assert "--rdzv_id=-exp1" in rdzv
+
+
 def test_broken_config_and_unknown_attention_kernel_are_one_line(tmp_path, capsys, tiny_model_dir):
     bad = tmp_path / "bad"
     bad.mkdir()

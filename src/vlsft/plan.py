@@ -748,8 +748,19 @@ def _trainer_argv(cfg: RunConfig, computed: dict[str, Any]) -> list[str]:
         if isinstance(value, list):  # nargs="+" fields (training.extra.label_names: [a, b] -> --label_names a b)
             trainer_args += [f"--{name}", *(render_value(v) for v in value)]
         else:
-            trainer_args += [f"--{name}", render_value(value)]
+            trainer_args += _flag(name, render_value(value))
     return trainer_args
+
+
+def _flag(name: str, text: str) -> list[str]:
+    """``--name value``; ``--name=value`` for a value argparse would read as an option (a dataset or run name
+    starting with '-'; a negative number is read as a value)."""
+    if text.startswith("-"):
+        try:
+            float(text)
+        except ValueError:
+            return [f"--{name}={text}"]
+    return [f"--{name}", text]
 
 
 def _launcher(cfg: RunConfig) -> list[str]:
@@ -757,8 +768,8 @@ def _launcher(cfg: RunConfig) -> list[str]:
     dist = cfg.distributed
     launcher = [torchrun_executable(), "--nnodes", str(dist.nnodes), "--nproc_per_node", str(dist.nproc_per_node)]
     if dist.rdzv_endpoint:
-        launcher += ["--rdzv_backend", "c10d", "--rdzv_endpoint", dist.rdzv_endpoint,
-                     "--rdzv_id", cfg.output.run_name or "vlsft"]
+        launcher += ["--rdzv_backend", "c10d", *_flag("rdzv_endpoint", dist.rdzv_endpoint),
+                     *_flag("rdzv_id", cfg.output.run_name or "vlsft")]
     elif dist.nnodes == 1 and not {"master_addr", "master_port"} & dist.model_fields_set:
         launcher += ["--standalone"]  # one machine, no port chosen: a free one, never 29500 twice on one machine
     else:
