@@ -257,6 +257,11 @@ def _refuse_early(model_args, data_args, training_args):
         logger.warning("eval data is set (eval_split / eval_dataset_use) but --eval_strategy is no: it is never "
                        "evaluated; use --eval_strategy steps (with --eval_steps) or epoch")
     training_args.prediction_loss_only = True  # evaluation computes losses only (no logits gathered)
+    for name in ("seed", "data_seed"):  # numpy / torch seeds: 0 .. 2**32 - 1 (set_seed raised in every rank)
+        value = getattr(training_args, name, None)
+        if value is not None and not 0 <= value < 2**32:
+            raise UserError(f"--{name} {value} is out of range: seeds go from 0 to {2**32 - 1} (run YAML: "
+                            f"{'training.seed' if name == 'seed' else 'data.seed'})")
     if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
         raise UserError(f"nothing to do: num_train_epochs {training_args.num_train_epochs:g} and no max_steps; "
                         "set num_train_epochs > 0 (fractions such as 0.5 work) or max_steps")

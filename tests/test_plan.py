@@ -372,3 +372,12 @@ def test_round2_unknown_attention_warns_with_suggestion(tmp_path):
     assert any("'flash_attention2' is not one transformers knows" in w and "did you mean 'flash_attention_2'" in w
                for w in plan.warnings)
     assert not any("attn_implementation" in w for w in plan_for(tmp_path, ["model.attn_implementation=sdpa"]).warnings)
+
+
+@pytest.mark.parametrize("override", ["training.seed=-1", "training.seed=4294967296", "data.seed=-5"])
+def test_a_seed_out_of_range_is_refused_by_the_plan(tmp_path, override):
+    path = make_project(tmp_path)
+    with pytest.raises(ProblemsError) as info:
+        plan_from_file(path, [override], {})
+    (line,) = [p.render() for p in info.value.problems]
+    assert override.split("=")[0] in line and ("greater than or equal to 0" in line or "less than or equal" in line)

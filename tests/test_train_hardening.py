@@ -216,6 +216,16 @@ def test_the_official_sft_script_argument_line_parses(tmp_path):
     assert lora_args.lora_enable and (lora_args.lora_r, lora_args.lora_alpha) == (64, 128)
 
 
+@pytest.mark.parametrize("flag, value", [("seed", "-1"), ("seed", str(2**32)), ("data_seed", "-3")])
+def test_a_seed_out_of_range_is_one_line_before_loading(tmp_path, capsys, flag, value):
+    rc, err = _main(["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_dict", str(DICT),
+                     "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--tune_mm_llm", "True",
+                     f"--{flag}={value}"], capsys)
+    assert rc == 2 and err.strip().splitlines() == [
+        f"error: --{flag} {value} is out of range: seeds go from 0 to 4294967295 (run YAML: "
+        f"{'training.seed' if flag == 'seed' else 'data.seed'})"], err
+
+
 def test_names_starting_with_a_dash_reach_the_trainer_as_values(tmp_path):
     """A dataset or run name starting with '-' passes the checks; the plan writes it as --flag=value, which the
     trainer's parser reads as the value (as --flag value it died in every rank: 'expected one argument')."""

@@ -164,7 +164,7 @@ class DataSection(_Section):
     eval: list[str] | None = Field(None, description="Datasets to evaluate on (names of the dictionary, "
                                    "'name%percent' as in data.use; trainer flag --eval_dataset_use). Evaluated "
                                    "every training.eval_steps: eval loss in total and per dataset.")
-    seed: int = Field(42, description="Seed of the dataset sampling ('name%percent' subsets) and of the data "
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of the dataset sampling ('name%percent' subsets) and of the data "
                       "order; the same on every rank. Trainer flag --data_seed.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank "
                              "(--dataloader_num_workers; the official scripts use 4).")
@@ -222,7 +222,7 @@ class TrainingSection(_Section):
     lr_scheduler_type: str = Field("linear", description="Learning-rate schedule: "
                                    + ", ".join(LR_SCHEDULER_TYPES) + ".")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
-    seed: int = Field(42, description="Seed of model initialisation and training randomness (--seed).")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of model initialisation and training randomness (--seed).")
     report_to: str | None = Field(None, description="Logger for --report_to (wandb, tensorboard, none, ...; "
                                   "transformers takes one name on the command line). Default: wandb when the "
                                   "wandb section is enabled, else none.")
