@@ -453,13 +453,14 @@ def convert(
     """Write every dataset as official-format JSONL plus a dataset dictionary (media files stay where they are;
     embedded media - data: URLs, a parquet dataset's image bytes - are written once each to <out>/<name>-media/).
 
-    A sample that is bad, or that says what the official format cannot (``loss: false`` turns, videos given as
-    frame images), is left out and listed. A system prompt shared by every sample of a dataset becomes the
-    dataset's ``"system"``; when only some samples have one (or they differ), the dataset is written in the
-    sharegpt layout instead (official-shaped turns, media in ``images``/``videos``, each such sample's own
-    ``system`` turn first), which vlsft reads per sample. The folder is written whole or not at all (a hidden
-    temporary folder beside it, renamed into place; removed on an error or a stop signal). Exit 0 when every
-    sample was written, 1 when some were left out, 2 for unusable input.
+    A sample that is bad (a local media file missing included), or that says what the official format cannot
+    (``loss: false`` turns, videos given as frame images or, from another format, as a frame folder), is left out
+    and listed; so is a dictionary entry that cannot be read (LLaMA-Factory's alpaca and ranking entries). A system
+    prompt shared by every sample of a dataset becomes the dataset's ``"system"``; when only some samples have one
+    (or they differ), the dataset is written in the sharegpt layout instead (official-shaped turns, media in
+    ``images``/``videos``, each such sample's own ``system`` turn first), which vlsft reads per sample. The folder
+    is written whole or not at all (a hidden temporary folder beside it, renamed into place; removed on an error or
+    a stop signal). Exit 0 when every sample was written, 1 when some were left out, 2 for unusable input.
     """
     from vlsft import convert as conversion
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qwenvl.data.dictionary import DatasetDictionary, DatasetSpec, load_dictionary
@@ -123,14 +123,15 @@ def _sharegpt(off: dict, system: str | None) -> dict:
 
 def inputs(path: str, to: str, out: str) -> DatasetDictionary:
     """The dictionary to convert, or one line: another target, an unusable dictionary, an ``--out`` that is not a
-    new (or empty) folder."""
+    new (or empty) folder. A dictionary some of whose entries are unreadable (LLaMA-Factory's own catalogue holds
+    alpaca and ranking entries) is converted without them: :func:`convert` lists each as left out."""
     from qwenvl.safe_write import target_problem
 
     if to != "official":
         render.fail(Problem("error", f"--to {to!r}: the only target is 'official'", hint="write --to official"))
     d = load_dictionary(path)
-    if not d.ok:
-        render.fail(*d.errors)
+    if not d.ok and (not d.datasets or any(p not in d.dataset_of for p in d.errors)):
+        render.fail(*d.errors)  # nothing readable, or the file itself is wrong: one line each, nothing written
     why = target_problem(out, "--out", folder=True)  # a link, a path under a file, unwritable, a too-long name
     if why:
         render.fail(why)
@@ -153,14 +154,45 @@ def _official_samples(name: str, spec: DatasetSpec, err):
     fmt = formats.settle(spec.format_spec, [(line, r) for line, r in records[:formats.DETECT_RECORDS]])
     samples: list[tuple[dict, str | None, int]] = []
     skipped: list[tuple[int, str]] = []
+    files: dict[tuple[str, str], str] = {}  # (key, full path) -> why it is not usable media ("" = it is)
     for line, rec in records:
         why = "not valid JSON" if isinstance(rec, ValueError) else ""
         off, own, why = (None, None, why) if why else formats.to_official(rec, fmt)
-        if off is None:
+        if off is not None:
+            why = _media_problem(off, spec.data_path, fmt.name not in formats.OFFICIAL_SHAPED, files)
+        if off is None or why:
             skipped.append((line, why))
             continue
         samples.append((off, own, line))
     return fmt, samples, skipped
+
+
+def _media_problem(off: dict, data_path: str | None, foreign: bool, files: dict) -> str:
+    """Why an official record's local media make it a sample the output cannot hold ("" when none): a file that
+    is missing or not a regular readable file (``datasets check --deep``'s verdict), a video folder with no frames,
+    or (``foreign``: converted from another format) a video given as a folder of frames, which the official format
+    cannot say, as for a list of frame images. Embedded media are extract_media's; URLs are not fetched."""
+    from qwenvl import storage
+    from qwenvl.data.media_exist import frame_files, is_frame_folder
+    from qwenvl.data.sample_rules import local_media_problem
+
+    for key, _i, value in _media_items(off):
+        if type(value) is not str or _embedded(value) or storage.is_url(value):
+            continue
+        full = storage.join(data_path, value) if data_path else value
+        if (key, full) not in files:
+            if key == "video" and is_frame_folder(full):
+                bad = None if foreign else frame_files(full)[1]
+                why = ("a video given as a folder of frame images, which the official format cannot say" if foreign
+                       else f"bad sample: video folder {full} is {bad}" if bad else "")
+            else:
+                bad = local_media_problem(full)
+                why = "" if bad is None else (f"bad sample: media file not found: {full}" if bad == "not found"
+                                              else f"bad sample: media file {full} is {bad}")
+            files[(key, full)] = why
+        if files[(key, full)]:
+            return files[(key, full)]
+    return ""
 
 
 def _file_name(name: str, taken) -> str:
@@ -178,7 +210,8 @@ def _entry(spec: DatasetSpec, file_name: str, length: int, per_sample: bool, sys
     entry: dict = {"annotation_path": file_name, "length": length}
     if data_path is not None or spec.data_path is not None:
         entry["data_path"] = data_path if data_path is not None else spec.data_path
-    for key in ("sampling_rate", "repeat_time", "train_on", "bbox_format", "frame_fps"):
+    for key in ("sampling_rate", "repeat_time", "train_on", "bbox_format", "frame_fps", "thinking_loss",
+                "reasoning_effort"):
         if getattr(spec, key) is not None:
             entry[key] = getattr(spec, key)
     entry["format"] = "sharegpt" if per_sample else "official"
@@ -226,6 +259,10 @@ def convert(d: DatasetDictionary, out: str) -> int:
     taken: set[str] = set()
     left_out = 0
     final = os.path.abspath(out)
+    for p in d.errors:  # an entry that cannot be read (inputs() let the others through): listed, left out
+        err.print(render.problem_text(replace(p, severity="warning", message=f"left out: {p.message}")),
+                  highlight=False)
+        left_out += 1
     try:
         with atomic_folder(out, "--out") as tmp:
             for name, spec in d.datasets.items():
