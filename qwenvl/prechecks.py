@@ -186,3 +186,14 @@ def family_problems(model_type: str, *, data_flatten: bool, data_packing: bool,
         message, _, hint = msg.partition("; use ")
         found.append(("distributed.deepspeed", message, ("use " + hint) if hint else None))
     return found
+
+
+def same_folder(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
+    """Whether two local paths name one existing folder (links and ``..`` resolved); False for URLs, hub ids and
+    folders that do not exist."""
+    if not a or not b or "://" in str(a) or "://" in str(b):
+        return False
+    try:
+        return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+    except OSError:
+        return False

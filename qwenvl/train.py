@@ -275,6 +275,12 @@ def _refuse_early(model_args, data_args, training_args):
                         tune_mm_llm=model_args.tune_mm_llm, lora=lora_plan is not None):
         raise UserError(NOTHING_TO_TRAIN)
     model_args.model_name_or_path = os.path.expanduser(model_args.model_name_or_path)
+    from qwenvl.prechecks import same_folder
+
+    if same_folder(training_args.output_dir, model_args.model_name_or_path):
+        raise UserError(f"output_dir {training_args.output_dir} is the model folder the run starts from "
+                        "(--model_name_or_path): the final save would write over its weights and config; choose a "
+                        "new output_dir")
     if Path(training_args.output_dir).exists() and not Path(training_args.output_dir).is_dir():
         raise UserError(f"output_dir {training_args.output_dir} is a file, not a folder: choose another output_dir")
     return lora_plan, eval_strategy
@@ -602,6 +608,10 @@ def _take_output_lock(argv: list[str]):
         return None
     if Path(out).exists() and not Path(out).is_dir():
         return None  # run() reports it in one line
+    from qwenvl.prechecks import same_folder
+
+    if same_folder(out, os.path.expanduser(_argv_value(argv, "--model_name_or_path") or "")):
+        return None  # the model folder: run() refuses it in one line, nothing is written there
     lock = OutputLock(out, command=" ".join([sys.executable, "-m", "qwenvl.train", *argv]))
     if os.environ.get(LOCK_ENV) == str(lock.path):
         return None

@@ -381,3 +381,17 @@ def test_a_seed_out_of_range_is_refused_by_the_plan(tmp_path, override):
         plan_from_file(path, [override], {})
     (line,) = [p.render() for p in info.value.problems]
     assert override.split("=")[0] in line and ("greater than or equal to 0" in line or "less than or equal" in line)
+
+
+def test_output_dir_that_is_the_model_folder_is_refused(tmp_path):
+    """The final save would write over the weights the run starts from (a user 'continuing in place')."""
+    path = make_project(tmp_path)
+    for out in ("model", str(tmp_path / "model"), str(tmp_path / "data" / ".." / "model")):
+        with pytest.raises(ProblemsError) as info:
+            plan_from_file(path, [f"output.dir={out}"], {})
+        (line,) = [p.render() for p in info.value.problems]
+        assert "[output.dir]" in line and "is the model folder the run starts from" in line
+    (tmp_path / "link").symlink_to(tmp_path / "model")
+    with pytest.raises(ProblemsError, match="is the model folder"):
+        plan_from_file(path, [f"output.dir={tmp_path / 'link'}"], {})
+    plan_from_file(path, [f"output.dir={tmp_path / 'model-ft'}"], {})  # beside it: fine

@@ -226,6 +226,16 @@ def test_a_seed_out_of_range_is_one_line_before_loading(tmp_path, capsys, flag, 
         f"{'training.seed' if flag == 'seed' else 'data.seed'})"], err
 
 
+def test_output_dir_that_is_the_model_folder_is_one_line_before_loading(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    rc, err = _main(["--model_name_or_path", str(model), "--dataset_dict", str(DICT), "--output_dir",
+                     str(tmp_path / "." / "model"), "--report_to", "none", "--tune_mm_llm", "True"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "is the model folder the run starts from" in err, err
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]  # nothing written there
+
+
 def test_names_starting_with_a_dash_reach_the_trainer_as_values(tmp_path):
     """A dataset or run name starting with '-' passes the checks; the plan writes it as --flag=value, which the
     trainer's parser reads as the value (as --flag value it died in every rank: 'expected one argument')."""

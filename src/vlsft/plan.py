@@ -289,6 +289,7 @@ def build_plan(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> Laun
         "per_device_eval_batch_size": cfg.training.per_device_eval_batch_size or (
             cfg.training.per_device_train_batch_size if eval_strategy not in (None, "no") else None)})
     _training_mode_rules(cfg, ds_path, problems)
+    _output_is_the_model_rule(cfg, problems)
     _known_traps(cfg, data, ds_path, ds_blocks, env, warnings)
     if problems:
         raise ProblemsError(problems)
@@ -870,6 +871,17 @@ def _known_traps(cfg: RunConfig, data: _Data, ds_path: str | None, ds_blocks: se
     if d.packing:
         warnings.append("data.packing is on: several samples share one row, so steps per epoch are an upper-bound "
                         "estimate")
+
+
+def _output_is_the_model_rule(cfg: RunConfig, problems: list[Problem]) -> None:
+    """output.dir is the folder of the model trained from: the final save would write over its weights."""
+    from qwenvl.prechecks import same_folder
+
+    if same_folder(cfg.output.dir, cfg.model.name_or_path):
+        problems.append(Problem("error", f"output.dir {cfg.output.dir} is the model folder the run starts from: "
+                                "the final save would write over its weights and config", key="output.dir",
+                                hint="choose a new output.dir (e.g. runs/<name>); the model folder is only read",
+                                **cfg.where("output", "dir")))
 
 
 def _earlier_run_trap(cfg: RunConfig, warnings: list[str]) -> None:
