@@ -143,3 +143,27 @@ def test_decode_many_files_uses_the_pool(tmp_path):
     bad = decode_all(items, progress=lambda done, total: seen.append((done, total)))
     assert sorted(bad) == sorted((str(media / f"{i}.png"), False) for i in (0, 50, 100, 150))
     assert seen[-1] == (200, 200) and len(seen) == 7
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "WEBP"])
+def test_a_truncated_gif_bmp_tiff_or_webp_is_flagged_as_the_builder_skips_it(tmp_path, qwen_tokenizer_dir, fmt):
+    """PIL's verify() reads only the headers of these formats: --decode decodes the pixels, as the trainer does."""
+    from transformers import AutoTokenizer
+
+    from qwenvl.data.media_decode import _image_problem
+
+    img = Image.new("RGB", (300, 300))
+    for x in range(300):
+        img.putpixel((x, (7 * x) % 300), (x % 256, 255 - x % 256, 90))
+    good, cut = tmp_path / f"good.{fmt.lower()}", tmp_path / f"cut.{fmt.lower()}"
+    img.save(good, format=fmt)
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert _image_problem(str(good)) is None
+    assert _image_problem(str(cut)) is not None
+    builder = SampleBuilder(AutoTokenizer.from_pretrained(qwen_tokenizer_dir),
+                            VisionBudget(max_pixels=50176, min_pixels=784))
+    rec = {"image": cut.name, "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]}
+    with pytest.raises(BadSample) as ei:
+        builder.build(rec, str(tmp_path))
+    assert ei.value.kind == "media_unreadable"
+    builder.build({**rec, "image": good.name}, str(tmp_path))

@@ -53,6 +53,11 @@ def _image_problem(path: str) -> str | None:
                 return (f"over PIL's decompression-bomb limit of {limit:,} pixels (Image.MAX_IMAGE_PIXELS): "
                         f"{w}x{h} = {w * h:,}")
             im.verify()
+        if fmt not in ("PNG", "JPEG"):  # verify() checks PNG's chunks (JPEG: the end marker, below); for GIF, BMP,
+            if not isinstance(src, str):  # TIFF, WebP ... it reads headers only: decode the pixels, as the trainer
+                src.seek(0)
+            with Image.open(src) as im:
+                im.load()
     except Exception as e:  # PIL raises many types for corrupt files
         if type(e).__name__ == "DecompressionBombError":  # above twice the limit PIL refuses to open it
             import re
