@@ -239,10 +239,16 @@ def fit_hint(est: MemoryEstimate, setup: Setup) -> str:
 
 
 def parse_size(text: str) -> int:
-    """``80GiB`` / ``80GB`` / ``81920MiB`` / a plain number of bytes -> bytes."""
+    """``80GiB`` / ``80GB`` / ``81920MiB`` / ``80G`` -> bytes; a bare number is GiB (a GPU's memory is never a
+    few bytes). ValueError for anything else, for sizes that are not positive and finite, or above 1 PiB."""
     t = str(text).strip().replace(" ", "")
     units = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "tb": 10**12, "gb": 10**9, "mb": 10**6, "g": 2**30}
+    number, scale = t, 2**30
     for unit in sorted(units, key=len, reverse=True):
         if t.lower().endswith(unit):
-            return int(float(t[: -len(unit)]) * units[unit])
-    return int(float(t))
+            number, scale = t[: -len(unit)], units[unit]
+            break
+    value = float(number) * scale
+    if not 0 < value <= 2**50:  # NaN, inf, zero, negative and absurd sizes alike
+        raise ValueError(f"not a GPU memory size: {text}")
+    return int(value)

@@ -94,7 +94,10 @@ def test_activation_model_follows_the_settings_and_the_code():
 
 def test_sizes_and_hints():
     assert memory.parse_size("80GiB") == 80 * 2**30 and memory.parse_size("80 GB") == 80 * 10**9
-    assert memory.parse_size("81920MiB") == 80 * 2**30 and memory.parse_size("1024") == 1024
+    assert memory.parse_size("81920MiB") == 80 * 2**30 and memory.parse_size("80") == 80 * 2**30  # bare: GiB
+    for bad in ("-1GiB", "0", "0GiB", "1e400GiB", "nan", "inf", "2e6TiB", "eighty", ""):
+        with pytest.raises(ValueError):
+            memory.parse_size(bad)
     est = memory.MemoryEstimate({"optimizer": 50 * 2**30, "activations": 2**30})
     assert "ZeRO-3" in memory.fit_hint(est, memory.Setup(world_size=8))
     assert "offload" in memory.fit_hint(est, memory.Setup(world_size=8, zero_stage=3))
