@@ -49,6 +49,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any
@@ -605,8 +606,12 @@ def check_access(url: str) -> None:
 
 
 def read_bytes(path: str) -> bytes:
-    """The whole content of a local file or object (one GET for S3)."""
+    """The whole content of a local file or object (one GET for S3). A local pipe, socket or device is refused
+    (reading it would block, or never end)."""
     if not is_url(path):
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # (a folder: open() says so)
+            raise StorageError(f"{path} is not a regular file (a pipe, socket or device)", url=path)
         with open(path, "rb") as f:
             return f.read()
     path = _clean(path)

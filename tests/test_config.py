@@ -421,3 +421,17 @@ def test_round2_report_to_list(tmp_path):
     assert load_run_config(path, ["training.report_to=[tensorboard]"]).training.report_to == "tensorboard"
     (line,) = problems_of(path, ["training.report_to=[wandb, tensorboard]"])
     assert "[training.report_to] transformers takes one --report_to name" in line
+
+
+def test_a_pipe_as_the_run_yaml_or_dictionary_is_one_line_not_a_hang(tmp_path):
+    """A FIFO given as --config or as the dictionary: open() would block forever."""
+    import os
+
+    from cli_inprocess import vlsft
+
+    for name in ("run.yaml", "dict.json"):
+        os.mkfifo(tmp_path / name)
+    with pytest.raises(ProblemsError, match="is not a regular file"):
+        load_run_config(tmp_path / "run.yaml")
+    r = vlsft("datasets", "check", str(tmp_path / "dict.json"))
+    assert r.returncode == 2 and "is not a regular file (a pipe, socket or device)" in r.stdout + r.stderr

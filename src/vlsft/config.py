@@ -247,6 +247,9 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     path = Path(path)
     source = str(path)
     try:
+        if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or a device would block or never end
+            raise ProblemsError([Problem("error", "is not a regular file (a pipe, socket or device)", file=source,
+                                         hint="pass the .yaml file itself")])
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ProblemsError([Problem("error", "file not found", file=source,
