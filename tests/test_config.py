@@ -435,3 +435,7 @@ def test_a_pipe_as_the_run_yaml_or_dictionary_is_one_line_not_a_hang(tmp_path):
         load_run_config(tmp_path / "run.yaml")
     r = vlsft("datasets", "check", str(tmp_path / "dict.json"))
     assert r.returncode == 2 and "is not a regular file (a pipe, socket or device)" in r.stdout + r.stderr
+    os.mkfifo(tmp_path / "a.jsonl")  # an annotation file that is a pipe
+    (tmp_path / "d.json").write_text('{"x": {"annotation_path": "a.jsonl"}}')
+    r = vlsft("datasets", "check", "--deep", str(tmp_path / "d.json"))
+    assert r.returncode == 1 and "annotation file of dataset 'x' is not a regular file" in r.stdout + r.stderr

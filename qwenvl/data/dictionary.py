@@ -452,6 +452,10 @@ class _Loader:
             self.add("error", f"annotation file of dataset '{name}' must end in .json or .jsonl, got '{ext or '(none)'}'",
                      v.line, v.column, key=k, hint=hint)
             return INVALID
+        if "://" not in str(path) and os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+            self.add("error", f"annotation file of dataset '{name}' is not a regular file (a pipe, socket or "
+                     f"device): {path}", v.line, v.column, key=k, hint="point annotation_path at the file itself")
+            return INVALID  # reading it would block, or never end
         return path
 
     def check_length(self, name: str, k: str, v: JNode) -> object:
