@@ -12,9 +12,9 @@
   ``AutoModelForImageTextToText`` + ``AutoProcessor`` load it without PEFT.
 
 Before anything is written the source must be whole (:func:`source_problem`: the rule of
-:func:`qwenvl.runpolicy.adapter_problem` that makes a LoRA checkpoint complete, plus the tokenizer and processor
-an export carries); else one line names the missing piece. ``--out`` must be a new or empty folder (never
-overwritten) that vlsft can write: :func:`qwenvl.safe_write.check_target` refuses a symbolic link, a path under a
+:func:`qwenvl.runpolicy.adapter_problem` that makes a LoRA checkpoint complete, plus the tokenizer and readable
+processor settings an export carries, and manifest fields of the right types); else one line names the missing or
+broken piece. ``--out`` must be a new or empty folder (never overwritten) that vlsft can write: :func:`qwenvl.safe_write.check_target` refuses a symbolic link, a path under a
 file, a name longer than the filesystem allows and an unwritable folder, in one line, before the model is loaded.
 The export is written by :func:`qwenvl.safe_write.atomic_folder`: into a hidden temporary folder beside ``--out``,
 renamed into place, so a failed export leaves nothing half-written: the folder is removed on every error and on
@@ -32,13 +32,17 @@ from pathlib import Path
 
 from qwenvl.lora import PARTS_FILE
 from qwenvl.problems import UserError
-from qwenvl.runpolicy import (
+from qwenvl.runpolicy import (  # noqa: F401 - TOKENIZER_FILES / PROCESSOR_FILES: names of this module too
     ADAPTER_CONFIG,
     LORA_MANIFEST,
+    PROCESSOR_FILES,
+    TOKENIZER_FILES,
     adapter_problem,
     checkpoint_problem,
     is_lora_folder,
     list_checkpoints,
+    processor_problem,
+    processor_settings,
 )
 from qwenvl.safe_write import Interrupted, atomic_folder, check_target
 
@@ -47,9 +51,6 @@ EXPORT_MANIFEST = "vlsft-export.json"
 _SKIP = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "latest", "zero_to_fp32.py",
          "zero_to_torch.py", "README.md")
 
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 class ExportError(UserError):
@@ -70,6 +71,9 @@ def source_problem(src: Path) -> str | None:
     if problem:
         return problem
     manifest = json.loads((src / LORA_MANIFEST).read_text(encoding="utf-8"))  # adapter_problem parsed it: a dict
+    problem = _manifest_types_problem(manifest)
+    if problem:
+        return problem
     full = manifest.get("trained_in_full") or []
     if full and PARTS_FILE not in manifest.get("files", []):
         return (f"{LORA_MANIFEST} names parts trained in full ({', '.join(map(str, full))}) but lists no "
@@ -78,6 +82,19 @@ def source_problem(src: Path) -> str | None:
         return f"no tokenizer ({' / '.join(TOKENIZER_FILES)})"
     if not any((src / f).is_file() for f in PROCESSOR_FILES):
         return f"no processor settings ({' / '.join(PROCESSOR_FILES)})"
+    return processor_problem(src)  # each processor file parses, its pixel limits are positive whole numbers
+
+
+def _manifest_types_problem(manifest: dict) -> str | None:
+    """Why the fields of ``vlsft-lora.json`` that an export reads have the wrong type, or None (absent or null
+    fields are allowed: ``--base`` can name the base model)."""
+    files, full, base = manifest.get("files"), manifest.get("trained_in_full"), manifest.get("base_model")
+    if not all(isinstance(f, str) for f in files or []):
+        return f"{LORA_MANIFEST}: files must be a list of file names"
+    if full is not None and not (isinstance(full, list) and all(isinstance(p, str) for p in full)):
+        return f"{LORA_MANIFEST}: trained_in_full must be a list of part names (it is {full!r:.40})"
+    if base is not None and not isinstance(base, str):
+        return f"{LORA_MANIFEST}: base_model must be the base model folder's path (it is {base!r:.40})"
     return None
 
 
@@ -117,21 +134,27 @@ def _check_out(out: Path) -> None:
 
 def _base_of(src: Path, base: str | None) -> Path:
     meta = json.loads((src / LORA_MANIFEST).read_text(encoding="utf-8"))
-    path = Path(base or meta.get("base_model") or "")
+    recorded = meta.get("base_model") if isinstance(meta, dict) else None  # (source_problem checked its type)
+    path = Path(base or (recorded if isinstance(recorded, str) else "") or "")
     if not (path / "config.json").is_file():
-        raise ExportError(f"the base model {path} (recorded in {src / LORA_MANIFEST}) is not a model folder: pass "
-                          "--base PATH to the base model it was trained from")
+        given = "given by --base" if base else f"recorded in {src / LORA_MANIFEST}"
+        raise ExportError(f"the base model {path} ({given}) is not a model folder: pass --base PATH to the base "
+                          "model it was trained from")
     return path.resolve()
 
 
 def _pixel_limits(folder: Path) -> dict:
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        f = folder / name
-        if f.is_file():
-            data = json.loads(f.read_text(encoding="utf-8"))
-            size = (data.get("image_processor") or data).get("size")
-            if size:
-                return {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge")}
+    """The processor's saved pixel limits (``processor_config.json`` first); :func:`source_problem` has checked
+    that its files can be read."""
+    try:
+        found = processor_settings(folder)
+    except ValueError as e:
+        raise ExportError(f"cannot export {folder}: {e}; re-save the processor, or copy preprocessor_config.json "
+                          "from the base model folder (nothing was written)") from None
+    for _name, data in reversed(found):
+        size = data.get("size")
+        if size:
+            return {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge")}
     return {}
 
 

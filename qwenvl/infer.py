@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenvl.problems import UserError
-from qwenvl.runpolicy import ADAPTER_CONFIG, MODEL_FILES, list_checkpoints
+from qwenvl.runpolicy import ADAPTER_CONFIG, MODEL_FILES, TOKENIZER_FILES, list_checkpoints, processor_settings
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +45,32 @@ def model_kind(path: str | os.PathLike) -> str:
                      "give a finished run's output dir, a checkpoint-N folder or a `vlsft export` folder")
 
 
+def check_folder(folder: str | os.PathLike) -> str:
+    """:func:`model_kind`, and the tokenizer and readable processor settings inference needs besides the weights:
+    :class:`InferError` (one line) before any model is loaded."""
+    kind = model_kind(folder)
+    p = Path(folder)
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise InferError(f"{p} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): copy them from the base model "
+                         "folder (a run's output dir and its checkpoints hold them)")
+    saved_pixel_limits(p)  # one line for a processor file that cannot be used
+    return kind
+
+
 def saved_pixel_limits(folder: str | os.PathLike) -> dict:
-    """``{"min_pixels", "max_pixels"}`` of the processor saved with the model (empty when none is saved)."""
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        f = Path(folder) / name
-        if f.is_file():
-            data = json.loads(f.read_text(encoding="utf-8"))
-            size = (data.get("image_processor") or data).get("size") or {}
-            if size.get("longest_edge"):
-                return {"min_pixels": int(size["shortest_edge"]), "max_pixels": int(size["longest_edge"])}
+    """``{"min_pixels", "max_pixels"}`` of the processor saved with the model (empty when none is saved); a
+    processor file that cannot be used (not JSON, not an object, a size that is not positive whole numbers) is an
+    :class:`InferError` naming it."""
+    try:
+        found = processor_settings(folder)
+    except ValueError as e:
+        raise InferError(f"{e}: re-save the processor, or copy preprocessor_config.json from the base model "
+                         "folder") from None
+    for _name, data in found:
+        size = data.get("size") or {}
+        if size.get("longest_edge"):  # (processor_settings: both bounds are there, positive whole numbers)
+            lo = size.get("shortest_edge") or data.get("min_pixels") or size.get("min_pixels")
+            return {"min_pixels": int(lo), "max_pixels": int(size["longest_edge"])}
     return {}
 
 
@@ -370,7 +387,7 @@ def load(folder: str | os.PathLike, *, min_pixels: int | None = None, max_pixels
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar between the prompt and the answer
     transformers.utils.logging.set_verbosity_error()
     folder = Path(folder)
-    kind = model_kind(folder)
+    kind = check_folder(folder)  # a tokenizer and readable processor settings, before the weights load
     run_limits = saved_pixel_limits(folder)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32

@@ -10,6 +10,8 @@ both call them:
   whole zip), and the DeepSpeed state (``latest`` + ``global_step*/``) is whole when the run used DeepSpeed;
 * LoRA checkpoints (PEFT layout, :mod:`qwenvl.lora`): ``adapter_config.json`` + whole adapter weights + vlsft's
   ``vlsft-lora.json`` manifest (written last) whose listed files (``trained_parts.safetensors``) are whole;
+* a model folder's tokenizer (:data:`TOKENIZER_FILES`) and processor settings (:data:`PROCESSOR_FILES`,
+  :func:`processor_settings`: each file parses and its pixel / patch numbers are positive whole numbers);
 * :func:`run_markers`: what shows that a folder already holds a run (one list for the plan and the trainer);
 * :func:`decide_resume`, :func:`check_resumable`, :func:`set_aside_old_checkpoints`;
 * DeepSpeed presets: :data:`DEEPSPEED_PRESETS`, :func:`deepspeed_off` (the words for "no DeepSpeed"),
@@ -47,6 +49,9 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 LORA_MANIFEST = "vlsft-lora.json"
+# what a model folder carries besides the weights for inference and export (qwenvl.infer, qwenvl.export)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 RUN_FILES = (*MODEL_FILES, *ADAPTER_FILES, ADAPTER_CONFIG, TRAINER_STATE, "config.json")  # = an earlier run
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
@@ -217,6 +222,83 @@ def adapter_problem(d: Path) -> str | None:
         problem = _weights_problem(d, str(name))
         if problem:
             return problem
+    return None
+
+
+# numbers of an image processor's settings (top level or in ``size``) that must be positive whole numbers
+_PROCESSOR_NUMBERS = ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size")
+_SIZE_NUMBERS = ("shortest_edge", "longest_edge", "min_pixels", "max_pixels")
+
+
+def _whole(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    return (isinstance(value, int) or (isinstance(value, float) and value.is_integer())) and value > 0
+
+
+def _settings_problem(data) -> str | None:
+    """Why one processor file's parsed JSON cannot be used as Qwen image processor settings, or None."""
+    if not isinstance(data, dict):
+        return f"is not a JSON object (it holds {type(data).__name__ if data is not None else 'null'})"
+    where = ""
+    nested = data.get("image_processor")
+    if nested is not None:  # processor_config.json: the image processor's settings under "image_processor"
+        if not isinstance(nested, dict):
+            return f"has image_processor {nested!r:.40}, not an object of settings"
+        if nested:
+            data, where = nested, "image_processor."
+    for key in _PROCESSOR_NUMBERS:
+        if data.get(key) is not None and not _whole(data[key]):
+            return f"has {where}{key} {data[key]!r:.40}, not a positive whole number"
+    size = data.get("size")
+    if size is None:
+        return None
+    if not isinstance(size, dict):
+        return f"has {where}size {size!r:.40}, not an object (shortest_edge, longest_edge: pixels)"
+    for key in _SIZE_NUMBERS:
+        if size.get(key) is not None and not _whole(size[key]):
+            return f"has {where}size.{key} {size[key]!r:.40}, not a positive whole number"
+    # the processor reads both bounds from size (min_pixels / max_pixels beside it replace them): none is missing
+    lo = data.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels")
+    hi = data.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels")
+    if (lo is None) != (hi is None) or (lo is None and hi is None):
+        missing = "shortest_edge" if lo is None else "longest_edge"
+        return f"has a {where}size without {missing} (it needs shortest_edge and longest_edge, in pixels)"
+    return None
+
+
+def processor_settings(folder: str | os.PathLike) -> list[tuple[str, dict]]:
+    """``(file name, image processor settings)`` for each processor file saved in ``folder``
+    (:data:`PROCESSOR_FILES` order; a ``processor_config.json``'s nested ``image_processor`` settings). A file
+    that cannot be used is a ``ValueError`` whose message names it and what is wrong (``PATH:LINE:COL is not valid
+    JSON (...)``, ``PATH has size.longest_edge 'abc', not a positive whole number``)."""
+    found = []
+    for name in PROCESSOR_FILES:
+        f = Path(folder) / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_bytes().decode("utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}:{e.lineno}:{e.colno} is not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{f} is not UTF-8 text") from None
+        except OSError as e:
+            raise ValueError(f"{f} cannot be read ({e.strerror or e})") from None
+        problem = _settings_problem(data)
+        if problem:
+            raise ValueError(f"{f} {problem}")
+        nested = data.get("image_processor")
+        found.append((name, nested if isinstance(nested, dict) and nested else data))
+    return found
+
+
+def processor_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder``'s saved processor settings cannot be used (:func:`processor_settings`), or None."""
+    try:
+        processor_settings(folder)
+    except ValueError as e:
+        return str(e)
     return None
 
 

@@ -46,7 +46,9 @@ def chat_cmd(
     try:
         from qwenvl import infer
 
-        infer.model_kind(model_dir)  # one line for a folder that is not a model, before loading anything
+        # one line for a folder that is not a model, or lacks a tokenizer / readable processor settings, before
+        # loading anything
+        infer.check_folder(model_dir)
         infer.check_inputs(model_dir, min_pixels=min_pixels, max_pixels=max_pixels, videos=video)
         from qwenvl.templates import generation_kwargs
 

@@ -271,7 +271,6 @@ def predict_cmd(
             items = items[:limit]
         have = {(x.get("dataset"), x.get("index")) for x in done}
         todo = [it for it in items if (src.name, it[0]) not in have]
-        _prepare_out(out, cut, note)
         if todo:
             from qwenvl.templates import generation_kwargs
 
@@ -279,7 +278,11 @@ def predict_cmd(
                 kwargs = generation_kwargs(reasoning_effort or getattr(src.fmt, "reasoning_effort", None))
             except ValueError as e:
                 raise UserError(f"--reasoning-effort: {e}") from None
-            _generate(model_dir, src.name, todo, out, done, batch_size, max_new_tokens, kwargs)
+            engine = _load(model_dir, kwargs)
+            _prepare_out(out, cut, note)  # only once the model loaded: a failed load leaves no --out behind
+            _generate(engine, src.name, todo, out, done, batch_size, max_new_tokens)
+        else:
+            _prepare_out(out, cut, note)
         metrics = summarise(done)
         metrics.update(_grounding_metrics(src, done, ground))
         from qwenvl.safe_write import atomic_file
@@ -302,7 +305,7 @@ def _predict_inputs(model_dir: Path, out: Path, dictionary: Path | None, resume:
         from qwenvl.safe_write import check_target
 
         check_target(out, "--out")
-    infer.model_kind(model_dir)
+    infer.check_folder(model_dir)  # a model with a tokenizer and readable processor settings (before the weights)
     dict_path = dictionary or _dictionary_of(model_dir)
     if dict_path is None:
         raise UserError(f"no dataset dictionary saved with {model_dir}: pass --dictionary PATH")
@@ -332,18 +335,24 @@ def _prepare_out(out: Path, cut: int | None, note: str | None) -> None:
         raise UserError(os_error_line(e, out, "--out")) from None
 
 
-def _generate(model_dir: Path, name: str, todo: list, out: Path, done: list[dict], batch_size: int,
-              max_new_tokens: int, template_kwargs: dict | None = None) -> None:
-    """Answer ``todo`` in batches, appending one row per sample to --out (and to ``done``) as each batch ends; a
-    generated ``...</think>`` reasoning goes to the row's ``reasoning``, the answer after it is the prediction."""
+def _load(model_dir: Path, template_kwargs: dict | None = None):
+    """The inference engine for ``model_dir`` (:func:`qwenvl.infer.load`), its budget warning printed."""
     from qwenvl import infer
-    from qwenvl.data.chat_qwen35 import split_reasoning
 
     engine = infer.load(model_dir)
     engine.template_kwargs = dict(template_kwargs or {})
     warning = engine.budget_warning()
     if warning:
         print(warning, file=sys.stderr)
+    return engine
+
+
+def _generate(engine, name: str, todo: list, out: Path, done: list[dict], batch_size: int,
+              max_new_tokens: int) -> None:
+    """Answer ``todo`` in batches, appending one row per sample to --out (and to ``done``) as each batch ends; a
+    generated ``...</think>`` reasoning goes to the row's ``reasoning``, the answer after it is the prediction."""
+    from qwenvl.data.chat_qwen35 import split_reasoning
+
     with open(out, "a", encoding="utf-8") as fh:
         for s in range(0, len(todo), batch_size):
             chunk = todo[s:s + batch_size]
