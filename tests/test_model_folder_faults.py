@@ -178,3 +178,35 @@ def test_export_refuses_manifest_fields_of_the_wrong_type(tiny, tmp_path):
     _one_error_line(_vlsft("export", src, "--out", tmp_path / "e-nobase"),
                     f"(recorded in {src / 'vlsft-lora.json'}) is not a model folder")
     assert not (tmp_path / "e-nobase").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- preview
+def _preview(model, *args: str):
+    return _vlsft("datasets", "preview", "--model", model, "--dictionary", DEMO_DICT, "--dataset", "facts",
+                  "--index", "0", *args)
+
+
+def test_preview_model_that_does_not_exist_or_is_a_file(tmp_path):
+    _one_error_line(_preview(tmp_path / "nowhere"), f"model directory {tmp_path / 'nowhere'} does not exist",
+                    "--model must be a local model")
+    (tmp_path / "afile").write_text("x")
+    _one_error_line(_preview(tmp_path / "afile"), f"model directory {tmp_path / 'afile'} is not a folder")
+    (tmp_path / "empty").mkdir()
+    _one_error_line(_preview(tmp_path / "empty"), "has no tokenizer")
+
+
+def test_preview_refuses_broken_processor_settings(tiny, tmp_path):
+    """--model: the run's pixel limits are read from its processor: a broken file is one line (was ignored: the
+    default limits were shown, and training stops on the same folder)."""
+    for k, (text, said) in enumerate(BAD_PROCESSORS.items()):
+        m = _model_copy(tiny, tmp_path / f"m{k}", replace={"preprocessor_config.json": text})
+        _one_error_line(_preview(m), str(m / "preprocessor_config.json"), said, "re-save the processor")
+
+
+@pytest.mark.slow
+def test_preview_refuses_a_corrupt_tokenizer(tiny, tmp_path):
+    m = _model_copy(tiny, tmp_path / "badtok", replace={"tokenizer.json": '{"broken'})
+    _one_error_line(_preview(m), f"{m} has no usable tokenizer", "copy tokenizer.json")
+    _one_error_line(_preview(m, "--json"), "has no usable tokenizer")
+    r = _preview(tiny)  # the folder it was copied from works
+    assert r.returncode == 0 and "What is the capital of France?" in r.stdout, r.stderr

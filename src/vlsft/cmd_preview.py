@@ -15,7 +15,10 @@ and statistics of ``pixel_values`` / ``pixel_values_videos`` (``shape``, ``sum``
 ``abs_sum``; null when absent). Grounding ``objects`` (:mod:`qwenvl.data.grounding`) are shown rendered in the
 family's convention (text, one line per object; ``--json``: ``objects``, ``image_sizes``); ``--draw FILE.png``
 writes the image(s) as the model sees them, resized, with the boxes drawn from those coordinates (a new file:
-an existing one is refused). Exit 1 for a bad sample (with its reason), 2 for usage errors.
+an existing one is refused). Exit 1 for a bad sample (with its reason; a record whose line is not JSON too), 2 for
+usage errors: a model folder that does not exist, is not a folder, or whose tokenizer or processor settings
+cannot be read. Only the named dataset's dictionary entry must be readable: the errors of other entries (a
+LLaMA-Factory catalogue's alpaca or ranking datasets) are one warning.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from pathlib import Path
 
 import typer
 
-from qwenvl.problems import Problem, ProblemsError, did_you_mean
+from qwenvl.problems import Problem, ProblemsError, UserError, did_you_mean
 from vlsft import render
 from vlsft.app import datasets_app
 from vlsft.keymap import owned_by, yaml_value
 
 
 def _fail(message: str, *, file: str | None = None, hint: str | None = None, code: int = 2) -> None:
+    if file is None:  # an option's problem: ``error: message (hint: ...)``, no place
+        render.fail(UserError(message + (f" (hint: {hint})" if hint else "")), code=code)  # (URLs masked)
     render.fail(Problem("error", message, file=file, hint=hint), code=code)
 
 
@@ -134,15 +139,16 @@ def preview(
     """Show exactly what the model sees for one sample (tokens, trained spans, grids, pixel statistics)."""
     if draw is not None:
         _check_draw_target(draw)
+    given = "--model" if model else "model.name_or_path"
     model, dictionary, data_args = _sources(config, overrides, model, dictionary)
     spec, store = _annotations(dictionary, dataset, index)
-    if not Path(model).is_dir() or not (Path(model) / "tokenizer_config.json").exists():
-        _fail(f"model directory {model} has no tokenizer", hint="model.name_or_path must be a local model directory")
+    _check_model(model, given)
     tokenizer, builder = _builder(model, data_args)
     where = store.where(index)
     from qwenvl.data import formats
 
     fmt = formats.settle(spec.format_spec, formats.store_head(store))  # as the trainer settles it (registry)
+    _record_or_fail(store, index, where, fmt, as_json)  # a line that is not JSON: a bad sample (one line, exit 1)
     sample = _build_or_fail(builder, store[index], spec.data_path, fmt, where, as_json)
     from qwenvl.data.preprocess import SYSTEM_MESSAGE
 
@@ -197,14 +203,27 @@ def _sources(config: Path | None, overrides: list[str] | None, model: str | None
         _fail("no model or dictionary given", hint="pass --config run.yaml, or both --model DIR and --dictionary FILE")
     if config is None and Path(model).is_dir():
         # --model RUN: the run's pixel budget, saved with its processor (what training, chat and predict use)
-        from qwenvl.infer import saved_pixel_limits
+        from qwenvl.infer import InferError, saved_pixel_limits
 
         try:
             for key, value in saved_pixel_limits(model).items():
                 setattr(data_args, key, value)
-        except (OSError, ValueError, TypeError, KeyError):  # an unreadable processor file: the defaults, as before
-            pass
+        except InferError as exc:  # a processor file that cannot be used (training would stop on it too)
+            render.fail(exc)
     return model, dictionary, data_args
+
+
+def _check_model(model: str, given: str) -> None:
+    """The model folder exists, is a folder and holds a tokenizer (else one line saying which)."""
+    p = Path(model)
+    hint = f"{given} must be a local model (or tokenizer) directory"
+    if not p.exists():
+        _fail(f"model directory {model} does not exist", hint=hint)
+    if not p.is_dir():
+        _fail(f"model directory {model} is not a folder", hint=hint)
+    if not (p / "tokenizer_config.json").exists():
+        _fail(f"model directory {model} has no tokenizer (tokenizer_config.json)",
+              hint="copy the tokenizer files from the base model folder")
 
 
 def _annotations(dictionary: str, dataset: str, index: int):
@@ -212,11 +231,21 @@ def _annotations(dictionary: str, dataset: str, index: int):
     from qwenvl.data.dictionary import load_dictionary
 
     d = load_dictionary(dictionary, check_files=False)
-    if not d.ok:
-        render.fail(*d.errors)
+    # only the named entry must be readable (and the file itself): a LLaMA-Factory catalogue's other entries
+    # (alpaca, ranking, hub datasets) are one warning, as a run that does not name them (vlsft.plan)
+    errors = [p for p in d.errors if d.dataset_of.get(p) in (None, dataset)]
+    if errors:
+        render.fail(*errors)
     if dataset not in d.datasets:
-        hint = did_you_mean(dataset, list(d.datasets)) or f"known: {', '.join(sorted(d.datasets))}"
+        names = d.names or list(d.datasets)
+        hint = did_you_mean(dataset, names) or f"known: {', '.join(sorted(names))}"
         _fail(f"no dataset named {dataset!r}", file=str(dictionary), hint=hint)
+    others = sorted({d.dataset_of[p] for p in d.errors if d.dataset_of.get(p) not in (None, dataset)})
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        render.print_problems(render.stderr(), [Problem(
+            "warning", f"{len(others)} other dataset(s) of this file cannot be read by vlsft ({shown}): not used "
+            "by this preview", file=str(dictionary), hint=f"vlsft datasets check {dictionary} says why")])
     spec = d.datasets[dataset]
     from qwenvl.data.store import AnnotationStore
 
@@ -236,15 +265,43 @@ def _builder(model: str, data_args):
 
     from qwenvl.data.dataset import make_builder
     from qwenvl.families import TOKENIZER_ONLY_MODEL_TYPE, read_model_type
+    from qwenvl.runpolicy import PROCESSOR_FILES, processor_problem
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except Exception as exc:  # noqa: BLE001 - a corrupt tokenizer file fails in many ways (json, tokenizers)
+        _fail(f"{model} has no usable tokenizer ({_first_line(exc)})",
+              hint="copy tokenizer.json / tokenizer_config.json from the base model folder")
+    problem = processor_problem(model)  # training would stop on it: not silently replaced by the defaults
+    if problem:
+        _fail(problem, hint="re-save the processor, or copy preprocessor_config.json from the base model folder")
     try:
         image_processor = AutoImageProcessor.from_pretrained(model)
-    except (OSError, ValueError):
-        image_processor = None
+    except Exception as exc:  # noqa: BLE001 - as the tokenizer
+        if (Path(model) / PROCESSOR_FILES[0]).is_file():  # (preprocessor_config.json: the image processor's own)
+            _fail(f"{model} has no usable image processor ({_first_line(exc)})",
+                  hint="re-save the processor, or copy preprocessor_config.json from the base model folder")
+        image_processor = None  # no processor saved: the family's defaults (as training)
     has_config = (Path(model) / "config.json").exists()  # else a tokenizer folder: built as Qwen2.5-VL
     model_type = read_model_type(model) if has_config else TOKENIZER_ONLY_MODEL_TYPE
     return tokenizer, make_builder(tokenizer, image_processor, data_args, model_type)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _record_or_fail(store, index: int, where: str, fmt, as_json: bool) -> None:
+    """The record at ``index`` parses (else a bad sample, as the trainer skips it: one line and exit 1)."""
+    try:
+        store[index]
+    except ValueError as exc:
+        why = str(exc).removeprefix(f"{where}: ")  # (the store's message starts with the place)
+        if as_json:
+            print(json.dumps({"bad_sample": why, "where": where, "format": fmt.name}))
+            raise typer.Exit(1) from None
+        _fail(f"bad sample (skipped in training): {why}", file=where, code=1)
 
 
 def _build_or_fail(builder, record, data_path, fmt, where, as_json: bool) -> dict:
