@@ -3,7 +3,9 @@ Qwen's own inference examples do (``qwen_vl_utils.process_vision_info``) with th
 
 * :func:`load` takes a run's final folder, a ``checkpoint-N``, a merged export (all: ``config.json`` + weights,
   ``AutoModelForImageTextToText``) or a LoRA adapter folder / un-merged export (``adapter_config.json``: base +
-  trained parts + adapter, :func:`qwenvl.export.load_adapter_export`). Anything else is a :class:`InferError`.
+  trained parts + adapter, :func:`qwenvl.export.load_adapter_export`). Anything else is a :class:`InferError`,
+  and so is a folder without tokenizer files or with processor settings that cannot be read
+  (:func:`check_folder`, before the weights load).
 * Pixel limits: the saved processor's (``size.shortest_edge`` / ``longest_edge``: the run's ``min_pixels`` /
   ``max_pixels``, written by ``qwenvl.train``). They are passed to ``process_vision_info`` per image; a
   different budget asked for at inference is allowed but reported (:meth:`Inference.budget_warning`).

@@ -7,7 +7,9 @@
 MODEL_DIR: a run's output dir, a checkpoint-N folder, a merged export or a LoRA adapter export. Media go through
 ``qwen_vl_utils.process_vision_info`` (as Qwen's inference examples) with the run's min/max pixels; asking for
 other limits (``--max-pixels``) works but prints one warning line. Tokens stream as they are generated; GPU when
-available, else CPU. Exit 0, or 2 with one ``error:`` line for bad input. See :mod:`qwenvl.infer`.
+available, else CPU. Exit 0, or 2 with one ``error:`` line for bad input (a folder that is not a model, has no
+tokenizer or has processor settings that cannot be read is refused before the model loads). See
+:mod:`qwenvl.infer`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ first, then the text without ``<image>``/``<video>`` tags), the reference its fi
 is greedy, batched (``--batch-size``), through :mod:`qwenvl.infer` (the run's processor, chat template and pixel
 limits). At the end a metrics summary over every row of the file (exact match, normalised exact match, token F1)
 is printed and written next to it (``<out>.metrics.json``). Exit 0, or 2 with one ``error:`` line: a folder
-that is not a model, a dataset name that does not exist, an output file that exists without ``--resume``, or
+that is not a model (or has no tokenizer, or processor settings that cannot be read: refused before the model
+loads; ``--out`` is created only once it loaded), a dataset name that does not exist, an output file that exists without ``--resume``, or
 one that is not a predictions file (``--resume`` appends only to a file whose every row has :data:`ROW_KEYS`;
 a cut last row, left by an interrupted write, is dropped with a warning and predicted again).
 """
