@@ -42,7 +42,16 @@ from qwenvl.data.annotation_read import (
     oneline,
 )
 from qwenvl.data.media_exist import check_http, check_local, frame_folder_missing
-from qwenvl.data.sample_rules import PLAIN_AWAY, is_path, kind_of, plain_media, plain_tags, record_problems, shown
+from qwenvl.data.sample_rules import (
+    PLAIN_AWAY,
+    SHOWN_MAX,
+    is_path,
+    kind_of,
+    plain_media,
+    plain_tags,
+    record_problems,
+    shown,
+)
 from qwenvl.problems import Problem
 from qwenvl.secrets import mask_url
 
@@ -550,6 +559,10 @@ def scan(path: str, data_path: str | None, *, deep: bool = True, check_media: bo
             res.unusable = True
             return res
         items, total, bounds, fmt = prepared
+        if fmt is not None and fmt.name is None and formats.foreign_shape(res.fmt_info.format_found):
+            # a known foreign shape (alpaca, query/response, ...): the dataset-level line says it all; per-sample
+            # checks would read the records as official ones and hint at the wrong fix ("rename 'images' to 'image'")
+            deep, media = False, None
         _JOB.update(path=path, fmt_kind=fmt_kind, fmt=fmt, items=items, deep=deep, media=media is not None, max_per_kind=max_per_kind,
                     decode=decode and media is not None)
         try:
@@ -812,10 +825,11 @@ def _report_missing(media: dict[str, Any], missing: list[tuple[str, str, str | N
             hint = f"the path {rel!r} has a space (or tab) at its start or end"
         elif "\\" in rel:
             hint = "write paths with / (this looks like a Windows path)"
-        shown = mask_url(full)  # no URL password / signature in the report
-        message = f"media file not found: {shown}" if why is None or why == "not found" else (
-            f"media file not found: {shown} ({why})" if why.startswith("HTTP") or why.startswith("no answer")
-            or why.startswith("the server") else f"media file {shown} is {why}")
+        # no URL password / signature, no whole base64 payload (bare base64 of no image is a path) in the report
+        name = mask_url(full) if len(rel) <= SHOWN_MAX else shown(rel)
+        message = f"media file not found: {name}" if why is None or why == "not found" else (
+            f"media file not found: {name} ({why})" if why.startswith("HTTP") or why.startswith("no answer")
+            or why.startswith("the server") else f"media file {name} is {why}")
         sink.add(media[rel], "missing_media", "error", message, key="image/video", hint=hint, kind="missing_media")
 
 

@@ -20,17 +20,24 @@ Formats (``FORMATS``; a dictionary entry's ``"format"`` overrides the detection)
   item may be a list of frame image paths (one video). LLaMA-Factory v1: parts keep their text / path in
   ``value`` (``reasoning`` and ``tool_call`` parts too, a call as a JSON string), ``"loss_weight"`` 0 masks a turn
   and 1 trains it (any other weight is an error). ``images: []`` / ``videos: []`` = no media (a text-only row of a
-  List(Image) column); a media item may be a base64 ``data:`` URL (decoded in memory, never written to disk).
+  List(Image) column); a media item may be a base64 ``data:`` URL (decoded in memory, never written to disk), a
+  ``{"path"}`` / ``{"bytes", "path"}`` object (bytes win, read as a parquet image struct is) or bare base64 image
+  bytes (:func:`bare_base64_image`), as ms-swift reads them. A record with ``images`` / ``videos`` and no tag of
+  that kind at all gets one per medium before the text of its first user turn (ms-swift's ``_add_default_tags``,
+  TRL's ``prepare_multimodal_messages``; messages and prompt_completion only, a string content only); some tags
+  but fewer than the media stays an error.
 * ``sharegpt`` (LLaMA-Factory): ``conversations`` of ``from``/``value`` with ``human``/``gpt``/``system``
   speakers and media in ``images`` / ``videos``; otherwise as ``messages``.
 * ``internvl`` (InternVL's records; never detected: set by an InternVL meta JSON dictionary or ``"format":
   "internvl"``): official records, except that a single image (a path string) or video without its tag in the first
   turn (after a system turn) gets ``<image>\n`` / ``<video>\n`` put before that turn's text, as InternVL's trainer
   does; an empty ``image`` / ``video`` (``""``, ``[]``) is none. An image list keeps its tags as written (no tag is
-  an error, as in InternVL).
+  an error, as in InternVL). A first turn ``from: system`` is the sample's system prompt (InternVL's
+  ``preprocess``), not a second system turn.
 * ``prompt_completion`` (TRL): ``prompt`` and ``completion`` lists of messages, read as the messages of both (media
-  in ``images``); answers inside the prompt are not trained (TRL's completion-only loss). The plain-text form is
-  refused in one line (language modelling without a chat template).
+  in ``images``, or a singular ``image`` as TRL's collators read it); answers inside the prompt are not trained
+  (TRL's completion-only loss). The plain-text form is refused in one line (language modelling without a chat
+  template).
 
 Thinking and tools (messages and sharegpt; rendered by the Qwen3.5 / 3.6 / 3.8 templates, :mod:`qwenvl.data.chat_qwen35`):
 an assistant message's reasoning in ``reasoning_content``, ``reasoning`` or ``thinking`` (``REASONING_KEYS``; or
@@ -50,7 +57,15 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qwenvl.data.sample_rules import FPS_KEYS, data_url_bytes, kind_of, record_problems, shown
+from qwenvl.data.sample_rules import (
+    FPS_KEYS,
+    data_url_bytes,
+    is_image_bytes,
+    kind_of,
+    record_problems,
+    shown,
+    turn_fields,
+)
 
 FORMATS = ("official", "messages", "sharegpt", "prompt_completion", "internvl")
 #: formats whose records are official-shaped (read by the official rules, named with the official keys)
@@ -128,6 +143,8 @@ class FormatSpec:
 
     @property
     def reads_media(self) -> tuple[str, ...]:
+        if self.name == "prompt_completion" and self.images_key == "images":  # TRL's singular 'image' too
+            return (self.images_key, self.videos_key, "image")
         return ("image", "video") if self.name in OFFICIAL_SHAPED else (self.images_key, self.videos_key)
 
 
@@ -215,6 +232,12 @@ def _unknown(unknown: tuple[Any, Any], share: str) -> Detection:
     return Detection(None, found, loc)
 
 
+def foreign_shape(found: str) -> bool:
+    """Whether a :class:`Detection`'s ``found`` names a known foreign shape (alpaca, query/response, ...: ``_FOREIGN``),
+    which no per-sample hint can fix (the dataset-level line is all there is to say)."""
+    return any(f"{name} records with keys" in found for _, name in _FOREIGN)
+
+
 def unread_media_keys(rec: Any, fmt: FormatSpec) -> list[str]:
     """Top-level keys of ``rec`` that look like media but that ``fmt`` does not read."""
     if type(rec) is not dict:
@@ -249,13 +272,66 @@ def _err(code: str, message: str, key: str | None, hint: str | None, kind: str =
     return ("error", kind, code, message, key, hint)
 
 
-def _url(value: Any) -> Any:
-    """A media source of a part: a path / URL string (``file://`` stripped), else the value itself."""
+def _url(value: Any, media: str = "image") -> Any:
+    """A media source: a path / URL string (``file://`` stripped), a ``{"url"}`` / ``{"path"}`` object's, a
+    Hugging Face ``{"bytes", "path"}`` struct's bytes (they win, as in ``datasets`` and ms-swift) as an in-memory
+    ``data:`` URL, a bare base64 image (:func:`bare_base64_image`) as one too; else the value itself."""
     if type(value) is dict:
+        data = value.get("bytes")
+        if data:
+            return _embedded_url(data, media)
         value = value.get("url", value.get("path"))
-    if type(value) is str and value.startswith("file://"):
-        return value[7:]
+    if type(value) is str:
+        if value.startswith("file://"):
+            return value[7:]
+        if media == "image" and len(value) > BARE_BASE64_MIN:
+            data = bare_base64_image(value)
+            if data is not None:
+                from qwenvl.data.hf_source import data_url
+
+                return data_url(data, media)
     return value
+
+
+#: ms-swift reads a string longer than this that is not an existing file as base64 (``vision_utils.load_file``)
+BARE_BASE64_MIN = 200
+_B64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+
+
+def bare_base64_image(value: str) -> bytes | None:
+    """The bytes of an image given as bare base64 (no ``data:`` prefix, as ms-swift's ``load_file`` accepts), or
+    None. Unambiguous: only a string longer than :data:`BARE_BASE64_MIN` characters, all of the base64 alphabet
+    (so no ``.`` of a file extension, no ``-`` / ``_`` / space), that decodes to a PNG, JPEG, GIF, WebP, BMP or
+    TIFF (by its first bytes) is one; anything else stays a path."""
+    import base64
+    import binascii
+
+    if len(value) <= BARE_BASE64_MIN or len(value) % 4 or not _B64_CHARS.issuperset(value[:64]):
+        return None
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return data if is_image_bytes(data) else None
+
+
+def _embedded_url(data: Any, media: str) -> Any:
+    """A ``{"bytes": ...}`` item's bytes (raw, or a base64 string as JSON holds them) as a ``data:`` URL, read as
+    the parquet / arrow reader reads embedded bytes (:func:`qwenvl.data.hf_source.data_url`); a string that is not
+    base64 becomes a ``data:`` URL the sample rule refuses (one line, the payload shortened)."""
+    import base64
+    import binascii
+
+    from qwenvl.data.hf_source import data_url
+
+    if type(data) in (bytes, bytearray):
+        return data_url(bytes(data), media)
+    if type(data) is str:
+        try:
+            return data_url(base64.b64decode("".join(data.split()), validate=True), media)
+        except (binascii.Error, ValueError):
+            return f"data:{media}/{'png' if media == 'image' else 'mp4'};base64,{data}"
+    return {"bytes": data}  # neither: refused as an entry that is not a path
 
 
 # where a media part keeps its source (LLaMA-Factory v1 parts keep everything in "value")
@@ -300,7 +376,7 @@ def _parts(parts: list, ckey: str, out: list, inline: dict) -> str | None:
             return None
         media = "image" if table is _IMAGE_PARTS else "video"
         src = next((part[k] for k in table[kind] if k in part), None)
-        src = _url(src)
+        src = _url(src, media)
         if src is None:
             inline["bare_" + media] += 1
         else:
@@ -338,10 +414,21 @@ def _turn_part(kind: str, part: dict, ckey: str, out: list, inline: dict) -> boo
 
 
 def _media_list(value: Any, video: bool) -> Any:
-    """An ``images``/``videos`` value as the internal ``image``/``video`` value (frame lists become tuples)."""
-    if type(value) is list and video:
-        return [tuple(v) if type(v) is list else v for v in value]
-    return value
+    """An ``images``/``videos`` value as the internal ``image``/``video`` value: frame lists become tuples, and an
+    item that is a ``{"path"}`` / ``{"bytes", "path"}`` object (a Hugging Face ``Image(decode=False)`` column
+    written to JSON, as ms-swift reads it) or bare base64 image bytes is read by :func:`_url`."""
+    media = "video" if video else "image"
+    if type(value) is list:
+        return [tuple(v) if type(v) is list and video else _item(v, media) for v in value]
+    return _item(value, media)
+
+
+def _item(v: Any, media: str) -> Any:
+    if type(v) is dict:  # an object that names no media stays itself: refused as an entry that is not a path
+        return _url(v, media) if v.get("bytes") or "path" in v or "url" in v else v
+    if type(v) is str and len(v) > BARE_BASE64_MIN and v[:5] != "data:":
+        return _url(v, media)
+    return v
 
 
 def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
@@ -356,7 +443,7 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
     if fmt.name == "prompt_completion":
         return _prompt_completion(rec, fmt)
     if fmt.name == "internvl":
-        return normalise(internvl_record(rec), replace(fmt, name="official"))
+        return _internvl(rec, fmt)
     f = fmt.keys()
     out: list = []
     msgs = _message_list(rec, f, out)
@@ -384,6 +471,8 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
             internal[key] = rec[key]
     if not _media_fields(rec, f, inline, internal, out):
         return None, _PLAIN, out
+    if fmt.name == "messages" and not inline["image"] and not inline["video"]:
+        _default_tags(internal, inline.get("first_user"), extras.system)
     if fmt.train_on == "last":
         _last_only(turns, extras)
     answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
@@ -395,6 +484,41 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
                         "key) on at least one answer", "no_answer"))
         return None, _PLAIN, out
     return internal, extras, out
+
+
+def _internvl(rec: dict, fmt: FormatSpec) -> tuple[Any, Extras, list]:
+    """An InternVL record read as InternVL's ``preprocess`` functions read it: :func:`internvl_record`'s implicit
+    tags, and a first turn ``from: system`` (a string) that is the sample's system prompt in place of the default
+    one (not a second system turn, as in the official format)."""
+    out = internvl_record(rec)
+    conv = out.get("conversations")
+    first = conv[0] if type(conv) is list and conv and type(conv[0]) is dict else None
+    fields = turn_fields(first) if first is not None else None
+    system = None
+    if fields is not None and fields[0] == "system" and type(fields[1]) is str:
+        system, out["conversations"] = fields[1], conv[1:]
+    internal, extras, problems = normalise(out, replace(fmt, name="official"))
+    if system is not None:
+        extras = replace(extras, system=system) if extras is not _PLAIN else Extras(system=system)
+    return internal, extras, problems
+
+
+def _default_tags(internal: dict, first_user: tuple[int, bool] | None, system: str | None) -> None:
+    """ms-swift's ``_add_default_tags`` and TRL's ``prepare_multimodal_messages``: listed images (videos) of a record
+    with no ``<image>`` (``<video>``) tag at all get one tag each put before the text of the first user turn, when
+    its content is a string (``first_user``: its index and whether it was; with parts both tools leave it as it
+    is). Tags go first, videos' before images' (ms-swift adds the image tags, then the video tags in front).
+    A record with some tags but fewer than its media stays an error (which media goes where is not said)."""
+    if first_user is None or not first_user[1]:
+        return
+    turns = internal["conversations"]
+    text = "\n".join([system or "", *(t["content"] for t in turns if type(t.get("content")) is str)])
+    for key, tag in (("image", "<image>"), ("video", "<video>")):
+        media = internal.get(key)
+        n = len(media) if type(media) is list else 1 if type(media) is str else 0
+        if n and tag not in text:
+            turn = turns[first_user[0]]
+            turns[first_user[0]] = {**turn, "content": tag * n + turn["content"]}
 
 
 def internvl_record(rec: dict) -> dict:
@@ -433,6 +557,14 @@ def _prompt_completion(rec: dict, fmt: FormatSpec) -> tuple[Any, Extras, list]:
         if type(value) is not list or not value:
             return None, _PLAIN, [_err("bad_conversations", f"'{key}' must be a non-empty list of messages, found "
                                        f"{'an empty list' if value == [] else kind_of(value)}", key, hint)]
+    if "image" in rec and fmt.images_key == "images":  # TRL's collators: a singular 'image' column is [image]
+        if rec.get("images") is not None:
+            return None, _PLAIN, [_err("mixed_media", "the record has both 'image' and 'images'", "image",
+                                       "name the images in one of them", "bad_media_field")]
+        image = rec["image"]
+        rec = {k: v for k, v in rec.items() if k != "image"}
+        if image is not None:
+            rec["images"] = [image]
     internal, extras, out = normalise({**rec, "prompt": prompt + completion},
                                       replace(fmt, name="messages", messages_key="prompt"))
     if internal is None:
@@ -494,6 +626,8 @@ def _read_turns(msgs: list, f, out: list, inline: dict, extras: Extras, sys_prom
             # ms-swift: an answer's text then its tool_call messages (or several calls in a row) are ONE answer
             prev["tool_calls"] = prev.get("tool_calls", []) + turn.get("tool_calls", [])
             continue
+        if role == "user" and "first_user" not in inline:  # (for _default_tags)
+            inline["first_user"] = (len(turns), type(m.get(ckey)) is str)
         if loss is False and role == "assistant":
             extras.untrained.add(len(turns))
         if inline["reasoning"] and "reasoning_content" not in turn:
@@ -774,8 +908,8 @@ def to_official(rec: Any, fmt: FormatSpec | None) -> tuple[dict | None, str | No
     bad = next((p for p in problems if p[0] == "error"), None)
     if bad is not None:
         return None, None, f"bad sample: {bad[3]}"
-    if fmt is None or fmt.name in OFFICIAL_SHAPED:  # InternVL's implicit tags are written out
-        return internal, None, ""
+    if fmt is None or fmt.name in OFFICIAL_SHAPED:  # InternVL's implicit tags are written out, its system turn
+        return internal, extras.system, ""  # becomes the dataset's (or the sample's) system prompt
     if extras.untrained and fmt.train_on != "last":
         return None, None, "a turn is masked ('loss': false, or a weight of 0), which the official format cannot say"
     video = internal.get("video")

@@ -75,11 +75,37 @@ def is_data_url(p: Any) -> bool:
     return p.__class__ is str and p[:5] == "data:"
 
 
+#: a string longer than this is shown by its head and length (bare base64 media, a path joined to one)
+SHOWN_MAX = 300
+
+
 def shown(p: Any) -> str:
-    """A media entry as a message shows it: a ``data:`` URL by its head and length, never its whole payload."""
-    if is_data_url(p) and len(p) > 48:
+    """A media entry as a message shows it: a ``data:`` URL (or any string over :data:`SHOWN_MAX` characters: bare
+    base64 bytes) by its head and length, never its whole payload; an object or a list as :func:`shown_repr`."""
+    if p.__class__ is not str:
+        return shown_repr(p) if p.__class__ in (dict, list, tuple) else str(p)
+    if (p[:5] == "data:" and len(p) > 48) or len(p) > SHOWN_MAX:
         return f"{p[:40]}... ({len(p):,} characters)"
-    return str(p)
+    return p
+
+
+def shown_repr(p: Any) -> str:
+    """``repr(p)`` with every long string inside (a ``{"bytes": <base64>}`` item's) shortened as :func:`shown`
+    shortens it."""
+    def short(v: Any, depth: int = 0) -> Any:
+        if v.__class__ is str:
+            return shown(v) if (v[:5] == "data:" and len(v) > 48) or len(v) > SHOWN_MAX else v
+        if v.__class__ in (bytes, bytearray) and len(v) > 48:
+            return f"<{len(v):,} bytes>"
+        if depth > 3:
+            return v
+        if v.__class__ is dict:
+            return {k: short(x, depth + 1) for k, x in v.items()}
+        if v.__class__ in (list, tuple):
+            return v.__class__(short(x, depth + 1) for x in v)
+        return v
+
+    return repr(short(p))
 
 
 def data_url_bytes(url: str, kind: str = "image") -> tuple[bytes | None, str | None]:
@@ -106,9 +132,14 @@ def data_url_bytes(url: str, kind: str = "image") -> tuple[bytes | None, str | N
         return None, "holds no bytes"
     if kind == "video":
         return data, None
-    if not any(data.startswith(m) for m, _ in _MAGIC) and not (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+    if not is_image_bytes(data):
         return None, "holds no PNG, JPEG, GIF, WebP, BMP or TIFF bytes (by its first bytes)"
     return data, None
+
+
+def is_image_bytes(data: bytes) -> bool:
+    """Whether ``data`` starts as an image format PIL reads (PNG, JPEG, GIF, WebP, BMP, TIFF)."""
+    return any(data.startswith(m) for m, _ in _MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def _data_url_problem(key: str, p: str, out: list) -> None:
@@ -124,7 +155,7 @@ def _media_field(key: str, value: Any, out: list) -> int:
     """Problems of an ``image``/``video`` value that is not None; returns its number of entries."""
     if type(value) is str:
         if not value or value.isspace():
-            out.append(("error", "bad_media_field", "media_type", f"{key} entry {value!r} is not a path", key,
+            out.append(("error", "bad_media_field", "media_type", f"{key} entry {shown_repr(value)} is not a path", key,
                         "an empty path: drop the key for a sample without media"))
         elif value[:5] == "data:":
             _data_url_problem(key, value, out)
@@ -137,13 +168,13 @@ def _media_field(key: str, value: Any, out: list) -> int:
             if p.__class__ is tuple and key == "video":  # a frame list (formats.py makes them): one video
                 if not p or not all(is_path(x) for x in p):
                     out.append(("error", "bad_media_field", "media_type", f"a frame-list video must be a non-empty "
-                                f"list of image paths, found {list(p)!r}", key, "list the frame image files in order"))
+                                f"list of image paths, found {shown_repr(list(p))}", key, "list the frame image files in order"))
                 for x in p:
                     if x[:5] == "data:" if x.__class__ is str else False:
                         _data_url_problem("image", x, out)
                 continue
             if p.__class__ is not str or not p or p.isspace():
-                out.append(("error", "bad_media_field", "media_type", f"{key} entry {p!r} is not a path", key,
+                out.append(("error", "bad_media_field", "media_type", f"{key} entry {shown_repr(p)} is not a path", key,
                             "each entry is a file path string, relative to data_path or absolute"))
             elif p[:5] == "data:":
                 _data_url_problem(key, p, out)
