@@ -112,6 +112,8 @@ def test_trl_string_prompt_and_singular_image_column():
     assert formats.unread_media_keys(single, pc) == []
     (err,) = _read({**single, "images": ["b.png"]}, pc)[2]
     assert "both 'image' and 'images'" in err[3]
+    (err,) = _read({**single, "image": ["a.png", "b.png"]}, pc)[2]  # TRL would read [[a, b]]: one line here
+    assert err[4] == "image" and "'image' holds one image" in err[3] and "'images'" in err[5]
     internal, _, errors = _read({**single, "image": None, "prompt": [{"role": "user", "content": "Hi"}]}, pc)
     assert errors == [] and "image" not in internal
 

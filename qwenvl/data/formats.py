@@ -562,6 +562,9 @@ def _prompt_completion(rec: dict, fmt: FormatSpec) -> tuple[Any, Extras, list]:
             return None, _PLAIN, [_err("mixed_media", "the record has both 'image' and 'images'", "image",
                                        "name the images in one of them", "bad_media_field")]
         image = rec["image"]
+        if type(image) is list:
+            return None, _PLAIN, [_err("bad_media", "'image' holds one image (TRL reads it as [image]), found a list",
+                                       "image", "name several images in 'images'", "bad_media_field")]
         rec = {k: v for k, v in rec.items() if k != "image"}
         if image is not None:
             rec["images"] = [image]
