@@ -6,6 +6,7 @@ InternVL's leading system turn, and an unknown shape reported once per dataset."
 from __future__ import annotations
 
 import base64
+import io
 import json
 
 from qwenvl.data import formats
@@ -13,8 +14,16 @@ from qwenvl.data.annotation_check import scan
 from qwenvl.data.hf_source import data_url
 from qwenvl.data.sample_rules import shown
 
-PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415478da63f8cf"
-                    "c0000003010100c9fe92ef0000000049454e44ae426082")
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (28, 28), (200, 0, 0)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+PNG = _png()
 BIG_PNG = PNG + b"\0" * 400  # PIL stops at IEND: padding makes the base64 longer than ms-swift's 200 characters
 B64 = base64.b64encode(BIG_PNG).decode()
 MSGS = [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Red."}]
@@ -52,6 +61,14 @@ def test_bare_base64_image_is_read_but_a_path_never():
     assert formats.bare_base64_image(base64.b64encode(b"x" * 400).decode()) is None
     assert formats.bare_base64_image(base64.b64encode(PNG).decode()) is None
     assert formats.bare_base64_image("images/" + "a" * 300 + ".png") is None
+
+
+def test_bare_base64_in_the_deep_check(tmp_path):
+    """The deep check's fast path leaves a long string to the full rule: bare base64 is an image, not a path."""
+    (tmp_path / "a.jsonl").write_text(json.dumps({"messages": MSGS, "images": [B64]}) + "\n")
+    for decode in (False, True):
+        res = scan(str(tmp_path / "a.jsonl"), str(tmp_path), fmt=formats.FormatSpec(), workers=1, decode=decode)
+        assert [p.render() for p in res.problems] == [] and res.images == 1
 
 
 def test_messages_never_print_a_whole_payload(tmp_path):

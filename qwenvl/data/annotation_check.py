@@ -215,6 +215,9 @@ def _plain_formatted(rec: dict, loc: Any, media: dict[str, Any] | None, res: Any
             return False
     img = rec.get(f.images_key)
     vid = rec.get(f.videos_key)
+    for p in (img,) if img.__class__ is str else img if img.__class__ is list else ():
+        if p.__class__ is str and len(p) > formats.BARE_BASE64_MIN:  # perhaps bare base64 bytes: the full path
+            return False
     return _note_plain(None if img == [] else img, None if vid == [] else vid, tags, loc, media, res)
 
 
