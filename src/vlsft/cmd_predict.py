@@ -306,7 +306,7 @@ def _predict_inputs(model_dir: Path, out: Path, dictionary: Path | None, resume:
         from qwenvl.safe_write import check_target
 
         check_target(out, "--out")
-    infer.check_folder(model_dir)  # a model with a tokenizer and readable processor settings (before the weights)
+    infer.model_kind(model_dir)
     dict_path = dictionary or _dictionary_of(model_dir)
     if dict_path is None:
         raise UserError(f"no dataset dictionary saved with {model_dir}: pass --dictionary PATH")
@@ -317,6 +317,7 @@ def _predict_inputs(model_dir: Path, out: Path, dictionary: Path | None, resume:
     cut, note = None, None
     if out.exists():  # before anything else: a file that is not ours is refused untouched
         done, cut, note = _read_resume(out)
+    infer.check_folder(model_dir)  # its tokenizer and processor settings, long before the weights load
     return done, cut, note, dict_path
 
 
