@@ -348,7 +348,7 @@ def test_trl_prompt_completion_reads_as_messages_with_the_prompt_untrained(tmp_p
     ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "q2"}]}, "completion",
      "no assistant message"),
     ({"prompt": [{"role": "user", "content": "<image>q"}], "completion": [{"role": "assistant", "content": "a"}],
-      "image": ["1.png"]}, "images", "1 <image> tag(s) for 0 image(s)"),
+      "image": ["1.png"]}, "image", "'image' holds one image"),
 ])
 def test_trl_refusals_are_one_line_with_one_advice(tmp_path, builder, rec, key, words):
     res = _scan(tmp_path, [rec])

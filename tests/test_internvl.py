@@ -43,7 +43,7 @@ CASES = [
      ["<image>\nWhat colour?", "Red."]),
     ({"id": 1, "image": "red.png", "conversations": _conv("<image>\nWhat colour?")}, ["<image>\nWhat colour?", "Red."]),
     ({"id": 2, "image": "red.png", "conversations": _conv("Colour?", system="Be brief.")},
-     ["Be brief.", "<image>\nColour?", "Red."]),
+     ["<image>\nColour?", "Red."]),  # the leading system turn is the sample's system prompt (extras.system)
     ({"id": 3, "image": "", "conversations": _conv("Say hi.")}, ["Say hi.", "Red."]),
     ({"id": 4, "conversations": _conv("Say hi.")}, ["Say hi.", "Red."]),
     ({"id": 5, "image": ["red.png", "red.png"], "conversations": _conv("<image>\n<image>\nSame?")},
