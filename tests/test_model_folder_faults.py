@@ -210,3 +210,11 @@ def test_preview_refuses_a_corrupt_tokenizer(tiny, tmp_path):
     _one_error_line(_preview(m, "--json"), "has no usable tokenizer")
     r = _preview(tiny)  # the folder it was copied from works
     assert r.returncode == 0 and "What is the capital of France?" in r.stdout, r.stderr
+
+
+def test_preview_blames_a_broken_config_json_not_the_tokenizer(tiny, tmp_path):
+    for k, (text, said) in enumerate({"{bad": "config.json: unreadable", "[]": "model_type None is not supported",
+                                      '{"model_type": "llama"}': "model_type 'llama' is not supported"}.items()):
+        m = _model_copy(tiny, tmp_path / f"m{k}", replace={"config.json": text})
+        line = _one_error_line(_preview(m), str(m / said.split(":")[0]) if ":" in said else str(m), said)
+        assert "tokenizer" not in line

@@ -264,9 +264,14 @@ def _builder(model: str, data_args):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from qwenvl.data.dataset import make_builder
-    from qwenvl.families import TOKENIZER_ONLY_MODEL_TYPE, read_model_type
+    from qwenvl.families import TOKENIZER_ONLY_MODEL_TYPE, ModelTypeError, read_model_type
     from qwenvl.runpolicy import PROCESSOR_FILES, processor_problem
 
+    has_config = (Path(model) / "config.json").exists()  # else a tokenizer folder: built as Qwen2.5-VL
+    try:  # first: the tokenizer reads config.json too, and would be blamed for it
+        model_type = read_model_type(model) if has_config else TOKENIZER_ONLY_MODEL_TYPE
+    except ModelTypeError as exc:  # unreadable, or not a supported family
+        render.fail(exc)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except Exception as exc:  # noqa: BLE001 - a corrupt tokenizer file fails in many ways (json, tokenizers)
@@ -282,8 +287,6 @@ def _builder(model: str, data_args):
             _fail(f"{model} has no usable image processor ({_first_line(exc)})",
                   hint="re-save the processor, or copy preprocessor_config.json from the base model folder")
         image_processor = None  # no processor saved: the family's defaults (as training)
-    has_config = (Path(model) / "config.json").exists()  # else a tokenizer folder: built as Qwen2.5-VL
-    model_type = read_model_type(model) if has_config else TOKENIZER_ONLY_MODEL_TYPE
     return tokenizer, make_builder(tokenizer, image_processor, data_args, model_type)
 
 
