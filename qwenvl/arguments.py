@@ -125,7 +125,8 @@ class ExtraTrainingArguments:
     resume: str = arg("auto", "auto: continue from the newest complete checkpoint in the output dir (fresh start "
                       "if none); never: start fresh; PATH: continue from that checkpoint.")
     overwrite_output_dir: bool = arg(False, "Allow a fresh start (resume never) in an output dir that already "
-                                     "holds a run (nothing is deleted; earlier checkpoints are set aside).")
+                                     "holds a run (nothing is deleted: the earlier checkpoints and final model are set "
+                                     "aside in superseded-<time>/).")
 
 
 def owner_field(owner: type, name: str):

@@ -379,16 +379,27 @@ def check_resumable(checkpoint: str | None, deepspeed) -> None:
 
 
 def set_aside_old_checkpoints(output_dir: str) -> Path | None:
-    """Fresh start with overwrite: move earlier ``checkpoint-*`` folders into ``superseded-<time>/`` so that a
-    later ``resume auto`` cannot pick up the old run's checkpoints (nothing is deleted)."""
-    cps = list_checkpoints(output_dir)
-    if not cps:
+    """Fresh start with overwrite: move the earlier run - its ``checkpoint-*`` folders, its final model and state
+    files, its other folders (logs) - into ``superseded-<time>/``, so that a later ``resume auto`` cannot pick up
+    the old checkpoints and the new final save writes over nothing (nothing is deleted). vlsft's own ``vlsft/``
+    (the new run's record and lock), earlier ``superseded-*`` folders and hidden entries stay."""
+    out = Path(output_dir)
+    if not out.is_dir():
         return None
-    dest = Path(output_dir) / time.strftime("superseded-%Y%m%d-%H%M%S")
-    dest.mkdir(parents=True, exist_ok=True)
-    for _, path in cps:
+    earlier = sorted(p for p in out.iterdir() if p.name != "vlsft" and not p.name.startswith(("superseded-", ".")))
+    if not earlier:
+        return None
+    dest = out / time.strftime("superseded-%Y%m%d-%H%M%S")
+    n = 2
+    while dest.exists():  # a second overwrite within the same second
+        dest = out / time.strftime(f"superseded-%Y%m%d-%H%M%S-{n}")
+        n += 1
+    dest.mkdir(parents=True)
+    for path in earlier:
         path.rename(dest / path.name)
-    logger.warning("overwrite: moved %d earlier checkpoint(s) to %s", len(cps), dest)
+    cps = sum(1 for p in earlier if p.name.startswith("checkpoint-"))
+    logger.warning("overwrite: moved the earlier run (%d checkpoint(s), %d other file(s)/folder(s)) to %s", cps,
+                   len(earlier) - cps, dest)
     return dest
 
 

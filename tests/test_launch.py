@@ -152,9 +152,19 @@ def test_resume_decisions(tmp_path):
     with pytest.raises(UserError, match="already holds a run"):
         decide_resume(str(out), "never", False)
     assert decide_resume(str(out), "never", True) is None
+    for name in ("model.safetensors", "config.json", "trainer_state.json"):  # the earlier run's final model
+        (out / name).write_text(name)
+    (out / "runs").mkdir()  # its logs
+    (out / "vlsft" / "run.yaml").write_text("new run")
     moved = set_aside_old_checkpoints(str(out))
-    assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-10", "checkpoint-15", "checkpoint-5"]
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-10", "checkpoint-15", "checkpoint-5", "config.json",
+                                                       "model.safetensors", "runs", "trainer_state.json"]
+    assert (moved / "model.safetensors").read_text() == "model.safetensors"  # kept, not overwritten by the new save
+    assert sorted(p.name for p in out.iterdir()) == [moved.name, "vlsft"]
     assert decide_resume(str(out), "auto", False) is None
+    (out / "model.safetensors").write_text("second")  # a second overwrite: another folder, the first one kept
+    again = set_aside_old_checkpoints(str(out))
+    assert again != moved and (again / "model.safetensors").read_text() == "second" and moved.is_dir()
     # a finished run without checkpoints (final model only) is not overwritten by accident
     fin = tmp_path / "fin"
     fin.mkdir()
