@@ -99,6 +99,7 @@ def test_dictionary_in_other_folder_resolves_against_its_own_folder(data_dir, mo
         ({"annotation_path": "x.jsonl", "sampling_rate": True}, "sampling_rate", "found a boolean", None),
         ({"annotation_path": "x.jsonl", "sampling_rate": 0}, "sampling_rate", "must be > 0", None),
         ({"annotation_path": "x.jsonl", "repeat_time": -1}, "repeat_time", "must be > 0", None),
+        ({"annotation_path": "x.jsonl", "repeat_time": 1e300}, "repeat_time", "above 1,000,000 repeats", "epochs"),
         ({"annotation_path": "x.jsonl", "sampling_rate": 1.5}, "sampling_rate", "above 1", "repeat_time"),
         ({"annotation_path": "x.jsonl", "sampling_rate": 0.5, "repeat_time": 2}, "repeat_time", "both", None),
         ({"annotation_path": "x.jsonl", "length": "10"}, "length", "must be an integer", "10 without quotes"),
@@ -306,3 +307,11 @@ def test_misspelt_annotation_path_is_one_error(tmp_path):
     assert [(p.key, p.message) for p in d.errors] == [
         ("annotation_paht", "unknown key 'annotation_paht' in dataset 'a'"),
         ("annotation_path", "dataset 'b' has no 'annotation_path'")]
+
+
+def test_absurd_percent_in_dataset_use_is_one_line():
+    from qwenvl.data.dataset_use import DatasetUseError, parse_dataset_use
+
+    assert parse_dataset_use("a%100000000")[0].percent == 1e8  # a million repeats: the limit itself
+    with pytest.raises(DatasetUseError, match=r"above 100,000,000 %"):
+        parse_dataset_use("a%100000000000000000000000")

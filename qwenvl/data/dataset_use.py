@@ -72,6 +72,9 @@ def format_percent(percent: float) -> str:
     return text
 
 
+MAX_PERCENT = 100_000_000.0  # 1,000,000 repeats (qwenvl.data.dictionary.MAX_REPEAT): index arrays would not fit
+
+
 def parse_dataset_use(text: str) -> list[DatasetUseEntry]:
     """Parse ``a%50,b,c%250`` into entries. Whitespace around entries is ignored."""
     if text is None or not text.strip():
@@ -89,6 +92,9 @@ def parse_dataset_use(text: str) -> list[DatasetUseEntry]:
         pct = float(m.group("pct")) if m.group("pct") is not None else None
         if pct is not None and pct <= 0:
             raise DatasetUseError(f"{item!r}: percent must be > 0")
+        if pct is not None and pct > MAX_PERCENT:
+            raise DatasetUseError(f"{item!r}: above {MAX_PERCENT:,.0f} % ({MAX_PERCENT / 100:,.0f} repeats per epoch): "
+                                  "a typo? for more passes raise num_train_epochs")
         entries.append(DatasetUseEntry(m.group("name").strip(), pct))
     return entries
 

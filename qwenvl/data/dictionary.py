@@ -62,6 +62,7 @@ LF_TAGS = {"role_tag": "role_key", "content_tag": "content_key", "user_tag": "us
            "assistant_tag": "assistant_tags", "system_tag": "system_tags", "observation_tag": "tool_tags",
            "function_tag": "call_tags"}
 REQUIRED_KEYS = ("annotation_path",)
+MAX_REPEAT = 1_000_000  # repeat_time (and a data.use percent) above this is a typo: index arrays would not fit
 ANNOTATION_EXTENSIONS = (".json", ".jsonl")
 EXAMPLE_ENTRY = '{"data_path": "images/", "annotation_path": "train.jsonl", "sampling_rate": 0.5}'
 
@@ -518,7 +519,13 @@ class _Loader:
         return value
 
     def check_repeat_time(self, name: str, k: str, v: JNode) -> object:
-        return self._rate(name, k, v)
+        value = self._rate(name, k, v)
+        if isinstance(value, float) and value > MAX_REPEAT:
+            self.add("error", f"repeat_time of dataset '{name}' is {v.raw}: above {MAX_REPEAT:,} repeats per epoch",
+                     v.line, v.column, key=k, hint="a typo? up-sampling repeats a dataset a few times (2, 10, 100); "
+                     "for more passes raise training.num_train_epochs")
+            return INVALID
+        return value
 
     def check_frame_fps(self, name: str, k: str, v: JNode) -> object:
         if v.kind == "number" and not float(v.value) > 0:
