@@ -140,7 +140,26 @@ def _base_of(src: Path, base: str | None) -> Path:
         given = "given by --base" if base else f"recorded in {src / LORA_MANIFEST}"
         raise ExportError(f"the base model {path} ({given}) is not a model folder: pass --base PATH to the base "
                           "model it was trained from")
+    from qwenvl.lora import model_signature, signature_mismatch
+
+    want = meta.get("base_signature") if isinstance(meta, dict) else None
+    trained_on = recorded if isinstance(recorded, str) else None
+    if not isinstance(want, dict) and base and trained_on and (Path(trained_on) / "config.json").is_file():
+        want = model_signature(_config_of(Path(trained_on)))  # an older manifest: the recorded base, if still there
+    if isinstance(want, dict):
+        diff = signature_mismatch(want, model_signature(_config_of(path)))
+        if diff:
+            raise ExportError(f"the base model {path} is not the one the adapter was trained on ({diff}; trained on "
+                              f"{trained_on or 'another model'}): pass --base PATH to that model (nothing was written)")
     return path.resolve()
+
+
+def _config_of(folder: Path) -> dict:
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read {folder / 'config.json'}: {e}") from None
+    return data if isinstance(data, dict) else {}
 
 
 def _pixel_limits(folder: Path) -> dict:

@@ -169,6 +169,29 @@ def gather_full_parts(peft_model) -> dict:
     return out
 
 
+_SIGNATURE_KEYS = {"text": ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads"),
+                   "vision": ("hidden_size", "depth", "out_hidden_size")}
+
+
+def model_signature(config: dict) -> dict:
+    """What an adapter must match in a base model: its ``model_type`` and the sizes of its language model and vision
+    tower (a config.json as a dict, nested ``text_config`` / ``vision_config`` or the older flat layout)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else {}
+    sig = {"model_type": config.get("model_type")}
+    for side, part in (("text", text), ("vision", vision)):
+        for key in _SIGNATURE_KEYS[side]:
+            if part.get(key) is not None:
+                sig[f"{side}.{key}"] = part[key]
+    return sig
+
+
+def signature_mismatch(want: dict, got: dict) -> str | None:
+    """``"model_type qwen2_5_vl vs qwen2_vl, ..."`` for the keys both signatures have and differ in; None if none."""
+    diffs = [f"{k} {want[k]} vs {got[k]}" for k in want if k in got and want[k] != got[k]]
+    return ", ".join(diffs) if diffs else None
+
+
 def save_lora_extras(peft_model, folder: str | os.PathLike, *, should_save: bool, plan: LoraPlan,
                      base_model: str, settings: dict) -> None:
     """Next to PEFT's adapter files: the fully-trained parts and ``vlsft-lora.json`` (written last)."""
@@ -185,8 +208,10 @@ def save_lora_extras(peft_model, folder: str | os.PathLike, *, should_save: bool
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, folder / PARTS_FILE)
         files.append(PARTS_FILE)
+    base_config = getattr(getattr(peft_model, "get_base_model", lambda: peft_model)(), "config", None)
     meta = {"base_model": str(base_model), "targets": list(plan.targets), "target_modules": plan.regex,
-            "trained_in_full": list(plan.full), "files": files, **settings}
+            "trained_in_full": list(plan.full), "files": files, **settings,
+            "base_signature": model_signature(base_config.to_dict()) if base_config is not None else None}
     tmp = folder / (META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / META)

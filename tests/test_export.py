@@ -210,3 +210,27 @@ def test_export_to_a_bad_out_is_one_line_and_writes_nothing(checkpoint, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary folder, nothing new
     assert list((tmp_path / "target").iterdir()) == [] and (tmp_path / "afile").read_text() == "mine\n"
     assert not os.path.lexists(tmp_path / "nowhere") and not os.path.lexists("/proc/vlsft-export-test")
+
+
+def test_export_refuses_a_base_of_another_model(checkpoint, tmp_path):
+    """A base of another family or size would merge into a broken model: refused in one line, nothing written; the
+    manifest records the base it was trained on (model type and sizes), an older manifest is compared with the base
+    it names."""
+    import json
+
+    from qwenvl.tiny import ensure_tiny_model
+
+    other = ensure_tiny_model(checkpoint["base"].parent / "tiny-qwen2_vl", family="qwen2_vl")
+    meta = json.loads((checkpoint["dir"] / "vlsft-lora.json").read_text())
+    assert meta["base_signature"]["model_type"] == "qwen2_5_vl"
+    older = tmp_path / "older" / "checkpoint-2"
+    shutil.copytree(checkpoint["dir"], older)
+    (older / "vlsft-lora.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "base_signature"}))
+    for src in (checkpoint["dir"], older):
+        for merge in ([], ["--merge"]):
+            out = tmp_path / f"out-{src.parent.name}-{len(merge)}"
+            p = export(str(src), "--out", str(out), "--base", str(other), *merge)
+            errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+            assert p.returncode == 2 and len(errors) == 1, p.stderr
+            assert "is not the one the adapter was trained on (model_type qwen2_5_vl vs qwen2_vl" in errors[0]
+            assert not out.exists() and "Traceback" not in p.stderr
