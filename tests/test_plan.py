@@ -395,3 +395,18 @@ def test_output_dir_that_is_the_model_folder_is_refused(tmp_path):
     with pytest.raises(ProblemsError, match="is the model folder"):
         plan_from_file(path, [f"output.dir={tmp_path / 'link'}"], {})
     plan_from_file(path, [f"output.dir={tmp_path / 'model-ft'}"], {})  # beside it: fine
+
+
+def test_overwrite_refuses_a_model_inside_the_output_dir(tmp_path):
+    """output.overwrite sets the earlier run aside: a model.name_or_path inside it (say its checkpoint-4) would move
+    away before it loads."""
+    path = make_project(tmp_path)
+    out = tmp_path / "out"
+    (out / "checkpoint-4").mkdir(parents=True)
+    for f in (tmp_path / "model").iterdir():
+        (out / "checkpoint-4" / f.name).write_bytes(f.read_bytes())
+    args = [f"output.dir={out}", f"model.name_or_path={out / 'checkpoint-4'}", "output.resume=never"]
+    with pytest.raises(ProblemsError) as info:
+        plan_from_file(path, [*args, "output.overwrite=true"], {})
+    (line,) = [p.render() for p in info.value.problems]
+    assert "[output.overwrite]" in line and "is inside output.dir" in line

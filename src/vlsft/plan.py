@@ -882,6 +882,20 @@ def _output_is_the_model_rule(cfg: RunConfig, problems: list[Problem]) -> None:
                                 "the final save would write over its weights and config", key="output.dir",
                                 hint="choose a new output.dir (e.g. runs/<name>); the model folder is only read",
                                 **cfg.where("output", "dir")))
+    elif cfg.output.overwrite and _inside(cfg.model.name_or_path, cfg.output.dir):
+        problems.append(Problem("error", f"model.name_or_path {cfg.model.name_or_path} is inside output.dir "
+                                f"{cfg.output.dir}, whose earlier run output.overwrite sets aside (superseded-<time>/) "
+                                "before the model loads", key="output.overwrite",
+                                hint="start from a copy of that model outside output.dir, or train into a new "
+                                "output.dir", **cfg.where("output", "overwrite")))
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether the existing local ``path`` lies inside the existing local ``folder`` (links resolved)."""
+    if "://" in str(path) or "://" in str(folder) or not os.path.exists(path) or not os.path.isdir(folder):
+        return False
+    p, f = os.path.realpath(path), os.path.realpath(folder)
+    return p != f and os.path.commonpath([p, f]) == f
 
 
 def _earlier_run_trap(cfg: RunConfig, warnings: list[str]) -> None:
