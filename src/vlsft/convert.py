@@ -130,7 +130,8 @@ def inputs(path: str, to: str, out: str) -> DatasetDictionary:
     if to != "official":
         render.fail(Problem("error", f"--to {to!r}: the only target is 'official'", hint="write --to official"))
     d = load_dictionary(path)
-    if not d.ok and (not d.datasets or any(p not in d.dataset_of for p in d.errors)):
+    refused = {d.dataset_of[p] for p in d.errors if p in d.dataset_of}
+    if not d.ok and (not set(d.datasets) - refused or any(p not in d.dataset_of for p in d.errors)):
         render.fail(*d.errors)  # nothing readable, or the file itself is wrong: one line each, nothing written
     why = target_problem(out, "--out", folder=True)  # a link, a path under a file, unwritable, a too-long name
     if why:
@@ -143,14 +144,15 @@ def inputs(path: str, to: str, out: str) -> DatasetDictionary:
 
 def _official_samples(name: str, spec: DatasetSpec, err):
     """(the dataset's format, its samples in the official format with their own system prompt and line, (line,
-    why) of each sample left out)."""
+    why) of each sample left out); (None, the warning, []) when the annotation file cannot be read."""
     from qwenvl.data import formats
     from qwenvl.data.annotations import iter_records
 
     try:
         records = list(iter_records(spec.annotation_path))
-    except (OSError, ValueError) as exc:
-        render.fail(Problem("error", f"dataset '{name}': cannot read annotations: {exc}", file=spec.annotation_path))
+    except (OSError, ValueError) as exc:  # the dataset is left out (one line), the others are written
+        return None, Problem("warning", f"left out: dataset '{name}': cannot read annotations: {exc}",
+                             spec.annotation_path, hint="fix the file (or drop the entry) and convert again"), []
     fmt = formats.settle(spec.format_spec, [(line, r) for line, r in records[:formats.DETECT_RECORDS]])
     samples: list[tuple[dict, str | None, int]] = []
     skipped: list[tuple[int, str]] = []
@@ -220,10 +222,14 @@ def _entry(spec: DatasetSpec, file_name: str, length: int, per_sample: bool, sys
     return entry
 
 
-def _one_dataset(name: str, spec: DatasetSpec, tmp: Path, final: str, taken: set, err) -> tuple[str, dict, int]:
+def _one_dataset(name: str, spec: DatasetSpec, tmp: Path, final: str, taken: set,
+                 err) -> tuple[str, dict, int] | None:
     """Writes one dataset's JSONL (and its media folder) into ``tmp``: (its file name, its dictionary entry, how
-    many samples were left out)."""
+    many samples were left out); None (after one warning line) when its annotation file cannot be read."""
     fmt, samples, skipped = _official_samples(name, spec, err)
+    if fmt is None:
+        err.print(render.problem_text(samples), highlight=False)
+        return None
     file_name = _file_name(name, taken)
     media = MediaFolder(tmp, file_name[:-len(".jsonl")] + "-media")
     relative = all_embedded(samples)
@@ -262,11 +268,20 @@ def convert(d: DatasetDictionary, out: str) -> int:
     for p in d.errors:  # an entry that cannot be read (inputs() let the others through): listed, left out
         err.print(render.problem_text(replace(p, severity="warning", message=f"left out: {p.message}")),
                   highlight=False)
-        left_out += 1
+    # an entry with an error (unreadable or unknown-format annotations, no data_path for its media, ...) is not
+    # converted: it was listed as left out just above
+    refused = {d.dataset_of[p] for p in d.errors if p in d.dataset_of}
+    left_out += len(refused) + sum(p not in d.dataset_of for p in d.errors)
     try:
         with atomic_folder(out, "--out") as tmp:
             for name, spec in d.datasets.items():
-                file_name, entries[name], skipped = _one_dataset(name, spec, tmp, final, taken, err)
+                if name in refused:
+                    continue
+                done = _one_dataset(name, spec, tmp, final, taken, err)
+                if done is None:  # its annotations could not be read after all: one line, left out
+                    left_out += 1
+                    continue
+                file_name, entries[name], skipped = done
                 taken.add(file_name)
                 left_out += skipped
             with open(tmp / "Dataset-Dictionary.json", "x", encoding="utf-8") as f:  # the dictionary last

@@ -1,0 +1,81 @@
+"""Round 5 of reading other tools' data: ``datasets convert`` leaves an unreadable or unknown-format dataset out
+(one line, exit 1) and writes the others; qwen-vl-utils' per-part keys (a video part's ``fps``); LLaVA-Video's
+``<image>`` tag for its video; a bare-base64 frame's error shortened; ``file://`` media stripped by convert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cli_inprocess import vlsft
+
+CONV = [{"from": "human", "value": "<image>Colour?"}, {"from": "gpt", "value": "Red."}]
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415478da63f8cf"
+                    "c0000003010100c9fe92ef0000000049454e44ae426082")
+
+
+def _convert(tmp_path: Path, entries: dict):
+    (tmp_path / "dict.json").write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    r = vlsft("datasets", "convert", str(tmp_path / "dict.json"), "--to", "official", "--out", str(out))
+    return r, out
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+# ---- finding 2: convert and a dataset it cannot read ----------------------------------------------------------
+def test_convert_truncated_json_is_left_out_and_the_others_written(tmp_path):
+    (tmp_path / "red.png").write_bytes(PNG)
+    (tmp_path / "good.jsonl").write_text(json.dumps({"image": "red.png", "conversations": CONV}) + "\n")
+    (tmp_path / "trunc.json").write_text('[{"image": "red.png", "conversations": [{"from": "human", "val')
+    r, out = _convert(tmp_path, {"good": {"data_path": ".", "annotation_path": "good.jsonl"},
+                                 "trunc": {"data_path": ".", "annotation_path": "trunc.json"}})
+    assert r.returncode == 1, r.stderr
+    assert "warning: left out: " in r.stderr and "trunc.json" in r.stderr and "error" not in r.stderr
+    assert set(json.loads((out / "Dataset-Dictionary.json").read_text())) == {"good"}
+    assert len(_lines(out / "good.jsonl")) == 1 and not (out / "trunc.jsonl").exists()
+
+
+def test_convert_unknown_format_and_missing_data_path_are_not_written(tmp_path):
+    (tmp_path / "red.png").write_bytes(PNG)
+    (tmp_path / "good.jsonl").write_text(json.dumps({"image": "red.png", "conversations": CONV}) + "\n")
+    (tmp_path / "mantis.jsonl").write_text(json.dumps({"id": "1", "images": ["red.png"], "conversation": []}) + "\n")
+    r, out = _convert(tmp_path, {"good": {"data_path": ".", "annotation_path": "good.jsonl"},
+                                 "mantis": {"data_path": ".", "annotation_path": "mantis.jsonl"},
+                                 "nodp": {"annotation_path": "good.jsonl"}})
+    assert r.returncode == 1, r.stderr
+    assert "left out: dataset 'mantis'" in r.stderr and "left out: dataset 'nodp'" in r.stderr
+    assert "mantis:" not in r.stdout and "nodp:" not in r.stdout
+    assert set(json.loads((out / "Dataset-Dictionary.json").read_text())) == {"good"}
+
+
+def test_convert_every_dataset_refused_writes_nothing(tmp_path):
+    (tmp_path / "trunc.json").write_text('[{"image": "red.png", "conversations": [')
+    r, out = _convert(tmp_path, {"trunc": {"data_path": ".", "annotation_path": "trunc.json"}})
+    assert r.returncode == 2, r.stderr
+    assert not out.exists()
+
+
+def test_convert_annotations_unreadable_at_conversion_time_are_left_out(tmp_path, monkeypatch):
+    """The file read fine when the dictionary was loaded but not when converted (it changed): one line, the
+    dataset is left out, the others are written (was: exit 2, nothing written)."""
+    from qwenvl.data import annotations
+
+    (tmp_path / "red.png").write_bytes(PNG)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"image": "red.png", "conversations": CONV}) + "\n")
+    real = annotations.iter_records
+
+    def flaky(path, *args, **kwargs):
+        if str(path).endswith("b.jsonl"):
+            raise ValueError("the file changed")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(annotations, "iter_records", flaky)
+    r, out = _convert(tmp_path, {"a": {"data_path": ".", "annotation_path": "a.jsonl"},
+                                 "b": {"data_path": ".", "annotation_path": "b.jsonl"}})
+    assert r.returncode == 1, r.stderr
+    assert "b.jsonl: warning: left out: dataset 'b': cannot read annotations: the file changed" in r.stderr
+    assert set(json.loads((out / "Dataset-Dictionary.json").read_text())) == {"a"}
