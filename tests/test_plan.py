@@ -410,3 +410,24 @@ def test_overwrite_refuses_a_model_inside_the_output_dir(tmp_path):
         plan_from_file(path, [*args, "output.overwrite=true"], {})
     (line,) = [p.render() for p in info.value.problems]
     assert "[output.overwrite]" in line and "is inside output.dir" in line
+
+
+def test_a_relaunch_keeps_the_earlier_run_record(tmp_path):
+    """vlsft train saves run.yaml / launch.sh / the dictionary copy at each launch: a resume with other settings
+    moves the earlier launch's record to vlsft/launches/<time>/ instead of writing over it."""
+    from vlsft.cmd_train import save_run_files
+
+    path = make_project(tmp_path)
+    out = tmp_path / "out"
+    save_run_files(plan_from_file(path, ["training.learning_rate=0.001"], {}), out, str(path),
+                   ["training.learning_rate=0.001"])
+    save_run_files(plan_from_file(path, ["training.learning_rate=0.05"], {}), out, str(path),
+                   ["training.learning_rate=0.05"])
+    save_run_files(plan_from_file(path, ["training.learning_rate=0.07"], {}), out, str(path), [])
+    assert "learning_rate: 0.07" in (out / "vlsft" / "run.yaml").read_text()
+    earlier = sorted((out / "vlsft" / "launches").iterdir())
+    assert len(earlier) == 2
+    texts = sorted((e / "run.yaml").read_text() for e in earlier)
+    assert any("learning_rate: 0.001" in t for t in texts) and any("learning_rate: 0.05" in t for t in texts)
+    assert all(sorted(p.name for p in e.iterdir()) == sorted(["run.yaml", "launch.sh", "dataset_use.txt",
+                                                              "Dataset-Dictionary.json"]) for e in earlier)

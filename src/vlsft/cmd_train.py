@@ -67,6 +67,7 @@ def save_run_files(plan, out_dir: Path, config_path: str, overrides: list[str]) 
 
     d = out_dir / "vlsft"
     d.mkdir(parents=True, exist_ok=True)
+    _keep_earlier_record(d)
     write("run.yaml", saved_config(plan).to_saveable_yaml())
     dictionary = plan.config.data.dictionary
     from vlsft.plan import storage_environment
@@ -88,6 +89,27 @@ def save_run_files(plan, out_dir: Path, config_path: str, overrides: list[str]) 
     lines.append(shlex.join(plan.torchrun))
     write("launch.sh", "\n".join(lines) + "\n")
     return d
+
+
+RECORD_FILES = ("run.yaml", "launch.sh", "dataset_use.txt", "Dataset-Dictionary.json")
+
+
+def _keep_earlier_record(d: Path) -> None:
+    """A resume or an overwrite launches again into the same folder: the earlier launch's record moves to
+    ``vlsft/launches/<its time>/`` instead of being written over (``run.yaml`` then always says what the newest
+    launch ran, and the history says what every earlier one did)."""
+    import time
+
+    earlier = [d / f for f in RECORD_FILES if (d / f).is_file() and not (d / f).is_symlink()]
+    if not earlier:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in earlier)))
+    dest, n = d / "launches" / stamp, 2
+    while dest.exists():
+        dest, n = d / "launches" / f"{stamp}-{n}", n + 1
+    dest.mkdir(parents=True)
+    for p in earlier:
+        p.rename(dest / p.name)
 
 
 def saved_config(plan):
