@@ -431,3 +431,11 @@ def test_a_relaunch_keeps_the_earlier_run_record(tmp_path):
     assert any("learning_rate: 0.001" in t for t in texts) and any("learning_rate: 0.05" in t for t in texts)
     assert all(sorted(p.name for p in e.iterdir()) == sorted(["run.yaml", "launch.sh", "dataset_use.txt",
                                                               "Dataset-Dictionary.json"]) for e in earlier)
+
+
+def test_overwrite_with_resume_auto_over_a_checkpoint_says_it_does_nothing(tmp_path):
+    path = make_project(tmp_path)
+    (tmp_path / "out" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    plan = plan_from_file(path, [f"output.dir={tmp_path / 'out'}", "output.overwrite=true"], {})
+    assert any("overwrite does nothing" in w and "output.resume: never" in w for w in plan.warnings), plan.warnings

@@ -910,8 +910,13 @@ def _earlier_run_trap(cfg: RunConfig, warnings: list[str]) -> None:
                         "start; use a new output.dir for a fresh run (or resume: auto, or overwrite: true)")
     elif markers and out.resume == "auto" and any(x.startswith("checkpoint-") for x in markers):
         newest = [x for x in markers if x.startswith("checkpoint-")][-1]
-        warnings.append(f"output.dir {out.dir} already holds {newest}: resume auto continues that run; use a "
-                        "new output.dir for a fresh run")
+        if out.overwrite:
+            warnings.append(f"output.overwrite is true but output.resume is auto and output.dir {out.dir} holds "
+                            f"{newest}: the run continues it and overwrite does nothing; set output.resume: never "
+                            "for a fresh start there")
+        else:
+            warnings.append(f"output.dir {out.dir} already holds {newest}: resume auto continues that run; use a "
+                            "new output.dir for a fresh run")
 
 
 def _plan_chat(cfg: RunConfig, family: str | None, data: _Data, problems: list[Problem],
