@@ -372,7 +372,7 @@ def _resume_and_launch(plan, config: str, overrides: list[str], lock, planned: f
         typer.secho(f"# stopped by {name} (exit {rc}): the ranks save a checkpoint when training had begun; "
                     f"resume: auto continues from it{where}", err=True)
     elif rc == 2:  # the failing rank printed its own error line
-        typer.secho(f"# training stopped on the input error above (exit 2){where}", err=True)
+        typer.secho(f"# training stopped on the error above (exit 2){where}", err=True)
     else:
         typer.secho(f"error: training exited with status {rc}{where}", err=True, fg="red")
     return rc
