@@ -632,3 +632,85 @@ def is_no_space(e: BaseException) -> bool:
             return True
         e, seen = (e.__cause__ or e.__context__), seen + 1
     return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# what a checkpoint was trained with: compared on resume (vlsft-run.json)
+# ---------------------------------------------------------------------------------------------------
+RUN_RECORD = "vlsft-run.json"
+#: the settings whose change makes a checkpoint's weights or optimizer state unloadable
+SETTING_WORDS = {"model_type": "model_type", "trained_in_full": "parts trained in full (tune_mm_*)",
+                 "lora": "LoRA", "trainable": "trainable parameters"}
+#: the settings a resume does not apply (the checkpoint's optimizer and scheduler state continue)
+SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "mm_projector_lr", "vision_tower_lr", "warmup_ratio",
+                 "warmup_steps")
+
+
+def write_run_record(folder: str | os.PathLike, record: dict) -> None:
+    """``<folder>/vlsft-run.json`` (samples trained so far, the run's settings and schedule), written atomically."""
+    path = Path(folder) / RUN_RECORD
+    tmp = path.with_name(f".{RUN_RECORD}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_run_record(folder: str | os.PathLike | None) -> dict | None:
+    """The checkpoint's ``vlsft-run.json``, None when absent or unreadable (a checkpoint of an older vlsft)."""
+    if not folder:
+        return None
+    try:
+        record = json.loads((Path(folder) / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return " ".join(f"{k} {_shown(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(x) for x in value) + "]" if value else "nothing"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def settings_mismatch(checkpoint: str, recorded: dict | None, current: dict, keys=None) -> str | None:
+    """One line when the checkpoint's recorded settings (``vlsft-run.json``'s ``settings``) differ from this
+    run's in what the weights and optimizer state depend on (model family, LoRA, trained parts); None when they
+    match or the checkpoint records none. ``keys``: compare only these (those known at the time)."""
+    if not recorded:
+        return None
+    keys = [k for k in (keys or SETTING_WORDS) if k in recorded and k in current]
+    diffs = [f"{SETTING_WORDS.get(k, k)} {_shown(recorded[k])} (this run: {_shown(current[k])})"
+             for k in keys if recorded[k] != current[k]]
+    if not diffs:
+        return None
+    return (f"cannot resume {checkpoint}: it was written with {'; '.join(diffs)}; resume with the same settings, "
+            "or start a new run (a new output.dir, or output.resume=never with output.overwrite=true)")
+
+
+def load_failure_message(checkpoint: str, e: BaseException) -> str:
+    """A checkpoint that fails to load into this run's model or optimizer (no ``vlsft-run.json`` to compare)."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (f"cannot resume {checkpoint}: its weights or optimizer state do not fit this run's model ({first[:300]}); "
+            "it was probably written with other settings (model family, LoRA on/off or r, tune_mm_*): resume with "
+            "the same settings, or start a new run (a new output.dir, or output.resume=never with "
+            "output.overwrite=true)")
+
+
+def schedule_changes(recorded: dict | None, current: dict) -> list[tuple[str, object, object]]:
+    """``(key, checkpoint's value, this run's value)`` for each learning-rate setting that differs."""
+    if not recorded:
+        return []
+    return [(k, recorded[k], current.get(k)) for k in SCHEDULE_KEYS
+            if k in recorded and k in current and recorded[k] != current[k]]
+
+
+def schedule_warning(checkpoint: str, changes: list[tuple[str, object, object]]) -> str:
+    shown = ", ".join(f"{k} {_shown(new)} (checkpoint: {_shown(old)})" for k, old, new in changes)
+    return (f"resume: {shown} not applied: the optimizer and scheduler state of {checkpoint} continue its "
+            "schedule; start a new run (a new output.dir, or output.resume=never with output.overwrite=true, "
+            f"model.name_or_path={checkpoint}) to train with other values")

@@ -208,20 +208,26 @@ def run(argv: list[str]) -> int:
     logger.info("world size %d, process %d, device %s, distributed %s", training_args.world_size,
                 training_args.process_index, training_args.device, training_args.distributed_state.distributed_type)
     lora_plan, eval_strategy = _refuse_early(model_args, data_args, training_args)
-    resume_from = _resume_point(training_args)
     fam = _checked_family(model_args, data_args, training_args)
+    settings = _run_settings(model_args, training_args, lora_plan, fam.model_type)
+    resume_from, recorded = _resume_point(training_args, settings)
     from transformers import set_seed
 
     set_seed(training_args.seed)
     PHASE["now"] = "loading the model"
     model, processor = _load_model_and_processor(model_args, data_args, training_args, fam, lora_plan)
     model = _apply_training_mode(model, model_args, training_args, lora_plan, fam.model_type)
+    from qwenvl.model import trainable_counts
+
+    settings["trainable"] = trainable_counts(model)  # another model size of the family: other shapes
+    _check_settings(recorded, settings, ["trainable"])
     _crash_if_a_test_asks(training_args.process_index)
     PHASE["now"] = "reading the data"
     data, eval_dataset = _load_data(processor, data_args, training_args, fam.model_type, eval_strategy)
     PHASE["now"] = "building the trainer"
     trainer, save_lora = _build_trainer(model, processor, data, eval_dataset, model_args, training_args, lora_plan,
                                         resume_from)
+    trainer.run_settings, trainer.run_schedule = settings, _schedule(training_args)
     PHASE["now"] = "training"
     summary = _train_and_save(trainer, processor, training_args, resume_from, save_lora)
     if training_args.process_index == 0:
@@ -339,9 +345,81 @@ def _lora_plan(model_args, training_args):
     return plan
 
 
-def _resume_point(training_args) -> str | None:
+def _run_settings(model_args, training_args, lora_plan, model_type: str) -> dict:
+    """What a checkpoint's weights and optimizer state depend on (recorded in its ``vlsft-run.json``, compared on
+    resume): the model family, the parts trained in full, the LoRA setup (None: a full fine-tune)."""
+    from qwenvl.lora_rules import PARTS
+
+    if lora_plan is None:
+        flags = {"vision": model_args.tune_mm_vision, "merger": model_args.tune_mm_mlp, "llm": model_args.tune_mm_llm}
+        full, lora = [p for p in PARTS if flags.get(p)], None
+    else:
+        full = [p for p in PARTS if p in lora_plan.full]
+        lora = {"r": int(training_args.lora_r), "targets": [p for p in PARTS if p in lora_plan.targets],
+                "modules": lora_plan.regex, "dora": bool(training_args.lora_use_dora)}
+    return {"model_type": model_type, "trained_in_full": full, "lora": lora}
+
+
+def _schedule(training_args) -> dict:
+    """The learning-rate settings (a resume keeps the checkpoint's base lrs: :func:`_warn_schedule`)."""
+    from qwenvl.runpolicy import SCHEDULE_KEYS
+
+    out = {}
+    for k in SCHEDULE_KEYS:
+        v = getattr(training_args, k, None)
+        out[k] = getattr(v, "value", v)
+    return out
+
+
+def _old_schedule(checkpoint: str) -> dict | None:
+    """A checkpoint without ``vlsft-run.json`` (older vlsft): the lr settings from its ``training_args.bin``."""
+    path = Path(checkpoint) / "training_args.bin"
+    if not path.is_file():
+        return None
+    try:
+        import torch
+
+        return _schedule(torch.load(path, map_location="cpu", weights_only=False))
+    except Exception:  # noqa: BLE001 - only a warning depends on it
+        return None
+
+
+def _check_settings(recorded: tuple[str, dict] | None, settings: dict, keys=None) -> None:
+    from qwenvl.runpolicy import settings_mismatch
+
+    if recorded:
+        problem = settings_mismatch(recorded[0], recorded[1].get("settings"), settings, keys)
+        if problem:
+            raise UserError(problem)
+
+
+def _warn_schedule(checkpoint: str, recorded: dict | None, training_args) -> None:
+    """Rank 0: one warning line when the lr settings differ from the checkpoint's (the optimizer and scheduler
+    state restored by the Trainer keep the checkpoint's base learning rates)."""
+    from qwenvl.runpolicy import schedule_changes
+
+    old = recorded.get("schedule") if recorded else _old_schedule(checkpoint)
+    changes = schedule_changes(old, _schedule(training_args))
+    if not changes or training_args.process_index != 0:
+        return
+    base = [c for c in changes if c[0] in ("learning_rate", "mm_projector_lr", "vision_tower_lr")]
+    shape = [c for c in changes if c not in base]
+    parts = []
+    if base:
+        parts.append(", ".join(f"{k} {v!s} (checkpoint: {o!s})" for k, o, v in base)
+                     + " not applied: the checkpoint's optimizer and scheduler state keep its base learning rate")
+    if shape:
+        parts.append(", ".join(f"{k} {v!s} (checkpoint: {o!s})" for k, o, v in shape)
+                     + " applied from the next step on, on the checkpoint's base learning rate and step count")
+    logger.warning("resume from %s: %s; to train with other learning-rate settings start a new run from its "
+                   "weights (model.name_or_path=%s, a new output.dir)", checkpoint, "; ".join(parts), checkpoint)
+
+
+def _resume_point(training_args, settings: dict | None = None) -> tuple[str | None, tuple[str, dict] | None]:
     """The checkpoint to continue from (None: a fresh start; old checkpoints set aside with overwrite), or one line
-    when ``output_dir`` holds a run that this start would silently replace (:func:`qwenvl.runpolicy.decide_resume`)."""
+    when ``output_dir`` holds a run that this start would silently replace (:func:`qwenvl.runpolicy.decide_resume`)
+    or the checkpoint was written with other settings (its ``vlsft-run.json``), and ``(checkpoint, its record)``
+    (None without a record)."""
     resume = training_args.resume
     rfc = str(training_args.resume_from_checkpoint or "").strip()
     if rfc and resume == "auto":  # the HF flag: PATH, or True/False as some scripts pass it
@@ -350,14 +428,22 @@ def _resume_point(training_args) -> str | None:
     resume_from = decide_resume(training_args.output_dir, resume, training_args.overwrite_output_dir,
                                 warn=logger.warning if training_args.process_index == 0 else (lambda _msg: None))
     check_resumable(resume_from, training_args.deepspeed)
+    found = None
     if resume_from:
+        from qwenvl.runpolicy import read_run_record
+
+        record = read_run_record(resume_from)
+        found = (resume_from, record) if record else None
+        if settings is not None:
+            _check_settings(found, settings)
+        _warn_schedule(resume_from, record, training_args)
         logger.info("resuming from %s", resume_from)
         from qwenvl.reshard import prepare_resume
 
         resume_from = prepare_resume(resume_from, training_args)  # another world size: a universal conversion
     elif training_args.overwrite_output_dir and training_args.process_index == 0:
         set_aside_old_checkpoints(training_args.output_dir)
-    return resume_from
+    return resume_from, found
 
 
 def _checked_family(model_args, data_args, training_args):
@@ -526,7 +612,14 @@ def _build_trainer(model, processor, data, eval_dataset, model_args, training_ar
         save_lora = _lora_saver(model, lora_plan, model_args, training_args)
         trainer.add_callback(lora.SaveExtrasCallback(save_lora))
         if resume_from and not training_args.deepspeed:  # DeepSpeed restores every module weight from its state
-            lora.load_full_parts(model, resume_from)
+            try:
+                lora.load_full_parts(model, resume_from)
+            except (ValueError, RuntimeError, KeyError) as e:
+                if isinstance(e, UserError):
+                    raise
+                from qwenvl.runpolicy import load_failure_message
+
+                raise UserError(load_failure_message(resume_from, e)) from e
     return trainer, save_lora
 
 
@@ -561,7 +654,17 @@ def _train_and_save(trainer, processor, training_args, resume_from, save_lora) -
     manifest); returns the run's summary line. A stop by signal ends here with its checkpoint and no final model."""
     from qwenvl import stopsignal
 
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except (ValueError, RuntimeError, KeyError) as e:
+        # a checkpoint whose state does not fit this model or optimizer (written with other settings by an older
+        # vlsft, without a vlsft-run.json to compare before loading): one line, not a traceback per rank
+        from qwenvl.runpolicy import is_no_space, load_failure_message
+
+        if not getattr(trainer, "loading_checkpoint", False) or isinstance(e, UserError) or lost_peer(e) \
+                or is_no_space(e):
+            raise
+        raise UserError(load_failure_message(resume_from, e)) from e
     if stopsignal.received() is not None:  # stopped by a signal: the checkpoint is saved, there is no final model
         raise stopsignal.Stopped(stopsignal.received())
     # every rank: totals over ranks; no sample trained / past the bad-sample limit -> one error line, no final model

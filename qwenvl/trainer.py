@@ -65,6 +65,7 @@ from qwenvl.model import parameter_groups
 from qwenvl.optim import adamw_kwargs
 from qwenvl.optim import describe as describe_optimizer
 from qwenvl.problems import UserError
+from qwenvl.runpolicy import read_run_record, write_run_record
 from qwenvl.trainer_position import DataPositionMixin
 
 __all__ = ["QwenVLTrainer", "dataset_loss_sums", "token_mean_loss"]
@@ -133,6 +134,12 @@ class QwenVLTrainer(DataPositionMixin, Trainer):
         self._bad_sample_monitor.hint = f"see {Path(self.args.output_dir) / 'logs'}/skipped-samples-rank*.jsonl"
         self.add_callback(BadSampleCheckCallback(self))
         self._steps_this_run = 0
+        #: what the checkpoint's vlsft-run.json records (qwenvl.train sets them): settings compared on resume
+        self.run_settings: dict = {}
+        self.run_schedule: dict = {}
+        self._resuming_from: str | None = None
+        self._trained_before: int | None = 0  # samples trained by the run's earlier segments (None: unknown)
+        self.loading_checkpoint = False  # True from train(resume) until the checkpoint's state is loaded
         self._skip_log = None
         self._reset_window()
         self._skipped_total = 0
@@ -160,8 +167,13 @@ class QwenVLTrainer(DataPositionMixin, Trainer):
                                       vision_tower_lr=getattr(self.args, "vision_tower_lr", None))
             if not groups:
                 raise ValueError("no trainable parameters: set at least one of tune_mm_vision, tune_mm_mlp, tune_mm_llm")
+            resumed = self._resuming_from
             for g in groups:
-                logger.info("optimizer group %-16s lr %.3g weight_decay %.3g params %d", g["name"], g["lr"],
+                # on a resume the checkpoint's optimizer state brings back its own base lr: the configured one
+                # applies to a fresh run only (qwenvl.train warns when they differ)
+                lr = (f"lr from {Path(resumed).name} (configured {g['lr']:.3g}, applied to a fresh run only)"
+                      if resumed else f"lr {g['lr']:.3g}")
+                logger.info("optimizer group %-16s %s weight_decay %.3g params %d", g["name"], lr,
                             g["weight_decay"], sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in g["params"]))
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             if optimizer_cls is torch.optim.AdamW:  # fused where torch has the kernel (qwenvl.optim)
@@ -421,6 +433,39 @@ class QwenVLTrainer(DataPositionMixin, Trainer):
             raise BadSampleLimitExceeded(m.stop_message(seen, skipped, self._kinds_over_ranks()))
         return seen, skipped, trained
 
+    # ---- the run over its segments (resumes) -------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        rfc = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        self._resuming_from = rfc
+        if rfc:
+            record = read_run_record(rfc)
+            before = record.get("trained_samples") if record else None
+            self._trained_before = int(before) if isinstance(before, int) and before >= 0 else None
+        self.loading_checkpoint = bool(rfc)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _prepare_for_training(self, *args, **kwargs):
+        out = super()._prepare_for_training(*args, **kwargs)
+        self.loading_checkpoint = False  # the weights, optimizer and scheduler state of the checkpoint are loaded
+        return out
+
+    def trained_over_run(self) -> int | None:
+        """Samples trained by the whole run (earlier segments too), summed over ranks (a collective); None when
+        a checkpoint of an older vlsft left the earlier count unknown and this segment trained none."""
+        trained = self.sample_totals()[2]
+        if self._trained_before is None:
+            return trained or None
+        return self._trained_before + trained
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        if self.control.should_save and self.trained_over_run() == 0:
+            # a checkpoint of a run that trained no sample would be resumed as a finished run later
+            self.control.should_save = False
+            if self.args.process_index == 0:
+                logger.warning("no checkpoint at step %d: no sample has been trained yet (every sample read was "
+                               "bad)", self.state.global_step)
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
     def finish_run(self) -> str:
         """After ``train()``, on every rank, before the final model is saved: the totals over ranks. A run that
         trained on no sample (every sample bad) or is past the bad-sample limit raises
@@ -436,10 +481,16 @@ class QwenVLTrainer(DataPositionMixin, Trainer):
         if self._skip_log is not None:
             self._skip_log.close()
             self._skip_log = None
-        if trained == 0 and not (seen == 0 and self._steps_this_run == 0 and self.state.global_step > 0):
-            # (a resumed run with no step left reads nothing; that is not a failure)
+        before = self._trained_before if self._resuming_from else 0
+        if trained == 0 and not (seen == 0 and self._steps_this_run == 0 and self.state.global_step > 0
+                                 and (before is None or before > 0)):
+            # (a resumed run with no step left reads nothing; that is not a failure when its earlier segments
+            # trained samples: the count is in the checkpoint's vlsft-run.json, unknown for older checkpoints)
             what = (f"all {seen:,} samples read were bad ({describe_kinds(kinds)}); {self._bad_sample_monitor.hint}"
-                    if seen else "no sample was read")
+                    if seen else
+                    f"the run resumed from {self._resuming_from}, saved before any sample was trained, with no step "
+                    "left (start over: output.resume=never with output.overwrite=true)"
+                    if self._resuming_from and self.state.global_step > 0 else "no sample was read")
             raise BadSampleLimitExceeded(f"no sample was trained: {what}; no final model was written; fix the data "
                                          "(vlsft datasets check --deep)")
         return line
@@ -450,7 +501,14 @@ class QwenVLTrainer(DataPositionMixin, Trainer):
         if delay:
             logger.warning("VLSFT_TEST_SAVE_DELAY_S=%s: the checkpoint save sleeps first (test hook)", delay)
             time.sleep(float(delay))
-        return super()._save_checkpoint(model, trial)
+        trained = self.trained_over_run()  # every rank (a collective), before rank 0 writes it
+        out = super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and folder.is_dir():  # what a resume compares with (qwenvl.train)
+            write_run_record(folder, {"version": 1, "global_step": self.state.global_step,
+                                      "trained_samples": trained, "settings": self.run_settings,
+                                      "schedule": self.run_schedule})
+        return out
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
