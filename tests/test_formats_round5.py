@@ -79,3 +79,53 @@ def test_convert_annotations_unreadable_at_conversion_time_are_left_out(tmp_path
     assert r.returncode == 1, r.stderr
     assert "b.jsonl: warning: left out: dataset 'b': cannot read annotations: the file changed" in r.stderr
     assert set(json.loads((out / "Dataset-Dictionary.json").read_text())) == {"a"}
+
+
+# ---- finding 1: qwen-vl-utils' per-part keys ------------------------------------------------------------------
+FRAMES = ["f1.jpg", "f2.jpg", "f3.jpg", "f4.jpg"]
+
+
+def _qvl(part: dict, **rec) -> dict:
+    return {**rec, "messages": [{"role": "user", "content": [part, {"type": "text", "text": "Colours?"}]},
+                                {"role": "assistant", "content": "Four."}]}
+
+
+def test_video_part_fps_is_the_frame_rate_as_the_record_key_is():
+    from qwenvl.data import formats
+    from qwenvl.data.sample import frame_fps
+
+    fmt = formats.FormatSpec("messages")
+    for key in ("fps", "sample_fps"):
+        internal, _, problems = formats.sample_problems(_qvl({"type": "video", "video": FRAMES, key: 1}), fmt)
+        assert not problems and frame_fps(internal, fmt) == 1.0
+    # the part's own rate wins over the record's
+    internal, _, _ = formats.sample_problems(_qvl({"type": "video", "video": FRAMES, "fps": 4}, fps=1), fmt)
+    assert frame_fps(internal, fmt) == 4.0
+    # a bad rate is the record key's error; two parts at different rates are one line
+    _, _, problems = formats.sample_problems(_qvl({"type": "video", "video": FRAMES, "fps": 0}), fmt)
+    assert [p[2] for p in problems if p[0] == "error"] == ["bad_fps"]
+    two = {"messages": [{"role": "user", "content": [{"type": "video", "video": FRAMES, "fps": 1},
+                                                     {"type": "video", "video": FRAMES, "fps": 2}, "Same?"]},
+                        {"role": "assistant", "content": "No."}]}
+    internal, _, problems = formats.sample_problems(two, fmt)
+    assert internal is None and [p[2] for p in problems] == ["bad_fps"]
+
+
+def test_unapplied_part_keys_are_one_warning_per_dataset_in_the_deep_check(tmp_path):
+    from PIL import Image
+
+    from qwenvl.data.annotation_check import scan
+
+    Image.new("RGB", (56, 56), (0, 0, 255)).save(tmp_path / "blue.png")
+    recs = [_qvl({"type": "image", "image": "blue.png", "resized_height": 28, "resized_width": 56}),
+            _qvl({"type": "image", "image": "blue.png", "max_pixels": 3136}),
+            _qvl({"type": "image", "image": "blue.png"})]
+    recs += [_qvl({"type": "image", "image": "blue.png", "min_pixels": 784})] * 30
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    from qwenvl.data import formats
+
+    res = scan(str(tmp_path / "q.jsonl"), str(tmp_path), deep=True, fmt=formats.FormatSpec("messages"))
+    lines = [p for p in res.problems if "not applied" in p.message]
+    assert len(lines) == 1 and lines[0].severity == "warning" and lines[0].line == 1
+    assert "'resized_height', 'resized_width'" in lines[0].message and "32 sample(s)" in lines[0].message
+    assert not [p for p in res.problems if p.severity == "error"]

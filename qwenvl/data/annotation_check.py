@@ -56,6 +56,8 @@ from qwenvl.problems import Problem
 from qwenvl.secrets import mask_url
 
 MAX_PER_KIND = 20  # problems of one kind reported per annotation file (the rest are counted)
+#: warnings about the dataset's way of writing its samples, not about one sample: one line per annotation file
+ONCE_PER_DATASET = frozenset({"part_keys_not_applied"})
 
 
 @dataclass
@@ -657,6 +659,11 @@ def _sink_problems(res: ScanResult, sink: _Sink, data: bytes, path: str) -> None
     res.media_line = lines.get((first_media[0], None)) if isinstance(first_media, tuple) else first_media
     first: dict[str, Problem] = {}
     for loc, code, severity, message, key, hint, column, kind in sink.items:
+        if code in ONCE_PER_DATASET:  # one line for the whole file: where it is first, how many samples
+            if code in first:
+                continue
+            n = sink.counts.get(code, 1)
+            message += f" (first here; {n:,} sample(s) of this dataset)" if n > 1 else ""
         line = lines.get(loc) if isinstance(loc, tuple) else loc
         problem = Problem(severity, oneline(message), path, line, column, oneline(key), oneline(hint))  # type: ignore[arg-type]
         first.setdefault(code, problem)
@@ -664,7 +671,7 @@ def _sink_problems(res: ScanResult, sink: _Sink, data: bytes, path: str) -> None
         res.kinds[problem] = kind
     res.problems.sort(key=lambda p: p.line or 0)  # file order (stable: same line keeps check order)
     for kind, count in sink.counts.items():
-        if count > sink.max:
+        if count > sink.max and kind not in ONCE_PER_DATASET:
             more = count - sink.max
             res.suppressed[kind] = more
             ex = first[kind]

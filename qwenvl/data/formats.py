@@ -339,6 +339,10 @@ _IMAGE_PARTS = {"image": ("image", "url", "path", "image_url", "value"), "image_
 _VIDEO_PARTS = {"video": ("video", "url", "path", "video_url", "value"), "video_url": ("video_url", "url", "value")}
 #: LLaMA-Factory v1 parts that are not text or media: an answer's reasoning and its tool calls (JSON strings)
 _TURN_PARTS = ("reasoning", "tool_call")
+#: qwen-vl-utils' per-part keys (``fetch_image`` / ``fetch_video``) that vlsft does not apply: the run's
+#: ``max_pixels`` / ``video_*`` settings are used; ``datasets check --deep`` says so once per dataset
+UNAPPLIED_PART_KEYS = ("min_pixels", "max_pixels", "total_pixels", "resized_height", "resized_width", "nframes",
+                       "min_frames", "max_frames", "video_start", "video_end")
 
 
 def _parts(parts: list, ckey: str, out: list, inline: dict) -> str | None:
@@ -376,6 +380,10 @@ def _parts(parts: list, ckey: str, out: list, inline: dict) -> str | None:
             return None
         media = "image" if table is _IMAGE_PARTS else "video"
         src = next((part[k] for k in table[kind] if k in part), None)
+        inline["unapplied"].update(k for k in UNAPPLIED_PART_KEYS if part.get(k) is not None)
+        fps_key = next((k for k in FPS_KEYS if part.get(k) is not None), None) if media == "video" else None
+        if fps_key is not None:  # qwen-vl-utils: the video part's own frame rate (read as the record's key)
+            inline["fps"].append((fps_key, part[fps_key]))
         src = _url(src, media)
         if src is None:
             inline["bare_" + media] += 1
@@ -455,7 +463,8 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
     if msgs is None:
         return None, _PLAIN, out
     extras = Extras()
-    inline = {"image": [], "video": [], "bare_image": 0, "bare_video": 0, "reasoning": [], "calls": []}
+    inline = {"image": [], "video": [], "bare_image": 0, "bare_video": 0, "reasoning": [], "calls": [],
+              "fps": [], "unapplied": set()}
     turns = _read_turns(msgs, f, out, inline, extras, sys_prompt)
     if turns is None or not _sample_options(rec, extras, out, f.tools_key):
         return None, _PLAIN, out
@@ -469,6 +478,8 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
     for key in FPS_KEYS:  # the frame rate of videos given as frame images (qwenvl.data.sample.frame_fps)
         if key in rec:
             internal[key] = rec[key]
+    if not _part_fps(inline, internal, out, f.messages_key):
+        return None, _PLAIN, out
     if not _media_fields(rec, f, inline, internal, out):
         return None, _PLAIN, out
     if fmt.name == "messages" and not inline["image"] and not inline["video"]:
@@ -484,6 +495,32 @@ def normalise(rec: Any, fmt: FormatSpec | None) -> tuple[Any, Extras, list]:
                         "key) on at least one answer", "no_answer"))
         return None, _PLAIN, out
     return internal, extras, out
+
+
+def _part_fps(inline: dict, internal: dict, out: list, ckey: str) -> bool:
+    """qwen-vl-utils' per-part keys: a video part's ``fps`` / ``sample_fps`` is the sample's frame rate of videos
+    given as frame images (in place of a record-level one); the keys vlsft does not apply are one warning (shown
+    once per dataset by ``datasets check --deep``). False after an error (two parts at different rates)."""
+    rates = {json.dumps(v) for _k, v in inline["fps"]}
+    if len(rates) > 1:
+        out.append(_err("bad_fps", f"the video parts give different frame rates ({', '.join(sorted(rates))}): vlsft "
+                        "reads one rate per sample", ckey, "give each video in a sample of its own, or one 'fps'",
+                        "bad_media_field"))
+        return False
+    if inline["fps"]:
+        for key in FPS_KEYS:
+            internal.pop(key, None)
+        key, value = inline["fps"][0]
+        internal[key] = value
+    if inline["unapplied"]:
+        keys = ", ".join(f"'{k}'" for k in UNAPPLIED_PART_KEYS if k in inline["unapplied"])
+        out.append(("warning", "part_keys_not_applied", "part_keys_not_applied", f"qwen-vl-utils' per-part key(s) "
+                    f"{keys} on an image/video part are not applied: the run's max_pixels / min_pixels and video "
+                    "settings are used" + ("; the whole video is read" if inline["unapplied"] & {"video_start",
+                                                                                            "video_end"} else ""),
+                    ckey, "resize or trim the media beforehand, or set the run's limits (a video part's 'fps' "
+                    "is read)"))
+    return True
 
 
 def _internvl(rec: dict, fmt: FormatSpec) -> tuple[Any, Extras, list]:
