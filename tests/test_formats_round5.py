@@ -129,3 +129,15 @@ def test_unapplied_part_keys_are_one_warning_per_dataset_in_the_deep_check(tmp_p
     assert len(lines) == 1 and lines[0].severity == "warning" and lines[0].line == 1
     assert "'resized_height', 'resized_width'" in lines[0].message and "32 sample(s)" in lines[0].message
     assert not [p for p in res.problems if p.severity == "error"]
+
+
+# ---- finding 6: a bare-base64 frame in a frame list ------------------------------------------------------------
+def test_bare_base64_frame_error_is_shortened(tmp_path):
+    import base64
+
+    from qwenvl.data.vision import _missing
+
+    payload = base64.b64encode(PNG * 100).decode()
+    err = _missing(str(tmp_path / payload), "image")
+    assert err is not None and len(str(err)) < 200 and "characters)" in str(err)
+    assert " is cannot" not in str(err)

@@ -61,7 +61,9 @@ def _missing(path: str, what: str) -> MediaError | None:
     why = local_media_problem(path)
     if why is None:
         return None
-    return MediaError(f"{what} not found: {path}" if why == "not found" else f"{what} {path} is {why}",
+    path = shown(path)  # a bare-base64 frame read as a path: its head and length, not the whole payload
+    return MediaError(f"{what} not found: {path}" if why == "not found" else
+                      f"{what} {path} {why}" if why.startswith("cannot") else f"{what} {path} is {why}",
                       "missing_media")
 
 
