@@ -141,3 +141,20 @@ def test_bare_base64_frame_error_is_shortened(tmp_path):
     err = _missing(str(tmp_path / payload), "image")
     assert err is not None and len(str(err)) < 200 and "characters)" in str(err)
     assert " is cannot" not in str(err)
+
+
+# ---- finding 11: file:// media in convert's output -------------------------------------------------------------
+def test_convert_strips_file_urls_to_paths(tmp_path):
+    (tmp_path / "red.png").write_bytes(PNG)
+    url = f"file://{tmp_path / 'red.png'}"
+    recs = [{"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Red."}],
+             "images": [url]},
+            {"image": url, "conversations": CONV}]
+    (tmp_path / "a.jsonl").write_text(json.dumps(recs[0]) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps(recs[1]) + "\n")
+    r, out = _convert(tmp_path, {"a": {"data_path": ".", "annotation_path": "a.jsonl"},
+                                 "b": {"data_path": ".", "annotation_path": "b.jsonl"}})
+    assert r.returncode == 0, r.stderr
+    assert _lines(out / "a.jsonl")[0]["image"] == [str(tmp_path / "red.png")]
+    assert _lines(out / "b.jsonl")[0]["image"] == str(tmp_path / "red.png")
+    assert vlsft("datasets", "check", "--deep", str(out / "Dataset-Dictionary.json")).returncode == 0

@@ -161,12 +161,29 @@ def _official_samples(name: str, spec: DatasetSpec, err):
         why = "not valid JSON" if isinstance(rec, ValueError) else ""
         off, own, why = (None, None, why) if why else formats.to_official(rec, fmt)
         if off is not None:
+            off = _plain_paths(off)
             why = _media_problem(off, spec.data_path, fmt.name not in formats.OFFICIAL_SHAPED, files)
         if off is None or why:
             skipped.append((line, why))
             continue
         samples.append((off, own, line))
     return fmt, samples, skipped
+
+
+def _file_path(value):
+    return value[7:] if type(value) is str and value[:7].lower() == "file://" else value
+
+
+def _plain_paths(off: dict) -> dict:
+    """``off`` with its ``file://`` media named by their path: vlsft reads such a URL, the official trainer joins
+    it to its data path."""
+    if not any(_file_path(v) is not v for _k, _i, v in _media_items(off)):
+        return off
+    new = dict(off)
+    for key in ("image", "video"):
+        value = off.get(key)
+        new[key] = [_file_path(v) for v in value] if type(value) is list else _file_path(value)
+    return {k: v for k, v in new.items() if v is not None or k in off}
 
 
 def _media_problem(off: dict, data_path: str | None, foreign: bool, files: dict) -> str:
