@@ -158,3 +158,14 @@ def test_convert_strips_file_urls_to_paths(tmp_path):
     assert _lines(out / "a.jsonl")[0]["image"] == [str(tmp_path / "red.png")]
     assert _lines(out / "b.jsonl")[0]["image"] == str(tmp_path / "red.png")
     assert vlsft("datasets", "check", "--deep", str(out / "Dataset-Dictionary.json")).returncode == 0
+
+
+# ---- finding 4: LLaVA-Video's <image> tag for its video --------------------------------------------------------
+def test_llava_video_image_tag_for_a_video_is_one_error_with_the_fix():
+    from qwenvl.data import formats
+
+    rec = {"id": "v1", "video": "clip.mp4", "data_source": "x",
+           "conversations": [{"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "Moves."}]}
+    _, _, problems = formats.sample_problems(rec, formats.FormatSpec("official"))
+    errors = [p for p in problems if p[0] == "error"]
+    assert len(errors) == 1 and "write <video>" in errors[0][5]

@@ -370,7 +370,12 @@ def record_problems(rec: Any) -> list[Item]:
     if vid is not None and (rec.get("sample_fps") is not None or rec.get("fps") is not None):
         _fps_problem(rec, out)
     n_img, n_vid, no_answer = conversation_problems(rec.get("conversations"), out, rec)
-    if n_img >= 0:
+    if n_img >= 0 and n_img == n_videos and n_vid == 0 and n_images == 0 and n_img:
+        # LLaVA-Video-178K / LLaVA-NeXT: the video's place written as <image> (their trainer has no <video>)
+        out.append(("error", "tags_media_mismatch", "video_tags", f"{n_img} <image> tag(s) for {n_videos} video(s) "
+                    "and no image: LLaVA-Video writes <image> where its video goes", "video",
+                    "write <video> in place of <image> in these samples"))
+    elif n_img >= 0:
         if n_img != n_images:
             out.append(("error", "tags_media_mismatch", "image_tags", f"{n_img} <image> tag(s) for {n_images} "
                         "image(s)", "image", "put one <image> tag in a human turn per image, in order"))
