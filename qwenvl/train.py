@@ -208,9 +208,16 @@ def run(argv: list[str]) -> int:
     logger.info("world size %d, process %d, device %s, distributed %s", training_args.world_size,
                 training_args.process_index, training_args.device, training_args.distributed_state.distributed_type)
     lora_plan, eval_strategy = _refuse_early(model_args, data_args, training_args)
+    settings: dict = {}
+
+    def this_run() -> dict:  # (the family check after the output folder's own checks, as before)
+        fam = _checked_family(model_args, data_args, training_args)
+        settings.update(_run_settings(model_args, training_args, lora_plan, fam.model_type))
+        return settings
+    resume_from, recorded = _resume_point(training_args, this_run)
     fam = _checked_family(model_args, data_args, training_args)
-    settings = _run_settings(model_args, training_args, lora_plan, fam.model_type)
-    resume_from, recorded = _resume_point(training_args, settings)
+    if not settings:
+        this_run()
     from transformers import set_seed
 
     set_seed(training_args.seed)
@@ -415,7 +422,7 @@ def _warn_schedule(checkpoint: str, recorded: dict | None, training_args) -> Non
                    "weights (model.name_or_path=%s, a new output.dir)", checkpoint, "; ".join(parts), checkpoint)
 
 
-def _resume_point(training_args, settings: dict | None = None) -> tuple[str | None, tuple[str, dict] | None]:
+def _resume_point(training_args, settings=None) -> tuple[str | None, tuple[str, dict] | None]:
     """The checkpoint to continue from (None: a fresh start; old checkpoints set aside with overwrite), or one line
     when ``output_dir`` holds a run that this start would silently replace (:func:`qwenvl.runpolicy.decide_resume`)
     or the checkpoint was written with other settings (its ``vlsft-run.json``), and ``(checkpoint, its record)``
@@ -434,8 +441,8 @@ def _resume_point(training_args, settings: dict | None = None) -> tuple[str | No
 
         record = read_run_record(resume_from)
         found = (resume_from, record) if record else None
-        if settings is not None:
-            _check_settings(found, settings)
+        if settings is not None:  # this run's settings (a function: only computed when resuming)
+            _check_settings(found, settings())
         _warn_schedule(resume_from, record, training_args)
         logger.info("resuming from %s", resume_from)
         from qwenvl.reshard import prepare_resume
