@@ -96,3 +96,17 @@ def test_ms_swift_agent_roles():
     got, extras, _ = formats.sample_problems({"messages": masked}, fmt)
     assert got["conversations"][1]["content"] == "I will look both up." and "tool_calls" not in got["conversations"][1]
     assert extras.untrained == {1}
+
+
+def test_a_too_long_text_only_sample_is_not_told_to_lower_max_pixels(qwen_tokenizer_dir):
+    import pytest
+    from transformers import AutoTokenizer
+
+    from qwenvl.data.preprocess import BadSample
+    from qwenvl.data.sample import SampleBuilder, VisionBudget
+
+    b = SampleBuilder(AutoTokenizer.from_pretrained(qwen_tokenizer_dir), VisionBudget(max_pixels=50176, min_pixels=784),
+                      model_max_length=20)
+    with pytest.raises(BadSample) as info:
+        b.build({"conversations": [{"from": "human", "value": "hello " * 50}, {"from": "gpt", "value": "a"}]}, None)
+    assert info.value.kind == "too_long" and "max_pixels" not in str(info.value) and "shorten" in str(info.value)

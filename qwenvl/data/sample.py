@@ -346,8 +346,10 @@ class SampleBuilder:
         ids, labels = self._chat_tokens(turns, system, image_tokens, video_tokens, head_videos,
                                         chat_options(fmt, extras))
         if self.model_max_length is not None and len(ids) > self.model_max_length:
-            raise BadSample(f"{len(ids)} tokens > model_max_length {self.model_max_length} (skipped whole: "
-                            "vision tokens are never cut; raise model_max_length or lower max_pixels)", "too_long")
+            fix = ("vision tokens are never cut; raise model_max_length or lower max_pixels" if images or videos
+                   else "text is never cut; raise model_max_length or shorten the sample")
+            raise BadSample(f"{len(ids)} tokens > model_max_length {self.model_max_length} (skipped whole: {fix})",
+                            "too_long")
         out["input_ids"] = torch.from_numpy(ids)
         out["labels"] = torch.from_numpy(labels)
         out["position_ids"] = self.rope(out["input_ids"], out.get("image_grid_thw"), out.get("video_grid_thw"),
