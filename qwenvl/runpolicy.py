@@ -646,23 +646,33 @@ SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "mm_projector_lr", "visio
                  "warmup_steps")
 
 
-def write_run_record(folder: str | os.PathLike, record: dict) -> None:
-    """``<folder>/vlsft-run.json`` (samples trained so far, the run's settings and schedule), written atomically."""
-    path = Path(folder) / RUN_RECORD
-    tmp = path.with_name(f".{RUN_RECORD}.tmp-{os.getpid()}")
+def write_json_record(folder: str | os.PathLike, name: str, record: dict) -> None:
+    """``<folder>/<name>`` as one line of JSON, written to a temporary name and renamed."""
+    path = Path(folder) / name
+    tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(record, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
-def read_run_record(folder: str | os.PathLike | None) -> dict | None:
-    """The checkpoint's ``vlsft-run.json``, None when absent or unreadable (a checkpoint of an older vlsft)."""
+def read_json_record(folder: str | os.PathLike | None, name: str) -> dict | None:
+    """``<folder>/<name>`` as a dict; None when there is no folder, no file, or it is not a JSON object."""
     if not folder:
         return None
     try:
-        record = json.loads((Path(folder) / RUN_RECORD).read_text(encoding="utf-8"))
+        record = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def write_run_record(folder: str | os.PathLike, record: dict) -> None:
+    """``<folder>/vlsft-run.json`` (samples trained so far, the run's settings and schedule), written atomically."""
+    write_json_record(folder, RUN_RECORD, record)
+
+
+def read_run_record(folder: str | os.PathLike | None) -> dict | None:
+    """The checkpoint's ``vlsft-run.json``, None when absent or unreadable (a checkpoint of an older vlsft)."""
+    return read_json_record(folder, RUN_RECORD)
 
 
 def _shown(value) -> str:

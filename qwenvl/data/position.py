@@ -27,12 +27,10 @@ torch-free at import (accelerate's samplers are imported where the default strea
 from __future__ import annotations
 
 import base64
-import json
 import os
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -84,20 +82,16 @@ def make_record(geometry: Geometry, *, global_step: int, epoch: int, done: np.nd
 
 def write_record(folder: str | os.PathLike, record: dict) -> None:
     """``<folder>/vlsft-position.json``, written to a temporary name and renamed."""
-    path = Path(folder) / RECORD
-    tmp = path.with_name(f".{RECORD}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from qwenvl.runpolicy import write_json_record
+
+    write_json_record(folder, RECORD, record)
 
 
 def read_record(folder: str | os.PathLike | None) -> dict | None:
-    if not folder:
-        return None
-    try:
-        record = json.loads((Path(folder) / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get("version") == VERSION else None
+    from qwenvl.runpolicy import read_json_record
+
+    record = read_json_record(folder, RECORD)
+    return record if record is not None and record.get("version") == VERSION else None
 
 
 def record_geometry(record: dict) -> Geometry:
