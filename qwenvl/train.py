@@ -209,15 +209,16 @@ def run(argv: list[str]) -> int:
                 training_args.process_index, training_args.device, training_args.distributed_state.distributed_type)
     lora_plan, eval_strategy = _refuse_early(model_args, data_args, training_args)
     settings: dict = {}
+    checked: list = []  # the family, checked once: on a resume before the checkpoint is compared, else after
 
     def this_run() -> dict:  # (the family check after the output folder's own checks, as before)
-        fam = _checked_family(model_args, data_args, training_args)
-        settings.update(_run_settings(model_args, training_args, lora_plan, fam.model_type))
+        checked.append(_checked_family(model_args, data_args, training_args))
+        settings.update(_run_settings(model_args, training_args, lora_plan, checked[0].model_type))
         return settings
     resume_from, recorded = _resume_point(training_args, this_run)
-    fam = _checked_family(model_args, data_args, training_args)
-    if not settings:
+    if not checked:
         this_run()
+    fam = checked[0]
     from transformers import set_seed
 
     set_seed(training_args.seed)
