@@ -25,7 +25,8 @@
   loss of the window). Evaluation (``--eval_strategy steps|epoch`` with an eval dataset) logs HF's ``eval_loss``
   plus ``eval_loss_tokens`` (token-weighted over all ranks), ``eval_loss/<name>``, ``eval_tokens/<name>``,
   ``eval_samples`` and ``eval_skipped_samples``; bad eval samples are written to the skipped-samples log
-  (``"phase": "eval"``) and stop the run by the same rule as training.
+  (``"phase": "eval"``) and stop the run by the same rule as training. These eval figures count each sample once
+  (:class:`EvalSamples`), although the distributed sampler repeats a few to give every rank the same batches.
 * :meth:`QwenVLTrainer.finish_run` (after ``train()``, before the final save): a run that trained on no sample
   is an error; rank 0 logs the summary (samples trained / skipped by kind, all ranks), ``qwenvl.train`` prints it.
 * HF's unused-column removal is off: the collator receives whole samples (skipped ones carry no model inputs).
@@ -123,7 +124,8 @@ class QwenVLTrainer(DataPositionMixin, Trainer):
         self._dataset_names = list(dataset_names or [])
         self._ds_win = torch.zeros(2 * len(self._dataset_names), dtype=torch.float64)  # loss sums, then tokens
         self._eval_acc = torch.zeros_like(self._ds_win)
-        self._eval_counts = [0, 0]  # samples, skipped
+        self._eval_counts = [0, 0]  # samples, skipped (batches without sample ids)
+        self._eval_by_sample = EvalSamples()  # batches with sample ids: per sample, counted once over the ranks
         self._eval_monitor = BadSampleMonitor(getattr(bad_sample_monitor, "max_ratio", 1.0))
         self._image_token_id = image_token_id
         self._video_token_id = video_token_id
@@ -267,6 +269,7 @@ class QwenVLTrainer(DataPositionMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         stats = pop_batch_stats(inputs)
         token_datasets = stats.pop("token_datasets", None)
+        by_sample = False
         if model.training:
             self._account(inputs, stats)
             if "num_samples" in stats:  # counted here, checked over all ranks once per step (check_bad_samples)
@@ -274,12 +277,14 @@ class QwenVLTrainer(DataPositionMixin, Trainer):
             if stats.get("skipped"):
                 self._write_skips(stats["skipped"])
         else:  # evaluation: its own counts (the same stop rule, decided on the totals after the loop)
-            self._eval_counts[0] += int(stats.get("num_samples", 0) or 0)
-            self._eval_counts[1] += int(stats.get("num_skipped", 0) or 0)
             if "num_samples" in stats:
                 self._eval_monitor.update(stats, check=False)
             if stats.get("skipped"):
                 self._write_skips([{**r, "phase": "eval"} for r in stats["skipped"]])
+            by_sample = self._eval_by_sample.note_batch(stats)
+            if not by_sample:  # no sample ids (a dataset of another kind): counted as they come
+                self._eval_counts[0] += int(stats.get("num_samples", 0) or 0)
+                self._eval_counts[1] += int(stats.get("num_skipped", 0) or 0)
         split = token_datasets is not None and len(self._dataset_names) > 0 and int(stats.get("num_samples", 1)) > 0
         labels = inputs.get("labels")
         with qloss.armed(labels if self._chunked_loss else None):
@@ -288,11 +293,18 @@ class QwenVLTrainer(DataPositionMixin, Trainer):
             if split:
                 loss, outputs = result
                 if labels is not None:
-                    acc = self._ds_win if model.training else self._eval_acc
                     tokens = qloss.per_token(outputs)
-                    acc += (dataset_loss_sums_of_tokens(*tokens, token_datasets, len(self._dataset_names))
-                            if tokens is not None else
-                            dataset_loss_sums(outputs, labels, token_datasets, len(self._dataset_names)))
+                    if not model.training and by_sample:  # per sample: a sample the sampler repeats counts once
+                        n = len(stats["sample_ids"])
+                        sums = (dataset_loss_sums_of_tokens(*tokens, stats["token_samples"], n)
+                                if tokens is not None else
+                                dataset_loss_sums(outputs, labels, stats["token_samples"], n))
+                        self._eval_by_sample.add(stats, token_datasets, sums)
+                    else:
+                        acc = self._ds_win if model.training else self._eval_acc
+                        acc += (dataset_loss_sums_of_tokens(*tokens, token_datasets, len(self._dataset_names))
+                                if tokens is not None else
+                                dataset_loss_sums(outputs, labels, token_datasets, len(self._dataset_names)))
                 result = (loss, outputs) if return_outputs else loss
         n = stats.get("num_samples")
         if n is not None and int(n) == 0:
@@ -375,13 +387,17 @@ class QwenVLTrainer(DataPositionMixin, Trainer):
                         metric_key_prefix="eval"):
         self._eval_acc.zero_()
         self._eval_counts = [0, 0]
+        self._eval_by_sample = EvalSamples()
         self._eval_monitor.seen = self._eval_monitor.skipped = self._eval_monitor.trained = 0
         self._eval_monitor.kinds = {}
         out = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
                                       ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        values = _sum_over_ranks(self._eval_acc.tolist() + [float(x) for x in self._eval_counts])
         k = len(self._dataset_names)
-        sums, counts = values[:2 * k], values[2 * k:]
+        # the distributed sampler evens the ranks out by repeating samples: those are counted once
+        unique_sums, unique_counts = self._eval_by_sample.totals_over_ranks(k)
+        values = _sum_over_ranks(self._eval_acc.tolist() + [float(x) for x in self._eval_counts])
+        sums = [a + b for a, b in zip(values[:2 * k], unique_sums, strict=True)]
+        counts = [a + b for a, b in zip(values[2 * k:], unique_counts, strict=True)]
         p = metric_key_prefix
         if k:
             out.metrics.update(_per_dataset_metrics(self._dataset_names, sums, f"{p}_loss", f"{p}_tokens"))
@@ -556,6 +572,72 @@ def dataset_loss_sums_of_tokens(losses: torch.Tensor, positions: torch.Tensor, t
         out[:k].index_add_(0, d[keep], ce[keep])
         out[k:].index_add_(0, d[keep], torch.ones_like(ce[keep]))
     return out
+
+
+class EvalSamples:
+    """Evaluation results per sample, so that a sample counts once however often it was evaluated.
+
+    To give every rank the same number of batches, the distributed evaluation sampler repeats samples from the
+    start of the eval set (5 samples on 2 ranks x batch 4 evaluate 8). Each sample is keyed by its dataset index
+    (``sample_ids``): its dataset, loss sum and trained tokens; a skipped sample by the index of its skip
+    record. :meth:`totals_over_ranks` gathers them from every rank (one collective) and sums the unique ones."""
+
+    def __init__(self) -> None:
+        self.good: dict[int, tuple[int, float, float]] = {}  # sample index -> (dataset, loss sum, tokens)
+        self.skipped: set[int] = set()
+        self.unkeyed_skips = 0  # skip records without an index (counted as they come)
+        self._pending: list[int] = []  # this batch's sample ids, until its losses are known
+
+    def note_batch(self, stats: dict) -> bool:
+        """Record a batch's samples (True) or nothing when it carries no sample ids (False: count it elsewhere)."""
+        ids = stats.get("sample_ids")
+        n = int(stats.get("num_samples", 0) or 0)
+        if n and (ids is None or len(ids) != n or "token_samples" not in stats):
+            return False
+        for r in stats.get("skipped") or []:
+            if r.get("sample_index") is not None:
+                self.skipped.add(int(r["sample_index"]))
+            else:
+                self.unkeyed_skips += 1
+        self._pending = [int(i) for i in ids or []]
+        for i in self._pending:  # no loss computed (no labels, no dataset split): still one sample
+            self.good.setdefault(i, (-1, 0.0, 0.0))
+        return True
+
+    def add(self, stats: dict, token_datasets: torch.Tensor, sums: torch.Tensor) -> None:
+        """This batch's per-sample ``[loss sums, tokens]`` (``sums``, in ``sample_ids`` order)."""
+        n = len(self._pending)
+        slots = stats["token_samples"].reshape(-1).cpu()
+        tags = token_datasets.reshape(-1).cpu()
+        keep = slots >= 0
+        ds = torch.full((n,), -1, dtype=torch.long)
+        ds[slots[keep]] = tags[keep]
+        for j, i in enumerate(self._pending):
+            self.good[i] = (int(ds[j]), float(sums[j]), float(sums[n + j]))
+
+    def totals_over_ranks(self, k: int) -> tuple[list[float], list[float]]:
+        """``([loss sums of the k datasets, their tokens], [samples, skipped])`` over all ranks, each sample once."""
+        mine = (self.good, self.skipped, self.unkeyed_skips)
+        every = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            every = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, mine)
+        good: dict = {}
+        skipped: set = set()
+        unkeyed = 0
+        for g, s, u in every:
+            for i, v in g.items():
+                if i not in good or (good[i][0] < 0 <= v[0]):
+                    good[i] = v
+            skipped |= s
+            unkeyed += u
+        sums = [0.0] * (2 * k)
+        for d, loss, tokens in good.values():
+            if 0 <= d < k:
+                sums[d] += loss
+                sums[k + d] += tokens
+        return sums, [float(len(good)), float(len(skipped - good.keys()) + unkeyed)]
 
 
 def _per_dataset_metrics(names: list[str], sums: list[float], loss_key: str, tokens_key: str) -> dict:

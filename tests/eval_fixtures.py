@@ -6,7 +6,8 @@ Data (written into a temporary folder; images are the demo's):
 * ``shapes`` - the demo's 8 image records,
 * ``facts`` - the demo's 6 text records, evaluation only (``data.eval``).
 ``data.eval_split: 0.25`` holds out a quarter of mem / noise / shapes. 6 steps of 2 x 3 samples (one epoch of the
-30 training records, then one more step), logging every step, eval every 3.
+30 training records, then one more step), logging every step, eval every 3. Eval batches of 3: the 16 eval samples on
+2 ranks make 18 with the 2 the distributed sampler repeats, which must count once (``eval_samples`` 16).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def write_yaml(path: Path, model: Path, dictionary: Path, out: Path, *, steps: i
         data={"dictionary": dictionary, "use": ["mem", "noise", "shapes"], "eval": ["facts"], "eval_split": 0.25,
               "video_max_frames": None, "video_min_frames": None, "video_max_frame_pixels": None,
               "video_min_frame_pixels": None, "model_max_length": 256, "packing": True},
-        training={"learning_rate": 1.0e-2, "per_device_train_batch_size": 3, "per_device_eval_batch_size": 4,
+        training={"learning_rate": 1.0e-2, "per_device_train_batch_size": 3, "per_device_eval_batch_size": 3,
                   "max_steps": steps, "save_steps": 6, "eval_steps": 3},
         distributed={"master_port": port}, output={"run_name": "eval", "resume": "auto"})
 

@@ -122,6 +122,9 @@ def test_collator_bookkeeping_is_exactly_the_contract(mode):
               "sample_index": 1}
     batch = coll([_sample(8, 0), marker, _sample(20, 2), _sample(5, 3)])
     stats = pop_batch_stats(batch)
+    slots = stats.pop("token_samples")  # per token: the position of its sample in sample_ids (-1: padding)
+    assert slots.shape == batch["labels"].shape
+    assert sorted(slots[slots >= 0].tolist()) == [0] * 8 + [1] * 5
     assert stats == {"num_samples": 2, "num_skipped": 2, "sample_ids": [0, 3], "skipped": [
         {"kind": "missing_media", "reason": "image not found: a.png", "dataset": "d", "where": "a.json:3",
          "sample_index": 1},

@@ -120,6 +120,49 @@ def test_dataset_tags_survive_padded_flatten_and_packing(tiny_model_dir):
             assert results[mode][name][0] == pytest.approx(results["padded"][name][0], rel=1e-4), (mode, name)
 
 
+@pytest.mark.parametrize("mode", ["padded", "packing"])
+def test_a_sample_evaluated_twice_counts_once(tiny_model_dir, mode):
+    """The distributed eval sampler repeats samples to even the ranks out (16 samples on 2 ranks x 3 evaluate 18):
+    per-sample sums keyed by dataset index count each sample once - totals equal one pass over the unique ones."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qwenvl.arguments import DataArguments
+    from qwenvl.data.collate import pop_batch_stats
+    from qwenvl.data.dataset import make_data_module
+    from qwenvl.trainer import EvalSamples, dataset_loss_sums
+
+    dictionary = REPO / "configs" / "demo" / "Dataset-Dictionary.json"
+    proc = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    args = DataArguments(dataset_use="shapes,facts", dataset_dict=str(dictionary), max_pixels=12544,
+                         min_pixels=3136, model_max_length=256, data_packing=mode == "packing")
+    data = make_data_module(proc.tokenizer, proc.image_processor, args, seed=3)
+    ds, k = data["train_dataset"], len(data["dataset_names"])
+    collate = data["data_collator"]
+
+    def run(indices, into: EvalSamples):
+        batch = collate([ds[i] for i in indices])
+        stats = pop_batch_stats(batch)
+        assert into.note_batch(stats)
+        with torch.no_grad():
+            outputs = model(**batch)
+        n = len(stats["sample_ids"])
+        into.add(stats, stats["token_datasets"], dataset_loss_sums(outputs, batch["labels"], stats["token_samples"], n))
+        return dataset_loss_sums(outputs, batch["labels"], stats["token_datasets"], k)
+
+    once = EvalSamples()
+    expected = run([0, 9, 1, 10], once)
+    twice = EvalSamples()
+    run([0, 9, 1, 10], twice)
+    run([10, 0], twice)  # the wrap-around batch: samples already evaluated
+    for es in (once, twice):
+        sums, counts = es.totals_over_ranks(k)
+        assert counts == [4.0, 0.0]
+        assert sums[k:] == expected[k:].tolist() and min(sums[k:]) > 0
+        assert sums[:k] == pytest.approx(expected[:k].tolist(), rel=1e-6)
+
+
 def test_held_out_split_is_the_same_in_a_fresh_process(tmp_path):
     """The split is a pure function of (data seed, dataset name): another process (another rank, a resumed run)
     holds out exactly the same records, and they are never in the training index."""

@@ -67,9 +67,12 @@ VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_g
 #                   dataset's ``dataset_names``), -1 on padding and dummy tokens; in flatten/packing rows every
 #                   segment keeps its own dataset, so losses can be split by dataset (only when samples carry
 #                   ``dataset_index``)
+#   token_samples   LongTensor shaped like labels: per token, the position in ``sample_ids`` of its sample, -1 on
+#                   padding and dummy tokens (only when every real sample has its dataset index): per-sample loss
+#                   sums, so evaluation counts each sample once although the distributed sampler repeats some
 # They are plain Python values (one tensor), so they travel from DataLoader workers to the main process.
 # ---------------------------------------------------------------------------------------------------------------
-NON_MODEL_KEYS = ("num_samples", "num_skipped", "skipped", "sample_ids", "token_datasets")
+NON_MODEL_KEYS = ("num_samples", "num_skipped", "skipped", "sample_ids", "token_datasets", "token_samples")
 COUNT_KEYS = ("num_samples", "num_skipped")
 TOO_LONG = "too_long"  # reason class of a sample longer than model_max_length
 OTHER = "other"  # reason class of a bad sample whose error names none
@@ -88,7 +91,7 @@ def _as_int(v) -> int:
 def pop_batch_stats(batch: dict) -> dict:
     """Remove the bookkeeping keys (``NON_MODEL_KEYS``) from ``batch`` and return them: ``num_samples`` /
     ``num_skipped`` as ints (when the batch has them), ``skipped`` (only when a sample was skipped),
-    ``sample_ids`` and ``token_datasets`` (when present)."""
+    ``sample_ids``, ``token_datasets`` and ``token_samples`` (when present)."""
     out = {k: _as_int(batch.pop(k)) for k in COUNT_KEYS if k in batch}
     skipped = batch.pop("skipped", None)
     if skipped:
@@ -96,8 +99,9 @@ def pop_batch_stats(batch: dict) -> dict:
     if "sample_ids" in batch:
         ids = batch.pop("sample_ids")
         out["sample_ids"] = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-    if "token_datasets" in batch:
-        out["token_datasets"] = batch.pop("token_datasets")
+    for key in ("token_datasets", "token_samples"):
+        if key in batch:
+            out[key] = batch.pop(key)
     return out
 
 
@@ -354,33 +358,37 @@ class DataCollator:
         if not self.keep_second_per_grid_ts:
             batch.pop("second_per_grid_ts", None)
         if any("dataset_index" in s for s in samples):
-            batch["token_datasets"] = self._token_datasets(batch, samples, dummy)
+            batch["token_datasets"] = self._token_map(batch, samples, dummy,
+                                                      [int(s.get("dataset_index", -1)) for s in samples])
         ids = [s["sample_index"] for s in samples if "sample_index" in s]
         if ids:
-            batch["sample_ids"] = ids  # dataset indices of the real samples (for per-rank sample logs)
+            batch["sample_ids"] = ids  # dataset indices of the real samples (per-rank sample logs, evaluation)
+            if len(ids) == len(samples):
+                batch["token_samples"] = self._token_map(batch, samples, dummy, list(range(len(samples))))
         batch["num_samples"] = n_real
         batch["num_skipped"] = len(skipped)
         if skipped:
             batch["skipped"] = skipped
         return batch
 
-    def _token_datasets(self, batch: dict, samples: list[dict], dummy: dict | None) -> torch.Tensor:
-        """Per token of ``batch['labels']``: the dataset index of its sample (-1: padding, dummy). Rebuilt from the
-        same layout rules as the batch: padded rows hold sample r from column 0; flatten/packing rows hold their
-        samples back to back in the order :meth:`_pack` (or the one flatten row) placed them."""
+    def _token_map(self, batch: dict, samples: list[dict], dummy: dict | None, values: list[int]) -> torch.Tensor:
+        """Per token of ``batch['labels']``: ``values[j]`` on the tokens of ``samples[j]`` (-1: padding, dummy).
+        Rebuilt from the same layout rules as the batch: padded rows hold sample r from column 0; flatten/packing
+        rows hold their samples back to back in the order :meth:`_pack` (or the one flatten row) placed them."""
         labels = batch["labels"]
         out = torch.full(labels.shape, -1, dtype=torch.long)
         if self.mode == "padded":
             for r, s in enumerate(samples):
-                out[r, :len(s["input_ids"])] = int(s.get("dataset_index", -1))
+                out[r, :len(s["input_ids"])] = values[r]
             return out
+        slot = {id(s): j for j, s in enumerate(samples)}
         rows = [samples + ([dummy] if dummy else [])] if self.mode == "flatten" else self._last_rows
         for r, row in enumerate(rows):
             o = 0
             for s in row:
                 n = len(s["input_ids"])
                 if not s.get("_dummy"):
-                    out[r, o:o + n] = int(s.get("dataset_index", -1))
+                    out[r, o:o + n] = values[slot[id(s)]]
                 o += n
         return out
 
